@@ -1,0 +1,164 @@
+"""InternVL3 image processing: dynamic tiling around transformers' GotOcr2 image processor.
+
+An image becomes `num_tiles` square tiles of `tile_size` pixels (the best grid up to `max_tiles`, plus a
+thumbnail when the grid has more than one tile), normalised with the ImageNet mean/std. Each tile costs
+`tokens_per_tile` `<IMG_CONTEXT>` tokens in the sequence, a number that comes from the model config so the
+data side and the model always agree.
+
+The PIL backend of the transformers processor is used on purpose: it needs no torchvision (which has no
+CPU wheel next to the pinned CPU torch) and gives the same tiles as the fast backend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+def tokens_per_tile_from_config(config) -> int:
+    """`<IMG_CONTEXT>` tokens one tile costs: (image_size / patch_size)^2 * downsample_ratio^2."""
+    vision = config.vision_config
+    image_size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch_size = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    patches_per_side = image_size // patch_size
+    return int(round(patches_per_side**2 * config.downsample_ratio**2))
+
+
+def tile_size_from_config(config) -> int:
+    image_size = config.vision_config.image_size
+    return int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
+
+
+@dataclass
+class ProcessedImage:
+    pixel_values: torch.Tensor  # (num_tiles, 3, tile_size, tile_size), float32
+    num_tiles: int
+    num_image_tokens: int
+
+
+class ImageProcessor:
+    """Turns an image (path or PIL image) into InternVL tiles and says how many image tokens they need.
+
+    Thread- and process-safe: data loader workers each call it on their own images; `stats()` reports the
+    time spent per image in this process.
+    """
+
+    def __init__(self, hf_processor, tokens_per_tile: int, tile_size: int, max_tiles: int = 1):
+        if max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+        if tokens_per_tile < 1:
+            raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
+        self.hf_processor = hf_processor
+        self.tokens_per_tile = int(tokens_per_tile)
+        self.tile_size = int(tile_size)
+        self.max_tiles = int(max_tiles)
+        self._lock = threading.Lock()
+        self._count = 0
+        self._seconds = 0.0
+
+    @classmethod
+    def for_model_config(cls, config, max_tiles: int = 1, hf_processor=None) -> "ImageProcessor":
+        tile = tile_size_from_config(config)
+        if hf_processor is None:
+            hf_processor = make_hf_image_processor(tile, max_tiles)
+        return cls(hf_processor, tokens_per_tile_from_config(config), tile, max_tiles)
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def load(path: str | os.PathLike) -> Image.Image:
+        """Open and fully decode an image file as RGB; a missing, corrupt or truncated file names itself."""
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now: truncated files fail here, not later in a worker
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"cannot decode image {path}: {e}") from e
+
+    # ------------------------------------------------------------------ tiling
+    def num_tiles_for_size(self, height: int, width: int) -> int:
+        if self.max_tiles == 1:
+            return 1
+        return int(
+            self.hf_processor.get_number_of_image_patches(
+                height, width, {"crop_to_patches": True, "max_patches": self.max_tiles, "min_patches": 1}
+            )
+        )
+
+    def num_image_tokens(self, num_tiles: int) -> int:
+        return self.tokens_per_tile * int(num_tiles)
+
+    def __call__(self, image: Image.Image | str | os.PathLike) -> ProcessedImage:
+        start = time.perf_counter()
+        source = image if not isinstance(image, Image.Image) else None
+        if source is not None:
+            image = self.load(source)
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
+        try:
+            out = self.hf_processor(
+                images=[image],
+                crop_to_patches=self.max_tiles > 1,
+                max_patches=self.max_tiles,
+                min_patches=1,
+                return_tensors="np",
+            )
+        except Exception as e:  # the HF processor raises many types; name the file
+            raise ImageError(f"image processing failed for {source or 'in-memory image'}: {e}") from e
+        pixel_values = torch.from_numpy(np.ascontiguousarray(out["pixel_values"])).float()
+        num_tiles = int(pixel_values.shape[0])
+        expected = (num_tiles, 3, self.tile_size, self.tile_size)
+        if tuple(pixel_values.shape) != expected:
+            raise ImageError(
+                f"image processor returned pixel_values of shape {tuple(pixel_values.shape)} for "
+                f"{source or 'in-memory image'}; expected {expected}"
+            )
+        with self._lock:
+            self._count += 1
+            self._seconds += time.perf_counter() - start
+        return ProcessedImage(pixel_values, num_tiles, self.num_image_tokens(num_tiles))
+
+    def stats(self) -> dict:
+        with self._lock:
+            n, s = self._count, self._seconds
+        return {"images": n, "seconds": s, "ms_per_image": 1000.0 * s / n if n else float("nan")}
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.hf_processor.save_pretrained(str(path))
+
+
+def make_hf_image_processor(tile_size: int, max_tiles: int = 1):
+    """The transformers PIL-backend InternVL/GotOcr2 processor at a given tile size."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        crop_to_patches=max_tiles > 1,
+        max_patches=max_tiles,
+        min_patches=1,
+    )
+
+
+def load_hf_image_processor(path: str | os.PathLike):
+    """Load a checkpoint's image processor config into the PIL backend (works without torchvision)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil.from_pretrained(str(path), local_files_only=True)

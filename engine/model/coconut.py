@@ -1,0 +1,304 @@
+"""MultimodalCoconut: InternVL with continuous thoughts, computed by a causal, iterative, KV-cached forward.
+
+At a `<|latent|>` position the input embedding is the last-layer (post-norm) hidden state of the position
+before it. The forward (see `engine/model/schedule.py` for the pass schedule):
+
+1. encodes the batch's image tiles once (vision tower + projector) and merges them at `<IMG_CONTEXT>`;
+2. runs the language model on the prefix before the earliest latent, filling one KV cache;
+3. runs one pass per further latent column: the new position's input is the hidden state the previous
+   pass produced for the position before it, and it attends to everything cached (every visual token too);
+4. runs a final pass over the rest.
+
+Nothing is computed before the latents it depends on are filled in, and gradients flow through every
+thought and every cached K/V back into the vision tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.data.images import tokens_per_tile_from_config
+from engine.model.schedule import PassSchedule, build_schedule, position_ids_from_mask
+from engine.utils.profiling import profile_range
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CoconutOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, T, V), None when only the loss was asked for
+    hidden_states: torch.Tensor  # (B, T, H) last-layer hidden states, post-norm
+    inputs_embeds: torch.Tensor | None  # (B, T, H) the inputs actually fed: thoughts at latent positions
+    num_passes: int
+    past_key_values: object | None = None
+
+
+@dataclass
+class PreparedBatch:
+    """Everything the passes need, computed once per batch."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) long
+    position_ids: torch.Tensor  # (B, T)
+    latent_mask: torch.Tensor  # (B, T) bool
+    image_features: torch.Tensor | None  # (tiles * tokens_per_tile, H), in row order
+    schedule: PassSchedule
+    tiles_per_row: list[int]
+
+
+class MultimodalCoconut(nn.Module):
+    """Wraps a transformers `InternVLForConditionalGeneration` (``self.base``)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        latent_id: int,
+        start_latent_id: int,
+        end_latent_id: int,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        loss_chunk_tokens: int = 4096,
+    ):
+        super().__init__()
+        self.base = base
+        self.latent_id = int(latent_id)
+        self.start_latent_id = int(start_latent_id)
+        self.end_latent_id = int(end_latent_id)
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
+        # Builds a pass's input embeddings; swapped for the fused Triton op on GPU (see set_injection).
+        self._inject: Callable | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.base.config.image_token_id)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return tokens_per_tile_from_config(self.base.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.lm_head.weight.dtype
+
+    def set_attention_backend(self, name: str) -> None:
+        """'sdpa' (default), 'flash_attention_2' (when installed) or 'eager' (for debugging)."""
+        from engine.model.loading import _attn_check
+
+        self.base.set_attn_implementation(_attn_check(name))
+
+    # ------------------------------------------------------------------ preparation
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: (tiles, 3, H, W) -> (tiles * tokens_per_tile, hidden)."""
+        with profile_range("coconut/image_encode"):
+            features = self.base.model.get_image_features(pixel_values=pixel_values.to(self.dtype)).pooler_output
+        return features.reshape(-1, features.shape[-1])
+
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> PreparedBatch:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None and pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be (total_tiles, 3, H, W) as in transformers, got shape {tuple(pixel_values.shape)}"
+            )
+        schedule, tiles_per_row = build_schedule(
+            input_ids,
+            attention_mask,
+            latent_id=self.latent_id,
+            image_token_id=self.image_token_id,
+            tokens_per_tile=self.tokens_per_tile,
+            num_tiles=None if pixel_values is None else int(pixel_values.shape[0]),
+        )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+            )
+        image_features = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.encode_images(pixel_values)
+        return PreparedBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            latent_mask=input_ids == self.latent_id,
+            image_features=image_features,
+            schedule=schedule,
+            tiles_per_row=tiles_per_row,
+        )
+
+    def base_embeddings(self, batch: PreparedBatch) -> torch.Tensor:
+        """Token embeddings with the image features merged in (latent positions still hold placeholders)."""
+        embeds = self.base.get_input_embeddings()(batch.input_ids)
+        if batch.image_features is not None:
+            image_mask = (batch.input_ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(image_mask, batch.image_features.to(embeds.dtype))
+        return embeds
+
+    # ------------------------------------------------------------------ the passes
+    def run_passes(self, batch: PreparedBatch, cache=None, *, keep_inputs: bool = False):
+        """Run the schedule. Returns (hidden (B,T,H), inputs_embeds or None, cache)."""
+        from transformers import DynamicCache
+
+        if cache is None:
+            cache = DynamicCache(config=self.language_model.config)
+        schedule = batch.schedule
+        embeds = self.base_embeddings(batch) if self._inject is None else None
+        hidden_chunks, input_chunks = [], []
+        prev_last = None  # (B, H): hidden state of the last position computed so far
+        for index, (start, end) in enumerate(schedule.chunks):
+            with profile_range(schedule.pass_name(index)):
+                if self._inject is not None:
+                    chunk_in = self._inject(batch, start, end, prev_last)
+                elif prev_last is None:
+                    chunk_in = embeds[:, start:end]
+                else:
+                    # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
+                    first = torch.where(batch.latent_mask[:, start, None], prev_last.to(embeds.dtype), embeds[:, start])
+                    chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
+                out = self.language_model(
+                    inputs_embeds=chunk_in,
+                    attention_mask=batch.attention_mask[:, :end],
+                    position_ids=batch.position_ids[:, start:end],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            hidden = out.last_hidden_state
+            hidden_chunks.append(hidden)
+            if keep_inputs:
+                input_chunks.append(chunk_in)
+            prev_last = hidden[:, -1]
+        hidden = hidden_chunks[0] if len(hidden_chunks) == 1 else torch.cat(hidden_chunks, dim=1)
+        inputs = None
+        if keep_inputs:
+            inputs = input_chunks[0] if len(input_chunks) == 1 else torch.cat(input_chunks, dim=1)
+        return hidden, inputs, cache
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        return_logits: bool = True,
+        return_inputs_embeds: bool = False,
+        use_cache: bool = False,
+    ) -> CoconutOutput:
+        batch = self.prepare(input_ids, attention_mask, pixel_values, position_ids)
+        hidden, inputs, cache = self.run_passes(batch, keep_inputs=return_inputs_embeds)
+        logits = self.base.lm_head(hidden) if return_logits else None
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
+            loss = self.lm_loss(hidden, labels, logits=logits)
+        return CoconutOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden,
+            inputs_embeds=inputs,
+            num_passes=batch.schedule.num_passes,
+            past_key_values=cache if use_cache else None,
+        )
+
+    def compute_loss(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None) -> torch.Tensor:
+        """Training loss without materialising (B, T, V) logits (lm_head runs only on labelled positions)."""
+        if labels is None:
+            raise ValueError("compute_loss needs labels")
+        return self.forward(input_ids, attention_mask, pixel_values, labels, position_ids, return_logits=False).loss
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose label is not -100.
+
+        Without precomputed logits, the lm_head runs only on the labelled positions, in chunks that are
+        recomputed in backward, so the peak stays at one chunk of logits.
+        """
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        if logits is not None:
+            flat = logits[:, :-1][selected]
+            return F.cross_entropy(flat.float(), targets[selected]) if flat.numel() else logits.sum() * 0.0
+        h = hidden[:, :-1][selected]  # (N, H)
+        y = targets[selected]
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.loss_chunk_tokens):
+            total = total + checkpoint(
+                self._ce_sum, h[i : i + self.loss_chunk_tokens], y[i : i + self.loss_chunk_tokens], use_reentrant=False
+            )
+        return total / h.shape[0]
+
+    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.base.lm_head(h).float(), y, reduction="sum")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Batched, KV-cached generation: the prompt's latent thoughts, then greedy (or sampled) decoding.
+
+        Prompts must be left-padded (every row's last column real). Returns (B, n) new tokens; a row that
+        ended early (its eos included) is padded with the pad id.
+        """
+        from engine.model.generation import generate_with_dynamic_cache
+
+        return generate_with_dynamic_cache(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id,
+        )

@@ -1,0 +1,283 @@
+"""`load_model(spec)`: a MultimodalCoconut, its tokenizer and its image processor.
+
+Specs:
+- ``"tiny"``: a tiny random InternVL (Qwen2 text side) and a tokenizer built in code. CPU-friendly,
+  deterministic with ``seed``. ``model_overrides`` changes its sizes (see `TinyModelConfig`).
+- ``"internvl3-1b-geometry"``: the real InternVL3-1B sizes with random weights, for GPU benchmarks.
+- a local directory with an InternVL3 checkpoint in the transformers format (e.g. InternVL3-1B-hf, or an
+  export written by the trainer). Nothing is ever downloaded.
+
+Every spec gets the three latent tokens; new embedding rows (and untied lm_head rows) start as a copy of an
+existing token's row, as the original CoCoNuT does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.data.images import ImageProcessor, load_hf_image_processor, make_hf_image_processor
+from engine.model.coconut import MultimodalCoconut
+from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, build_tiny_tokenizer
+from engine.utils.logging import get_logger
+
+log = get_logger("model")
+
+START_LATENT_TOKEN = "<|start-latent|>"
+END_LATENT_TOKEN = "<|end-latent|>"
+LATENT_TOKEN = "<|latent|>"
+LATENT_TOKENS = (START_LATENT_TOKEN, END_LATENT_TOKEN, LATENT_TOKEN)
+
+BUILTIN_SPECS = ("tiny", "internvl3-1b-geometry")
+ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+
+
+class CheckpointError(ValueError):
+    """A model directory that is missing or not an InternVL checkpoint; the message names the path."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny random InternVL. The defaults keep a CPU forward in milliseconds."""
+
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    image_size: int = 224
+    patch_size: int = 28  # 8x8 patches -> 4x4 = 16 image tokens per tile after pixel shuffle
+    tokenizer_vocab_size: int = 512
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None) -> "TinyModelConfig":
+        overrides = dict(overrides or {})
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(f"unknown tiny model override(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**overrides)
+
+
+def _attn_check(attn_implementation: str) -> str:
+    if attn_implementation not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_BACKENDS}, got {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                "'multimodal-coconut[flash]'); it is not installed. Use 'sdpa' (the default)."
+            )
+    return attn_implementation
+
+
+def tiny_internvl_config(tokenizer, cfg: TinyModelConfig):
+    from transformers import InternVLConfig
+
+    return InternVLConfig(
+        vision_config=dict(
+            hidden_size=cfg.vision_hidden_size,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            intermediate_size=cfg.vision_intermediate_size,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=cfg.text_hidden_size,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            num_key_value_heads=cfg.text_kv_heads,
+            intermediate_size=cfg.text_intermediate_size,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2 // 4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+
+
+def internvl3_1b_geometry_config(tokenizer):
+    """InternVL3-1B sizes: InternViT-300M (1024 wide, 24 layers) + Qwen2.5-0.5B (896 wide, 24 layers,
+    14 query / 2 KV heads, head_dim 64, vocab 151674). The image token id comes from our tokenizer."""
+    from transformers import InternVLConfig
+
+    return InternVLConfig(
+        vision_config=dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=448,
+            patch_size=14,
+            layer_scale_init_value=0.1,
+            norm_type="layer_norm",
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151674,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+
+
+def add_latent_tokens(base, tokenizer, init_token: str | None = "<<") -> tuple[int, int, int]:
+    """Add the latent markers to the tokenizer, grow the embeddings and initialise the new rows.
+
+    New rows copy the embedding (and, when untied, the lm_head row) of `init_token` (the original CoCoNuT
+    uses "<<"); when that token is not a single known token, the eos token's row is used. Tokens that are
+    already present (an exported checkpoint) are left as they are.
+    """
+    missing = [t for t in LATENT_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(list(missing), special_tokens=True)
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
+    if not missing:
+        return ids  # type: ignore[return-value]
+
+    embeddings = base.get_input_embeddings()
+    if len(tokenizer) > embeddings.num_embeddings:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    source_id = None
+    if init_token is not None:
+        enc = tokenizer.encode(init_token, add_special_tokens=False)
+        if len(enc) == 1:
+            source_id = enc[0]
+    if source_id is None:
+        source_id = tokenizer.eos_token_id
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in missing]
+    with torch.no_grad():
+        weight_in = base.get_input_embeddings().weight
+        for i in new_ids:
+            weight_in[i] = weight_in[source_id]
+        out = base.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != weight_in.data_ptr():
+            for i in new_ids:
+                out.weight[i] = out.weight[source_id]
+    return ids  # type: ignore[return-value]
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist (a spec must be one of {BUILTIN_SPECS} or a local directory)")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} holds no config.json: not a transformers checkpoint directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if config.get("model_type") != "internvl":
+        raise CheckpointError(
+            f"{config_file} has model_type {config.get('model_type')!r}; expected 'internvl' "
+            "(an InternVL3 checkpoint in the transformers format, e.g. InternVL3-1B-hf)"
+        )
+    missing = []
+    weights = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    if not any((path / w).is_file() for w in weights):
+        missing.append(f"weights (one of {weights})")
+    tokenizer_files = ["tokenizer.json", "vocab.json"]
+    if not any((path / t).is_file() for t in tokenizer_files):
+        missing.append(f"tokenizer (one of {tokenizer_files})")
+    if not any((path / p).is_file() for p in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("image processor (preprocessor_config.json)")
+    if missing:
+        raise CheckpointError(f"checkpoint directory {path} is missing: {'; '.join(missing)}")
+
+
+def load_model(
+    spec: str | os.PathLike = "tiny",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    max_tiles: int = 1,
+    model_overrides: dict[str, Any] | None = None,
+    init_token: str | None = "<<",
+) -> tuple[MultimodalCoconut, Any, ImageProcessor]:
+    """Build or load a model. Returns ``(MultimodalCoconut, tokenizer, ImageProcessor)``."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    attn_implementation = _attn_check(attn_implementation)
+    spec_str = str(spec)
+    if spec_str in BUILTIN_SPECS:
+        if spec_str == "tiny":
+            tiny = TinyModelConfig.from_overrides(model_overrides)
+            tokenizer = build_tiny_tokenizer(tiny.tokenizer_vocab_size)
+            config = tiny_internvl_config(tokenizer, tiny)
+        else:
+            if model_overrides:
+                raise ValueError(f"model_overrides apply to the 'tiny' spec only, got {model_overrides}")
+            tokenizer = build_tiny_tokenizer()
+            config = internvl3_1b_geometry_config(tokenizer)
+        config._attn_implementation = attn_implementation
+        config.text_config._attn_implementation = attn_implementation
+        config.vision_config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            base = InternVLForConditionalGeneration(config)
+        hf_processor = make_hf_image_processor(config.vision_config.image_size[0], max_tiles)
+    else:
+        path = Path(spec_str).expanduser()
+        _check_checkpoint_dir(path)
+        base = InternVLForConditionalGeneration.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        hf_processor = load_hf_image_processor(path)
+        config = base.config
+
+    latent_ids = add_latent_tokens(base, tokenizer, init_token=init_token)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base.to(device=device, dtype=dtype)
+    image_processor = ImageProcessor.for_model_config(config, max_tiles=max_tiles, hf_processor=hf_processor)
+    start_id, end_id, latent_id = latent_ids
+    model = MultimodalCoconut(
+        base,
+        latent_id=latent_id,
+        start_latent_id=start_id,
+        end_latent_id=end_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    log.debug("loaded %s: %.1fM parameters", spec_str, sum(p.numel() for p in base.parameters()) / 1e6)
+    return model, tokenizer, image_processor

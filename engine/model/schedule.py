@@ -1,0 +1,136 @@
+"""Batch validation and the pass schedule of the causal iterative forward.
+
+The schedule cuts the sequence at every position that holds a `<|latent|>` in any row. Pass 0 covers
+`[0, r1)`; every later pass starts at a latent position, whose input (for the rows that have a latent there)
+is the last hidden state of the previous pass. So no position is ever computed before the thoughts it
+depends on exist, whatever the batch layout. On a batch aligned by the collator (first latent at the same
+column in every row, latents contiguous) the passes are: the prefix, one single-position pass per latent but
+the last, and a final pass from the last latent to the end: `max_latents + 1` passes.
+
+Everything here runs once per batch on a host copy of the ids (one device-to-host transfer), so the pass
+loop itself never synchronises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class BatchLayoutError(ValueError):
+    """A batch that the latent forward cannot run; the message names the row and the constraint."""
+
+
+@dataclass(frozen=True)
+class PassSchedule:
+    """Chunks `[starts[i], starts[i+1])` of the sequence, one language-model pass each."""
+
+    starts: tuple[int, ...]  # chunk starts; starts[0] == 0; the others are latent positions
+    seq_len: int
+    latent_positions: tuple[int, ...]  # sorted unique columns holding a latent in some row
+    max_latents_per_row: int
+
+    @property
+    def num_passes(self) -> int:
+        return len(self.starts)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        ends = list(self.starts[1:]) + [self.seq_len]
+        return list(zip(self.starts, ends))
+
+    def pass_name(self, index: int) -> str:
+        """NVTX/profiler name of pass `index`: prefix, latent_pass_k (k from 1), final."""
+        if self.num_passes == 1:
+            return "coconut/full_pass"
+        if index == 0:
+            return "coconut/prefix_pass"
+        if index == self.num_passes - 1:
+            return "coconut/final_pass"
+        return f"coconut/latent_pass_{index}"
+
+
+def build_schedule(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    latent_id: int,
+    image_token_id: int,
+    tokens_per_tile: int,
+    num_tiles: int | None,
+) -> tuple[PassSchedule, list[int]]:
+    """Validate a batch and return its pass schedule and the number of image tiles of each row.
+
+    `num_tiles` is `pixel_values.shape[0]` (None when no pixel_values were given).
+    """
+    if input_ids.dim() != 2:
+        raise BatchLayoutError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise BatchLayoutError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+        )
+    ids = input_ids.detach().to("cpu", non_blocking=False)
+    mask = attention_mask.detach().to("cpu").bool()
+    batch, seq_len = ids.shape
+    if seq_len == 0:
+        raise BatchLayoutError("input_ids has no positions (seq_len 0)")
+
+    latent = ids == latent_id
+    image = ids == image_token_id
+
+    # --- images: each row's image-token count must be a whole number of tiles, and the tiles must add up.
+    image_counts = image.sum(1).tolist()
+    tiles_per_row = []
+    for row, count in enumerate(image_counts):
+        if count % tokens_per_tile:
+            raise BatchLayoutError(
+                f"row {row} has {count} <IMG_CONTEXT> tokens, not a multiple of the {tokens_per_tile} tokens "
+                "one image tile takes"
+            )
+        tiles_per_row.append(count // tokens_per_tile)
+    wanted_tiles = sum(tiles_per_row)
+    if num_tiles is None and wanted_tiles:
+        raise BatchLayoutError(f"the batch has {wanted_tiles} tiles' worth of <IMG_CONTEXT> tokens but no pixel_values")
+    if num_tiles is not None and num_tiles != wanted_tiles:
+        per_row = ", ".join(f"row {r}: {t}" for r, t in enumerate(tiles_per_row))
+        raise BatchLayoutError(
+            f"pixel_values holds {num_tiles} tiles but the rows' <IMG_CONTEXT> tokens ask for {wanted_tiles} "
+            f"({per_row}; {tokens_per_tile} tokens per tile)"
+        )
+
+    # --- latents: each needs a real token right before it, on a real position, after the row's image.
+    rows, cols = latent.nonzero(as_tuple=True)
+    for row, col in zip(rows.tolist(), cols.tolist()):
+        if col == 0 or not mask[row, col - 1]:
+            raise BatchLayoutError(
+                f"row {row}: <|latent|> at position {col} has no real token before it to take its thought from "
+                "(a latent cannot be a row's first token)"
+            )
+        if not mask[row, col]:
+            raise BatchLayoutError(f"row {row}: <|latent|> at position {col} is masked out by attention_mask (padding)")
+    for row in range(batch):
+        if not image_counts[row] or not latent[row].any():
+            continue
+        img_cols = image[row].nonzero().flatten()
+        first, last = int(img_cols[0]), int(img_cols[-1])
+        inside = latent[row, first : last + 1].nonzero().flatten()
+        if len(inside):
+            raise BatchLayoutError(
+                f"row {row}: <|latent|> at position {first + int(inside[0])} lies inside the image span "
+                f"[{first}, {last}]; thoughts must come after the image tokens"
+            )
+
+    latent_positions = tuple(latent.any(0).nonzero().flatten().tolist())
+    schedule = PassSchedule(
+        starts=(0, *latent_positions),
+        seq_len=seq_len,
+        latent_positions=latent_positions,
+        max_latents_per_row=int(latent.sum(1).max()) if batch else 0,
+    )
+    return schedule, tiles_per_row
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,19 @@
+"""One logger for the engine, with a fixed prefix, so users can filter it."""
+
+from __future__ import annotations
+
+import logging
+
+_ROOT = "coconut"
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """Return the engine logger (or a child of it). Configures a stderr handler once."""
+    root = logging.getLogger(_ROOT)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[coconut] %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return root if not name else root.getChild(name)

@@ -1,0 +1,41 @@
+"""Builders for hand-made batches: image span, question, latents, tail, with any padding."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.model.loading import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
+from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
+
+
+def sample_ids(tok, model, *, tiles=1, question="What colour is the cell?", n_latents=2, tail="move right.\n### red", markers=True):
+    """Token ids of `<img> ctx* </img> question \\n [<start> latent* <end>] tail eos`."""
+    text = ""
+    if tiles:
+        text += IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (model.tokens_per_tile * tiles) + IMAGE_END_TOKEN
+    text += question + "\n"
+    if markers:
+        text += START_LATENT_TOKEN + LATENT_TOKEN * n_latents + END_LATENT_TOKEN
+    text += tail
+    return tok(text).input_ids + [tok.eos_token_id]
+
+
+def pad_batch(rows, pad_id, *, left=None):
+    """Pad rows to one length. `left[i]` True pads row i on the left, else on the right."""
+    width = max(len(r) for r in rows)
+    left = left or [False] * len(rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if left[i]:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        else:
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def random_pixels(tiles, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tiles, 3, size, size, generator=g)

@@ -1,0 +1,265 @@
+"""The causal iterative forward: equality with the naive reference, causality, gradients, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.model.fullpass_baseline import fullpass_forward
+from engine.model.reference import naive_forward
+from engine.model.schedule import BatchLayoutError
+from tests.helpers import pad_batch, random_pixels, sample_ids
+
+TOL = 1e-5
+
+
+def mixed_batch(model, tok, seed=0):
+    """Rows with different image tile counts, latent counts and positions, left and right padding, one row
+    without latents and one without an image."""
+    specs = [
+        dict(tiles=1, question="What colour?", n_latents=3, left=False),
+        dict(tiles=2, question="Start at the top left cell. Move right twice.", n_latents=0, left=True),
+        dict(tiles=1, question="Which colour is the last cell of the walk?", n_latents=1, left=True),
+        dict(tiles=0, question="Move down.", n_latents=2, left=False),
+    ]
+    rows = [sample_ids(tok, model, tiles=s["tiles"], question=s["question"], n_latents=s["n_latents"]) for s in specs]
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[s["left"] for s in specs])
+    tiles = sum(s["tiles"] for s in specs)
+    size = model.config.vision_config.image_size[0]
+    return ids, mask, random_pixels(tiles, size, seed)
+
+
+def single_row(model, tok, n_latents=4, tiles=1, seed=1):
+    ids = torch.tensor([sample_ids(tok, model, tiles=tiles, n_latents=n_latents)])
+    size = model.config.vision_config.image_size[0]
+    return ids, torch.ones_like(ids), random_pixels(tiles, size, seed) if tiles else None
+
+
+def real_positions(mask):
+    return mask.bool()
+
+
+@pytest.mark.parametrize("n_latents", [0, 1, 4])
+def test_single_row_matches_naive_reference(tiny_model, tiny_tok, n_latents):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents)
+    out = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    ref = naive_forward(tiny_model, ids, mask, pv)
+    torch.testing.assert_close(out.logits, ref.logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.inputs_embeds, ref.inputs_embeds, atol=TOL, rtol=0)
+    assert out.num_passes == n_latents + 1
+
+
+def test_mixed_batch_matches_naive_reference_and_single_rows(tiny_model, tiny_tok):
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok)
+    out = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    ref = naive_forward(tiny_model, ids, mask, pv)
+    real = real_positions(mask)
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.inputs_embeds[real], ref.inputs_embeds[real], atol=TOL, rtol=0)
+    assert torch.isfinite(out.logits).all(), "padding positions must not produce NaN/inf"
+    # Each row alone gives the same logits on its real positions.
+    tiles = [1, 2, 1, 0]
+    start = 0
+    for b in range(ids.shape[0]):
+        row_ids = ids[b, mask[b].bool()][None]
+        row_pv = pv[start : start + tiles[b]] if tiles[b] else None
+        start += tiles[b]
+        alone = tiny_model(row_ids, None, row_pv)
+        torch.testing.assert_close(out.logits[b, mask[b].bool()], alone.logits[0], atol=TOL, rtol=0)
+
+
+def test_without_latents_equals_plain_internvl(tiny_model, tiny_tok):
+    rows = [
+        sample_ids(tiny_tok, tiny_model, tiles=1, question="What colour?", markers=False),
+        sample_ids(tiny_tok, tiny_model, tiles=2, question="Move right, then down. Which colour?", markers=False),
+    ]
+    ids, mask = pad_batch(rows, tiny_tok.pad_token_id, left=[True, False])
+    pv = random_pixels(3, tiny_model.config.vision_config.image_size[0], 3)
+    out = tiny_model(ids, mask, pv)
+    from engine.model.schedule import position_ids_from_mask
+
+    plain = tiny_model.base(input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=position_ids_from_mask(mask))
+    real = real_positions(mask)
+    torch.testing.assert_close(out.logits[real], plain.logits[real], atol=TOL, rtol=0)
+    assert out.num_passes == 1
+
+
+def _perturb_after(ids, mask, p, tok, rng, protect):
+    """Replace every real, unprotected token after column p by a random ordinary token."""
+    new = ids.clone()
+    vocab = list(range(3, 300))  # ordinary BPE tokens of the tiny tokenizer
+    for b in range(ids.shape[0]):
+        for t in range(p + 1, ids.shape[1]):
+            if mask[b, t] and int(ids[b, t]) not in protect:
+                new[b, t] = rng.choice(vocab)
+    return new
+
+
+def test_causality_random_cut_points(tiny_model, tiny_tok):
+    """Perturbing tokens after column p leaves logits and thoughts at columns <= p unchanged."""
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=5)
+    protect = {tiny_model.image_token_id, tiny_model.latent_id}  # keep tile counts and latent layout valid
+    base_out = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    rng = random.Random(0)
+    cut_points = rng.sample(range(1, ids.shape[1] - 1), 12) + list(base_out and tiny_model.prepare(ids, mask, pv).schedule.latent_positions)
+    for p in cut_points:
+        new_ids = _perturb_after(ids, mask, p, tiny_tok, rng, protect)
+        if torch.equal(new_ids, ids):
+            continue
+        out = tiny_model(new_ids, mask, pv, return_inputs_embeds=True)
+        keep = mask.bool().clone()
+        keep[:, p + 1 :] = False
+        torch.testing.assert_close(out.logits[keep], base_out.logits[keep], atol=0, rtol=0, msg=f"logits leak at cut {p}")
+        torch.testing.assert_close(
+            out.inputs_embeds[keep], base_out.inputs_embeds[keep], atol=0, rtol=0, msg=f"thoughts leak at cut {p}"
+        )
+
+
+def test_fullpass_baseline_leaks(tiny_model, tiny_tok):
+    """The same causality check fails for the flawed 'full pass then refine' baseline."""
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=3)
+    last_latent = int((ids[0] == tiny_model.latent_id).nonzero().max())
+    rng = random.Random(1)
+    new_ids = _perturb_after(ids, mask, last_latent, tiny_tok, rng, {tiny_model.image_token_id})
+    a = fullpass_forward(tiny_model, ids, mask, pv)
+    b = fullpass_forward(tiny_model, new_ids, mask, pv)
+    thoughts = ids[0] == tiny_model.latent_id
+    leak = (a.inputs_embeds[0, thoughts] - b.inputs_embeds[0, thoughts]).abs().max()
+    assert leak > 1e-4, "the flawed baseline's thoughts should depend on tokens after them"
+    # ... while the engine's thoughts do not move at all.
+    ea = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    eb = tiny_model(new_ids, mask, pv, return_inputs_embeds=True)
+    assert torch.equal(ea.inputs_embeds[0, thoughts], eb.inputs_embeds[0, thoughts])
+
+
+def test_thoughts_depend_on_the_image(tiny_model, tiny_tok):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=3)
+    other = random_pixels(1, tiny_model.config.vision_config.image_size[0], 99)
+    a = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    b = tiny_model(ids, mask, other, return_inputs_embeds=True)
+    thoughts = ids[0] == tiny_model.latent_id
+    diff = (a.inputs_embeds[0, thoughts] - b.inputs_embeds[0, thoughts]).abs().amax(-1)
+    assert (diff > 1e-5).all(), f"every thought must change with the image, got max diffs {diff.tolist()}"
+
+
+def test_gradients_reach_vision_projector_and_thoughts(tiny_model, tiny_tok):
+    model = tiny_model
+    ids, mask, pv = single_row(model, tiny_tok, n_latents=3)
+    labels = ids.clone()
+    end_latent = int((ids[0] == model.end_latent_id).nonzero()[0])
+    labels[0, : end_latent + 1] = -100  # loss only on the text after the thoughts
+    captured = []
+
+    def keep_inputs(module, args, kwargs):
+        emb = kwargs["inputs_embeds"]
+        emb.retain_grad()
+        captured.append(emb)
+
+    handle = model.language_model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    try:
+        model.zero_grad(set_to_none=True)
+        loss = model.compute_loss(ids, mask, pv, labels)
+        loss.backward()
+    finally:
+        handle.remove()
+    vision = [p.grad for p in model.base.model.vision_tower.parameters() if p.grad is not None]
+    projector = [p.grad for p in model.base.model.multi_modal_projector.parameters() if p.grad is not None]
+    assert vision and any(g.abs().sum() > 0 for g in vision), "no gradient reached the vision tower"
+    assert projector and any(g.abs().sum() > 0 for g in projector), "no gradient reached the projector"
+    # Passes 1.. start with a thought in column 0; each one must receive gradient.
+    thought_grads = [c.grad[0, 0].abs().sum().item() for c in captured[1:]]
+    assert len(thought_grads) == 3 and all(g > 0 for g in thought_grads), thought_grads
+    model.zero_grad(set_to_none=True)
+
+
+def test_loss_only_path_matches_logits_path(tiny_model, tiny_tok):
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    full = tiny_model(ids, mask, pv, labels=labels)
+    lean = tiny_model.compute_loss(ids, mask, pv, labels)
+    torch.testing.assert_close(lean, full.loss, atol=1e-5, rtol=1e-5)
+    tiny_model.loss_chunk_tokens, old = 7, tiny_model.loss_chunk_tokens  # several chunks
+    try:
+        chunked = tiny_model.compute_loss(ids, mask, pv, labels)
+    finally:
+        tiny_model.loss_chunk_tokens = old
+    torch.testing.assert_close(chunked, full.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_training_gradients_are_finite(tiny_model, tiny_tok):
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=4)
+    labels = ids.masked_fill(mask == 0, -100)
+    tiny_model.zero_grad(set_to_none=True)
+    tiny_model.compute_loss(ids, mask, pv, labels).backward()
+    for name, p in tiny_model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_eager_backend_matches_sdpa(tiny_model, tiny_tok):
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=6)
+    sdpa = tiny_model(ids, mask, pv)
+    tiny_model.set_attention_backend("eager")
+    try:
+        eager = tiny_model(ids, mask, pv)
+    finally:
+        tiny_model.set_attention_backend("sdpa")
+    real = mask.bool()
+    torch.testing.assert_close(eager.logits[real], sdpa.logits[real], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        tiny_model.set_attention_backend("xformers-nonexistent")
+
+
+# ---------------------------------------------------------------------- bad input
+def test_too_few_or_too_many_image_tokens(tiny_model, tiny_tok):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=1, tiles=1)
+    with pytest.raises(BatchLayoutError, match=r"pixel_values holds 2 tiles.*ask for 1"):
+        tiny_model(ids, mask, torch.cat([pv, pv]))
+    broken = ids.clone()
+    first_img = int((ids[0] == tiny_model.image_token_id).nonzero()[0])
+    broken[0, first_img] = 50  # one image token fewer
+    with pytest.raises(BatchLayoutError, match=r"row 0 has 15 <IMG_CONTEXT> tokens, not a multiple of the 16"):
+        tiny_model(broken, mask, pv)
+    with pytest.raises(BatchLayoutError, match="no pixel_values"):
+        tiny_model(ids, mask, None)
+
+
+def test_latent_at_position_zero_or_after_padding(tiny_model, tiny_tok):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=1, tiles=0)
+    bad = ids.clone()
+    bad[0, 0] = tiny_model.latent_id
+    with pytest.raises(BatchLayoutError, match=r"row 0: <\|latent\|> at position 0 has no real token before it"):
+        tiny_model(bad, mask)
+    two = torch.cat([ids, ids])
+    two_mask = torch.ones_like(two)
+    two[1, 3] = tiny_model.latent_id
+    two_mask[1, :3] = 0  # row 1's first real token is the latent
+    with pytest.raises(BatchLayoutError, match=r"row 1: <\|latent\|> at position 3"):
+        tiny_model(two, two_mask)
+
+
+def test_latent_inside_image_span(tiny_model, tiny_tok):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=1, tiles=1)
+    img = (ids[0] == tiny_model.image_token_id).nonzero().flatten()
+    bad = ids.clone()
+    bad[0, int(img[5])] = tiny_model.latent_id
+    # 15 image tokens remain: the tile check fires first; put one image token back after the span.
+    bad[0, int(img[-1]) + 1] = tiny_model.image_token_id
+    with pytest.raises(BatchLayoutError, match=r"row 0: <\|latent\|> at position \d+ lies inside the image span"):
+        tiny_model(bad, mask, pv)
+
+
+def test_mismatched_shapes(tiny_model, tiny_tok):
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=1)
+    with pytest.raises(BatchLayoutError, match="attention_mask shape"):
+        tiny_model(ids, mask[:, :-1], pv)
+    with pytest.raises(ValueError, match="labels shape"):
+        tiny_model(ids, mask, pv, labels=ids[:, :-2])
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        tiny_model(ids, mask, pv[0])
+    with pytest.raises(ValueError, match="position_ids shape"):
+        tiny_model(ids, mask, pv, position_ids=torch.zeros(1, 3, dtype=torch.long))
