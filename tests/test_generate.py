@@ -1,0 +1,93 @@
+"""Batched latent generation: batch == row by row == the step-by-step (batch-1, recompute) reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.generation import GenerationError, select_next_token
+from engine.model.reference import naive_generate
+from tests.helpers import pad_batch, random_pixels
+
+
+def prompt_ids(tok, model, *, tiles, question, n_latents):
+    text = "<img>" + "<IMG_CONTEXT>" * (model.tokens_per_tile * tiles) + "</img>" if tiles else ""
+    text += question + "\n<|start-latent|>" + "<|latent|>" * n_latents + "<|end-latent|>"
+    return tok(text).input_ids
+
+
+def prompts(model, tok):
+    specs = [
+        dict(tiles=1, question="What colour is the cell?", n_latents=3),
+        dict(tiles=2, question="Start at the top left. Move right.", n_latents=1),
+        dict(tiles=0, question="Move down, then left.", n_latents=0),
+        dict(tiles=1, question="Which colour?", n_latents=2),
+    ]
+    rows = [prompt_ids(tok, model, **{k: s[k] for k in ("tiles", "question", "n_latents")}) for s in specs]
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[True] * len(rows))
+    tiles = [s["tiles"] for s in specs]
+    pv = random_pixels(sum(tiles), model.config.vision_config.image_size[0], 11)
+    return ids, mask, pv, tiles
+
+
+def test_batch_equals_row_by_row_and_reference(tiny_model, tiny_tok):
+    model = tiny_model
+    ids, mask, pv, tiles = prompts(model, tiny_tok)
+    # Pick as eos a token the model actually produces, so rows stop at different lengths.
+    probe = model.generate(ids, mask, pv, max_new_tokens=6, eos_token_id=-1)
+    eos = int(probe[0, 2])
+    batch = model.generate(ids, mask, pv, max_new_tokens=6, eos_token_id=eos)
+    ref = naive_generate(model, ids, mask, pv, max_new_tokens=6, eos_token_id=eos, tiles_per_row=tiles)
+    start = 0
+    for b in range(ids.shape[0]):
+        row_ids = ids[b, mask[b].bool()][None]
+        row_pv = pv[start : start + tiles[b]] if tiles[b] else None
+        start += tiles[b]
+        alone = model.generate(row_ids, None, row_pv, max_new_tokens=6, eos_token_id=eos)
+        n = alone.shape[1]
+        assert torch.equal(batch[b, :n], alone[0]), f"row {b}: batch {batch[b].tolist()} vs alone {alone[0].tolist()}"
+        assert (batch[b, n:] == model.pad_token_id).all()
+    assert torch.equal(batch, ref), f"batched {batch.tolist()} vs step-by-step reference {ref.tolist()}"
+    ended = (batch == eos).any(1)
+    assert ended.any(), "eos should end at least one row early in this test"
+
+
+def test_generation_follows_the_thoughts(tiny_model, tiny_tok):
+    """Other pixels -> other thoughts -> (almost surely) other first-step logits."""
+    ids, mask, pv, _ = prompts(tiny_model, tiny_tok)
+    batch = tiny_model.prepare(ids, mask, pv)
+    h1, _, _ = tiny_model.run_passes(batch)
+    other = random_pixels(pv.shape[0], pv.shape[-1], 12)
+    h2, _, _ = tiny_model.run_passes(tiny_model.prepare(ids, mask, other))
+    assert (h1[:, -1] - h2[:, -1]).abs().amax() > 1e-5
+
+
+def test_right_padded_prompts_are_rejected(tiny_model, tiny_tok):
+    ids, mask, pv, _ = prompts(tiny_model, tiny_tok)
+    right_ids, right_mask = pad_batch(
+        [ids[b, mask[b].bool()].tolist() for b in range(ids.shape[0])], tiny_tok.pad_token_id
+    )
+    with pytest.raises(GenerationError, match=r"left-padded.*rows \["):
+        tiny_model.generate(right_ids, right_mask, pv, max_new_tokens=2)
+
+
+def test_max_new_tokens_zero_and_shape(tiny_model, tiny_tok):
+    ids, mask, pv, _ = prompts(tiny_model, tiny_tok)
+    out = tiny_model.generate(ids, mask, pv, max_new_tokens=0)
+    assert out.shape == (ids.shape[0], 0)
+    out = tiny_model.generate(ids, mask, pv, max_new_tokens=5, eos_token_id=-1)
+    assert out.shape == (ids.shape[0], 5) and out.dtype == torch.long
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(64, 50)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = select_next_token(logits, do_sample=True, temperature=0.7, top_k=5, generator=g1)
+    b = select_next_token(logits, do_sample=True, temperature=0.7, top_k=5, generator=g2)
+    assert torch.equal(a, b)
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == a[:, None]).any(1).all(), "a sampled token fell outside the top-k"
+    c = select_next_token(logits, do_sample=True, top_p=1e-6, generator=g1)
+    assert torch.equal(c, logits.argmax(-1)), "top_p -> 0 must reduce to greedy"
+    with pytest.raises(ValueError, match="temperature"):
+        select_next_token(logits, do_sample=True, temperature=0.0)

@@ -1,0 +1,146 @@
+"""load_model: built-in specs, local checkpoints, latent tokens, bad paths; the `kernels` package name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import load_model
+from engine.model.loading import (
+    LATENT_TOKENS,
+    CheckpointError,
+    add_latent_tokens,
+    export_model,
+    internvl3_1b_geometry_config,
+)
+from engine.model.tiny_tokenizer import build_tiny_tokenizer
+from tests.helpers import random_pixels, sample_ids
+
+
+def test_tiny_is_deterministic_per_seed():
+    a, _, _ = load_model("tiny", seed=3)
+    b, _, _ = load_model("tiny", seed=3)
+    c, _, _ = load_model("tiny", seed=4)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), f"{name} differs for the same seed"
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_latent_tokens_added_and_initialised_from_an_existing_row(tiny):
+    model, tok, proc = tiny
+    ids = [tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS]
+    assert ids == [model.start_latent_id, model.end_latent_id, model.latent_id]
+    assert len(set(ids)) == 3 and all(i >= 0 for i in ids)
+    weight = model.base.get_input_embeddings().weight
+    assert weight.shape[0] >= len(tok)
+    source = tok.eos_token_id  # "<<" is not a single token of the tiny vocabulary, so eos is the source
+    for i in ids:
+        assert torch.equal(weight[i], weight[source])
+    # Each special token is one token.
+    for t in LATENT_TOKENS:
+        assert len(tok(t, add_special_tokens=False).input_ids) == 1
+
+
+def test_untied_lm_head_rows_are_initialised_too():
+    from transformers import InternVLForConditionalGeneration
+
+    from engine.model.loading import TinyModelConfig, tiny_internvl_config
+
+    tok = build_tiny_tokenizer()
+    config = tiny_internvl_config(tok, TinyModelConfig())
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    base = InternVLForConditionalGeneration(config)
+    assert base.lm_head.weight.data_ptr() != base.get_input_embeddings().weight.data_ptr()
+    before = len(tok)
+    ids = add_latent_tokens(base, tok, init_token="###")
+    assert len(tok) == before + 3
+    source = tok.encode("###", add_special_tokens=False)[0]
+    for i in ids:
+        assert torch.equal(base.get_input_embeddings().weight[i], base.get_input_embeddings().weight[source])
+        assert torch.equal(base.lm_head.weight[i], base.lm_head.weight[source])
+    assert not torch.equal(base.lm_head.weight[source], base.get_input_embeddings().weight[source])
+
+
+def test_export_then_load_local_checkpoint(tiny, tmp_path):
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    loaded, tok2, proc2 = load_model(out)
+    assert len(tok2) == len(tok), "latent tokens must not be added twice"
+    assert (loaded.latent_id, loaded.start_latent_id, loaded.end_latent_id) == (
+        model.latent_id,
+        model.start_latent_id,
+        model.end_latent_id,
+    )
+    assert proc2.tokens_per_tile == proc.tokens_per_tile and proc2.tile_size == proc.tile_size
+    ids = torch.tensor([sample_ids(tok, model, n_latents=2)])
+    pv = random_pixels(1, proc.tile_size, 0)
+    # Same weights; memory layout after loading can change fp32 summation order by an ulp.
+    torch.testing.assert_close(loaded(ids, None, pv).logits, model(ids, None, pv).logits, atol=1e-6, rtol=0)
+    # Re-exporting over an existing export replaces it atomically.
+    export_model(loaded, tok2, proc2, out)
+    assert not list(tmp_path.glob(".export.*")), "no temporary directory may be left behind"
+
+
+def test_bad_checkpoint_paths(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"is not a directory"):
+        load_model(tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"empty holds no config.json"):
+        load_model(empty)
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        load_model(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'llama'; expected 'internvl'"):
+        load_model(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    with pytest.raises(CheckpointError, match=r"missing: weights .*; tokenizer .*; image processor"):
+        load_model(empty)
+
+
+def test_bad_spec_arguments():
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        load_model("tiny", attn_implementation="fast")
+    with pytest.raises(ValueError, match=r"unknown tiny model override\(s\) \['hidden'\]"):
+        load_model("tiny", model_overrides={"hidden": 3})
+
+
+def test_internvl3_1b_geometry_sizes():
+    from transformers import InternVLForConditionalGeneration
+
+    from engine.data.images import tokens_per_tile_from_config
+
+    config = internvl3_1b_geometry_config(build_tiny_tokenizer())
+    with torch.device("meta"):
+        base = InternVLForConditionalGeneration(config)
+    n = sum(p.numel() for p in base.parameters())
+    assert 0.80e9 < n < 0.95e9, n
+    text = config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (896, 24, 14, 2)
+    assert text.hidden_size // text.num_attention_heads == 64
+    assert tokens_per_tile_from_config(config) == 256
+
+
+def test_kernels_package_does_not_confuse_transformers():
+    """transformers probes for the hub package named `kernels`; ours must not be taken for it or imported."""
+    code = (
+        "import sys, transformers\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "from engine import load_model\n"
+        "m, _, _ = load_model('tiny')\n"
+        "import torch; m(torch.tensor([[5, 6, 7]]))\n"
+        "print(is_kernels_available(), 'kernels' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout
