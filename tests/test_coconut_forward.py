@@ -263,3 +263,26 @@ def test_mismatched_shapes(tiny_model, tiny_tok):
         tiny_model(ids, mask, pv[0])
     with pytest.raises(ValueError, match="position_ids shape"):
         tiny_model(ids, mask, pv, position_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_padding_passes_change_nothing_but_the_pass_count(tiny_model, tiny_tok):
+    """ZeRO-3 ranks pad to the same pass count; the loss and every gradient must stay the same."""
+    ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=2)
+    labels = ids.clone()
+    calls = []
+    handle = tiny_model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        grads = []
+        for min_passes in (0, 6):
+            tiny_model.zero_grad(set_to_none=True)
+            calls.clear()
+            out = tiny_model(ids, mask, pv, labels, return_logits=False, min_passes=min_passes)
+            out.loss.backward()
+            grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+            assert len(calls) == max(3, min_passes) and out.num_passes == max(3, min_passes)
+    finally:
+        handle.remove()
+        tiny_model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=0, rtol=0, msg=name)

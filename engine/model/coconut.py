@@ -215,29 +215,56 @@ class MultimodalCoconut(nn.Module):
         return_logits: bool = True,
         return_inputs_embeds: bool = False,
         use_cache: bool = False,
+        min_passes: int = 0,
     ) -> CoconutOutput:
+        """`min_passes` pads the pass count with no-op passes (ZeRO-3 ranks must issue the same number of
+        parameter gathers per step; the trainer agrees on the maximum across ranks)."""
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
         batch = self.prepare(input_ids, attention_mask, pixel_values, position_ids)
         hidden, inputs, cache = self.run_passes(batch, keep_inputs=return_inputs_embeds)
+        padding = self.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
         logits = self.base.lm_head(hidden) if return_logits else None
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
             loss = self.lm_loss(hidden, labels, logits=logits)
+            if padding is not None:
+                loss = loss + padding
         return CoconutOutput(
             loss=loss,
             logits=logits,
             hidden_states=hidden,
             inputs_embeds=inputs,
-            num_passes=batch.schedule.num_passes,
+            num_passes=batch.schedule.num_passes + max(0, min_passes - batch.schedule.num_passes),
             past_key_values=cache if use_cache else None,
         )
 
-    def compute_loss(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None) -> torch.Tensor:
+    def padding_passes(self, last_hidden: torch.Tensor, count: int) -> torch.Tensor | None:
+        """Run `count` one-position language-model passes whose result is multiplied by zero.
+
+        They change no output and no gradient, but they run the same modules (forward and backward) as a real
+        latent pass, which is what keeps ZeRO-3's per-module parameter gathers in step across ranks.
+        """
+        if count <= 0:
+            return None
+        x = last_hidden.detach()[:, None]  # (B, 1, H)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.long, device=x.device)
+        term = x.new_zeros((), dtype=torch.float32)
+        for _ in range(count):
+            with profile_range("coconut/padding_pass"):
+                out = self.language_model(inputs_embeds=x, attention_mask=ones, position_ids=ones * 0, use_cache=False)
+            term = term + out.last_hidden_state.float().sum() * 0.0
+        return term
+
+    def compute_loss(
+        self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None, *, min_passes: int = 0
+    ) -> torch.Tensor:
         """Training loss without materialising (B, T, V) logits (lm_head runs only on labelled positions)."""
         if labels is None:
             raise ValueError("compute_loss needs labels")
-        return self.forward(input_ids, attention_mask, pixel_values, labels, position_ids, return_logits=False).loss
+        return self.forward(
+            input_ids, attention_mask, pixel_values, labels, position_ids, return_logits=False, min_passes=min_passes
+        ).loss
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is not -100.
@@ -280,11 +307,14 @@ class MultimodalCoconut(nn.Module):
         generator: torch.Generator | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        min_passes: int = 0,
+        step_sync: Callable[[bool], bool] | None = None,
     ) -> torch.Tensor:
         """Batched, KV-cached generation: the prompt's latent thoughts, then greedy (or sampled) decoding.
 
         Prompts must be left-padded (every row's last column real). Returns (B, n) new tokens; a row that
-        ended early (its eos included) is padded with the pad id.
+        ended early (its eos included) is padded with the pad id. For ZeRO-3 ranks, `min_passes` pads the
+        prompt's passes and `step_sync(local_done) -> all_done` keeps every rank decoding until all are done.
         """
         from engine.model.generation import generate_with_dynamic_cache
 
@@ -301,4 +331,6 @@ class MultimodalCoconut(nn.Module):
             generator=generator,
             eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id,
+            min_passes=min_passes,
+            step_sync=step_sync,
         )

@@ -7,6 +7,8 @@ the prompt runs once through the same pass schedule as training (so the thoughts
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engine.utils.profiling import profile_range
@@ -68,6 +70,8 @@ def generate_with_dynamic_cache(
     generator: torch.Generator | None,
     eos_token_id: int | None,
     pad_token_id: int | None,
+    min_passes: int = 0,
+    step_sync: Callable[[bool], bool] | None = None,
 ) -> torch.Tensor:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -81,6 +85,7 @@ def generate_with_dynamic_cache(
     if max_new_tokens == 0:
         return out
     hidden, _, cache = model.run_passes(batch)
+    model.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
     logits = model.base.lm_head(hidden[:, -1])
     mask = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
@@ -96,8 +101,11 @@ def generate_with_dynamic_cache(
         steps = step + 1
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-            if bool(finished.all()):
-                break
+        done = eos_token_id is not None and bool(finished.all())
+        if step_sync is not None:
+            done = step_sync(done)  # every rank keeps stepping until all ranks are done
+        if done:
+            break
         if step == max_new_tokens - 1:
             break
         with profile_range(f"coconut/decode_step_{step}"):
