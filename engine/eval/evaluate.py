@@ -1,0 +1,112 @@
+"""Batched generation over a validation set, scored with answer accuracy and the A-OKVQA metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.eval.metrics import (
+    direct_answer_score,
+    extract_answer,
+    multiple_choice_score,
+    nearest_choice,
+    normalize_answer,
+)
+
+
+def answer_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
+    """Generated tokens up to and including the first eos (all of them when there is none)."""
+    if eos_token_id is None:
+        return int(tokens.numel())
+    hits = (tokens == eos_token_id).nonzero()
+    return int(hits[0]) + 1 if len(hits) else int(tokens.numel())
+
+
+def score_record(record: dict, generation: str) -> dict:
+    """Per-record scores: exact answer match, A-OKVQA MC and DA (when the record has what they need)."""
+    prediction = normalize_answer(extract_answer(generation))
+    out = {"id": record["id"], "prediction": prediction, "generation": generation}
+    answer = record.get("answer")
+    if answer is not None:
+        out["answer"] = answer
+        out["correct"] = float(prediction == normalize_answer(answer))
+    choices = record.get("choices")
+    if choices:
+        choice = nearest_choice(prediction, choices)
+        out["multiple_choice"] = choice
+        if record.get("correct_choice_idx") is not None:
+            out["mc_score"] = multiple_choice_score(choice, choices, record["correct_choice_idx"])
+    if record.get("direct_answers") and record.get("difficult_direct_answer") is False:
+        out["da_score"] = direct_answer_score(prediction, record["direct_answers"])
+    return out
+
+
+def summarize(scored: list[dict], seconds: float) -> dict:
+    def mean(key):
+        values = [s[key] for s in scored if key in s]
+        return 100.0 * sum(values) / len(values) if values else None
+
+    lengths = [s["num_tokens"] for s in scored]
+    return {
+        "val_accuracy": mean("correct"),
+        "mc_accuracy": mean("mc_score"),
+        "da_accuracy": mean("da_score"),
+        "tokens_per_answer": sum(lengths) / len(lengths) if lengths else None,
+        "answers_per_second": len(scored) / seconds if seconds > 0 else None,
+        "num_answers": len(scored),
+    }
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    batches: Iterable[dict],
+    tokenizer,
+    *,
+    device: torch.device,
+    max_new_tokens: int,
+    total: int | None = None,
+    min_passes_fn: Callable[[dict], int] | None = None,
+    step_sync: Callable[[bool], bool] | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], float]:
+    """Generate for every batch (from GenerationCollator) and score each record. Returns (scored, seconds)."""
+    scored: list[dict] = []
+    elapsed = 0.0
+    for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        pixels = batch["pixel_values"].to(device) if batch.get("pixel_values") is not None else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        tokens = model.generate(
+            ids,
+            mask,
+            pixels,
+            max_new_tokens=max_new_tokens,
+            min_passes=min_passes_fn(batch) if min_passes_fn else 0,
+            step_sync=step_sync,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        tokens = tokens.cpu()
+        for row, record in enumerate(batch["records"]):
+            n = answer_length(tokens[row], model.eos_token_id)
+            text = tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True)
+            result = score_record(record, text)
+            result["num_tokens"] = n
+            scored.append(result)
+    return scored, elapsed
+
+
+def official_predictions(scored: list[dict]) -> dict:
+    """A-OKVQA's format: {question_id: {"multiple_choice": ..., "direct_answer": ...}}."""
+    return {
+        str(s["id"]): {"multiple_choice": s.get("multiple_choice", s["prediction"]), "direct_answer": s["prediction"]}
+        for s in scored
+    }

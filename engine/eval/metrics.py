@@ -1,0 +1,71 @@
+"""Answer extraction and the A-OKVQA metrics.
+
+- The model writes `... ### answer<eos>`; the answer is the text after the last `#`, as in the original
+  CoCoNuT (commas removed, whitespace stripped).
+- Multiple choice (official): a prediction scores 1 when it equals `choices[correct_choice_idx]`. In the
+  official strict mode a prediction must be one of the choices, so a free-form answer is first mapped to the
+  nearest choice (exact match after normalisation, else the highest string similarity).
+- Direct answer (official): over questions whose `difficult_direct_answer` is False,
+  `min(1, #direct_answers equal to the prediction / 3)`.
+Both are averaged and reported as percentages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Sequence
+
+_SPACES = re.compile(r"\s+")
+
+
+def extract_answer(text: str) -> str:
+    """The text after the last '#', commas removed, stripped (CoCoNuT's convention)."""
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, single spaces, no trailing punctuation: A-OKVQA's answers are written this way."""
+    text = _SPACES.sub(" ", text.strip().lower())
+    return text.rstrip(".!?;:").strip()
+
+
+def nearest_choice(prediction: str, choices: Sequence[str]) -> str:
+    """Map a free-form answer to one of the choices (exact normalised match first, then string similarity)."""
+    if not choices:
+        raise ValueError("nearest_choice needs at least one choice")
+    norm = normalize_answer(prediction)
+    for choice in choices:
+        if normalize_answer(choice) == norm:
+            return choice
+    scores = [difflib.SequenceMatcher(None, norm, normalize_answer(c)).ratio() for c in choices]
+    return choices[max(range(len(choices)), key=scores.__getitem__)]
+
+
+def multiple_choice_score(prediction: str, choices: Sequence[str], correct_choice_idx: int) -> float:
+    return float(prediction == choices[correct_choice_idx])
+
+
+def direct_answer_score(prediction: str, direct_answers: Iterable[str]) -> float:
+    matches = sum(prediction == answer for answer in direct_answers)
+    return min(1.0, matches / 3.0)
+
+
+def multiple_choice_accuracy(predictions: dict, annotations: dict) -> float:
+    """Official MC accuracy (%) over all annotated questions; a missing prediction scores 0."""
+    if not annotations:
+        raise ValueError("no annotated questions to score")
+    total = 0.0
+    for qid, ann in annotations.items():
+        if qid in predictions:
+            total += multiple_choice_score(predictions[qid], ann["choices"], ann["correct_choice_idx"])
+    return 100.0 * total / len(annotations)
+
+
+def direct_answer_accuracy(predictions: dict, annotations: dict) -> float:
+    """Official DA accuracy (%) over questions with difficult_direct_answer False."""
+    scored = {qid: a for qid, a in annotations.items() if a.get("difficult_direct_answer") is False}
+    if not scored:
+        raise ValueError("no question with difficult_direct_answer False to score")
+    total = sum(direct_answer_score(predictions[q], a["direct_answers"]) for q, a in scored.items() if q in predictions)
+    return 100.0 * total / len(scored)

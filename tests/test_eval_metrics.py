@@ -1,0 +1,107 @@
+"""Answer extraction, the official A-OKVQA formulas, and the scoring CLI."""
+
+import json
+
+import pytest
+
+from engine.eval import aokvqa
+from engine.eval.evaluate import answer_length, official_predictions, score_record, summarize
+from engine.eval.metrics import (
+    direct_answer_accuracy,
+    direct_answer_score,
+    extract_answer,
+    multiple_choice_accuracy,
+    nearest_choice,
+    normalize_answer,
+)
+
+
+def test_extract_answer_takes_text_after_last_hash():
+    assert extract_answer("step one\nstep two\n### 1,234") == "1234"
+    assert extract_answer("no marker at all") == "no marker at all"
+    assert extract_answer("# a # b ### red ") == "red"
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Red   Car. ") == "red car"
+
+
+def test_nearest_choice_exact_then_similarity():
+    choices = ["red", "green", "blue", "yellow"]
+    assert nearest_choice("Green.", choices) == "green"
+    assert nearest_choice("yelow", choices) == "yellow"
+    with pytest.raises(ValueError):
+        nearest_choice("x", [])
+
+
+@pytest.mark.parametrize("matches,expected", [(0, 0.0), (1, 1 / 3), (2, 2 / 3), (3, 1.0), (7, 1.0)])
+def test_direct_answer_score_official_formula(matches, expected):
+    answers = ["dog"] * matches + ["cat"] * (10 - matches)
+    assert direct_answer_score("dog", answers) == pytest.approx(expected)
+
+
+def test_accuracies_skip_difficult_and_count_missing_as_wrong():
+    ann = {
+        "q1": {"choices": ["a", "b"], "correct_choice_idx": 1, "direct_answers": ["b"] * 10, "difficult_direct_answer": False},
+        "q2": {"choices": ["c", "d"], "correct_choice_idx": 0, "direct_answers": ["c"] * 10, "difficult_direct_answer": True},
+        "q3": {"choices": ["e", "f"], "correct_choice_idx": 0, "direct_answers": ["e"] * 2 + ["x"] * 8, "difficult_direct_answer": False},
+    }
+    mc = {"q1": "b", "q2": "d"}  # q3 missing
+    assert multiple_choice_accuracy(mc, ann) == pytest.approx(100 / 3)
+    da = {"q1": "b", "q2": "c", "q3": "e"}
+    # q2 is difficult: not scored; q1 = 1, q3 = 2/3
+    assert direct_answer_accuracy(da, ann) == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+def test_score_record_and_summary():
+    record = {"id": "7", "answer": "blue", "choices": ["red", "blue", "green", "white"], "correct_choice_idx": 1,
+              "direct_answers": ["blue"] * 10, "difficult_direct_answer": False}
+    good = score_record(record, "right: blue\n### Blue")
+    bad = score_record(record, "### redd")
+    assert good["correct"] == 1.0 and good["mc_score"] == 1.0 and good["da_score"] == 1.0
+    assert bad["correct"] == 0.0 and bad["multiple_choice"] == "red" and bad["mc_score"] == 0.0
+    good["num_tokens"], bad["num_tokens"] = 4, 6
+    summary = summarize([good, bad], seconds=2.0)
+    assert summary["val_accuracy"] == 50.0 and summary["tokens_per_answer"] == 5.0 and summary["answers_per_second"] == 1.0
+    preds = official_predictions([good, bad])
+    assert preds == {"7": {"multiple_choice": "red", "direct_answer": "redd"}}
+
+
+def test_answer_length_counts_up_to_first_eos():
+    import torch
+
+    assert answer_length(torch.tensor([5, 6, 0, 0]), eos_token_id=0) == 3
+    assert answer_length(torch.tensor([5, 6, 7]), eos_token_id=0) == 3
+
+
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_cli_prints_official_accuracies_last_line_json(tmp_path, capsys):
+    annotations = [
+        {"question_id": "a", "choices": ["x", "y"], "correct_choice_idx": 0, "direct_answers": ["x"] * 10, "difficult_direct_answer": False},
+        {"question_id": "b", "choices": ["u", "v"], "correct_choice_idx": 1, "direct_answers": ["v"] * 3 + ["u"] * 7, "difficult_direct_answer": False},
+    ]
+    preds = {"a": {"multiple_choice": "x", "direct_answer": "x"}, "b": {"multiple_choice": "uu", "direct_answer": "u"}}
+    rc = aokvqa.main(["--annotations", _write(tmp_path, "ann.json", annotations), "--predictions", _write(tmp_path, "p.json", preds)])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    # b's free-form "uu" maps to the nearest choice "u" (wrong); DA: a=1, b: 7 matches of "u" -> 1
+    assert result == {"mc_accuracy": 50.0, "da_accuracy": 100.0}
+
+
+def test_cli_rejects_bad_predictions_and_test_split(tmp_path, capsys):
+    ann = _write(tmp_path, "ann.json", [{"question_id": "a", "choices": ["x"], "correct_choice_idx": None, "direct_answers": None}])
+    preds = _write(tmp_path, "p.json", {"a": {"multiple_choice": "x", "direct_answer": "x"}})
+    assert aokvqa.main(["--annotations", ann, "--predictions", preds]) == 2
+    assert "question_id 'a'" in capsys.readouterr().err
+    good_ann = _write(tmp_path, "ann2.json", [{"question_id": "a", "choices": ["x"], "correct_choice_idx": 0, "direct_answers": ["x"] * 10, "difficult_direct_answer": False}])
+    bad_preds = _write(tmp_path, "p2.json", {"a": "x"})
+    assert aokvqa.main(["--annotations", good_ann, "--predictions", bad_preds]) == 2
+    assert "multiple_choice and direct_answer" in capsys.readouterr().err
+    assert aokvqa.main(["--annotations", str(tmp_path / "missing.json"), "--predictions", bad_preds]) == 2
+    assert "missing.json" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""Typed config: YAML and --set overrides, with errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from engine.training.config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"c_thougt": 2})
+    assert "c_thougt" in str(e.value) and "c_thought" in str(e.value)
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError, match="'num_epochs' expects int"):
+        config_from_dict({"num_epochs": "three"})
+    with pytest.raises(ConfigError, match="'cot' expects bool"):
+        config_from_dict({"cot": 1})
+
+
+def test_yaml_scientific_floats_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nsynthetic:\n  hops: 2\n  n_train: 10\n")
+    cfg = load_config(path, ["lr=3e-4", "synthetic.hops=4", "cot=true", "name=x"])
+    assert cfg.lr == pytest.approx(3e-4) and isinstance(cfg.lr, float)
+    assert cfg.synthetic == {"hops": 4, "n_train": 10}
+    assert cfg.cot and not cfg.coconut and cfg.name == "x"
+
+
+def test_overrides_need_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+@pytest.mark.parametrize(
+    "values,needle",
+    [
+        ({"cot": True, "no_cot": True}, "exclusive"),
+        ({"c_thought": 0}, "c_thought must be >= 1"),
+        ({"uniform_prob": 1.5}, "uniform_prob"),
+        ({"zero_stage": 4}, "zero_stage"),
+        ({"resume": 9, "num_epochs": 3}, "resume"),
+        ({"only_eval": True}, "load_model_path"),
+        ({"overlong": "truncate"}, "overlong"),
+    ],
+)
+def test_invalid_values(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(values)
+
+
+def test_missing_or_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.name
+
+
+def test_resume_accepts_bool_or_epoch():
+    assert config_from_dict({"resume": True}).resume is True
+    assert config_from_dict({"resume": 3, "num_epochs": 6}).resume == 3
