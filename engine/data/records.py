@@ -1,0 +1,145 @@
+"""The record format every data set is converted to, and its JSON-lines files.
+
+One record per line:
+
+    {"id": "q1", "image": "images/q1.png", "question": "...", "steps": ["...", "..."], "answer": "...",
+     "choices": [...], "correct_choice_idx": 0, "direct_answers": [...], "difficult_direct_answer": false}
+
+- `id`: a string or an integer, unique in its file.
+- `image`: a path (relative paths are resolved against the file's directory, or `image_root`); None makes a
+  text-only sample.
+- `steps`: the reasoning steps as strings, in order (may be empty).
+- `answer`: a string; None is allowed where no answer is needed (A-OKVQA's test split).
+- `choices`, `correct_choice_idx`, `direct_answers`, `difficult_direct_answer`: optional, A-OKVQA's
+  multiple-choice and direct-answer fields, used by the metrics.
+
+Every error names the file, the line and the record id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from engine.utils.io import atomic_write_text
+
+REQUIRED_FIELDS = ("id", "image", "question", "steps", "answer")
+OPTIONAL_FIELDS = ("choices", "correct_choice_idx", "direct_answers", "difficult_direct_answer")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file (and line, record id) at fault."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)` for every non-blank line (line numbers start at 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with path.open("r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All objects of a JSON-lines file; blank lines are skipped."""
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """Write one JSON object per line, atomically (a temporary file renamed into place)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return atomic_write_text(path, text)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def validate_record(record: dict, where: str, *, need_answer: bool = True) -> None:
+    """Raise DataError (naming `where` and the record id) unless `record` has the record format."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    rid = record.get("id")
+    label = f"{where}: record {rid!r}"
+    if "id" not in record:
+        raise DataError(f"{where}: record has no 'id' field (fields present: {sorted(record)})")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "":
+        raise DataError(f"{label}: 'id' must be a non-empty string or an integer, got {rid!r}")
+    missing = [f for f in REQUIRED_FIELDS if f not in record and not (f == "answer" and not need_answer)]
+    if missing:
+        raise DataError(f"{label}: missing field(s) {missing}")
+
+    image = record["image"]
+    if image is not None and (not isinstance(image, str) or not image):
+        raise DataError(f"{label}: 'image' must be a path string or null, got {image!r}")
+    question = record["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{label}: 'question' must be a non-empty string, got {question!r}")
+    if not _is_str_list(record["steps"]):
+        raise DataError(f"{label}: 'steps' must be a list of strings, got {record['steps']!r}")
+    answer = record.get("answer")
+    if answer is None:
+        if need_answer:
+            raise DataError(f"{label}: 'answer' is null but this split needs answers")
+    elif not isinstance(answer, str) or not answer.strip():
+        raise DataError(f"{label}: 'answer' must be a non-empty string, got {answer!r}")
+
+    choices = record.get("choices")
+    if choices is not None and (not _is_str_list(choices) or not choices):
+        raise DataError(f"{label}: 'choices' must be a non-empty list of strings, got {choices!r}")
+    idx = record.get("correct_choice_idx")
+    if idx is not None:
+        if choices is None:
+            raise DataError(f"{label}: 'correct_choice_idx' is set but there are no 'choices'")
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(choices):
+            raise DataError(f"{label}: 'correct_choice_idx' must be an index into {len(choices)} choices, got {idx!r}")
+    direct = record.get("direct_answers")
+    if direct is not None and not _is_str_list(direct):
+        raise DataError(f"{label}: 'direct_answers' must be a list of strings, got {direct!r}")
+    difficult = record.get("difficult_direct_answer")
+    if difficult is not None and not isinstance(difficult, bool):
+        raise DataError(f"{label}: 'difficult_direct_answer' must be true, false or null, got {difficult!r}")
+
+
+def load_records(
+    path: str | os.PathLike, *, need_answer: bool = True, image_root: str | os.PathLike | None = None
+) -> list[dict]:
+    """Read and validate a records file.
+
+    Relative image paths become absolute, resolved against `image_root` (default: the file's directory).
+    Missing optional fields are filled with None, and `answer` with None where answers are not needed.
+    Duplicate ids are an error (evaluation keys its results by id).
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    records: list[dict] = []
+    seen: dict[str, int] = {}
+    for line_no, record in iter_jsonl(path):
+        where = f"{path}:{line_no}"
+        validate_record(record, where, need_answer=need_answer)
+        key = str(record["id"])
+        if key in seen:
+            raise DataError(f"{where}: record {record['id']!r}: duplicate id (first seen on line {seen[key]})")
+        seen[key] = line_no
+        record = dict(record)
+        record.setdefault("answer", None)
+        for name in OPTIONAL_FIELDS:
+            record.setdefault(name, None)
+        if record["image"] is not None:
+            image = Path(record["image"]).expanduser()
+            record["image"] = str(image if image.is_absolute() else (root / image).absolute())
+        records.append(record)
+    if not records:
+        raise DataError(f"no records in {path}")
+    return records
