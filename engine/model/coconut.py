@@ -51,6 +51,9 @@ class PreparedBatch:
     image_features: torch.Tensor | None  # (tiles * tokens_per_tile, H), in row order
     schedule: PassSchedule
     tiles_per_row: list[int]
+    # (B, T) int32: the row of image_features for each <IMG_CONTEXT> position, -1 elsewhere. Only the fused
+    # injection reads it (set in prepare when that path is active, else on its first use).
+    image_index: torch.Tensor | None = None
 
 
 class MultimodalCoconut(nn.Module):
@@ -75,7 +78,10 @@ class MultimodalCoconut(nn.Module):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.loss_chunk_tokens = int(loss_chunk_tokens)
-        # Builds a pass's input embeddings; swapped for the fused Triton op on GPU (see set_injection).
+        # Builds a pass's input embeddings: `_inject(batch, start, end, prev_last) -> (B, end - start, H)`, or
+        # None for the PyTorch path. Chosen by set_injection ("auto": the fused Triton op on CUDA, decided at
+        # each forward so that moving the model to a GPU after construction switches it on).
+        self._injection_mode = "auto"
         self._inject: Callable | None = None
 
     # ------------------------------------------------------------------ properties
@@ -109,6 +115,76 @@ class MultimodalCoconut(nn.Module):
 
         self.base.set_attn_implementation(_attn_check(name))
 
+    def set_injection(self, mode: str) -> None:
+        """How each pass builds its input embeddings.
+
+        - "reference": PyTorch (embedding + masked_scatter once per batch, torch.where + cat per latent pass);
+        - "fused": the `coconut::latent_inject` Triton op (`kernels/latent_inject.py`), one read and one write per
+          row of each chunk; on CPU only under the Triton interpreter (TRITON_INTERPRET=1), else an error;
+        - "auto" (default): "fused" when the model is on CUDA and triton imports, else "reference".
+        Values and gradients are the same either way.
+        """
+        if mode not in ("auto", "fused", "reference"):
+            raise ValueError(f"injection mode must be 'auto', 'fused' or 'reference', got {mode!r}")
+        if mode == "fused":
+            reason = self._fused_injection_unsupported(allow_interpreter=True)
+            if reason is not None:
+                raise RuntimeError(f"set_injection('fused'): {reason}")
+        self._injection_mode = mode
+        self._inject = self._fused_inject if mode == "fused" else None
+
+    def _injection_hook(self) -> Callable | None:
+        """The injection hook of this forward (None: the PyTorch path); resolves "auto" on the current device."""
+        if self._injection_mode == "auto":
+            self._inject = self._fused_inject if self._fused_injection_unsupported() is None else None
+        return self._inject
+
+    def _fused_injection_unsupported(self, *, allow_interpreter: bool = False) -> str | None:
+        """Why the fused op cannot build this model's inputs, or None when it can."""
+        import os
+
+        embedding = self.base.get_input_embeddings()
+        weight = getattr(embedding, "weight", None)
+        if type(embedding) is not nn.Embedding or embedding.max_norm is not None or embedding.scale_grad_by_freq:
+            return f"the input embeddings must be a plain nn.Embedding (no max_norm/scale_grad_by_freq): {embedding}"
+        if embedding.sparse:
+            return "the input embeddings have sparse gradients, which the fused op does not produce"
+        if hasattr(weight, "ds_id") or weight is None or weight.dim() != 2:
+            return "the embedding weight is partitioned (DeepSpeed ZeRO-3) or not 2-D; use set_injection('reference')"
+        if weight.device.type != "cuda":
+            if not (allow_interpreter and weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+                return (
+                    f"the model is on {weight.device}: the Triton kernel needs CUDA, or TRITON_INTERPRET=1 (set before "
+                    "kernels.latent_inject is imported) to run interpreted on CPU"
+                )
+        try:
+            import kernels.latent_inject  # noqa: F401
+        except ImportError as e:
+            return f"kernels.latent_inject does not import ({e})"
+        return None
+
+    def _fused_inject(self, batch: PreparedBatch, start: int, end: int, prev_last: torch.Tensor | None) -> torch.Tensor:
+        """Chunk [start, end) of the pass inputs, (B, end - start, H), in one kernel (the injection hook)."""
+        from kernels.latent_inject import image_index_from_ids, latent_inject
+
+        embedding = self.base.get_input_embeddings()
+        weight = embedding.weight
+        features = batch.image_features
+        if features is not None and batch.image_index is None:  # a batch prepared while the PyTorch path was active
+            batch.image_index = image_index_from_ids(batch.input_ids, self.image_token_id)
+        thought = None if prev_last is None else prev_last.to(weight.dtype)
+        return latent_inject(
+            batch.input_ids,
+            weight,
+            start,
+            end,
+            image_index=None if features is None else batch.image_index,
+            image_features=None if features is None else features.to(weight.dtype),
+            latent_mask=None if thought is None else batch.latent_mask,
+            latent_hidden=thought,
+            padding_idx=embedding.padding_idx,
+        )
+
     # ------------------------------------------------------------------ preparation
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector: (tiles, 3, H, W) -> (tiles * tokens_per_tile, hidden)."""
@@ -122,7 +198,10 @@ class MultimodalCoconut(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        min_passes: int = 0,
     ) -> PreparedBatch:
+        """Validate the batch, build its pass schedule (at least `min_passes` passes) and encode the images."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if pixel_values is not None and pixel_values.dim() != 4:
@@ -137,6 +216,7 @@ class MultimodalCoconut(nn.Module):
             tokens_per_tile=self.tokens_per_tile,
             num_tiles=None if pixel_values is None else int(pixel_values.shape[0]),
         )
+        schedule = schedule.with_min_passes(min_passes)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         elif position_ids.shape != input_ids.shape:
@@ -144,8 +224,14 @@ class MultimodalCoconut(nn.Module):
                 f"position_ids shape {tuple(position_ids.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
             )
         image_features = None
+        image_index = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.encode_images(pixel_values)
+            if self._injection_hook() is not None:
+                from kernels.latent_inject import image_index_from_ids
+
+                # Once per batch: each pass's fused op gathers its image rows through it (no masked_scatter).
+                image_index = image_index_from_ids(input_ids, self.image_token_id)
         return PreparedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),
@@ -154,10 +240,14 @@ class MultimodalCoconut(nn.Module):
             image_features=image_features,
             schedule=schedule,
             tiles_per_row=tiles_per_row,
+            image_index=image_index,
         )
 
     def base_embeddings(self, batch: PreparedBatch) -> torch.Tensor:
         """Token embeddings with the image features merged in (latent positions still hold placeholders)."""
+        inject = self._injection_hook()
+        if inject is not None:
+            return inject(batch, 0, batch.input_ids.shape[1], None)  # one fused gather for the whole batch
         embeds = self.base.get_input_embeddings()(batch.input_ids)
         if batch.image_features is not None:
             image_mask = (batch.input_ids == self.image_token_id).unsqueeze(-1)
@@ -172,13 +262,16 @@ class MultimodalCoconut(nn.Module):
         if cache is None:
             cache = DynamicCache(config=self.language_model.config)
         schedule = batch.schedule
-        embeds = self.base_embeddings(batch) if self._inject is None else None
+        inject = self._injection_hook()  # self._inject, with "auto" decided for this forward
+        embeds = self.base_embeddings(batch) if inject is None else None
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
         for index, (start, end) in enumerate(schedule.chunks):
             with profile_range(schedule.pass_name(index)):
-                if self._inject is not None:
-                    chunk_in = self._inject(batch, start, end, prev_last)
+                if inject is not None:
+                    # One kernel writes each row of the chunk from its source (token row, image row or thought):
+                    # no whole-batch embedding, no masked_scatter, no torch.where/cat per pass.
+                    chunk_in = inject(batch, start, end, prev_last)
                 elif prev_last is None:
                     chunk_in = embeds[:, start:end]
                 else:
@@ -217,11 +310,11 @@ class MultimodalCoconut(nn.Module):
         use_cache: bool = False,
         min_passes: int = 0,
     ) -> CoconutOutput:
-        """`min_passes` pads the pass count with no-op passes (ZeRO-3 ranks must issue the same number of
-        parameter gathers per step; the trainer agrees on the maximum across ranks)."""
+        """`min_passes` runs the batch in at least that many passes (ZeRO-3 ranks must issue the same number of
+        parameter gathers per step; the trainer agrees on the maximum across ranks). Outputs do not change."""
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
-        batch = self.prepare(input_ids, attention_mask, pixel_values, position_ids)
+        batch = self.prepare(input_ids, attention_mask, pixel_values, position_ids, min_passes=min_passes)
         hidden, inputs, cache = self.run_passes(batch, keep_inputs=return_inputs_embeds)
         padding = self.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
         logits = self.base.lm_head(hidden) if return_logits else None
@@ -242,8 +335,8 @@ class MultimodalCoconut(nn.Module):
     def padding_passes(self, last_hidden: torch.Tensor, count: int) -> torch.Tensor | None:
         """Run `count` one-position language-model passes whose result is multiplied by zero.
 
-        They change no output and no gradient, but they run the same modules (forward and backward) as a real
-        latent pass, which is what keeps ZeRO-3's per-module parameter gathers in step across ranks.
+        Only for a sequence too short to be cut into `min_passes` real passes (see
+        `PassSchedule.with_min_passes`): they change no output and no gradient but run the same modules.
         """
         if count <= 0:
             return None
@@ -309,16 +402,23 @@ class MultimodalCoconut(nn.Module):
         pad_token_id: int | None = None,
         min_passes: int = 0,
         step_sync: Callable[[bool], bool] | None = None,
+        kv_cache: str = "dynamic",
     ) -> torch.Tensor:
         """Batched, KV-cached generation: the prompt's latent thoughts, then greedy (or sampled) decoding.
 
         Prompts must be left-padded (every row's last column real). Returns (B, n) new tokens; a row that
         ended early (its eos included) is padded with the pad id. For ZeRO-3 ranks, `min_passes` pads the
         prompt's passes and `step_sync(local_done) -> all_done` keeps every rank decoding until all are done.
+        `kv_cache`: "dynamic" (transformers' DynamicCache) or "paged" (`engine.model.paged_runner`: a paged
+        block pool with visual-prefix sharing, Triton paged attention, CUDA graphs for one-position steps).
         """
-        from engine.model.generation import generate_with_dynamic_cache
-
-        return generate_with_dynamic_cache(
+        if kv_cache == "dynamic":
+            from engine.model.generation import generate_with_dynamic_cache as run
+        elif kv_cache == "paged":
+            from engine.model.paged_runner import generate_with_paged_cache as run
+        else:
+            raise ValueError(f"kv_cache must be 'dynamic' or 'paged', got {kv_cache!r}")
+        return run(
             self,
             input_ids,
             attention_mask,

@@ -78,7 +78,7 @@ def generate_with_dynamic_cache(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_left_padded(attention_mask)
-    batch = model.prepare(input_ids, attention_mask, pixel_values)
+    batch = model.prepare(input_ids, attention_mask, pixel_values, min_passes=min_passes)
     bsz = input_ids.shape[0]
     pad = pad_token_id if pad_token_id is not None else 0
     out = torch.full((bsz, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)

@@ -30,6 +30,7 @@ class PassSchedule:
     seq_len: int
     latent_positions: tuple[int, ...]  # sorted unique columns holding a latent in some row
     max_latents_per_row: int
+    lockstep_starts: tuple[int, ...] = ()  # extra cuts made by `with_min_passes` (not latents)
 
     @property
     def num_passes(self) -> int:
@@ -46,9 +47,33 @@ class PassSchedule:
             return "coconut/full_pass"
         if index == 0:
             return "coconut/prefix_pass"
+        if self.starts[index] in self.lockstep_starts:
+            return "coconut/lockstep_pass"
         if index == self.num_passes - 1:
             return "coconut/final_pass"
-        return f"coconut/latent_pass_{index}"
+        latent_number = sum(1 for start in self.starts[1 : index + 1] if start not in self.lockstep_starts)
+        return f"coconut/latent_pass_{latent_number}"
+
+    def with_min_passes(self, min_passes: int) -> "PassSchedule":
+        """The same computation in at least `min_passes` passes (as many as the sequence allows).
+
+        Extra cuts go at the last non-latent positions: a chunk split in two runs the same positions through
+        the same KV cache, so outputs and gradients are unchanged (causal attention over the cache), while
+        the rank issues the same number of real language-model passes, forward and backward, as a rank with
+        more latents. That is what keeps ZeRO-3's per-module parameter gathers in lockstep.
+        """
+        missing = min_passes - self.num_passes
+        if missing <= 0:
+            return self
+        taken = set(self.starts)
+        extra = [p for p in range(self.seq_len - 1, 0, -1) if p not in taken][:missing]
+        return PassSchedule(
+            starts=tuple(sorted((*self.starts, *extra))),
+            seq_len=self.seq_len,
+            latent_positions=self.latent_positions,
+            max_latents_per_row=self.max_latents_per_row,
+            lockstep_starts=tuple(sorted((*self.lockstep_starts, *extra))),
+        )
 
 
 def build_schedule(

@@ -1,0 +1,655 @@
+"""Paged KV cache benchmarks: a pytest-benchmark suite and a GPU report.
+
+Suite (marked ``benchmark``): paged decode attention against its PyTorch reference, and the K/V write kernel.
+Tiny CPU cases run under the Triton interpreter; GPU cases (Qwen2.5-0.5B geometry) are skipped without CUDA.
+
+    pytest benchmarks -m benchmark -k bench_paged_kv                          # timed
+    pytest benchmarks -m benchmark -k bench_paged_kv --benchmark-disable -q   # once each, untimed (CI)
+
+GPU report (one shot, every section guarded: a failure is recorded and the next section runs):
+
+    python -m benchmarks.bench_paged_kv --out DIR
+    python -m benchmarks.bench_paged_kv --smoke --out DIR   # every path at tiny sizes on the CPU (a dry run)
+
+1. numerics: bf16 (and fp32) paged decode attention, chunk attention and the write kernel against their
+   references at the model's geometry; split-K against no split;
+2. paged decode attention for 24 layers, 14/2 heads, head_dim 64, batch 64, 1,300-token contexts (256 visual),
+   eager and in one CUDA graph, over a sweep of splits / tile sizes, against the HBM floor (K/V bytes read over
+   the measured copy bandwidth; target >= 70 % of the floor), with dense SDPA on contiguous caches beside it;
+3. a whole decode step of the InternVL3-1B language model (random weights, real sizes) at batch 64: the paged
+   runner's step in a CUDA graph against transformers' eager DynamicCache step, against the floor (weights +
+   lm_head + K/V bytes over the copy bandwidth; target within 1.5x), plus per-step times of whole generate()
+   calls, paged-vs-dynamic token agreement, and prefix-sharing savings on a batch of 8 images x 8 questions.
+
+Writes ``DIR/bench_paged_kv.json`` and ``DIR/bench_paged_kv.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.common import use_triton_interpreter_without_cuda
+
+use_triton_interpreter_without_cuda()  # before any kernel module is imported
+
+import pytest  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    copy_bandwidth_gbs,
+    environment_info,
+    free_memory,
+    is_oom,
+    markdown_table,
+    module_bytes,
+    time_fn,
+    write_results,
+)
+from kernels.paged_kv import (  # noqa: E402
+    choose_num_splits,
+    paged_chunk_attention,
+    paged_chunk_attention_reference,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_kv_write,
+    paged_kv_write_reference,
+)
+
+RESULT_NAME = "bench_paged_kv"
+# Qwen2.5-0.5B (InternVL3-1B's language model)
+LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 24, 14, 2, 64
+BATCH, CONTEXT, VISUAL = 64, 1300, 256
+BLOCK_SIZE = 16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------------------- cases
+
+
+class DecodeCase:
+    """A pool, shuffled block tables, per-row context lengths and one query per row for each of `layers`."""
+
+    def __init__(self, *, batch, context, layers=1, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                 block_size=BLOCK_SIZE, dtype=torch.bfloat16, device="cuda", seed=0, contexts=None):
+        g = torch.Generator().manual_seed(seed)
+        lens = list(contexts) if contexts is not None else [context] * batch
+        self.blocks_per_row = max(1, math.ceil(max(lens) / block_size))
+        num_blocks = batch * self.blocks_per_row
+        shape = (layers, num_blocks, block_size, kv_heads, head_dim)
+        self.key = torch.empty(shape, dtype=dtype, device=device).normal_(generator=None)
+        self.value = torch.empty(shape, dtype=dtype, device=device).normal_(generator=None)
+        perm = torch.randperm(num_blocks, generator=g)  # fragmented: a row's blocks are scattered over the pool
+        self.tables = perm.view(batch, self.blocks_per_row).to(device=device, dtype=torch.int32)
+        self.context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        self.q = torch.randn(layers, batch, q_heads, head_dim, generator=g).to(device=device, dtype=dtype)
+        self.layers, self.batch, self.lens = layers, batch, lens
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
+
+    def kv_bytes(self) -> int:
+        """K and V bytes every layer must read: the floor of decode attention."""
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return self.layers * sum(self.lens) * self.kv_heads * self.head_dim * 2 * element
+
+    def run(self, layer=0, **kwargs):
+        return paged_decode_attention(
+            self.q[layer], self.key[layer], self.value[layer], self.tables, self.context_lens, **kwargs
+        )
+
+    def reference(self, layer=0):
+        return paged_decode_attention_reference(
+            self.q[layer], self.key[layer], self.value[layer], self.tables, self.context_lens
+        )
+
+
+def write_case(tokens, *, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=torch.bfloat16,
+               device="cuda", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = max(2, math.ceil(2 * tokens / block_size))
+    cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    key = torch.randn(tokens, kv_heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    value = torch.randn(tokens, kv_heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[::5] = -1
+    return key, value, cache, cache.clone(), slots.to(device)
+
+
+def _sync_after(fn):
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------- pytest suite
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_decode_attention_cpu_tiny(benchmark, impl):
+    case = DecodeCase(batch=2, context=0, contexts=[5, 19], q_heads=4, kv_heads=2, head_dim=16, block_size=4,
+                      dtype=torch.float32, device="cpu")
+    fn = (lambda: case.run(num_splits=2, block_n=16)) if impl == "triton" else case.reference
+    assert torch.allclose(fn(), case.reference(), atol=1e-5)
+    benchmark(fn)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_write_cpu_tiny(benchmark, impl):
+    key, value, key_cache, value_cache, slots = write_case(9, kv_heads=2, head_dim=16, block_size=4,
+                                                           dtype=torch.float32, device="cpu")
+    write = paged_kv_write if impl == "triton" else paged_kv_write_reference
+    k_ref, v_ref = key_cache.clone(), value_cache.clone()
+    paged_kv_write_reference(key, value, k_ref, v_ref, slots)
+    write(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, k_ref) and torch.equal(value_cache, v_ref)
+    benchmark(lambda: write(key, value, key_cache, value_cache, slots))
+
+
+@pytest.mark.benchmark
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_decode_attention_gpu_geometry(benchmark, impl):
+    batch = BATCH if impl == "triton" else 8  # the reference loops over rows in Python
+    case = DecodeCase(batch=batch, context=CONTEXT)
+    fn = _sync_after(case.run if impl == "triton" else case.reference)
+    if impl == "triton":
+        err = (case.run().float() - case.reference().float()).abs().max().item()
+        assert err < 2e-2, f"bf16 paged decode attention differs from the reference by {err}"
+    benchmark(fn)
+
+
+@pytest.mark.benchmark
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_write_gpu(benchmark, impl):
+    key, value, key_cache, value_cache, slots = write_case(BATCH)
+    write = paged_kv_write if impl == "triton" else paged_kv_write_reference
+    k_ref, v_ref = key_cache.clone(), value_cache.clone()
+    paged_kv_write_reference(key, value, k_ref, v_ref, slots)
+    write(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, k_ref) and torch.equal(value_cache, v_ref)
+    benchmark(_sync_after(lambda: write(key, value, key_cache, value_cache, slots)))
+
+
+# ------------------------------------------------------------------------------------------------- GPU report
+
+
+@dataclass
+class Geometry:
+    """Sizes and device of a report run. The default is the target; `smoke()` is a CPU dry run of every path."""
+
+    device: str = "cuda"
+    layers: int = LAYERS
+    q_heads: int = Q_HEADS
+    kv_heads: int = KV_HEADS
+    head_dim: int = HEAD_DIM
+    batch: int = BATCH
+    context: int = CONTEXT
+    visual: int = VISUAL
+    block_size: int = BLOCK_SIZE
+    model_spec: str = "internvl3-1b-geometry"
+    dtype: torch.dtype = torch.bfloat16
+    numerics_lens: tuple = (1, 16, 17, 255, 256, 1300, 1301, 977)
+    chunk_cached: tuple = (0, 300, 1280, 17)
+    chunk_lens: tuple = (257, 33, 0, 64)
+    sweep_splits: tuple = (1, 2, 4, 8)
+    sweep_block_n: tuple = (32, 64, 128)
+    sweep_warps: tuple = (4, 8)
+    sweep_stages: tuple = (None, 4)  # None: Triton's default software pipelining depth
+    small_batch: int = 8
+    small_context: int = 400
+    images: int = 8  # prefix-sharing case: batch = images x questions
+    sharing_context: int = 600
+    warmup: int = 3  # calls before timing (compilation and graph capture are excluded anyway)
+
+    @classmethod
+    def smoke(cls) -> "Geometry":
+        return cls(
+            device="cpu", layers=2, q_heads=4, kv_heads=2, head_dim=16, batch=2, context=40, visual=16, block_size=4,
+            model_spec="tiny", dtype=torch.float32, numerics_lens=(1, 4, 5, 23), chunk_cached=(0, 7),
+            chunk_lens=(5, 0), sweep_splits=(1, 2), sweep_block_n=(16,), sweep_warps=(4,), sweep_stages=(None,), small_batch=2,
+            small_context=30, images=1, sharing_context=30, warmup=0,
+        )
+
+    @property
+    def cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def case(self, **kwargs) -> DecodeCase:
+        base = dict(
+            batch=self.batch, context=self.context, q_heads=self.q_heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, block_size=self.block_size, dtype=self.dtype, device=self.device,
+        )
+        return DecodeCase(**{**base, **kwargs})
+
+
+def say(message: str) -> None:
+    print(f"[bench_paged_kv] {message}", flush=True)
+
+
+class _Eager:
+    """Stands in for a CUDA graph on the CPU dry run: replay() runs the function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def capture_graph(fn, geo: Geometry, warmup: int = 2):
+    """Warm `fn` up on a side stream (Triton compiles, cuBLAS plans), then capture it in a CUDA graph."""
+    if not geo.cuda:
+        return _Eager(fn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def error_row(name: str, e: BaseException, **extra) -> dict:
+    say(f"  {name}: FAILED {type(e).__name__}: {e}")
+    return dict(name=name, error=f"{'out of memory: ' if is_oom(e) else ''}{type(e).__name__}: {e}",
+                trace=traceback.format_exc(), **extra)
+
+
+def section_numerics(report: dict, geo: Geometry) -> None:
+    """Kernels against their references at the model's geometry, in the run's dtype and in fp32."""
+    rows = []
+    for dtype, tol in {geo.dtype: 2e-2 if geo.dtype != torch.float32 else 1e-4, torch.float32: 1e-4}.items():
+        name = str(dtype).replace("torch.", "")
+        case = geo.case(batch=len(geo.numerics_lens), context=0, contexts=geo.numerics_lens, dtype=dtype)
+        ref = case.reference().float()
+        for splits in (1, 4, None):
+            err = (case.run(num_splits=splits).float() - ref).abs().max().item()
+            rows.append(dict(check=f"decode {name} splits={splits or 'auto'}", max_abs_err=err, tol=tol, ok=err <= tol))
+        # chunk attention: sequences continuing from cached positions (an empty chunk among them)
+        cached, chunk = geo.chunk_cached, geo.chunk_lens
+        pool = geo.case(batch=len(chunk), context=0, contexts=[c + n for c, n in zip(cached, chunk)], dtype=dtype)
+        starts = [0]
+        for n in chunk:
+            starts.append(starts[-1] + n)
+        visible = [c + i + 1 for c, n in zip(cached, chunk) for i in range(n)]
+        visible = torch.tensor(visible, dtype=torch.int32, device=geo.device)
+        q = torch.randn(starts[-1], geo.q_heads, geo.head_dim, device=geo.device).to(dtype)
+        query_start = torch.tensor(starts, dtype=torch.int32, device=geo.device)
+        args = (q, pool.key[0], pool.value[0], pool.tables, query_start, visible)
+        err = (paged_chunk_attention(*args, max_query_len=max(chunk)).float()
+               - paged_chunk_attention_reference(*args).float()).abs().max().item()
+        rows.append(dict(check=f"chunk {name}", max_abs_err=err, tol=tol, ok=err <= tol))
+        key, value, key_cache, value_cache, slots = write_case(
+            777, kv_heads=geo.kv_heads, head_dim=geo.head_dim, block_size=geo.block_size, dtype=dtype, device=geo.device
+        )
+        k_ref, v_ref = key_cache.clone(), value_cache.clone()
+        paged_kv_write_reference(key, value, k_ref, v_ref, slots)
+        paged_kv_write(key, value, key_cache, value_cache, slots)
+        exact = bool(torch.equal(key_cache, k_ref) and torch.equal(value_cache, v_ref))
+        rows.append(dict(check=f"write {name}", max_abs_err=0.0 if exact else float("nan"), tol=0.0, ok=exact))
+    report["numerics"] = rows
+    say("numerics: " + ", ".join(f"{r['check']}: {r['max_abs_err']:.2e} ({'ok' if r['ok'] else 'FAIL'})" for r in rows))
+    if not all(r["ok"] for r in rows):
+        report["numerics_failed"] = [r["check"] for r in rows if not r["ok"]]
+
+
+def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repeats: int) -> None:
+    """All layers of paged decode attention: CUDA graph over a sweep, eager, and dense SDPA beside it."""
+    case = geo.case(layers=geo.layers)
+    floor_ms = case.kv_bytes() / (bandwidth * 1e9) * 1e3
+    auto = choose_num_splits(geo.batch, geo.kv_heads, geo.context, geo.device)
+    out = dict(batch=geo.batch, context=geo.context, visual_tokens=geo.visual, layers=geo.layers, q_heads=geo.q_heads,
+               kv_heads=geo.kv_heads, head_dim=geo.head_dim, block_size=geo.block_size, kv_bytes=case.kv_bytes(),
+               floor_us=floor_ms * 1e3, auto_splits=auto, target_pct_of_floor=70, rows=[])
+    report["decode_attention"] = out
+    rows = out["rows"]
+    say(f"decode attention: K/V {case.kv_bytes() / 1e9:.3f} GB, floor {floor_ms * 1e3:.0f} us, auto splits {auto}")
+
+    def timed(fn):
+        return time_fn(fn, geo.device, warmup=geo.warmup, repeats=repeats)
+
+    def all_layers(**kwargs):
+        def fn():
+            for layer in range(geo.layers):
+                case.run(layer, **kwargs)
+
+        return fn
+
+    def record(name, timing, **extra):
+        row = dict(name=name, median_us=timing.median_ms * 1e3, p10_us=timing.p10_ms * 1e3, p90_us=timing.p90_ms * 1e3,
+                   floor_us=floor_ms * 1e3, pct_of_floor=100 * floor_ms / timing.median_ms, **extra)
+        rows.append(row)
+        say(f"  {name}: {timing} -> {row['pct_of_floor']:.0f}% of the floor")
+        return row
+
+    best = None
+    sweep = [
+        dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        for splits in sorted(set(geo.sweep_splits) | {auto})
+        for block_n in geo.sweep_block_n
+        for warps in geo.sweep_warps
+        for stages in geo.sweep_stages
+    ]
+    for cfg in sweep:
+        name = "graph " + " ".join(f"{k}={v}" for k, v in cfg.items())
+        try:
+            graph = capture_graph(all_layers(**cfg), geo)
+            row = record(name, timed(graph.replay), mode="graph", **cfg)
+            if best is None or row["median_us"] < best["median_us"]:
+                best = row
+            del graph
+        except Exception as e:  # a config that fails to compile or capture is recorded; the sweep goes on
+            rows.append(error_row(name, e, mode="graph", **cfg))
+    out["best"] = best
+    out["meets_target_best"] = bool(best and best["pct_of_floor"] >= 70)
+    default = dict(num_splits=None, block_n=64, num_warps=4)  # what the runner launches
+    try:
+        graph = capture_graph(all_layers(**default), geo)
+        row = record("graph, runner's default config", timed(graph.replay), mode="graph")
+        out["default"] = row
+        out["meets_target_default"] = row["pct_of_floor"] >= 70
+        del graph
+    except Exception as e:
+        rows.append(error_row("graph, runner's default config", e))
+    try:
+        record("eager, runner's default config", timed(all_layers(**default)), mode="eager")
+        if best is not None:
+            cfg = {k: best[k] for k in ("num_splits", "block_n", "num_warps", "num_stages")}
+            record("eager, best graph config", timed(all_layers(**cfg)), mode="eager", **cfg)
+    except Exception as e:
+        rows.append(error_row("eager", e))
+    try:  # dense baseline: SDPA over contiguous (B, Hkv, T, D) caches, as a DynamicCache holds them
+        shape = (geo.layers, geo.batch, geo.kv_heads, geo.context, geo.head_dim)
+        dense_k = torch.randn(shape, device=geo.device, dtype=geo.dtype)
+        dense_v = torch.randn_like(dense_k)
+        q4 = case.q[:, :, :, None, :]  # (L, B, Hq, 1, D)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def dense():
+            for layer in range(geo.layers):
+                sdpa(q4[layer], dense_k[layer], dense_v[layer], enable_gqa=True)
+
+        record("dense SDPA on a contiguous cache, eager", timed(dense), mode="eager")
+        graph = capture_graph(dense, geo)
+        record("dense SDPA on a contiguous cache, graph", timed(graph.replay), mode="graph")
+        del graph, dense_k, dense_v
+    except Exception as e:
+        rows.append(error_row("dense SDPA", e))
+    del case
+    free_memory(geo.device)
+
+
+def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, images=None, questions=None, seed=0):
+    """Prompts of exactly `context` tokens: <img> ctx*visual </img> text <start> latent*n <end>, one image each.
+
+    With `images` and `questions`: row b shows image b // questions and asks question b % questions (several
+    questions per image; rows with the same image and question are n samples of one prompt).
+    """
+    from engine.model.tiny_tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+
+    g = torch.Generator().manual_seed(seed)
+    img = [tok.convert_tokens_to_ids(IMAGE_START_TOKEN), *[model.image_token_id] * model.tokens_per_tile,
+           tok.convert_tokens_to_ids(IMAGE_END_TOKEN)]
+    tail = [model.start_latent_id, *[model.latent_id] * n_latents, model.end_latent_id]
+    text_len = max(1, context - len(img) - len(tail))
+    texts = [torch.randint(10, 400, (text_len,), generator=g).tolist() for _ in range(questions or batch)]
+    rows = [img + texts[b % (questions or batch)] + tail for b in range(batch)]
+    ids = torch.tensor(rows, device=geo.device)
+    size = model.config.vision_config.image_size[0]
+    pictures = torch.randn(images or batch, 3, size, size, generator=g)
+    order = [(b // questions) % images for b in range(batch)] if images else list(range(batch))
+    return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
+
+
+@torch.no_grad()
+def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: int, new_tokens: int) -> None:
+    """A whole decode step of the language model: the paged runner (CUDA graph) vs transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    from engine import load_model
+    from engine.model.paged_runner import PagedRunner
+
+    say(f"loading {geo.model_spec} ({geo.dtype}) on {geo.device}")
+    model, tok, _ = load_model(geo.model_spec, dtype=geo.dtype, device=geo.device)
+    model.eval()
+    lm = model.language_model
+    embed = model.base.get_input_embeddings()
+    cfg = lm.config
+    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    batch, context = geo.batch, geo.context
+    element = torch.tensor([], dtype=geo.dtype).element_size()
+    kv_bytes = layers * batch * context * kv_heads * head_dim * 2 * element
+    weight_bytes = module_bytes(lm, skip=(embed,)) + model.base.lm_head.weight.numel() * element
+    floor_ms = (weight_bytes + kv_bytes) / (bandwidth * 1e9) * 1e3
+    out = dict(batch=batch, context=context, weight_bytes=weight_bytes, kv_bytes=kv_bytes, floor_us=floor_ms * 1e3,
+               target_x_floor=1.5, rows=[])
+    report["decode_step"] = out
+    say(f"decode step floor: weights {weight_bytes / 1e9:.3f} GB + K/V {kv_bytes / 1e9:.3f} GB "
+        f"= {floor_ms * 1e3:.0f} us")
+
+    def timed(fn) -> float:
+        return time_fn(fn, geo.device, warmup=geo.warmup, repeats=repeats).median_ms
+
+    def record(name, timing_ms, **extra):
+        row = dict(name=name, median_us=timing_ms * 1e3, x_floor=timing_ms / floor_ms, **extra)
+        out["rows"].append(row)
+        say(f"  {name}: {timing_ms * 1e3:.0f} us/step = {row['x_floor']:.2f}x the floor")
+        return row
+
+    # -- the paged runner's one-position step, every row holding `context` positions (random K/V)
+    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context))
+    try:
+        per_row = math.ceil((context + 1) / geo.block_size)
+        runner._ensure_cache(batch * per_row + batch)
+        cache = runner.cache
+        for b in range(batch):
+            cache.add_sequence(b)
+            cache.reserve(b, context + 1)
+        cache.key.normal_()
+        cache.value.normal_()
+        buf = runner._bucket(batch)
+        buf.block_tables.zero_()
+        buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
+        tables = buf.block_tables[:batch]
+        positions = torch.full((batch,), context, dtype=torch.long, device=geo.device)
+        active = torch.ones(batch, dtype=torch.bool, device=geo.device)
+        tokens = torch.randint(10, 400, (batch,), device=geo.device)
+
+        def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
+            return runner._one_position(buf, tables, positions, active, tokens=tokens)
+
+        graph_step()  # captures
+        row = record("paged runner step, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph")
+        out["paged_within_target"] = row["x_floor"] <= 1.5
+        if True in buf.graphs:
+            graph, _ = buf.graphs[True]
+            record("paged runner step, graph replay only", timed(graph.replay), mode="graph")
+
+        def eager_step():
+            return runner._one_position(None, tables, positions, active, tokens=tokens)
+
+        record("paged runner step, eager", timed(eager_step), mode="eager")
+    except Exception as e:
+        out["rows"].append(error_row("paged runner step", e))
+    finally:
+        if runner.cache is not None:
+            runner.cache.free_all()
+        runner._drop_graphs()
+        runner.cache = None
+        free_memory(geo.device)
+
+    # -- transformers' eager DynamicCache step at the same context (it grows by one position per call)
+    try:
+        dyn = DynamicCache(config=cfg)
+        for layer in range(layers):
+            k = torch.randn(batch, kv_heads, context, head_dim, device=geo.device, dtype=geo.dtype)
+            dyn.update(k, torch.randn_like(k), layer)
+        tokens = torch.randint(10, 400, (batch, 1), device=geo.device)
+
+        def dynamic_step():
+            length = dyn.get_seq_length()  # a host int: no sync
+            mask = torch.ones(batch, length + 1, dtype=torch.long, device=geo.device)
+            pos = torch.full((batch, 1), length, dtype=torch.long, device=geo.device)
+            hidden = lm(inputs_embeds=embed(tokens), attention_mask=mask, position_ids=pos, past_key_values=dyn,
+                        use_cache=True).last_hidden_state
+            return model.base.lm_head(hidden[:, -1])
+
+        record("transformers DynamicCache step, eager", timed(dynamic_step), mode="eager")
+        del dyn
+    except Exception as e:
+        out["rows"].append(error_row("DynamicCache step", e))
+    free_memory(geo.device)
+
+    # -- whole generate() calls: per-step time = (t(1 + N new tokens) - t(1)) / N, host work included
+    ids, mask, pixels = geometry_prompts(model, tok, geo, batch=batch, context=context - new_tokens // 2, n_latents=6)
+    for kv_cache in ("paged", "dynamic"):
+        try:
+            def call(n, kv_cache=kv_cache):
+                return lambda: model.generate(ids, mask, pixels, max_new_tokens=n, eos_token_id=-1, kv_cache=kv_cache)
+
+            call(3)()  # compiles and captures
+            one = time_fn(call(1), geo.device, warmup=min(1, geo.warmup), repeats=min(3, repeats)).median_ms
+            many = time_fn(call(1 + new_tokens), geo.device, warmup=0, repeats=min(3, repeats)).median_ms
+            record(f"generate(kv_cache={kv_cache!r}): per decode step", (many - one) / new_tokens, mode="generate",
+                   prompt_and_first_token_ms=one)
+        except Exception as e:
+            out["rows"].append(error_row(f"generate(kv_cache={kv_cache!r})", e))
+        free_memory(geo.device)
+
+    # -- agreement of the two caches (random weights give near-flat logits: in bf16 a few flips are expected)
+    try:
+        small = geometry_prompts(model, tok, geo, batch=geo.small_batch, context=geo.small_context, n_latents=4, seed=3)
+        a = model.generate(*small, max_new_tokens=16, eos_token_id=-1, kv_cache="paged")
+        b = model.generate(*small, max_new_tokens=16, eos_token_id=-1, kv_cache="dynamic")
+        out["agreement"] = dict(
+            first_token=(a[:, 0] == b[:, 0]).float().mean().item(),
+            all_tokens=(a == b).float().mean().item(),
+            rows=geo.small_batch,
+            new_tokens=16,
+        )
+        say(f"  paged vs dynamic greedy tokens: {out['agreement']}")
+    except Exception as e:
+        out["agreement"] = error_row("agreement", e)
+
+    # -- prefix sharing: `images` images x `batch // images` questions each
+    try:
+        questions = max(1, batch // geo.images)
+        shared = geometry_prompts(model, tok, geo, batch=batch, context=geo.sharing_context, n_latents=4,
+                                  images=geo.images, questions=questions, seed=4)
+        stats = {}
+        for sharing in (False, True):
+            r = PagedRunner(model, block_size=geo.block_size, enable_prefix_sharing=sharing, max_model_len=4096)
+            fn = lambda r=r: r.generate(*shared, max_new_tokens=1, eos_token_id=-1)  # noqa: E731
+            fn()
+            t = time_fn(fn, geo.device, warmup=0, repeats=min(3, repeats))
+            stats["on" if sharing else "off"] = dict(r.stats, prompt_ms=t.median_ms)
+            r._drop_graphs()
+            r.cache = None
+            free_memory(geo.device)
+        out["sharing"] = dict(rows=batch, images=geo.images, questions_per_image=questions, **stats)
+        off, on = stats["off"], stats["on"]
+        say(f"  sharing off -> on: blocks {off['blocks_after_prompt']} -> {on['blocks_after_prompt']}, "
+            f"prompt {off['prompt_ms']:.1f} -> {on['prompt_ms']:.1f} ms")
+    except Exception as e:
+        out["sharing"] = error_row("sharing", e)
+    del model
+    free_memory(geo.device)
+
+
+def render(report: dict) -> str:
+    parts = []
+    if "numerics" in report:
+        parts.append("## 1. Numerics (kernels vs PyTorch references)\n\n" + markdown_table(
+            report["numerics"], [("check", "check"), ("max_abs_err", "max abs err"), ("tol", "tol"), ("ok", "ok")]))
+    da = report.get("decode_attention")
+    if isinstance(da, dict):
+        verdict = lambda key: {True: "met", False: "NOT met"}.get(da.get(key), "not measured")  # noqa: E731
+        parts.append(
+            f"## 2. Paged decode attention: {da['layers']} layers, batch {da['batch']}, {da['context']} tokens "
+            f"({da['visual_tokens']} visual), {da['q_heads']}/{da['kv_heads']} heads, head_dim {da['head_dim']}, "
+            f"block size {da['block_size']}\n\n"
+            f"Floor: {da['kv_bytes'] / 1e9:.3f} GB of K/V / copy bandwidth = {da['floor_us']:.0f} us. Target >= "
+            f"{da['target_pct_of_floor']}% of the floor in a CUDA graph: best config {verdict('meets_target_best')}, "
+            f"the runner's default config {verdict('meets_target_default')}.\n\n"
+            + markdown_table(da["rows"], [("name", "variant"), ("median_us", "median us"), ("p10_us", "p10"),
+                                          ("p90_us", "p90"), ("pct_of_floor", "% of floor"), ("error", "error")]))
+    ds = report.get("decode_step")
+    if isinstance(ds, dict):
+        met = {True: " (met)", False: " (NOT met)"}.get(ds.get("paged_within_target"), "")
+        text = (f"## 3. Whole decode step of the language model, batch {ds['batch']}, {ds['context']} tokens\n\n"
+                f"Floor: weights + lm_head {ds['weight_bytes'] / 1e9:.3f} GB + K/V {ds['kv_bytes'] / 1e9:.3f} GB / "
+                f"copy bandwidth = {ds['floor_us']:.0f} us. Target: the paged step in a CUDA graph within "
+                f"{ds['target_x_floor']}x of the floor{met}.\n\n"
+                + markdown_table(ds["rows"], [("name", "variant"), ("median_us", "us/step"), ("x_floor", "x floor"),
+                                              ("error", "error")]))
+        for key, title in (("agreement", "Paged vs dynamic greedy tokens"), ("sharing", "Prefix sharing")):
+            if key in ds:
+                shown = {k: v for k, v in ds[key].items() if k != "trace"}
+                text += f"\n\n{title}: `{shown}`"
+        parts.append(text)
+    if report.get("errors"):
+        parts.append("## Failed sections\n\n" + "\n".join(
+            f"- {k}: {v.strip().splitlines()[-1]}" for k, v in report["errors"].items()))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Paged KV cache GPU report (see the module docstring).")
+    parser.add_argument("--out", required=True, help="directory for bench_paged_kv.json and bench_paged_kv.md")
+    parser.add_argument("--sections", default="numerics,attention,step", help="comma list of numerics,attention,step")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed through generate()")
+    parser.add_argument("--smoke", action="store_true", help="a CPU dry run of every path at tiny sizes")
+    args = parser.parse_args(argv)
+    geo = Geometry.smoke() if args.smoke else Geometry()
+    if geo.cuda and not torch.cuda.is_available():
+        print("the GPU report needs CUDA (--smoke runs a tiny CPU dry run)", file=sys.stderr)
+        return 2
+    repeats, new_tokens = (1, 2) if args.smoke else (args.repeats, args.new_tokens)
+    sections = set(args.sections.split(","))
+    bandwidth = copy_bandwidth_gbs(geo.device)
+    report = dict(environment=environment_info(geo.device), command=command_line(), copy_bandwidth_gbs=bandwidth,
+                  smoke=args.smoke, errors={})
+    say(f"copy bandwidth {bandwidth:.0f} GB/s on {report['environment'].get('device')}")
+
+    def save():
+        return write_results(args.out, RESULT_NAME, report, render(report), header="# Paged KV cache")
+
+    plan = [("numerics", lambda: section_numerics(report, geo)),
+            ("attention", lambda: section_decode_attention(report, geo, bandwidth, repeats)),
+            ("step", lambda: section_decode_step(report, geo, bandwidth, repeats, new_tokens))]
+    for name, run in plan:
+        if name not in sections:
+            continue
+        start = time.time()
+        say(f"section {name} ...")
+        try:
+            run()
+        except Exception as e:  # recorded; the next section still runs
+            report["errors"][name] = traceback.format_exc()
+            say(f"section {name} FAILED{' (out of memory)' if is_oom(e) else ''}: {type(e).__name__}: {e}")
+            free_memory(geo.device)
+        say(f"section {name} done in {time.time() - start:.0f} s")
+        save()
+    paths = save()
+    say(f"wrote {paths['json']} and {paths['md']}")
+    return 0 if not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

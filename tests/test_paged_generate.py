@@ -1,0 +1,160 @@
+"""Generation over the paged KV cache == generation over transformers' DynamicCache, token for token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import engine.model.generation as generation
+import engine.model.paged_runner as paged_runner
+from engine.model.paged_runner import PagedRunner
+from kernels.paged_kv import PoolExhaustedError
+from tests.helpers import pad_batch, random_pixels
+from tests.test_generate import prompt_ids
+
+SAME_Q = "What colour is the cell?"
+# (tiles, image, question, latents): rows 0, 3, 4 and 5 show image "a"; row 5 repeats row 0 exactly (n samples
+# of one question); rows 0 and 3 share the question too, row 4 only the image. Row 6 is mostly left padding.
+SPECS = [
+    (1, "a", SAME_Q, 3),
+    (2, "b", "Start at the top left. Move right.", 1),
+    (0, None, "Move down, then left.", 0),
+    (1, "a", SAME_Q, 1),
+    (1, "a", "Which colour?", 2),
+    (1, "a", SAME_Q, 3),
+    (0, None, "", 0),  # 3 tokens: no token in pass 0 or in the first latent pass
+]
+
+
+def shared_image_batch(model, tok, specs=SPECS):
+    size = model.config.vision_config.image_size[0]
+    images = {"a": random_pixels(1, size, 21), "b": random_pixels(2, size, 22)}
+    rows = [prompt_ids(tok, model, tiles=t, question=q, n_latents=n) for t, _, q, n in specs]
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[True] * len(rows))
+    pixels = torch.cat([images[img] for t, img, _, _ in specs if t])
+    return ids, mask, pixels, [t for t, _, _, _ in specs]
+
+
+@pytest.fixture
+def record_logits(monkeypatch):
+    """Record the logits every decoding step selects from, for both loops."""
+    seen: dict[str, list[torch.Tensor]] = {"dynamic": [], "paged": []}
+
+    def recorder(key, fn):
+        def wrapped(logits, **kwargs):
+            seen[key].append(logits.detach().float().clone())
+            return fn(logits, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(generation, "select_next_token", recorder("dynamic", generation.select_next_token))
+    monkeypatch.setattr(paged_runner, "select_next_token", recorder("paged", paged_runner.select_next_token))
+    return seen
+
+
+@pytest.mark.parametrize("block_size,static_buffers", [(4, False), (16, True), (1, False)])
+def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_buffers):
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    probe = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
+    eos = int(probe[0, 1])  # rows that produce this token stop there; the assert below checks that some run on
+    record_logits["dynamic"].clear()
+    dynamic = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos)
+    runner = PagedRunner(model, block_size=block_size)
+    runner.static_buffers_without_graphs = static_buffers  # the CUDA-graph path's bucketed buffers, run eagerly
+    paged = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=model.pad_token_id)
+    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
+    assert (dynamic == eos).any(1).any() and not (dynamic == eos).any(1).all(), "some rows must end early, not all"
+    assert len(record_logits["paged"]) >= dynamic.shape[1]
+    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
+        if step >= dynamic.shape[1]:
+            break
+        running = ~(dynamic[:, :step] == eos).any(1)  # an ended row's logits are never used (it emits pad)
+        err = (a[running] - b[running]).abs().max().item()
+        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+    stats = runner.stats
+    assert stats["duplicate_rows"] == 1
+    # row 5 (a duplicate) computes nothing; rows 3 and 4 reuse image blocks of row 0
+    assert stats["computed_prompt_tokens"] < stats["prompt_tokens"] - int(mask[5].sum())
+    assert runner.cache.num_used_blocks == 0, "every block must be back in the pool after generate"
+
+
+def test_paged_matches_dynamic_sampled(tiny):
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    out = {}
+    for kv_cache in ("dynamic", "paged"):
+        g = torch.Generator().manual_seed(7)
+        out[kv_cache] = model.generate(
+            ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, do_sample=True, temperature=0.15, generator=g,
+            kv_cache=kv_cache,
+        )
+    assert torch.equal(out["paged"], out["dynamic"]), f"{out['paged'].tolist()} vs {out['dynamic'].tolist()}"
+    assert len(set(out["dynamic"][0].tolist())) > 1, "sampling should vary the tokens of a row"
+
+
+def test_sharing_on_and_off_give_the_same_tokens_with_fewer_blocks(tiny):
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    result = {}
+    for sharing in (False, True):
+        runner = PagedRunner(model, block_size=4, enable_prefix_sharing=sharing)
+        tokens = runner.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+        result[sharing] = (tokens, dict(runner.stats))
+    (off, stats_off), (on, stats_on) = result[False], result[True]
+    assert torch.equal(on, off)
+    assert stats_off["computed_prompt_tokens"] == stats_off["prompt_tokens"]
+    assert stats_on["computed_prompt_tokens"] < stats_off["computed_prompt_tokens"]
+    assert stats_on["blocks_after_prompt"] < stats_off["blocks_after_prompt"]
+    assert stats_on["peak_blocks"] < stats_off["peak_blocks"]
+
+
+def test_batch_of_one_equals_batch(tiny):
+    model, tok, _ = tiny
+    specs = SPECS[:4]
+    ids, mask, pixels, tiles = shared_image_batch(model, tok, specs)
+    batch = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1, kv_cache="paged")
+    start = 0
+    for b in range(ids.shape[0]):
+        row_ids = ids[b, mask[b].bool()][None]
+        row_pixels = pixels[start : start + tiles[b]] if tiles[b] else None
+        start += tiles[b]
+        alone = model.generate(row_ids, None, row_pixels, max_new_tokens=4, eos_token_id=-1, kv_cache="paged")
+        assert torch.equal(batch[b], alone[0]), f"row {b}: batch {batch[b].tolist()} vs alone {alone[0].tolist()}"
+
+
+def test_kv_cache_argument_and_empty_generation(tiny):
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:2])
+    with pytest.raises(ValueError, match="kv_cache must be 'dynamic' or 'paged', got 'static'"):
+        model.generate(ids, mask, pixels, max_new_tokens=2, kv_cache="static")
+    out = model.generate(ids, mask, pixels, max_new_tokens=0, kv_cache="paged")
+    assert out.shape == (2, 0) and out.dtype == torch.long
+
+
+def test_a_fixed_pool_that_is_too_small_raises(tiny):
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:2])
+    runner = PagedRunner(model, block_size=16, num_blocks=3)
+    with pytest.raises(PoolExhaustedError, match=r"block\(s\) of 16 tokens needed, \d+ free of 3"):
+        runner.generate(ids, mask, pixels, max_new_tokens=2)
+    assert runner.cache.num_used_blocks == 0
+
+
+def test_gpu_report_dry_run_on_cpu(tmp_path):
+    """The GPU report (run once, later, on an H100) goes through every section at tiny sizes on the CPU."""
+    from benchmarks import bench_paged_kv
+
+    assert bench_paged_kv.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench_paged_kv.json").read_text())
+    assert not payload["errors"], payload["errors"]
+    assert payload["numerics"] and all(r["ok"] for r in payload["numerics"])
+    for section in ("decode_attention", "decode_step"):
+        rows = payload[section]["rows"]
+        assert rows and not [r for r in rows if "error" in r], [r.get("trace", r) for r in rows if "error" in r]
+    step = payload["decode_step"]
+    assert step["agreement"]["all_tokens"] == 1.0, "fp32 paged and dynamic generation must agree"
+    assert step["sharing"]["on"]["blocks_after_prompt"] < step["sharing"]["off"]["blocks_after_prompt"]
+    assert "## 3. Whole decode step" in (tmp_path / "bench_paged_kv.md").read_text()
