@@ -1,0 +1,154 @@
+"""The benchmark harnesses run end to end (tiny model, CPU, --smoke) and say what they must about correctness;
+the pytest-benchmark suites run once, untimed, as CI runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks.common
+from benchmarks import bench_generate, bench_latent_forward
+from benchmarks.common import is_oom, perturb_after, replace_latents, synthetic_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_synthetic_batch_layout(tiny_model, tiny_tok):
+    """Left-padded rows, the first latent at one column, labels on the answer and eos only."""
+    b = synthetic_batch(tiny_model, tiny_tok, batch_size=3, n_latents=4, question_len=12, answer_len=5,
+                        image_tokens=32, seed=3)
+    model = tiny_model
+    latent_cols = [(row == model.latent_id).nonzero().flatten().tolist() for row in b.input_ids]
+    assert all(cols == list(range(b.first_latent_col, b.first_latent_col + 4)) for cols in latent_cols)
+    assert (b.input_ids[:, b.end_col] == model.end_latent_id).all()
+    assert (b.attention_mask[:, -1] == 1).all() and (b.attention_mask.sum(1) < b.seq_len).any(), "ragged, left-padded"
+    assert ((b.input_ids == model.image_token_id).sum(1) == 32).all() and b.pixel_values.shape[0] == 3 * 2
+    labelled = b.labels != -100
+    assert (labelled.sum(1) == 6).all() and not labelled[:, : b.end_col + 1].any()
+    assert (b.labels[labelled] == b.input_ids[labelled]).all()
+    plain = replace_latents(b, model, tiny_tok)
+    assert not (plain.input_ids == model.latent_id).any() and (plain.input_ids != b.input_ids).sum() == 12
+    moved = perturb_after(b, model, tiny_tok, b.end_col)
+    changed = moved.input_ids != b.input_ids
+    assert changed[:, b.end_col + 1 :].all() and not changed[:, : b.end_col + 1].any()
+
+
+def test_check_flags_a_leaking_engine(tiny_model, tiny_tok, monkeypatch):
+    """The correctness check fails a scheme whose thoughts see the future (here: the flawed baseline posing as
+    the engine), so a broken engine cannot pass silently."""
+    b = synthetic_batch(tiny_model, tiny_tok, batch_size=2, n_latents=2, question_len=6, answer_len=6,
+                        image_tokens=16, seed=1)
+    plain = replace_latents(b, tiny_model, tiny_tok)
+    honest = bench_latent_forward.check_config(["engine", "naive"], tiny_model, tiny_tok, b, plain, 1e-4)
+    assert honest["engine"]["check_ok"] and honest["engine"]["leak"] == 0.0
+    real = bench_latent_forward.method_outputs
+    monkeypatch.setattr(bench_latent_forward, "method_outputs",
+                        lambda m, *a: real("fullpass" if m == "engine" else m, *a))
+    broken = bench_latent_forward.check_config(["engine", "naive"], tiny_model, tiny_tok, b, plain, 1e-4)
+    assert broken["engine"]["check_ok"] is False and broken["engine"]["leak"] > 0
+
+
+def test_out_of_memory_is_recorded_not_raised(monkeypatch):
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(benchmarks.common, "time_fn", boom)
+    args = bench_generate.parse_args(["--smoke"])
+    row = bench_generate.timed(lambda: None, args)
+    assert row["status"] == "oom" and "out of memory" in row["error"]
+
+    def bug(*a, **k):
+        raise IndexError("index 7 is out of bounds")
+
+    monkeypatch.setattr(benchmarks.common, "time_fn", bug)
+    row = bench_generate.timed(lambda: None, args)
+    assert row["status"] == "error" and "out of bounds" in row["error"]
+    assert is_oom(RuntimeError("CUDA error: out of memory")) and not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_latent_forward_smoke(tmp_path):
+    rc = bench_latent_forward.main(["--smoke", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "latent_forward.json").read_text())
+    assert rc == 0
+    for name in ("latent_forward.md", "latent_forward_ms.png", "latent_forward_x_floor.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert payload["environment"]["torch"] == torch.__version__ and payload["command"]
+    rows = {(r["n_latents"], r["method"]): r for r in payload["rows"]}
+    assert {n for n, _ in rows} == {0, 2} and {m for _, m in rows} == set(bench_latent_forward.METHODS)
+    for r in payload["rows"]:
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["tokens_per_s"] > 0, r
+        assert r["x_floor"] > 0
+    for n in (0, 2):
+        engine = rows[(n, "engine")]
+        assert engine["max_abs_logit_diff"] < 1e-4 and engine["loss_diff"] < 1e-4
+        assert engine["leak"] == 0.0 and engine["check_ok"] is True
+        assert rows[(n, "naive")]["leak"] == 0.0 and rows[(n, "naive")]["check_ok"] is True
+        assert rows[(n, "plain")]["max_abs_logit_diff"] < 1e-4 and rows[(n, "plain")]["diff_reference"] == "hf"
+    flawed = rows[(2, "fullpass")]
+    assert flawed["leak"] > 1e-4, "the full-pass baseline's thoughts must be seen to depend on later tokens"
+    assert flawed["max_abs_logit_diff"] > 1e-4
+    assert rows[(2, "engine")]["speedup_vs_naive"] > 0 and rows[(2, "engine")]["speedup_vs_fullpass"] > 0
+    table = (tmp_path / "latent_forward.md").read_text()
+    assert "| 2 | 1x2 |" in table and "fullpass" in table
+
+
+def test_generate_smoke(tmp_path, tiny_model):
+    rc = bench_generate.main(["--smoke", "--stages", "1", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "generate.json").read_text())
+    assert rc == 0
+    assert (tmp_path / "generate.md").stat().st_size > 0 and (tmp_path / "generate.png").stat().st_size > 0
+    rows = payload["rows"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    latent = [r for r in rows if r["method"] == "latent"]
+    caches = {r["kv_cache"] for r in latent}
+    expected = {"dynamic", "paged"} if bench_generate.supports_kv_cache(tiny_model) else {"dynamic"}
+    assert caches == expected
+    for r in latent:
+        assert r["matches_reference"] is True, r
+        assert r["n_latents"] == 2 and r["new_tokens"] == 2  # smoke: 1 CoT step, stage 1 leaves the answer
+        assert r["answers_per_s"] > 0 and r["speedup_vs_naive"] > 0 and r["floor_ms_per_step"] > 0
+    (naive,) = [r for r in rows if r["method"] == "naive"]
+    assert naive["batch_size"] == 1 and naive["new_tokens"] == 2 and naive["ms_per_token"] > 0
+    (cot,) = [r for r in rows if r["method"] == "cot"]
+    assert cot["new_tokens"] == 3 + 2 and cot["decode_ms_per_step"] >= 0
+
+
+def _suites() -> list[Path]:
+    harnesses = {"bench_latent_forward.py", "bench_generate.py"}
+    return [p for p in sorted((ROOT / "benchmarks").glob("bench_*.py"))
+            if p.name not in harnesses and "pytest.mark.benchmark" in p.read_text()]
+
+
+def test_benchmark_suites_run_untimed():
+    """`pytest benchmarks -m benchmark --benchmark-disable` (the Makefile's bench-smoke) passes."""
+    if not _suites():
+        pytest.skip("no pytest-benchmark suite in benchmarks/ yet")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-m", "benchmark", "--benchmark-disable", "-q",
+         "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_targets_are_evaluated_from_rows():
+    """The H100 target lines come out of the rows: 6 latents at batch 32, engine vs plain/naive/fullpass."""
+    rows = []
+    for n, (engine, fullpass) in {0: (10.0, 10.0), 2: (11.0, 13.0), 6: (13.0, 12.0)}.items():
+        for method, ms in (("engine", engine), ("fullpass", fullpass), ("naive", 45.0), ("plain", 10.0)):
+            rows.append(dict(method=method, n_latents=n, batch_size=32, text_len=64, median_ms=ms, leak=0.0,
+                             max_abs_logit_diff=0.0))
+    bench_latent_forward.add_ratios([r for r in rows if r["n_latents"] == 6])
+    summary = bench_latent_forward.summarize(rows)
+    (line,) = summary
+    assert line["n_latents"] == 6 and line["x_floor"] == pytest.approx(1.3)
+    assert line["faster_than_fullpass_everywhere"] is False  # 13 ms > 12 ms at 6 latents
+    met = [t["met"] for t in bench_latent_forward.check_targets(rows, summary)]
+    assert met == [True, True, False]
