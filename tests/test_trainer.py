@@ -1,0 +1,184 @@
+"""The trainer end to end on the tiny model and the synthetic task (single process, CPU, ZeRO-2, fp32)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.training.config import ConfigError, config_from_dict
+from engine.training.trainer import Trainer, TrainingError, reset_optimizer_state
+
+SMALL_MODEL = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64}
+
+
+def make_config(tmp_path, **overrides):
+    values = dict(
+        name="t",
+        save_path=str(tmp_path / "runs"),
+        model_id="tiny",
+        model_overrides=dict(SMALL_MODEL),
+        synthetic={"n_train": 12, "n_val": 6, "hops": 2, "seed": 3},
+        c_thought=1,
+        max_latent_stage=2,
+        epochs_per_stage=1,
+        num_epochs=3,
+        batch_size_training=4,
+        gradient_accumulation_steps=1,
+        lr=1e-3,
+        eval_batch_size=4,
+        max_new_tokens=12,
+        device="cpu",
+        log_every_steps=1,
+        keep_checkpoints=3,
+    )
+    values.update(overrides)
+    return config_from_dict(values)
+
+
+def trained_parameters(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    trainer = Trainer(make_config(tmp))
+    result = trainer.run()
+    return trainer, result
+
+
+def test_run_covers_stages_and_writes_reports(finished_run):
+    trainer, result = finished_run
+    history = result["history"]
+    assert [h["stage"] for h in history] == [0, 1, 2]
+    for h in history:
+        assert h["train_loss"] > 0 and h["val_loss"] is not None
+        assert 0.0 <= h["val_accuracy"] <= 100.0 and h["tokens_per_answer"] > 0 and h["answers_per_second"] > 0
+    run = Path(result["run_dir"])
+    assert (run / "training_curves.png").stat().st_size > 1000
+    assert "| stage |" in (run / "summary.md").read_text()
+    kinds = {json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"train", "epoch"} <= kinds
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch_003"
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+def test_exports_load_with_load_model(finished_run):
+    from engine import load_model
+
+    trainer, result = finished_run
+    run = Path(result["run_dir"])
+    model, tok, _ = load_model(run / "final")
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[name], p.detach()), name
+    assert tok.convert_tokens_to_ids("<|latent|>") == trainer.model.latent_id
+    assert (run / "best" / "config.json").is_file() and (run / "epoch_002" / "config.json").is_file()
+
+
+def test_loss_decreases_over_the_cot_stage(tmp_path):
+    cfg = make_config(tmp_path, cot=True, num_epochs=3, lr=3e-3, synthetic={"n_train": 16, "n_val": 4, "hops": 2, "seed": 1})
+    history = Trainer(cfg).run()["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] * 0.8
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    reference = Trainer(make_config(tmp_path / "a", reset_optimizer=True))
+    reference.run()
+    expected = trained_parameters(reference)
+
+    interrupted = Trainer(make_config(tmp_path / "b", reset_optimizer=True))
+    original = interrupted.train_epoch
+
+    def crash_in_third_epoch(epoch, stage):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return original(epoch, stage)
+
+    interrupted.train_epoch = crash_in_third_epoch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        interrupted.run()
+    ckpt = tmp_path / "b" / "runs" / "t" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "epoch_002"
+
+    resumed = Trainer(make_config(tmp_path / "b", reset_optimizer=True, resume=True))
+    result = resumed.run()
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    for name, value in trained_parameters(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_reset_optimizer_clears_adam_state(finished_run):
+    trainer, _ = finished_run
+    assert reset_optimizer_state(trainer.engine) > 0
+    assert reset_optimizer_state(trainer.engine) == 0
+
+
+def test_missing_data_file_is_named(tmp_path):
+    cfg = make_config(tmp_path, train_path=str(tmp_path / "missing.jsonl"), val_path=None)
+    with pytest.raises(ConfigError, match="missing.jsonl"):
+        Trainer(cfg).run()
+
+
+def test_more_latent_stages_than_steps_is_an_error(tmp_path):
+    from engine.data.records import DataError
+
+    cfg = make_config(tmp_path, max_latent_stage=5)  # the synthetic task has 2 steps per sample here
+    with pytest.raises(DataError, match="max_latent_stage"):
+        Trainer(cfg).run()
+
+
+def test_checkpoint_of_another_model_is_refused(finished_run, tmp_path):
+    _, result = finished_run
+    export = Path(result["run_dir"]) / "final"
+    cfg = make_config(tmp_path, load_model_path=str(export), model_overrides={"text_hidden_size": 48})
+    with pytest.raises(ConfigError, match="text_config.hidden_size"):
+        Trainer(cfg).run()
+
+
+def test_crash_mid_epoch_keeps_last_checkpoint(tmp_path, caplog):
+    trainer = Trainer(make_config(tmp_path, num_epochs=2))
+    real_train_epoch = trainer.train_epoch
+
+    def failing(epoch, stage):
+        if epoch == 1:
+            raise TrainingError("non-finite loss nan at epoch 2, step 3")
+        return real_train_epoch(epoch, stage)
+
+    trainer.train_epoch = failing
+    with caplog.at_level("ERROR"):
+        with pytest.raises(TrainingError):
+            trainer.run()
+    ckpt = tmp_path / "runs" / "t" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "epoch_001" and (ckpt / "epoch_001").is_dir()
+    assert "epoch_001" in caplog.text and "resume=true" in caplog.text
+
+
+def test_only_eval_writes_official_predictions(finished_run, tmp_path):
+    from engine.eval import aokvqa
+
+    _, result = finished_run
+    run = Path(result["run_dir"])
+    preds = tmp_path / "preds.json"
+    cfg = make_config(
+        tmp_path,
+        only_eval=True,
+        load_model_path=str(run / "best"),
+        train_path=None,
+        val_path=str(run / "data" / "val.jsonl"),
+        predictions_path=str(preds),
+    )
+    summary = Trainer(cfg).run()
+    assert summary["num_answers"] == 6
+    data = json.loads(preds.read_text())
+    assert len(data) == 6 and all(set(v) == {"multiple_choice", "direct_answer"} for v in data.values())
+    # the official scorer accepts them, given annotations in the official format
+    records = [json.loads(line) for line in (run / "data" / "val.jsonl").read_text().splitlines()]
+    annotations = [
+        {"question_id": r["id"], "choices": r["choices"], "correct_choice_idx": r["correct_choice_idx"],
+         "direct_answers": r["direct_answers"], "difficult_direct_answer": r["difficult_direct_answer"]}
+        for r in records
+    ]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(annotations))
+    assert aokvqa.main(["--annotations", str(ann), "--predictions", str(preds)]) == 0
