@@ -378,7 +378,7 @@ def section_bandwidth(report: dict, geo: Geometry, bandwidth: float, repeats: in
             assert same_bits(case.fused(), case.reference()), "fused differs from the reference"
             timed = {}
             for name, fn in (("fused", case.fused), ("hf_style", case.hf_style), ("reference", case.reference)):
-                timed[name] = per_call_ms(fn, geo.device, inner=geo.inner, warmup=3, repeats=repeats)
+                timed[name] = per_call_ms(fn, geo.device, inner=geo.inner, warmup=10, repeats=repeats)  # clocks settle
             for name, ms in timed.items():
                 extra = dict(speedup_of_fused=ms[0] / timed["fused"][0])
                 if name == "fused":

@@ -208,8 +208,10 @@ def _check(input_ids, embed_weight, start, end, image_index, image_features, lat
 def default_config(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps) for `rows` positions of `hidden` columns.
 
-    GPU: tiles of ~4096 elements (8 KiB of bf16 in flight per program, 16-byte vectors per thread), with the
-    widest power-of-two BLOCK_H in {64, 128, 256} that wastes the fewest masked lanes (896 = 7 x 128).
+    GPU: tiles of ~2048 elements on 2 warps (16-byte vectors per thread), with the widest power-of-two BLOCK_H
+    in {64, 128, 256} that wastes the fewest masked lanes (896 = 7 x 128). On an H100 this was the best of a
+    4x4x3 sweep of (BLOCK_R, BLOCK_H, warps) at 64 x 1024 x 896 bf16: 89.8% of the copy bandwidth, against
+    86.4% for 4096-element tiles on 4 warps (benchmarks/RESULTS.md).
     Interpreter: whole rows and as few programs as possible (each costs ~0.5 ms whatever its size).
     """
     if device.type != "cuda":
@@ -218,8 +220,8 @@ def default_config(rows: int, hidden: int, device: torch.device) -> tuple[int, i
         return block_r, block_h, 4
     block_h = min((256, 128, 64), key=lambda w: (triton.cdiv(hidden, w) * w - hidden, -w))
     block_h = min(block_h, triton.next_power_of_2(max(hidden, 16)))
-    block_r = max(1, min(4096 // block_h, triton.next_power_of_2(max(rows, 1))))
-    return block_r, block_h, 4
+    block_r = max(1, min(2048 // block_h, triton.next_power_of_2(max(rows, 1))))
+    return block_r, block_h, 2
 
 
 def latent_inject_forward(

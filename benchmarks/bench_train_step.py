@@ -1,0 +1,624 @@
+"""Training-step throughput: the engine's latent training step under DeepSpeed ZeRO, on 1 or N processes.
+
+One step is exactly what `Trainer.train_epoch` does per micro-batch: the ZeRO-3 pass-count agreement
+(`min_passes`, the max over ranks), ``engine(...).loss`` (causal KV-cached latent forward, loss on the
+labelled positions only), ``engine.backward(loss)`` and ``engine.step()`` (AdamW, gradient clipping), with the
+DeepSpeed config of `engine.training.trainer.deepspeed_config`. Each rank trains on its own synthetic batch
+(`benchmarks.common.synthetic_batch`, seed per rank). Per (ZeRO stage, batch size, curriculum stage) it reports
+ms per step (median, p10/p90 of the slowest rank per step), global samples/s and tokens/s, peak memory per
+GPU and MFU.
+
+    python -m benchmarks.bench_train_step --model internvl3-1b-geometry --device cuda --dtype bfloat16 \\
+        --zero-stages 2 --stages 0,3 --c-thought 2 --batch-size 8,16 --out results/train_step_1gpu
+    torchrun --nproc_per_node 2 -m benchmarks.bench_train_step ... --zero-stages 2,3 --out results/train_step_2gpu
+    deepspeed --num_gpus 2 --module benchmarks.bench_train_step ...
+    python -m benchmarks.bench_train_step --smoke --out /tmp/ts          # tiny model, CPU, ZeRO-2, seconds
+
+Only rank 0 writes ``train_step.json`` (settings, environment, command, world size, rows) and
+``train_step.md`` into ``--out``, after every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    Timing,
+    command_line,
+    dtype_name,
+    environment_info,
+    free_memory,
+    guarded_time_fn,
+    int_list,
+    is_oom,
+    markdown_table,
+    peak_memory_gib,
+    progress,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype,
+    synthetic_batch,
+    time_fn,
+    use_triton_interpreter_without_cuda,
+    write_results,
+)
+
+use_triton_interpreter_without_cuda()  # before the engine can import a kernel
+
+from engine.utils.logging import get_logger  # noqa: E402
+from engine.utils.profiling import profile_range  # noqa: E402
+
+log = get_logger("bench")
+
+RESULT_NAME = "train_step"
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, bf16 dense (no sparsity)
+
+FLOPS_FORMULA = (
+    "Model FLOPs per step (summed over ranks; forward + backward = 3x forward, every weight trained):\n"
+    "  6 · N_lm · tokens                      N_lm = language-model parameters without the embedding table; tokens =\n"
+    "                                         non-pad positions (text, image tokens and latents)\n"
+    "+ 12 · L · H · Σ_rows T_row² / 2        causal attention of the language model (T_row = the row's tokens)\n"
+    "+ 6 · H · V · labelled                   lm_head on the labelled positions only (the engine's loss path)\n"
+    "+ 6 · N_vit · tiles · S_vit              vision tower; S_vit = patches + CLS per tile, i.e. before pixel shuffle\n"
+    "+ 12 · L_vit · H_vit · tiles · S_vit²   its bidirectional attention\n"
+    "+ 6 · N_proj · image_tokens              projector, after pixel shuffle\n"
+    "The latent passes add no model FLOPs (each thought position is computed once, attending to the cache).\n"
+    "MFU = model FLOPs per step / (step time · peak dense bf16 FLOP/s · world size); `MFU (matmul)` uses the\n"
+    "measured 8192³ bf16 matmul rate of each GPU instead of the datasheet peak. n/a on CPU."
+)
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="tiny | internvl3-1b-geometry | a local checkpoint dir "
+                   "(default: the geometry on CUDA, tiny on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available); under a launcher "
+                   "each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--dtype", default=None, help="bfloat16 (DeepSpeed bf16, fp32 master weights; CUDA only) | "
+                   "float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--zero-stages", type=int_list, default=None, help="DeepSpeed ZeRO stages to run (default 2)")
+    p.add_argument("--stages", type=int_list, default=None, help="curriculum stages (default 0,3)")
+    p.add_argument("--c-thought", type=int_list, default=None, help="latents per stage (default 2)")
+    p.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=int_list, default=None,
+                   help="micro-batch per rank, comma-separated for several (default 8 on CUDA, 2 on CPU)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens per row: half question, half answer "
+                   "(+eos) (default 64 on CUDA, 16 on CPU)")
+    p.add_argument("--image-tokens", type=int, default=None, help="<IMG_CONTEXT> tokens per row, a multiple of the "
+                   "model's tokens per tile (default: one tile: 256 for InternVL3's 448 px tile, 16 for tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help="peak dense bf16 TFLOP/s per GPU for MFU (default 989: H100 SXM)")
+    p.add_argument("--matmul-size", type=int, default=8192,
+                   help="n of the n³ bf16 matmul whose measured rate is the second MFU reference (0: skip)")
+    p.add_argument("--baseline", default=None, metavar="JSON|DIR",
+                   help="train_step.json of an earlier run (e.g. 1 GPU): adds speed-up and scaling efficiency")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the trainer's default)")
+    p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
+    p.add_argument("--seed", type=int, default=0, help="model seed; rank r's batches use seed + 1000·(r+1)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop starting new configurations after this many seconds (results so far are kept)")
+    p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model, CPU, fp32, ZeRO-2 (unless --zero-stages), stages 0,1, 2 timed steps")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return fill_defaults(p.parse_args(argv))
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.smoke:
+        preset = dict(model="tiny", device="cpu", dtype="float32", zero_stages=[2], stages=[0, 1], c_thought=[2],
+                      batch_sizes=[2], text_len=12, image_tokens=16, warmup=1, steps=2)
+        for k, v in preset.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.device_type = device.type
+    args.dtype = resolve_dtype(args.dtype, device)
+    if args.dtype not in (torch.float32, torch.bfloat16):
+        raise SystemExit(f"--dtype must be float32 or bfloat16 (DeepSpeed bf16), got {dtype_name(args.dtype)}")
+    if args.dtype == torch.bfloat16 and not cuda:
+        raise SystemExit("--dtype bfloat16 trains with DeepSpeed bf16 on CUDA only (the trainer trains in fp32 on "
+                         "CPU); use --dtype float32")
+    defaults = dict(
+        model="internvl3-1b-geometry" if cuda else "tiny", zero_stages=[2], stages=[0, 3], c_thought=[2],
+        batch_sizes=[8] if cuda else [2], text_len=64 if cuda else 16,
+        image_tokens=16 if (args.model or ("internvl3-1b-geometry" if cuda else "tiny")) == "tiny" else 256,
+        warmup=3 if cuda else 1, steps=10 if cuda else 3,
+    )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    bad = [z for z in args.zero_stages if z not in (0, 1, 2, 3)]
+    if bad:
+        raise SystemExit(f"--zero-stages must be in 0..3, got {bad}")
+    if args.steps < 1 or args.warmup < 0 or args.text_len < 2 or min(args.batch_sizes) < 1:
+        raise SystemExit("--steps >= 1, --warmup >= 0, --text-len >= 2 and batch sizes >= 1 are required")
+    return args
+
+
+# ---------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class Config:
+    zero_stage: int
+    batch_size: int
+    n_latents: int
+    stage_c: tuple[str, ...]  # every "stage x c_thought" that gives this many latents
+
+    def label(self) -> str:
+        return f"zero={self.zero_stage} batch={self.batch_size} latents={self.n_latents} ({'/'.join(self.stage_c)})"
+
+
+def build_configs(zero_stages, batch_sizes, stages, c_thoughts) -> list[Config]:
+    """ZeRO stage outermost (one DeepSpeed engine each), then batch size, then distinct latent counts."""
+    by_latents: dict[int, list[str]] = {}
+    for c in c_thoughts:
+        for s in stages:
+            by_latents.setdefault(s * c, []).append(f"{s}x{c}")
+    return [Config(z, b, n, tuple(by_latents[n])) for z in zero_stages for b in batch_sizes for n in sorted(by_latents)]
+
+
+# ---------------------------------------------------------------------- FLOPs
+def _unique_numel(params, skip=()) -> int:
+    skipped = {id(p) for p in skip}
+    seen, total = set(), 0
+    for p in params:
+        if id(p) in skipped or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave numel() == 0
+    return total
+
+
+def model_sizes(model) -> dict:
+    """Parameter counts and shapes the FLOPs formula needs (read before DeepSpeed partitions anything)."""
+    base = model.base
+    lm = model.language_model
+    embed = lm.get_input_embeddings().weight
+    text, vision = model.config.text_config, model.config.vision_config
+    size = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    patches = (size(vision.image_size) // size(vision.patch_size)) ** 2
+    return dict(
+        lm_params=_unique_numel(lm.parameters(), skip=[embed]),
+        lm_layers=int(text.num_hidden_layers), lm_hidden=int(text.hidden_size),
+        head_params=_unique_numel([base.lm_head.weight]),
+        vision_params=_unique_numel(base.model.vision_tower.parameters()),
+        vision_layers=int(vision.num_hidden_layers), vision_hidden=int(vision.hidden_size),
+        vision_seq=patches + 1,  # + CLS, dropped after the tower
+        projector_params=_unique_numel(base.model.multi_modal_projector.parameters()),
+        total_params=_unique_numel(model.parameters()),
+    )
+
+
+def batch_flops(sizes: dict, batch, image_token_id: int) -> dict:
+    """Model FLOPs of one training step on this batch (see FLOPS_FORMULA), per term."""
+    mask = batch.attention_mask
+    tokens = int(mask.sum())
+    row_t = mask.sum(1).double()
+    image_tokens = int((batch.input_ids == image_token_id).sum())
+    labelled = int((batch.labels != -100).sum())
+    tiles = 0 if batch.pixel_values is None else int(batch.pixel_values.shape[0])
+    s = sizes
+    terms = dict(
+        lm=6.0 * s["lm_params"] * tokens,
+        lm_attention=12.0 * s["lm_layers"] * s["lm_hidden"] * float((row_t**2 / 2).sum()),
+        lm_head=6.0 * s["head_params"] * labelled,
+        vision=6.0 * s["vision_params"] * tiles * s["vision_seq"],
+        vision_attention=12.0 * s["vision_layers"] * s["vision_hidden"] * tiles * s["vision_seq"] ** 2,
+        projector=6.0 * s["projector_params"] * image_tokens,
+    )
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+# ---------------------------------------------------------------------- distributed helpers
+def gather(obj, env) -> list:
+    from engine.training.distributed import all_gather_objects
+
+    return all_gather_objects(obj) if env.world_size > 1 else [obj]
+
+
+def launcher_name(world_size: int) -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "LOCAL_SIZE" in os.environ:  # set by deepspeed.launcher.launch
+        return "deepspeed"
+    return "python" if world_size == 1 else "launcher"
+
+
+def launch_command(world_size: int, argv: list[str] | None = None) -> str:
+    """The command as typed, launcher included; with `argv` (main called in-process) the module form of it."""
+    if argv is None:
+        cmd = command_line()
+    else:
+        import shlex
+
+        cmd = " ".join(["python", "-m", "benchmarks.bench_train_step", *(shlex.quote(a) for a in argv)])
+    name = launcher_name(world_size)
+    if name == "torchrun":
+        return cmd.replace("python -m", f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size)} -m", 1)
+    if name == "deepspeed":
+        args = [a for a in cmd.split(" ") if not a.startswith("--local_rank")]
+        return " ".join(args).replace("python -m", f"deepspeed --num_gpus {world_size} --module", 1)
+    return cmd
+
+
+def matmul_tflops(device: torch.device, n: int) -> float | None:
+    """Measured dense bf16 n³ matmul rate of this GPU (TFLOP/s); None on CPU or when skipped."""
+    if device.type != "cuda" or n <= 0:
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    timing = time_fn(lambda: torch.mm(a, b, out=c), device, warmup=5, repeats=20)
+    del a, b, c
+    free_memory(device)
+    return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------- the engine and the step
+class Bench:
+    """One rank's state: the process group, the model (reloaded per ZeRO stage) and its DeepSpeed engine."""
+
+    def __init__(self, args, env):
+        self.args, self.env = args, env
+        self.device = env.device
+        self.use_bf16 = args.dtype == torch.bfloat16
+        self.engine = self.model = self.tok = None
+        self.zero_stage: int | None = None
+        self.sizes: dict | None = None
+
+    def build(self, zero_stage: int, batch_size: int) -> None:
+        """A fresh fp32 model (as the trainer loads it: DeepSpeed keeps fp32 master weights and casts for bf16)
+        and `deepspeed.initialize` with the trainer's optimizer groups and DeepSpeed config."""
+        import deepspeed
+
+        from engine import load_model
+        from engine.training.config import TrainConfig
+        from engine.training.trainer import deepspeed_config, lr_lambda_for
+
+        self.release()
+        t0 = time.perf_counter()
+        model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
+                                   attn_implementation=self.args.attn)
+        self.sizes = model_sizes(model)
+        cfg = TrainConfig(model_id=str(self.args.model), zero_stage=zero_stage, batch_size_training=batch_size,
+                          bf16=self.use_bf16, lr=self.args.lr, seed=self.args.seed, device=self.args.device_type,
+                          attn_implementation=self.args.attn)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        factor = lr_lambda_for(cfg, 10**6)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.use_bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        )
+        self.engine.train()
+        self.model, self.tok, self.zero_stage = model, tok, zero_stage
+        if self.env.is_main:
+            log.info("ZeRO-%d engine on %d rank(s): %s, %.1fM parameters, %s, built in %.1f s", zero_stage,
+                     self.env.world_size, self.args.model, self.sizes["total_params"] / 1e6,
+                     "bf16" if self.use_bf16 else "fp32", time.perf_counter() - t0)
+
+    def try_build(self, zero_stage: int, batch_size: int) -> dict | None:
+        """`build`, with out-of-memory (on any rank) returned as a status instead of raised."""
+        try:
+            self.build(zero_stage, batch_size)
+            mine = None
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            mine = {"status": "oom", "error": "building the engine: " + (str(e).splitlines() or ["OOM"])[0][:300]}
+            del e
+            self.release()
+        failed = [m for m in gather(mine, self.env) if m is not None]
+        if failed and mine is None:
+            self.release()
+        return failed[0] if failed else None
+
+    def release(self) -> None:
+        if self.engine is not None:
+            try:
+                self.engine.destroy()
+            except Exception:  # noqa: BLE001 - best effort; the references go anyway
+                pass
+        self.engine = self.model = None
+        free_memory(self.device)
+
+    def min_passes(self, local: int) -> int:
+        """`Trainer._min_passes`: under ZeRO-3 with several ranks, the max pass count over ranks, else 0."""
+        from engine.training.distributed import all_reduce_max
+
+        if self.zero_stage != 3 or self.env.world_size == 1:
+            return 0
+        return all_reduce_max(local, self.device)
+
+    def make_batch(self, cfg: Config):
+        args = self.args
+        question_len = max(1, args.text_len // 2)
+        return synthetic_batch(
+            self.model, self.tok, batch_size=cfg.batch_size, n_latents=cfg.n_latents, question_len=question_len,
+            answer_len=max(1, args.text_len - question_len), image_tokens=args.image_tokens,
+            seed=args.seed + 1000 * (self.env.rank + 1) + cfg.batch_size,
+        )
+
+    def make_step(self, batch, losses: list):
+        """One trainer micro-step (`Trainer.train_epoch`): pass agreement, forward, backward, optimizer step."""
+        from engine.model.schedule import position_ids_from_mask
+
+        engine, dev = self.engine, self.device
+        ids, mask, labels = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.labels.to(dev)
+        pv = None if batch.pixel_values is None else batch.pixel_values.to(dev)
+        position_ids = position_ids_from_mask(mask)
+        local_passes = 1 + int((batch.input_ids == self.model.latent_id).any(0).sum())
+
+        def step():
+            min_passes = self.min_passes(local_passes)
+            with profile_range("train/forward"):
+                loss = engine(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=labels,
+                              position_ids=position_ids, return_logits=False, min_passes=min_passes).loss
+            with profile_range("train/backward"):
+                engine.backward(loss)
+            with profile_range("train/optimizer"):
+                engine.step()
+            losses.append(loss.detach())
+
+        return step, local_passes
+
+    def run_config(self, cfg: Config) -> dict:
+        """Time one configuration on every rank; returns the merged row (every rank gets the same)."""
+        args, env = self.args, self.env
+        batch = self.make_batch(cfg)
+        flops = batch_flops(self.sizes, batch, self.model.image_token_id)
+        losses: list[torch.Tensor] = []
+        step, local_passes = self.make_step(batch, losses)
+        reset_peak_memory(self.device)
+        if env.world_size > 1:
+            torch.distributed.barrier()
+        timing, status = guarded_time_fn(step, self.device, warmup=args.warmup, repeats=args.steps, log=log)
+        last_loss = float(losses[-1]) if losses else None
+        mine = dict(
+            status=status, samples_ms=None if timing is None else timing.samples_ms,
+            peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,
+            seq_len=batch.seq_len, flops=flops, loss=last_loss,
+            loss_finite=all(bool(torch.isfinite(v)) for v in losses),
+            passes=local_passes,
+        )
+        del losses, step
+        ranks = gather(mine, env)
+        row = merge_ranks(cfg, ranks, args, env.world_size)
+        if row["status"] != "ok":
+            self.release()  # a step that failed half-way leaves ZeRO buffers behind: rebuild for the next config
+        free_memory(self.device)
+        return row
+
+
+def config_fields(cfg: Config, args, world_size: int) -> dict:
+    return dict(zero_stage=cfg.zero_stage, world_size=world_size, stage_c="/".join(cfg.stage_c),
+                n_latents=cfg.n_latents, batch_size=cfg.batch_size, text_len=args.text_len,
+                image_tokens=args.image_tokens)
+
+
+def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
+    """One row from every rank's measurements: the step time is the slowest rank's per step; tokens, samples
+    and FLOPs are summed over ranks; peak memory is per GPU (max, and the list)."""
+    statuses = [r["status"] for r in ranks]
+    bad = next((s for s in statuses if s["status"] == "error"), None) or next(
+        (s for s in statuses if s["status"] != "ok"), None)
+    tokens = sum(r["tokens"] for r in ranks)
+    samples = sum(r["samples"] for r in ranks)
+    flops = {k: sum(r["flops"][k] for r in ranks) for k in ranks[0]["flops"]}
+    peaks = [r["peak_gib"] for r in ranks]
+    row = dict(
+        config_fields(cfg, args, world_size), global_batch=samples, seq_len=max(r["seq_len"] for r in ranks), passes=max(r["passes"] for r in ranks),
+        tokens_per_step=tokens, mean_tokens_per_sample=tokens / samples,
+        model_tflop_per_step=flops["total"] / 1e12, flops_terms=flops,
+        status="ok" if bad is None else bad["status"],
+    )
+    if bad is not None:
+        row["error"] = bad.get("error")
+        row["failed_ranks"] = [i for i, s in enumerate(statuses) if s["status"] != "ok"]
+    row.update(peak_gib=None if None in peaks else max(peaks), peak_gib_per_rank=peaks)  # None: CPU, not tracked
+    if bad is None:
+        per_step = [max(ms) for ms in zip(*(r["samples_ms"] for r in ranks))]  # the slowest rank sets the pace
+        timing = timing_of(per_step)
+        seconds = timing.median_ms / 1e3
+        row.update(
+            median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, steps=timing.repeats,
+            samples_per_s=samples / seconds, tokens_per_s=tokens / seconds,
+            achieved_tflops_per_gpu=flops["total"] / seconds / world_size / 1e12,
+            loss=ranks[0]["loss"], loss_finite=all(r["loss_finite"] for r in ranks),
+        )
+    return row
+
+
+def timing_of(samples: list[float]) -> Timing:
+    """Median and p10/p90 exactly as `benchmarks.common.time_fn` computes them."""
+    import statistics
+
+    s = sorted(samples)
+    q = lambda f: s[min(len(s) - 1, int(f * (len(s) - 1) + 0.5))]  # noqa: E731
+    return Timing(statistics.median(s), q(0.1), q(0.9), len(s), s)
+
+
+def add_mfu(row: dict, peak_tflops: float | None, matmul_tflops_sum: float | None, cuda: bool) -> None:
+    """MFU against the datasheet peak (× world size) and against the measured matmul rates (summed over GPUs);
+    None (n/a) on CPU or without a timing."""
+    row["mfu"] = row["mfu_matmul"] = None
+    if not cuda or row.get("median_ms") is None:
+        return
+    flop_per_s = row["model_tflop_per_step"] * 1e12 / (row["median_ms"] / 1e3)
+    if peak_tflops:
+        row["mfu"] = flop_per_s / (peak_tflops * 1e12 * row["world_size"])
+    if matmul_tflops_sum:
+        row["mfu_matmul"] = flop_per_s / (matmul_tflops_sum * 1e12)
+
+
+def load_baseline(path: str | None, args) -> list[dict]:
+    """The rows of an earlier run (typically 1 GPU) to compute scaling against; [] without --baseline."""
+    if not path:
+        return []
+    import json
+
+    p = Path(path)
+    payload = json.loads((p / f"{RESULT_NAME}.json" if p.is_dir() else p).read_text())
+    settings = payload.get("settings", {})
+    for key in ("model", "dtype"):
+        if settings.get(key) != (dtype_name(args.dtype) if key == "dtype" else args.model):
+            log.warning("--baseline %s was measured with %s=%s, this run uses %s", path, key, settings.get(key),
+                        getattr(args, key))
+    return [dict(r, baseline_world_size=payload.get("world_size", 1)) for r in payload.get("rows", [])
+            if r.get("status") == "ok" and r.get("samples_per_s")]
+
+
+def add_scaling(row: dict, baseline: list[dict]) -> None:
+    """Speed-up in global samples/s over the baseline row of the same per-rank batch, latents, text and image
+    tokens (same ZeRO stage when the baseline has it, else its fastest), and the scaling efficiency
+    speed-up / (world size / baseline world size)."""
+    if not baseline or row.get("samples_per_s") is None:
+        return
+    key = lambda r: (r["batch_size"], r["n_latents"], r["text_len"], r["image_tokens"])  # noqa: E731
+    same = [r for r in baseline if key(r) == key(row)]
+    if not same:
+        return
+    ref = next((r for r in same if r["zero_stage"] == row["zero_stage"]), None) or max(
+        same, key=lambda r: r["samples_per_s"])
+    speedup = row["samples_per_s"] / ref["samples_per_s"]
+    row.update(baseline_zero_stage=ref["zero_stage"], baseline_world_size=ref["baseline_world_size"],
+               speedup_vs_baseline=speedup,
+               scaling_efficiency=speedup / (row["world_size"] / ref["baseline_world_size"]))
+
+
+# ---------------------------------------------------------------------- report
+COLUMNS = [
+    ("zero_stage", "ZeRO"), ("world_size", "GPUs"), ("stage_c", "stage×c"), ("n_latents", "latents"),
+    ("batch_size", "batch/rank"), ("seq_len", "T"), ("passes", "passes"), ("status", "status"),
+    ("median_ms", "ms/step"), ("p10_ms", "p10"), ("p90_ms", "p90"), ("samples_per_s", "samples/s"),
+    ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
+    ("mfu", "MFU"), ("mfu_matmul", "MFU (matmul)"), ("speedup_vs_baseline", "× baseline"),
+    ("baseline_zero_stage", "baseline ZeRO"), ("scaling_efficiency", "scaling eff."), ("loss", "loss"),
+]
+STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "loss", "baseline_zero_stage")]
+
+
+def header(payload: dict) -> str:
+    s = payload["settings"]
+    ref = payload.get("matmul_tflops")
+    ref_text = "not measured" if ref is None else ", ".join(f"{v:.0f}" for v in ref) + " TFLOP/s (per rank)"
+    return (
+        f"# Training step (DeepSpeed)\n\n{s['model']}, {s['dtype']}, world size {payload['world_size']} "
+        f"({payload['launcher']}), text {s['text_len']} + {s['image_tokens']} image tokens per row, "
+        f"warmup {s['warmup']}, {s['steps']} timed steps. Peak for MFU: {s['peak_tflops']} TFLOP/s per GPU; "
+        f"measured {payload['settings']['matmul_size']}³ bf16 matmul: {ref_text}.\n\n```\n{FLOPS_FORMULA}\n```"
+    )
+
+
+BASELINE_KEYS = ("speedup_vs_baseline", "baseline_zero_stage", "scaling_efficiency")
+
+
+def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The scaling columns only when some row was compared with a --baseline."""
+    if any("speedup_vs_baseline" in r for r in rows):
+        return columns
+    return [c for c in columns if c[0] not in BASELINE_KEYS]
+
+
+def report(payload: dict) -> str:
+    parts = ["## All rows\n\n" + markdown_table(payload["rows"], columns_for(payload["rows"], COLUMNS))]
+    if payload.get("skipped_configs"):
+        parts.append("Not run (time budget): " + "; ".join(payload["skipped_configs"]))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.training.distributed import all_reduce_max, init_distributed
+
+    if args.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # steadier CPU timings; set OMP_NUM_THREADS to choose otherwise
+    env = init_distributed(args.device_type, args.local_rank)
+    cuda = env.device.type == "cuda"
+    if not env.is_main:
+        log.setLevel(logging.WARNING)
+    rates = gather(matmul_tflops(env.device, args.matmul_size), env)
+    matmul = None if None in rates else rates
+    out_dir = Path(args.out)
+    payload = {
+        "benchmark": RESULT_NAME,
+        "command": launch_command(env.world_size, argv),
+        "launcher": launcher_name(env.world_size),
+        "world_size": env.world_size,
+        "environment": environment_info(env.device),
+        "settings": {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()
+                     if k != "local_rank"},
+        "flops_formula": FLOPS_FORMULA,
+        "matmul_tflops": matmul,
+        "rows": [],
+        "skipped_configs": [],
+    }
+    configs = build_configs(args.zero_stages, args.batch_sizes, args.stages, args.c_thought)
+    bench = Bench(args, env)
+    baseline = load_baseline(args.baseline, args)
+    build_failed: dict[int, dict] = {}
+    start = time.perf_counter()
+    for i, cfg in enumerate(progress(configs, desc="train step", unit="config", disable=None if env.is_main else True)):
+        # every rank must take the same decision, or the collectives of the next step would hang
+        over = all_reduce_max(int(args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s),
+                              env.device)
+        if over:
+            payload["skipped_configs"].append(cfg.label())
+            continue
+        if env.is_main:
+            log.info("[%d/%d, %.0f s] %s", i + 1, len(configs), time.perf_counter() - start, cfg.label())
+        if cfg.zero_stage in build_failed:
+            row = dict(config_fields(cfg, args, env.world_size), **build_failed[cfg.zero_stage])
+        else:
+            if bench.engine is None or bench.zero_stage != cfg.zero_stage:
+                failure = bench.try_build(cfg.zero_stage, cfg.batch_size)
+                if failure is not None:  # out of memory before any step: every config of this ZeRO stage
+                    build_failed[cfg.zero_stage] = failure
+                    row = dict(config_fields(cfg, args, env.world_size), **failure)
+                payload["model_sizes"] = bench.sizes
+            if cfg.zero_stage not in build_failed:
+                row = bench.run_config(cfg)
+                add_mfu(row, args.peak_tflops, None if matmul is None else sum(matmul), cuda)
+                add_scaling(row, baseline)
+        payload["rows"].append(row)
+        if env.is_main:
+            if row["status"] != "ok":
+                log.warning("%s: %s (%s)", cfg.label(), row["status"], row.get("error"))
+            write_results(out_dir, RESULT_NAME, payload, report(payload), header=header(payload))
+    bench.release()
+    rc = 1 if any(r["status"] == "error" or r.get("loss_finite") is False for r in payload["rows"]) else 0
+    if env.is_main:
+        paths = write_results(out_dir, RESULT_NAME, payload, report(payload), header=header(payload))
+        print(f"\n{FLOPS_FORMULA}\n\n{markdown_table(payload['rows'], columns_for(payload['rows'], STDOUT_COLUMNS))}\n", flush=True)
+        log.info("wrote %s and %s", paths["json"], paths["md"])
+        if payload["skipped_configs"]:
+            log.warning("time budget reached: %d configuration(s) not run", len(payload["skipped_configs"]))
+        if rc:
+            log.error("a configuration raised an error or gave a non-finite loss (see status/loss_finite in %s)",
+                      paths["json"])
+    return rc
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

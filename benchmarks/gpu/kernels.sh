@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Kernel reports on one GPU: numerics, bandwidth against the measured copy bandwidth, the timed pytest-benchmark
+# suites, and one compute-sanitizer memcheck pass over every Triton kernel. Usage: benchmarks/gpu/kernels.sh OUT
+set -uo pipefail
+OUT=${1:?usage: $0 OUT_DIR}
+mkdir -p "$OUT"
+step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 5 "$OUT/$name.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+step latent_inject 150 python -m benchmarks.bench_latent_inject --out "$OUT/latent_inject"
+step paged_kv 240 python -m benchmarks.bench_paged_kv --out "$OUT/paged_kv"
+step suites 150 python -m pytest benchmarks -m benchmark -k gpu -q -p no:cacheprovider --benchmark-json "$OUT/kernels.json"
+# memcheck: every kernel once (untimed) at the GPU shapes; the sanitizer reports into the log
+step memcheck_inject 150 compute-sanitizer --tool memcheck --error-exitcode 3 python -m pytest benchmarks/bench_latent_inject.py -m benchmark -k gpu --benchmark-disable -q -p no:cacheprovider
+step memcheck_paged 150 compute-sanitizer --tool memcheck --error-exitcode 3 python -m benchmarks.bench_paged_kv --out "$OUT/memcheck_paged" --sections numerics

@@ -1,0 +1,150 @@
+"""The DeepSpeed training-step harness (`benchmarks/bench_train_step.py`) end to end on CPU: one process with
+ZeRO-2 (in-process), an out-of-memory recorded in its row, and two torchrun processes with ZeRO-3 (gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks.common
+from benchmarks import bench_train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the --smoke preset: text 12 (question 6, answer 6 + eos), 16 image tokens, c_thought 2, batch 2 per rank
+QUESTION, ANSWER, IMAGE_TOKENS, C_THOUGHT, BATCH = 6, 6, 16, 2, 2
+
+
+def _finite_numbers(value) -> bool:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return True
+
+
+def check_rows(payload: dict, world_size: int, zero_stage: int, stages: list[int]) -> None:
+    rows = payload["rows"]
+    assert payload["world_size"] == world_size
+    assert [(r["zero_stage"], r["n_latents"]) for r in rows] == [(zero_stage, s * C_THOUGHT) for s in stages]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert _finite_numbers(r), r
+        assert r["world_size"] == world_size and r["global_batch"] == world_size * BATCH
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["loss_finite"] and r["loss"] > 0
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        # global throughput: samples/s = global batch / step time; tokens/s = samples/s x mean tokens per sample
+        assert r["samples_per_s"] == pytest.approx(r["global_batch"] / (r["median_ms"] / 1e3), rel=1e-9)
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * r["mean_tokens_per_sample"], rel=1e-6)
+        assert r["mean_tokens_per_sample"] == pytest.approx(r["tokens_per_step"] / r["global_batch"], rel=1e-9)
+        # a row's real tokens: <img> ctx*16 </img>, a question of 6 tokens (rows after a rank's first up to a
+        # quarter shorter), <start> latents <end>, the answer and eos; never more than the padded width
+        n = r["n_latents"]
+        longest = IMAGE_TOKENS + 2 + QUESTION + n + 2 + ANSWER + 1
+        shortest = longest - QUESTION // 4
+        assert shortest <= r["mean_tokens_per_sample"] <= r["seq_len"] <= longest
+        assert r["passes"] == n + 1  # prefix pass, one per latent, final pass (one pass without latents)
+        terms = r["flops_terms"]
+        assert terms["total"] == pytest.approx(sum(v for k, v in terms.items() if k != "total"), rel=1e-12)
+        assert all(terms[k] > 0 for k in ("lm", "lm_attention", "lm_head", "vision", "vision_attention", "projector"))
+        assert r["achieved_tflops_per_gpu"] == pytest.approx(
+            r["model_tflop_per_step"] / (r["median_ms"] / 1e3) / world_size, rel=1e-9)
+        assert r["mfu"] is None and r["mfu_matmul"] is None and r["peak_gib"] is None  # n/a on CPU
+    # more latents, more language-model tokens and FLOPs, the same image work
+    by_n = sorted(rows, key=lambda r: r["n_latents"])
+    if len(by_n) > 1:
+        assert by_n[-1]["flops_terms"]["lm"] > by_n[0]["flops_terms"]["lm"]
+        assert by_n[-1]["flops_terms"]["vision"] == by_n[0]["flops_terms"]["vision"]
+
+
+def test_single_process_zero2_smoke(tmp_path, capsys):
+    rc = bench_train_step.main(["--smoke", "--out", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads((tmp_path / "train_step.json").read_text())
+    check_rows(payload, world_size=1, zero_stage=2, stages=[0, 1])
+    assert payload["launcher"] == "python" and payload["command"].startswith("python -m benchmarks.bench_train_step")
+    sizes = payload["model_sizes"]
+    assert 0 < sizes["lm_params"] < sizes["total_params"] and sizes["vision_seq"] > 1
+    md = (tmp_path / "train_step.md").read_text()
+    assert "6 · N_lm · tokens" in md and "| ZeRO |" in md
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    real = benchmarks.common.time_fn
+    calls = []
+
+    def oom_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(benchmarks.common, "time_fn", oom_first)
+    rc = bench_train_step.main(["--smoke", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert rc == 0  # an OOM is a result, not a failure
+    assert rows[0]["status"] == "oom" and "out of memory" in rows[0]["error"] and "median_ms" not in rows[0]
+    assert rows[1]["status"] == "ok" and rows[1]["samples_per_s"] > 0  # the engine was rebuilt after the OOM
+
+
+@pytest.mark.distributed
+def test_two_process_zero3_through_torchrun(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29900 + os.getpid() % 500), "-m", "benchmarks.bench_train_step",
+           "--smoke", "--zero-stages", "3", "--stages", "0,2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    payload = json.loads((out / "train_step.json").read_text())
+    check_rows(payload, world_size=2, zero_stage=3, stages=[0, 2])
+    assert payload["launcher"] == "torchrun" and payload["command"].startswith("torchrun --nproc_per_node 2 -m")
+    assert sorted(p.name for p in out.iterdir()) == ["train_step.json", "train_step.md"]  # rank 0 alone writes
+
+
+def test_ranks_merge_into_global_throughput_and_mfu():
+    """Two ranks: the step time is the slower rank's per step, samples/tokens/FLOPs add up, and MFU divides
+    the global FLOP rate by (world size x peak) or by the summed measured matmul rates."""
+    import argparse
+
+    cfg = bench_train_step.Config(zero_stage=3, batch_size=4, n_latents=6, stage_c=("3x2",))
+    args = argparse.Namespace(text_len=64, image_tokens=256)
+    flops = lambda total: dict(lm=total / 2, vision=total / 2, total=total)  # noqa: E731
+    ok = {"status": "ok"}
+    ranks = [
+        dict(status=ok, samples_ms=[100.0, 120.0, 90.0], peak_gib=30.0, tokens=1200, samples=4, seq_len=310,
+             flops=flops(4e13), loss=2.0, loss_finite=True, passes=7),
+        dict(status=ok, samples_ms=[110.0, 100.0, 95.0], peak_gib=31.0, tokens=1300, samples=4, seq_len=330,
+             flops=flops(6e13), loss=2.1, loss_finite=True, passes=7),
+    ]
+    row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
+    assert row["median_ms"] == 110.0 and row["p10_ms"] == 95.0 and row["p90_ms"] == 120.0  # max per step: 110,120,95
+    assert row["samples_per_s"] == pytest.approx(8 / 0.110) and row["tokens_per_s"] == pytest.approx(2500 / 0.110)
+    assert row["peak_gib"] == 31.0 and row["peak_gib_per_rank"] == [30.0, 31.0] and row["seq_len"] == 330
+    bench_train_step.add_mfu(row, 989.0, 1600.0, cuda=True)
+    assert row["mfu"] == pytest.approx(1e14 / 0.110 / (2 * 989e12))
+    assert row["mfu_matmul"] == pytest.approx(1e14 / 0.110 / 1600e12)
+    bench_train_step.add_mfu(row, 989.0, 1600.0, cuda=False)
+    assert row["mfu"] is None and row["mfu_matmul"] is None
+
+    one_gpu = [dict(row, zero_stage=2, world_size=1, batch_size=4, samples_per_s=50.0, baseline_world_size=1)]
+    bench_train_step.add_scaling(row, one_gpu)
+    assert row["speedup_vs_baseline"] == pytest.approx(8 / 0.110 / 50.0)
+    assert row["scaling_efficiency"] == pytest.approx(row["speedup_vs_baseline"] / 2) and row["baseline_zero_stage"] == 2
+
+    ranks[1]["status"] = {"status": "oom", "error": "CUDA out of memory"}
+    row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
+    assert row["status"] == "oom" and row["failed_ranks"] == [1] and "median_ms" not in row
