@@ -3,7 +3,10 @@
 On the same batches (same model, data and stage) it times one training step (loss forward + backward; or
 the forward alone with ``--mode forward``) of:
 
-- ``engine``:   `MultimodalCoconut.compute_loss`: image once, prefix pass, one pass per latent, final pass.
+- ``engine``:   `MultimodalCoconut.compute_loss`: image once, prefix pass, one pass per latent, final pass
+                (on CUDA the one-position latent passes replay CUDA graphs, forward and backward).
+- ``engine_eager``: the same with every latent pass a transformers call (``set_latent_passes('transformers')``):
+                what the graphs save.
 - ``fullpass``: the flawed "full pass, then refine" baseline (`engine/model/fullpass_baseline.py`).
 - ``naive``:    the naive correct scheme: the whole prefix recomputed without a cache for every latent.
 - ``plain``:    the floor: the engine on the same sequence with every latent replaced by an ordinary token,
@@ -30,6 +33,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +73,8 @@ from engine.utils.profiling import profile_range  # noqa: E402
 
 log = get_logger("bench")
 
-METHODS = ("engine", "fullpass", "naive", "plain", "hf")
-LATENT_METHODS = ("engine", "fullpass", "naive")  # the schemes that run the latent batch
+METHODS = ("engine", "engine_eager", "fullpass", "naive", "plain", "hf")
+LATENT_METHODS = ("engine", "engine_eager", "fullpass", "naive")  # the schemes that run the latent batch
 RESULT_NAME = "latent_forward"
 
 # Correctness tolerance of |logit difference| vs the naive reference, per check dtype: absolute, scaled by
@@ -140,14 +144,33 @@ def naive_loss(model, ids, mask, pv, labels) -> torch.Tensor:
     return model.lm_loss(hidden, labels)
 
 
+@contextmanager
+def latent_passes_of(model, method: str):
+    """`engine_eager` runs the engine with transformers latent passes; `engine` with the CUDA-graphed block on
+    CUDA even without gradients (the correctness check runs no-grad; "auto" graphs training only)."""
+    if method == "engine_eager":
+        mode = "transformers"
+    elif method == "engine" and model.device.type == "cuda":
+        mode = "cuda_graph"
+    else:
+        yield
+        return
+    model.set_latent_passes(mode)
+    try:
+        yield
+    finally:
+        model.set_latent_passes("auto")
+
+
 def method_loss(method: str, model, latent: SyntheticBatch, plain: SyntheticBatch) -> torch.Tensor:
     from engine.model.fullpass_baseline import fullpass_forward
     from engine.model.schedule import position_ids_from_mask
 
     b = plain if method in ("plain", "hf") else latent
     ids, mask, pv, labels = b.input_ids, b.attention_mask, b.pixel_values, b.labels
-    if method in ("engine", "plain"):
-        return model.compute_loss(ids, mask, pv, labels)
+    if method in ("engine", "engine_eager", "plain"):
+        with latent_passes_of(model, method):
+            return model.compute_loss(ids, mask, pv, labels)
     if method == "fullpass":
         return fullpass_forward(model, ids, mask, pv, labels, return_logits=False).loss
     if method == "naive":
@@ -186,8 +209,9 @@ def method_outputs(method: str, model, b: SyntheticBatch):
 
     ids, mask, pv = b.input_ids, b.attention_mask, b.pixel_values
     with torch.no_grad():
-        if method in ("engine", "plain"):
-            out = model(ids, mask, pv)
+        if method in ("engine", "engine_eager", "plain"):
+            with latent_passes_of(model, method):
+                out = model(ids, mask, pv)
             return out.logits, out.hidden_states
         if method == "fullpass":
             out = fullpass_forward(model, ids, mask, pv)

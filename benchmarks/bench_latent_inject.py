@@ -497,9 +497,11 @@ def render(report: dict) -> str:
 
 
 def run_gpu_report(out_dir, *, smoke: bool = False, repeats: int = 30, sections=("numerics", "bandwidth", "schedule"),
-                   inner: int | None = None) -> int:  # fmt: skip
+                   inner: int | None = None, device: str | None = None) -> int:  # fmt: skip
     """Run the report into `out_dir`; 0 when every section ran and every numerics check held, else 1 (2: no GPU)."""
     geo = Geometry.smoke() if smoke else Geometry()
+    if device is not None:
+        geo.device = device
     if inner is not None and not smoke:
         geo.inner = inner
     if torch.device(geo.device).type == "cuda" and not torch.cuda.is_available():
@@ -546,9 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions (median, p10, p90)")
     parser.add_argument("--inner", type=int, default=10, help="back-to-back calls per timed repetition")
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run of every path at tiny sizes")
+    parser.add_argument("--device", default=None, help="with --smoke: run the tiny sizes on this device instead "
+                        "(cuda: every kernel path at sizes compute-sanitizer's shadow memory can hold)")
     args = parser.parse_args(argv)
     return run_gpu_report(args.out, smoke=args.smoke, repeats=args.repeats, inner=args.inner,
-                          sections=tuple(s.strip() for s in args.sections.split(",")))  # fmt: skip
+                          sections=tuple(s.strip() for s in args.sections.split(",")), device=args.device)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 METHOD_STYLE = {
     "engine": dict(color="tab:green", marker="o"),
+    "engine_eager": dict(color="tab:olive", marker="o", linestyle=":"),
     "fullpass": dict(color="tab:red", marker="x"),
     "naive": dict(color="tab:orange", marker="s"),
     "plain": dict(color="black", marker=".", linestyle="--"),

@@ -39,3 +39,20 @@ def pad_batch(rows, pad_id, *, left=None):
 def random_pixels(tiles, size, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(tiles, 3, size, size, generator=g)
+
+
+def align_batch(rows, pad_id, latent_id):
+    """Left-pad each row so that its first latent lands in one column (as the collator does), then right-pad.
+
+    Rows without a latent are aligned on their end."""
+    firsts = [r.index(latent_id) if latent_id in r else None for r in rows]
+    anchor = max(f for f in firsts if f is not None)
+    shifts = [anchor - f if f is not None else None for f in firsts]
+    width = max(len(r) + (s or 0) for r, s in zip(rows, shifts))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, shifts)):
+        s = width - len(r) if s is None else s
+        ids[i, s : s + len(r)] = torch.tensor(r)
+        mask[i, s : s + len(r)] = 1
+    return ids, mask

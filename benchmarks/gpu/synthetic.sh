@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The synthetic task on one GPU: CoCoNuT's curriculum against multimodal CoT and no-CoT on the same data, then one
-# table of final validation accuracy and generated tokens per answer. Usage: benchmarks/gpu/synthetic.sh OUT
+# table of validation accuracy and generated tokens per answer per epoch. The CoCoNuT run's stage-0 epochs are its
+# CoT model; RUNS picks runs (default "coconut nocot cot"). Usage: benchmarks/gpu/synthetic.sh OUT [RUNS...]
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
 CFG=recipes/configs/synthetic_gpu.yaml
-run() { local name=$1; shift; echo "=== $name ($(date +%T))"; timeout 280 python recipes/train_coconut.py --config $CFG --set save_path="$OUT" --set name=$name "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; grep "validation:" "$OUT/$name.log" | tail -n 8; }
-run synthetic-gpu
-DATA="$OUT/synthetic-gpu/data"  # the baselines train on the very same samples
-run synthetic-gpu-cot --set cot=true --set num_epochs=4 --set train_path=$DATA/train.jsonl --set val_path=$DATA/val.jsonl
-run synthetic-gpu-nocot --set no_cot=true --set num_epochs=4 --set train_path=$DATA/train.jsonl --set val_path=$DATA/val.jsonl
+RUNS=${*:2}
+RUNS=${RUNS:-coconut nocot cot}
+run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" python recipes/train_coconut.py --config $CFG --set save_path="$OUT" --set name=$name "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; grep "validation:" "$OUT/$name.log" | tail -n 8; }
+# Each run generates the synthetic data into its own folder from the same seed: the same samples for all three.
+for r in $RUNS; do
+  case $r in
+    coconut) run synthetic-gpu 380 ;;
+    nocot) run synthetic-gpu-nocot 180 --set no_cot=true --set num_epochs=4 ;;
+    cot) run synthetic-gpu-cot 300 --set cot=true --set num_epochs=4 ;;
+    *) echo "unknown run $r (coconut, nocot, cot)"; exit 2 ;;
+  esac
+done
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

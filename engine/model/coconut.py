@@ -83,6 +83,11 @@ class MultimodalCoconut(nn.Module):
         # each forward so that moving the model to a GPU after construction switches it on).
         self._injection_mode = "auto"
         self._inject: Callable | None = None
+        # How the one-position latent passes of an aligned batch run (set_latent_passes); the block object holds
+        # captured CUDA graphs, so it is created on first use and kept outside the module tree.
+        self._latent_passes_mode = "auto"
+        self._latent_blocks: dict[bool, object] = {}
+        self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
 
     # ------------------------------------------------------------------ properties
     @property
@@ -132,6 +137,69 @@ class MultimodalCoconut(nn.Module):
                 raise RuntimeError(f"set_injection('fused'): {reason}")
         self._injection_mode = mode
         self._inject = self._fused_inject if mode == "fused" else None
+
+    def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32) -> None:
+        """How the one-position latent passes of an aligned batch run (`engine/model/latent_block.py`).
+
+        - "transformers": one call of the transformers language model per pass, with its DynamicCache (any layout);
+        - "static": the passes as one static-shape block over the model's own modules, run eagerly (any device;
+          what the CUDA graphs capture, so that CPU tests can compare it with "transformers");
+        - "cuda_graph": that block captured in CUDA graphs, forward and backward, per shape bucket;
+        - "auto" (default): "cuda_graph" for training on CUDA (gradients on, no autocast) when the parameters are
+          not partitioned (ZeRO-3 gathers them per module, which a graph cannot replay), else "transformers".
+        Batches that are not aligned (latents in scattered columns) always take the transformers passes. When the
+        caller does not ask for the cache (training), the block runs the final pass too, as one chunk.
+        `prefix_bucket` / `final_bucket`: the block pads the prefix's cache and the final chunk up to a multiple of
+        them, so that one graph serves every length in a bucket (padding is masked out or causally after every
+        real column; larger buckets mean fewer captures and more wasted work).
+        """
+        if prefix_bucket < 1 or final_bucket < 1:
+            raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
+        if mode not in ("auto", "transformers", "static", "cuda_graph"):
+            raise ValueError(f"latent passes mode must be 'auto', 'transformers', 'static' or 'cuda_graph', got {mode!r}")
+        if mode in ("static", "cuda_graph"):
+            from engine.model.latent_block import block_unsupported
+
+            reason = block_unsupported(self.language_model)
+            if reason is not None:
+                raise RuntimeError(f"set_latent_passes({mode!r}): {reason}")
+        if mode == "cuda_graph" and self.device.type != "cuda":
+            raise RuntimeError(f"set_latent_passes('cuda_graph') needs the model on CUDA, it is on {self.device}")
+        self._latent_passes_mode = mode
+        if (prefix_bucket, final_bucket) != self._latent_buckets:
+            self._latent_blocks.clear()
+            self._latent_buckets = (prefix_bucket, final_bucket)
+
+    def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
+        """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
+        if schedule.one_position_passes == 0:
+            return None
+        mode = self._latent_passes_mode
+        if mode == "auto":
+            if device.type != "cuda" or not torch.is_grad_enabled() or torch.is_autocast_enabled("cuda"):
+                return None
+            # Iterate, never index: under ZeRO-3 reading `module.weight` gathers the parameter (a collective that
+            # only this rank would issue). Partitioned parameters carry `ds_id`.
+            if any(hasattr(p, "ds_id") for p in self.language_model.norm.parameters()):
+                return None
+            from engine.model.latent_block import block_unsupported
+
+            if block_unsupported(self.language_model) is not None:
+                return None
+            mode = "cuda_graph"
+        if mode == "transformers":
+            return None
+        graphed = mode == "cuda_graph"
+        if graphed not in self._latent_blocks:
+            from engine.model.latent_block import LatentBlock
+
+            self._latent_blocks[graphed] = LatentBlock(
+                self.language_model,
+                use_cuda_graphs=graphed,
+                bucket=self._latent_buckets[0],
+                final_bucket=self._latent_buckets[1],
+            )
+        return self._latent_blocks[graphed]
 
     def _injection_hook(self) -> Callable | None:
         """The injection hook of this forward (None: the PyTorch path); resolves "auto" on the current device."""
@@ -255,8 +323,11 @@ class MultimodalCoconut(nn.Module):
         return embeds
 
     # ------------------------------------------------------------------ the passes
-    def run_passes(self, batch: PreparedBatch, cache=None, *, keep_inputs: bool = False):
-        """Run the schedule. Returns (hidden (B,T,H), inputs_embeds or None, cache)."""
+    def run_passes(self, batch: PreparedBatch, cache=None, *, keep_inputs: bool = False, need_cache: bool = True):
+        """Run the schedule. Returns (hidden (B,T,H), inputs_embeds or None, cache).
+
+        Without `need_cache` the returned cache may stop short of the sequence's end (the latent block then
+        computes the final pass too, without storing its K/V)."""
         from transformers import DynamicCache
 
         if cache is None:
@@ -266,26 +337,44 @@ class MultimodalCoconut(nn.Module):
         embeds = self.base_embeddings(batch) if inject is None else None
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
-        for index, (start, end) in enumerate(schedule.chunks):
-            with profile_range(schedule.pass_name(index)):
-                if inject is not None:
-                    # One kernel writes each row of the chunk from its source (token row, image row or thought):
-                    # no whole-batch embedding, no masked_scatter, no torch.where/cat per pass.
-                    chunk_in = inject(batch, start, end, prev_last)
-                elif prev_last is None:
-                    chunk_in = embeds[:, start:end]
-                else:
-                    # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
-                    first = torch.where(batch.latent_mask[:, start, None], prev_last.to(embeds.dtype), embeds[:, start])
-                    chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
-                out = self.language_model(
-                    inputs_embeds=chunk_in,
-                    attention_mask=batch.attention_mask[:, :end],
-                    position_ids=batch.position_ids[:, start:end],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            hidden = out.last_hidden_state
+        block = self._latent_block_runner(schedule, batch.input_ids.device)
+        chunks = schedule.chunks
+        index = 0
+        while index < len(chunks):
+            start, end = chunks[index]
+            if index == 1 and block is not None:
+                # Passes 1..M compute one column each: one static-shape block (CUDA graphs on GPU), which also runs
+                # the final pass when nobody needs the cache afterwards.
+                width = schedule.one_position_passes
+                name = f"coconut/latent_passes_1-{width}" + ("" if need_cache else "+final")
+                with profile_range(name):
+                    hidden, chunk_in, columns = self._run_latent_block(
+                        block, batch, cache, embeds, inject, start, width, prev_last, keep_inputs, not need_cache
+                    )
+                index += width if columns == width else len(chunks)
+            else:
+                with profile_range(schedule.pass_name(index)):
+                    if inject is not None:
+                        # One kernel writes each row of the chunk from its source (token row, image row or
+                        # thought): no whole-batch embedding, no masked_scatter, no torch.where/cat per pass.
+                        chunk_in = inject(batch, start, end, prev_last)
+                    elif prev_last is None:
+                        chunk_in = embeds[:, start:end]
+                    else:
+                        # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
+                        first = torch.where(
+                            batch.latent_mask[:, start, None], prev_last.to(embeds.dtype), embeds[:, start]
+                        )
+                        chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
+                    out = self.language_model(
+                        inputs_embeds=chunk_in,
+                        attention_mask=batch.attention_mask[:, :end],
+                        position_ids=batch.position_ids[:, start:end],
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                hidden = out.last_hidden_state
+                index += 1
             hidden_chunks.append(hidden)
             if keep_inputs:
                 input_chunks.append(chunk_in)
@@ -295,6 +384,38 @@ class MultimodalCoconut(nn.Module):
         if keep_inputs:
             inputs = input_chunks[0] if len(input_chunks) == 1 else torch.cat(input_chunks, dim=1)
         return hidden, inputs, cache
+
+    def _run_latent_block(self, block, batch, cache, embeds, inject, start, width, prev_last, keep_inputs, with_final):
+        """Columns [start, start + width) through `block`, and with `with_final` the final pass too (to the end of
+        the sequence; the cache then stays at the prefix). Otherwise the columns' K/V are appended to `cache`.
+
+        Returns (hidden (B, columns, H), the inputs actually fed when `keep_inputs` else None, columns).
+        """
+        end = batch.input_ids.shape[1] if with_final else start + width
+        if inject is not None:
+            column_embeds = inject(batch, start, end, None)  # latent rows are replaced inside the block
+        else:
+            column_embeds = embeds[:, start:end]
+        layers = cache.layers
+        prefix_kv = torch.stack([t for layer in layers for t in (layer.keys, layer.values)])
+        prefix_kv = prefix_kv.view(len(layers), 2, *prefix_kv.shape[1:])
+        column_is_latent = batch.latent_mask[:, start:end]
+        hidden, latent_kv = block(
+            prev_last,
+            column_embeds,
+            column_is_latent,
+            batch.position_ids[:, start:end],
+            batch.attention_mask[:, :end],
+            prefix_kv,
+            final_columns=end - start - width,
+        )
+        if not with_final:
+            for index in range(len(layers)):
+                cache.update(latent_kv[index, 0], latent_kv[index, 1], index)
+        if not keep_inputs:
+            return hidden, None, end - start
+        previous = torch.cat([prev_last[:, None], hidden[:, :-1]], dim=1).to(column_embeds.dtype)
+        return hidden, torch.where(column_is_latent[..., None], previous, column_embeds), end - start
 
     # ------------------------------------------------------------------ forward and loss
     def forward(
@@ -315,7 +436,7 @@ class MultimodalCoconut(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
         batch = self.prepare(input_ids, attention_mask, pixel_values, position_ids, min_passes=min_passes)
-        hidden, inputs, cache = self.run_passes(batch, keep_inputs=return_inputs_embeds)
+        hidden, inputs, cache = self.run_passes(batch, keep_inputs=return_inputs_embeds, need_cache=use_cache)
         padding = self.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
         logits = self.base.lm_head(hidden) if return_logits else None
         loss = None

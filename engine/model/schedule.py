@@ -31,6 +31,7 @@ class PassSchedule:
     latent_positions: tuple[int, ...]  # sorted unique columns holding a latent in some row
     max_latents_per_row: int
     lockstep_starts: tuple[int, ...] = ()  # extra cuts made by `with_min_passes` (not latents)
+    latent_columns_real: bool = False  # every row holds a real token (attention mask 1) at every latent column
 
     @property
     def num_passes(self) -> int:
@@ -54,6 +55,19 @@ class PassSchedule:
         latent_number = sum(1 for start in self.starts[1 : index + 1] if start not in self.lockstep_starts)
         return f"coconut/latent_pass_{latent_number}"
 
+    @property
+    def one_position_passes(self) -> int:
+        """M when passes 1..M each compute one column and can run as one static-shape block, else 0.
+
+        That is the aligned layout: latents in contiguous columns, every row real there, no lockstep cuts.
+        """
+        latents = self.latent_positions
+        if self.lockstep_starts or len(latents) < 2 or not self.latent_columns_real:
+            return 0
+        if latents[-1] - latents[0] != len(latents) - 1:
+            return 0
+        return len(latents) - 1
+
     def with_min_passes(self, min_passes: int) -> "PassSchedule":
         """The same computation in at least `min_passes` passes (as many as the sequence allows).
 
@@ -73,6 +87,7 @@ class PassSchedule:
             latent_positions=self.latent_positions,
             max_latents_per_row=self.max_latents_per_row,
             lockstep_starts=tuple(sorted((*self.lockstep_starts, *extra))),
+            latent_columns_real=self.latent_columns_real,
         )
 
 
@@ -152,6 +167,7 @@ def build_schedule(
         seq_len=seq_len,
         latent_positions=latent_positions,
         max_latents_per_row=int(latent.sum(1).max()) if batch else 0,
+        latent_columns_real=bool(mask[:, list(latent_positions)].all()) if latent_positions else False,
     )
     return schedule, tiles_per_row
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The CUDA-graphed latent passes on one GPU: the graph tests, then the latent forward (graphed engine, the same
+# engine with transformers latent passes, the baselines) at the target configuration, the naive scheme at a
+# batch where it fits, and the DeepSpeed ZeRO-2 training step. Usage: benchmarks/gpu/latent_passes.sh OUT
+set -uo pipefail
+OUT=${1:?usage: $0 OUT_DIR}
+mkdir -p "$OUT"
+step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 4 "$OUT/$name.log"; }
+step graph_tests 120 python -m pytest -q -p no:cacheprovider tests/test_latent_block.py
+step latent_forward 300 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
+  --stages 0,1,2,3 --c-thought 2 --batch-sizes 32 --text-len 64 --methods engine,engine_eager,fullpass,naive,plain \
+  --max-batch naive=8 --time-budget-s 240 --out "$OUT/latent_forward"
+step naive_b8 150 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
+  --stages 1,3 --c-thought 2 --batch-sizes 8 --text-len 64 --methods engine,naive,plain --check-rows 2 \
+  --time-budget-s 100 --out "$OUT/naive_b8"
+step train_step 200 python -m benchmarks.bench_train_step --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
+  --zero-stages 2 --stages 0,3 --c-thought 2 --batch-size 8,16 --text-len 64 --image-tokens 256 --warmup 3 --steps 10 --out "$OUT/train_step"

@@ -1,0 +1,408 @@
+"""The one-position latent passes of an aligned batch as one static-shape block, CUDA-graphed for training.
+
+Why. A latent pass computes one position per row: a few milliseconds of GPU work, but through transformers'
+eager modules it issues ~1,400 kernel launches forward and as many backward, and on the H100 each latent pass
+cost ~80 ms of host time for ~3 ms of kernels (benchmarks/RESULTS.md). Captured in a CUDA graph, forward and
+backward, the host cost of all of a batch's latent passes becomes two graph replays.
+
+What the block computes. On a batch whose latents sit in contiguous columns ``r .. r+K-1`` with every row real
+there (what the collator produces), passes 1..K-1 of the schedule each compute one column. `latent_block` runs
+them in order, with the language model's own modules (RMSNorms, q/k/v projections with bias, rotary
+embedding, o projection, MLP), as a function of static shapes:
+
+- ``prev`` (B, H): the hidden state of column r-1 (the prefix pass's last position);
+- ``column_embeds`` (B, M, H): token/image embeddings of columns r .. r+M-1 (M = K-1);
+- ``column_is_latent`` (B, M): rows whose column holds a thought (they take the previous column's hidden state);
+- ``positions`` (B, M): position ids of those columns;
+- ``key_allowed`` (B, P_bucket + M): which keys are real (the prefix's attention mask, padded to the bucket);
+- ``prefix_kv`` (L, 2, B, kv_heads, P_bucket, head_dim): the prefix pass's cache, padded to the bucket;
+
+and returns ``hidden`` (B, M, H) and ``latent_kv`` (L, 2, B, kv_heads, M, head_dim), which are appended to the
+transformers cache for the final pass. Padding the prefix to a bucket of `bucket` positions (masked out by
+``key_allowed``) lets one graph serve every batch whose prefix falls in the bucket.
+
+`LatentBlock` runs it eagerly (the CPU path that tests compare with the transformers passes, bucket padding
+included) or from two CUDA graphs per (batch, bucket, M): the forward and the backward (``autograd.grad`` with
+respect to the inputs and the parameters), captured as `torch.cuda.make_graphed_callables` does, with three
+differences that matter here: inputs shorter than the bucket are copied into the front of the static buffers;
+outputs and gradients are returned as copies, so nothing the caller keeps (``param.grad`` included, which
+autograd may otherwise take over from a returned tensor) aliases graph memory that the next replay overwrites;
+and a backward that runs after another replay of the same graph raises instead of reading overwritten
+activations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.utils.logging import get_logger
+
+log = get_logger("latent_block")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def block_unsupported(language_model: nn.Module) -> str | None:
+    """Why `latent_block` cannot run this language model (None when it can)."""
+    config = language_model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return f"only full-attention layers are supported, got {sorted(set(layer_types))}"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return "attention dropout is not supported"
+    rope_type = str(getattr(getattr(language_model, "rotary_emb", None), "rope_type", "default"))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"rope type {rope_type!r} branches on the host on position values"
+    layer = language_model.layers[0]
+    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    if not all(hasattr(layer, name) for name in needed) or not all(
+        hasattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
+    ):
+        return f"the decoder layer {type(layer).__name__} is not a Qwen2/Llama-style layer"
+    return None
+
+
+def _chunk(layers, norm, x, cos, sin, past_keys, past_values, allowed, heads):
+    """One language-model pass over a chunk x (B, n, H) attending to the cached keys plus its own.
+
+    Appends the chunk's K/V to `past_keys[i]`/`past_values[i]` (lists of (B, kv_heads, t, head_dim) pieces) and
+    returns the last hidden states (B, n, H), post-norm. `allowed` (B, 1, n, keys) says which keys each query sees.
+    """
+    batch, n, _ = x.shape
+    q_heads, kv_heads, head_dim = heads
+    groups = q_heads // kv_heads
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(batch, n, q_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, n, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, n, kv_heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        past_keys[i].append(k)
+        past_values[i].append(v)
+        keys, values = torch.cat(past_keys[i], dim=2), torch.cat(past_values[i], dim=2)
+        if groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
+            keys = keys[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
+            values = values[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=attn.scaling)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, q_heads * head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return norm(x)
+
+
+def latent_block(
+    language_model: nn.Module,
+    prev: torch.Tensor,
+    column_embeds: torch.Tensor,
+    column_is_latent: torch.Tensor,
+    positions: torch.Tensor,
+    key_allowed: torch.Tensor,
+    prefix_kv: torch.Tensor,
+    final_columns: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M one-position passes over the cached prefix, then (``final_columns`` F > 0) the final pass as one chunk.
+
+    Shapes in the module docstring, with the F final columns appended to `column_embeds`, `column_is_latent`,
+    `positions` and `key_allowed` (the final chunk's first column can hold a latent; its other columns cannot).
+    Returns hidden (B, M + F, H) and the K/V of the M one-position columns.
+    """
+    lm = language_model
+    config = lm.config
+    batch, total, _ = column_embeds.shape
+    num_columns = total - final_columns
+    num_layers = prefix_kv.shape[0]
+    heads = (config.num_attention_heads, config.num_key_value_heads, prefix_kv.shape[-1])
+    bucket = prefix_kv.shape[-2]
+    layers, norm = lm.layers[:num_layers], lm.norm
+    dtype = column_embeds.dtype
+    cos, sin = lm.rotary_emb(column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
+    cos, sin = cos[:, None], sin[:, None]
+    keys = [[prefix_kv[i, 0]] for i in range(num_layers)]
+    values = [[prefix_kv[i, 1]] for i in range(num_layers)]
+    hiddens = []
+    last = prev
+    for j in range(num_columns):
+        x = torch.where(column_is_latent[:, j, None], last.to(dtype), column_embeds[:, j])[:, None]
+        allowed = key_allowed[:, None, None, : bucket + j + 1]
+        last = _chunk(layers, norm, x, cos[..., j : j + 1, :], sin[..., j : j + 1, :], keys, values, allowed, heads)
+        hiddens.append(last)
+        last = last[:, 0]
+    latent_kv = torch.stack(
+        [torch.stack([torch.cat(keys[i][1:], 2), torch.cat(values[i][1:], 2)]) for i in range(num_layers)]
+    )
+    if final_columns:
+        j = num_columns
+        first = torch.where(column_is_latent[:, j, None], last.to(dtype), column_embeds[:, j])[:, None]
+        x = torch.cat([first, column_embeds[:, j + 1 :]], dim=1)
+        seen = bucket + num_columns
+        causal = torch.ones(final_columns, final_columns, dtype=torch.bool, device=x.device).tril()
+        allowed = torch.cat(
+            [
+                key_allowed[:, None, :seen].expand(-1, final_columns, -1),
+                causal[None] & key_allowed[:, None, seen:],
+            ],
+            dim=-1,
+        )[:, None]
+        hiddens.append(_chunk(layers, norm, x, cos[..., j:, :], sin[..., j:, :], keys, values, allowed, heads))
+    return torch.cat(hiddens, dim=1), latent_kv
+
+
+@dataclass
+class _Graphs:
+    """Static buffers and the forward/backward graphs of one (batch, bucket, M) shape."""
+
+    inputs: tuple[torch.Tensor, ...]  # prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv
+    outputs: tuple[torch.Tensor, torch.Tensor]
+    grad_outputs: tuple[torch.Tensor, torch.Tensor]
+    grad_inputs: tuple[torch.Tensor | None, ...]  # prev, column_embeds, prefix_kv, then the parameters
+    forward_graph: torch.cuda.CUDAGraph
+    backward_graph: torch.cuda.CUDAGraph
+    replays: int = 0
+
+
+_DIFFERENTIABLE = (0, 1, 5)  # prev, column_embeds, prefix_kv
+
+
+class _GraphedBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphs: _Graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *params):
+        # Inputs shorter than the bucket fill the front of the static buffers; the rest is masked out or lies in
+        # columns after every real one (causal), so stale values there cannot reach a real output.
+        static = graphs.inputs
+        columns = column_embeds.shape[1]
+        static[0].copy_(prev)
+        static[1][:, :columns].copy_(column_embeds)
+        static[2][:, :columns].copy_(column_is_latent)
+        static[3][:, :columns].copy_(positions)
+        static[4].copy_(key_allowed)
+        static[5][..., : prefix_kv.shape[-2], :].copy_(prefix_kv)
+        graphs.forward_graph.replay()
+        graphs.replays += 1
+        ctx.graphs, ctx.replay, ctx.prefix_len, ctx.columns = graphs, graphs.replays, prefix_kv.shape[-2], columns
+        hidden, latent_kv = graphs.outputs
+        return hidden[:, :columns].clone(), latent_kv.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hidden, grad_latent_kv):
+        graphs = ctx.graphs
+        if graphs.replays != ctx.replay:
+            raise RuntimeError(
+                "the CUDA-graphed latent passes were replayed by another forward before this backward, which "
+                "overwrote the activations it needs; run backward before the next forward of the same batch "
+                "shape, or use model.set_latent_passes('transformers')"
+            )
+        graphs.grad_outputs[0][:, : ctx.columns].copy_(grad_hidden)
+        graphs.grad_outputs[0][:, ctx.columns :].zero_()
+        graphs.grad_outputs[1].copy_(grad_latent_kv)
+        graphs.backward_graph.replay()
+        g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
+        g_params = [g for g in g_params]
+        present = [i for i, g in enumerate(g_params) if g is not None]
+        copies = torch._foreach_mul([g_params[i] for i in present], 1.0) if present else []
+        for i, copy in zip(present, copies):
+            g_params[i] = copy
+        return (
+            None,
+            None if g_prev is None else g_prev.clone(),
+            None if g_embeds is None else g_embeds[:, : ctx.columns].clone(),
+            None,
+            None,
+            None,
+            None if g_prefix is None else g_prefix[..., : ctx.prefix_len, :].clone(),
+            *g_params,
+        )
+
+
+class _Holder(nn.Module):
+    """`latent_block` as a module over the language model, for `torch.func.functional_call` at capture only."""
+
+    def __init__(self, language_model: nn.Module):
+        super().__init__()
+        self.lm = language_model
+
+    def forward(self, *inputs, final_columns: int = 0):
+        return latent_block(self.lm, *inputs, final_columns=final_columns)
+
+
+class LatentBlock:
+    """Runs `latent_block` for a language model, eagerly or from CUDA graphs (see the module docstring).
+
+    Not an nn.Module on purpose: it only refers to the language model's modules, so the model's state dict and
+    parameter list stay as they are. `bucket`: prefix lengths are padded up to a multiple of it. `max_graphs`:
+    captured shapes kept (least recently used dropped first; each holds a parameter-gradient buffer).
+    """
+
+    def __init__(
+        self,
+        language_model: nn.Module,
+        *,
+        use_cuda_graphs: bool,
+        bucket: int = 128,
+        final_bucket: int = 32,
+        max_graphs: int = 6,
+    ):
+        if bucket < 1 or final_bucket < 1 or max_graphs < 1:
+            raise ValueError(
+                f"bucket, final_bucket and max_graphs must be >= 1, got {bucket}, {final_bucket} and {max_graphs}"
+            )
+        self.lm = language_model
+        self.use_cuda_graphs = use_cuda_graphs
+        self.bucket = bucket
+        self.final_bucket = final_bucket
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
+        self._param_fingerprint: tuple | None = None
+        self.captures = 0  # graphs captured so far (benchmarks report it)
+        self.calls = 0
+
+    def _params(self) -> list[nn.Parameter]:
+        config = self.lm.config
+        modules = [*self.lm.layers[: config.num_hidden_layers], self.lm.norm]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def __call__(
+        self,
+        prev: torch.Tensor,
+        column_embeds: torch.Tensor,
+        column_is_latent: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_kv: torch.Tensor,
+        final_columns: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the columns after a prefix of P positions.
+
+        `column_embeds` (B, M + F, H), `column_is_latent` and `positions` (B, M + F): the M one-position columns,
+        then the F columns of the final pass (F = `final_columns`, 0 to leave the final pass to the caller);
+        `attention_mask` (B, P + M + F): the batch's mask over all of them; `prefix_kv` (L, 2, B, kv, P, head_dim).
+        Returns hidden (B, M + F, H) and the M columns' K/V (L, 2, B, kv, M, head_dim).
+        """
+        self.calls += 1
+        batch, columns, _ = column_embeds.shape
+        num_columns = columns - final_columns
+        prefix_len = prefix_kv.shape[-2]
+        padded = -(-prefix_len // self.bucket) * self.bucket
+        final_padded = -(-final_columns // self.final_bucket) * self.final_bucket
+        device = column_embeds.device
+        key_allowed = torch.zeros(batch, padded + num_columns + final_padded, dtype=torch.bool, device=device)
+        key_allowed[:, :prefix_len] = attention_mask[:, :prefix_len].bool()
+        key_allowed[:, padded : padded + columns] = attention_mask[:, prefix_len:].bool()
+        if not self.use_cuda_graphs:  # the same padding as the graphs, run eagerly
+            extra = final_padded - final_columns
+            pad = prefix_kv.new_zeros((*prefix_kv.shape[:-2], padded - prefix_len, prefix_kv.shape[-1]))
+            hidden, latent_kv = latent_block(
+                self.lm,
+                prev,
+                F.pad(column_embeds, (0, 0, 0, extra)),
+                F.pad(column_is_latent, (0, extra)),
+                F.pad(positions, (0, extra)),
+                key_allowed,
+                torch.cat([prefix_kv, pad], -2),
+                final_columns=final_padded,
+            )
+            return hidden[:, :columns], latent_kv
+        params = self._params()
+        fingerprint = tuple(p.data_ptr() for p in params)
+        if fingerprint != self._param_fingerprint:  # parameters moved or re-created: the graphs hold old addresses
+            self._graphs.clear()
+            self._param_fingerprint = fingerprint
+        key = (batch, padded, num_columns, final_padded, column_embeds.dtype, prefix_kv.dtype, device)
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+            graphs = self._capture(params, batch, padded, num_columns, final_padded, column_embeds, prefix_kv)
+            self._graphs[key] = graphs
+        self._graphs.move_to_end(key)
+        return _GraphedBlockFunction.apply(
+            graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *params
+        )
+
+    def graph_body(self, params, inputs, final_columns: int = 0):
+        """(run, wrt): what the graphs capture. `run()` computes the block on `inputs` with aliases of `params`;
+        `wrt` lists the tensors differentiated: prev, column_embeds, prefix_kv, then one alias per parameter.
+
+        The aliases share the parameters' storage but are fresh autograd leaves, first used on the warm-up
+        stream. The parameters' own gradient accumulators were created by eager passes on the default stream,
+        and the autograd engine would make the capturing stream wait on that stream, which invalidates the
+        capture. The gradients the graphs return go to the real parameters.
+        """
+        ids = {id(p) for p in params}
+        named = {name: p for name, p in self.lm.named_parameters() if id(p) in ids}
+        if len(named) != len(params):
+            raise RuntimeError("the latent block's parameters are not all parameters of the language model")
+        aliases = {f"lm.{name}": p.detach().requires_grad_(True) for name, p in named.items()}
+        order = {id(p): f"lm.{name}" for name, p in named.items()}
+        wrt = [inputs[i] for i in _DIFFERENTIABLE] + [aliases[order[id(p)]] for p in params]
+        holder = _Holder(self.lm)
+
+        def run():
+            with torch.enable_grad():  # captured for training even when the first call comes from a no-grad eval
+                return torch.func.functional_call(
+                    holder, aliases, inputs, {"final_columns": final_columns}, tie_weights=False, strict=False
+                )
+
+        return run, wrt
+
+    def _capture(self, params, batch, padded, num_columns, final_padded, column_embeds, prefix_kv) -> _Graphs:
+        device = column_embeds.device
+        hidden_size = column_embeds.shape[-1]
+        columns = num_columns + final_padded
+        inputs = (
+            torch.zeros(batch, hidden_size, dtype=column_embeds.dtype, device=device, requires_grad=True),
+            torch.zeros(batch, columns, hidden_size, dtype=column_embeds.dtype, device=device, requires_grad=True),
+            torch.ones(batch, columns, dtype=torch.bool, device=device),
+            torch.zeros(batch, columns, dtype=torch.long, device=device),
+            torch.ones(batch, padded + columns, dtype=torch.bool, device=device),
+            torch.zeros(
+                (*prefix_kv.shape[:-2], padded, prefix_kv.shape[-1]),
+                dtype=prefix_kv.dtype,
+                device=device,
+                requires_grad=True,
+            ),
+        )
+        run, wrt = self.graph_body(params, inputs, final_padded)
+        torch.cuda.synchronize(device)
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # cuBLAS/SDPA algorithm choice and lazy init outside the capture
+                outputs = run()
+                torch.autograd.grad(outputs, wrt, grad_outputs=[torch.ones_like(o) for o in outputs], allow_unused=True)
+            del outputs
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        pool = torch.cuda.graph_pool_handle()
+        forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pinning thread touching CUDA does not invalidate the capture
+        with torch.cuda.graph(forward_graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = run()
+        grad_outputs = tuple(torch.empty_like(o) for o in outputs)
+        with torch.cuda.graph(backward_graph, pool=pool, capture_error_mode="thread_local"), torch.enable_grad():
+            grad_inputs = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
+        self.captures += 1
+        log.info(
+            "captured the latent passes: batch %d, prefix bucket %d, %d one-position passes, final chunk bucket %d",
+            batch,
+            padded,
+            num_columns,
+            final_padded,
+        )
+        return _Graphs(
+            inputs=inputs,
+            outputs=tuple(o.detach() for o in outputs),
+            grad_outputs=grad_outputs,
+            grad_inputs=tuple(grad_inputs),
+            forward_graph=forward_graph,
+            backward_graph=backward_graph,
+        )

@@ -1,0 +1,207 @@
+"""The one-position latent passes as one static-shape block (engine/model/latent_block.py).
+
+On CPU the block runs eagerly ("static"): the same function that the CUDA graphs capture, with the same bucket
+padding. It must give the transformers passes' logits, thoughts and every gradient, and stay exactly causal.
+The graph-replay tests run where CUDA is available (benchmarks/gpu/model.sh runs them on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.schedule import build_schedule
+from tests.helpers import align_batch, pad_batch, random_pixels, sample_ids
+
+TOL = 2e-5
+
+
+def aligned_batch(model, tok, latents=(4, 2, 3), tiles=(1, 2, 0), seed=0):
+    """Rows with different latent counts, tile counts and question lengths, first latents in one column."""
+    questions = ["What colour?", "Start at the top left cell. Move right twice.", "Move down."]
+    rows = [
+        sample_ids(tok, model, tiles=t, question=questions[i % 3], n_latents=n)
+        for i, (n, t) in enumerate(zip(latents, tiles))
+    ]
+    ids, mask = align_batch(rows, tok.pad_token_id, model.latent_id)
+    size = model.config.vision_config.image_size[0]
+    return ids, mask, random_pixels(sum(tiles), size, seed) if sum(tiles) else None
+
+
+def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=False):
+    model.set_latent_passes(mode, prefix_bucket=bucket, final_bucket=final_bucket)
+    try:
+        labels = ids.masked_fill(mask == 0, -100)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, mask, pv, labels=labels, return_inputs_embeds=True, use_cache=use_cache)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        out.block_calls = sum(b.calls for b in model._latent_blocks.values())
+        return out, grads
+    finally:
+        model.set_latent_passes("auto")
+
+
+@pytest.mark.parametrize("bucket,final_bucket,use_cache", [(1, 1, False), (5, 7, False), (128, 32, False), (5, 7, True)])
+def test_static_block_matches_transformers_passes(tiny_model, tiny_tok, bucket, final_bucket, use_cache):
+    """With use_cache the block stops before the final pass and the transformers cache gets its K/V."""
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok)
+    tiny_model._latent_blocks.clear()
+    ref, ref_grads = run(tiny_model, "transformers", ids, mask, pv, use_cache=use_cache)
+    assert ref.block_calls == 0
+    out, grads = run(tiny_model, "static", ids, mask, pv, bucket=bucket, final_bucket=final_bucket, use_cache=use_cache)
+    assert out.block_calls == 1, "the aligned batch did not take the block"
+    if use_cache:
+        for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=TOL, rtol=0)
+            torch.testing.assert_close(a.values, b.values, atol=TOL, rtol=0)
+    real = mask.bool()
+    assert out.num_passes == ref.num_passes == 5
+    torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.inputs_embeds[real], ref.inputs_embeds[real], atol=TOL, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_static_block_is_causal(tiny_model, tiny_tok):
+    """Changing every token after the last latent must not move any output at or before the latents."""
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok, latents=(4, 4, 4), seed=3)
+    last_latent = int((ids == tiny_model.latent_id).nonzero()[:, 1].max())
+    changed = ids.clone()
+    after = torch.zeros_like(mask, dtype=torch.bool)
+    after[:, last_latent + 1 :] = True
+    after &= mask.bool()
+    g = torch.Generator().manual_seed(0)
+    changed[after] = torch.randint(5, 60, (int(after.sum()),), generator=g)
+    tiny_model.set_latent_passes("static")
+    try:
+        with torch.no_grad():
+            a = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+            b = tiny_model(changed, mask, pv, return_inputs_embeds=True)
+    finally:
+        tiny_model.set_latent_passes("auto")
+    before = mask.bool() & ~after
+    assert (a.logits[before] - b.logits[before]).abs().max() == 0
+    assert (a.inputs_embeds[before] - b.inputs_embeds[before]).abs().max() == 0
+    assert (a.logits[after] - b.logits[after]).abs().max() > 0  # the change itself is visible
+
+
+def test_unaligned_batch_takes_the_transformers_passes(tiny_model, tiny_tok):
+    rows = [sample_ids(tiny_tok, tiny_model, tiles=1, question=q, n_latents=n) for q, n in (("A?", 3), ("Longer question?", 2))]
+    ids, mask = pad_batch(rows, tiny_tok.pad_token_id, left=[False, False])  # right padding: latents not aligned
+    pv = random_pixels(2, tiny_model.config.vision_config.image_size[0], 0)
+    tiny_model._latent_blocks.clear()
+    ref, ref_grads = run(tiny_model, "transformers", ids, mask, pv)
+    out, grads = run(tiny_model, "static", ids, mask, pv)
+    assert out.block_calls == 0  # the layout does not allow it
+    torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+
+
+def _schedule(ids, mask, model):
+    return build_schedule(
+        ids, mask, latent_id=model.latent_id, image_token_id=model.image_token_id,
+        tokens_per_tile=model.tokens_per_tile, num_tiles=None,
+    )[0]
+
+
+def test_one_position_passes_of_each_layout(tiny_model, tiny_tok):
+    L = tiny_model.latent_id
+    row = sample_ids(tiny_tok, tiny_model, tiles=0, n_latents=3)
+    ids, mask = align_batch([row, row], tiny_tok.pad_token_id, L)
+    assert _schedule(ids, mask, tiny_model).one_position_passes == 2
+    assert _schedule(ids, mask, tiny_model).with_min_passes(6).one_position_passes == 0  # lockstep cuts
+    one = sample_ids(tiny_tok, tiny_model, tiles=0, n_latents=1)
+    ids1, mask1 = align_batch([one], tiny_tok.pad_token_id, L)
+    assert _schedule(ids1, mask1, tiny_model).one_position_passes == 0  # a single latent: no one-position pass
+    gap = list(row)
+    first = gap.index(L)
+    gap[first + 1] = tiny_tok.convert_tokens_to_ids("a") if "a" in tiny_tok.get_vocab() else 10  # latents not contiguous
+    idsg, maskg = align_batch([gap], tiny_tok.pad_token_id, L)
+    assert _schedule(idsg, maskg, tiny_model).one_position_passes == 0
+    # a row that is padding in a latent column (right padding of a short row) rules the block out
+    short = sample_ids(tiny_tok, tiny_model, tiles=0, n_latents=0, markers=False, tail="")
+    idsp, maskp = pad_batch([row, short], tiny_tok.pad_token_id, left=[False, False])
+    assert not maskp[1, first : first + 3].all()
+    assert _schedule(idsp, maskp, tiny_model).one_position_passes == 0
+
+
+def test_set_latent_passes_rejects_bad_values(tiny_model):
+    with pytest.raises(ValueError, match="latent passes mode"):
+        tiny_model.set_latent_passes("graphs")
+    with pytest.raises(ValueError, match="prefix_bucket"):
+        tiny_model.set_latent_passes("static", prefix_bucket=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs the model on CUDA"):
+            tiny_model.set_latent_passes("cuda_graph")
+    tiny_model.set_latent_passes("auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_block_matches_transformers_passes(tiny):
+    from engine import load_model
+
+    model = load_model("tiny", seed=0)[0].cuda().train()
+    tok = tiny[1]
+    for seed in range(3):  # first call captures, later calls replay with new data
+        ids, mask, pv = aligned_batch(model, tok, seed=seed)
+        ids, mask = ids.cuda(), mask.cuda()
+        pv = None if pv is None else pv.cuda()
+        ref, ref_grads = run(model, "transformers", ids, mask, pv)
+        out, grads = run(model, "cuda_graph", ids, mask, pv)
+        real = mask.bool()
+        torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=0)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert model._latent_blocks[True].captures == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_backward_after_another_replay_raises(tiny):
+    from engine import load_model
+
+    model = load_model("tiny", seed=0)[0].cuda().train()
+    model.set_latent_passes("cuda_graph")
+    ids, mask, pv = aligned_batch(model, tiny[1])
+    ids, mask, pv = ids.cuda(), mask.cuda(), pv.cuda()
+    labels = ids.masked_fill(mask == 0, -100)
+    first = model.compute_loss(ids, mask, pv, labels)
+    model.compute_loss(ids, mask, pv, labels)
+    with pytest.raises(RuntimeError, match="replayed by another forward"):
+        first.backward()
+
+
+@pytest.mark.parametrize("final_columns", [0, 3])
+def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, final_columns):
+    """What the CUDA graphs capture: the block on aliases of the parameters; its gradients, in `wrt` order,
+    must be the parameters' own gradients (a wrong name-to-parameter map would swap them)."""
+    from engine.model.latent_block import LatentBlock, latent_block
+
+    lm = tiny_model.language_model
+    config = lm.config
+    g = torch.Generator().manual_seed(0)
+    batch, columns, prefix, hidden = 3, 4 + final_columns, 9, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    inputs = (
+        torch.randn(batch, hidden, generator=g, requires_grad=True),
+        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
+        torch.tensor([[True, True, False, True] + [True] + [False] * (final_columns - 1)][:1] * batch)[:, :columns],
+        torch.arange(prefix, prefix + columns).repeat(batch, 1),
+        torch.rand(batch, prefix + columns, generator=g) > 0.2,
+        torch.randn(config.num_hidden_layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g,
+                    requires_grad=True),
+    )
+    inputs[4][:, prefix:] = True
+    block = LatentBlock(lm, use_cuda_graphs=False)
+    params = block._params()
+    outputs = latent_block(lm, *inputs, final_columns=final_columns)
+    cotangents = [torch.randn(o.shape, generator=g) for o in outputs]
+    expected = torch.autograd.grad(outputs, [inputs[0], inputs[1], inputs[5], *params], cotangents)
+    run, wrt = block.graph_body(params, inputs, final_columns)
+    got = torch.autograd.grad(run(), wrt, cotangents)
+    assert len(got) == len(expected) == 3 + len(params)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
+    assert all(w.data_ptr() == p.data_ptr() for w, p in zip(wrt[3:], params))  # aliases share the storage
