@@ -436,6 +436,11 @@ def run_config(cfg: Config, model, tok, check_model, args) -> list[dict]:
             row.update(time_method(m, model, latent_d, plain_d, args))
         rows.append(row)
     model.eval()
+    # Each configuration's shapes get their own captured graphs; keep them from piling up across the sweep.
+    model.release_latent_graphs()
+    if check_model is not model:
+        check_model.release_latent_graphs()
+    free_memory(args.device)
     add_ratios(rows)
     return rows
 

@@ -205,3 +205,17 @@ def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, fi
     for i, (a, b) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
     assert all(w.data_ptr() == p.data_ptr() for w, p in zip(wrt[3:], params))  # aliases share the storage
+
+
+def test_a_copied_model_gets_its_own_block(tiny_model, tiny_tok):
+    import copy
+
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok)
+    tiny_model.set_latent_passes("static")
+    try:
+        tiny_model(ids, mask, pv)
+        twin = copy.deepcopy(tiny_model)
+        assert twin._latent_blocks[False].lm is twin.language_model  # not the original's modules
+        assert twin._latent_blocks[False]._graphs == {}
+    finally:
+        tiny_model.set_latent_passes("auto")

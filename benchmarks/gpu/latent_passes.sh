@@ -9,7 +9,7 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeou
 step graph_tests 120 python -m pytest -q -p no:cacheprovider tests/test_latent_block.py
 step latent_forward 300 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --stages 0,1,2,3 --c-thought 2 --batch-sizes 32 --text-len 64 --methods engine,engine_eager,fullpass,naive,plain \
-  --max-batch naive=8 --time-budget-s 240 --out "$OUT/latent_forward"
+  --max-batch naive=8 --time-budget-s 200 --out "$OUT/latent_forward"
 step naive_b8 150 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --stages 1,3 --c-thought 2 --batch-sizes 8 --text-len 64 --methods engine,naive,plain --check-rows 2 \
   --time-budget-s 100 --out "$OUT/naive_b8"

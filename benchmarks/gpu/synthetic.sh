@@ -13,8 +13,8 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout
 for r in $RUNS; do
   case $r in
     coconut) run synthetic-gpu 380 ;;
-    nocot) run synthetic-gpu-nocot 180 --set no_cot=true --set num_epochs=4 ;;
-    cot) run synthetic-gpu-cot 300 --set cot=true --set num_epochs=4 ;;
+    nocot) run synthetic-gpu-nocot 240 --set no_cot=true --set num_epochs=8 ;;
+    cot) run synthetic-gpu-cot 330 --set cot=true --set num_epochs=8 ;;
     *) echo "unknown run $r (coconut, nocot, cot)"; exit 2 ;;
   esac
 done

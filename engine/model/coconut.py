@@ -170,6 +170,11 @@ class MultimodalCoconut(nn.Module):
             self._latent_blocks.clear()
             self._latent_buckets = (prefix_bucket, final_bucket)
 
+    def release_latent_graphs(self) -> None:
+        """Drop the captured latent-pass graphs (and their memory pools); the next training forward recaptures."""
+        for block in self._latent_blocks.values():
+            block.release()
+
     def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
         """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
         if schedule.one_position_passes == 0:

@@ -90,11 +90,18 @@ def _chunk(layers, norm, x, cos, sin, past_keys, past_values, allowed, heads):
         past_keys[i].append(k)
         past_values[i].append(v)
         keys, values = torch.cat(past_keys[i], dim=2), torch.cat(past_values[i], dim=2)
-        if groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
-            keys = keys[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
-            values = values[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=attn.scaling)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, q_heads * head_dim))
+        if n == 1:
+            # One query per row: attention is a few small matmuls over the grouped heads. Unlike SDPA after
+            # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2).
+            scores = (q.view(batch, kv_heads, groups, head_dim) @ keys.transpose(-1, -2)).float() * attn.scaling
+            scores = scores.masked_fill(~allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
+            o = scores.softmax(-1).to(values.dtype) @ values  # (B, kv_heads, groups, head_dim)
+        else:
+            if groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
+                keys = keys[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
+                values = values[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=attn.scaling).transpose(1, 2)
+        x = x + attn.o_proj(o.reshape(batch, n, q_heads * head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return norm(x)
 
@@ -264,6 +271,16 @@ class LatentBlock:
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
         self.calls = 0
+
+    def release(self) -> None:
+        """Drop every captured graph and its memory."""
+        self._graphs.clear()
+
+    def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
+        state = dict(self.__dict__)
+        state["_graphs"] = OrderedDict()
+        state["_param_fingerprint"] = None
+        return state
 
     def _params(self) -> list[nn.Parameter]:
         config = self.lm.config
