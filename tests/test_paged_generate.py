@@ -39,18 +39,27 @@ def shared_image_batch(model, tok, specs=SPECS):
 
 @pytest.fixture
 def record_logits(monkeypatch):
-    """Record the logits every decoding step selects from, for both loops."""
+    """Record the logits every decoding step selects from, for both caches (they share `decode_loop`, so the
+    recording goes to whichever cache is generating)."""
     seen: dict[str, list[torch.Tensor]] = {"dynamic": [], "paged": []}
+    select = generation.select_next_token
 
-    def recorder(key, fn):
-        def wrapped(logits, **kwargs):
-            seen[key].append(logits.detach().float().clone())
-            return fn(logits, **kwargs)
+    def wrapped(logits, **kwargs):
+        seen[wrapped.current].append(logits.detach().float().clone())
+        return select(logits, **kwargs)
 
-        return wrapped
+    wrapped.current = "dynamic"
+    monkeypatch.setattr(generation, "select_next_token", wrapped)
+    original_generate = paged_runner.PagedRunner.generate
 
-    monkeypatch.setattr(generation, "select_next_token", recorder("dynamic", generation.select_next_token))
-    monkeypatch.setattr(paged_runner, "select_next_token", recorder("paged", paged_runner.select_next_token))
+    def generate(self, *args, **kwargs):
+        wrapped.current = "paged"
+        try:
+            return original_generate(self, *args, **kwargs)
+        finally:
+            wrapped.current = "dynamic"
+
+    monkeypatch.setattr(paged_runner.PagedRunner, "generate", generate)
     return seen
 
 

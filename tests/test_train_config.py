@@ -46,6 +46,9 @@ def test_overrides_need_key_value():
         ({"resume": 9, "num_epochs": 3}, "resume"),
         ({"only_eval": True}, "load_model_path"),
         ({"overlong": "truncate"}, "overlong"),
+        ({"latent_passes": "graphs"}, "latent_passes must be"),
+        ({"latent_passes": "cuda_graph", "zero_stage": 3}, "zero_stage <= 2"),
+        ({"latent_prefix_bucket": 0}, "latent_prefix_bucket must be >= 1"),
     ],
 )
 def test_invalid_values(values, needle):

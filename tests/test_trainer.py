@@ -182,3 +182,16 @@ def test_only_eval_writes_official_predictions(finished_run, tmp_path):
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(annotations))
     assert aokvqa.main(["--annotations", str(ann), "--predictions", str(preds)]) == 0
+
+
+def test_static_latent_block_trains_to_the_same_parameters(tmp_path):
+    """The latent block (what CUDA graphs replay on GPU) inside the real trainer: same parameters as the
+    transformers passes after the latent stages, and the aligned batches really took it."""
+    reference = Trainer(make_config(tmp_path / "a", latent_passes="transformers"))
+    reference.run()
+    block = Trainer(make_config(tmp_path / "b", latent_passes="static"))
+    block.run()
+    assert block.model._latent_blocks[False].calls > 0
+    expected = trained_parameters(reference)
+    for name, value in trained_parameters(block).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -86,37 +86,75 @@ def generate_with_dynamic_cache(
         return out
     hidden, _, cache = model.run_passes(batch)
     model.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
-    logits = model.base.lm_head(hidden[:, -1])
     mask = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
-    finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
     embed = model.base.get_input_embeddings()
+
+    def advance(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, next_pos
+        mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
+        hidden = model.language_model(
+            inputs_embeds=embed(token[:, None]),
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        next_pos = next_pos + 1
+        return model.base.lm_head(hidden[:, -1])
+
+    return decode_loop(
+        model.base.lm_head(hidden[:, -1]),
+        out,
+        advance,
+        sampling=dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
+        eos_token_id=eos_token_id,
+        pad=pad,
+        step_sync=step_sync,
+    )
+
+
+def decode_loop(
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    advance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    sampling: dict,
+    eos_token_id: int | None,
+    pad: int,
+    step_sync: Callable[[bool], bool] | None = None,
+    sync_interval: int = 1,
+) -> torch.Tensor:
+    """The decoding loop of every KV cache: pick a token per row from `logits` (B, V), write it into `out`
+    (B, max_new_tokens), then `advance(token, finished)` runs one step and returns the next logits.
+
+    Rows that ended (eos) get the pad id. Whether every row ended is checked on the host every
+    `sync_interval` steps (each check waits for the GPU) and the output is then cut where the last row ended,
+    so the result does not depend on the interval. `step_sync(local_done) -> all_done` (ZeRO-3) replaces the
+    check: every rank steps until all are done.
+    """
+    rows, max_new_tokens = out.shape
+    finished = torch.zeros(rows, dtype=torch.bool, device=out.device)
     steps = 0
     for step in range(max_new_tokens):
-        token = select_next_token(
-            logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
+        token = select_next_token(logits, **sampling)
         token = torch.where(finished, torch.full_like(token, pad), token)
         out[:, step] = token
         steps = step + 1
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-        done = eos_token_id is not None and bool(finished.all())
         if step_sync is not None:
-            done = step_sync(done)  # every rank keeps stepping until all ranks are done
-        if done:
-            break
-        if step == max_new_tokens - 1:
+            done = step_sync(eos_token_id is not None and bool(finished.all()))
+        else:
+            check = eos_token_id is not None and (step + 1) % sync_interval == 0
+            done = check and bool(finished.all())
+        if done or step == max_new_tokens - 1:
             break
         with profile_range(f"coconut/decode_step_{step}"):
-            mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-            hidden = model.language_model(
-                inputs_embeds=embed(token[:, None]),
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            logits = model.base.lm_head(hidden[:, -1])
-        next_pos = next_pos + 1
-    return out[:, :steps]
+            logits = advance(token, finished)
+    out = out[:, :steps]
+    if eos_token_id is not None and step_sync is None and steps:
+        ended = out == eos_token_id
+        if bool(ended.any(1).all()):  # every row ended: cut where the last one did
+            out = out[:, : int(ended.int().argmax(1).max()) + 1]
+    return out

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from engine.model.generation import check_left_padded, select_next_token
+from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
 from kernels.paged_kv import (
@@ -543,47 +543,36 @@ class PagedRunner:
 
     def _decode(self, logits, plan, block_tables, buf, out, *, do_sample, temperature, top_k, top_p, generator,
                 eos_token_id, pad, step_sync) -> torch.Tensor:
-        rows, max_new_tokens = out.shape
+        rows = out.shape[0]
         cache = self.cache
         positions = _to_device(torch.tensor(plan.lengths, dtype=torch.long), self.device)  # next position per row
         next_pos = list(plan.lengths)
-        finished = torch.zeros(rows, dtype=torch.bool, device=out.device)
-        steps = 0
-        for step in range(max_new_tokens):
-            token = select_next_token(
-                logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            out[:, step] = token
-            steps = step + 1
-            if eos_token_id is not None:
-                finished = finished | (token == eos_token_id)
-            if step_sync is not None:
-                done = step_sync(eos_token_id is not None and bool(finished.all()))
-            else:
-                # Checking every step would stall the host on the GPU each step; the output is trimmed below.
-                check = eos_token_id is not None and (step + 1) % self.sync_interval == 0
-                done = check and bool(finished.all())
-            if done or step == max_new_tokens - 1:
-                break
-            with profile_range(f"coconut/decode_step_{step}"):
-                updates = []
-                for b in range(rows):
-                    for index, block in cache.reserve(b, next_pos[b] + 1):
-                        updates.append((b, index, block))
-                    next_pos[b] += 1
-                if updates:
-                    u = _to_device(torch.tensor(updates, dtype=torch.long).T.contiguous(), self.device)
-                    block_tables[u[0], u[1]] = u[2].to(torch.int32)
-                logits = self._one_position(buf, block_tables, positions, ~finished, tokens=token)
+
+        def advance(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+            nonlocal positions
+            updates = []
+            for b in range(rows):
+                for index, block in cache.reserve(b, next_pos[b] + 1):
+                    updates.append((b, index, block))
+                next_pos[b] += 1
+            if updates:
+                u = _to_device(torch.tensor(updates, dtype=torch.long).T.contiguous(), self.device)
+                block_tables[u[0], u[1]] = u[2].to(torch.int32)
+            logits = self._one_position(buf, block_tables, positions, ~finished, tokens=token)
             positions = positions + 1
+            return logits
+
+        out = decode_loop(
+            logits,
+            out,
+            advance,
+            sampling=dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
+            eos_token_id=eos_token_id,
+            pad=pad,
+            step_sync=step_sync,
+            sync_interval=self.sync_interval,  # checking every step would stall the host on the GPU each step
+        )
         self.stats["peak_blocks"] = cache.num_used_blocks
-        out = out[:, :steps]
-        if eos_token_id is not None and step_sync is None and steps:
-            ended = out == eos_token_id
-            if bool(ended.any(1).all()):  # every row ended: cut where the last one did, as the dynamic loop does
-                steps = int(ended.int().argmax(1).max()) + 1
-                out = out[:, :steps]
         return out
 
 

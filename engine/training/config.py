@@ -72,6 +72,11 @@ class TrainConfig:
     max_tiles: int = 1
     num_workers: int = 0
     attn_implementation: str = "sdpa"
+    # how the one-position latent passes run (MultimodalCoconut.set_latent_passes): auto (CUDA graphs on GPU under
+    # ZeRO 0-2) | transformers | static | cuda_graph; the buckets trade captured graphs against padded work
+    latent_passes: str = "auto"
+    latent_prefix_bucket: int = 128
+    latent_final_bucket: int = 32
     eval_batch_size: int = 16
     max_new_tokens: int = 64
     eval_max_samples: int | None = None  # cap validation generation (None: the whole set)
@@ -89,7 +94,8 @@ class TrainConfig:
         if self.cot or self.no_cot:
             self.coconut = False
         positive = ("c_thought", "epochs_per_stage", "num_epochs", "batch_size_training", "gradient_accumulation_steps",
-                    "max_length", "eval_batch_size", "max_tiles", "eval_every_epochs", "keep_checkpoints", "log_every_steps")
+                    "max_length", "eval_batch_size", "max_tiles", "eval_every_epochs", "keep_checkpoints", "log_every_steps",
+                    "latent_prefix_bucket", "latent_final_bucket")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -105,6 +111,15 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.latent_passes not in ("auto", "transformers", "static", "cuda_graph"):
+            raise ConfigError(
+                f"latent_passes must be auto, transformers, static or cuda_graph, got {self.latent_passes!r}"
+            )
+        if self.zero_stage == 3 and self.latent_passes in ("static", "cuda_graph"):
+            raise ConfigError(
+                f"latent_passes={self.latent_passes} needs zero_stage <= 2 (ZeRO-3 gathers parameters per module call, "
+                "which the latent block's graphs cannot replay); use auto or transformers"
+            )
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.eval_stage is not None and self.eval_stage < 0:

@@ -192,6 +192,12 @@ class Trainer:
             log.info("initialised from %s", path)
         else:
             model, tok, proc = load_model(cfg.model_id, model_overrides=cfg.model_overrides or None, **kwargs)
+        try:
+            model.set_latent_passes(
+                cfg.latent_passes, prefix_bucket=cfg.latent_prefix_bucket, final_bucket=cfg.latent_final_bucket
+            )
+        except RuntimeError as e:
+            raise ConfigError(f"latent_passes={cfg.latent_passes!r}: {e}") from e
         return model, tok, proc
 
     def _init_engine(self, model, steps_per_epoch: int):
