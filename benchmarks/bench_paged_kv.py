@@ -14,11 +14,13 @@ GPU report (one shot, every section guarded: a failure is recorded and the next 
 1. numerics: bf16 (and fp32) paged decode attention, chunk attention and the write kernel against their
    references at the model's geometry; split-K against no split;
 2. paged decode attention for 24 layers, 14/2 heads, head_dim 64, batch 64, 1,300-token contexts (256 visual),
-   eager and in one CUDA graph, over a sweep of splits / tile sizes, against the HBM floor (K/V bytes read over
-   the measured copy bandwidth; target >= 70 % of the floor), with dense SDPA on contiguous caches beside it;
+   eager and in one CUDA graph, over a sweep of splits / tile sizes and cache page sizes, against the HBM floor
+   (K/V bytes read over the measured copy bandwidth; target >= 70 % of the floor), with dense SDPA on
+   contiguous caches beside it;
 3. a whole decode step of the InternVL3-1B language model (random weights, real sizes) at batch 64: the paged
    runner's step in a CUDA graph against transformers' eager DynamicCache step, against the floor (weights +
-   lm_head + K/V bytes over the copy bandwidth; target within 1.5x), plus per-step times of whole generate()
+   lm_head + K/V bytes over the copy bandwidth; target within 1.5x), where the step's device time goes (per
+   kernel and per kind, from torch.profiler over eager steps), plus per-step times of whole generate()
    calls, paged-vs-dynamic token agreement, and prefix-sharing savings on a batch of 8 images x 8 questions.
 
 Writes ``DIR/bench_paged_kv.json`` and ``DIR/bench_paged_kv.md``.
@@ -209,6 +211,8 @@ class Geometry:
     sweep_block_n: tuple = (32, 64, 128)
     sweep_warps: tuple = (4, 8)
     sweep_stages: tuple = (None, 4)  # None: Triton's default software pipelining depth
+    # other cache page sizes (PagedRunner(block_size=...)): fewer block-table lookups per token read
+    sweep_page_sizes: tuple = (32, 64)
     small_batch: int = 8
     small_context: int = 400
     images: int = 8  # prefix-sharing case: batch = images x questions
@@ -220,7 +224,7 @@ class Geometry:
         return cls(
             device="cpu", layers=2, q_heads=4, kv_heads=2, head_dim=16, batch=2, context=40, visual=16, block_size=4,
             model_spec="tiny", dtype=torch.float32, numerics_lens=(1, 4, 5, 23), chunk_cached=(0, 7),
-            chunk_lens=(5, 0), sweep_splits=(1, 2), sweep_block_n=(16,), sweep_warps=(4,), sweep_stages=(None,), small_batch=2,
+            chunk_lens=(5, 0), sweep_splits=(1, 2), sweep_block_n=(16,), sweep_warps=(4,), sweep_stages=(None,), sweep_page_sizes=(8,), small_batch=2,
             small_context=30, images=1, sharing_context=30, warmup=0,
         )
 
@@ -356,6 +360,44 @@ def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repe
             rows.append(error_row(name, e, mode="graph", **cfg))
     out["best"] = best
     out["meets_target_best"] = bool(best and best["pct_of_floor"] >= 70)
+    # The same K/V in larger pages: a tile of block_n tokens then spans fewer pages (fewer table lookups).
+    out["best_by_page_size"] = {}
+    out["best_any_page_size"] = best
+    for page in geo.sweep_page_sizes:
+        if page == geo.block_size:
+            continue
+        try:
+            page_case = geo.case(layers=geo.layers, block_size=page)
+        except Exception as e:  # noqa: BLE001
+            rows.append(error_row(f"block_size={page}", e, block_size=page))
+            continue
+
+        def page_layers(page_case=page_case, **kwargs):
+            def fn():
+                for layer in range(geo.layers):
+                    page_case.run(layer, **kwargs)
+
+            return fn
+
+        page_best = None
+        for splits in sorted({auto, *geo.sweep_splits[-2:]}):
+            for block_n in geo.sweep_block_n[-2:]:
+                cfg = dict(num_splits=splits, block_n=block_n, num_warps=geo.sweep_warps[0], num_stages=None)
+                name = f"graph block_size={page} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+                try:
+                    graph = capture_graph(page_layers(**cfg), geo)
+                    row = record(name, timed(graph.replay), mode="graph", block_size=page, **cfg)
+                    if page_best is None or row["median_us"] < page_best["median_us"]:
+                        page_best = row
+                    del graph
+                except Exception as e:  # noqa: BLE001
+                    rows.append(error_row(name, e, mode="graph", block_size=page, **cfg))
+        out["best_by_page_size"][page] = page_best
+        overall = out["best_any_page_size"]
+        if page_best is not None and (overall is None or page_best["median_us"] < overall["median_us"]):
+            out["best_any_page_size"] = page_best
+        del page_case
+        free_memory(geo.device)
     default = dict(num_splits=None, block_n=64, num_warps=4)  # what the runner launches
     try:
         graph = capture_graph(all_layers(**default), geo)
@@ -413,6 +455,49 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     pictures = torch.randn(images or batch, 3, size, size, generator=g)
     order = [(b // questions) % images for b in range(batch)] if images else list(range(batch))
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
+
+
+KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "addmm", "matmul", "::mm", "bmm")),
+    ("paged attention", ("_paged_decode",)),
+    ("paged K/V write", ("_paged_kv_write",)),
+    ("norm", ("rms", "norm", "rsqrt", "pow_")),
+    ("elementwise and copies", ("elementwise", "copy", "cat", "mul", "add", "neg", "silu", "index", "gather")),
+)
+
+
+def kernel_breakdown(step, geo: "Geometry", steps: int = 3) -> dict:
+    """Where a step's device time goes: torch.profiler over `steps` eager steps, device time per kernel name and
+    per kind (matmul, paged attention, ...), per step. In a CUDA graph the same kernels run without the launch
+    gaps, so the sum is what the graph replay cannot go below."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if geo.cuda else [])
+    step()
+    if geo.cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if geo.cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0) if geo.cuda else event.self_cpu_time_total
+        if us <= 0 or (not geo.cuda and not event.key.startswith("aten::")):
+            continue
+        rows.append(dict(name=event.key[:90], us_per_step=us / steps, calls_per_step=event.count / steps))
+    total = sum(r["us_per_step"] for r in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for r in rows:
+        r["pct"] = 100 * r["us_per_step"] / total
+        low = r["name"].lower()
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in low for n in needles)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + r["us_per_step"]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return dict(device=geo.cuda, total_us_per_step=total, launches_per_step=sum(r["calls_per_step"] for r in rows),
+                by_kind=[dict(kind=k, us_per_step=v, pct=100 * v / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])],
+                top=rows[:15])
 
 
 @torch.no_grad()
@@ -484,6 +569,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
             return runner._one_position(None, tables, positions, active, tokens=tokens)
 
         record("paged runner step, eager", timed(eager_step), mode="eager")
+        out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
     except Exception as e:
         out["rows"].append(error_row("paged runner step", e))
     finally:
@@ -585,7 +671,10 @@ def render(report: dict) -> str:
             f"block size {da['block_size']}\n\n"
             f"Floor: {da['kv_bytes'] / 1e9:.3f} GB of K/V / copy bandwidth = {da['floor_us']:.0f} us. Target >= "
             f"{da['target_pct_of_floor']}% of the floor in a CUDA graph: best config {verdict('meets_target_best')}, "
-            f"the runner's default config {verdict('meets_target_default')}.\n\n"
+            f"the runner's default config {verdict('meets_target_default')}"
+            + (f"; best over page sizes: {da['best_any_page_size']['name']} at "
+               f"{da['best_any_page_size']['pct_of_floor']:.0f}%" if da.get("best_any_page_size") else "")
+            + ".\n\n"
             + markdown_table(da["rows"], [("name", "variant"), ("median_us", "median us"), ("p10_us", "p10"),
                                           ("p90_us", "p90"), ("pct_of_floor", "% of floor"), ("error", "error")]))
     ds = report.get("decode_step")
@@ -597,6 +686,14 @@ def render(report: dict) -> str:
                 f"{ds['target_x_floor']}x of the floor{met}.\n\n"
                 + markdown_table(ds["rows"], [("name", "variant"), ("median_us", "us/step"), ("x_floor", "x floor"),
                                               ("error", "error")]))
+        kb = ds.get("kernel_breakdown")
+        if kb:
+            what = "device time per kernel" if kb["device"] else "CPU time per op (no GPU: the dry run)"
+            text += (f"\n\nWhere the eager step's time goes ({what}): {kb['total_us_per_step']:.0f} us per step over "
+                     f"{kb['launches_per_step']:.0f} launches.\n\n"
+                     + markdown_table(kb["by_kind"], [("kind", "kind"), ("us_per_step", "us/step"), ("pct", "%")])
+                     + "\n\n" + markdown_table(kb["top"], [("name", "kernel"), ("us_per_step", "us/step"),
+                                                             ("calls_per_step", "calls/step"), ("pct", "%")]))
         for key, title in (("agreement", "Paged vs dynamic greedy tokens"), ("sharing", "Prefix sharing")):
             if key in ds:
                 shown = {k: v for k, v in ds[key].items() if k != "trace"}

@@ -167,3 +167,8 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     assert step["agreement"]["all_tokens"] == 1.0, "fp32 paged and dynamic generation must agree"
     assert step["sharing"]["on"]["blocks_after_prompt"] < step["sharing"]["off"]["blocks_after_prompt"]
     assert "## 3. Whole decode step" in (tmp_path / "bench_paged_kv.md").read_text()
+    pages = payload["decode_attention"]["best_by_page_size"]
+    assert set(pages) == {"8"} and pages["8"]["block_size"] == 8  # the page-size sweep ran (JSON keys are strings)
+    breakdown = step["kernel_breakdown"]
+    assert breakdown["total_us_per_step"] > 0 and breakdown["top"]
+    assert abs(sum(k["pct"] for k in breakdown["by_kind"]) - 100) < 1e-6

@@ -18,11 +18,17 @@ embedding, o projection, MLP), as a function of static shapes:
 - ``prefix_kv`` (L, 2, B, kv_heads, P_bucket, head_dim): the prefix pass's cache, padded to the bucket;
 
 and returns ``hidden`` (B, M, H) and ``latent_kv`` (L, 2, B, kv_heads, M, head_dim), which are appended to the
-transformers cache for the final pass. Padding the prefix to a bucket of `bucket` positions (masked out by
-``key_allowed``) lets one graph serve every batch whose prefix falls in the bucket.
+transformers cache for the final pass. In training nobody needs the cache afterwards, so the block also runs
+the final pass: its F columns are appended to the column inputs (the first may hold the last latent) and run
+as one causal chunk. Padding the prefix to a multiple of `bucket` positions (masked out by ``key_allowed``)
+and the final chunk to a multiple of `final_bucket` (right padding, causally after every real column) lets
+one graph serve every batch whose lengths fall in the same buckets.
+
+One query per row attends with grouped matmuls over the kv heads (what SDPA after repeat_kv would save for
+backward is 7x larger at 14/2 heads); the final chunk uses SDPA as transformers does.
 
 `LatentBlock` runs it eagerly (the CPU path that tests compare with the transformers passes, bucket padding
-included) or from two CUDA graphs per (batch, bucket, M): the forward and the backward (``autograd.grad`` with
+included) or from two CUDA graphs per shape bucket: the forward and the backward (``autograd.grad`` with
 respect to the inputs and the parameters), captured as `torch.cuda.make_graphed_callables` does, with three
 differences that matter here: inputs shorter than the bucket are copied into the front of the static buffers;
 outputs and gradients are returned as copies, so nothing the caller keeps (``param.grad`` included, which
