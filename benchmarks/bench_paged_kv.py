@@ -457,11 +457,64 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
 
 
+def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, fused_ops) -> None:
+    """The paged runner's one-position step at `context` cached positions per row: graph and eager rows."""
+    from engine.model.paged_runner import PagedRunner
+
+    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context), fused_ops=fused_ops)
+    fused = runner._use_fused_ops()
+    label = "paged runner step" + (", decode fusions" if fused else ", transformers modules")
+    try:
+        per_row = math.ceil((context + 1) / geo.block_size)
+        runner._ensure_cache(batch * per_row + batch)
+        cache = runner.cache
+        for b in range(batch):
+            cache.add_sequence(b)
+            cache.reserve(b, context + 1)
+        cache.key.normal_()
+        cache.value.normal_()
+        buf = runner._bucket(batch)
+        buf.block_tables.zero_()
+        buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
+        tables = buf.block_tables[:batch]
+        positions = torch.full((batch,), context, dtype=torch.long, device=geo.device)
+        active = torch.ones(batch, dtype=torch.bool, device=geo.device)
+        tokens = torch.randint(10, 400, (batch,), device=geo.device)
+
+        def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
+            return runner._one_position(buf, tables, positions, active, tokens=tokens)
+
+        graph_step()  # captures
+        row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused)
+        if fused_ops is None:  # the runner's default is what the target is about
+            out["paged_within_target"] = row["x_floor"] <= 1.5
+        if True in buf.graphs:
+            graph, _ = buf.graphs[True]
+            record(f"{label}, graph replay only", timed(graph.replay), mode="graph", fused=fused)
+
+        def eager_step():
+            return runner._one_position(None, tables, positions, active, tokens=tokens)
+
+        record(f"{label}, eager", timed(eager_step), mode="eager", fused=fused)
+        if fused_ops is None:
+            out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
+    except Exception as e:
+        out["rows"].append(error_row(label, e))
+    finally:
+        if runner.cache is not None:
+            runner.cache.free_all()
+        runner._drop_graphs()
+        runner.cache = None
+        free_memory(geo.device)
+
+
 KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "addmm", "matmul", "::mm", "bmm")),
     ("paged attention", ("_paged_decode",)),
     ("paged K/V write", ("_paged_kv_write",)),
     ("norm", ("rms", "norm", "rsqrt", "pow_")),
+    ("rotary", ("rotary",)),
+    ("SwiGLU product", ("silu",)),
     ("elementwise and copies", ("elementwise", "copy", "cat", "mul", "add", "neg", "silu", "index", "gather")),
 )
 
@@ -536,48 +589,10 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         say(f"  {name}: {timing_ms * 1e3:.0f} us/step = {row['x_floor']:.2f}x the floor")
         return row
 
-    # -- the paged runner's one-position step, every row holding `context` positions (random K/V)
-    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context))
-    try:
-        per_row = math.ceil((context + 1) / geo.block_size)
-        runner._ensure_cache(batch * per_row + batch)
-        cache = runner.cache
-        for b in range(batch):
-            cache.add_sequence(b)
-            cache.reserve(b, context + 1)
-        cache.key.normal_()
-        cache.value.normal_()
-        buf = runner._bucket(batch)
-        buf.block_tables.zero_()
-        buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
-        tables = buf.block_tables[:batch]
-        positions = torch.full((batch,), context, dtype=torch.long, device=geo.device)
-        active = torch.ones(batch, dtype=torch.bool, device=geo.device)
-        tokens = torch.randint(10, 400, (batch,), device=geo.device)
-
-        def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
-            return runner._one_position(buf, tables, positions, active, tokens=tokens)
-
-        graph_step()  # captures
-        row = record("paged runner step, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph")
-        out["paged_within_target"] = row["x_floor"] <= 1.5
-        if True in buf.graphs:
-            graph, _ = buf.graphs[True]
-            record("paged runner step, graph replay only", timed(graph.replay), mode="graph")
-
-        def eager_step():
-            return runner._one_position(None, tables, positions, active, tokens=tokens)
-
-        record("paged runner step, eager", timed(eager_step), mode="eager")
-        out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
-    except Exception as e:
-        out["rows"].append(error_row("paged runner step", e))
-    finally:
-        if runner.cache is not None:
-            runner.cache.free_all()
-        runner._drop_graphs()
-        runner.cache = None
-        free_memory(geo.device)
+    # -- the paged runner's one-position step, every row holding `context` positions (random K/V); with the decode
+    #    fusions (the default on CUDA) and with the transformers modules, for the difference they make
+    for fused_ops in (None, False):
+        measure_runner_step(model, geo, batch, context, record, timed, out, fused_ops)
 
     # -- transformers' eager DynamicCache step at the same context (it grows by one position per call)
     try:

@@ -63,15 +63,18 @@ def record_logits(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("block_size,static_buffers", [(4, False), (16, True), (1, False)])
-def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_buffers):
+@pytest.mark.parametrize(
+    "block_size,static_buffers,fused_ops", [(4, False, False), (16, True, False), (1, False, False), (16, True, True)]
+)
+def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_buffers, fused_ops):
+    """fused_ops: the decode fusions (RMSNorm + residual, rotary, SwiGLU) in place of the modules."""
     model, tok, _ = tiny
     ids, mask, pixels, _ = shared_image_batch(model, tok)
     probe = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
     eos = int(probe[0, 1])  # rows that produce this token stop there; the assert below checks that some run on
     record_logits["dynamic"].clear()
     dynamic = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos)
-    runner = PagedRunner(model, block_size=block_size)
+    runner = PagedRunner(model, block_size=block_size, fused_ops=fused_ops)
     runner.static_buffers_without_graphs = static_buffers  # the CUDA-graph path's bucketed buffers, run eagerly
     paged = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=model.pad_token_id)
     assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"

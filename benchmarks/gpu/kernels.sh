@@ -13,3 +13,4 @@ step suites 150 python -m pytest benchmarks -m benchmark -k gpu -q -p no:cachepr
 # (the injection report's tiny geometry on the GPU: at the 151k-vocabulary shapes the shadow memory does not fit)
 step memcheck_inject 150 compute-sanitizer --tool memcheck --error-exitcode 3 python -m benchmarks.bench_latent_inject --smoke --device cuda --sections numerics --out "$OUT/memcheck_inject"
 step memcheck_paged 150 compute-sanitizer --tool memcheck --error-exitcode 3 python -m benchmarks.bench_paged_kv --out "$OUT/memcheck_paged" --sections numerics
+step memcheck_decode_fusions 120 compute-sanitizer --tool memcheck --error-exitcode 3 python -m pytest benchmarks/bench_decode_fusions.py -m benchmark -k gpu --benchmark-disable -q -p no:cacheprovider

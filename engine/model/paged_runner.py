@@ -36,6 +36,7 @@ import torch
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
+from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
 from kernels.paged_kv import (
     PagedKVCache,
     choose_num_splits,
@@ -51,6 +52,19 @@ log = get_logger("paged")
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _fused_ops_unsupported(lm, layers) -> str | None:
+    """Why `kernels.decode_fusions` cannot stand in for these layers' norms and MLP (None when they can)."""
+    act = str(getattr(lm.config, "hidden_act", ""))
+    if act not in ("silu", "swish"):
+        return f"the MLP activation is {act!r}, the fused SwiGLU product needs silu"
+    norms = [lm.norm] + [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None for m in norms):
+        return "the norms are not RMSNorms with a weight and variance_epsilon"
+    if not all(all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) for layer in layers):
+        return "the MLP is not a gate/up/down SwiGLU"
+    return None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -138,6 +152,8 @@ class PagedRunner:
     when a call needs more; no call then runs out), an int fixes it (a call that needs more raises
     `PoolExhaustedError`). max_model_len: the longest sequence (prompt + new tokens); it sets the width of the
     static block tables. use_cuda_graphs: capture the one-position steps on CUDA (off: eager everywhere).
+    fused_ops: RMSNorm (with the residual add before it), rotary embedding and the SwiGLU product through
+    `kernels.decode_fusions` (a few kernels per layer instead of ~25); None: on CUDA when the layers allow it.
     max_graph_batch: the largest batch bucket that gets graphs (larger batches run eagerly). sync_interval: decode
     steps between host checks for "every row has ended" (the output is trimmed exactly afterwards).
     """
@@ -154,6 +170,7 @@ class PagedRunner:
         max_graph_batch: int = 256,
         num_splits: int | None = None,
         sync_interval: int = 4,
+        fused_ops: bool | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -195,6 +212,10 @@ class PagedRunner:
         rope_type = str(getattr(lm.rotary_emb, "rope_type", "default"))
         # dynamic/longrope rotary embeddings branch on the host on the position values: not capturable
         self._graphs_ok = "dynamic" not in rope_type and rope_type != "longrope"
+        self._fused_ops_ok = _fused_ops_unsupported(lm, self.layers) is None
+        if fused_ops and not self._fused_ops_ok:
+            raise NotImplementedError(f"fused_ops=True: {_fused_ops_unsupported(lm, self.layers)}")
+        self.fused_ops = fused_ops
 
     # ------------------------------------------------------------------ properties
     @property
@@ -254,8 +275,10 @@ class PagedRunner:
         Every layer writes the tokens' K/V at ``slots`` before attending, so tokens of this call see each other
         through the cache. ``attend(q, key_cache, value_cache)`` returns (N, q_heads, head_dim).
         """
-        n = x.shape[0]
         cos, sin = self.lm.rotary_emb(x, positions[None])  # (1, N, head_dim), the model's own rotary embedding
+        if self._use_fused_ops():
+            return self._forward_tokens_fused(x, cos[0], sin[0], slots, attend)
+        n = x.shape[0]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -271,6 +294,39 @@ class PagedRunner:
             x = x + attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm.norm(x)
+
+    def _forward_tokens_fused(self, x, cos, sin, slots, attend) -> torch.Tensor:
+        """`_forward_tokens` with `kernels.decode_fusions`: each RMSNorm takes the residual add before it, rotary
+        embedding is one kernel for q and k, the SwiGLU product one kernel. Same rounding as the modules."""
+        n = x.shape[0]
+        pending = None  # the last sublayer's output, added to x by the next norm
+        for index, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = layer.input_layernorm
+            if pending is None:
+                h = rms_norm(x, norm.weight, norm.variance_epsilon)
+            else:
+                h, x = rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
+            q = attn.q_proj(h).view(n, self.q_heads, self.head_dim)
+            k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim)
+            q, k = rotary_qk(q, k, cos, sin)
+            key_cache, value_cache = self.cache.layer(index)
+            paged_kv_write(k, v, key_cache, value_cache, slots)
+            o = attend(q, key_cache, value_cache)
+            pending = attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
+            norm = layer.post_attention_layernorm
+            h, x = rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
+            pending = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        norm = self.lm.norm
+        if pending is None:
+            return rms_norm(x, norm.weight, norm.variance_epsilon)
+        return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)[0]
+
+    def _use_fused_ops(self) -> bool:
+        if self.fused_ops is None:  # auto: on CUDA, for the layers the fused path knows
+            return self._fused_ops_ok and self.device.type == "cuda"
+        return self.fused_ops
 
     def _step_forward(
         self,

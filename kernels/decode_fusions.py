@@ -1,0 +1,263 @@
+"""Fused elementwise kernels of a one-position step (decode and latent steps of the paged runner).
+
+A decode step of a small model is a few hundred tiny kernels; inside a CUDA graph each still costs a few
+microseconds, and transformers' RMSNorm alone is eight of them (upcast, square, mean, add, rsqrt, multiply,
+downcast, weight), rotary embedding five per tensor, the residual add and the SwiGLU product one or two more.
+These kernels do each of those in one pass over the rows, with the same rounding as the PyTorch modules they
+replace (fp32 statistics, a downcast before the weight multiply, bf16 rounding between the rotary terms), so
+outputs match transformers' to within the last bit (exact in fp32 up to summation order).
+
+Public entry points (one name across kernels, tests and benchmarks), each with its PyTorch reference:
+
+- `rms_norm(x, weight, eps, residual=None)`: Qwen2/Llama RMSNorm of ``x`` (N, H); with ``residual`` it first
+  forms ``s = residual + x`` (rounded to the input dtype, as ``residual + x`` is) and returns ``(norm(s), s)``;
+- `rotary_qk(q, k, cos, sin)`: ``q * cos + rotate_half(q) * sin`` and the same for ``k`` (N, heads, D), one
+  program per token for both;
+- `silu_mul(gate, up)`: ``silu(gate) * up`` (the SwiGLU product of the MLP).
+
+No autograd: these serve inference (`engine.model.paged_runner`). Interpreter note: bf16 values are upcast to
+fp32 for arithmetic; the interpreter truncates fp32 -> bf16 casts instead of rounding, so bf16 results there
+can differ from the GPU's in the last bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_qk",
+    "rotary_qk_reference",
+    "silu_mul",
+    "silu_mul_reference",
+]
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    sum_ptr,
+    weight_ptr,
+    out_ptr,
+    hidden,
+    stride_x,
+    stride_r,
+    stride_s,
+    stride_o,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    keep = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
+        s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)  # residual + x, rounded like the PyTorch add
+        tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
+        x = s
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / hidden
+    normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)  # downcast before the weight, as transformers does
+    w = tl.load(weight_ptr + cols, mask=keep, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=keep)
+
+
+@triton.jit
+def _rotate(x_ptr, out_ptr, cos, sin, sign, token, stride_t, stride_h, stride_ot, stride_oh, heads, head_dim, half,
+            BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    h = tl.arange(0, BLOCK_HEADS)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    keep = (h < heads) & (d < head_dim)
+    base = x_ptr + token * stride_t + h * stride_h
+    x = tl.load(base + d, mask=keep, other=0.0)
+    partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
+    rot = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32) * sign
+    a = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)  # q * cos, rounded
+    b = (rot * sin).to(x.dtype).to(tl.float32)  # rotate_half(q) * sin, rounded
+    tl.store(out_ptr + token * stride_ot + h * stride_oh + d, (a + b).to(x.dtype), mask=keep)
+
+
+@triton.jit
+def _rotary_qk_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_heads,
+    k_heads,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_ct,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    half = head_dim // 2
+    in_dim = d < head_dim
+    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sign = tl.where(d < half, -1.0, 1.0)
+    _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
+            half, BLOCK_QH, BLOCK_D)  # fmt: skip
+    _rotate(k_ptr, k_out_ptr, cos, sin, sign, token, stride_kt, stride_kh, stride_kot, stride_koh, k_heads, head_dim,
+            half, BLOCK_KH, BLOCK_D)  # fmt: skip
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < width
+    g = tl.load(gate_ptr + row * stride_g + cols, mask=keep, other=0.0)
+    u = tl.load(up_ptr + row * stride_u + cols, mask=keep, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu(gate), rounded like the activation module's output
+    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=keep)
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be (rows, width), got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``."""
+    x = _rows(x, "x")
+    n, hidden = x.shape
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be ({hidden},), got {tuple(weight.shape)}")
+    if residual is not None:
+        residual = _rows(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is not None else out
+    if n:
+        _rms_norm_kernel[(n,)](
+            x,
+            residual if residual is not None else x,
+            summed,
+            weight,
+            out,
+            hidden,
+            x.stride(0),
+            (residual if residual is not None else x).stride(0),
+            summed.stride(0),
+            out.stride(0),
+            float(eps),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_H=triton.next_power_of_2(hidden),
+        )
+    return out if residual is None else (out, summed)
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Qwen2RMSNorm, after an optional residual add."""
+    summed = x if residual is None else residual + x
+    xf = summed.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * normed.to(summed.dtype)
+    return out if residual is None else (out, summed)
+
+
+def rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q`` (N, q_heads, D) and ``k`` (N, kv_heads, D) with ``cos``/``sin`` (N, D), into new
+    contiguous tensors; returns ``(q_rot, k_rot)``. Inputs may be strided views (the last dimension contiguous)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q (N, Hq, D) and k (N, Hk, D) must agree, got {tuple(q.shape)} and {tuple(k.shape)}")
+    n, q_heads, head_dim = q.shape
+    if cos.shape != (n, head_dim) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be ({n}, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if n:
+        _rotary_qk_kernel[(n,)](
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            q_heads,
+            k.shape[1],
+            head_dim,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            cos.stride(0),
+            BLOCK_QH=triton.next_power_of_2(q_heads),
+            BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+    return q_out, k_out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_qk_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb with cos/sin broadcast over the heads."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for (N, I) inputs."""
+    gate, up = _rows(gate, "gate"), _rows(up, "up")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    out = torch.empty_like(gate)
+    n, width = gate.shape
+    block = min(1024, triton.next_power_of_2(max(width, 1)))
+    if n and width:
+        _silu_mul_kernel[(n, triton.cdiv(width, block))](
+            gate, up, out, width, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block
+        )
+    return out
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up

@@ -1,0 +1,103 @@
+"""The decode-step fusions against their references and transformers' modules, on awkward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.decode_fusions import (
+    rms_norm,
+    rms_norm_reference,
+    rotary_qk,
+    rotary_qk_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+
+# fp32: same math up to summation order. bf16: the interpreter truncates fp32 -> bf16 casts (the GPU rounds),
+# so a result may differ by one bf16 ulp of its magnitude.
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+def _randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,hidden", [(1, 1), (3, 33), (5, 64), (2, 97)])
+def test_rms_norm_matches_reference_and_transformers(dtype, rows, hidden):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    x = _randn(rows, hidden, dtype=dtype) * 3
+    norm = Qwen2RMSNorm(hidden, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_randn(hidden, dtype=dtype, seed=1))
+        expected = norm(x)
+        torch.testing.assert_close(rms_norm_reference(x, norm.weight, 1e-6), expected, atol=0, rtol=0)
+        torch.testing.assert_close(rms_norm(x, norm.weight, 1e-6), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_with_residual_returns_the_sum_too(dtype):
+    x, residual = _randn(4, 40, dtype=dtype), _randn(4, 40, dtype=dtype, seed=2)
+    weight = _randn(40, dtype=dtype, seed=3)
+    out, summed = rms_norm(x, weight, 1e-5, residual=residual)
+    ref_out, ref_sum = rms_norm_reference(x, weight, 1e-5, residual=residual)
+    torch.testing.assert_close(summed, ref_sum, **TOL[dtype])
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    # strided rows (a column slice of a wider buffer) read correctly
+    wide = _randn(4, 50, dtype=dtype, seed=4)
+    torch.testing.assert_close(rms_norm(wide[:, 5:45], weight, 1e-5), rms_norm_reference(wide[:, 5:45], weight, 1e-5),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,q_heads,k_heads,head_dim", [(1, 1, 1, 2), (3, 14, 2, 64), (5, 3, 3, 6), (2, 7, 1, 34)])
+def test_rotary_qk_matches_reference_and_transformers(dtype, tokens, q_heads, k_heads, head_dim):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    q = _randn(tokens, q_heads, head_dim, dtype=dtype)
+    k = _randn(tokens, k_heads, head_dim, dtype=dtype, seed=1)
+    angle = _randn(tokens, head_dim // 2, dtype=torch.float32, seed=2) * 3
+    emb = torch.cat([angle, angle], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    # transformers' layout: (B=1, heads, T, D) with cos/sin (1, T, D)
+    hq, hk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    rq, rk = rotary_qk_reference(q, k, cos, sin)
+    torch.testing.assert_close(rq, hq[0].transpose(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(rk, hk[0].transpose(0, 1), atol=0, rtol=0)
+    q_before, k_before = q.clone(), k.clone()
+    fq, fk = rotary_qk(q, k, cos, sin)
+    torch.testing.assert_close(fq, rq, **TOL[dtype])
+    torch.testing.assert_close(fk, rk, **TOL[dtype])
+    assert torch.equal(q, q_before) and torch.equal(k, k_before), "inputs must not change"
+
+
+def test_rotary_qk_takes_strided_views():
+    qkv = _randn(3, 6, 8, dtype=torch.float32)  # as if q and k were views of one projection output
+    q, k = qkv[:, :4], qkv[:, 4:]
+    angle = _randn(3, 4, dtype=torch.float32, seed=5)
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    for got, want in zip(rotary_qk(q, k, cos, sin), rotary_qk_reference(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,width", [(1, 1), (3, 37), (2, 1030)])
+def test_silu_mul_matches_reference(dtype, rows, width):
+    gate, up = _randn(rows, width, dtype=dtype) * 4, _randn(rows, width, dtype=dtype, seed=1)
+    torch.testing.assert_close(silu_mul(gate, up), silu_mul_reference(gate, up), **TOL[dtype])
+
+
+def test_bad_shapes_are_named():
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, torch.ones(8), 1e-6, residual=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="cos and sin"):
+        rotary_qk(torch.zeros(2, 1, 8), torch.zeros(2, 1, 8), torch.zeros(2, 6), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rotary_qk(torch.zeros(2, 1, 7), torch.zeros(2, 1, 7), torch.zeros(2, 7), torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul(torch.zeros(2, 3), torch.zeros(2, 4))
