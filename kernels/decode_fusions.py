@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "decode_fusions_self_check",
     "rms_norm",
     "rms_norm_reference",
     "rotary_qk",
@@ -261,3 +262,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Run each kernel once on small inputs on ``device`` against its reference: None when all agree, else why not
+    (a compile error on this Triton, a wrong result). Callers that switch the fusions on by default check first."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    angle = torch.randn(5, 4, generator=g)
+    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
+    cases = {
+        "rms_norm": (rms_norm, rms_norm_reference, (r(5, 48), r(48), 1e-6), dict(residual=r(5, 48))),
+        "rotary_qk": (rotary_qk, rotary_qk_reference, (r(5, 3, 8), r(5, 1, 8), cos, sin), {}),
+        "silu_mul": (silu_mul, silu_mul_reference, (r(5, 40), r(5, 40)), {}),
+    }
+    for name, (fused, reference, args, kwargs) in cases.items():
+        try:
+            got, want = fused(*args, **kwargs), reference(*args, **kwargs)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(a, b, **tol)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the fusions here
+            return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

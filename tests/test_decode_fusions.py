@@ -101,3 +101,13 @@ def test_bad_shapes_are_named():
         rotary_qk(torch.zeros(2, 1, 7), torch.zeros(2, 1, 7), torch.zeros(2, 7), torch.zeros(2, 7))
     with pytest.raises(ValueError, match="must match"):
         silu_mul(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_self_check_passes_here_and_names_a_failure(dtype, monkeypatch):
+    import kernels.decode_fusions as fusions
+
+    assert fusions.decode_fusions_self_check("cpu", dtype) is None
+    monkeypatch.setattr(fusions, "silu_mul", lambda gate, up: gate * up)  # a wrong kernel
+    reason = fusions.decode_fusions_self_check("cpu", dtype)
+    assert reason is not None and reason.startswith("silu_mul")

@@ -36,7 +36,7 @@ import torch
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
-from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
+from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_qk, silu_mul
 from kernels.paged_kv import (
     PagedKVCache,
     choose_num_splits,
@@ -216,6 +216,7 @@ class PagedRunner:
         if fused_ops and not self._fused_ops_ok:
             raise NotImplementedError(f"fused_ops=True: {_fused_ops_unsupported(lm, self.layers)}")
         self.fused_ops = fused_ops
+        self._fused_ops_checked: dict[tuple, bool] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -324,9 +325,18 @@ class PagedRunner:
         return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)[0]
 
     def _use_fused_ops(self) -> bool:
-        if self.fused_ops is None:  # auto: on CUDA, for the layers the fused path knows
-            return self._fused_ops_ok and self.device.type == "cuda"
-        return self.fused_ops
+        if self.fused_ops is not None:
+            return self.fused_ops
+        # auto: on CUDA, for the layers the fused path knows, once the kernels pass a self-check on this device
+        if not self._fused_ops_ok or self.device.type != "cuda":
+            return False
+        key = (str(self.device), self.dtype)
+        if key not in self._fused_ops_checked:
+            reason = decode_fusions_self_check(self.device, self.dtype)
+            if reason is not None:
+                log.warning("decode fusions off on %s (%s): %s", self.device, self.dtype, reason)
+            self._fused_ops_checked[key] = reason is None
+        return self._fused_ops_checked[key]
 
     def _step_forward(
         self,
