@@ -590,8 +590,9 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         return row
 
     # -- the paged runner's one-position step, every row holding `context` positions (random K/V); with the decode
-    #    fusions (the default on CUDA) and with the transformers modules, for the difference they make
-    for fused_ops in (None, False):
+    #    fusions (the default on CUDA) and with the transformers modules, for the difference they make (on the CPU
+    #    dry run the default already is the modules: once is enough)
+    for fused_ops in (None, False) if geo.cuda else (None,):
         measure_runner_step(model, geo, batch, context, record, timed, out, fused_ops)
 
     # -- transformers' eager DynamicCache step at the same context (it grows by one position per call)

@@ -158,9 +158,7 @@ class MultimodalCoconut(nn.Module):
         if mode not in ("auto", "transformers", "static", "cuda_graph"):
             raise ValueError(f"latent passes mode must be 'auto', 'transformers', 'static' or 'cuda_graph', got {mode!r}")
         if mode in ("static", "cuda_graph"):
-            from engine.model.latent_block import block_unsupported
-
-            reason = block_unsupported(self.language_model)
+            reason = self._latent_block_unsupported()
             if reason is not None:
                 raise RuntimeError(f"set_latent_passes({mode!r}): {reason}")
         if mode == "cuda_graph" and self.device.type != "cuda":
@@ -175,6 +173,14 @@ class MultimodalCoconut(nn.Module):
         for block in self._latent_blocks.values():
             block.release()
 
+    def _latent_block_unsupported(self) -> str | None:
+        """Why the latent block cannot run this language model (None when it can); decided once per model."""
+        if not hasattr(self, "_latent_block_reason"):
+            from engine.model.latent_block import block_unsupported
+
+            self._latent_block_reason = block_unsupported(self.language_model)
+        return self._latent_block_reason
+
     def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
         """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
         if schedule.one_position_passes == 0:
@@ -187,9 +193,7 @@ class MultimodalCoconut(nn.Module):
             # only this rank would issue). Partitioned parameters carry `ds_id`.
             if any(hasattr(p, "ds_id") for p in self.language_model.norm.parameters()):
                 return None
-            from engine.model.latent_block import block_unsupported
-
-            if block_unsupported(self.language_model) is not None:
+            if self._latent_block_unsupported() is not None:
                 return None
             mode = "cuda_graph"
         if mode == "transformers":
@@ -353,10 +357,10 @@ class MultimodalCoconut(nn.Module):
                 width = schedule.one_position_passes
                 name = f"coconut/latent_passes_1-{width}" + ("" if need_cache else "+final")
                 with profile_range(name):
-                    hidden, chunk_in, columns = self._run_latent_block(
+                    hidden, chunk_in = self._run_latent_block(
                         block, batch, cache, embeds, inject, start, width, prev_last, keep_inputs, not need_cache
                     )
-                index += width if columns == width else len(chunks)
+                index = index + width if need_cache else len(chunks)
             else:
                 with profile_range(schedule.pass_name(index)):
                     if inject is not None:
@@ -394,7 +398,7 @@ class MultimodalCoconut(nn.Module):
         """Columns [start, start + width) through `block`, and with `with_final` the final pass too (to the end of
         the sequence; the cache then stays at the prefix). Otherwise the columns' K/V are appended to `cache`.
 
-        Returns (hidden (B, columns, H), the inputs actually fed when `keep_inputs` else None, columns).
+        Returns (hidden (B, columns, H), the inputs actually fed when `keep_inputs` else None).
         """
         end = batch.input_ids.shape[1] if with_final else start + width
         if inject is not None:
@@ -418,9 +422,9 @@ class MultimodalCoconut(nn.Module):
             for index in range(len(layers)):
                 cache.update(latent_kv[index, 0], latent_kv[index, 1], index)
         if not keep_inputs:
-            return hidden, None, end - start
+            return hidden, None
         previous = torch.cat([prev_last[:, None], hidden[:, :-1]], dim=1).to(column_embeds.dtype)
-        return hidden, torch.where(column_is_latent[..., None], previous, column_embeds), end - start
+        return hidden, torch.where(column_is_latent[..., None], previous, column_embeds)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(

@@ -171,7 +171,7 @@ def latent_block(
 
 @dataclass
 class _Graphs:
-    """Static buffers and the forward/backward graphs of one (batch, bucket, M) shape."""
+    """Static buffers and the forward/backward graphs of one (batch, prefix bucket, M, final bucket) shape."""
 
     inputs: tuple[torch.Tensor, ...]  # prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv
     outputs: tuple[torch.Tensor, torch.Tensor]
@@ -219,7 +219,6 @@ class _GraphedBlockFunction(torch.autograd.Function):
         graphs.grad_outputs[1].copy_(grad_latent_kv)
         graphs.backward_graph.replay()
         g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
-        g_params = [g for g in g_params]
         present = [i for i, g in enumerate(g_params) if g is not None]
         copies = torch._foreach_mul([g_params[i] for i in present], 1.0) if present else []
         for i, copy in zip(present, copies):

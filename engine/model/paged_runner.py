@@ -36,7 +36,7 @@ import torch
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
-from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_qk, silu_mul
+from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_qk, rotary_qk_reference, silu_mul
 from kernels.paged_kv import (
     PagedKVCache,
     choose_num_splits,
@@ -47,11 +47,6 @@ from kernels.paged_kv import (
 )
 
 log = get_logger("paged")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _fused_ops_unsupported(lm, layers) -> str | None:
@@ -212,9 +207,10 @@ class PagedRunner:
         rope_type = str(getattr(lm.rotary_emb, "rope_type", "default"))
         # dynamic/longrope rotary embeddings branch on the host on the position values: not capturable
         self._graphs_ok = "dynamic" not in rope_type and rope_type != "longrope"
-        self._fused_ops_ok = _fused_ops_unsupported(lm, self.layers) is None
+        fused_ops_reason = _fused_ops_unsupported(lm, self.layers)
+        self._fused_ops_ok = fused_ops_reason is None
         if fused_ops and not self._fused_ops_ok:
-            raise NotImplementedError(f"fused_ops=True: {_fused_ops_unsupported(lm, self.layers)}")
+            raise NotImplementedError(f"fused_ops=True: {fused_ops_reason}")
         self.fused_ops = fused_ops
         self._fused_ops_checked: dict[tuple, bool] = {}
 
@@ -280,15 +276,13 @@ class PagedRunner:
         if self._use_fused_ops():
             return self._forward_tokens_fused(x, cos[0], sin[0], slots, attend)
         n = x.shape[0]
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(n, self.q_heads, self.head_dim)
             k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim)
             v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = rotary_qk_reference(q, k, cos[0], sin[0])
             key_cache, value_cache = self.cache.layer(index)
             paged_kv_write(k, v, key_cache, value_cache, slots)
             o = attend(q, key_cache, value_cache)
