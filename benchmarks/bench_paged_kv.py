@@ -457,13 +457,18 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
 
 
-def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, fused_ops) -> None:
-    """The paged runner's one-position step at `context` cached positions per row: graph and eager rows."""
+def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, options: dict) -> None:
+    """The paged runner's one-position step at `context` cached positions per row: graph and eager rows.
+    `options`: PagedRunner arguments of this variant ({}: the runner's defaults, which the target is about)."""
     from engine.model.paged_runner import PagedRunner
 
-    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context), fused_ops=fused_ops)
+    default = not options
+    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context), **options)
     fused = runner._use_fused_ops()
-    label = "paged runner step" + (", decode fusions" if fused else ", transformers modules")
+    merged = fused and runner.merged_projections
+    label = "paged runner step" + (
+        ", decode fusions" + (" + merged projections" if merged else "") if fused else ", transformers modules"
+    )
     try:
         per_row = math.ceil((context + 1) / geo.block_size)
         runner._ensure_cache(batch * per_row + batch)
@@ -485,18 +490,20 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
             return runner._one_position(buf, tables, positions, active, tokens=tokens)
 
         graph_step()  # captures
-        row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused)
-        if fused_ops is None:  # the runner's default is what the target is about
+        runner.refresh_merged_projections()  # what generate does first
+        row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused,
+                     merged=merged)
+        if default:  # the runner's default is what the target is about
             out["paged_within_target"] = row["x_floor"] <= 1.5
         if True in buf.graphs:
             graph, _ = buf.graphs[True]
-            record(f"{label}, graph replay only", timed(graph.replay), mode="graph", fused=fused)
+            record(f"{label}, graph replay only", timed(graph.replay), mode="graph", fused=fused, merged=merged)
 
         def eager_step():
             return runner._one_position(None, tables, positions, active, tokens=tokens)
 
-        record(f"{label}, eager", timed(eager_step), mode="eager", fused=fused)
-        if fused_ops is None:
+        record(f"{label}, eager", timed(eager_step), mode="eager", fused=fused, merged=merged)
+        if default:
             out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
     except Exception as e:
         out["rows"].append(error_row(label, e))
@@ -589,11 +596,12 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         say(f"  {name}: {timing_ms * 1e3:.0f} us/step = {row['x_floor']:.2f}x the floor")
         return row
 
-    # -- the paged runner's one-position step, every row holding `context` positions (random K/V); with the decode
-    #    fusions (the default on CUDA) and with the transformers modules, for the difference they make (on the CPU
-    #    dry run the default already is the modules: once is enough)
-    for fused_ops in (None, False) if geo.cuda else (None,):
-        measure_runner_step(model, geo, batch, context, record, timed, out, fused_ops)
+    # -- the paged runner's one-position step, every row holding `context` positions (random K/V): the default
+    #    (on CUDA: decode fusions and merged projections), the fusions with separate projections, and the
+    #    transformers modules, for the difference each makes (on the CPU dry run the default is the modules)
+    variants = ({}, {"merged_projections": False}, {"fused_ops": False}) if geo.cuda else ({},)
+    for options in variants:
+        measure_runner_step(model, geo, batch, context, record, timed, out, options)
 
     # -- transformers' eager DynamicCache step at the same context (it grows by one position per call)
     try:

@@ -64,21 +64,25 @@ def record_logits(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "block_size,static_buffers,fused_ops", [(4, False, False), (16, True, False), (1, False, False), (16, True, True)]
+    "block_size,static_buffers,fused_ops,merged",
+    [(4, False, False, False), (16, True, False, False), (1, False, False, False), (16, True, True, True),
+     (4, False, True, False)],
 )
-def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_buffers, fused_ops):
-    """fused_ops: the decode fusions (RMSNorm + residual, rotary, SwiGLU) in place of the modules."""
+def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_buffers, fused_ops, merged):
+    """fused_ops: the decode fusions (RMSNorm + residual, rotary, SwiGLU) in place of the modules; merged: one
+    product for q/k/v and one for gate/up (only with the fused ops)."""
     model, tok, _ = tiny
     ids, mask, pixels, _ = shared_image_batch(model, tok)
     probe = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
     eos = int(probe[0, 1])  # rows that produce this token stop there; the assert below checks that some run on
     record_logits["dynamic"].clear()
     dynamic = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos)
-    runner = PagedRunner(model, block_size=block_size, fused_ops=fused_ops)
+    runner = PagedRunner(model, block_size=block_size, fused_ops=fused_ops, merged_projections=merged)
     runner.static_buffers_without_graphs = static_buffers  # the CUDA-graph path's bucketed buffers, run eagerly
     paged = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=model.pad_token_id)
     assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
     assert (dynamic == eos).any(1).any() and not (dynamic == eos).any(1).all(), "some rows must end early, not all"
+    assert (runner._merged is not None) == merged, "merged projections are used exactly when asked for"
     assert len(record_logits["paged"]) >= dynamic.shape[1]
     for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
         if step >= dynamic.shape[1]:
@@ -91,6 +95,48 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     # row 5 (a duplicate) computes nothing; rows 3 and 4 reuse image blocks of row 0
     assert stats["computed_prompt_tokens"] < stats["prompt_tokens"] - int(mask[5].sum())
     assert runner.cache.num_used_blocks == 0, "every block must be back in the pool after generate"
+
+
+def test_merged_projections_follow_weight_updates(tiny):
+    """The runner is cached across calls (evaluation during training): weights updated in place between two
+    generate calls must reach the merged q/k/v and gate/up copies, in the same buffers (the graphs' addresses)."""
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    runner = PagedRunner(model, block_size=4, fused_ops=True)
+    kwargs = dict(max_new_tokens=4, eos_token_id=-1)
+    before = runner.generate(ids, mask, pixels, **kwargs)
+    assert torch.equal(before, model.generate(ids, mask, pixels, **kwargs))
+    pointers = [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner._merged]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an optimizer step, in place, on exactly the merged projections
+        for layer in runner.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                         layer.mlp.up_proj):
+                proj.weight.add_(torch.randn(proj.weight.shape, generator=g) * proj.weight.std())
+            layer.self_attn.k_proj.bias.add_(1.0)
+    after_dynamic = model.generate(ids, mask, pixels, **kwargs)
+    assert not torch.equal(after_dynamic, before), "the update must change the tokens for this test to mean anything"
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), after_dynamic)
+    assert pointers == [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner._merged]
+
+
+def test_merged_projections_off_for_wrapped_projections(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+
+    class Adapter(torch.nn.Linear):  # a subclass, as an adapter or a quantized linear would be
+        pass
+
+    old = model.language_model.layers[1].mlp.up_proj
+    adapter = Adapter(old.in_features, old.out_features, bias=False)
+    adapter.load_state_dict(old.state_dict())
+    model.language_model.layers[1].mlp.up_proj = adapter
+    runner = PagedRunner(model, block_size=4, fused_ops=True)
+    assert not runner.merged_projections
 
 
 def test_paged_matches_dynamic_sampled(tiny):

@@ -195,3 +195,59 @@ def test_static_latent_block_trains_to_the_same_parameters(tmp_path):
     expected = trained_parameters(reference)
     for name, value in trained_parameters(block).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, tmp_path):
+    """Validation generation through the paged runner (`eval_kv_cache=paged`, the GPU default) answers exactly as
+    through transformers' DynamicCache, and the runner is not kept afterwards."""
+    _, result = finished_run
+    run = Path(result["run_dir"])
+    predictions = {}
+    for kv_cache in ("dynamic", "paged"):
+        cfg = make_config(
+            tmp_path / kv_cache,
+            only_eval=True,
+            load_model_path=str(run / "best"),
+            train_path=None,
+            val_path=str(run / "data" / "val.jsonl"),
+            predictions_path=str(tmp_path / f"{kv_cache}.json"),
+            eval_kv_cache=kv_cache,
+        )
+        trainer = Trainer(cfg)
+        assert trainer.eval_kv_cache() == kv_cache
+        summary = trainer.run()
+        predictions[kv_cache] = (json.loads((tmp_path / f"{kv_cache}.json").read_text()), summary["val_accuracy"], summary["tokens_per_answer"])
+        slot = trainer.model.__dict__.get("_paged_runner_slot")
+        assert (slot is not None) == (kv_cache == "paged"), "the paged cache must really be used (and only then)"
+        assert slot is None or slot.runner is None, "the paged runner must be released after validation"
+    assert predictions["paged"] == predictions["dynamic"]
+    auto = Trainer(make_config(tmp_path / "auto"))
+    assert auto.eval_kv_cache() == "dynamic"  # auto on the CPU
+    auto.device = torch.device("cuda")  # what auto picks on a GPU (nothing runs here)
+    assert auto.eval_kv_cache() == "paged"
+    auto._paged_eval_failed = True
+    assert auto.eval_kv_cache() == "dynamic"
+
+
+def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, tmp_path, monkeypatch, caplog):
+    """eval_kv_cache=auto (paged on GPU) must not end a run when the paged path raises: a warning, the dynamic
+    cache's answers, and no second try. An explicit eval_kv_cache=paged raises."""
+    import engine.model.paged_runner as paged_runner
+
+    _, result = finished_run
+    run = Path(result["run_dir"])
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("paged kernel failure")
+
+    monkeypatch.setattr(paged_runner.PagedRunner, "generate", broken)
+    common = dict(only_eval=True, load_model_path=str(run / "best"), train_path=None,
+                  val_path=str(run / "data" / "val.jsonl"))
+    trainer = Trainer(make_config(tmp_path / "auto", predictions_path=str(tmp_path / "auto.json"), **common))
+    monkeypatch.setattr(Trainer, "eval_kv_cache", lambda self: "dynamic" if self._paged_eval_failed else "paged")
+    summary = trainer.run()
+    assert trainer._paged_eval_failed and summary["num_answers"] == 6
+    assert any("paged KV cache failed" in r.getMessage() for r in caplog.records)
+    explicit = Trainer(make_config(tmp_path / "paged", eval_kv_cache="paged", **common))
+    with pytest.raises(RuntimeError, match="paged kernel failure"):
+        explicit.run()

@@ -72,8 +72,10 @@ def generate_answers(
     min_passes_fn: Callable[[dict], int] | None = None,
     step_sync: Callable[[bool], bool] | None = None,
     progress: bool = True,
+    kv_cache: str = "dynamic",
 ) -> tuple[list[dict], float]:
-    """Generate for every batch (from GenerationCollator) and score each record. Returns (scored, seconds)."""
+    """Generate for every batch (from GenerationCollator) and score each record. Returns (scored, seconds).
+    ``kv_cache``: "dynamic" or "paged" (`MultimodalCoconut.generate`)."""
     scored: list[dict] = []
     elapsed = 0.0
     for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
@@ -90,6 +92,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             min_passes=min_passes_fn(batch) if min_passes_fn else 0,
             step_sync=step_sync,
+            kv_cache=kv_cache,
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
@@ -59,6 +60,20 @@ def _fused_ops_unsupported(lm, layers) -> str | None:
         return "the norms are not RMSNorms with a weight and variance_epsilon"
     if not all(all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) for layer in layers):
         return "the MLP is not a gate/up/down SwiGLU"
+    return None
+
+
+def _merge_unsupported(layers) -> str | None:
+    """Why `_MergedProjections` cannot stand in for these layers' projections (None when it can)."""
+    for index, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        names = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "gate_proj": mlp.gate_proj,
+                 "up_proj": mlp.up_proj}
+        for name, module in names.items():
+            if type(module) is not torch.nn.Linear:  # wrapped (adapters, quantized): its weight is not the product
+                return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
+        if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+            return f"layer {index} gate/up projections have a bias"
     return None
 
 
@@ -127,6 +142,45 @@ class _Plan:
     shared_tokens: list[int] = field(default_factory=list)
 
 
+class _MergedProjections:
+    """One layer's q/k/v projections as one (Q + 2KV, H) weight and its gate/up projections as one (2I, H) weight:
+    two matrix products per layer instead of five (at decode sizes each product is a kernel whose weight read
+    takes a few microseconds, plus a launch). Copies of the module weights, refreshed by `refresh` at the start of
+    every generate call (the weights may have changed in between, in training) into the same buffers, so
+    captured CUDA graphs stay valid. Costs one more copy of those weights (~0.47 GB at InternVL3-1B in bf16)."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_sources = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.gate_up_sources = (mlp.gate_proj, mlp.up_proj)
+        self.qkv_sizes = [m.out_features for m in self.qkv_sources]
+        self.gate_up_sizes = [m.out_features for m in self.gate_up_sources]
+        weight = attn.q_proj.weight
+        self.qkv_weight = weight.new_empty(sum(self.qkv_sizes), weight.shape[1])
+        has_bias = any(m.bias is not None for m in self.qkv_sources)
+        self.qkv_bias = weight.new_zeros(sum(self.qkv_sizes)) if has_bias else None  # a missing bias stays 0
+        self.gate_up_weight = weight.new_empty(sum(self.gate_up_sizes), mlp.gate_proj.weight.shape[1])
+        self.refresh()
+
+    def matches(self, layer) -> bool:
+        """Still the layer's device, dtype and shapes (else the runner rebuilds and drops its graphs)."""
+        w = layer.self_attn.q_proj.weight
+        return self.qkv_weight.device == w.device and self.qkv_weight.dtype == w.dtype and self.qkv_sizes == [
+            m.out_features for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        ]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        torch.cat([m.weight for m in self.qkv_sources], out=self.qkv_weight)
+        torch.cat([m.weight for m in self.gate_up_sources], out=self.gate_up_weight)
+        if self.qkv_bias is not None:
+            start = 0
+            for m, size in zip(self.qkv_sources, self.qkv_sizes):
+                if m.bias is not None:
+                    self.qkv_bias[start : start + size].copy_(m.bias)
+                start += size
+
+
 class _StepBuffers:
     """Static inputs of the one-position step for a batch bucket (the CUDA graphs read and write these)."""
 
@@ -149,6 +203,8 @@ class PagedRunner:
     static block tables. use_cuda_graphs: capture the one-position steps on CUDA (off: eager everywhere).
     fused_ops: RMSNorm (with the residual add before it), rotary embedding and the SwiGLU product through
     `kernels.decode_fusions` (a few kernels per layer instead of ~25); None: on CUDA when the layers allow it.
+    merged_projections: with the fused ops, one matrix product for q/k/v and one for gate/up per layer
+    (`_MergedProjections`: a copy of those weights, refreshed at every generate call).
     max_graph_batch: the largest batch bucket that gets graphs (larger batches run eagerly). sync_interval: decode
     steps between host checks for "every row has ended" (the output is trimmed exactly afterwards).
     """
@@ -166,6 +222,7 @@ class PagedRunner:
         num_splits: int | None = None,
         sync_interval: int = 4,
         fused_ops: bool | None = None,
+        merged_projections: bool = True,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -213,6 +270,11 @@ class PagedRunner:
             raise NotImplementedError(f"fused_ops=True: {fused_ops_reason}")
         self.fused_ops = fused_ops
         self._fused_ops_checked: dict[tuple, bool] = {}
+        merge_reason = _merge_unsupported(self.layers)
+        if merged_projections and merge_reason is not None:
+            log.info("merged projections off: %s", merge_reason)
+        self.merged_projections = merged_projections and merge_reason is None
+        self._merged: list[_MergedProjections] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -255,6 +317,19 @@ class PagedRunner:
             enable_prefix_sharing=self.enable_prefix_sharing,
         )
 
+    def refresh_merged_projections(self) -> None:
+        """Bring the merged q/k/v and gate/up weights up to date with the modules (in place: the CUDA graphs keep
+        their addresses), building them on first use or when the model changed device, dtype or shape."""
+        if not (self.merged_projections and self._use_fused_ops()):
+            return
+        if self._merged is None or not all(m.matches(layer) for m, layer in zip(self._merged, self.layers)):
+            if self._merged is not None:
+                self._drop_graphs()  # the graphs read the old buffers
+            self._merged = [_MergedProjections(layer) for layer in self.layers]
+            return
+        for merged in self._merged:
+            merged.refresh()
+
     def _drop_graphs(self) -> None:
         self._buckets.clear()
         self._graph_pool = None
@@ -292,8 +367,13 @@ class PagedRunner:
 
     def _forward_tokens_fused(self, x, cos, sin, slots, attend) -> torch.Tensor:
         """`_forward_tokens` with `kernels.decode_fusions`: each RMSNorm takes the residual add before it, rotary
-        embedding is one kernel for q and k, the SwiGLU product one kernel. Same rounding as the modules."""
+        embedding is one kernel for q and k, the SwiGLU product one kernel; with `merged_projections` one matrix
+        product for q/k/v and one for gate/up. Same rounding as the modules."""
         n = x.shape[0]
+        merged = self._merged if self.merged_projections else None
+        if self.merged_projections and merged is None:
+            self.refresh_merged_projections()
+            merged = self._merged
         pending = None  # the last sublayer's output, added to x by the next norm
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -302,9 +382,13 @@ class PagedRunner:
                 h = rms_norm(x, norm.weight, norm.variance_epsilon)
             else:
                 h, x = rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
-            q = attn.q_proj(h).view(n, self.q_heads, self.head_dim)
-            k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim)
+            if merged is not None:  # views into one product: the kernels below read them strided, no copies
+                q, k, v = F.linear(h, merged[index].qkv_weight, merged[index].qkv_bias).split(merged[index].qkv_sizes, -1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.view(n, self.q_heads, self.head_dim)
+            k = k.view(n, self.kv_heads, self.head_dim)
+            v = v.view(n, self.kv_heads, self.head_dim)
             q, k = rotary_qk(q, k, cos, sin)
             key_cache, value_cache = self.cache.layer(index)
             paged_kv_write(k, v, key_cache, value_cache, slots)
@@ -312,7 +396,11 @@ class PagedRunner:
             pending = attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
             norm = layer.post_attention_layernorm
             h, x = rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
-            pending = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if merged is not None:
+                gate, up = F.linear(h, merged[index].gate_up_weight).split(merged[index].gate_up_sizes, -1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            pending = mlp.down_proj(silu_mul(gate, up))
         norm = self.lm.norm
         if pending is None:
             return rms_norm(x, norm.weight, norm.variance_epsilon)
@@ -578,6 +666,7 @@ class PagedRunner:
         # worst case: no sharing, every row to its last token, plus one copy-on-write block per row
         worst_case = sum(-(-(n + max_new_tokens) // self.block_size) for n in lengths) + rows
         self._ensure_cache(worst_case)
+        self.refresh_merged_projections()
         use_graphs = self._graphs_enabled(rows)
         buf = self._bucket(rows) if use_graphs else None
         if buf is not None:
@@ -658,6 +747,21 @@ def get_paged_runner(model, **options) -> PagedRunner:
         slot.runner = PagedRunner(model, **options)
         slot.options = dict(options)
     return slot.runner
+
+
+def release_paged_runner(model) -> bool:
+    """Drop the runner cached on ``model`` (its block pool, CUDA graphs and merged weights go with it, back to the
+    allocator); the next paged generate builds a new one. Returns whether there was one."""
+    slot = model.__dict__.get("_paged_runner_slot")
+    if slot is None or slot.runner is None:
+        return False
+    runner, slot.runner, slot.options = slot.runner, None, {}
+    runner._drop_graphs()
+    runner.cache = None
+    runner._merged = None
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return True
 
 
 def generate_with_paged_cache(model, input_ids, attention_mask, pixel_values, **kwargs) -> torch.Tensor:

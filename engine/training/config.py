@@ -78,6 +78,9 @@ class TrainConfig:
     latent_prefix_bucket: int = 128
     latent_final_bucket: int = 32
     eval_batch_size: int = 16
+    # the KV cache of validation generation: auto (paged on GPU under ZeRO 0-2: Triton paged attention, prefix
+    # sharing, CUDA-graphed steps) | dynamic (transformers' DynamicCache) | paged
+    eval_kv_cache: str = "auto"
     max_new_tokens: int = 64
     eval_max_samples: int | None = None  # cap validation generation (None: the whole set)
     eval_every_epochs: int = 1
@@ -119,6 +122,13 @@ class TrainConfig:
             raise ConfigError(
                 f"latent_passes={self.latent_passes} needs zero_stage <= 2 (ZeRO-3 gathers parameters per module call, "
                 "which the latent block's graphs cannot replay); use auto or transformers"
+            )
+        if self.eval_kv_cache not in ("auto", "dynamic", "paged"):
+            raise ConfigError(f"eval_kv_cache must be auto, dynamic or paged, got {self.eval_kv_cache!r}")
+        if self.zero_stage == 3 and self.eval_kv_cache == "paged":
+            raise ConfigError(
+                "eval_kv_cache=paged needs zero_stage <= 2 (the paged runner reads the layers' weights directly, "
+                "ZeRO-3 only gathers them inside module calls); use auto or dynamic"
             )
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")

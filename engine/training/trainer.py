@@ -116,6 +116,7 @@ class Trainer:
         self.run_dir = config.run_dir
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.use_bf16 = bool(config.bf16 and self.device.type == "cuda")
+        self._paged_eval_failed = False  # eval_kv_cache=auto falls back to the dynamic cache once it fails
         if config.bf16 and not self.use_bf16 and self.env.is_main:
             log.info("bf16 asked for but running on CPU: training in fp32")
         _seed_everything(config.seed)
@@ -440,11 +441,42 @@ class Trainer:
         cap = self.config.eval_max_samples
         return self.val_records if cap is None else self.val_records[:cap]
 
+    def eval_kv_cache(self) -> str:
+        """The KV cache of validation generation (`eval_kv_cache`; auto: paged on GPU under ZeRO 0-2, unless it
+        failed earlier in this run)."""
+        choice = self.config.eval_kv_cache
+        if choice == "auto":
+            paged_ok = self.device.type == "cuda" and self.config.zero_stage < 3 and not self._paged_eval_failed
+            return "paged" if paged_ok else "dynamic"
+        return choice
+
+    def _generate_answers(self, model, loader, kv_cache: str):
+        from engine.eval.evaluate import generate_answers
+
+        try:
+            return generate_answers(
+                model,
+                loader,
+                self.tokenizer,
+                device=self.device,
+                max_new_tokens=self.config.max_new_tokens,
+                total=len(loader),
+                min_passes_fn=(lambda b: self._min_passes(b["input_ids"])) if self._step_sync() else None,
+                step_sync=self._step_sync(),
+                progress=self.env.is_main,
+                kv_cache=kv_cache,
+            )
+        finally:
+            if kv_cache == "paged":  # its pool, graphs and merged weights are not kept through training
+                from engine.model.paged_runner import release_paged_runner
+
+                release_paged_runner(model)
+
     @torch.no_grad()
     def generation_metrics(self, stage: int, model=None) -> tuple[dict, list[dict]]:
         from engine.data.collator import GenerationCollator
         from engine.data.dataset import QuestionDataset
-        from engine.eval.evaluate import generate_answers, summarize
+        from engine.eval.evaluate import summarize
 
         model = model or self.model
         records = self._eval_records()
@@ -452,17 +484,17 @@ class Trainer:
         loader = self._eval_loader(dataset, self.config.eval_batch_size, GenerationCollator(self.tokenizer.pad_token_id))
         was_training = model.training
         model.eval()
-        scored, seconds = generate_answers(
-            model,
-            loader,
-            self.tokenizer,
-            device=self.device,
-            max_new_tokens=self.config.max_new_tokens,
-            total=len(loader),
-            min_passes_fn=(lambda b: self._min_passes(b["input_ids"])) if self._step_sync() else None,
-            step_sync=self._step_sync(),
-            progress=self.env.is_main,
-        )
+        kv_cache = self.eval_kv_cache()
+        try:
+            scored, seconds = self._generate_answers(model, loader, kv_cache)
+        except Exception as e:
+            if kv_cache != "paged" or self.config.eval_kv_cache != "auto":
+                raise
+            # the fast path chosen by default must not end a training run: validate on the dynamic cache
+            log.warning("validation on the paged KV cache failed (%s: %s); using the dynamic cache for the rest of "
+                        "this run (set eval_kv_cache=paged to see the error)", type(e).__name__, e)
+            self._paged_eval_failed = True
+            scored, seconds = self._generate_answers(model, loader, "dynamic")
         model.train(was_training)
         gathered = all_gather_objects((scored, seconds))
         unique: dict[str, dict] = {}
