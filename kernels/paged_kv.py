@@ -119,8 +119,14 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_CACHE_DTYPE: tl.constexpr,
+    WIDEN_16BIT_DOTS: tl.constexpr,
 ):
-    """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split."""
+    """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split.
+
+    DOT_IN_CACHE_DTYPE: both dots take the cache's (16-bit) dtype, q and the probabilities rounded to it, with fp32
+    accumulation (as FlashAttention does): K/V tiles stay 16-bit in registers instead of being widened to fp32.
+    WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32."""
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -137,7 +143,10 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + g.to(tl.int64)
     q_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
-    q = q.to(tl.float32)
+    if DOT_IN_CACHE_DTYPE:
+        q = q.to(key_cache_ptr.dtype.element_ty)
+    if WIDEN_16BIT_DOTS or not DOT_IN_CACHE_DTYPE:
+        q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -149,7 +158,9 @@ def _paged_decode_kernel(
         block = tl.load(table_row + n // block_size, mask=n_mask, other=0).to(tl.int64)
         row = block * stride_cb + (n % block_size).to(tl.int64) * stride_co + kv_head * stride_ch
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(key_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if WIDEN_16BIT_DOTS or not DOT_IN_CACHE_DTYPE:
+            k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (GROUP_PAD, BLOCK_N), log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -157,8 +168,14 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = tl.load(value_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if DOT_IN_CACHE_DTYPE and WIDEN_16BIT_DOTS:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
+        elif DOT_IN_CACHE_DTYPE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -417,6 +434,7 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int | None = None,
+    dot_in_cache_dtype: bool = False,
 ) -> torch.Tensor:
     """Attention of one query per row over that row's paged context.
 
@@ -424,7 +442,9 @@ def paged_decode_attention(
     int32; context_lens: (B,) int32 (the row's positions 0..len-1 are visible; 0 gives a zero output). Query head h
     reads KV head ``h // (q_heads // kv_heads)``. ``num_splits`` > 1 splits each row's context into that many
     partitions merged with log-sum-exp (None: chosen from the batch, the GPU and the table width, without reading
-    the lengths back to the host). Returns (B, q_heads, head_dim) in q's dtype.
+    the lengths back to the host). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in the
+    cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it (default: fp32 operands).
+    Returns (B, q_heads, head_dim) in q's dtype.
     """
     _check_cache(key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
@@ -484,6 +504,8 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
+        DOT_IN_CACHE_DTYPE=bool(dot_in_cache_dtype and key_cache.dtype in (torch.bfloat16, torch.float16)),
+        WIDEN_16BIT_DOTS=q.device.type != "cuda",
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -218,6 +218,9 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     assert "## 3. Whole decode step" in (tmp_path / "bench_paged_kv.md").read_text()
     pages = payload["decode_attention"]["best_by_page_size"]
     assert set(pages) == {"8"} and pages["8"]["block_size"] == 8  # the page-size sweep ran (JSON keys are strings)
+    names = [r["name"] for r in payload["decode_attention"]["rows"]]
+    assert any("dot_in_cache_dtype=True" in n for n in names), "the 16-bit-dot variants must be timed"
+    assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     breakdown = step["kernel_breakdown"]
     assert breakdown["total_us_per_step"] > 0 and breakdown["top"]
     assert abs(sum(k["pct"] for k in breakdown["by_kind"]) - 100) < 1e-6

@@ -111,6 +111,26 @@ def test_decode_attention_matches_sdpa_on_the_gathered_cache(block_size, context
         assert_close(ref[b], sdpa[0, :, 0], dtype, f"reference vs SDPA row {b}")
 
 
+@pytest.mark.parametrize("block_size,context,heads,head_dim", DECODE_CASES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_with_dots_in_the_cache_dtype(block_size, context, heads, head_dim, num_splits):
+    """dot_in_cache_dtype: bf16 operands (q and the probabilities rounded to bf16), fp32 accumulation; within the
+    bf16 tolerance of the reference. On an fp32 cache the option changes nothing."""
+    q_heads, kv_heads = heads
+    blocks_per_row = -(-max(context) // block_size)
+    num_blocks = blocks_per_row * len(context) + 1
+    tables = random_tables(len(context), blocks_per_row, num_blocks)
+    lens = torch.tensor(context, dtype=torch.int32)
+    for dtype in (torch.bfloat16, torch.float32):
+        key_cache, value_cache = random_pool(num_blocks, block_size, kv_heads, head_dim, dtype)
+        q = torch.randn(len(context), q_heads, head_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+        args = (q, key_cache, value_cache, tables, lens)
+        out = paged_decode_attention(*args, num_splits=num_splits, block_n=16, dot_in_cache_dtype=True)
+        assert_close(out, paged_decode_attention_reference(*args), dtype, f"{dtype} dots in the cache dtype")
+        if dtype == torch.float32:
+            assert torch.equal(out, paged_decode_attention(*args, num_splits=num_splits, block_n=16))
+
+
 @pytest.mark.parametrize("block_size,context", [(4, [1, 29, 64, 37]), (16, [80, 3, 49, 16])])
 def test_split_k_equals_no_split(block_size, context):
     q_heads, kv_heads, head_dim = 4, 2, 16

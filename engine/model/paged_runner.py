@@ -48,6 +48,7 @@ from kernels.paged_kv import (
 )
 
 log = get_logger("paged")
+_ATTENTION_OPTIONS = {"block_n", "num_warps", "num_stages", "dot_in_cache_dtype"}
 
 
 def _fused_ops_unsupported(lm, layers) -> str | None:
@@ -204,7 +205,9 @@ class PagedRunner:
     fused_ops: RMSNorm (with the residual add before it), rotary embedding and the SwiGLU product through
     `kernels.decode_fusions` (a few kernels per layer instead of ~25); None: on CUDA when the layers allow it.
     merged_projections: with the fused ops, one matrix product for q/k/v and one for gate/up per layer
-    (`_MergedProjections`: a copy of those weights, refreshed at every generate call).
+    (`_MergedProjections`: a copy of those weights, refreshed at every generate call). attention_options: launch
+    settings of `paged_decode_attention` for the one-position steps (block_n, num_warps, num_stages,
+    dot_in_cache_dtype), e.g. the best configuration of the paged-KV report's sweep.
     max_graph_batch: the largest batch bucket that gets graphs (larger batches run eagerly). sync_interval: decode
     steps between host checks for "every row has ended" (the output is trimmed exactly afterwards).
     """
@@ -223,9 +226,14 @@ class PagedRunner:
         sync_interval: int = 4,
         fused_ops: bool | None = None,
         merged_projections: bool = True,
+        attention_options: dict | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        unknown = set(attention_options or {}) - _ATTENTION_OPTIONS
+        if unknown:
+            raise ValueError(f"attention_options: unknown {sorted(unknown)}; valid: {sorted(_ATTENTION_OPTIONS)}")
+        self.attention_options = dict(attention_options or {})
         if sync_interval < 1:
             raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
         self.model = model
@@ -435,7 +443,8 @@ class PagedRunner:
 
         def attend(q, key_cache, value_cache):
             return paged_decode_attention(
-                q, key_cache, value_cache, block_tables, context_lens, scale=self.scale, num_splits=num_splits
+                q, key_cache, value_cache, block_tables, context_lens, scale=self.scale, num_splits=num_splits,
+                **self.attention_options,
             )
 
         return self._forward_tokens(x, positions, slots, attend)
@@ -443,7 +452,8 @@ class PagedRunner:
     def _splits_for(self, rows: int) -> int:
         if self.num_splits is not None:
             return self.num_splits
-        return choose_num_splits(rows, self.kv_heads, self.max_model_len, self.device)
+        block_n = self.attention_options.get("block_n", 64)
+        return choose_num_splits(rows, self.kv_heads, self.max_model_len, self.device, block_n=block_n)
 
     # ------------------------------------------------------------------ one-position steps (eager or graph)
     def _bucket(self, batch: int) -> _StepBuffers:
