@@ -68,6 +68,7 @@ from benchmarks.common import (
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
 
+from engine.model.reference import naive_hidden_states  # noqa: E402
 from engine.utils.logging import get_logger  # noqa: E402
 from engine.utils.profiling import profile_range  # noqa: E402
 
@@ -125,22 +126,7 @@ def naive_loss(model, ids, mask, pv, labels) -> torch.Tensor:
     labelled positions only, as `compute_loss` does, so the comparison measures the schedule, not the head.
     The correctness check compares this loss with the loss of `naive_forward`'s logits.
     """
-    batch = model.prepare(ids, mask, pv)
-    embeds = model.base_embeddings(batch)
-    lm = model.language_model
-    for col in batch.schedule.latent_positions:
-        hidden = lm(
-            inputs_embeds=embeds[:, :col],
-            attention_mask=batch.attention_mask[:, :col],
-            position_ids=batch.position_ids[:, :col],
-            use_cache=False,
-        ).last_hidden_state
-        rows = batch.latent_mask[:, col]
-        embeds = embeds.clone()
-        embeds[rows, col] = hidden[rows, col - 1].to(embeds.dtype)
-    hidden = lm(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    ).last_hidden_state
+    hidden, _, _ = naive_hidden_states(model, model.prepare(ids, mask, pv))
     return model.lm_loss(hidden, labels)
 
 

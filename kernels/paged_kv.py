@@ -340,6 +340,18 @@ def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         )
 
 
+def _check_queries(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Checks of the attention entry points: the caches, and q (rows, q_heads, head_dim) against them. Returns
+    q with a contiguous last dimension and the GQA group size (query heads per KV head)."""
+    _check_cache(key_cache, value_cache)
+    if q.dim() != 3 or q.shape[2] != key_cache.shape[3] or q.shape[1] % key_cache.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit the cache {tuple(key_cache.shape)}: q must be (rows, q_heads, "
+            "head_dim) with the cache's head_dim and q_heads a multiple of kv_heads"
+        )
+    return (q if q.stride(-1) == 1 else q.contiguous()), q.shape[1] // key_cache.shape[2]
+
+
 def paged_kv_write(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -446,22 +458,14 @@ def paged_decode_attention(
     cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it (default: fp32 operands).
     Returns (B, q_heads, head_dim) in q's dtype.
     """
-    _check_cache(key_cache, value_cache)
+    q, group = _check_queries(q, key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
-    _, block_size, kv_heads, cache_dim = key_cache.shape
-    if cache_dim != head_dim or q_heads % kv_heads:
-        raise ValueError(
-            f"q {tuple(q.shape)} does not fit the cache {tuple(key_cache.shape)}: head_dim must match and q_heads "
-            "must be a multiple of kv_heads"
-        )
+    _, block_size, kv_heads, _ = key_cache.shape
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError(
             f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} must have "
             f"{batch} rows"
         )
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    group = q_heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size, q.device, block_n=block_n)
@@ -548,20 +552,15 @@ def paged_chunk_attention(
     positions ``0 .. visible_lens[i] - 1`` (causal inside the chunk when the chunk's K/V are written first and
     ``visible = cached + i + 1``). ``max_query_len`` (host int) sizes the grid without a device sync.
     """
-    _check_cache(key_cache, value_cache)
+    q, group = _check_queries(q, key_cache, value_cache)
     n, q_heads, head_dim = q.shape
-    _, block_size, kv_heads, cache_dim = key_cache.shape
-    if cache_dim != head_dim or q_heads % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(key_cache.shape)}")
+    _, block_size, kv_heads, _ = key_cache.shape
     num_seqs = query_start_loc.shape[0] - 1
     if block_tables.shape[0] != num_seqs or visible_lens.shape != (n,):
         raise ValueError(
             f"block_tables {tuple(block_tables.shape)} must have one row per sequence ({num_seqs}) and visible_lens "
             f"{tuple(visible_lens.shape)} one entry per query ({n})"
         )
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    group = q_heads // kv_heads
     block_m = max(16, triton.next_power_of_2(max(block_m, group)))
     queries_per_tile = block_m // group
     scale = head_dim**-0.5 if scale is None else scale

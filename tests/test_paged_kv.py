@@ -338,3 +338,15 @@ def test_image_digest_follows_the_pixels():
     assert image_digest(a) != image_digest(b)
     assert image_digest(None) == b""
     assert image_digest(a.bfloat16()) != image_digest(a)
+
+
+@pytest.mark.parametrize("q_shape", [(2, 4, 8), (2, 3, 16), (2, 16)])  # head_dim, GQA multiple, rank
+def test_attention_entry_points_name_a_query_that_does_not_fit_the_cache(q_shape):
+    key_cache, value_cache = random_pool(4, 4, 2, 16, torch.float32)
+    q = torch.randn(q_shape)
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"does not fit the cache \(4, 4, 2, 16\)"):
+        paged_decode_attention(q, key_cache, value_cache, tables, torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"does not fit the cache \(4, 4, 2, 16\)"):
+        paged_chunk_attention(q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32),
+                              torch.ones(2, dtype=torch.int32), max_query_len=1)

@@ -28,6 +28,13 @@ class ReferenceOutput:
 
 def naive_forward(model, input_ids, attention_mask=None, pixel_values=None, position_ids=None) -> ReferenceOutput:
     batch = model.prepare(input_ids, attention_mask, pixel_values, position_ids)
+    hidden, embeds, passes = naive_hidden_states(model, batch)
+    return ReferenceOutput(model.base.lm_head(hidden), hidden, embeds, passes)
+
+
+def naive_hidden_states(model, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The naive scheme on a prepared batch: (last hidden states (B, T, H), input embeddings with the thoughts
+    in, number of language-model passes)."""
     embeds = model.base_embeddings(batch).clone()
     lm = model.language_model
     passes = 0
@@ -48,7 +55,7 @@ def naive_forward(model, input_ids, attention_mask=None, pixel_values=None, posi
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    return ReferenceOutput(model.base.lm_head(hidden), hidden, embeds, passes + 1)
+    return hidden, embeds, passes + 1
 
 
 @torch.no_grad()
