@@ -16,6 +16,8 @@ import torch
 from kernels.decode_fusions import (
     rms_norm,
     rms_norm_reference,
+    rotary_kv_write,
+    rotary_kv_write_reference,
     rotary_qk,
     rotary_qk_reference,
     silu_mul,
@@ -23,8 +25,11 @@ from kernels.decode_fusions import (
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CPU = dict(rows=3, hidden=40, q_heads=4, kv_heads=2, head_dim=8, width=72, dtype=torch.float32, device="cpu")
-GPU = dict(rows=64, hidden=896, q_heads=14, kv_heads=2, head_dim=64, width=4864, dtype=torch.bfloat16, device="cuda")
+CPU = dict(rows=3, hidden=40, q_heads=4, kv_heads=2, head_dim=8, width=72, block_size=4, dtype=torch.float32,
+           device="cpu")
+GPU = dict(rows=64, hidden=896, q_heads=14, kv_heads=2, head_dim=64, width=4864, block_size=16, dtype=torch.bfloat16,
+           device="cuda")
+CACHE_WRITERS = {"rotary_kv_write"}  # ops that write into caches passed in (in place) rather than return outputs
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
 
 
@@ -34,29 +39,50 @@ def _inputs(op: str, shape: dict):
     n = shape["rows"]
     if op == "rms_norm":
         return (r(n, shape["hidden"]), r(shape["hidden"]), 1e-6), dict(residual=r(n, shape["hidden"]))
-    if op == "rotary_qk":
+    if op in ("rotary_qk", "rotary_kv_write"):
         angle = torch.randn(n, shape["head_dim"] // 2, generator=g)
         emb = torch.cat([angle, angle], -1)
         cos, sin = (t.to(shape["dtype"]).to(shape["device"]) for t in (emb.cos(), emb.sin()))
-        return (r(n, shape["q_heads"], shape["head_dim"]), r(n, shape["kv_heads"], shape["head_dim"]), cos, sin), {}
+        q, k = r(n, shape["q_heads"], shape["head_dim"]), r(n, shape["kv_heads"], shape["head_dim"])
+        if op == "rotary_qk":
+            return (q, k, cos, sin), {}
+        blocks = -(-n // shape["block_size"]) + 1
+        caches = [r(blocks, shape["block_size"], shape["kv_heads"], shape["head_dim"]) for _ in range(2)]
+        slots = torch.randperm(blocks * shape["block_size"], generator=g)[:n].to(shape["device"])
+        return (q, k, r(*k.shape), cos, sin, *caches, slots), {}
     return (r(n, shape["width"]), r(n, shape["width"])), {}
 
 
 OPS = {"rms_norm": (rms_norm, rms_norm_reference), "rotary_qk": (rotary_qk, rotary_qk_reference),
+       "rotary_kv_write": (rotary_kv_write, rotary_kv_write_reference),
        "silu_mul": (silu_mul, silu_mul_reference)}  # fmt: skip
 
 
-def _bytes(args, kwargs, out) -> int:
+def _bytes(op, args, kwargs, out) -> int:
+    """Bytes read and written: every input and output; for a cache writer, the rows it writes, not the caches."""
+    if op in CACHE_WRITERS:
+        q, k, v, cos, sin = args[:5]
+        return sum(t.numel() * t.element_size() for t in (q, k, v, cos, sin, out, k, v))
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     outs = out if isinstance(out, tuple) else (out,)
     return sum(t.numel() * t.element_size() for t in (*tensors, *outs))
 
 
+def _outputs(op, fn, args, kwargs) -> tuple:
+    """What to compare: the outputs; for a cache writer, its output and the caches it wrote (on copies)."""
+    if op in CACHE_WRITERS:
+        args = list(args)
+        args[5], args[6] = args[5].clone(), args[6].clone()
+        return fn(*args, **kwargs), args[5], args[6]
+    out = fn(*args, **kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _bench(benchmark, op, impl, shape, copy_bandwidth):
     fused, reference = OPS[op]
     args, kwargs = _inputs(op, shape)
-    got, want = fused(*args, **kwargs), reference(*args, **kwargs)
-    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+    got = _outputs(op, fused, args, kwargs)
+    for a, b in zip(got, _outputs(op, reference, args, kwargs)):
         torch.testing.assert_close(a, b, **TOL[shape["dtype"]])
     fn = fused if impl == "fused" else reference
     cuda = shape["device"] == "cuda"
@@ -68,7 +94,8 @@ def _bench(benchmark, op, impl, shape, copy_bandwidth):
         return out
 
     benchmark.extra_info.update(op=op, impl=impl, rows=shape["rows"], dtype=str(shape["dtype"]),
-                                bytes=_bytes(args, kwargs, got), copy_gbs=copy_bandwidth)  # fmt: skip
+                                bytes=_bytes(op, args, kwargs, got[0] if op in CACHE_WRITERS else got),
+                                copy_gbs=copy_bandwidth)  # fmt: skip
     benchmark(run)
 
 

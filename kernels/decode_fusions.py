@@ -13,6 +13,9 @@ Public entry points (one name across kernels, tests and benchmarks), each with i
   forms ``s = residual + x`` (rounded to the input dtype, as ``residual + x`` is) and returns ``(norm(s), s)``;
 - `rotary_qk(q, k, cos, sin)`: ``q * cos + rotate_half(q) * sin`` and the same for ``k`` (N, heads, D), one
   program per token for both;
+- `rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)`: `rotary_qk`, with the rotated ``k`` and
+  ``v`` stored straight into a paged cache at ``slots`` (`kernels.paged_kv` layout, slot -1 skipped) instead of
+  into new tensors: one kernel for what `rotary_qk` + `paged_kv.paged_kv_write` do in two; returns the rotated q;
 - `silu_mul(gate, up)`: ``silu(gate) * up`` (the SwiGLU product of the MLP).
 
 No autograd: these serve inference (`engine.model.paged_runner`). Interpreter note: bf16 values are upcast to
@@ -30,6 +33,8 @@ __all__ = [
     "decode_fusions_self_check",
     "rms_norm",
     "rms_norm_reference",
+    "rotary_kv_write",
+    "rotary_kv_write_reference",
     "rotary_qk",
     "rotary_qk_reference",
     "silu_mul",
@@ -74,10 +79,11 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _rotate(x_ptr, out_ptr, cos, sin, sign, token, stride_t, stride_h, stride_ot, stride_oh, heads, head_dim, half,
-            BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+            BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr, store_ok):  # fmt: skip
+    """Rotate the heads of one token; ``store_ok`` (0 or 1) gates loads and stores (a skipped cache slot)."""
     h = tl.arange(0, BLOCK_HEADS)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    keep = (h < heads) & (d < head_dim)
+    keep = (h < heads) & (d < head_dim) & ((h * 0 + store_ok) > 0)  # a block, not a scalar, in the mask
     base = x_ptr + token * stride_t + h * stride_h
     x = tl.load(base + d, mask=keep, other=0.0)
     partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
@@ -119,9 +125,62 @@ def _rotary_qk_kernel(
     sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
     sign = tl.where(d < half, -1.0, 1.0)
     _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
-            half, BLOCK_QH, BLOCK_D)  # fmt: skip
+            half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
     _rotate(k_ptr, k_out_ptr, cos, sin, sign, token, stride_kt, stride_kh, stride_kot, stride_koh, k_heads, head_dim,
-            half, BLOCK_KH, BLOCK_D)  # fmt: skip
+            half, BLOCK_KH, BLOCK_D, 1)  # fmt: skip
+
+
+@triton.jit
+def _rotary_kv_write_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_out_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_heads,
+    k_heads,
+    head_dim,
+    block_size,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_cb,
+    stride_co,
+    stride_ch,
+    stride_ct,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    half = head_dim // 2
+    in_dim = d < head_dim
+    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sign = tl.where(d < half, -1.0, 1.0)
+    _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
+            half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    store_ok = (slot >= 0).to(tl.int32)
+    safe = tl.maximum(slot, 0)
+    dst = (safe // block_size) * stride_cb + (safe % block_size) * stride_co  # the slot's row in the cache
+    # the rotated k goes to the cache row (token stride 0: the destination is already that row)
+    _rotate(k_ptr, key_cache_ptr + dst, cos, sin, sign, token, stride_kt, stride_kh, 0, stride_ch, k_heads, head_dim,
+            half, BLOCK_KH, BLOCK_D, store_ok)  # fmt: skip
+    h = tl.arange(0, BLOCK_KH)[:, None]
+    keep = (h < k_heads) & in_dim & ((h * 0 + store_ok) > 0)
+    v = tl.load(v_ptr + token * stride_vt + h * stride_vh + d, mask=keep, other=0.0)
+    tl.store(value_cache_ptr + dst + h * stride_ch + d, v, mask=keep)
 
 
 @triton.jit
@@ -189,21 +248,28 @@ def rms_norm_reference(
     return out if residual is None else (out, summed)
 
 
+def _check_rotary(q, k, cos, sin):
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q (N, Hq, D) and k (N, Hk, D) must agree, got {tuple(q.shape)} and {tuple(k.shape)}")
+    n, _, head_dim = q.shape
+    if cos.shape != (n, head_dim) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be ({n}, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return q, k, cos.contiguous(), sin.contiguous()
+
+
 def rotary_qk(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of ``q`` (N, q_heads, D) and ``k`` (N, kv_heads, D) with ``cos``/``sin`` (N, D), into new
     contiguous tensors; returns ``(q_rot, k_rot)``. Inputs may be strided views (the last dimension contiguous)."""
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q (N, Hq, D) and k (N, Hk, D) must agree, got {tuple(q.shape)} and {tuple(k.shape)}")
+    q, k, cos, sin = _check_rotary(q, k, cos, sin)
     n, q_heads, head_dim = q.shape
-    if cos.shape != (n, head_dim) or sin.shape != cos.shape:
-        raise ValueError(f"cos and sin must be ({n}, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        q, k = q.contiguous(), k.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n:
         _rotary_qk_kernel[(n,)](
@@ -230,6 +296,78 @@ def rotary_qk(
             BLOCK_D=triton.next_power_of_2(head_dim),
         )
     return q_out, k_out
+
+
+def rotary_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary_qk` of ``q`` (N, q_heads, D) and ``k`` (N, kv_heads, D), the rotated k and ``v`` (N, kv_heads, D)
+    stored at ``slots`` (N,) of the paged caches ([num_blocks, block_size, kv_heads, D], slot -1 skipped), in
+    place. Returns the rotated q (new, contiguous). Inputs may be strided views (the last dimension contiguous);
+    k and v must have the cache's dtype (the cast would round differently in the interpreter)."""
+    from kernels.paged_kv import _check_cache
+
+    _check_cache(key_cache, value_cache)
+    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
+        raise ValueError(
+            f"rotary_kv_write shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(key_cache.shape)}, "
+            f"slots {tuple(slots.shape)}"
+        )
+    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype:
+        raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
+    q, k, cos, sin = _check_rotary(q, k, cos, sin)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    n, q_heads, head_dim = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if n:
+        _rotary_kv_write_kernel[(n,)](
+            q,
+            k,
+            v,
+            q_out,
+            key_cache,
+            value_cache,
+            slots,
+            cos,
+            sin,
+            q_heads,
+            k.shape[1],
+            head_dim,
+            key_cache.shape[1],
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            key_cache.stride(0),
+            key_cache.stride(1),
+            key_cache.stride(2),
+            cos.stride(0),
+            BLOCK_QH=triton.next_power_of_2(q_heads),
+            BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+    return q_out
+
+
+def rotary_kv_write_reference(q, k, v, cos, sin, key_cache, value_cache, slots) -> torch.Tensor:
+    """`rotary_qk_reference`, then `paged_kv_write_reference` of the rotated k and v."""
+    from kernels.paged_kv import paged_kv_write_reference
+
+    q_rot, k_rot = rotary_qk_reference(q, k, cos, sin)
+    paged_kv_write_reference(k_rot, v, key_cache, value_cache, slots)
+    return q_rot
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -264,6 +402,16 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def _cache_outputs(write):
+    """For the self-check: run ``write`` on copies of the caches and return (q, key cache, value cache)."""
+
+    def run(q, k, v, cos, sin, key_cache, value_cache, slots):
+        key_cache, value_cache = key_cache.clone(), value_cache.clone()
+        return write(q, k, v, cos, sin, key_cache, value_cache, slots), key_cache, value_cache
+
+    return run
+
+
 def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """Run each kernel once on small inputs on ``device`` against its reference: None when all agree, else why not
     (a compile error on this Triton, a wrong result). Callers that switch the fusions on by default check first."""
@@ -276,6 +424,9 @@ def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) ->
         "rms_norm": (rms_norm, rms_norm_reference, (r(5, 48), r(48), 1e-6), dict(residual=r(5, 48))),
         "rotary_qk": (rotary_qk, rotary_qk_reference, (r(5, 3, 8), r(5, 1, 8), cos, sin), {}),
         "silu_mul": (silu_mul, silu_mul_reference, (r(5, 40), r(5, 40)), {}),
+        "rotary_kv_write": (_cache_outputs(rotary_kv_write), _cache_outputs(rotary_kv_write_reference),
+                            (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(3, 4, 1, 8), r(3, 4, 1, 8)),
+                            dict(slots=torch.tensor([4, -1, 0, 11, 7], device=device))),
     }
     for name, (fused, reference, args, kwargs) in cases.items():
         try:

@@ -111,3 +111,45 @@ def test_self_check_passes_here_and_names_a_failure(dtype, monkeypatch):
     monkeypatch.setattr(fusions, "silu_mul", lambda gate, up: gate * up)  # a wrong kernel
     reason = fusions.decode_fusions_self_check("cpu", dtype)
     assert reason is not None and reason.startswith("silu_mul")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "tokens,q_heads,k_heads,head_dim,block_size", [(1, 1, 1, 2, 1), (7, 14, 2, 64, 4), (5, 3, 3, 6, 16), (9, 7, 1, 34, 3)]
+)
+def test_rotary_kv_write_matches_rotary_then_cache_write(dtype, tokens, q_heads, k_heads, head_dim, block_size):
+    """q rotated as rotary_qk does; k rotated and v stored at their slots, padding slots (-1) skipped, every other
+    slot of the cache unchanged. q/k/v are strided views of one projection output, as the runner passes them."""
+    from kernels.decode_fusions import rotary_kv_write, rotary_kv_write_reference
+
+    qkv = _randn(tokens, q_heads + 2 * k_heads, head_dim, dtype=dtype)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads : q_heads + k_heads], qkv[:, q_heads + k_heads :]
+    angle = _randn(tokens, head_dim // 2, dtype=torch.float32, seed=2) * 3
+    cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)
+    num_blocks = -(-2 * tokens // block_size) + 1
+    key_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=3)
+    value_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=4)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(5))[:tokens]
+    slots[1::3] = -1
+    ref_k, ref_v = key_cache.clone(), value_cache.clone()
+    q_ref = rotary_kv_write_reference(q, k, v, cos, sin, ref_k, ref_v, slots)
+    q_rot = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)
+    torch.testing.assert_close(q_rot, q_ref, **TOL[dtype])
+    torch.testing.assert_close(key_cache, ref_k, **TOL[dtype])
+    assert torch.equal(value_cache, ref_v), "v is copied, not computed: bit-exact"
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    untouched = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=3).reshape(-1, k_heads, head_dim)
+    assert torch.equal(key_cache.reshape(-1, k_heads, head_dim)[~written], untouched[~written])
+
+
+def test_rotary_kv_write_names_bad_inputs():
+    from kernels.decode_fusions import rotary_kv_write
+
+    q, k = torch.zeros(2, 4, 8), torch.zeros(2, 2, 8)
+    cos = sin = torch.zeros(2, 8)
+    cache = torch.zeros(3, 4, 2, 8)
+    with pytest.raises(ValueError, match="slots"):
+        rotary_kv_write(q, k, k, cos, sin, cache, cache.clone(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache's dtype"):
+        rotary_kv_write(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), torch.zeros(2, dtype=torch.long))

@@ -7,7 +7,7 @@ mkdir -p "$OUT"
 step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 5 "$OUT/$name.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 step latent_inject 150 python -m benchmarks.bench_latent_inject --out "$OUT/latent_inject"
-step paged_kv 240 python -m benchmarks.bench_paged_kv --out "$OUT/paged_kv"
+step paged_kv 330 python -m benchmarks.bench_paged_kv --out "$OUT/paged_kv"
 step suites 150 python -m pytest benchmarks -m benchmark -k gpu -q -p no:cacheprovider --benchmark-json "$OUT/kernels.json"
 # memcheck: every kernel once (untimed) at the GPU shapes; the sanitizer reports into the log
 # (the injection report's tiny geometry on the GPU: at the 151k-vocabulary shapes the shadow memory does not fit)

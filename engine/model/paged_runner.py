@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
-from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_qk, rotary_qk_reference, silu_mul
+from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_kv_write, rotary_qk_reference, silu_mul
 from kernels.paged_kv import (
     PagedKVCache,
     choose_num_splits,
@@ -375,8 +375,8 @@ class PagedRunner:
 
     def _forward_tokens_fused(self, x, cos, sin, slots, attend) -> torch.Tensor:
         """`_forward_tokens` with `kernels.decode_fusions`: each RMSNorm takes the residual add before it, rotary
-        embedding is one kernel for q and k, the SwiGLU product one kernel; with `merged_projections` one matrix
-        product for q/k/v and one for gate/up. Same rounding as the modules."""
+        embedding of q and k and the cache write of k and v are one kernel, the SwiGLU product one kernel; with
+        `merged_projections` one matrix product for q/k/v and one for gate/up. Same rounding as the modules."""
         n = x.shape[0]
         merged = self._merged if self.merged_projections else None
         if self.merged_projections and merged is None:
@@ -397,9 +397,8 @@ class PagedRunner:
             q = q.view(n, self.q_heads, self.head_dim)
             k = k.view(n, self.kv_heads, self.head_dim)
             v = v.view(n, self.kv_heads, self.head_dim)
-            q, k = rotary_qk(q, k, cos, sin)
             key_cache, value_cache = self.cache.layer(index)
-            paged_kv_write(k, v, key_cache, value_cache, slots)
+            q = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)  # k and v go straight to the cache
             o = attend(q, key_cache, value_cache)
             pending = attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
             norm = layer.post_attention_layernorm
