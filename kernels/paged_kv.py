@@ -461,6 +461,9 @@ def paged_decode_attention(
     q, group = _check_queries(q, key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1)):
+        if value < least or value & (value - 1):  # tl.arange and tl.dot tiles: powers of two, dots >= 16
+            raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError(
             f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} must have "
@@ -509,7 +512,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
         DOT_IN_CACHE_DTYPE=bool(dot_in_cache_dtype and key_cache.dtype in (torch.bfloat16, torch.float16)),
-        WIDEN_16BIT_DOTS=q.device.type != "cuda",
+        WIDEN_16BIT_DOTS=q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

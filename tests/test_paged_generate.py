@@ -121,6 +121,19 @@ def test_merged_projections_follow_weight_updates(tiny):
     assert not torch.equal(after_dynamic, before), "the update must change the tokens for this test to mean anything"
     assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), after_dynamic)
     assert pointers == [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner._merged]
+    # a projection replaced by a new module (not updated in place): the runner must rebuild from the new one
+    for layer in runner.layers:
+        for owner, name in ((layer.self_attn, "q_proj"), (layer.mlp, "up_proj")):
+            old = getattr(owner, name)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            with torch.no_grad():
+                new.weight.copy_(torch.randn(old.weight.shape, generator=g) * 4 * old.weight.std())
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+            setattr(owner, name, new)
+    replaced_dynamic = model.generate(ids, mask, pixels, **kwargs)
+    assert not torch.equal(replaced_dynamic, after_dynamic)
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), replaced_dynamic)
 
 
 def test_merged_projections_off_for_wrapped_projections(tiny):
@@ -137,6 +150,30 @@ def test_merged_projections_off_for_wrapped_projections(tiny):
     model.language_model.layers[1].mlp.up_proj = adapter
     runner = PagedRunner(model, block_size=4, fused_ops=True)
     assert not runner.merged_projections
+
+
+def test_runner_builds_for_an_mlp_without_gate_and_up(tiny):
+    """Layers the fused path does not know (here an fc1/fc2 MLP) run through their modules: the runner must
+    neither fail to build nor try to merge projections that do not exist."""
+    import copy
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+
+    class PlainMLP(torch.nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(hidden, 2 * hidden), torch.nn.Linear(2 * hidden, hidden)
+
+        def forward(self, x):
+            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+    hidden = model.language_model.config.hidden_size
+    model.language_model.layers[0].mlp = PlainMLP(hidden)
+    runner = PagedRunner(model, block_size=4)
+    assert not runner.merged_projections and not runner._fused_ops_ok
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    kwargs = dict(max_new_tokens=3, eos_token_id=-1)
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), model.generate(ids, mask, pixels, **kwargs))
 
 
 def test_paged_matches_dynamic_sampled(tiny):

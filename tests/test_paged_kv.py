@@ -127,8 +127,11 @@ def test_decode_attention_with_dots_in_the_cache_dtype(block_size, context, head
         args = (q, key_cache, value_cache, tables, lens)
         out = paged_decode_attention(*args, num_splits=num_splits, block_n=16, dot_in_cache_dtype=True)
         assert_close(out, paged_decode_attention_reference(*args), dtype, f"{dtype} dots in the cache dtype")
+        wide = paged_decode_attention(*args, num_splits=num_splits, block_n=16)
         if dtype == torch.float32:
-            assert torch.equal(out, paged_decode_attention(*args, num_splits=num_splits, block_n=16))
+            assert torch.equal(out, wide)
+        elif max(context) > 1:  # the probabilities were rounded to bf16: the option really took effect
+            assert not torch.equal(out, wide)
 
 
 @pytest.mark.parametrize("block_size,context", [(4, [1, 29, 64, 37]), (16, [80, 3, 49, 16])])
@@ -350,3 +353,13 @@ def test_attention_entry_points_name_a_query_that_does_not_fit_the_cache(q_shape
     with pytest.raises(ValueError, match=r"does not fit the cache \(4, 4, 2, 16\)"):
         paged_chunk_attention(q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32),
                               torch.ones(2, dtype=torch.int32), max_query_len=1)
+
+
+@pytest.mark.parametrize("options,needle", [(dict(block_n=8), "block_n"), (dict(block_n=48), "block_n"),
+                                            (dict(num_warps=3), "num_warps")])
+def test_decode_attention_names_bad_launch_settings(options, needle):
+    key_cache, value_cache = random_pool(4, 4, 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match=needle):
+        paged_decode_attention(q, key_cache, value_cache, torch.zeros(2, 1, dtype=torch.int32),
+                               torch.ones(2, dtype=torch.int32), **options)

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from engine.model.generation import check_left_padded, decode_loop
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
-from kernels.decode_fusions import decode_fusions_self_check, rms_norm, rotary_kv_write, rotary_qk_reference, silu_mul
+from kernels.decode_fusions import (
+    decode_fusions_self_check,
+    rms_norm,
+    rotary_kv_write,
+    rotary_qk,
+    rotary_qk_reference,
+    silu_mul,
+)
 from kernels.paged_kv import (
     PagedKVCache,
     choose_num_splits,
@@ -64,13 +71,20 @@ def _fused_ops_unsupported(lm, layers) -> str | None:
     return None
 
 
+_MERGED_PROJECTIONS = (("q_proj", "attn"), ("k_proj", "attn"), ("v_proj", "attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"))
+
+
+def _projections(layer) -> tuple:
+    return (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+            layer.mlp.up_proj)
+
+
 def _merge_unsupported(layers) -> str | None:
     """Why `_MergedProjections` cannot stand in for these layers' projections (None when it can)."""
     for index, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        names = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "gate_proj": mlp.gate_proj,
-                 "up_proj": mlp.up_proj}
-        for name, module in names.items():
+        for name, owner in _MERGED_PROJECTIONS:
+            module = getattr(attn if owner == "attn" else mlp, name, None)
             if type(module) is not torch.nn.Linear:  # wrapped (adapters, quantized): its weight is not the product
                 return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
         if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
@@ -164,10 +178,13 @@ class _MergedProjections:
         self.refresh()
 
     def matches(self, layer) -> bool:
-        """Still the layer's device, dtype and shapes (else the runner rebuilds and drops its graphs)."""
+        """Still the layer's modules (not replaced, e.g. by adapters), device, dtype and shapes (else the runner
+        rebuilds and drops its graphs)."""
+        if any(a is not b for a, b in zip(self.qkv_sources + self.gate_up_sources, _projections(layer))):
+            return False
         w = layer.self_attn.q_proj.weight
         return self.qkv_weight.device == w.device and self.qkv_weight.dtype == w.dtype and self.qkv_sizes == [
-            m.out_features for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+            m.out_features for m in self.qkv_sources
         ]
 
     @torch.no_grad()
@@ -278,10 +295,10 @@ class PagedRunner:
             raise NotImplementedError(f"fused_ops=True: {fused_ops_reason}")
         self.fused_ops = fused_ops
         self._fused_ops_checked: dict[tuple, bool] = {}
-        merge_reason = _merge_unsupported(self.layers)
-        if merged_projections and merge_reason is not None:
+        merge_reason = _merge_unsupported(self.layers) if merged_projections and self._fused_ops_ok else None
+        if merge_reason is not None:
             log.info("merged projections off: %s", merge_reason)
-        self.merged_projections = merged_projections and merge_reason is None
+        self.merged_projections = merged_projections and self._fused_ops_ok and merge_reason is None
         self._merged: list[_MergedProjections] | None = None
 
     # ------------------------------------------------------------------ properties
@@ -333,6 +350,12 @@ class PagedRunner:
         if self._merged is None or not all(m.matches(layer) for m, layer in zip(self._merged, self.layers)):
             if self._merged is not None:
                 self._drop_graphs()  # the graphs read the old buffers
+                self._merged = None
+            reason = _merge_unsupported(self.layers)  # modules replaced since: maybe by wrapped ones
+            if reason is not None:
+                log.info("merged projections off: %s", reason)
+                self.merged_projections = False
+                return
             self._merged = [_MergedProjections(layer) for layer in self.layers]
             return
         for merged in self._merged:
@@ -376,7 +399,9 @@ class PagedRunner:
     def _forward_tokens_fused(self, x, cos, sin, slots, attend) -> torch.Tensor:
         """`_forward_tokens` with `kernels.decode_fusions`: each RMSNorm takes the residual add before it, rotary
         embedding of q and k and the cache write of k and v are one kernel, the SwiGLU product one kernel; with
-        `merged_projections` one matrix product for q/k/v and one for gate/up. Same rounding as the modules."""
+        `merged_projections` one matrix product for q/k/v and one for gate/up. The fused kernels round as the
+        modules do; a merged product may use another GEMM algorithm than the separate ones (on GPU, not
+        bit-identical then: same values to bf16 rounding)."""
         n = x.shape[0]
         merged = self._merged if self.merged_projections else None
         if self.merged_projections and merged is None:
@@ -398,7 +423,11 @@ class PagedRunner:
             k = k.view(n, self.kv_heads, self.head_dim)
             v = v.view(n, self.kv_heads, self.head_dim)
             key_cache, value_cache = self.cache.layer(index)
-            q = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)  # k and v go straight to the cache
+            if k.dtype == key_cache.dtype:
+                q = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)  # k, v straight to the cache
+            else:  # layers in another dtype than the cache: the write rounds k and v to it
+                q, k = rotary_qk(q, k, cos, sin)
+                paged_kv_write(k, v, key_cache, value_cache, slots)
             o = attend(q, key_cache, value_cache)
             pending = attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
             norm = layer.post_attention_layernorm

@@ -492,9 +492,11 @@ class Trainer:
                 raise
             # the fast path chosen by default must not end a training run: validate on the dynamic cache
             log.warning("validation on the paged KV cache failed (%s: %s); using the dynamic cache for the rest of "
-                        "this run (set eval_kv_cache=paged to see the error)", type(e).__name__, e)
+                        "this run", type(e).__name__, e, exc_info=True)
             self._paged_eval_failed = True
             scored, seconds = self._generate_answers(model, loader, "dynamic")
+        if kv_cache == "paged":  # every rank switches together (a failure can hit one rank only)
+            self._paged_eval_failed = any(all_gather_objects(self._paged_eval_failed))
         model.train(was_training)
         gathered = all_gather_objects((scored, seconds))
         unique: dict[str, dict] = {}
