@@ -261,3 +261,16 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     breakdown = step["kernel_breakdown"]
     assert breakdown["total_us_per_step"] > 0 and breakdown["top"]
     assert abs(sum(k["pct"] for k in breakdown["by_kind"]) - 100) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_rows_are_the_modules_values(tiny, dtype):
+    """The runner's cos/sin table gives bit for bit what the model's rotary embedding computes per call."""
+    model = tiny[0]
+    runner = PagedRunner(model, block_size=4, max_model_len=300)
+    x = torch.zeros(5, model.language_model.config.hidden_size, dtype=dtype)
+    positions = torch.tensor([0, 1, 17, 255, 299])
+    cos, sin = runner.rotary_cos_sin(x, positions)
+    want_cos, want_sin = model.language_model.rotary_emb(x, positions[None])
+    assert cos.dtype == dtype and torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
+    assert runner._rotary_table is not None and runner._rotary_table[1].shape[1] == 300

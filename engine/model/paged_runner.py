@@ -289,6 +289,10 @@ class PagedRunner:
         rope_type = str(getattr(lm.rotary_emb, "rope_type", "default"))
         # dynamic/longrope rotary embeddings branch on the host on the position values: not capturable
         self._graphs_ok = "dynamic" not in rope_type and rope_type != "longrope"
+        # cos/sin of every position once, then one gather per step instead of the ~9 kernels of the module (the
+        # values are the module's: each is one fp32 product inv_freq * position, then cos/sin); position-only ropes
+        self._rotary_table_ok = self._graphs_ok
+        self._rotary_table: tuple[tuple, torch.Tensor] | None = None
         fused_ops_reason = _fused_ops_unsupported(lm, self.layers)
         self._fused_ops_ok = fused_ops_reason is None
         if fused_ops and not self._fused_ops_ok:
@@ -378,9 +382,9 @@ class PagedRunner:
         Every layer writes the tokens' K/V at ``slots`` before attending, so tokens of this call see each other
         through the cache. ``attend(q, key_cache, value_cache)`` returns (N, q_heads, head_dim).
         """
-        cos, sin = self.lm.rotary_emb(x, positions[None])  # (1, N, head_dim), the model's own rotary embedding
+        cos, sin = self.rotary_cos_sin(x, positions)  # (N, head_dim) each, the model's own rotary embedding
         if self._use_fused_ops():
-            return self._forward_tokens_fused(x, cos[0], sin[0], slots, attend)
+            return self._forward_tokens_fused(x, cos, sin, slots, attend)
         n = x.shape[0]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -388,13 +392,30 @@ class PagedRunner:
             q = attn.q_proj(h).view(n, self.q_heads, self.head_dim)
             k = attn.k_proj(h).view(n, self.kv_heads, self.head_dim)
             v = attn.v_proj(h).view(n, self.kv_heads, self.head_dim)
-            q, k = rotary_qk_reference(q, k, cos[0], sin[0])
+            q, k = rotary_qk_reference(q, k, cos, sin)
             key_cache, value_cache = self.cache.layer(index)
             paged_kv_write(k, v, key_cache, value_cache, slots)
             o = attend(q, key_cache, value_cache)
             x = x + attn.o_proj(o.reshape(n, self.q_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm.norm(x)
+
+    def rotary_cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, head_dim) cos and sin of the model's rotary embedding at ``positions`` (N,), in x's dtype: rows of a
+        table of all ``max_model_len`` positions (built on first use per device and dtype), or the module itself
+        for rotary embeddings that depend on more than the position."""
+        if not self._rotary_table_ok:
+            cos, sin = self.lm.rotary_emb(x, positions[None])
+            return cos[0], sin[0]
+        key = (x.device, x.dtype)
+        if self._rotary_table is None or self._rotary_table[0] != key:
+            if self._rotary_table is not None:
+                self._drop_graphs()  # the graphs read the old table
+            everywhere = torch.arange(self.max_model_len, device=x.device)
+            cos, sin = self.lm.rotary_emb(x, everywhere[None])
+            self._rotary_table = (key, torch.stack([cos[0], sin[0]]))  # (2, max_model_len, head_dim)
+        both = self._rotary_table[1][:, positions]  # one gather
+        return both[0], both[1]
 
     def _forward_tokens_fused(self, x, cos, sin, slots, attend) -> torch.Tensor:
         """`_forward_tokens` with `kernels.decode_fusions`: each RMSNorm takes the residual add before it, rotary
