@@ -513,8 +513,8 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
         def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
             return runner._one_position(buf, tables, positions, active, tokens=tokens)
 
-        graph_step()  # captures
         runner.refresh_merged_projections()  # what generate does first
+        graph_step()  # captures
         row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused,
                      merged=merged)
         if default:  # the runner's default is what the target is about

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_kv import _check_cache, paged_kv_write_reference
+
 __all__ = [
     "decode_fusions_self_check",
     "rms_norm",
@@ -94,6 +96,16 @@ def _rotate(x_ptr, out_ptr, cos, sin, sign, token, stride_t, stride_h, stride_ot
 
 
 @triton.jit
+def _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D: tl.constexpr):
+    """One token's cos and sin (1, BLOCK_D) in fp32, and the sign rotate_half gives each half (-x2, x1)."""
+    d = tl.arange(0, BLOCK_D)[None, :]
+    in_dim = d < head_dim
+    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    return cos, sin, tl.where(d < head_dim // 2, -1.0, 1.0)
+
+
+@triton.jit
 def _rotary_qk_kernel(
     q_ptr,
     k_ptr,
@@ -118,12 +130,8 @@ def _rotary_qk_kernel(
     BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]
+    cos, sin, sign = _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D)
     half = head_dim // 2
-    in_dim = d < head_dim
-    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    sign = tl.where(d < half, -1.0, 1.0)
     _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
             half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
     _rotate(k_ptr, k_out_ptr, cos, sin, sign, token, stride_kt, stride_kh, stride_kot, stride_koh, k_heads, head_dim,
@@ -162,12 +170,8 @@ def _rotary_kv_write_kernel(
     BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]
+    cos, sin, sign = _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D)
     half = head_dim // 2
-    in_dim = d < head_dim
-    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    sign = tl.where(d < half, -1.0, 1.0)
     _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
             half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
     slot = tl.load(slots_ptr + token).to(tl.int64)
@@ -178,7 +182,8 @@ def _rotary_kv_write_kernel(
     _rotate(k_ptr, key_cache_ptr + dst, cos, sin, sign, token, stride_kt, stride_kh, 0, stride_ch, k_heads, head_dim,
             half, BLOCK_KH, BLOCK_D, store_ok)  # fmt: skip
     h = tl.arange(0, BLOCK_KH)[:, None]
-    keep = (h < k_heads) & in_dim & ((h * 0 + store_ok) > 0)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    keep = (h < k_heads) & (d < head_dim) & ((h * 0 + store_ok) > 0)
     v = tl.load(v_ptr + token * stride_vt + h * stride_vh + d, mask=keep, other=0.0)
     tl.store(value_cache_ptr + dst + h * stride_ch + d, v, mask=keep)
 
@@ -312,8 +317,6 @@ def rotary_kv_write(
     stored at ``slots`` (N,) of the paged caches ([num_blocks, block_size, kv_heads, D], slot -1 skipped), in
     place. Returns the rotated q (new, contiguous). Inputs may be strided views (the last dimension contiguous);
     k and v must have the cache's dtype (the cast would round differently in the interpreter)."""
-    from kernels.paged_kv import _check_cache
-
     _check_cache(key_cache, value_cache)
     if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
         raise ValueError(
@@ -363,8 +366,6 @@ def rotary_kv_write(
 
 def rotary_kv_write_reference(q, k, v, cos, sin, key_cache, value_cache, slots) -> torch.Tensor:
     """`rotary_qk_reference`, then `paged_kv_write_reference` of the rotated k and v."""
-    from kernels.paged_kv import paged_kv_write_reference
-
     q_rot, k_rot = rotary_qk_reference(q, k, cos, sin)
     paged_kv_write_reference(k_rot, v, key_cache, value_cache, slots)
     return q_rot
@@ -403,7 +404,7 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_outputs(write):
-    """For the self-check: run ``write`` on copies of the caches and return (q, key cache, value cache)."""
+    """For checks (the self-check, the suite): run ``write`` on copies of the caches; (q, key cache, value cache)."""
 
     def run(q, k, v, cos, sin, key_cache, value_cache, slots):
         key_cache, value_cache = key_cache.clone(), value_cache.clone()

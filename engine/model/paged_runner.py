@@ -71,23 +71,23 @@ def _fused_ops_unsupported(lm, layers) -> str | None:
     return None
 
 
-_MERGED_PROJECTIONS = (("q_proj", "attn"), ("k_proj", "attn"), ("v_proj", "attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"))
+_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
-def _projections(layer) -> tuple:
-    return (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-            layer.mlp.up_proj)
+def _projections(layer) -> dict:
+    """The projections `_MergedProjections` merges, by name: q/k/v, then gate/up (None where a layer has none)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {name: getattr(attn if name in _QKV else mlp, name, None) for name in (*_QKV, *_GATE_UP)}
 
 
 def _merge_unsupported(layers) -> str | None:
     """Why `_MergedProjections` cannot stand in for these layers' projections (None when it can)."""
     for index, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for name, owner in _MERGED_PROJECTIONS:
-            module = getattr(attn if owner == "attn" else mlp, name, None)
+        projections = _projections(layer)
+        for name, module in projections.items():
             if type(module) is not torch.nn.Linear:  # wrapped (adapters, quantized): its weight is not the product
                 return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
-        if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+        if any(projections[name].bias is not None for name in _GATE_UP):
             return f"layer {index} gate/up projections have a bias"
     return None
 
@@ -165,27 +165,29 @@ class _MergedProjections:
     captured CUDA graphs stay valid. Costs one more copy of those weights (~0.47 GB at InternVL3-1B in bf16)."""
 
     def __init__(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_sources = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.gate_up_sources = (mlp.gate_proj, mlp.up_proj)
-        self.qkv_sizes = [m.out_features for m in self.qkv_sources]
-        self.gate_up_sizes = [m.out_features for m in self.gate_up_sources]
-        weight = attn.q_proj.weight
+        self.sources = _projections(layer)
+        self.qkv_sources = [self.sources[name] for name in _QKV]
+        self.gate_up_sources = [self.sources[name] for name in _GATE_UP]
+        self.weight_shapes = [m.weight.shape for m in self.sources.values()]
+        self.qkv_sizes = [m.weight.shape[0] for m in self.qkv_sources]
+        self.gate_up_sizes = [m.weight.shape[0] for m in self.gate_up_sources]
+        weight = self.qkv_sources[0].weight
         self.qkv_weight = weight.new_empty(sum(self.qkv_sizes), weight.shape[1])
         has_bias = any(m.bias is not None for m in self.qkv_sources)
         self.qkv_bias = weight.new_zeros(sum(self.qkv_sizes)) if has_bias else None  # a missing bias stays 0
-        self.gate_up_weight = weight.new_empty(sum(self.gate_up_sizes), mlp.gate_proj.weight.shape[1])
+        self.gate_up_weight = weight.new_empty(sum(self.gate_up_sizes), self.gate_up_sources[0].weight.shape[1])
         self.refresh()
 
     def matches(self, layer) -> bool:
-        """Still the layer's modules (not replaced, e.g. by adapters), device, dtype and shapes (else the runner
-        rebuilds and drops its graphs)."""
-        if any(a is not b for a, b in zip(self.qkv_sources + self.gate_up_sources, _projections(layer))):
+        """Still the layer's modules (not replaced, e.g. by adapters) with weights of the same shapes, device and
+        dtype (else the runner rebuilds and drops its graphs)."""
+        current = _projections(layer)
+        if any(current[name] is not module for name, module in self.sources.items()):
             return False
-        w = layer.self_attn.q_proj.weight
-        return self.qkv_weight.device == w.device and self.qkv_weight.dtype == w.dtype and self.qkv_sizes == [
-            m.out_features for m in self.qkv_sources
-        ]
+        weights = [m.weight for m in self.sources.values()]
+        return [w.shape for w in weights] == self.weight_shapes and all(
+            w.device == self.qkv_weight.device and w.dtype == self.qkv_weight.dtype for w in weights
+        )
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -424,10 +426,9 @@ class PagedRunner:
         modules do; a merged product may use another GEMM algorithm than the separate ones (on GPU, not
         bit-identical then: same values to bf16 rounding)."""
         n = x.shape[0]
-        merged = self._merged if self.merged_projections else None
-        if self.merged_projections and merged is None:
+        if self.merged_projections and self._merged is None:  # built here when generate did not run first
             self.refresh_merged_projections()
-            merged = self._merged
+        merged = self._merged if self.merged_projections else None
         pending = None  # the last sublayer's output, added to x by the next norm
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp

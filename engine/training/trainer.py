@@ -12,7 +12,6 @@ One `Trainer(config).run()` covers the three launches (plain `python`, `torchrun
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
