@@ -55,10 +55,9 @@ from benchmarks.common import (  # noqa: E402
     time_fn,
     write_results,
 )
+from kernels.paged_chunk_attention import paged_chunk_attention, paged_chunk_attention_reference  # noqa: E402
 from kernels.paged_kv import (  # noqa: E402
     choose_num_splits,
-    paged_chunk_attention,
-    paged_chunk_attention_reference,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_kv_write,
@@ -463,7 +462,7 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     With `images` and `questions`: row b shows image b // questions and asks question b % questions (several
     questions per image; rows with the same image and question are n samples of one prompt).
     """
-    from engine.model.tiny_tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+    from engine.vocab import IMAGE_END_TOKEN, IMAGE_START_TOKEN
 
     g = torch.Generator().manual_seed(seed)
     img = [tok.convert_tokens_to_ids(IMAGE_START_TOKEN), *[model.image_token_id] * model.tokens_per_tile,
@@ -482,12 +481,13 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
 def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, options: dict) -> None:
     """The paged runner's one-position step at `context` cached positions per row: graph and eager rows.
     `options`: PagedRunner arguments of this variant ({}: the runner's defaults, which the target is about)."""
-    from engine.model.paged_runner import PagedRunner
+    from engine.model.paged.runner import PagedRunner
 
     default = not options
     runner = PagedRunner(model, **{"block_size": geo.block_size, "max_model_len": max(4096, 2 * context), **options})
-    fused = runner._use_fused_ops()
-    merged = fused and runner.merged_projections
+    runner.refresh_merged_projections()  # what generate does first: decides the ops table and merges
+    fused = runner.ops().name == "fused"
+    merged = runner.merged is not None
     label = "paged runner step" + (
         ", decode fusions" + (" + merged projections" if merged else "") if fused else ", transformers modules"
     )
@@ -495,14 +495,14 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
         label += f", block_size={runner.block_size} attention {options['attention_options']}"
     try:
         per_row = math.ceil((context + 1) / runner.block_size)
-        runner._ensure_cache(batch * per_row + batch)
+        runner.ensure_cache(batch * per_row + batch)
         cache = runner.cache
         for b in range(batch):
             cache.add_sequence(b)
             cache.reserve(b, context + 1)
         cache.key.normal_()
         cache.value.normal_()
-        buf = runner._bucket(batch)
+        buf = runner.graphs.bucket(batch, runner.dtype, runner.device)
         buf.block_tables.zero_()
         buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
         tables = buf.block_tables[:batch]
@@ -511,9 +511,9 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
         tokens = torch.randint(10, 400, (batch,), device=geo.device)
 
         def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
-            return runner._one_position(buf, tables, positions, active, tokens=tokens)
+            return runner.one_position(buf, tables, positions, active, tokens=tokens)
 
-        runner.refresh_merged_projections()  # what generate does first
+        runner.refresh_merged_projections()  # as generate does (the pool was rebuilt since)
         graph_step()  # captures
         row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused,
                      merged=merged)
@@ -524,7 +524,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
             record(f"{label}, graph replay only", timed(graph.replay), mode="graph", fused=fused, merged=merged)
 
         def eager_step():
-            return runner._one_position(None, tables, positions, active, tokens=tokens)
+            return runner.one_position(None, tables, positions, active, tokens=tokens)
 
         record(f"{label}, eager", timed(eager_step), mode="eager", fused=fused, merged=merged)
         if default:
@@ -532,10 +532,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     except Exception as e:
         out["rows"].append(error_row(label, e))
     finally:
-        if runner.cache is not None:
-            runner.cache.free_all()
-        runner._drop_graphs()
-        runner.cache = None
+        runner.close()
         free_memory(geo.device)
 
 
@@ -590,7 +587,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     from transformers import DynamicCache
 
     from engine import load_model
-    from engine.model.paged_runner import PagedRunner
+    from engine.model.paged.runner import PagedRunner
 
     say(f"loading {geo.model_spec} ({geo.dtype}) on {geo.device}")
     model, tok, _ = load_model(geo.model_spec, dtype=geo.dtype, device=geo.device)
@@ -657,9 +654,13 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     # -- whole generate() calls: per-step time = (t(1 + N new tokens) - t(1)) / N, host work included
     ids, mask, pixels = geometry_prompts(model, tok, geo, batch=batch, context=context - new_tokens // 2, n_latents=6)
     for kv_cache in ("paged", "dynamic"):
+        # a paged runner held across calls, as evaluation holds one: its pool and graphs are built once
+        runner = PagedRunner(model, block_size=geo.block_size, max_model_len=4096) if kv_cache == "paged" else None
         try:
-            def call(n, kv_cache=kv_cache):
-                return lambda: model.generate(ids, mask, pixels, max_new_tokens=n, eos_token_id=-1, kv_cache=kv_cache)
+            def call(n, runner=runner):
+                if runner is not None:
+                    return lambda: runner.generate(ids, mask, pixels, max_new_tokens=n, eos_token_id=-1)
+                return lambda: model.generate(ids, mask, pixels, max_new_tokens=n, eos_token_id=-1)
 
             call(3)()  # compiles and captures
             one = time_fn(call(1), geo.device, warmup=min(1, geo.warmup), repeats=min(3, repeats)).median_ms
@@ -668,6 +669,8 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
                    prompt_and_first_token_ms=one)
         except Exception as e:
             out["rows"].append(error_row(f"generate(kv_cache={kv_cache!r})", e))
+        if runner is not None:
+            runner.close()
         free_memory(geo.device)
 
     # -- agreement of the two caches (random weights give near-flat logits: in bf16 a few flips are expected)
@@ -697,8 +700,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
             fn()
             t = time_fn(fn, geo.device, warmup=0, repeats=min(3, repeats))
             stats["on" if sharing else "off"] = dict(r.stats, prompt_ms=t.median_ms)
-            r._drop_graphs()
-            r.cache = None
+            r.close()
             free_memory(geo.device)
         out["sharing"] = dict(rows=batch, images=geo.images, questions_per_image=questions, **stats)
         off, on = stats["off"], stats["on"]

@@ -372,7 +372,7 @@ class SyntheticBatch:
 
 
 def special_ids(model, tok) -> set[int]:
-    from engine.model.tiny_tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+    from engine.vocab import IMAGE_END_TOKEN, IMAGE_START_TOKEN
 
     ids = set(tok.all_special_ids) | {model.latent_id, model.start_latent_id, model.end_latent_id, model.image_token_id}
     for t in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
@@ -417,8 +417,8 @@ def synthetic_batch(
     collator pads real data); answers all have `answer_len` tokens. With `answer_len == 0` the rows end at
     the end-latent marker (a generation prompt), without eos. Labels cover the answer and eos.
     """
-    from engine.data.images import tile_size_from_config
-    from engine.model.tiny_tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+    from engine.vocab import tile_size_from_config
+    from engine.vocab import IMAGE_END_TOKEN, IMAGE_START_TOKEN
 
     g = torch.Generator().manual_seed(seed)
     ordinary = ordinary_token_ids(model, tok)

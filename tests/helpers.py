@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.loading import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
-from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from engine.vocab import (
+    END_LATENT_TOKEN,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    LATENT_TOKEN,
+    START_LATENT_TOKEN,
+)
 
 
 def sample_ids(tok, model, *, tiles=1, question="What colour is the cell?", n_latents=2, tail="move right.\n### red", markers=True):
@@ -56,3 +62,26 @@ def align_batch(rows, pad_id, latent_id):
         ids[i, s : s + len(r)] = torch.tensor(r)
         mask[i, s : s + len(r)] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------------- paged KV pools
+
+PAGED_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: output rounding (8 bits) of O(1) values
+
+
+def random_pool(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def random_tables(rows, blocks_per_row, num_blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(num_blocks, generator=g)[:blocks_per_row] for _ in range(rows)]).int()
+
+
+def assert_close(actual, expected, dtype, what):
+    tol = PAGED_TOLERANCE[dtype]
+    err = (actual.float() - expected.float()).abs()
+    worst = err.argmax().item()
+    assert err.max() <= tol, f"{what}: max error {err.max():.3g} > {tol} at flat index {worst} of {tuple(err.shape)}"

@@ -17,8 +17,14 @@ from engine.data.dataset import (
 )
 from engine.data.images import ImageError
 from engine.data.records import DataError
-from engine.model.loading import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
-from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from engine.vocab import (
+    END_LATENT_TOKEN,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    LATENT_TOKEN,
+    START_LATENT_TOKEN,
+)
 
 STEPS = ["right: row 0, column 1, red", "down: row 1, column 1, blue", "left: row 1, column 0, green"]
 

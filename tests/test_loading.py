@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.model.loading import (
-    LATENT_TOKENS,
-    CheckpointError,
-    add_latent_tokens,
-    export_model,
-    internvl3_1b_geometry_config,
-)
+from engine.model.loading import CheckpointError, add_latent_tokens, export_model, internvl3_1b_geometry_config
 from engine.model.tiny_tokenizer import build_tiny_tokenizer
+from engine.vocab import LATENT_TOKENS
 from tests.helpers import random_pixels, sample_ids
 
 
@@ -118,7 +113,7 @@ def test_bad_spec_arguments():
 def test_internvl3_1b_geometry_sizes():
     from transformers import InternVLForConditionalGeneration
 
-    from engine.data.images import tokens_per_tile_from_config
+    from engine.vocab import tokens_per_tile_from_config
 
     config = internvl3_1b_geometry_config(build_tiny_tokenizer())
     with torch.device("meta"):

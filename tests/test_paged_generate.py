@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import engine.model.generation as generation
-import engine.model.paged_runner as paged_runner
-from engine.model.paged_runner import PagedRunner
-from kernels.paged_kv import PoolExhaustedError
+import engine.model.paged.runner as paged_runner
+from engine.model.layers import layer_stack_unsupported
+from engine.model.paged.cache import PoolExhaustedError
+from engine.model.paged.runner import PagedRunner
 from tests.helpers import pad_batch, random_pixels
 from tests.test_generate import prompt_ids
 
@@ -82,7 +83,7 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     paged = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=model.pad_token_id)
     assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
     assert (dynamic == eos).any(1).any() and not (dynamic == eos).any(1).all(), "some rows must end early, not all"
-    assert (runner._merged is not None) == merged, "merged projections are used exactly when asked for"
+    assert (runner.merged is not None) == merged, "merged projections are used exactly when asked for"
     assert len(record_logits["paged"]) >= dynamic.shape[1]
     for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
         if step >= dynamic.shape[1]:
@@ -109,7 +110,7 @@ def test_merged_projections_follow_weight_updates(tiny):
     kwargs = dict(max_new_tokens=4, eos_token_id=-1)
     before = runner.generate(ids, mask, pixels, **kwargs)
     assert torch.equal(before, model.generate(ids, mask, pixels, **kwargs))
-    pointers = [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner._merged]
+    pointers = [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner.merged]
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # an optimizer step, in place, on exactly the merged projections
         for layer in runner.layers:
@@ -120,7 +121,7 @@ def test_merged_projections_follow_weight_updates(tiny):
     after_dynamic = model.generate(ids, mask, pixels, **kwargs)
     assert not torch.equal(after_dynamic, before), "the update must change the tokens for this test to mean anything"
     assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), after_dynamic)
-    assert pointers == [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner._merged]
+    assert pointers == [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner.merged]
     # a projection replaced by a new module (not updated in place): the runner must rebuild from the new one
     for layer in runner.layers:
         for owner, name in ((layer.self_attn, "q_proj"), (layer.mlp, "up_proj")):
@@ -149,7 +150,12 @@ def test_merged_projections_off_for_wrapped_projections(tiny):
     adapter.load_state_dict(old.state_dict())
     model.language_model.layers[1].mlp.up_proj = adapter
     runner = PagedRunner(model, block_size=4, fused_ops=True)
-    assert not runner.merged_projections
+    runner.refresh_merged_projections()
+    assert runner.merged is None and runner.ops().merged is None, "a wrapped projection must not be merged"
+    tok = tiny[1]
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:3])
+    kwargs = dict(max_new_tokens=3, eos_token_id=-1)
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), model.generate(ids, mask, pixels, **kwargs))
 
 
 def test_runner_builds_for_an_mlp_without_gate_and_up(tiny):
@@ -169,8 +175,12 @@ def test_runner_builds_for_an_mlp_without_gate_and_up(tiny):
 
     hidden = model.language_model.config.hidden_size
     model.language_model.layers[0].mlp = PlainMLP(hidden)
+    assert "gate/up/down" in layer_stack_unsupported(model.language_model, fused_ops=True)
+    with pytest.raises(NotImplementedError, match="gate/up/down"):
+        PagedRunner(model, block_size=4, fused_ops=True)
     runner = PagedRunner(model, block_size=4)
-    assert not runner.merged_projections and not runner._fused_ops_ok
+    runner.refresh_merged_projections()
+    assert runner.merged is None
     ids, mask, pixels, _ = shared_image_batch(model, tok)
     kwargs = dict(max_new_tokens=3, eos_token_id=-1)
     assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), model.generate(ids, mask, pixels, **kwargs))
@@ -223,7 +233,7 @@ def test_batch_of_one_equals_batch(tiny):
 def test_kv_cache_argument_and_empty_generation(tiny):
     model, tok, _ = tiny
     ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:2])
-    with pytest.raises(ValueError, match="kv_cache must be 'dynamic' or 'paged', got 'static'"):
+    with pytest.raises(ValueError, match=r"kv_cache must be one of \('dynamic', 'paged'\), got 'static'"):
         model.generate(ids, mask, pixels, max_new_tokens=2, kv_cache="static")
     out = model.generate(ids, mask, pixels, max_new_tokens=0, kv_cache="paged")
     assert out.shape == (2, 0) and out.dtype == torch.long
@@ -270,7 +280,7 @@ def test_rotary_table_rows_are_the_modules_values(tiny, dtype):
     runner = PagedRunner(model, block_size=4, max_model_len=300)
     x = torch.zeros(5, model.language_model.config.hidden_size, dtype=dtype)
     positions = torch.tensor([0, 1, 17, 255, 299])
-    cos, sin = runner.rotary_cos_sin(x, positions)
+    cos, sin = runner.rotary(x, positions)
     want_cos, want_sin = model.language_model.rotary_emb(x, positions[None])
     assert cos.dtype == dtype and torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
-    assert runner._rotary_table is not None and runner._rotary_table[1].shape[1] == 300
+    assert runner.rotary.table is not None and runner.rotary.table.shape[1] == 300

@@ -1,44 +1,19 @@
-"""Paged KV cache: write kernel, paged decode/chunk attention against their references, the block pool, sharing."""
+"""Paged KV kernels: the write kernel and paged decode attention against their references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels.paged_chunk_attention import paged_chunk_attention
 from kernels.paged_kv import (
-    BlockAllocator,
-    PagedKVCache,
-    PoolExhaustedError,
     gather_kv,
-    image_digest,
-    paged_chunk_attention,
-    paged_chunk_attention_reference,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_kv_write,
     paged_kv_write_reference,
-    prefix_block_hashes,
 )
-
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: output rounding (8 bits) of O(1) values
-
-
-def random_pool(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-
-
-def random_tables(rows, blocks_per_row, num_blocks, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(num_blocks, generator=g)[:blocks_per_row] for _ in range(rows)]).int()
-
-
-def assert_close(actual, expected, dtype, what):
-    tol = TOLERANCE[dtype]
-    err = (actual.float() - expected.float()).abs()
-    worst = err.argmax().item()
-    assert err.max() <= tol, f"{what}: max error {err.max():.3g} > {tol} at flat index {worst} of {tuple(err.shape)}"
+from tests.helpers import assert_close, random_pool, random_tables
 
 
 # ----------------------------------------------------------------------------------------------- write kernel
@@ -159,188 +134,6 @@ def test_decode_zero_context_rows_give_zeros():
         assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
         ref = paged_decode_attention_reference(q, key_cache, value_cache, tables, lens)
         assert_close(out[1], ref[1], torch.float32, f"row 1 with {splits} splits")
-
-
-# ----------------------------------------------------------------------------------------------- chunk attention
-
-
-@pytest.mark.parametrize(
-    "block_size,cached,chunk,heads",
-    [
-        (4, [0, 3, 16, 9], [5, 0, 1, 7], (4, 2)),  # an empty chunk, a fresh sequence, an exact block boundary
-        (1, [2, 0], [3, 11], (2, 2)),
-        (16, [17, 1, 0], [13, 2, 19], (14, 2)),  # chunks spanning several 16-query tiles with GQA 7
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunk_attention_is_causal_inside_the_chunk(block_size, cached, chunk, heads, dtype):
-    q_heads, kv_heads = heads
-    head_dim = 16
-    totals = [c + n for c, n in zip(cached, chunk)]
-    blocks_per_row = max(1, -(-max(totals) // block_size))
-    num_blocks = blocks_per_row * len(chunk) + 1
-    key_cache, value_cache = random_pool(num_blocks, block_size, kv_heads, head_dim, dtype)
-    tables = random_tables(len(chunk), blocks_per_row, num_blocks)
-    starts = [0]
-    for n in chunk:
-        starts.append(starts[-1] + n)
-    visible = torch.tensor([c + i + 1 for c, n in zip(cached, chunk) for i in range(n)], dtype=torch.int32)
-    q = torch.randn(starts[-1], q_heads, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
-    query_start = torch.tensor(starts, dtype=torch.int32)
-    out = paged_chunk_attention(
-        q, key_cache, value_cache, tables, query_start, visible, max_query_len=max(chunk), block_m=16, block_n=16
-    )
-    ref = paged_chunk_attention_reference(q, key_cache, value_cache, tables, query_start, visible)
-    assert_close(out, ref, dtype, "chunk vs reference")
-    # causal: query i of a chunk equals one-query decode attention over cached + i + 1 positions
-    rows = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(chunk))
-    dec = paged_decode_attention_reference(q, key_cache, value_cache, tables[rows], visible)
-    assert_close(ref, dec, torch.float32, "chunk reference vs per-query decode reference")
-
-
-def test_chunk_attention_with_arbitrary_visible_lengths():
-    key_cache, value_cache = random_pool(8, 4, 1, 16, torch.float32)
-    tables = torch.tensor([[3, 1, 6, 0], [2, 5, 7, 4]], dtype=torch.int32)
-    visible = torch.tensor([9, 2, 14, 1, 16, 5], dtype=torch.int32)  # not monotonic inside a sequence
-    query_start = torch.tensor([0, 3, 6], dtype=torch.int32)
-    q = torch.randn(6, 3, 16)
-    out = paged_chunk_attention(q, key_cache, value_cache, tables, query_start, visible, max_query_len=3, block_m=16)
-    ref = paged_chunk_attention_reference(q, key_cache, value_cache, tables, query_start, visible)
-    assert_close(out, ref, torch.float32, "chunk vs reference")
-
-
-# ----------------------------------------------------------------------------------------------- the pool
-
-
-def make_cache(num_blocks=16, block_size=4, sharing=True, layers=2):
-    return PagedKVCache(
-        num_layers=layers,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        num_kv_heads=2,
-        head_dim=16,
-        enable_prefix_sharing=sharing,
-    )
-
-
-def test_allocator_refcounts_and_free_list():
-    alloc = BlockAllocator(4, 16)
-    a, b = alloc.allocate(2)
-    assert alloc.num_free == 2 and alloc.ref_counts[a] == 1
-    alloc.share(a)
-    alloc.release(a)
-    assert alloc.num_free == 2, "a block with references left must stay allocated"
-    alloc.release(a)
-    assert alloc.num_free == 3 and alloc.ref_counts[a] == 0
-    with pytest.raises(ValueError, match="already free"):
-        alloc.release(a)
-    with pytest.raises(ValueError, match="is free"):
-        alloc.share(a)
-    alloc.register(b, b"h")
-    assert alloc.lookup(b"h") == b
-    alloc.release(b)
-    assert alloc.lookup(b"h") is None, "a freed block must leave the hash table"
-
-
-def test_pool_exhaustion_raises_with_the_documented_message():
-    cache = make_cache(num_blocks=4, block_size=4)
-    cache.add_sequence(0)
-    cache.reserve(0, 10)  # 3 blocks
-    cache.add_sequence(1)
-    with pytest.raises(PoolExhaustedError, match=r"2 block\(s\) of 4 tokens needed, 1 free of 4.*num_blocks >= 5"):
-        cache.reserve(1, 5)
-    assert cache.num_used_blocks == 3 and cache.tables[1] == [], "a failed reserve must allocate nothing"
-    cache.free_all()
-    assert cache.num_free_blocks == 4
-
-
-def fill_sequence(cache, seq, start, end, seed):
-    """Write deterministic K/V for positions [start, end) of `seq` (a function of the position and `seed`)."""
-    g = torch.Generator().manual_seed(seed)
-    full_k = torch.randn(64, 2, 16, generator=g)
-    full_v = torch.randn(64, 2, 16, generator=g)
-    slots = torch.tensor([cache.slot(seq, p) for p in range(start, end)])
-    for layer in range(cache.num_layers):
-        key_cache, value_cache = cache.layer(layer)
-        paged_kv_write(full_k[start:end] + layer, full_v[start:end] + layer, key_cache, value_cache, slots)
-
-
-def test_prefix_sharing_on_and_off_give_identical_attention_with_fewer_blocks():
-    block_size, prompt = 4, list(range(100, 111))  # 11 tokens: 2 full blocks + 3
-    digest = image_digest(torch.ones(1, 3, 8, 8))
-    results = {}
-    for sharing in (False, True):
-        cache = make_cache(block_size=block_size, sharing=sharing)
-        lengths = [len(prompt) + 2, len(prompt) + 5]  # two rows: the same image and prompt, different tails
-        shared = []
-        for seq, n in enumerate(lengths):
-            shared.append(cache.add_sequence(seq, prompt[:-1], seed=digest))
-            cache.reserve(seq, n)
-        for seq, n in enumerate(lengths):
-            # K/V as a function of the position only: what two rows with the same prompt compute
-            fill_sequence(cache, seq, shared[seq], n, seed=0)
-        tables = cache.block_table([0, 1])
-        q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(5))
-        lens = torch.tensor(lengths, dtype=torch.int32)
-        key_cache, value_cache = cache.layer(1)
-        out = paged_decode_attention(q, key_cache, value_cache, tables, lens)
-        results[sharing] = (out, cache.num_used_blocks, shared)
-    out_off, used_off, shared_off = results[False]
-    out_on, used_on, shared_on = results[True]
-    assert shared_off == [0, 0] and shared_on == [0, 8], "row 1 should reuse the 2 full prompt blocks of row 0"
-    assert used_on == used_off - 2
-    assert torch.equal(out_on, out_off)
-
-
-def test_sharing_needs_the_same_image_and_the_same_tokens():
-    cache = make_cache(block_size=4)
-    img_a, img_b = image_digest(torch.zeros(1, 3, 4, 4)), image_digest(torch.ones(1, 3, 4, 4))
-    prompt = list(range(12))
-    cache.add_sequence(0, prompt, seed=img_a)
-    cache.reserve(0, 12)
-    assert cache.add_sequence(1, prompt, seed=img_b) == 0, "another image must not share"
-    other = prompt[:5] + [999] + prompt[6:]  # differs inside block 1
-    assert cache.add_sequence(2, other, seed=img_a) == 4, "only the blocks before the first difference are shared"
-    assert cache.add_sequence(3, prompt, seed=img_a) == 12
-    assert cache.allocator.ref_counts[cache.tables[0][0]] == 3
-    for seq in (1, 2, 3, 0):
-        cache.free_sequence(seq)
-    assert cache.num_used_blocks == 0
-    assert cache.add_sequence(4, prompt, seed=img_a) == 0, "blocks freed at refcount 0 must not be found again"
-    assert prefix_block_hashes(prompt, 4, img_a)[:1] == prefix_block_hashes(other, 4, img_a)[:1]
-
-
-def test_fork_copies_the_shared_partial_block_on_write():
-    cache = make_cache(block_size=4)
-    cache.add_sequence(0)
-    cache.reserve(0, 6)  # blocks: one full, one holding positions 4, 5
-    fill_sequence(cache, 0, 0, 6, seed=1)
-    cache.fork(0, 1)
-    full, partial = cache.tables[0]
-    assert cache.tables[1] == [full, partial] and cache.allocator.ref_counts[partial] == 2
-    before = cache.key[:, partial].clone()
-    changed = cache.reserve(1, 7)  # the child writes position 6 into the shared partial block: copy first
-    new = cache.tables[1][1]
-    assert changed == [(1, new)] and new != partial
-    assert cache.tables[1][0] == full, "full blocks stay shared"
-    assert cache.allocator.ref_counts[partial] == 1 and cache.allocator.ref_counts[full] == 2
-    assert torch.equal(cache.key[:, new, :2], before[:, :2])
-    assert torch.equal(cache.value[:, new, :2], cache.value[:, partial, :2])
-    fill_sequence(cache, 1, 6, 7, seed=2)
-    assert torch.equal(cache.key[:, partial], before), "the parent's block must not see the child's write"
-    assert cache.reserve(0, 7) == [], "the parent now owns its partial block alone: no copy"
-    cache.free_all()
-    assert cache.num_used_blocks == 0
-
-
-def test_image_digest_follows_the_pixels():
-    a = torch.randn(2, 3, 8, 8)
-    assert image_digest(a) == image_digest(a.clone())
-    b = a.clone()
-    b[1, 2, 7, 7] += 1e-3
-    assert image_digest(a) != image_digest(b)
-    assert image_digest(None) == b""
-    assert image_digest(a.bfloat16()) != image_digest(a)
 
 
 @pytest.mark.parametrize("q_shape", [(2, 4, 8), (2, 3, 16), (2, 16)])  # head_dim, GQA multiple, rank

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.model.paged.runner import PagedRunner
 from engine.training.config import ConfigError, config_from_dict
 from engine.training.trainer import Trainer, TrainingError, reset_optimizer_state
 
@@ -197,7 +198,7 @@ def test_static_latent_block_trains_to_the_same_parameters(tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, tmp_path):
+def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, tmp_path, monkeypatch):
     """Validation generation through the paged runner (`eval_kv_cache=paged`, the GPU default) answers exactly as
     through transformers' DynamicCache, and the runner is not kept afterwards."""
     _, result = finished_run
@@ -215,11 +216,21 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
         )
         trainer = Trainer(cfg)
         assert trainer.eval_kv_cache() == kv_cache
+        calls = {"generate_prepared": 0, "close": 0}
+        for name in calls:
+            original = getattr(PagedRunner, name)
+
+            def counted(self, *args, _original=original, _name=name, **kwargs):
+                calls[_name] += 1
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(PagedRunner, name, counted)
         summary = trainer.run()
+        monkeypatch.undo()
         predictions[kv_cache] = (json.loads((tmp_path / f"{kv_cache}.json").read_text()), summary["val_accuracy"], summary["tokens_per_answer"])
-        slot = trainer.model.__dict__.get("_paged_runner_slot")
-        assert (slot is not None) == (kv_cache == "paged"), "the paged cache must really be used (and only then)"
-        assert slot is None or slot.runner is None, "the paged runner must be released after validation"
+        used = calls["generate_prepared"] > 0
+        assert used == (kv_cache == "paged"), "the paged cache must really be used (and only then)"
+        assert calls["close"] == int(used), "the paged runner must be released after validation"
     assert predictions["paged"] == predictions["dynamic"]
     auto = Trainer(make_config(tmp_path / "auto"))
     assert auto.eval_kv_cache() == "dynamic"  # auto on the CPU
@@ -232,15 +243,13 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
 def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, tmp_path, monkeypatch, caplog):
     """eval_kv_cache=auto (paged on GPU) must not end a run when the paged path raises: a warning, the dynamic
     cache's answers, and no second try. An explicit eval_kv_cache=paged raises."""
-    import engine.model.paged_runner as paged_runner
-
     _, result = finished_run
     run = Path(result["run_dir"])
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("paged kernel failure")
 
-    monkeypatch.setattr(paged_runner.PagedRunner, "generate", broken)
+    monkeypatch.setattr(PagedRunner, "generate_prepared", broken)
     common = dict(only_eval=True, load_model_path=str(run / "best"), train_path=None,
                   val_path=str(run / "data" / "val.jsonl"))
     trainer = Trainer(make_config(tmp_path / "auto", predictions_path=str(tmp_path / "auto.json"), **common))

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from engine.vocab import IGNORE_INDEX
 
 
 def _concat_pixels(samples: Sequence[dict]) -> torch.Tensor | None:

@@ -29,13 +29,19 @@ from torch.utils.data import Dataset
 
 from engine.data.images import ImageError
 from engine.data.records import DataError
-from engine.model.loading import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
-from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from engine.utils.logging import get_logger
+from engine.vocab import (
+    END_LATENT_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    LATENT_TOKEN,
+    START_LATENT_TOKEN,
+)
 
 log = get_logger("data")
 
-IGNORE_INDEX = -100
 OVERLONG_POLICIES = ("drop", "error")
 
 

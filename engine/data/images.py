@@ -21,26 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from engine.vocab import tile_size_from_config, tokens_per_tile_from_config
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageError(ValueError):
     """An image file that cannot be read or decoded; the message names the file."""
-
-
-def tokens_per_tile_from_config(config) -> int:
-    """`<IMG_CONTEXT>` tokens one tile costs: (image_size / patch_size)^2 * downsample_ratio^2."""
-    vision = config.vision_config
-    image_size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-    patch_size = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-    patches_per_side = image_size // patch_size
-    return int(round(patches_per_side**2 * config.downsample_ratio**2))
-
-
-def tile_size_from_config(config) -> int:
-    image_size = config.vision_config.image_size
-    return int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from typing import Callable, Iterable
 
@@ -15,6 +17,7 @@ from engine.eval.metrics import (
     nearest_choice,
     normalize_answer,
 )
+from engine.model.generation import GenerationOptions, generate
 
 
 def answer_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
@@ -75,7 +78,18 @@ def generate_answers(
     kv_cache: str = "dynamic",
 ) -> tuple[list[dict], float]:
     """Generate for every batch (from GenerationCollator) and score each record. Returns (scored, seconds).
-    ``kv_cache``: "dynamic" or "paged" (`MultimodalCoconut.generate`)."""
+    ``kv_cache``: "dynamic" or "paged" (one `PagedRunner` serves every batch and is released at the end)."""
+    options = GenerationOptions(max_new_tokens=max_new_tokens, step_sync=step_sync, kv_cache=kv_cache)
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if kv_cache == "paged":
+            from engine.model.paged.runner import PagedRunner  # Triton kernels: imported only when used
+
+            runner = stack.enter_context(PagedRunner(model))
+        return _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress)
+
+
+def _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress):
     scored: list[dict] = []
     elapsed = 0.0
     for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
@@ -85,15 +99,8 @@ def generate_answers(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        tokens = model.generate(
-            ids,
-            mask,
-            pixels,
-            max_new_tokens=max_new_tokens,
-            min_passes=min_passes_fn(batch) if min_passes_fn else 0,
-            step_sync=step_sync,
-            kv_cache=kv_cache,
-        )
+        batch_options = dataclasses.replace(options, min_passes=min_passes_fn(batch) if min_passes_fn else 0)
+        tokens = generate(model, ids, mask, pixels, batch_options, runner=runner)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start

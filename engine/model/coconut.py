@@ -15,6 +15,7 @@ thought and every cached K/V back into the vision tower.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,11 +24,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.data.images import tokens_per_tile_from_config
-from engine.model.schedule import PassSchedule, build_schedule, position_ids_from_mask
+from engine.model import fast_paths
+from engine.model.generation import GenerationOptions, generate
+from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.utils.profiling import profile_range
+from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
 
-IGNORE_INDEX = -100
+ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attention_backend(attn_implementation: str) -> str:
+    """The name of a transformers attention implementation this engine runs, or an error naming the fix."""
+    if attn_implementation not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_BACKENDS}, got {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                "'multimodal-coconut[flash]'); it is not installed. Use 'sdpa' (the default)."
+            )
+    return attn_implementation
 
 
 @dataclass
@@ -78,11 +96,9 @@ class MultimodalCoconut(nn.Module):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.loss_chunk_tokens = int(loss_chunk_tokens)
-        # Builds a pass's input embeddings: `_inject(batch, start, end, prev_last) -> (B, end - start, H)`, or
-        # None for the PyTorch path. Chosen by set_injection ("auto": the fused Triton op on CUDA, decided at
-        # each forward so that moving the model to a GPU after construction switches it on).
+        # How a pass builds its input embeddings (set_injection); "auto" is decided at each forward
+        # (`fast_paths.injection`), so that moving the model to a GPU after construction switches the fused op on.
         self._injection_mode = "auto"
-        self._inject: Callable | None = None
         # How the one-position latent passes of an aligned batch run (set_latent_passes); the block object holds
         # captured CUDA graphs, so it is created on first use and kept outside the module tree.
         self._latent_passes_mode = "auto"
@@ -116,9 +132,7 @@ class MultimodalCoconut(nn.Module):
 
     def set_attention_backend(self, name: str) -> None:
         """'sdpa' (default), 'flash_attention_2' (when installed) or 'eager' (for debugging)."""
-        from engine.model.loading import _attn_check
-
-        self.base.set_attn_implementation(_attn_check(name))
+        self.base.set_attn_implementation(check_attention_backend(name))
 
     def set_injection(self, mode: str) -> None:
         """How each pass builds its input embeddings.
@@ -129,14 +143,11 @@ class MultimodalCoconut(nn.Module):
         - "auto" (default): "fused" when the model is on CUDA and triton imports, else "reference".
         Values and gradients are the same either way.
         """
-        if mode not in ("auto", "fused", "reference"):
-            raise ValueError(f"injection mode must be 'auto', 'fused' or 'reference', got {mode!r}")
         if mode == "fused":
-            reason = self._fused_injection_unsupported(allow_interpreter=True)
-            if reason is not None:
-                raise RuntimeError(f"set_injection('fused'): {reason}")
+            fast_paths.injection(self, mode)  # an error naming why, when the op cannot run here
+        elif mode not in fast_paths.INJECTION_MODES:
+            raise ValueError(f"injection mode must be one of {fast_paths.INJECTION_MODES}, got {mode!r}")
         self._injection_mode = mode
-        self._inject = self._fused_inject if mode == "fused" else None
 
     def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32) -> None:
         """How the one-position latent passes of an aligned batch run (`engine/model/latent_block.py`).
@@ -155,14 +166,7 @@ class MultimodalCoconut(nn.Module):
         """
         if prefix_bucket < 1 or final_bucket < 1:
             raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
-        if mode not in ("auto", "transformers", "static", "cuda_graph"):
-            raise ValueError(f"latent passes mode must be 'auto', 'transformers', 'static' or 'cuda_graph', got {mode!r}")
-        if mode in ("static", "cuda_graph"):
-            reason = self._latent_block_unsupported()
-            if reason is not None:
-                raise RuntimeError(f"set_latent_passes({mode!r}): {reason}")
-        if mode == "cuda_graph" and self.device.type != "cuda":
-            raise RuntimeError(f"set_latent_passes('cuda_graph') needs the model on CUDA, it is on {self.device}")
+        fast_paths.check_latent_passes_mode(self, mode)
         self._latent_passes_mode = mode
         if (prefix_bucket, final_bucket) != self._latent_buckets:
             self._latent_blocks.clear()
@@ -173,29 +177,11 @@ class MultimodalCoconut(nn.Module):
         for block in self._latent_blocks.values():
             block.release()
 
-    def _latent_block_unsupported(self) -> str | None:
-        """Why the latent block cannot run this language model (None when it can); decided once per model."""
-        if not hasattr(self, "_latent_block_reason"):
-            from engine.model.latent_block import block_unsupported
-
-            self._latent_block_reason = block_unsupported(self.language_model)
-        return self._latent_block_reason
-
     def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
         """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
         if schedule.one_position_passes == 0:
             return None
-        mode = self._latent_passes_mode
-        if mode == "auto":
-            if device.type != "cuda" or not torch.is_grad_enabled() or torch.is_autocast_enabled("cuda"):
-                return None
-            # Iterate, never index: under ZeRO-3 reading `module.weight` gathers the parameter (a collective that
-            # only this rank would issue). Partitioned parameters carry `ds_id`.
-            if any(hasattr(p, "ds_id") for p in self.language_model.norm.parameters()):
-                return None
-            if self._latent_block_unsupported() is not None:
-                return None
-            mode = "cuda_graph"
+        mode = fast_paths.latent_passes(self, self._latent_passes_mode, device).choice
         if mode == "transformers":
             return None
         graphed = mode == "cuda_graph"
@@ -211,34 +197,9 @@ class MultimodalCoconut(nn.Module):
         return self._latent_blocks[graphed]
 
     def _injection_hook(self) -> Callable | None:
-        """The injection hook of this forward (None: the PyTorch path); resolves "auto" on the current device."""
-        if self._injection_mode == "auto":
-            self._inject = self._fused_inject if self._fused_injection_unsupported() is None else None
-        return self._inject
-
-    def _fused_injection_unsupported(self, *, allow_interpreter: bool = False) -> str | None:
-        """Why the fused op cannot build this model's inputs, or None when it can."""
-        import os
-
-        embedding = self.base.get_input_embeddings()
-        weight = getattr(embedding, "weight", None)
-        if type(embedding) is not nn.Embedding or embedding.max_norm is not None or embedding.scale_grad_by_freq:
-            return f"the input embeddings must be a plain nn.Embedding (no max_norm/scale_grad_by_freq): {embedding}"
-        if embedding.sparse:
-            return "the input embeddings have sparse gradients, which the fused op does not produce"
-        if hasattr(weight, "ds_id") or weight is None or weight.dim() != 2:
-            return "the embedding weight is partitioned (DeepSpeed ZeRO-3) or not 2-D; use set_injection('reference')"
-        if weight.device.type != "cuda":
-            if not (allow_interpreter and weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-                return (
-                    f"the model is on {weight.device}: the Triton kernel needs CUDA, or TRITON_INTERPRET=1 (set before "
-                    "kernels.latent_inject is imported) to run interpreted on CPU"
-                )
-        try:
-            import kernels.latent_inject  # noqa: F401
-        except ImportError as e:
-            return f"kernels.latent_inject does not import ({e})"
-        return None
+        """The injection hook of this forward (None: the PyTorch path), `fast_paths.injection` deciding "auto"."""
+        fused = fast_paths.injection(self, self._injection_mode).choice == "fused"
+        return self._fused_inject if fused else None
 
     def _fused_inject(self, batch: PreparedBatch, start: int, end: int, prev_last: torch.Tensor | None) -> torch.Tensor:
         """Chunk [start, end) of the pass inputs, (B, end - start, H), in one kernel (the injection hook)."""
@@ -342,7 +303,7 @@ class MultimodalCoconut(nn.Module):
         if cache is None:
             cache = DynamicCache(config=self.language_model.config)
         schedule = batch.schedule
-        inject = self._injection_hook()  # self._inject, with "auto" decided for this forward
+        inject = self._injection_hook()  # "auto" decided for this forward
         embeds = self.base_embeddings(batch) if inject is None else None
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
@@ -371,9 +332,7 @@ class MultimodalCoconut(nn.Module):
                         chunk_in = embeds[:, start:end]
                     else:
                         # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
-                        first = torch.where(
-                            batch.latent_mask[:, start, None], prev_last.to(embeds.dtype), embeds[:, start]
-                        )
+                        first = feed_thoughts(embeds[:, start], batch.latent_mask[:, start], prev_last)
                         chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
                     out = self.language_model(
                         inputs_embeds=chunk_in,
@@ -521,46 +480,12 @@ class MultimodalCoconut(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        min_passes: int = 0,
-        step_sync: Callable[[bool], bool] | None = None,
-        kv_cache: str = "dynamic",
+        options: GenerationOptions | None = None,
+        **option_overrides,
     ) -> torch.Tensor:
-        """Batched, KV-cached generation: the prompt's latent thoughts, then greedy (or sampled) decoding.
-
-        Prompts must be left-padded (every row's last column real). Returns (B, n) new tokens; a row that
-        ended early (its eos included) is padded with the pad id. For ZeRO-3 ranks, `min_passes` pads the
-        prompt's passes and `step_sync(local_done) -> all_done` keeps every rank decoding until all are done.
-        `kv_cache`: "dynamic" (transformers' DynamicCache) or "paged" (`engine.model.paged_runner`: a paged
-        block pool with visual-prefix sharing, Triton paged attention, CUDA graphs for one-position steps).
-        """
-        if kv_cache == "dynamic":
-            from engine.model.generation import generate_with_dynamic_cache as run
-        elif kv_cache == "paged":
-            from engine.model.paged_runner import generate_with_paged_cache as run
-        else:
-            raise ValueError(f"kv_cache must be 'dynamic' or 'paged', got {kv_cache!r}")
-        return run(
-            self,
-            input_ids,
-            attention_mask,
-            pixel_values,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id,
-            min_passes=min_passes,
-            step_sync=step_sync,
-        )
+        """Batched, KV-cached generation (`engine.model.generation.generate`): the prompt's latent thoughts, then
+        greedy or sampled decoding. Prompts must be left-padded (every row's last column real). Returns (B, n) new
+        tokens; a row that ended early (its eos included) is padded with the pad id. Options as a
+        `GenerationOptions` and/or its fields by keyword (``max_new_tokens=64, kv_cache="paged", ...``)."""
+        options = dataclasses.replace(options or GenerationOptions(), **option_overrides)
+        return generate(self, input_ids, attention_mask, pixel_values, options)

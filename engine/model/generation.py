@@ -1,21 +1,77 @@
-"""Batched latent generation: prompt (with its latent thoughts) through the iterative forward, then decoding.
+"""Batched latent generation: the prompt (with its latent thoughts) through the iterative forward, then decoding.
 
-The original CoCoNuT generates with batch size 1 and recomputes the whole prefix for every new token. Here
-the prompt runs once through the same pass schedule as training (so the thoughts are computed exactly as in
-`forward`), its KV cache is kept, and each decoding step feeds one token per row.
+The original CoCoNuT generates with batch size 1 and recomputes the whole prefix for every new token. Here the
+prompt runs once through the same pass schedule as training (so the thoughts are computed exactly as in
+`forward`), its KV cache is kept, and each decoding step feeds one token per row. Two KV caches serve it:
+
+- "dynamic": transformers' DynamicCache, through the language model's own forward (any model, any device);
+- "paged": `engine.model.paged.runner.PagedRunner`: a paged block pool with visual-prefix sharing, Triton paged
+  attention and CUDA-graphed one-position steps (hold a runner to reuse its pool and graphs across calls).
+
+`generate(model, input_ids, attention_mask, pixel_values, options)` is the one entry point (the model's
+`generate` method calls it); `GenerationOptions` holds every option.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from engine.utils.profiling import profile_range
 
+KV_CACHES = ("dynamic", "paged")
+
 
 class GenerationError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. ``eos_token_id``/``pad_token_id`` None take the model's. ``min_passes`` runs the prompt in
+    at least that many passes and ``step_sync(local_done) -> all_done`` keeps every rank decoding until all are done
+    (ZeRO-3 ranks must issue the same module calls)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    kv_cache: str = "dynamic"
+    min_passes: int = 0
+    step_sync: Callable[[bool], bool] | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_passes < 0:
+            raise ValueError(f"min_passes must be >= 0, got {self.min_passes}")
+
+    def for_model(self, model) -> "GenerationOptions":
+        """These options with the model's eos and pad ids where none were given."""
+        return dataclasses.replace(
+            self,
+            eos_token_id=model.eos_token_id if self.eos_token_id is None else self.eos_token_id,
+            pad_token_id=model.pad_token_id if self.pad_token_id is None else self.pad_token_id,
+        )
+
+    @property
+    def pad(self) -> int:
+        return self.pad_token_id if self.pad_token_id is not None else 0
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -56,43 +112,47 @@ def select_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate_with_dynamic_cache(
+def generate(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    pixel_values: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    options: GenerationOptions | None = None,
     *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None,
-    eos_token_id: int | None,
-    pad_token_id: int | None,
-    min_passes: int = 0,
-    step_sync: Callable[[bool], bool] | None = None,
+    runner=None,
 ) -> torch.Tensor:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    """(B, n) new tokens for left-padded prompts; a row that ended early (its eos included) is padded with the pad
+    id. ``runner``: the `PagedRunner` of a paged call (None: a runner is built for this call and released)."""
+    options = (options or GenerationOptions()).for_model(model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_left_padded(attention_mask)
-    batch = model.prepare(input_ids, attention_mask, pixel_values, min_passes=min_passes)
-    bsz = input_ids.shape[0]
-    pad = pad_token_id if pad_token_id is not None else 0
-    out = torch.full((bsz, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
-    if max_new_tokens == 0:
+    batch = model.prepare(input_ids, attention_mask, pixel_values, min_passes=options.min_passes)
+    out = torch.full((input_ids.shape[0], options.max_new_tokens), options.pad, dtype=torch.long, device=input_ids.device)
+    if options.max_new_tokens == 0 or input_ids.shape[0] == 0:
         return out
+    if options.kv_cache == "dynamic":
+        return _generate_dynamic(model, batch, out, options)
+    if runner is not None:
+        return runner.generate_prepared(batch, pixel_values, out, options)
+    from engine.model.paged.runner import PagedRunner
+
+    with PagedRunner(model) as call_runner:
+        return call_runner.generate_prepared(batch, pixel_values, out, options)
+
+
+def _generate_dynamic(model, batch, out: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
+    """The prompt's passes and the decoding steps through transformers' DynamicCache."""
     hidden, _, cache = model.run_passes(batch)
-    model.padding_passes(hidden[:, -1], min_passes - batch.schedule.num_passes)
+    model.padding_passes(hidden[:, -1], options.min_passes - batch.schedule.num_passes)
+    rows = out.shape[0]
     mask = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
     embed = model.base.get_input_embeddings()
 
     def advance(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         nonlocal mask, next_pos
-        mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         hidden = model.language_model(
             inputs_embeds=embed(token[:, None]),
             attention_mask=mask,
@@ -103,26 +163,15 @@ def generate_with_dynamic_cache(
         next_pos = next_pos + 1
         return model.base.lm_head(hidden[:, -1])
 
-    return decode_loop(
-        model.base.lm_head(hidden[:, -1]),
-        out,
-        advance,
-        sampling=dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
-        eos_token_id=eos_token_id,
-        pad=pad,
-        step_sync=step_sync,
-    )
+    return decode_loop(model.base.lm_head(hidden[:, -1]), out, advance, options)
 
 
 def decode_loop(
     logits: torch.Tensor,
     out: torch.Tensor,
     advance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    options: GenerationOptions,
     *,
-    sampling: dict,
-    eos_token_id: int | None,
-    pad: int,
-    step_sync: Callable[[bool], bool] | None = None,
     sync_interval: int = 1,
 ) -> torch.Tensor:
     """The decoding loop of every KV cache: pick a token per row from `logits` (B, V), write it into `out`
@@ -130,31 +179,39 @@ def decode_loop(
 
     Rows that ended (eos) get the pad id. Whether every row ended is checked on the host every
     `sync_interval` steps (each check waits for the GPU) and the output is then cut where the last row ended,
-    so the result does not depend on the interval. `step_sync(local_done) -> all_done` (ZeRO-3) replaces the
-    check: every rank steps until all are done.
+    so the result does not depend on the interval. `options.step_sync(local_done) -> all_done` (ZeRO-3) replaces
+    the check: every rank steps until all are done.
     """
     rows, max_new_tokens = out.shape
+    eos, pad, step_sync = options.eos_token_id, options.pad, options.step_sync
     finished = torch.zeros(rows, dtype=torch.bool, device=out.device)
     steps = 0
     for step in range(max_new_tokens):
-        token = select_next_token(logits, **sampling)
+        token = select_next_token(
+            logits,
+            do_sample=options.do_sample,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            top_p=options.top_p,
+            generator=options.generator,
+        )
         token = torch.where(finished, torch.full_like(token, pad), token)
         out[:, step] = token
         steps = step + 1
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
+        if eos is not None:
+            finished = finished | (token == eos)
         if step_sync is not None:
-            done = step_sync(eos_token_id is not None and bool(finished.all()))
+            done = step_sync(eos is not None and bool(finished.all()))
         else:
-            check = eos_token_id is not None and (step + 1) % sync_interval == 0
+            check = eos is not None and (step + 1) % sync_interval == 0
             done = check and bool(finished.all())
         if done or step == max_new_tokens - 1:
             break
         with profile_range(f"coconut/decode_step_{step}"):
             logits = advance(token, finished)
     out = out[:, :steps]
-    if eos_token_id is not None and step_sync is None and steps:
-        ended = out == eos_token_id
+    if eos is not None and step_sync is None and steps:
+        ended = out == eos
         if bool(ended.any(1).all()):  # every row ended: cut where the last one did
             out = out[:, : int(ended.int().argmax(1).max()) + 1]
     return out

@@ -39,6 +39,7 @@ activations.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -46,70 +47,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.layers import LayerGeometry, ReferenceOps, layer_geometry, run_layers
+from engine.model.schedule import feed_thoughts
 from engine.utils.logging import get_logger
 
 log = get_logger("latent_block")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _CachedChunkAttention:
+    """The block's attention function (`engine.model.layers.Attention`): a chunk of queries attends to the keys
+    cached so far plus its own, whose K/V it appends to ``past_keys[i]`` / ``past_values[i]`` (lists of
+    (B, kv_heads, t, head_dim) pieces). ``allowed`` (B, 1, n, keys) says which keys each query sees."""
 
+    def __init__(self, ops: ReferenceOps, geometry: LayerGeometry, past_keys, past_values, allowed: torch.Tensor):
+        self.ops, self.geometry = ops, geometry
+        self.past_keys, self.past_values, self.allowed = past_keys, past_values, allowed
 
-def block_unsupported(language_model: nn.Module) -> str | None:
-    """Why `latent_block` cannot run this language model (None when it can)."""
-    config = language_model.config
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return f"only full-attention layers are supported, got {sorted(set(layer_types))}"
-    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
-        return "attention dropout is not supported"
-    rope_type = str(getattr(getattr(language_model, "rotary_emb", None), "rope_type", "default"))
-    if "dynamic" in rope_type or rope_type == "longrope":
-        return f"rope type {rope_type!r} branches on the host on position values"
-    layer = language_model.layers[0]
-    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
-    if not all(hasattr(layer, name) for name in needed) or not all(
-        hasattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
-    ):
-        return f"the decoder layer {type(layer).__name__} is not a Qwen2/Llama-style layer"
-    return None
-
-
-def _chunk(layers, norm, x, cos, sin, past_keys, past_values, allowed, heads):
-    """One language-model pass over a chunk x (B, n, H) attending to the cached keys plus its own.
-
-    Appends the chunk's K/V to `past_keys[i]`/`past_values[i]` (lists of (B, kv_heads, t, head_dim) pieces) and
-    returns the last hidden states (B, n, H), post-norm. `allowed` (B, 1, n, keys) says which keys each query sees.
-    """
-    batch, n, _ = x.shape
-    q_heads, kv_heads, head_dim = heads
-    groups = q_heads // kv_heads
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(batch, n, q_heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, n, kv_heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, n, kv_heads, head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        past_keys[i].append(k)
-        past_values[i].append(v)
-        keys, values = torch.cat(past_keys[i], dim=2), torch.cat(past_values[i], dim=2)
+    def __call__(self, index, q, k, v, cos, sin):
+        g = self.geometry
+        batch, n = q.shape[:2]
+        q, k = self.ops.rotary(q, k, cos, sin)  # (B, n, heads, D)
+        self.past_keys[index].append(k.transpose(1, 2))
+        self.past_values[index].append(v.transpose(1, 2))
+        keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         if n == 1:
             # One query per row: attention is a few small matmuls over the grouped heads. Unlike SDPA after
             # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2).
-            scores = (q.view(batch, kv_heads, groups, head_dim) @ keys.transpose(-1, -2)).float() * attn.scaling
-            scores = scores.masked_fill(~allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
+            scores = (q.view(batch, g.kv_heads, g.groups, g.head_dim) @ keys.transpose(-1, -2)).float() * g.scale
+            scores = scores.masked_fill(~self.allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
             o = scores.softmax(-1).to(values.dtype) @ values  # (B, kv_heads, groups, head_dim)
-        else:
-            if groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
-                keys = keys[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
-                values = values[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, q_heads, -1, head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=attn.scaling).transpose(1, 2)
-        x = x + attn.o_proj(o.reshape(batch, n, q_heads * head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return norm(x)
+            return o.reshape(batch, 1, g.q_heads, g.head_dim)
+        if g.groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
+            keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
+            values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.allowed, scale=g.scale)
+        return o.transpose(1, 2)
 
 
 def latent_block(
@@ -129,24 +101,25 @@ def latent_block(
     Returns hidden (B, M + F, H) and the K/V of the M one-position columns.
     """
     lm = language_model
-    config = lm.config
     batch, total, _ = column_embeds.shape
     num_columns = total - final_columns
     num_layers = prefix_kv.shape[0]
-    heads = (config.num_attention_heads, config.num_key_value_heads, prefix_kv.shape[-1])
+    geometry = dataclasses.replace(layer_geometry(lm), num_layers=num_layers, head_dim=prefix_kv.shape[-1])
+    ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
-    layers, norm = lm.layers[:num_layers], lm.norm
-    dtype = column_embeds.dtype
     cos, sin = lm.rotary_emb(column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
-    cos, sin = cos[:, None], sin[:, None]
     keys = [[prefix_kv[i, 0]] for i in range(num_layers)]
     values = [[prefix_kv[i, 1]] for i in range(num_layers)]
+
+    def chunk(x, j, end, allowed):
+        attention = _CachedChunkAttention(ops, geometry, keys, values, allowed)
+        return run_layers(lm, x, cos[:, j:end], sin[:, j:end], attention, ops, geometry)
+
     hiddens = []
     last = prev
     for j in range(num_columns):
-        x = torch.where(column_is_latent[:, j, None], last.to(dtype), column_embeds[:, j])[:, None]
-        allowed = key_allowed[:, None, None, : bucket + j + 1]
-        last = _chunk(layers, norm, x, cos[..., j : j + 1, :], sin[..., j : j + 1, :], keys, values, allowed, heads)
+        x = feed_thoughts(column_embeds[:, j], column_is_latent[:, j], last)[:, None]
+        last = chunk(x, j, j + 1, key_allowed[:, None, None, : bucket + j + 1])
         hiddens.append(last)
         last = last[:, 0]
     latent_kv = torch.stack(
@@ -154,7 +127,7 @@ def latent_block(
     )
     if final_columns:
         j = num_columns
-        first = torch.where(column_is_latent[:, j, None], last.to(dtype), column_embeds[:, j])[:, None]
+        first = feed_thoughts(column_embeds[:, j], column_is_latent[:, j], last)[:, None]
         x = torch.cat([first, column_embeds[:, j + 1 :]], dim=1)
         seen = bucket + num_columns
         causal = torch.ones(final_columns, final_columns, dtype=torch.bool, device=x.device).tril()
@@ -165,7 +138,7 @@ def latent_block(
             ],
             dim=-1,
         )[:, None]
-        hiddens.append(_chunk(layers, norm, x, cos[..., j:, :], sin[..., j:, :], keys, values, allowed, heads))
+        hiddens.append(chunk(x, j, total, allowed))
     return torch.cat(hiddens, dim=1), latent_kv
 
 

@@ -23,19 +23,14 @@ from typing import Any
 import torch
 
 from engine.data.images import ImageProcessor, load_hf_image_processor, make_hf_image_processor
-from engine.model.coconut import MultimodalCoconut
-from engine.model.tiny_tokenizer import IMAGE_CONTEXT_TOKEN, build_tiny_tokenizer
+from engine.model.coconut import MultimodalCoconut, check_attention_backend
+from engine.model.tiny_tokenizer import build_tiny_tokenizer
 from engine.utils.logging import get_logger
+from engine.vocab import IMAGE_CONTEXT_TOKEN, LATENT_TOKENS
 
 log = get_logger("model")
 
-START_LATENT_TOKEN = "<|start-latent|>"
-END_LATENT_TOKEN = "<|end-latent|>"
-LATENT_TOKEN = "<|latent|>"
-LATENT_TOKENS = (START_LATENT_TOKEN, END_LATENT_TOKEN, LATENT_TOKEN)
-
 BUILTIN_SPECS = ("tiny", "internvl3-1b-geometry")
-ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 
 
 class CheckpointError(ValueError):
@@ -68,20 +63,6 @@ class TinyModelConfig:
         if unknown:
             raise ValueError(f"unknown tiny model override(s) {unknown}; valid keys: {sorted(valid)}")
         return cls(**overrides)
-
-
-def _attn_check(attn_implementation: str) -> str:
-    if attn_implementation not in ATTENTION_BACKENDS:
-        raise ValueError(f"attn_implementation must be one of {ATTENTION_BACKENDS}, got {attn_implementation!r}")
-    if attn_implementation == "flash_attention_2":
-        from transformers.utils import is_flash_attn_2_available
-
-        if not is_flash_attn_2_available():
-            raise ValueError(
-                "attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
-                "'multimodal-coconut[flash]'); it is not installed. Use 'sdpa' (the default)."
-            )
-    return attn_implementation
 
 
 def tiny_internvl_config(tokenizer, cfg: TinyModelConfig):
@@ -269,7 +250,7 @@ def load_model(
     """Build or load a model. Returns ``(MultimodalCoconut, tokenizer, ImageProcessor)``."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-    attn_implementation = _attn_check(attn_implementation)
+    attn_implementation = check_attention_backend(attn_implementation)
     spec_str = str(spec)
     if spec_str in BUILTIN_SPECS:
         if spec_str == "tiny":

@@ -175,3 +175,12 @@ def build_schedule(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 at each row's first real token (left padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def feed_thoughts(inputs: torch.Tensor, is_latent: torch.Tensor, prev_last: torch.Tensor) -> torch.Tensor:
+    """The continuous-thought feedback, in one place: the input of a pass's first column is, at a latent, the last
+    hidden state the previous pass produced (``prev_last``), elsewhere the token or image embedding ``inputs``.
+
+    inputs (..., H), is_latent (...) bool, prev_last (..., H); only a pass's first column can hold a latent.
+    """
+    return torch.where(is_latent[..., None], prev_last.to(inputs.dtype), inputs)

@@ -11,10 +11,8 @@ import json
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-IMAGE_START_TOKEN = "<img>"
-IMAGE_END_TOKEN = "</img>"
-IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-VIDEO_TOKEN = "<video>"
+from engine.vocab import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, VIDEO_TOKEN
+
 EOS_TOKEN = "<|endoftext|>"
 
 _WORDS = """

@@ -443,33 +443,27 @@ class Trainer:
     def eval_kv_cache(self) -> str:
         """The KV cache of validation generation (`eval_kv_cache`; auto: paged on GPU under ZeRO 0-2, unless it
         failed earlier in this run)."""
-        choice = self.config.eval_kv_cache
-        if choice == "auto":
-            paged_ok = self.device.type == "cuda" and self.config.zero_stage < 3 and not self._paged_eval_failed
-            return "paged" if paged_ok else "dynamic"
-        return choice
+        from engine.model import fast_paths
+
+        cfg = self.config
+        return fast_paths.eval_kv_cache(cfg.eval_kv_cache, self.device, cfg.zero_stage, self._paged_eval_failed).choice
 
     def _generate_answers(self, model, loader, kv_cache: str):
         from engine.eval.evaluate import generate_answers
 
-        try:
-            return generate_answers(
-                model,
-                loader,
-                self.tokenizer,
-                device=self.device,
-                max_new_tokens=self.config.max_new_tokens,
-                total=len(loader),
-                min_passes_fn=(lambda b: self._min_passes(b["input_ids"])) if self._step_sync() else None,
-                step_sync=self._step_sync(),
-                progress=self.env.is_main,
-                kv_cache=kv_cache,
-            )
-        finally:
-            if kv_cache == "paged":  # its pool, graphs and merged weights are not kept through training
-                from engine.model.paged_runner import release_paged_runner
-
-                release_paged_runner(model)
+        # a paged cache's runner (pool, graphs, merged weights) lives for this call only, not through training
+        return generate_answers(
+            model,
+            loader,
+            self.tokenizer,
+            device=self.device,
+            max_new_tokens=self.config.max_new_tokens,
+            total=len(loader),
+            min_passes_fn=(lambda b: self._min_passes(b["input_ids"])) if self._step_sync() else None,
+            step_sync=self._step_sync(),
+            progress=self.env.is_main,
+            kv_cache=kv_cache,
+        )
 
     @torch.no_grad()
     def generation_metrics(self, stage: int, model=None) -> tuple[dict, list[dict]]:

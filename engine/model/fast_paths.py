@@ -1,0 +1,209 @@
+"""Which fast path runs, decided in one place, and logged once with its reason.
+
+Every "auto" choice of the engine is made here, for a model, a device and a mode:
+
+- `injection`: how a pass builds its input embeddings (the fused Triton op `kernels.latent_inject` or PyTorch);
+- `latent_passes`: how the one-position latent passes of a training batch run (the CUDA-graphed latent block, the
+  same block eagerly, or one transformers call per pass);
+- `decode_ops`: whether the paged runner's layers use the Triton ops table (`engine.model.fused_ops`), after a
+  one-time numerical self-check of the kernels on the device;
+- `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
+- `eval_kv_cache`: the KV cache of validation generation (paged or dynamic).
+
+Each function returns a `Decision` (the choice and why); the first time a (path, choice, reason) is seen in the
+process it is logged at INFO, so a run's log says once which paths it took and why, e.g.
+``[coconut] INFO fast path latent_passes: transformers (parameters are partitioned (DeepSpeed ZeRO-3))``.
+Functions named ``*_unsupported`` return why a path cannot run (None when it can); an explicit request for a path
+that cannot run is an error that carries that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.model.layers import layer_stack_unsupported
+from engine.utils.logging import get_logger
+
+log = get_logger("fast_paths")
+
+INJECTION_MODES = ("auto", "fused", "reference")
+LATENT_PASS_MODES = ("auto", "transformers", "static", "cuda_graph")
+EVAL_KV_CACHES = ("auto", "dynamic", "paged")
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: str
+    choice: str
+    reason: str
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _decide(path: str, choice: str, reason: str) -> Decision:
+    key = (path, choice, reason)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("fast path %s: %s (%s)", path, choice, reason)
+    return Decision(path, choice, reason)
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the module's parameters (they carry ``ds_id``). Iterates, never
+    indexes: under ZeRO-3 reading ``module.weight`` gathers the parameter, a collective only this rank would issue."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- injection
+
+
+def injection_unsupported(model, *, allow_interpreter: bool = False) -> str | None:
+    """Why the fused op cannot build this model's inputs, or None when it can."""
+    embedding = model.base.get_input_embeddings()
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None or embedding.scale_grad_by_freq:
+        return f"the input embeddings must be a plain nn.Embedding (no max_norm/scale_grad_by_freq): {embedding}"
+    if embedding.sparse:
+        return "the input embeddings have sparse gradients, which the fused op does not produce"
+    if is_partitioned(embedding):
+        return "the embedding weight is partitioned (DeepSpeed ZeRO-3)"
+    weight = embedding.weight
+    if weight.dim() != 2:
+        return "the embedding weight is not 2-D"
+    if weight.device.type != "cuda":
+        interpreted = allow_interpreter and weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if not interpreted:
+            return (
+                f"the model is on {weight.device}: the Triton kernel needs CUDA, or TRITON_INTERPRET=1 (set before "
+                "kernels.latent_inject is imported) to run interpreted on CPU"
+            )
+    try:
+        import kernels.latent_inject  # noqa: F401
+    except ImportError as e:
+        return f"kernels.latent_inject does not import ({e})"
+    return None
+
+
+def injection(model, mode: str) -> Decision:
+    """"fused" or "reference" for `mode` ("auto": fused when the model is on CUDA and the op can run)."""
+    if mode not in INJECTION_MODES:
+        raise ValueError(f"injection mode must be one of {INJECTION_MODES}, got {mode!r}")
+    if mode == "reference":
+        return _decide("injection", "reference", "asked for")
+    reason = injection_unsupported(model, allow_interpreter=mode == "fused")
+    if mode == "fused":
+        if reason is not None:
+            raise RuntimeError(f"set_injection('fused'): {reason}")
+        return _decide("injection", "fused", "asked for")
+    if reason is not None:
+        return _decide("injection", "reference", reason)
+    return _decide("injection", "fused", "auto on CUDA")
+
+
+# ---------------------------------------------------------------------------------------------- latent passes
+
+
+def latent_block_unsupported(model) -> str | None:
+    """Why the latent block cannot run this model's language model (None when it can); decided once per model."""
+    if not hasattr(model, "_latent_block_reason"):
+        model._latent_block_reason = layer_stack_unsupported(model.language_model, training=True, graphs=True)
+    return model._latent_block_reason
+
+
+def check_latent_passes_mode(model, mode: str) -> None:
+    """An explicit mode that cannot run this model is an error naming why (set_latent_passes)."""
+    if mode not in LATENT_PASS_MODES:
+        raise ValueError(f"latent passes mode must be one of {LATENT_PASS_MODES}, got {mode!r}")
+    if mode in ("static", "cuda_graph"):
+        reason = latent_block_unsupported(model)
+        if reason is not None:
+            raise RuntimeError(f"set_latent_passes({mode!r}): {reason}")
+    if mode == "cuda_graph" and model.device.type != "cuda":
+        raise RuntimeError(f"set_latent_passes('cuda_graph') needs the model on CUDA, it is on {model.device}")
+
+
+def latent_passes(model, mode: str, device: torch.device) -> Decision:
+    """"cuda_graph", "static" or "transformers" for a forward on `device` ("auto": the CUDA-graphed block for
+    training on CUDA, with gradients on, no autocast, parameters not partitioned, a supported layer stack)."""
+    if mode != "auto":
+        return _decide("latent_passes", mode, "asked for")
+    if device.type != "cuda":
+        return _decide("latent_passes", "transformers", f"auto on {device.type}")
+    if not torch.is_grad_enabled():
+        return _decide("latent_passes", "transformers", "auto without gradients (the block is captured for training)")
+    if torch.is_autocast_enabled("cuda"):
+        return _decide("latent_passes", "transformers", "auto under autocast")
+    if is_partitioned(model.language_model.norm):
+        return _decide("latent_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3)")
+    reason = latent_block_unsupported(model)
+    if reason is not None:
+        return _decide("latent_passes", "transformers", reason)
+    return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
+
+
+# ---------------------------------------------------------------------------------------------- decode ops
+
+
+_self_checks: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+def decode_ops(language_model: nn.Module, requested: bool | None, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"fused" or "reference" for the paged runner's layers. `requested` None is auto: fused on CUDA for layers
+    the Triton ops table knows, once the kernels pass a self-check on this device and dtype."""
+    if requested is False:
+        return _decide("decode_ops", "reference", "asked for")
+    reason = layer_stack_unsupported(language_model, fused_ops=True)
+    if requested:
+        if reason is not None:
+            raise NotImplementedError(f"fused_ops=True: {reason}")
+        return _decide("decode_ops", "fused", "asked for")
+    if reason is not None:
+        return _decide("decode_ops", "reference", reason)
+    if device.type != "cuda":
+        return _decide("decode_ops", "reference", f"auto on {device.type}")
+    key = (str(device), dtype)
+    if key not in _self_checks:
+        from kernels.decode_fusions import decode_fusions_self_check
+
+        _self_checks[key] = decode_fusions_self_check(device, dtype)
+        if _self_checks[key] is not None:
+            log.warning("decode fusions off on %s (%s): %s", device, dtype, _self_checks[key])
+    if _self_checks[key] is not None:
+        return _decide("decode_ops", "reference", f"self-check failed: {_self_checks[key]}")
+    return _decide("decode_ops", "fused", "auto on CUDA, self-check passed")
+
+
+def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) -> Decision:
+    """Whether the fused layers use merged q/k/v and gate/up products (plain nn.Linear projections only)."""
+    if not requested:
+        return _decide("merged_projections", "off", "asked for")
+    if not fused:
+        return _decide("merged_projections", "off", "the layers do not use the fused ops")
+    from engine.model.fused_ops import merge_unsupported
+
+    reason = merge_unsupported(layers)
+    if reason is not None:
+        return _decide("merged_projections", "off", reason)
+    return _decide("merged_projections", "on", "asked for")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_kv_cache(mode: str, device: torch.device, zero_stage: int, paged_failed: bool = False) -> Decision:
+    """The KV cache of validation generation ("auto": paged on GPU under ZeRO 0-2, unless it failed in this run)."""
+    if mode not in EVAL_KV_CACHES:
+        raise ValueError(f"eval_kv_cache must be one of {EVAL_KV_CACHES}, got {mode!r}")
+    if mode != "auto":
+        return _decide("eval_kv_cache", mode, "asked for")
+    if device.type != "cuda":
+        return _decide("eval_kv_cache", "dynamic", f"auto on {device.type}")
+    if zero_stage >= 3:
+        return _decide("eval_kv_cache", "dynamic", "ZeRO-3 partitions the weights the paged runner reads")
+    if paged_failed:
+        return _decide("eval_kv_cache", "dynamic", "the paged cache failed earlier in this run")
+    return _decide("eval_kv_cache", "paged", "auto on CUDA")

@@ -1,0 +1,129 @@
+"""The Triton ops table of the decoder-layer stack (`engine.model.layers`), for one-position inference steps.
+
+A decode step of a small model is a few hundred tiny kernels, and transformers' RMSNorm alone is eight of them.
+`FusedOps` does each RMSNorm with the residual add before it in one kernel, the rotary embedding of q and k in
+one (with the K/V cache write, in the paged attention), the SwiGLU product in one (`kernels.decode_fusions`,
+rounding as the modules do), and with `MergedProjections` one matrix product for q/k/v and one for gate/up per
+layer instead of five. No autograd: inference only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.layers import ReferenceOps, decoder_layers
+from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
+
+_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def fused_ops_unsupported(language_model: nn.Module) -> str | None:
+    """Why `FusedOps` cannot stand in for these layers' norms and MLP (None when it can)."""
+    act = str(getattr(language_model.config, "hidden_act", ""))
+    if act not in ("silu", "swish"):
+        return f"the MLP activation is {act!r}, the fused SwiGLU product needs silu"
+    layers = decoder_layers(language_model)
+    norms = [language_model.norm] + [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None for m in norms):
+        return "the norms are not RMSNorms with a weight and variance_epsilon"
+    if not all(all(hasattr(layer.mlp, p) for p in ("gate_proj", "down_proj", *_GATE_UP)) for layer in layers):
+        return "the MLP is not a gate/up/down SwiGLU"
+    return None
+
+
+def _projections(layer: nn.Module) -> dict:
+    """The projections `MergedProjections` merges, by name: q/k/v, then gate/up (None where a layer has none)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {name: getattr(attn if name in _QKV else mlp, name, None) for name in (*_QKV, *_GATE_UP)}
+
+
+def merge_unsupported(layers: list[nn.Module]) -> str | None:
+    """Why `MergedProjections` cannot stand in for these layers' projections (None when it can)."""
+    for index, layer in enumerate(layers):
+        projections = _projections(layer)
+        for name, module in projections.items():
+            if type(module) is not nn.Linear:  # wrapped (adapters, quantized): its weight is not the product
+                return f"layer {index} {name} is a {type(module).__name__ if module is not None else None}, not a plain torch.nn.Linear"
+        if any(projections[name].bias is not None for name in _GATE_UP):
+            return f"layer {index} gate/up projections have a bias"
+    return None
+
+
+class MergedProjections:
+    """One layer's q/k/v projections as one (Q + 2KV, H) weight and its gate/up projections as one (2I, H) weight:
+    two matrix products per layer instead of five (at decode sizes each product is a kernel whose weight read
+    takes a few microseconds, plus a launch). Copies of the module weights, refreshed by `refresh` (the weights may
+    change between generate calls, in training) into the same buffers, so that captured CUDA graphs stay valid.
+    Costs one more copy of those weights (~0.47 GB at InternVL3-1B in bf16)."""
+
+    def __init__(self, layer: nn.Module):
+        self.sources = _projections(layer)
+        self.qkv_sources = [self.sources[name] for name in _QKV]
+        self.gate_up_sources = [self.sources[name] for name in _GATE_UP]
+        self.weight_shapes = [m.weight.shape for m in self.sources.values()]
+        self.qkv_sizes = [m.weight.shape[0] for m in self.qkv_sources]
+        self.gate_up_sizes = [m.weight.shape[0] for m in self.gate_up_sources]
+        weight = self.qkv_sources[0].weight
+        self.qkv_weight = weight.new_empty(sum(self.qkv_sizes), weight.shape[1])
+        has_bias = any(m.bias is not None for m in self.qkv_sources)
+        self.qkv_bias = weight.new_zeros(sum(self.qkv_sizes)) if has_bias else None  # a missing bias stays 0
+        self.gate_up_weight = weight.new_empty(sum(self.gate_up_sizes), self.gate_up_sources[0].weight.shape[1])
+        self.refresh()
+
+    def matches(self, layer: nn.Module) -> bool:
+        """Still the layer's modules (not replaced, e.g. by adapters) with weights of the same shapes, device and
+        dtype (else the owner rebuilds them and drops its graphs)."""
+        current = _projections(layer)
+        if any(current[name] is not module for name, module in self.sources.items()):
+            return False
+        weights = [m.weight for m in self.sources.values()]
+        return [w.shape for w in weights] == self.weight_shapes and all(
+            w.device == self.qkv_weight.device and w.dtype == self.qkv_weight.dtype for w in weights
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        torch.cat([m.weight for m in self.qkv_sources], out=self.qkv_weight)
+        torch.cat([m.weight for m in self.gate_up_sources], out=self.gate_up_weight)
+        if self.qkv_bias is not None:
+            start = 0
+            for m, size in zip(self.qkv_sources, self.qkv_sizes):
+                if m.bias is not None:
+                    self.qkv_bias[start : start + size].copy_(m.bias)
+                start += size
+
+
+class FusedOps(ReferenceOps):
+    """`ReferenceOps` with `kernels.decode_fusions` and, when ``merged`` is given (one `MergedProjections` per
+    layer), merged projections. Inputs are (N, H) rows. The kernels round as the modules do; a merged product may
+    use another GEMM algorithm than the separate ones (on GPU not bit-identical then: equal to bf16 rounding)."""
+
+    name = "fused"
+    fuses_cache_write = True  # the paged attention stores k/v inside the rotary kernel (`rotary_kv_write`)
+
+    def __init__(self, language_model: nn.Module, merged: list[MergedProjections] | None = None):
+        super().__init__(language_model)
+        self.merged = merged
+
+    def add_norm(self, norm, x, pending):
+        if pending is None:
+            return rms_norm(x, norm.weight, norm.variance_epsilon), x
+        return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
+
+    def qkv(self, index, attn, h):
+        if self.merged is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        m = self.merged[index]  # views into one product: the kernels read them strided, no copies
+        return F.linear(h, m.qkv_weight, m.qkv_bias).split(m.qkv_sizes, -1)
+
+    def rotary(self, q, k, cos, sin):
+        return rotary_qk(q, k, cos, sin)
+
+    def mlp(self, index, mlp, h):
+        if self.merged is None:
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        else:
+            gate, up = F.linear(h, self.merged[index].gate_up_weight).split(self.merged[index].gate_up_sizes, -1)
+        return mlp.down_proj(silu_mul(gate, up))

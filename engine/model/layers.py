@@ -1,0 +1,188 @@
+"""The decoder-layer stack of the language model, written once, over the model's own modules.
+
+Two fast paths run the Qwen2/Llama decoder layers themselves instead of calling transformers' model: the training
+latent block (`engine/model/latent_block.py`: the one-position latent passes as one static-shape block, captured
+in CUDA graphs) and the paged runner (`engine/model/paged/`: decoding over a paged KV cache). Both call
+`run_layers`. The weights stay in transformers' modules (exports, ZeRO and `from_pretrained` see nothing new); what
+varies between the paths is passed in:
+
+- an **attention function** ``attention(layer_index, q, k, v, cos, sin) -> o``: it applies the rotary embedding
+  (through the ops table), stores K/V where its path keeps them and attends. q is (*tokens, q_heads, head_dim),
+  k and v (*tokens, kv_heads, head_dim), o (*tokens, q_heads, head_dim); ``tokens`` is (B, n) in the training
+  block and (N,) packed tokens in the paged runner.
+- an **ops table** for the rest of the layer's math: `ReferenceOps` calls the modules as transformers does (the
+  spec); `engine.model.fused_ops.FusedOps` swaps in Triton kernels (RMSNorm with the residual add, rotary, SwiGLU)
+  and merged q/k/v and gate/up products.
+
+`layer_stack_unsupported` says, in one place, why a model cannot run here (None when it can).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+# attention(layer_index, q, k, v, cos, sin) -> o, shapes in the module docstring
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    num_layers: int
+    hidden_size: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float  # the attention's softmax scale (the module's `scaling`)
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.q_heads // self.kv_heads
+
+
+def layer_geometry(language_model: nn.Module) -> LayerGeometry:
+    config = language_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return LayerGeometry(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        q_heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        scale=float(language_model.layers[0].self_attn.scaling),
+    )
+
+
+def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
+    return list(language_model.layers[: language_model.config.num_hidden_layers])
+
+
+def rotary_host_dependent(language_model: nn.Module) -> str | None:
+    """Why the rotary embedding cannot be captured in a CUDA graph or tabulated by position (None when it can):
+    dynamic and longrope variants branch on the host on the position values."""
+    rope_type = str(getattr(getattr(language_model, "rotary_emb", None), "rope_type", "default"))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"rope type {rope_type!r} branches on the host on position values"
+    return None
+
+
+def layer_stack_unsupported(
+    language_model: nn.Module, *, training: bool = False, graphs: bool = False, fused_ops: bool = False
+) -> str | None:
+    """Why `run_layers` cannot run this language model (None when it can).
+
+    ``training``: gradients must match the transformers passes (no attention dropout); ``graphs``: the stack is
+    captured in CUDA graphs (the rotary embedding must not branch on the host); ``fused_ops``: with the Triton
+    ops table (`engine.model.fused_ops.fused_ops_unsupported` adds the kernels' own conditions).
+    """
+    config = language_model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return f"only full-attention layers are supported, got {sorted(set(layer_types))}"
+    layers = decoder_layers(language_model)
+    if not layers:
+        return "the language model has no decoder layers"
+    for index, layer in enumerate(layers):
+        needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+        attn = getattr(layer, "self_attn", None)
+        if not all(hasattr(layer, name) for name in needed) or not all(
+            hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
+        ):
+            return f"decoder layer {index} ({type(layer).__name__}) is not a Qwen2/Llama-style layer"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return f"decoder layer {index} normalises q/k (QK-norm), which the layer stack does not apply"
+    if _model_rotary(language_model) is None:
+        return f"{type(layers[0].self_attn).__module__} defines no apply_rotary_pos_emb"
+    if training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return "attention dropout is not supported"
+    if graphs:
+        reason = rotary_host_dependent(language_model)
+        if reason is not None:
+            return reason
+    if fused_ops:
+        from engine.model.fused_ops import fused_ops_unsupported
+
+        return fused_ops_unsupported(language_model)
+    return None
+
+
+def _model_rotary(language_model: nn.Module) -> Callable | None:
+    """The rotary function of the model's own modeling file (transformers' `apply_rotary_pos_emb`)."""
+    module = sys.modules.get(type(language_model.layers[0].self_attn).__module__)
+    return getattr(module, "apply_rotary_pos_emb", None)
+
+
+class LayerOps(Protocol):
+    """What `run_layers` asks of an ops table (`ReferenceOps` is the spec)."""
+
+    def add_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def mlp(self, index: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class ReferenceOps:
+    """The layer's modules called as transformers calls them: the stack then computes what the model computes."""
+
+    name = "reference"
+    fuses_cache_write = False  # FusedOps: the rotary kernel also stores k/v into a paged cache
+
+    def __init__(self, language_model: nn.Module):
+        self._apply_rotary = _model_rotary(language_model)
+
+    def add_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add of the last sublayer's output (``pending``), then the norm: (norm(x'), x')."""
+        if pending is not None:
+            x = x + pending
+        return norm(x), x
+
+    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (*tokens, heads, D), k likewise, cos/sin (*tokens, D): the model's own rotary function."""
+        return self._apply_rotary(q, k, cos, sin, unsqueeze_dim=-2)
+
+    def mlp(self, index: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return mlp(h)
+
+
+def run_layers(
+    language_model: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention: Attention,
+    ops: LayerOps,
+    geometry: LayerGeometry | None = None,
+) -> torch.Tensor:
+    """Every decoder layer and the final norm over ``x`` (*tokens, H) with the rotary ``cos``/``sin`` of the
+    tokens' positions (*tokens, head_dim). Returns the last hidden states (*tokens, H), post-norm (the vector a
+    continuous thought feeds back)."""
+    g = geometry or layer_geometry(language_model)
+    tokens = x.shape[:-1]
+    pending = None  # the last sublayer's output: the next norm adds it to the residual stream
+    for index, layer in enumerate(language_model.layers[: g.num_layers]):
+        attn = layer.self_attn
+        h, x = ops.add_norm(layer.input_layernorm, x, pending)
+        q, k, v = ops.qkv(index, attn, h)
+        o = attention(
+            index,
+            q.view(*tokens, g.q_heads, g.head_dim),
+            k.view(*tokens, g.kv_heads, g.head_dim),
+            v.view(*tokens, g.kv_heads, g.head_dim),
+            cos,
+            sin,
+        )
+        pending = attn.o_proj(o.reshape(*tokens, g.q_heads * g.head_dim))
+        h, x = ops.add_norm(layer.post_attention_layernorm, x, pending)
+        pending = ops.mlp(index, layer.mlp, h)
+    return ops.add_norm(language_model.norm, x, pending)[0]

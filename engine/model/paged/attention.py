@@ -1,0 +1,37 @@
+"""The paged runner's attention functions for the decoder-layer stack (`engine.model.layers.Attention`).
+
+Each layer rotates q and k (through the ops table), writes the tokens' K/V at their slots of the paged cache before
+it attends, so tokens of one call see each other through the cache, then attends with a paged kernel: one query per
+row (`paged_decode_attention`, split-K) for a one-position step, packed chunks (`paged_chunk_attention`, causal
+inside the chunk) for a multi-position pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from engine.model.paged.cache import PagedKVCache
+from kernels.decode_fusions import rotary_kv_write
+from kernels.paged_kv import paged_kv_write
+
+# attend(q (N, q_heads, D), key_cache, value_cache) -> (N, q_heads, D)
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PagedAttention:
+    """``attention(index, q, k, v, cos, sin)`` over a `PagedKVCache`: q, k, v are (N, heads, head_dim) packed
+    tokens whose K/V go to ``slots`` (N,) (slot -1: written nowhere)."""
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, attend: AttendFn, ops):
+        self.cache, self.slots, self.attend, self.ops = cache, slots, attend, ops
+
+    def __call__(self, index, q, k, v, cos, sin):
+        key_cache, value_cache = self.cache.layer(index)
+        if self.ops.fuses_cache_write and k.dtype == key_cache.dtype:
+            q = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, self.slots)  # k, v straight to the cache
+        else:  # also layers in another dtype than the cache: the write rounds k and v to it
+            q, k = self.ops.rotary(q, k, cos, sin)
+            paged_kv_write(k, v, key_cache, value_cache, self.slots)
+        return self.attend(q, key_cache, value_cache)
