@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    SyntheticBatch,
     command_line,
     copy_bandwidth_gbs,
     dtype_name,
@@ -56,10 +55,10 @@ from benchmarks.common import (
     resolve_dtype,
     save_plots,
     str_list,
-    synthetic_batch,
     use_triton_interpreter_without_cuda,
     write_results,
 )
+from engine.data.random_batch import synthetic_batch, SyntheticBatch
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
 

@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    SyntheticBatch,
     command_line,
     copy_bandwidth_gbs,
     dtype_name,
@@ -52,19 +51,17 @@ from benchmarks.common import (
     limit_map,
     markdown_table,
     peak_memory_gib,
-    perturb_after,
     progress,
-    replace_latents,
     reset_peak_memory,
     resolve_device,
     resolve_dtype,
     save_plots,
     str_list,
     strict_fp32,
-    synthetic_batch,
     use_triton_interpreter_without_cuda,
     write_results,
 )
+from engine.data.random_batch import perturb_after, replace_latents, synthetic_batch, SyntheticBatch
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
 

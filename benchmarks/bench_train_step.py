@@ -4,7 +4,7 @@ One step is exactly what `Trainer.train_epoch` does per micro-batch: the ZeRO-3 
 (`min_passes`, the max over ranks), ``engine(...).loss`` (causal KV-cached latent forward, loss on the
 labelled positions only), ``engine.backward(loss)`` and ``engine.step()`` (AdamW, gradient clipping), with the
 DeepSpeed config of `engine.training.trainer.deepspeed_config`. Each rank trains on its own synthetic batch
-(`benchmarks.common.synthetic_batch`, seed per rank). Per (ZeRO stage, batch size, curriculum stage) it reports
+(`engine.data.random_batch.synthetic_batch`, seed per rank). Per (ZeRO stage, batch size, curriculum stage) it reports
 ms per step (median, p10/p90 of the slowest rank per step), global samples/s and tokens/s, peak memory per
 GPU and MFU.
 
@@ -45,11 +45,11 @@ from benchmarks.common import (
     reset_peak_memory,
     resolve_device,
     resolve_dtype,
-    synthetic_batch,
     time_fn,
     use_triton_interpreter_without_cuda,
     write_results,
 )
+from engine.data.random_batch import synthetic_batch
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
 

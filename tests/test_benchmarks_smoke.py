@@ -14,7 +14,8 @@ import torch
 
 import benchmarks.common
 from benchmarks import bench_generate, bench_latent_forward
-from benchmarks.common import is_oom, perturb_after, replace_latents, synthetic_batch
+from benchmarks.common import is_oom
+from engine.data.random_batch import perturb_after, replace_latents, synthetic_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
