@@ -1,4 +1,5 @@
-"""Two-process training through the launchers (CPU, gloo): ZeRO-2 with `deepspeed`, ZeRO-3 with `torchrun`."""
+"""Two-process training through the launchers (CPU, gloo): ZeRO-2 with `deepspeed`, ZeRO-3 with `torchrun`, both
+through the static latent block, with ranks of different latent counts; the two end at the same parameters."""
 
 import json
 import os
@@ -22,6 +23,8 @@ def _settings(tmp_path, zero_stage):
         "synthetic={n_train: 16, n_val: 6, hops: 2, seed: 5}",
         "num_epochs=2", "epochs_per_stage=1", "max_latent_stage=2", "uniform_prob=0.5",
         "batch_size_training=2", "gradient_accumulation_steps=2", "eval_batch_size=3", "max_new_tokens=10",
+        "latent_passes=static",  # the latent block, eagerly: under ZeRO-3 inside one gather of the language model
+        "lr=1e-3",  # enough for the second epoch to move the parameters measurably
     ]
 
 
@@ -37,6 +40,20 @@ def _launch(cmd, tmp_path):
     return history
 
 
+FINAL_WEIGHTS = {}  # zero stage -> (final weights, weights after epoch 1) of its run
+
+
+def _exported_weights(tmp_path, export="final") -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted((tmp_path / "dist" / export).glob("*.safetensors"))
+    assert files, "the run exported no final weights"
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
 def test_two_process_zero2_through_deepspeed_launcher(tmp_path):
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     if launcher is None:
@@ -45,13 +62,26 @@ def test_two_process_zero2_through_deepspeed_launcher(tmp_path):
     for s in _settings(tmp_path, 2):
         cmd += ["--set", s]
     _launch(cmd, tmp_path)
+    FINAL_WEIGHTS[2] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
 
 
 def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path):
-    # uniform_prob mixes latent counts per sample, so the ranks' batches need different numbers of passes:
-    # without agreement on the maximum, ZeRO-3's parameter gathers would mismatch and hang.
+    # uniform_prob mixes latent counts per sample, so the ranks' batches need different numbers of passes: ZeRO-3's
+    # gathers must still match (one gather of the language model per call, whatever the passes), or the run hangs.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29700 + os.getpid() % 1000), str(RECIPE)]
     for s in _settings(tmp_path, 3):
         cmd += ["--set", s]
     _launch(cmd, tmp_path)
+    FINAL_WEIGHTS[3] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
+
+
+def test_zero3_through_the_latent_block_ends_where_zero2_ends():
+    if set(FINAL_WEIGHTS) != {2, 3}:
+        pytest.skip("needs both two-process runs above (run the module as a whole)")
+    (zero2, zero2_epoch1), (zero3, _) = FINAL_WEIGHTS[2], FINAL_WEIGHTS[3]
+    assert zero2.keys() == zero3.keys()
+    worst = max((zero2[k].float() - zero3[k].float()).abs().max().item() for k in zero2)
+    moved = max((zero2[k].float() - zero2_epoch1[k].float()).abs().max().item() for k in zero2)
+    assert moved > 1e-3, f"the second epoch must move the parameters for this comparison to mean anything ({moved:.3g})"
+    assert worst <= 1e-4, f"ZeRO-3 and ZeRO-2 parameters differ by up to {worst:.3g}"

@@ -48,6 +48,7 @@ def test_overrides_need_key_value():
         ({"overlong": "truncate"}, "overlong"),
         ({"latent_passes": "graphs"}, "latent_passes must be"),
         ({"latent_passes": "cuda_graph", "zero_stage": 3}, "zero_stage <= 2"),
+        ({"latent_passes": "static", "zero_stage": 3, "zero3_leaf_language_model": False}, "zero3_leaf_language_model"),
         ({"latent_prefix_bucket": 0}, "latent_prefix_bucket must be >= 1"),
         ({"eval_kv_cache": "static"}, "eval_kv_cache must be"),
         ({"eval_kv_cache": "paged", "zero_stage": 3}, "eval_kv_cache=paged needs zero_stage <= 2"),

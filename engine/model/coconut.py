@@ -16,6 +16,7 @@ thought and every cached K/V back into the vision tower.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +47,21 @@ def check_attention_backend(attn_implementation: str) -> str:
                 "'multimodal-coconut[flash]'); it is not installed. Use 'sdpa' (the default)."
             )
     return attn_implementation
+
+
+def call_as_forward(module: nn.Module, fn: Callable, *tensors: torch.Tensor):
+    """``fn(*tensors)`` run as the forward of one call of ``module``: the module's hooks (DeepSpeed ZeRO-3's
+    parameter gather before and release after, its backward hooks on the call's inputs and outputs) wrap it.
+    ``fn`` must return a tuple of tensors; inside it, call the module's submodules without hooks."""
+    module.forward = fn  # this call only: nn.Module.__call__ runs the hooks around the instance's forward
+    try:
+        return module(*tensors)
+    finally:
+        del module.forward
+
+
+def _ce_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
 @dataclass
@@ -297,14 +313,68 @@ class MultimodalCoconut(nn.Module):
         """Run the schedule. Returns (hidden (B,T,H), inputs_embeds or None, cache).
 
         Without `need_cache` the returned cache may stop short of the sequence's end (the latent block then
-        computes the final pass too, without storing its K/V)."""
+        computes the final pass too, without storing its K/V). Under DeepSpeed ZeRO-3 with the language model as
+        one leaf module (`set_language_model_leaf`), every pass runs inside one call of the language model."""
         from transformers import DynamicCache
 
         if cache is None:
             cache = DynamicCache(config=self.language_model.config)
-        schedule = batch.schedule
+        if self.language_model_in_one_call:
+            return self._passes_in_one_call(batch, cache, keep_inputs, need_cache)
         inject = self._injection_hook()  # "auto" decided for this forward
         embeds = self.base_embeddings(batch) if inject is None else None
+        return self._passes(batch, cache, embeds, inject, keep_inputs, need_cache, self.language_model)
+
+    # ------------------------------------------------------------------ ZeRO-3: the language model as one leaf
+    def set_language_model_leaf(self, enabled: bool = True) -> None:
+        """Under DeepSpeed ZeRO-3, treat the language model as one leaf module (call before deepspeed.initialize).
+
+        ZeRO-3 gathers a module's parameters before its forward and frees them after, per module, and checks that
+        every rank calls the same modules in the same order; a latent forward calls every decoder module once per
+        pass, so the parameters would be gathered once per pass, forward and backward, and ranks with different
+        latent counts would need lockstep passes. As a leaf (`deepspeed.utils.set_z3_leaf_module`) the language
+        model's parameters are gathered when it is called and freed after, and the language-model work runs inside
+        one such call (`in_language_model_call`): a forward's embeddings and every pass (the latent block eagerly),
+        or one decoding step. One gather per forward and one per backward, whatever the number of latents."""
+        from deepspeed.utils import set_z3_leaf_module
+
+        set_z3_leaf_module(self.language_model, enabled)
+
+    @property
+    def language_model_in_one_call(self) -> bool:
+        """Whether the language model runs inside one call of its module (ZeRO-3 with the leaf set)."""
+        lm = self.language_model
+        return bool(getattr(lm, "_z3_leaf", False)) and fast_paths.is_partitioned(lm)
+
+    def in_language_model_call(self, fn: Callable, *tensors: torch.Tensor):
+        """``fn(language_model, *tensors)`` -> a tuple of tensors, inside one call of the language model module when
+        it is a ZeRO-3 leaf (its parameters gathered throughout, forward and backward; ``language_model`` is then its
+        forward without hooks, which must not be called through the module), else directly with the module."""
+        lm = self.language_model
+        if not self.language_model_in_one_call:
+            return fn(lm, *tensors)
+        unhooked = functools.partial(type(lm).forward, lm)
+        return call_as_forward(lm, functools.partial(fn, unhooked), *tensors)
+
+    def _passes_in_one_call(self, batch, cache, keep_inputs, need_cache):
+        """The embeddings and `_passes` inside one call of the language model (`in_language_model_call`). The
+        call's input is the image features (its backward hooks then fire when their gradient is computed)."""
+        result = {}
+
+        def forward(language_model, *features):
+            inside = dataclasses.replace(batch, image_features=features[0]) if features else batch
+            embeds = self.base_embeddings(inside)  # the embedding weight is gathered inside the call
+            hidden, inputs, _ = self._passes(inside, cache, embeds, None, keep_inputs, need_cache, language_model)
+            result["has_inputs"] = inputs is not None
+            return (hidden, inputs) if inputs is not None else (hidden,)
+
+        features = () if batch.image_features is None else (batch.image_features,)
+        outputs = self.in_language_model_call(forward, *features)
+        return outputs[0], (outputs[1] if result["has_inputs"] else None), cache
+
+    def _passes(self, batch, cache, embeds, inject, keep_inputs, need_cache, language_model):
+        """The pass loop of `run_passes`; ``language_model`` is what each transformers pass calls."""
+        schedule = batch.schedule
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
         block = self._latent_block_runner(schedule, batch.input_ids.device)
@@ -334,7 +404,7 @@ class MultimodalCoconut(nn.Module):
                         # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
                         first = feed_thoughts(embeds[:, start], batch.latent_mask[:, start], prev_last)
                         chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
-                    out = self.language_model(
+                    out = language_model(
                         inputs_embeds=chunk_in,
                         attention_mask=batch.attention_mask[:, :end],
                         position_ids=batch.position_ids[:, start:end],
@@ -432,10 +502,14 @@ class MultimodalCoconut(nn.Module):
         x = last_hidden.detach()[:, None]  # (B, 1, H)
         ones = torch.ones(x.shape[0], 1, dtype=torch.long, device=x.device)
         term = x.new_zeros((), dtype=torch.float32)
+        def one_pass(language_model, x_in):
+            out = language_model(inputs_embeds=x_in, attention_mask=ones, position_ids=ones * 0, use_cache=False)
+            return (out.last_hidden_state,)
+
         for _ in range(count):
             with profile_range("coconut/padding_pass"):
-                out = self.language_model(inputs_embeds=x, attention_mask=ones, position_ids=ones * 0, use_cache=False)
-            term = term + out.last_hidden_state.float().sum() * 0.0
+                (hidden,) = self.in_language_model_call(one_pass, x)
+            term = term + hidden.float().sum() * 0.0
         return term
 
     def compute_loss(
@@ -461,17 +535,25 @@ class MultimodalCoconut(nn.Module):
             return F.cross_entropy(flat.float(), targets[selected]) if flat.numel() else logits.sum() * 0.0
         h = hidden[:, :-1][selected]  # (N, H)
         y = targets[selected]
+        head = self.base.lm_head
+        if fast_paths.is_partitioned(head):
+            # ZeRO-3: every chunk inside one call of the lm_head module, so that each rank issues one gather per
+            # forward and one per backward whatever its number of labelled tokens (chunk counts differ by rank).
+            unhooked = functools.partial(type(head).forward, head)
+            return call_as_forward(head, lambda h_in: (self._chunked_loss(h_in, y, unhooked),), h)[0]
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], self.loss_chunk_tokens):
-            total = total + checkpoint(
-                self._ce_sum, h[i : i + self.loss_chunk_tokens], y[i : i + self.loss_chunk_tokens], use_reentrant=False
-            )
-        return total / h.shape[0]
+        return self._chunked_loss(h, y, head)
 
-    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.base.lm_head(h).float(), y, reduction="sum")
+    def _chunked_loss(self, h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
+        """Mean cross-entropy of ``head(h)`` (N, V) against ``y`` (N,), in chunks recomputed in backward."""
+        if h.shape[0] == 0:
+            return h.sum() * 0.0
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.loss_chunk_tokens):
+            chunk = slice(i, i + self.loss_chunk_tokens)
+            total = total + checkpoint(_ce_sum, head, h[chunk], y[chunk], use_reentrant=False)
+        return total / h.shape[0]
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -128,7 +128,8 @@ def check_latent_passes_mode(model, mode: str) -> None:
 
 def latent_passes(model, mode: str, device: torch.device) -> Decision:
     """"cuda_graph", "static" or "transformers" for a forward on `device` ("auto": the CUDA-graphed block for
-    training on CUDA, with gradients on, no autocast, parameters not partitioned, a supported layer stack)."""
+    training on CUDA, with gradients on, no autocast and a supported layer stack; under ZeRO-3 the block eagerly
+    when the language model runs in one call (`MultimodalCoconut.set_language_model_leaf`), else transformers)."""
     if mode != "auto":
         return _decide("latent_passes", mode, "asked for")
     if device.type != "cuda":
@@ -137,11 +138,13 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
         return _decide("latent_passes", "transformers", "auto without gradients (the block is captured for training)")
     if torch.is_autocast_enabled("cuda"):
         return _decide("latent_passes", "transformers", "auto under autocast")
-    if is_partitioned(model.language_model.norm):
-        return _decide("latent_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3)")
     reason = latent_block_unsupported(model)
     if reason is not None:
         return _decide("latent_passes", "transformers", reason)
+    if is_partitioned(model.language_model.norm):
+        if model.language_model_in_one_call:  # gathered for the whole call, at addresses a graph cannot keep
+            return _decide("latent_passes", "static", "ZeRO-3 with the language model gathered once per call")
+        return _decide("latent_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3) per module")
     return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
 
 

@@ -148,18 +148,17 @@ def _generate_dynamic(model, batch, out: torch.Tensor, options: GenerationOption
     rows = out.shape[0]
     mask = batch.attention_mask
     next_pos = batch.position_ids[:, -1:] + 1
-    embed = model.base.get_input_embeddings()
+
+    def step(language_model, token_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        out = language_model(
+            input_ids=token_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
+        return (out.last_hidden_state,)
 
     def advance(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         nonlocal mask, next_pos
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        hidden = model.language_model(
-            inputs_embeds=embed(token[:, None]),
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+        (hidden,) = model.in_language_model_call(step, token[:, None])  # ZeRO-3: one gather per step
         next_pos = next_pos + 1
         return model.base.lm_head(hidden[:, -1])
 

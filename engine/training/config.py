@@ -77,6 +77,9 @@ class TrainConfig:
     latent_passes: str = "auto"
     latent_prefix_bucket: int = 128
     latent_final_bucket: int = 32
+    # ZeRO-3: the language model as one leaf module, gathered once per forward and once per backward whatever the
+    # number of latent passes (MultimodalCoconut.set_language_model_leaf); false: gathered per module and per pass
+    zero3_leaf_language_model: bool = True
     eval_batch_size: int = 16
     # the KV cache of validation generation: auto (paged on GPU under ZeRO 0-2: Triton paged attention, prefix
     # sharing, CUDA-graphed steps) | dynamic (transformers' DynamicCache) | paged
@@ -118,10 +121,15 @@ class TrainConfig:
             raise ConfigError(
                 f"latent_passes must be auto, transformers, static or cuda_graph, got {self.latent_passes!r}"
             )
-        if self.zero_stage == 3 and self.latent_passes in ("static", "cuda_graph"):
+        if self.zero_stage == 3 and self.latent_passes == "cuda_graph":
             raise ConfigError(
-                f"latent_passes={self.latent_passes} needs zero_stage <= 2 (ZeRO-3 gathers parameters per module call, "
-                "which the latent block's graphs cannot replay); use auto or transformers"
+                "latent_passes=cuda_graph needs zero_stage <= 2 (ZeRO-3 gathers the parameters at every call, at "
+                "addresses a captured graph cannot keep); use auto or static (the block eagerly, inside one gather)"
+            )
+        if self.zero_stage == 3 and self.latent_passes == "static" and not self.zero3_leaf_language_model:
+            raise ConfigError(
+                "latent_passes=static with zero_stage=3 needs zero3_leaf_language_model=true (the block reads the "
+                "layers' weights directly, which ZeRO-3 gathers only for the language model as one leaf module)"
             )
         if self.eval_kv_cache not in ("auto", "dynamic", "paged"):
             raise ConfigError(f"eval_kv_cache must be auto, dynamic or paged, got {self.eval_kv_cache!r}")

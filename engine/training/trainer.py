@@ -210,6 +210,8 @@ class Trainer:
                 continue
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.zero_stage == 3 and cfg.zero3_leaf_language_model:
+            model.set_language_model_leaf(True)  # before deepspeed.initialize registers ZeRO-3's module hooks
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         total_steps = max(1, steps_per_epoch * cfg.num_epochs)
         factor = lr_lambda_for(cfg, total_steps)
@@ -257,8 +259,8 @@ class Trainer:
     # ------------------------------------------------------------------ ZeRO-3 lockstep
     def _min_passes(self, input_ids: torch.Tensor) -> int:
         """Under ZeRO-3 every rank must run the same number of passes (parameter gathers) per step."""
-        if self.config.zero_stage != 3 or self.env.world_size == 1:
-            return 0
+        if self.config.zero_stage != 3 or self.env.world_size == 1 or self.model.language_model_in_one_call:
+            return 0  # in one call, every rank gathers the language model once per forward whatever its passes
         local = 1 + int((input_ids == self.model.latent_id).any(0).sum())
         return all_reduce_max(local, self.device)
 
