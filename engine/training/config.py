@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- run, model and data (original CoCoNuT names)
     name: str = "coconut"
-    model_id: str = "tiny"  # a load_model spec ("tiny", "internvl3-1b-geometry") or a local checkpoint
+    model_id: str = "tiny"  # a load_model spec ("tiny", "internvl3-{1b,2b,8b}-geometry") or a local checkpoint
     model_overrides: dict = field(default_factory=dict)  # sizes of the "tiny" spec
     train_path: str | None = None
     val_path: str | None = None
@@ -138,7 +138,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.only_eval and not self.load_model_path and self.model_id in ("tiny", "internvl3-1b-geometry"):
+        from engine.model.loading import BUILTIN_SPECS  # here: the loader imports torch, this module does not
+
+        if self.only_eval and not self.load_model_path and self.model_id in BUILTIN_SPECS:
             raise ConfigError("only_eval needs load_model_path (or a local checkpoint as model_id) to evaluate")
 
     @property

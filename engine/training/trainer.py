@@ -611,21 +611,20 @@ def model_fingerprint(model) -> str:
 
 def check_same_architecture(model, config: TrainConfig, path: Path) -> None:
     """`load_model_path` must hold the model that `model_id` describes (same sizes), else say what differs."""
-    from engine.model.loading import BUILTIN_SPECS, TinyModelConfig, internvl3_1b_geometry_config, tiny_internvl_config
-    from engine.model.tiny_tokenizer import build_tiny_tokenizer
+    from engine.model.loading import BUILTIN_SPECS, builtin_config
 
     if config.model_id not in BUILTIN_SPECS:
         from transformers import AutoConfig
 
         expected = AutoConfig.from_pretrained(config.model_id, local_files_only=True)
-    elif config.model_id == "tiny":
-        tiny = TinyModelConfig.from_overrides(config.model_overrides)
-        expected = tiny_internvl_config(build_tiny_tokenizer(tiny.tokenizer_vocab_size), tiny)
     else:
-        expected = internvl3_1b_geometry_config(build_tiny_tokenizer())
+        expected, _ = builtin_config(config.model_id, config.model_overrides or None)
     got = model.config
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
     diffs = []
+    if bool(getattr(expected, "tie_word_embeddings", False)) != bool(getattr(got, "tie_word_embeddings", False)):
+        diffs.append(f"tie_word_embeddings: model_id {config.model_id!r} has {expected.tie_word_embeddings}, "
+                     f"checkpoint has {got.tie_word_embeddings}")
     for part in ("text_config", "vision_config"):
         for key in keys:
             a, b = getattr(getattr(expected, part), key, None), getattr(getattr(got, part), key, None)
