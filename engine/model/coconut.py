@@ -168,6 +168,14 @@ class MultimodalCoconut(nn.Module):
             self._latent_blocks.clear()
             self._latent_buckets = (prefix_bucket, final_bucket)
 
+    def set_liger_kernels(self, pieces) -> None:
+        """Liger-Kernel's Triton kernels (`engine/model/liger.py`, optional package): exactly `pieces` of
+        fused_linear_cross_entropy (in `lm_loss`, instead of the chunked lm_head + cross-entropy, which stays the
+        reference), rms_norm, swiglu and rope (process-wide) for the language model; an empty list switches all off."""
+        from engine.model.liger import apply_liger_kernels
+
+        self._liger_pieces = apply_liger_kernels(self.language_model, pieces)
+
     def release_latent_graphs(self) -> None:
         """Drop the captured latent-pass graphs (and their memory pools); the next training forward recaptures."""
         for block in self._latent_blocks.values():
@@ -504,6 +512,10 @@ class MultimodalCoconut(nn.Module):
         y = targets[selected]
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
+        if "fused_linear_cross_entropy" in getattr(self, "_liger_pieces", ()):  # set_liger_kernels
+            from engine.model.liger import fused_linear_cross_entropy_sum
+
+            return fused_linear_cross_entropy_sum(h, self.base.lm_head.weight, y) / h.shape[0]
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.loss_chunk_tokens):
             total = total + checkpoint(

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     pass
 
 
+# `optimizer`: see engine/training/optim.py (auto: adamw_fused on CUDA, adamw_foreach elsewhere)
+OPTIMIZERS = ("auto", "adamw_fused", "adamw_foreach", "adamw", "deepspeed_fused_adam")
+
+
 @dataclass
 class TrainConfig:
     # ---- run, model and data (original CoCoNuT names)
@@ -69,6 +73,13 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    # auto (adamw_fused on CUDA, adamw_foreach elsewhere) | adamw_fused | adamw_foreach | adamw (torch's per-tensor
+    # loop) | deepspeed_fused_adam (DeepSpeed's CUDA extension, built with nvcc on first use)
+    optimizer: str = "auto"
+    # Liger-Kernel's Triton kernels (optional package): false | true (all) | a list of fused_linear_cross_entropy,
+    # rms_norm, swiglu, rope. The fused loss needs zero_stage <= 2; rope replaces transformers' Qwen2 rotary
+    # function process-wide (engine/model/liger.py)
+    liger_kernels: bool | list = False
     max_tiles: int = 1
     num_workers: int = 0
     attn_implementation: str = "sdpa"
@@ -123,6 +134,14 @@ class TrainConfig:
                 f"latent_passes={self.latent_passes} needs zero_stage <= 2 (ZeRO-3 gathers parameters per module call, "
                 "which the latent block's graphs cannot replay); use auto or transformers"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        pieces = self.liger_pieces
+        if "fused_linear_cross_entropy" in pieces and self.zero_stage == 3:
+            raise ConfigError(
+                "liger_kernels: fused_linear_cross_entropy needs zero_stage <= 2 (it reads the lm_head weight outside "
+                "the module call, where ZeRO-3 has it partitioned); drop it or use zero_stage 2"
+            )
         if self.eval_kv_cache not in ("auto", "dynamic", "paged"):
             raise ConfigError(f"eval_kv_cache must be auto, dynamic or paged, got {self.eval_kv_cache!r}")
         if self.zero_stage == 3 and self.eval_kv_cache == "paged":
@@ -142,6 +161,19 @@ class TrainConfig:
 
         if self.only_eval and not self.load_model_path and self.model_id in BUILTIN_SPECS:
             raise ConfigError("only_eval needs load_model_path (or a local checkpoint as model_id) to evaluate")
+
+    @property
+    def liger_pieces(self) -> tuple[str, ...]:
+        """`liger_kernels` as a tuple of pieces (validated: an unknown name is an error naming the valid ones)."""
+        from engine.model.liger import LIGER_KERNELS  # the model side owns the list (and imports torch)
+
+        value = self.liger_kernels
+        if isinstance(value, bool):
+            return LIGER_KERNELS if value else ()
+        unknown = [v for v in value if v not in LIGER_KERNELS]
+        if unknown:
+            raise ConfigError(f"liger_kernels: unknown piece(s) {unknown}; valid: {', '.join(LIGER_KERNELS)} (or true/false)")
+        return tuple(dict.fromkeys(value))
 
     @property
     def run_dir(self) -> Path:
