@@ -203,6 +203,16 @@ def test_config_key():
 
 
 @needs_liger
+def test_bench_measures_the_liger_variant_at_equal_numerics(tmp_path):
+    from tests.test_bench_train_step import run_variants
+
+    rows = run_variants(tmp_path, ["adamw_fused"], ["default"], ["none", "fused_linear_cross_entropy"])
+    fused = rows[-1]
+    assert fused["liger"] == "fused_linear_cross_entropy"
+    assert abs(fused["probe_loss_diff"]) < 1e-5 and abs(fused["loss_diff"]) < 1e-4
+
+
+@needs_liger
 @pytest.mark.skipif(not CUDA, reason="Liger's RMSNorm and SwiGLU kernels need a GPU (the interpreter cannot run them)")
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_kernels_on_cuda(dtype, atol):
