@@ -198,3 +198,31 @@ def test_variant_flags_are_checked():
     assert bench_train_step.parse_zero_settings("reduce_bucket_size=2e8,overlap_comm=true") == {
         "reduce_bucket_size": 200_000_000, "overlap_comm": True}
     assert bench_train_step.parse_liger("all") == ("fused_linear_cross_entropy", "rms_norm", "swiglu", "rope")
+
+
+def test_scaling_plot_from_runs_on_several_gpu_counts(tmp_path):
+    """benchmarks/plot_results.py: samples/s against GPU count from train_step.json files (1, 2 and 4 GPUs)."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot_results
+
+    def payload(world, rows):
+        return {"benchmark": "train_step", "world_size": world, "settings": {"model": "internvl3-8b-geometry",
+                "dtype": "bfloat16"}, "environment": {"device": "test", "date": "today"}, "rows": rows}
+
+    def row(world, zero, rate, latents=6):
+        return dict(world_size=world, zero_stage=zero, n_latents=latents, batch_size=8, samples_per_s=rate,
+                    optimizer="auto", zero_settings="default", liger="none")
+
+    paths = []
+    for world, rows in ((1, [row(1, 2, 10.0)]), (2, [row(2, 2, 19.0), row(2, 3, 15.0), row(2, 3, 16.0)]),
+                        (4, [row(4, 2, 36.0), row(4, 3, 30.0), dict(row(4, 3, None), status="oom")])):
+        path = tmp_path / f"ts_{world}gpu.json"
+        path.write_text(json.dumps(payload(world, rows)))
+        paths.append(str(path))
+    series = plot_results.scaling_series([json.loads(Path(p).read_text()) for p in paths])
+    zero2 = series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none")]
+    zero3 = series[("internvl3-8b-geometry", 3, 6, 8, "auto", "default", "none")]
+    assert [(w, r) for w, r, _ in zero2] == [(1, 10.0), (2, 19.0), (4, 36.0)]
+    assert [(w, r) for w, r, _ in zero3] == [(2, 16.0), (4, 30.0)]  # the faster of two, the OOM row left out
+    assert plot_results.main([*paths, "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "train_step_scaling.png").stat().st_size > 0
