@@ -418,7 +418,7 @@ class Bench:
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
-            model_id="tiny", zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
+            model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces),
             deepspeed={"zero_optimization": parse_zero_settings(cfg.zero_settings)},

@@ -226,3 +226,17 @@ def test_paged_runner_matches_the_dynamic_cache(shaped, fused_ops, merged):
     paged = runner.generate(ids, mask, pv, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
     assert torch.equal(paged, dynamic), f"{name}: paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
     assert runner.cache.num_used_blocks == 0
+
+
+def test_check_same_architecture_knows_every_builtin_spec(tmp_path):
+    from engine.training.config import ConfigError, TrainConfig
+    from engine.training.trainer import check_same_architecture
+
+    eight, _, _ = load_model("internvl3-8b-geometry", device="meta")
+    check_same_architecture(eight, TrainConfig(model_id="internvl3-8b-geometry", device="cpu"), tmp_path)
+    with pytest.raises(ConfigError, match=r"text_config.hidden_size: model_id 'internvl3-2b-geometry' has 1536, "
+                                          r"checkpoint has 3584"):
+        check_same_architecture(eight, TrainConfig(model_id="internvl3-2b-geometry", device="cpu"), tmp_path)
+    untied, _, _ = load_model("tiny", model_overrides={"tie_word_embeddings": False})
+    with pytest.raises(ConfigError, match="tie_word_embeddings: model_id 'tiny' has True, checkpoint has False"):
+        check_same_architecture(untied, TrainConfig(model_id="tiny", device="cpu"), tmp_path)
