@@ -32,5 +32,6 @@ setup(
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "tensorboard": ["tensorboard"],
+        "liger": ["liger-kernel>=0.8"],  # Triton kernels for the loss and the Qwen2 modules (liger_kernels config key)
     },
 )

@@ -1,18 +1,28 @@
 """Training-step throughput: the engine's latent training step under DeepSpeed ZeRO, on 1 or N processes.
 
-One step is exactly what `Trainer.train_epoch` does per micro-batch: the ZeRO-3 pass-count agreement
-(`min_passes`, the max over ranks), ``engine(...).loss`` (causal KV-cached latent forward, loss on the
-labelled positions only), ``engine.backward(loss)`` and ``engine.step()`` (AdamW, gradient clipping), with the
-DeepSpeed config of `engine.training.trainer.deepspeed_config`. Each rank trains on its own synthetic batch
-(`engine.data.random_batch.synthetic_batch`, seed per rank). Per (ZeRO stage, batch size, curriculum stage) it reports
-ms per step (median, p10/p90 of the slowest rank per step), global samples/s and tokens/s, peak memory per
-GPU and MFU.
+One step is exactly what `Trainer.train_epoch` does per micro-batch: the batch's copy to the device (from pinned
+host memory), the ZeRO-3 pass-count agreement (`min_passes`, the max over ranks), ``engine(...).loss`` (causal
+KV-cached latent forward, loss on the labelled positions only), ``engine.backward(loss)`` and ``engine.step()``
+(the optimizer of `engine.training.optim.build_optimizer`, gradient clipping), with the DeepSpeed config of
+`engine.training.optim.deepspeed_config`. Each rank trains on its own synthetic batch
+(`engine.data.random_batch.synthetic_batch`, seed per rank). Per (ZeRO stage, optimizer, ZeRO settings, Liger kernels,
+batch size, curriculum stage) it reports ms per step (median, p10/p90 of the slowest rank per step), global
+samples/s and tokens/s, peak memory per GPU and MFU.
+
+`--phases` adds, after the timed steps (which stay unsynchronised inside the step), `--phase-steps` steps with the
+device synchronised after each phase (data, forward, backward, optimizer): per-phase ms, the host time each phase
+took to issue its work (host ms close to ms: host-bound), and one more step under CUDA's sync debug mode counting
+the host synchronisations of each phase. Numerics across variants: every engine starts from the same weights, so
+``probe_loss`` (a no-grad forward on a fixed batch right after the build) and, row for row, the loss after the same
+sequence of steps are compared with the first variant of each list (``Δ probe loss``, ``Δ loss``).
 
     python -m benchmarks.bench_train_step --model internvl3-1b-geometry --device cuda --dtype bfloat16 \\
         --zero-stages 2 --stages 0,3 --c-thought 2 --batch-size 8,16 --out results/train_step_1gpu
     torchrun --nproc_per_node 2 -m benchmarks.bench_train_step ... --zero-stages 2,3 --out results/train_step_2gpu
     deepspeed --num_gpus 2 --module benchmarks.bench_train_step ...
     python -m benchmarks.bench_train_step --smoke --out /tmp/ts          # tiny model, CPU, ZeRO-2, seconds
+    python -m benchmarks.bench_train_step ... --phases --optimizers adamw,adamw_fused \
+        --zero-settings default --zero-settings overlap_comm=false --liger none,fused_linear_cross_entropy,all
 
 Only rank 0 writes ``train_step.json`` (settings, environment, command, world size, rows) and
 ``train_step.md`` into ``--out``, after every configuration.
@@ -25,6 +35,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +56,8 @@ from benchmarks.common import (
     reset_peak_memory,
     resolve_device,
     resolve_dtype,
+    str_list,
+    synchronize,
     time_fn,
     use_triton_interpreter_without_cuda,
     write_results,
@@ -53,6 +66,8 @@ from engine.data.random_batch import synthetic_batch
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
 
+from engine.model.liger import LIGER_KERNELS  # noqa: E402
+from engine.training.config import OPTIMIZERS, ConfigError, parse_overrides  # noqa: E402
 from engine.utils.logging import get_logger  # noqa: E402
 from engine.utils.profiling import profile_range  # noqa: E402
 
@@ -60,6 +75,7 @@ log = get_logger("bench")
 
 RESULT_NAME = "train_step"
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, bf16 dense (no sparsity)
+PHASES = ("data", "forward", "backward", "optimizer")
 
 FLOPS_FORMULA = (
     "Model FLOPs per step (summed over ranks; forward + backward = 3x forward, every weight trained):\n"
@@ -82,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="tiny | internvl3-1b-geometry | a local checkpoint dir "
-                   "(default: the geometry on CUDA, tiny on CPU)")
+    p.add_argument("--model", default=None, help="tiny | internvl3-1b-geometry | internvl3-2b-geometry | "
+                   "internvl3-8b-geometry | a local checkpoint dir (default: the 1B geometry on CUDA, tiny on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available); under a launcher "
                    "each rank uses cuda:LOCAL_RANK")
     p.add_argument("--dtype", default=None, help="bfloat16 (DeepSpeed bf16, fp32 master weights; CUDA only) | "
@@ -108,6 +124,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the trainer's default)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
     p.add_argument("--seed", type=int, default=0, help="model seed; rank r's batches use seed + 1000·(r+1)")
+    p.add_argument("--optimizers", type=str_list, default=None,
+                   help=f"optimizers to compare, comma-separated: {', '.join(OPTIMIZERS)} (default auto, the trainer's "
+                   "default: fused AdamW on CUDA)")
+    p.add_argument("--zero-settings", action="append", default=None, metavar="default|KEY=VALUE[,KEY=VALUE...]",
+                   help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
+                   "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
+                   "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8")
+    p.add_argument("--liger", type=str_list, default=None,
+                   help="Liger-Kernel variants, comma-separated: none, all, or pieces joined by '+' from "
+                   f"{', '.join(LIGER_KERNELS)} (default none)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time each phase (data, forward, backward, optimizer) with the device synchronised, in "
+                   "--phase-steps extra steps, and count host synchronisations per phase (CUDA)")
+    p.add_argument("--phase-steps", type=int, default=3, help="synchronised steps per configuration with --phases")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
     p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
@@ -145,30 +175,90 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     bad = [z for z in args.zero_stages if z not in (0, 1, 2, 3)]
     if bad:
         raise SystemExit(f"--zero-stages must be in 0..3, got {bad}")
+    args.optimizers = args.optimizers or ["auto"]
+    bad = [o for o in args.optimizers if o not in OPTIMIZERS]
+    if bad:
+        raise SystemExit(f"--optimizers: unknown {bad}; valid: {', '.join(OPTIMIZERS)}")
+    args.zero_settings = args.zero_settings or ["default"]
+    for spec in args.zero_settings:
+        parse_zero_settings(spec)  # fail now, not after an hour of other configurations
+    args.liger = args.liger or ["none"]
+    for spec in args.liger:
+        parse_liger(spec)
+    if any(spec != "none" for spec in args.liger):
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"--liger needs the liger-kernel package (pip install 'multimodal-coconut[liger]'): {e}")
+    if args.phase_steps < 1:
+        raise SystemExit(f"--phase-steps must be >= 1, got {args.phase_steps}")
     if args.steps < 1 or args.warmup < 0 or args.text_len < 2 or min(args.batch_sizes) < 1:
         raise SystemExit("--steps >= 1, --warmup >= 0, --text-len >= 2 and batch sizes >= 1 are required")
     return args
 
 
 # ---------------------------------------------------------------------- configurations
+def parse_zero_settings(spec: str) -> dict:
+    """'default' -> {}; 'overlap_comm=false,reduce_bucket_size=5e8' -> {'overlap_comm': False, 'reduce_bucket_size':
+    500000000} (values read as the trainer's --set values; whole floats become ints, as DeepSpeed wants)."""
+    if spec.strip() == "default":
+        return {}
+    pairs = [pair.strip() for pair in spec.split(",") if pair.strip()]
+    if not pairs or any("=" not in pair or not pair.split("=", 1)[0] for pair in pairs):
+        raise SystemExit(f"--zero-settings expects 'default' or KEY=VALUE[,KEY=VALUE...], got {spec!r}")
+    try:
+        values = parse_overrides(pairs)
+    except ConfigError as e:
+        raise SystemExit(f"--zero-settings {spec!r}: {e}") from e
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
+
+
+def parse_liger(spec: str) -> tuple[str, ...]:
+    """'none' -> (); 'all' -> every piece; 'rms_norm+swiglu' -> those two."""
+    if spec == "none":
+        return ()
+    if spec == "all":
+        return LIGER_KERNELS
+    pieces = tuple(p for p in spec.split("+") if p)
+    unknown = [p for p in pieces if p not in LIGER_KERNELS]
+    if unknown or not pieces:
+        raise SystemExit(f"--liger: unknown piece(s) {unknown or [spec]}; valid: none, all, {', '.join(LIGER_KERNELS)}")
+    return pieces
+
+
 @dataclass(frozen=True)
 class Config:
     zero_stage: int
     batch_size: int
     n_latents: int
     stage_c: tuple[str, ...]  # every "stage x c_thought" that gives this many latents
+    optimizer: str = "auto"
+    zero_settings: str = "default"  # a --zero-settings value
+    liger: str = "none"  # a --liger value
+
+    @property
+    def engine_key(self) -> tuple:
+        """What a DeepSpeed engine is built for; the batch size and latent count share it."""
+        return (self.zero_stage, self.optimizer, self.zero_settings, self.liger)
 
     def label(self) -> str:
-        return f"zero={self.zero_stage} batch={self.batch_size} latents={self.n_latents} ({'/'.join(self.stage_c)})"
+        variant = "".join(f" {k}={v}" for k, v in (("optimizer", self.optimizer), ("settings", self.zero_settings),
+                                                    ("liger", self.liger)) if v not in ("auto", "default", "none"))
+        return (f"zero={self.zero_stage}{variant} batch={self.batch_size} latents={self.n_latents} "
+                f"({'/'.join(self.stage_c)})")
 
 
-def build_configs(zero_stages, batch_sizes, stages, c_thoughts) -> list[Config]:
-    """ZeRO stage outermost (one DeepSpeed engine each), then batch size, then distinct latent counts."""
+def build_configs(zero_stages, batch_sizes, stages, c_thoughts, optimizers=("auto",), zero_settings=("default",),
+                  liger=("none",)) -> list[Config]:
+    """ZeRO stage outermost, then optimizer, ZeRO settings and Liger variant (one DeepSpeed engine each), then batch
+    size, then distinct latent counts. Every engine runs the same batches in the same order, so row k of one variant
+    and row k of another have the same training history (their losses are compared)."""
     by_latents: dict[int, list[str]] = {}
     for c in c_thoughts:
         for s in stages:
             by_latents.setdefault(s * c, []).append(f"{s}x{c}")
-    return [Config(z, b, n, tuple(by_latents[n])) for z in zero_stages for b in batch_sizes for n in sorted(by_latents)]
+    return [Config(z, b, n, tuple(by_latents[n]), o, zs, lg) for z in zero_stages for o in optimizers
+            for zs in zero_settings for lg in liger for b in batch_sizes for n in sorted(by_latents)]
 
 
 # ---------------------------------------------------------------------- FLOPs
@@ -270,57 +360,119 @@ def matmul_tflops(device: torch.device, n: int) -> float | None:
 
 
 # ---------------------------------------------------------------------- the engine and the step
+class PhaseClock:
+    """Phase boundaries of one step: host time to issue each phase, and its time with the device synchronised."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host_ms: dict[str, float] = {}
+        self.ms: dict[str, float] = {}
+        synchronize(device)
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        issued = time.perf_counter()
+        synchronize(self.device)
+        done = time.perf_counter()
+        self.host_ms[phase] = (issued - self.last) * 1e3
+        self.ms[phase] = (done - self.last) * 1e3
+        self.last = done
+
+
+class SyncCounter:
+    """Host synchronisations per phase, as CUDA's sync debug mode reports them (warnings), without adding any."""
+
+    def __init__(self, caught: list):
+        self.caught, self.seen = caught, 0
+        self.counts: dict[str, int] = {}
+
+    def mark(self, phase: str) -> None:
+        syncs = sum(1 for w in self.caught[self.seen:] if "synchroniz" in str(w.message))
+        self.counts[phase] = syncs
+        self.seen = len(self.caught)
+
+
 class Bench:
-    """One rank's state: the process group, the model (reloaded per ZeRO stage) and its DeepSpeed engine."""
+    """One rank's state: the process group, the model (reloaded per engine variant) and its DeepSpeed engine."""
 
     def __init__(self, args, env):
         self.args, self.env = args, env
         self.device = env.device
         self.use_bf16 = args.dtype == torch.bfloat16
         self.engine = self.model = self.tok = None
+        self.key: tuple | None = None
         self.zero_stage: int | None = None
         self.sizes: dict | None = None
+        self.variant: dict = {}
 
-    def build(self, zero_stage: int, batch_size: int) -> None:
-        """A fresh fp32 model (as the trainer loads it: DeepSpeed keeps fp32 master weights and casts for bf16)
-        and `deepspeed.initialize` with the trainer's optimizer groups and DeepSpeed config."""
+    def build(self, cfg: "Config") -> None:
+        """A fresh fp32 model (as the trainer loads it: DeepSpeed keeps fp32 master weights and casts for bf16), its
+        Liger kernels, and `deepspeed.initialize` with the trainer's optimizer and DeepSpeed config."""
         import deepspeed
 
         from engine import load_model
         from engine.training.config import TrainConfig
-        from engine.training.trainer import deepspeed_config, lr_lambda_for
+        from engine.training.optim import build_optimizer, deepspeed_config, lr_lambda_for, resolve_optimizer
 
         self.release()
         t0 = time.perf_counter()
+        pieces = parse_liger(cfg.liger)
+        train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
+            model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
+            lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
+            optimizer=cfg.optimizer, liger_kernels=list(pieces),
+            deepspeed={"zero_optimization": parse_zero_settings(cfg.zero_settings)},
+        )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
                                    attn_implementation=self.args.attn)
         self.sizes = model_sizes(model)
-        cfg = TrainConfig(model_id=str(self.args.model), zero_stage=zero_stage, batch_size_training=batch_size,
-                          bf16=self.use_bf16, lr=self.args.lr, seed=self.args.seed, device=self.args.device_type,
-                          attn_implementation=self.args.attn)
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        factor = lr_lambda_for(cfg, 10**6)
+        model.set_liger_kernels(pieces)  # every variant sets all pieces: rope is process-wide
+        ds_config = deepspeed_config(train_cfg, self.use_bf16)
+        factor = lr_lambda_for(train_cfg, 10**6)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.use_bf16),
+            model=model, optimizer=build_optimizer(model, train_cfg), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.engine.train()
-        self.model, self.tok, self.zero_stage = model, tok, zero_stage
+        self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
+        self.variant = dict(
+            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device),
+            zero_optimization=ds_config["zero_optimization"],
+            grad_hooks=len(getattr(self.engine.optimizer, "_grad_acc_hooks", []) or []),
+            trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
+        )
+        self.variant["probe_loss"] = self.probe_loss()
         if self.env.is_main:
-            log.info("ZeRO-%d engine on %d rank(s): %s, %.1fM parameters, %s, built in %.1f s", zero_stage,
-                     self.env.world_size, self.args.model, self.sizes["total_params"] / 1e6,
-                     "bf16" if self.use_bf16 else "fp32", time.perf_counter() - t0)
+            log.info("ZeRO-%d engine on %d rank(s): %s, %.1fM parameters, %s, %s, settings %s, Liger %s, built in "
+                     "%.1f s", cfg.zero_stage, self.env.world_size, self.args.model, self.sizes["total_params"] / 1e6,
+                     "bf16" if self.use_bf16 else "fp32", self.variant["optimizer_resolved"], cfg.zero_settings,
+                     cfg.liger, time.perf_counter() - t0)
 
-    def try_build(self, zero_stage: int, batch_size: int) -> dict | None:
-        """`build`, with out-of-memory (on any rank) returned as a status instead of raised."""
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """The fresh engine's loss on a fixed batch (no gradient, no step): equal weights in every variant, so the
+        difference between variants is their forward numerics."""
+        args = self.args
+        batch = self.make_batch(Config(self.zero_stage, min(args.batch_sizes), args.max_latents, ()))
+        mask = batch.attention_mask.to(self.device)
+        from engine.model.schedule import position_ids_from_mask
+
+        passes = 1 + int((batch.input_ids == self.model.latent_id).any(0).sum())
+        loss = self.engine(input_ids=batch.input_ids.to(self.device), attention_mask=mask,
+                           pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(self.device),
+                           labels=batch.labels.to(self.device), position_ids=position_ids_from_mask(mask),
+                           return_logits=False, min_passes=self.min_passes(passes)).loss
+        return float(loss)
+
+    def try_build(self, cfg: "Config") -> dict | None:
+        """`build`, with out-of-memory (on any rank) and an invalid combination (e.g. Liger's fused loss under
+        ZeRO-3, or an optimizer the device lacks) returned as a status instead of raised."""
         try:
-            self.build(zero_stage, batch_size)
+            self.build(cfg)
             mine = None
+        except ConfigError as e:
+            mine = {"status": "invalid", "error": str(e)[:300]}
+            self.release()
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
@@ -339,6 +491,7 @@ class Bench:
             except Exception:  # noqa: BLE001 - best effort; the references go anyway
                 pass
         self.engine = self.model = None
+        self.key = None
         free_memory(self.device)
 
     def min_passes(self, local: int) -> int:
@@ -349,7 +502,7 @@ class Bench:
             return 0
         return all_reduce_max(local, self.device)
 
-    def make_batch(self, cfg: Config):
+    def make_batch(self, cfg: "Config"):
         args = self.args
         question_len = max(1, args.text_len // 2)
         return synthetic_batch(
@@ -359,27 +512,64 @@ class Bench:
         )
 
     def make_step(self, batch, losses: list):
-        """One trainer micro-step (`Trainer.train_epoch`): pass agreement, forward, backward, optimizer step."""
+        """One trainer micro-step (`Trainer.train_epoch`): the batch to the device, pass agreement, forward, backward,
+        optimizer step. `step(clock)` calls `clock.mark(phase)` after each phase (`PhaseClock`, `SyncCounter`)."""
         from engine.model.schedule import position_ids_from_mask
 
         engine, dev = self.engine, self.device
-        ids, mask, labels = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.labels.to(dev)
-        pv = None if batch.pixel_values is None else batch.pixel_values.to(dev)
-        position_ids = position_ids_from_mask(mask)
+        host = [batch.input_ids, batch.attention_mask, batch.labels, position_ids_from_mask(batch.attention_mask)]
+        host += [] if batch.pixel_values is None else [batch.pixel_values]
+        if dev.type == "cuda":
+            host = [t.pin_memory() for t in host]  # as the trainer's DataLoader (pin_memory on CUDA)
         local_passes = 1 + int((batch.input_ids == self.model.latent_id).any(0).sum())
 
-        def step():
+        def step(clock=None):
+            with profile_range("train/data"):
+                ids, mask, labels, position_ids, *rest = [t.to(dev, non_blocking=True) for t in host]
+            if clock is not None:
+                clock.mark("data")
             min_passes = self.min_passes(local_passes)
             with profile_range("train/forward"):
-                loss = engine(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=labels,
-                              position_ids=position_ids, return_logits=False, min_passes=min_passes).loss
+                loss = engine(input_ids=ids, attention_mask=mask, pixel_values=rest[0] if rest else None,
+                              labels=labels, position_ids=position_ids, return_logits=False,
+                              min_passes=min_passes).loss
+            if clock is not None:
+                clock.mark("forward")
             with profile_range("train/backward"):
                 engine.backward(loss)
+            if clock is not None:
+                clock.mark("backward")
             with profile_range("train/optimizer"):
                 engine.step()
+            if clock is not None:
+                clock.mark("optimizer")
             losses.append(loss.detach())
 
         return step, local_passes
+
+    def measure_phases(self, step) -> dict:
+        """`--phase-steps` synchronised steps (per-phase ms and host ms), then one step counting host syncs (CUDA)."""
+        ms: dict[str, list[float]] = {p: [] for p in PHASES}
+        host: dict[str, list[float]] = {p: [] for p in PHASES}
+        for _ in range(self.args.phase_steps):
+            clock = PhaseClock(self.device)
+            step(clock)
+            for phase in PHASES:
+                ms[phase].append(clock.ms[phase])
+                host[phase].append(clock.host_ms[phase])
+        syncs = None
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                counter = SyncCounter(caught)
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step(counter)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = counter.counts
+        return {"ms": ms, "host_ms": host, "syncs": syncs}
 
     def run_config(self, cfg: Config) -> dict:
         """Time one configuration on every rank; returns the merged row (every rank gets the same)."""
@@ -392,17 +582,28 @@ class Bench:
         if env.world_size > 1:
             torch.distributed.barrier()
         timing, status = guarded_time_fn(step, self.device, warmup=args.warmup, repeats=args.steps, log=log)
+        phases = None
+        if status["status"] == "ok" and args.phases:
+            try:
+                phases = self.measure_phases(step)
+            except Exception as e:  # noqa: BLE001 - an OOM here keeps the timing; other errors fail the row
+                if not is_oom(e):
+                    log.exception("phase measurement failed")
+                status = {"status": "oom" if is_oom(e) else "error", "error": "phases: " + str(e).splitlines()[0][:300]}
+                del e
+                free_memory(self.device)
         last_loss = float(losses[-1]) if losses else None
         mine = dict(
             status=status, samples_ms=None if timing is None else timing.samples_ms,
             peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
-            passes=local_passes,
+            passes=local_passes, phases=phases,
         )
         del losses, step
         ranks = gather(mine, env)
         row = merge_ranks(cfg, ranks, args, env.world_size)
+        row.update(self.variant)
         if row["status"] != "ok":
             self.release()  # a step that failed half-way leaves ZeRO buffers behind: rebuild for the next config
         free_memory(self.device)
@@ -410,9 +611,9 @@ class Bench:
 
 
 def config_fields(cfg: Config, args, world_size: int) -> dict:
-    return dict(zero_stage=cfg.zero_stage, world_size=world_size, stage_c="/".join(cfg.stage_c),
-                n_latents=cfg.n_latents, batch_size=cfg.batch_size, text_len=args.text_len,
-                image_tokens=args.image_tokens)
+    return dict(zero_stage=cfg.zero_stage, optimizer=cfg.optimizer, zero_settings=cfg.zero_settings, liger=cfg.liger,
+                world_size=world_size, stage_c="/".join(cfg.stage_c), n_latents=cfg.n_latents,
+                batch_size=cfg.batch_size, text_len=args.text_len, image_tokens=args.image_tokens)
 
 
 def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
@@ -445,7 +646,48 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
             achieved_tflops_per_gpu=flops["total"] / seconds / world_size / 1e12,
             loss=ranks[0]["loss"], loss_finite=all(r["loss_finite"] for r in ranks),
         )
+    if bad is None and all(r.get("phases") for r in ranks):
+        row.update(merge_phases([r["phases"] for r in ranks]))
     return row
+
+
+def merge_phases(per_rank: list[dict]) -> dict:
+    """Per phase, the median over the synchronised steps of the slowest rank; host syncs of rank 0."""
+    import statistics
+
+    out: dict = {}
+    for phase in PHASES:
+        out[f"phase_{phase}_ms"] = max(statistics.median(r["ms"][phase]) for r in per_rank)
+        out[f"phase_{phase}_host_ms"] = max(statistics.median(r["host_ms"][phase]) for r in per_rank)
+    total = sum(out[f"phase_{p}_ms"] for p in PHASES)
+    out["phase_step_ms"] = total
+    out["optimizer_share"] = out["phase_optimizer_ms"] / total if total > 0 else None
+    syncs = per_rank[0].get("syncs")
+    if syncs is not None:
+        out["host_syncs"] = dict(syncs)
+        out["host_syncs_per_step"] = sum(syncs.values())
+    return out
+
+
+def add_loss_diffs(rows: list[dict]) -> None:
+    """`probe_loss_diff` and `loss_diff`: against the first variant (optimizer, settings, Liger) run at the same
+    ZeRO stage, for the probe; against the row of that variant with the same batch and latents, for the loss after
+    the same sequence of steps."""
+    first: dict[int, dict] = {}
+    for r in rows:
+        if r.get("probe_loss") is not None:
+            first.setdefault(r["zero_stage"], r)
+    for r in rows:
+        ref = first.get(r["zero_stage"])
+        if ref is None or r.get("probe_loss") is None:
+            continue
+        variant = lambda x: (x["optimizer"], x["zero_settings"], x["liger"])  # noqa: E731
+        r["reference_variant"] = "/".join(variant(ref))
+        r["probe_loss_diff"] = r["probe_loss"] - ref["probe_loss"]
+        same = [x for x in rows if variant(x) == variant(ref) and x["zero_stage"] == r["zero_stage"]
+                and x["batch_size"] == r["batch_size"] and x["n_latents"] == r["n_latents"]]
+        if same and same[0].get("loss") is not None and r.get("loss") is not None:
+            r["loss_diff"] = r["loss"] - same[0]["loss"]
 
 
 def timing_of(samples: list[float]) -> Timing:
@@ -507,14 +749,21 @@ def add_scaling(row: dict, baseline: list[dict]) -> None:
 
 # ---------------------------------------------------------------------- report
 COLUMNS = [
-    ("zero_stage", "ZeRO"), ("world_size", "GPUs"), ("stage_c", "stage×c"), ("n_latents", "latents"),
+    ("zero_stage", "ZeRO"), ("optimizer_resolved", "optimizer"), ("zero_settings", "ZeRO settings"),
+    ("liger", "Liger"), ("world_size", "GPUs"), ("stage_c", "stage×c"), ("n_latents", "latents"),
     ("batch_size", "batch/rank"), ("seq_len", "T"), ("passes", "passes"), ("status", "status"),
     ("median_ms", "ms/step"), ("p10_ms", "p10"), ("p90_ms", "p90"), ("samples_per_s", "samples/s"),
     ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
     ("mfu", "MFU"), ("mfu_matmul", "MFU (matmul)"), ("speedup_vs_baseline", "× baseline"),
-    ("baseline_zero_stage", "baseline ZeRO"), ("scaling_efficiency", "scaling eff."), ("loss", "loss"),
+    ("baseline_zero_stage", "baseline ZeRO"), ("scaling_efficiency", "scaling eff."),
+    ("phase_data_ms", "data ms"), ("phase_forward_ms", "fwd ms"), ("phase_backward_ms", "bwd ms"),
+    ("phase_backward_host_ms", "bwd host ms"), ("phase_optimizer_ms", "opt ms"),
+    ("phase_optimizer_host_ms", "opt host ms"), ("optimizer_share", "opt share"),
+    ("host_syncs_per_step", "syncs/step"), ("grad_hooks", "grad hooks"), ("loss", "loss"),
+    ("probe_loss_diff", "Δ probe loss"), ("loss_diff", "Δ loss"),
 ]
-STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "loss", "baseline_zero_stage")]
+STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "loss", "baseline_zero_stage",
+                                                     "phase_backward_host_ms", "phase_optimizer_host_ms")]
 
 
 def header(payload: dict) -> str:
@@ -532,11 +781,24 @@ def header(payload: dict) -> str:
 BASELINE_KEYS = ("speedup_vs_baseline", "baseline_zero_stage", "scaling_efficiency")
 
 
+OPTIONAL_KEYS = {"zero_settings": "default", "liger": "none"}  # shown when some row differs from this value
+
+
 def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The scaling columns only when some row was compared with a --baseline."""
-    if any("speedup_vs_baseline" in r for r in rows):
-        return columns
-    return [c for c in columns if c[0] not in BASELINE_KEYS]
+    """The scaling columns only when some row was compared with a --baseline; phase, sync and variant columns only
+    when some row has them."""
+    keep = []
+    for key, title in columns:
+        if key in BASELINE_KEYS and not any("speedup_vs_baseline" in r for r in rows):
+            continue
+        if key in OPTIONAL_KEYS and all(r.get(key, OPTIONAL_KEYS[key]) == OPTIONAL_KEYS[key] for r in rows):
+            continue
+        optional = key.startswith("phase_") or key in ("optimizer_share", "host_syncs_per_step", "probe_loss_diff",
+                                                       "loss_diff")
+        if optional and all(r.get(key) is None for r in rows):
+            continue
+        keep.append((key, title))
+    return keep
 
 
 def report(payload: dict) -> str:
@@ -573,10 +835,12 @@ def main(argv=None) -> int:
         "rows": [],
         "skipped_configs": [],
     }
-    configs = build_configs(args.zero_stages, args.batch_sizes, args.stages, args.c_thought)
+    configs = build_configs(args.zero_stages, args.batch_sizes, args.stages, args.c_thought, args.optimizers,
+                            args.zero_settings, args.liger)
+    args.max_latents = max(c.n_latents for c in configs)
     bench = Bench(args, env)
     baseline = load_baseline(args.baseline, args)
-    build_failed: dict[int, dict] = {}
+    build_failed: dict[tuple, dict] = {}
     start = time.perf_counter()
     for i, cfg in enumerate(progress(configs, desc="train step", unit="config", disable=None if env.is_main else True)):
         # every rank must take the same decision, or the collectives of the next step would hang
@@ -587,20 +851,21 @@ def main(argv=None) -> int:
             continue
         if env.is_main:
             log.info("[%d/%d, %.0f s] %s", i + 1, len(configs), time.perf_counter() - start, cfg.label())
-        if cfg.zero_stage in build_failed:
-            row = dict(config_fields(cfg, args, env.world_size), **build_failed[cfg.zero_stage])
+        if cfg.engine_key in build_failed:
+            row = dict(config_fields(cfg, args, env.world_size), **build_failed[cfg.engine_key])
         else:
-            if bench.engine is None or bench.zero_stage != cfg.zero_stage:
-                failure = bench.try_build(cfg.zero_stage, cfg.batch_size)
-                if failure is not None:  # out of memory before any step: every config of this ZeRO stage
-                    build_failed[cfg.zero_stage] = failure
+            if bench.engine is None or bench.key != cfg.engine_key:
+                failure = bench.try_build(cfg)
+                if failure is not None:  # out of memory before any step: every config of this engine variant
+                    build_failed[cfg.engine_key] = failure
                     row = dict(config_fields(cfg, args, env.world_size), **failure)
                 payload["model_sizes"] = bench.sizes
-            if cfg.zero_stage not in build_failed:
+            if cfg.engine_key not in build_failed:
                 row = bench.run_config(cfg)
                 add_mfu(row, args.peak_tflops, None if matmul is None else sum(matmul), cuda)
                 add_scaling(row, baseline)
         payload["rows"].append(row)
+        add_loss_diffs(payload["rows"])
         if env.is_main:
             if row["status"] != "ok":
                 log.warning("%s: %s (%s)", cfg.label(), row["status"], row.get("error"))

@@ -2,6 +2,8 @@
 
     python -m benchmarks.plot_results bench_results/latent_forward/latent_forward.json
     python -m benchmarks.plot_results bench_results/generate/generate.json --out /tmp/plots
+    python -m benchmarks.plot_results OUT/ts_1gpu/train_step.json OUT/ts_2gpu/train_step.json \
+        OUT/ts_4gpu/train_step.json --out /tmp/plots          # training-step scaling: samples/s against GPUs
 """
 
 from __future__ import annotations
@@ -145,18 +147,82 @@ def plot_generate(payload: dict, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def scaling_series(payloads: list[dict]) -> dict[tuple, list[tuple[int, float, dict]]]:
+    """Training-step rows of several runs as series over the GPU count: key (model, ZeRO stage, latents, batch per
+    rank, optimizer, ZeRO settings, Liger), points (world size, global samples/s, row), one per world size (the
+    fastest when a run measured it twice)."""
+    best: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for payload in payloads:
+        model = payload.get("settings", {}).get("model")
+        for r in payload["rows"]:
+            if r.get("samples_per_s") is None:
+                continue
+            key = (model, r["zero_stage"], r["n_latents"], r["batch_size"], r.get("optimizer", "auto"),
+                   r.get("zero_settings", "default"), r.get("liger", "none"))
+            world = int(r["world_size"])
+            if world not in best[key] or r["samples_per_s"] > best[key][world]["samples_per_s"]:
+                best[key][world] = r
+    return {k: sorted((w, r["samples_per_s"], r) for w, r in v.items()) for k, v in best.items()}
+
+
+def plot_train_scaling(payloads: list[dict], out_dir: str | Path) -> list[Path]:
+    """Global samples/s against GPU count, one panel per model, a line per (ZeRO stage, latents, batch per rank) and
+    its linear-scaling reference (dotted, from the line's smallest GPU count)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    series = scaling_series(payloads)
+    if not series:
+        return []
+    models = sorted({k[0] for k in series}, key=str)
+    fig, axes = _grid(plt, len(models), width=5.5, height=4.0)
+    colors = {2: "tab:blue", 3: "tab:red", 1: "tab:green", 0: "tab:gray"}
+    for ax, model in zip(axes, models):
+        for key, points in sorted(((k, v) for k, v in series.items() if k[0] == model), key=lambda kv: kv[0][1:4]):
+            _, zero, latents, batch, optimizer, settings, liger = key
+            worlds, rates = [p[0] for p in points], [p[1] for p in points]
+            variant = "".join(f", {v}" for v, d in ((optimizer, "auto"), (settings, "default"), (liger, "none")) if v != d)
+            style = dict(color=colors.get(zero, "black"), marker="o" if latents else "s",
+                         linestyle="-" if latents else "--")
+            ax.plot(worlds, rates, label=f"ZeRO-{zero}, {latents} latents, batch {batch}/GPU{variant}", **style)
+            if len(points) > 1:
+                ax.plot(worlds, [rates[0] * w / worlds[0] for w in worlds], color=style["color"], linestyle=":",
+                        linewidth=0.8)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("samples / s (global)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{model} (dotted: linear scaling)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    env = payloads[0].get("environment", {})
+    fig.suptitle(f"training step · {payloads[0].get('settings', {}).get('dtype')} · {env.get('device')} · "
+                 f"{env.get('date')}", fontsize=10)
+    fig.tight_layout()
+    path = Path(out_dir) / "train_step_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot_results", description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="a latent_forward.json or generate.json written by a harness")
-    p.add_argument("--out", default=None, help="output directory (default: next to the JSON)")
+    p.add_argument("json", nargs="+", help="a latent_forward.json or generate.json written by a harness, or "
+                   "train_step.json files of runs on different GPU counts (one scaling plot of all of them)")
+    p.add_argument("--out", default=None, help="output directory (default: next to the first JSON)")
     args = p.parse_args(argv)
-    payload = json.loads(Path(args.json).read_text())
-    out = Path(args.out or Path(args.json).parent)
+    payloads = [json.loads(Path(path).read_text()) for path in args.json]
+    out = Path(args.out or Path(args.json[0]).parent)
     out.mkdir(parents=True, exist_ok=True)
-    plot = {"latent_forward": plot_latent_forward, "generate": plot_generate}.get(payload.get("benchmark"))
-    if plot is None:
-        raise SystemExit(f"{args.json}: 'benchmark' must be latent_forward or generate, got {payload.get('benchmark')!r}")
-    for path in plot(payload, out):
+    kinds = {pl.get("benchmark") for pl in payloads}
+    if kinds == {"train_step"}:
+        paths = plot_train_scaling(payloads, out)
+    elif len(payloads) == 1 and kinds <= {"latent_forward", "generate"}:
+        plot = {"latent_forward": plot_latent_forward, "generate": plot_generate}[payloads[0]["benchmark"]]
+        paths = plot(payloads[0], out)
+    else:
+        raise SystemExit(f"{args.json}: expected one latent_forward.json or generate.json, or train_step.json files; "
+                         f"got benchmarks {sorted(map(str, kinds))}")
+    for path in paths:
         print(path)
     return 0
 

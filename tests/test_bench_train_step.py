@@ -148,3 +148,81 @@ def test_ranks_merge_into_global_throughput_and_mfu():
     ranks[1]["status"] = {"status": "oom", "error": "CUDA out of memory"}
     row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
     assert row["status"] == "oom" and row["failed_ranks"] == [1] and "median_ms" not in row
+
+
+def run_variants(tmp_path, optimizers: list[str], settings: list[str], liger: list[str]) -> list[dict]:
+    argv = ["--smoke", "--stages", "1", "--warmup", "1", "--steps", "1", "--phases", "--phase-steps", "2",
+            "--optimizers", ",".join(optimizers), "--liger", ",".join(liger), "--out", str(tmp_path)]
+    for spec in settings:
+        argv += ["--zero-settings", spec]
+    assert bench_train_step.main(argv) == 0
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert [(r["optimizer"], r["zero_settings"], r["liger"]) for r in rows] == [
+        (o, s, lg) for o in optimizers for s in settings for lg in liger]
+    for r in rows:
+        assert r["status"] == "ok" and r["optimizer_resolved"] == r["optimizer"], r
+        assert r["zero_optimization"]["stage"] == 2 and r["grad_hooks"] == r["trainable_tensors"] > 0
+        phases = [r[f"phase_{p}_ms"] for p in bench_train_step.PHASES]
+        assert all(ms >= 0 for ms in phases) and r["phase_step_ms"] == pytest.approx(sum(phases))
+        assert r["optimizer_share"] == pytest.approx(r["phase_optimizer_ms"] / r["phase_step_ms"])
+        assert all(r[f"phase_{p}_host_ms"] <= r[f"phase_{p}_ms"] + 1e-6 for p in bench_train_step.PHASES)
+        assert "host_syncs" not in r  # counted on CUDA only
+        assert r["reference_variant"] == f"{optimizers[0]}/{settings[0]}/{liger[0]}"
+    md = (tmp_path / "train_step.md").read_text()
+    assert "| opt ms |" in md and "| Δ probe loss |" in md
+    return rows
+
+
+def test_variants_phases_and_numerics(tmp_path):
+    """Optimizer and ZeRO-settings variants, each a fresh engine from the same weights; --phases adds synchronised
+    per-phase times; the loss columns compare the variants (tests/test_liger.py runs the Liger variants)."""
+    settings = ["default", "overlap_comm=false,reduce_bucket_size=5e7"]
+    rows = run_variants(tmp_path, ["adamw", "adamw_fused"], settings, ["none"])
+    for r in rows:
+        if r["zero_settings"] != "default":
+            assert r["zero_optimization"]["overlap_comm"] is False
+            assert r["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+        # same weights and batch: neither the optimizer nor the ZeRO settings change the forward; after the same
+        # steps the losses agree to fp32 rounding
+        assert r["probe_loss_diff"] == 0.0 and abs(r["loss_diff"]) < 1e-5
+    assert "ZeRO settings" in (tmp_path / "train_step.md").read_text()
+
+
+def test_variant_flags_are_checked():
+    with pytest.raises(SystemExit, match="--optimizers: unknown"):
+        bench_train_step.parse_args(["--smoke", "--optimizers", "sgd"])
+    with pytest.raises(SystemExit, match="--zero-settings expects"):
+        bench_train_step.parse_args(["--smoke", "--zero-settings", "overlap_comm"])
+    with pytest.raises(SystemExit, match="--liger: unknown"):
+        bench_train_step.parse_args(["--smoke", "--liger", "rms_norm+flash"])
+    assert bench_train_step.parse_zero_settings("reduce_bucket_size=2e8,overlap_comm=true") == {
+        "reduce_bucket_size": 200_000_000, "overlap_comm": True}
+    assert bench_train_step.parse_liger("all") == ("fused_linear_cross_entropy", "rms_norm", "swiglu", "rope")
+
+
+def test_scaling_plot_from_runs_on_several_gpu_counts(tmp_path):
+    """benchmarks/plot_results.py: samples/s against GPU count from train_step.json files (1, 2 and 4 GPUs)."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot_results
+
+    def payload(world, rows):
+        return {"benchmark": "train_step", "world_size": world, "settings": {"model": "internvl3-8b-geometry",
+                "dtype": "bfloat16"}, "environment": {"device": "test", "date": "today"}, "rows": rows}
+
+    def row(world, zero, rate, latents=6):
+        return dict(world_size=world, zero_stage=zero, n_latents=latents, batch_size=8, samples_per_s=rate,
+                    optimizer="auto", zero_settings="default", liger="none")
+
+    paths = []
+    for world, rows in ((1, [row(1, 2, 10.0)]), (2, [row(2, 2, 19.0), row(2, 3, 15.0), row(2, 3, 16.0)]),
+                        (4, [row(4, 2, 36.0), row(4, 3, 30.0), dict(row(4, 3, None), status="oom")])):
+        path = tmp_path / f"ts_{world}gpu.json"
+        path.write_text(json.dumps(payload(world, rows)))
+        paths.append(str(path))
+    series = plot_results.scaling_series([json.loads(Path(p).read_text()) for p in paths])
+    zero2 = series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none")]
+    zero3 = series[("internvl3-8b-geometry", 3, 6, 8, "auto", "default", "none")]
+    assert [(w, r) for w, r, _ in zero2] == [(1, 10.0), (2, 19.0), (4, 36.0)]
+    assert [(w, r) for w, r, _ in zero3] == [(2, 16.0), (4, 30.0)]  # the faster of two, the OOM row left out
+    assert plot_results.main([*paths, "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "train_step_scaling.png").stat().st_size > 0

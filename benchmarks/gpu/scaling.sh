@@ -1,11 +1,53 @@
 #!/usr/bin/env bash
-# Training-step scaling on two GPUs of one host (nvidia-h200-x2): the one-GPU ZeRO-2 baseline on GPU 0, then two
-# ranks under torchrun with ZeRO-2 and ZeRO-3 against it. Usage: benchmarks/gpu/scaling.sh OUT
+# Training-step scaling over the GPUs of one host (torchrun, NCCL), DeepSpeed ZeRO-2 and ZeRO-3, 6 latents and none.
+#   1B geometry: the one-GPU ZeRO-2 run on GPU 0 is the baseline; 2 (and on four GPUs, 4) ranks are compared with it.
+#   8B geometry: it does not fit one H200 (benchmarks/gpu/train_scale.sh), so 2 ranks on GPUs 0,1 are its baseline
+#   and 4 ranks are compared with them (the 2->4 efficiency target); the batch sweep finds the one that fills memory.
+# Usage: benchmarks/gpu/scaling.sh OUT N_GPUS PART      (each PART fits one 10-minute device command)
+#   nvidia-h200-x2:  scaling.sh OUT 2 1b    # 1 -> 2 GPUs, 1B                        (at most 5.5 min)
+#                    scaling.sh OUT 2 8b    # 8B on 2 GPUs                           (at most 9 min)
+#   nvidia-h200-x4:  scaling.sh OUT 4 1b    # 1 -> 2 -> 4 GPUs, 1B                   (at most 9 min)
+#                    scaling.sh OUT 4 8b    # 8B on 2 GPUs (baseline), then 4        (at most 9 min)
+# Plot (where matplotlib is): python -m benchmarks.plot_results OUT/*/train_step.json --out OUT/plots
 set -uo pipefail
-OUT=${1:?usage: $0 OUT_DIR}
+OUT=${1:?usage: $0 OUT_DIR N_GPUS 1b|8b}
+N=${2:?usage: $0 OUT_DIR N_GPUS 1b|8b}
+PART=${3:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 mkdir -p "$OUT"
+# NVLink multicast stays off in NCCL, PyTorch and NVSHMEM (../shared/device/README.md); torchrun's workers inherit it
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 12 "$OUT/$name.log"; }
-COMMON="--model internvl3-1b-geometry --device cuda --dtype bfloat16 --stages 0,3 --c-thought 2 --batch-size 8,16 --text-len 64 --image-tokens 256 --warmup 3 --steps 10"
-step ts_1gpu 200 env CUDA_VISIBLE_DEVICES=0 python -m benchmarks.bench_train_step $COMMON --zero-stages 2 --out "$OUT/ts_1gpu"
-step ts_2gpu 330 python -m torch.distributed.run --nproc_per_node 2 -m benchmarks.bench_train_step $COMMON --zero-stages 2,3 \
-  --baseline "$OUT/ts_1gpu" --out "$OUT/ts_2gpu"
+TRAIN="-m benchmarks.bench_train_step"
+RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
+RUN4="python -m torch.distributed.run --nproc_per_node 4 --master_port 29504"
+COMMON="--device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256 --optimizers adamw_fused --matmul-size 0"
+
+case "$PART" in
+1b)
+  M1="--model internvl3-1b-geometry $COMMON --stages 0,3 --batch-size 16,64 --warmup 3 --steps 6"
+  step ts_1b_1gpu 120 env CUDA_VISIBLE_DEVICES=0 python -m benchmarks.bench_train_step $M1 --zero-stages 2 --time-budget-s 90 \
+    --out "$OUT/ts_1b_1gpu"
+  step ts_1b_2gpu 210 env CUDA_VISIBLE_DEVICES=0,1 $RUN2 $TRAIN $M1 --zero-stages 2,3 --baseline "$OUT/ts_1b_1gpu" \
+    --time-budget-s 170 --out "$OUT/ts_1b_2gpu"
+  if [ "$N" -ge 4 ]; then
+    step ts_1b_4gpu 210 $RUN4 $TRAIN $M1 --zero-stages 2,3 --baseline "$OUT/ts_1b_1gpu" --time-budget-s 170 \
+      --out "$OUT/ts_1b_4gpu"
+  fi
+  ;;
+8b)
+  M8="--model internvl3-8b-geometry $COMMON --warmup 2 --steps 4"
+  if [ "$N" -ge 4 ]; then
+    step ts_8b_2gpu 250 env CUDA_VISIBLE_DEVICES=0,1 $RUN2 $TRAIN $M8 --zero-stages 2,3 --stages 3 --batch-size 8 \
+      --time-budget-s 200 --out "$OUT/ts_8b_2gpu"
+    step ts_8b_4gpu 290 $RUN4 $TRAIN $M8 --zero-stages 3,2 --stages 3,0 --batch-size 8,16,32 \
+      --baseline "$OUT/ts_8b_2gpu" --time-budget-s 230 --out "$OUT/ts_8b_4gpu"
+  else
+    step ts_8b_2gpu 540 $RUN2 $TRAIN $M8 --zero-stages 2,3 --stages 3,0 --batch-size 8,16 --time-budget-s 460 \
+      --out "$OUT/ts_8b_2gpu"
+  fi
+  ;;
+*)
+  echo "PART must be 1b or 8b, got $PART" >&2
+  exit 2
+  ;;
+esac

@@ -188,6 +188,14 @@ class MultimodalCoconut(nn.Module):
             self._latent_blocks.clear()
             self._latent_buckets = (prefix_bucket, final_bucket)
 
+    def set_liger_kernels(self, pieces) -> None:
+        """Liger-Kernel's Triton kernels (`engine/model/liger.py`, optional package): exactly `pieces` of
+        fused_linear_cross_entropy (in `lm_loss`, instead of the chunked lm_head + cross-entropy, which stays the
+        reference), rms_norm, swiglu and rope (process-wide) for the language model; an empty list switches all off."""
+        from engine.model.liger import apply_liger_kernels
+
+        self._liger_pieces = apply_liger_kernels(self.language_model, pieces)
+
     def release_latent_graphs(self) -> None:
         """Drop the captured latent-pass graphs (and their memory pools); the next training forward recaptures."""
         for block in self._latent_blocks.values():
@@ -543,6 +551,10 @@ class MultimodalCoconut(nn.Module):
             return call_as_forward(head, lambda h_in: (self._chunked_loss(h_in, y, unhooked),), h)[0]
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
+        if "fused_linear_cross_entropy" in getattr(self, "_liger_pieces", ()):  # set_liger_kernels
+            from engine.model.liger import fused_linear_cross_entropy_sum
+
+            return fused_linear_cross_entropy_sum(h, head.weight, y) / h.shape[0]
         return self._chunked_loss(h, y, head)
 
     def _chunked_loss(self, h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Specs:
 - ``"tiny"``: a tiny random InternVL (Qwen2 text side) and a tokenizer built in code. CPU-friendly,
   deterministic with ``seed``. ``model_overrides`` changes its sizes (see `TinyModelConfig`).
-- ``"internvl3-1b-geometry"``: the real InternVL3-1B sizes with random weights, for GPU benchmarks.
+- ``"internvl3-1b-geometry"``, ``"internvl3-2b-geometry"``, ``"internvl3-8b-geometry"``: the published
+  InternVL3-1B/2B/8B sizes (`GEOMETRIES`) with random weights, for GPU benchmarks. They are built on the meta
+  device and materialised directly on the target device, so an 8B model never occupies host memory.
 - a local directory with an InternVL3 checkpoint in the transformers format (e.g. InternVL3-1B-hf, or an
   export written by the trainer). Nothing is ever downloaded.
 
@@ -30,7 +32,45 @@ from engine.vocab import IMAGE_CONTEXT_TOKEN, LATENT_TOKENS
 
 log = get_logger("model")
 
-BUILTIN_SPECS = ("tiny", "internvl3-1b-geometry")
+@dataclass(frozen=True)
+class Geometry:
+    """The language-model sizes of one published InternVL3 model. Every InternVL3 up to 14B pairs its Qwen2.5
+    language model with the same vision tower (InternViT-300M-448px-V2_5, `INTERNVIT_300M`) and the same MLP
+    projector shape (LayerNorm(4096) -> Linear(4096, hidden) -> GELU -> Linear(hidden, hidden))."""
+
+    language_model: str  # the Qwen2.5 model whose published config.json the sizes below come from
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    # InternVL3 keeps a separate lm_head even where the Qwen2.5 base ties it (its published totals count it:
+    # 0.938B / 2.09B / 7.94B parameters, see tests/test_geometries.py)
+    tie_word_embeddings: bool = False
+
+
+# Published configs (Qwen2.5-*/config.json, OpenGVLab/InternVL3-*/config.json): every one has q/k/v biases (Qwen2
+# attention), rope_theta 1e6, rms_norm_eps 1e-6, and InternVL3's vocabulary of 151,674 tokens.
+GEOMETRIES: dict[str, Geometry] = {
+    "internvl3-1b-geometry": Geometry("Qwen2.5-0.5B", 896, 24, 14, 2, 4864),
+    "internvl3-2b-geometry": Geometry("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960),
+    "internvl3-8b-geometry": Geometry("Qwen2.5-7B", 3584, 28, 28, 4, 18944),
+}
+INTERNVL3_VOCAB_SIZE = 151674
+# InternViT-300M-448px-V2_5: 1024 wide, 24 layers, 16 heads, q/k/v biases (qkv_bias in its config), layer scale
+INTERNVIT_300M = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    image_size=448,
+    patch_size=14,
+    layer_scale_init_value=0.1,
+    norm_type="layer_norm",
+    attention_bias=True,
+)
+
+BUILTIN_SPECS = ("tiny", *GEOMETRIES)
 
 
 class CheckpointError(ValueError):
@@ -54,6 +94,7 @@ class TinyModelConfig:
     patch_size: int = 28  # 8x8 patches -> 4x4 = 16 image tokens per tile after pixel shuffle
     tokenizer_vocab_size: int = 512
     max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True  # False: a separate lm_head, as the InternVL3 checkpoints have
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> "TinyModelConfig":
@@ -86,7 +127,7 @@ def tiny_internvl_config(tokenizer, cfg: TinyModelConfig):
             intermediate_size=cfg.text_intermediate_size,
             vocab_size=len(tokenizer),
             max_position_embeddings=cfg.max_position_embeddings,
-            tie_word_embeddings=True,
+            tie_word_embeddings=cfg.tie_word_embeddings,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -94,38 +135,35 @@ def tiny_internvl_config(tokenizer, cfg: TinyModelConfig):
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2 // 4,
         downsample_ratio=0.5,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,  # InternVLForConditionalGeneration ties on this one
     )
 
 
-def internvl3_1b_geometry_config(tokenizer):
-    """InternVL3-1B sizes: InternViT-300M (1024 wide, 24 layers) + Qwen2.5-0.5B (896 wide, 24 layers,
-    14 query / 2 KV heads, head_dim 64, vocab 151674). The image token id comes from our tokenizer."""
+def internvl3_geometry_config(spec: str, tokenizer):
+    """The InternVLConfig of a built-in geometry (`GEOMETRIES`); the image token id comes from our tokenizer.
+
+    The published llm_configs also carry a dynamic-NTK rope scaling (factor 2) that only changes the rotary
+    frequencies beyond max_position_embeddings (32,768 positions): it is left out, as the latent block requires.
+    """
     from transformers import InternVLConfig
 
+    if spec not in GEOMETRIES:
+        raise ValueError(f"unknown InternVL3 geometry {spec!r}; valid: {sorted(GEOMETRIES)}")
+    g = GEOMETRIES[spec]
     return InternVLConfig(
-        vision_config=dict(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            image_size=448,
-            patch_size=14,
-            layer_scale_init_value=0.1,
-            norm_type="layer_norm",
-        ),
+        vision_config=dict(INTERNVIT_300M),
         text_config=dict(
             model_type="qwen2",
-            hidden_size=896,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            intermediate_size=4864,
-            vocab_size=151674,
+            hidden_size=g.hidden_size,
+            num_hidden_layers=g.num_hidden_layers,
+            num_attention_heads=g.num_attention_heads,
+            num_key_value_heads=g.num_key_value_heads,
+            intermediate_size=g.intermediate_size,
+            vocab_size=INTERNVL3_VOCAB_SIZE,
             max_position_embeddings=32768,
             rope_theta=1000000.0,
             rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
+            tie_word_embeddings=g.tie_word_embeddings,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -133,8 +171,59 @@ def internvl3_1b_geometry_config(tokenizer):
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
         image_seq_length=256,
         downsample_ratio=0.5,
-        tie_word_embeddings=True,
+        tie_word_embeddings=g.tie_word_embeddings,
     )
+
+
+def internvl3_1b_geometry_config(tokenizer):
+    """InternVL3-1B: InternViT-300M + Qwen2.5-0.5B (896 wide, 24 layers, 14 query / 2 KV heads, head_dim 64)."""
+    return internvl3_geometry_config("internvl3-1b-geometry", tokenizer)
+
+
+def builtin_config(spec: str, model_overrides: dict[str, Any] | None = None):
+    """(config, tokenizer) of a built-in spec, without building the model."""
+    if spec == "tiny":
+        tiny = TinyModelConfig.from_overrides(model_overrides)
+        tokenizer = build_tiny_tokenizer(tiny.tokenizer_vocab_size)
+        return tiny_internvl_config(tokenizer, tiny), tokenizer
+    if model_overrides:
+        raise ValueError(f"model_overrides apply to the 'tiny' spec only, got {model_overrides}")
+    tokenizer = build_tiny_tokenizer()
+    return internvl3_geometry_config(spec, tokenizer), tokenizer
+
+
+def build_random_base(config, *, device: str | torch.device, seed: int, on_meta_first: bool):
+    """A randomly initialised `InternVLForConditionalGeneration` (fp32) on `device`.
+
+    `on_meta_first`: build the modules on the meta device (no memory anywhere), allocate them directly on `device`
+    (`to_empty`) and run the model's own initialisation there (`init_weights`: transformers' `_init_weights` for
+    every module, rotary buffers included, then the lm_head tie). An 8B model then never exists in host memory;
+    the values differ from a host build with the same seed (another RNG stream) but follow the same
+    distributions. Otherwise the model is built on the host as transformers does and moved to `device`.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    device = torch.device(device)
+    if not on_meta_first:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            base = InternVLForConditionalGeneration(config)
+        return base.to(device)
+    with torch.device("meta"):
+        base = InternVLForConditionalGeneration(config)  # transformers skips the initialisation on meta
+    if device.type == "meta":
+        return base
+    base.to_empty(device=device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+        base.init_weights()
+    # to_empty gives every parameter its own new storage: the tie must be in place again (init_weights ties)
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    head, embed = base.get_output_embeddings().weight, base.get_input_embeddings().weight
+    if (head is embed) != tied:
+        raise RuntimeError(f"lm_head tie lost while materialising (tie_word_embeddings={tied})")
+    return base
 
 
 def add_latent_tokens(base, tokenizer, init_token: str | None = "<<") -> tuple[int, int, int]:
@@ -247,27 +336,21 @@ def load_model(
     model_overrides: dict[str, Any] | None = None,
     init_token: str | None = "<<",
 ) -> tuple[MultimodalCoconut, Any, ImageProcessor]:
-    """Build or load a model. Returns ``(MultimodalCoconut, tokenizer, ImageProcessor)``."""
+    """Build or load a model. Returns ``(MultimodalCoconut, tokenizer, ImageProcessor)``.
+
+    ``device="meta"`` builds a built-in spec without memory (sizes and structure only)."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     attn_implementation = check_attention_backend(attn_implementation)
     spec_str = str(spec)
     if spec_str in BUILTIN_SPECS:
-        if spec_str == "tiny":
-            tiny = TinyModelConfig.from_overrides(model_overrides)
-            tokenizer = build_tiny_tokenizer(tiny.tokenizer_vocab_size)
-            config = tiny_internvl_config(tokenizer, tiny)
-        else:
-            if model_overrides:
-                raise ValueError(f"model_overrides apply to the 'tiny' spec only, got {model_overrides}")
-            tokenizer = build_tiny_tokenizer()
-            config = internvl3_1b_geometry_config(tokenizer)
+        config, tokenizer = builtin_config(spec_str, model_overrides)
         config._attn_implementation = attn_implementation
         config.text_config._attn_implementation = attn_implementation
         config.vision_config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            base = InternVLForConditionalGeneration(config)
+        # The geometries are materialised on the target device (an 8B model is 32 GB in fp32); the tiny model is
+        # built on the host as always (its values per seed are what the recorded demo runs used).
+        base = build_random_base(config, device=device, seed=seed, on_meta_first=spec_str in GEOMETRIES)
         hf_processor = make_hf_image_processor(config.vision_config.image_size[0], max_tiles)
     else:
         path = Path(spec_str).expanduser()

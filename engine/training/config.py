@@ -24,11 +24,15 @@ class ConfigError(ValueError):
     pass
 
 
+# `optimizer`: see engine/training/optim.py (auto: adamw_fused on CUDA, adamw_foreach elsewhere)
+OPTIMIZERS = ("auto", "adamw_fused", "adamw_foreach", "adamw", "deepspeed_fused_adam")
+
+
 @dataclass
 class TrainConfig:
     # ---- run, model and data (original CoCoNuT names)
     name: str = "coconut"
-    model_id: str = "tiny"  # a load_model spec ("tiny", "internvl3-1b-geometry") or a local checkpoint
+    model_id: str = "tiny"  # a load_model spec ("tiny", "internvl3-{1b,2b,8b}-geometry") or a local checkpoint
     model_overrides: dict = field(default_factory=dict)  # sizes of the "tiny" spec
     train_path: str | None = None
     val_path: str | None = None
@@ -69,6 +73,13 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    # auto (adamw_fused on CUDA, adamw_foreach elsewhere) | adamw_fused | adamw_foreach | adamw (torch's per-tensor
+    # loop) | deepspeed_fused_adam (DeepSpeed's CUDA extension, built with nvcc on first use)
+    optimizer: str = "auto"
+    # Liger-Kernel's Triton kernels (optional package): false | true (all) | a list of fused_linear_cross_entropy,
+    # rms_norm, swiglu, rope. The fused loss needs zero_stage <= 2; rope replaces transformers' Qwen2 rotary
+    # function process-wide (engine/model/liger.py)
+    liger_kernels: bool | list = False
     max_tiles: int = 1
     num_workers: int = 0
     attn_implementation: str = "sdpa"
@@ -131,6 +142,14 @@ class TrainConfig:
                 "latent_passes=static with zero_stage=3 needs zero3_leaf_language_model=true (the block reads the "
                 "layers' weights directly, which ZeRO-3 gathers only for the language model as one leaf module)"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        pieces = self.liger_pieces
+        if "fused_linear_cross_entropy" in pieces and self.zero_stage == 3:
+            raise ConfigError(
+                "liger_kernels: fused_linear_cross_entropy needs zero_stage <= 2 (it reads the lm_head weight outside "
+                "the module call, where ZeRO-3 has it partitioned); drop it or use zero_stage 2"
+            )
         if self.eval_kv_cache not in ("auto", "dynamic", "paged"):
             raise ConfigError(f"eval_kv_cache must be auto, dynamic or paged, got {self.eval_kv_cache!r}")
         if self.zero_stage == 3 and self.eval_kv_cache == "paged":
@@ -146,8 +165,23 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.only_eval and not self.load_model_path and self.model_id in ("tiny", "internvl3-1b-geometry"):
+        from engine.model.loading import BUILTIN_SPECS  # here: the loader imports torch, this module does not
+
+        if self.only_eval and not self.load_model_path and self.model_id in BUILTIN_SPECS:
             raise ConfigError("only_eval needs load_model_path (or a local checkpoint as model_id) to evaluate")
+
+    @property
+    def liger_pieces(self) -> tuple[str, ...]:
+        """`liger_kernels` as a tuple of pieces (validated: an unknown name is an error naming the valid ones)."""
+        from engine.model.liger import LIGER_KERNELS  # the model side owns the list (and imports torch)
+
+        value = self.liger_kernels
+        if isinstance(value, bool):
+            return LIGER_KERNELS if value else ()
+        unknown = [v for v in value if v not in LIGER_KERNELS]
+        if unknown:
+            raise ConfigError(f"liger_kernels: unknown piece(s) {unknown}; valid: {', '.join(LIGER_KERNELS)} (or true/false)")
+        return tuple(dict.fromkeys(value))
 
     @property
     def run_dir(self) -> Path:

@@ -31,6 +31,7 @@ from engine.training.distributed import (
     barrier,
     init_distributed,
 )
+from engine.training.optim import build_optimizer, deepspeed_config, lr_lambda_for, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, format_summary_table, plot_training_curves, stage_summary, write_summary
 from engine.utils.io import atomic_write_json
 from engine.utils.logging import get_logger
@@ -51,60 +52,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def lr_lambda_for(config: TrainConfig, total_steps: int):
-    """Linear warmup, then constant, linear or cosine decay down to `min_lr_ratio` of the peak."""
-    warmup = config.warmup_steps
-    floor = config.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if config.lr_schedule == "constant" or total_steps <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if config.lr_schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def reset_optimizer_state(engine) -> int:
-    """Forget Adam's moments (the original CoCoNuT builds a new optimizer at each stage). Returns the number
-    of parameter states cleared. Walks DeepSpeed's wrappers down to the torch optimizer that holds them."""
-    opt = engine.optimizer
-    seen = set()
-    while opt is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        if isinstance(opt, torch.optim.Optimizer):
-            cleared = len(opt.state)
-            opt.state.clear()
-            return cleared
-        opt = getattr(opt, "optimizer", None)
-    raise TrainingError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__} to reset")
-
-
-def deepspeed_config(config: TrainConfig, use_bf16: bool) -> dict:
-    ds = {
-        "train_micro_batch_size_per_gpu": config.batch_size_training,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "gradient_clipping": config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
-        "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": use_bf16},
-        "zero_allow_untested_optimizer": True,  # a torch AdamW: no fused-op JIT build
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if config.zero_stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
-    for key, value in config.deepspeed.items():  # user overrides win
-        if isinstance(value, dict) and isinstance(ds.get(key), dict):
-            ds[key] = {**ds[key], **value}
-        else:
-            ds[key] = value
-    return ds
 
 
 class Trainer:
@@ -198,21 +145,19 @@ class Trainer:
             )
         except RuntimeError as e:
             raise ConfigError(f"latent_passes={cfg.latent_passes!r}: {e}") from e
+        try:
+            model.set_liger_kernels(cfg.liger_pieces)  # also switches off a process-wide piece set earlier
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"liger_kernels={cfg.liger_kernels!r}: {e}") from e
         return model, tok, proc
 
     def _init_engine(self, model, steps_per_epoch: int):
         import deepspeed
 
         cfg = self.config
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if cfg.zero_stage == 3 and cfg.zero3_leaf_language_model:
             model.set_language_model_leaf(True)  # before deepspeed.initialize registers ZeRO-3's module hooks
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        optimizer = build_optimizer(model, cfg)
         total_steps = max(1, steps_per_epoch * cfg.num_epochs)
         factor = lr_lambda_for(cfg, total_steps)
         engine, _, _, _ = deepspeed.initialize(
@@ -607,21 +552,20 @@ def model_fingerprint(model) -> str:
 
 def check_same_architecture(model, config: TrainConfig, path: Path) -> None:
     """`load_model_path` must hold the model that `model_id` describes (same sizes), else say what differs."""
-    from engine.model.loading import BUILTIN_SPECS, TinyModelConfig, internvl3_1b_geometry_config, tiny_internvl_config
-    from engine.model.tiny_tokenizer import build_tiny_tokenizer
+    from engine.model.loading import BUILTIN_SPECS, builtin_config
 
     if config.model_id not in BUILTIN_SPECS:
         from transformers import AutoConfig
 
         expected = AutoConfig.from_pretrained(config.model_id, local_files_only=True)
-    elif config.model_id == "tiny":
-        tiny = TinyModelConfig.from_overrides(config.model_overrides)
-        expected = tiny_internvl_config(build_tiny_tokenizer(tiny.tokenizer_vocab_size), tiny)
     else:
-        expected = internvl3_1b_geometry_config(build_tiny_tokenizer())
+        expected, _ = builtin_config(config.model_id, config.model_overrides or None)
     got = model.config
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
     diffs = []
+    if bool(getattr(expected, "tie_word_embeddings", False)) != bool(getattr(got, "tie_word_embeddings", False)):
+        diffs.append(f"tie_word_embeddings: model_id {config.model_id!r} has {expected.tie_word_embeddings}, "
+                     f"checkpoint has {got.tie_word_embeddings}")
     for part in ("text_config", "vision_config"):
         for key in keys:
             a, b = getattr(getattr(expected, part), key, None), getattr(getattr(got, part), key, None)

@@ -1,0 +1,139 @@
+"""The trainer's optimizer, learning-rate schedule and DeepSpeed configuration.
+
+`build_optimizer(model, config)` makes the AdamW of `config.optimizer` over two parameter groups (weight decay on
+matrices, none on biases and norms), handed to `deepspeed.initialize` as a client optimizer. Under ZeRO 1-3
+DeepSpeed steps it on its flat fp32 partitions (one tensor per group and rank), so a fused AdamW is one kernel per
+group where the unfused update makes about ten elementwise passes over the fp32 master weights and both moments.
+
+`deepspeed_config(config, use_bf16)` holds the per-stage ZeRO settings (`ZERO_DEFAULTS`, with the reason for each),
+which the config's `deepspeed` dict overrides key by key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.training.config import OPTIMIZERS, ConfigError, TrainConfig
+
+# DeepSpeed's ZeRO settings per stage, before the user's `deepspeed` overrides. The GPU sweep that chooses between
+# them: benchmarks/gpu/train_scale.sh (bench_train_step --zero-settings), results in benchmarks/RESULTS.md.
+ZERO_DEFAULTS: dict[int, dict] = {
+    0: {},
+    # Stage 1 partitions the optimizer state only; gradients stay whole until the step. Without contiguous_gradients
+    # and overlap_comm DeepSpeed registers no per-parameter gradient hook at all (under ZeRO-2 those hooks cost 45-83
+    # ms of host time per step at the 1B geometry); the reduction is one bucketed pass after backward: nothing to
+    # hide on one GPU, not overlapped with backward on several.
+    1: dict(contiguous_gradients=False, overlap_comm=False, reduce_bucket_size=500_000_000,
+            allgather_bucket_size=500_000_000),
+    # Stage 2 partitions gradients as backward produces them, so one hook per parameter is inherent. Copying each
+    # gradient into a contiguous bucket keeps memory unfragmented and the step's reads contiguous; overlap_comm
+    # reduces a full bucket on a side stream while backward goes on. 2e8-element buckets (DeepSpeed's recommended
+    # ZeRO-2 value, 5e8 by default) bound the double-buffered bucket memory to about 4.5 x 2e8 x 2 bytes = 1.8 GB
+    # in bf16.
+    2: dict(contiguous_gradients=True, overlap_comm=True, reduce_scatter=True, reduce_bucket_size=200_000_000,
+            allgather_bucket_size=200_000_000),
+    # Stage 3 gathers a module's parameters around each call, and the latent passes call every layer once per
+    # pass. Parameters under 1e6 elements (norms, biases, the K/V projections; at the 1B geometry q and o too)
+    # stay gathered instead of being fetched again in every pass, for at most 2 bytes per such element replicated
+    # on each GPU (about 50 MB at the 1B geometry). Prefetch and reuse distances keep DeepSpeed's defaults;
+    # overlap_comm is DeepSpeed's stage-3 default.
+    3: dict(contiguous_gradients=True, overlap_comm=True, reduce_bucket_size=200_000_000,
+            stage3_prefetch_bucket_size=50_000_000, stage3_param_persistence_threshold=1_000_000,
+            stage3_max_live_parameters=1_000_000_000, stage3_max_reuse_distance=1_000_000_000,
+            stage3_gather_16bit_weights_on_model_save=False),
+}
+
+
+def resolve_optimizer(name: str, device: torch.device | str) -> str:
+    """The optimizer `name` stands for on `device` ("auto": fused AdamW on CUDA, the multi-tensor one elsewhere)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name == "auto":
+        return "adamw_fused" if torch.device(device).type == "cuda" else "adamw_foreach"
+    return name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices; none on biases, norms and other 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of `config.optimizer` over `model`'s trainable parameters, on the device they are on."""
+    device = next(model.parameters()).device
+    name = resolve_optimizer(config.optimizer, device)
+    groups = param_groups(model, config.weight_decay)
+    hyper = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    if name == "deepspeed_fused_adam":
+        if device.type != "cuda":
+            raise ConfigError(f"optimizer=deepspeed_fused_adam needs CUDA (a CUDA extension), the model is on {device}; "
+                              "use adamw_fused or auto")
+        from deepspeed.ops.adam import FusedAdam  # builds the extension with nvcc on first use
+
+        return FusedAdam(groups, adam_w_mode=True, **hyper)
+    try:
+        # foreach=False is torch's per-tensor reference loop; fused and foreach are the same update in fewer kernels
+        return torch.optim.AdamW(groups, fused=name == "adamw_fused", foreach=name == "adamw_foreach", **hyper)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"optimizer={name} does not run on {device}: {e}") from e
+
+
+def lr_lambda_for(config: TrainConfig, total_steps: int):
+    """Linear warmup, then constant, linear or cosine decay down to `min_lr_ratio` of the peak."""
+    warmup = config.warmup_steps
+    floor = config.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.lr_schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if config.lr_schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def reset_optimizer_state(engine) -> int:
+    """Forget Adam's moments (the original CoCoNuT builds a new optimizer at each stage). Returns the number
+    of parameter states cleared. Walks DeepSpeed's wrappers down to the torch optimizer that holds them."""
+    opt = engine.optimizer
+    seen = set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            cleared = len(opt.state)
+            opt.state.clear()
+            return cleared
+        opt = getattr(opt, "optimizer", None)
+    from engine.training.trainer import TrainingError
+
+    raise TrainingError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__} to reset")
+
+
+def deepspeed_config(config: TrainConfig, use_bf16: bool) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": config.batch_size_training,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_clipping": config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
+        "zero_optimization": {"stage": config.zero_stage, **ZERO_DEFAULTS[config.zero_stage]},
+        "bf16": {"enabled": use_bf16},
+        "zero_allow_untested_optimizer": True,  # a client optimizer: no fused-op JIT build for a config "optimizer"
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in config.deepspeed.items():  # user overrides win
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds

@@ -1,0 +1,184 @@
+"""engine/training/optim.py: every optimizer choice under DeepSpeed ZeRO-1/2 reaches the parameters plain AdamW
+reaches; the per-stage ZeRO settings take effect (no gradient hooks under ZeRO-1); the fused optimizer's state
+resets between stages; config validation. CPU, fp32, single process (torch's fused AdamW has a CPU kernel since
+torch 2.4; DeepSpeed's FusedAdam is a CUDA extension and runs only where CUDA is)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import load_model
+from engine.training.config import ConfigError, config_from_dict
+from engine.training.distributed import init_distributed
+from engine.training.optim import (
+    ZERO_DEFAULTS,
+    build_optimizer,
+    deepspeed_config,
+    lr_lambda_for,
+    param_groups,
+    reset_optimizer_state,
+    resolve_optimizer,
+)
+from tests.helpers import align_batch, random_pixels, sample_ids
+
+SMALL = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64}
+STEPS = 4
+CUDA = torch.cuda.is_available()
+
+
+def train_config(**overrides):
+    values = dict(model_id="tiny", model_overrides=dict(SMALL), lr=3e-3, batch_size_training=3, device="cpu",
+                  warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.1, max_grad_norm=0.05)
+    values.update(overrides)
+    return config_from_dict(values)
+
+
+def fresh_model(device="cpu"):
+    model, tok, _ = load_model("tiny", seed=0, model_overrides=SMALL, device=device)
+    model.set_latent_passes("transformers")
+    return model, tok
+
+
+def batch_for(model, tok, device="cpu"):
+    rows = [sample_ids(tok, model, tiles=t, question=q, n_latents=n)
+            for t, q, n in ((1, "What colour?", 2), (1, "Move right twice.", 2), (0, "Move down.", 1))]
+    ids, mask = align_batch(rows, tok.pad_token_id, model.latent_id)
+    labels = ids.masked_fill((mask == 0) | (ids == model.latent_id), -100)
+    pv = random_pixels(2, model.config.vision_config.image_size[0], 0)
+    return [t.to(device) for t in (ids, mask, labels, pv)]
+
+
+def reference_parameters(cfg) -> dict[str, torch.Tensor]:
+    """Plain torch AdamW (the per-tensor loop), clipping and schedule by hand, no DeepSpeed."""
+    model, tok = fresh_model()
+    ids, mask, labels, pv = batch_for(model, tok)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(cfg, STEPS))
+    for _ in range(STEPS):
+        model(ids, mask, pv, labels=labels, return_logits=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def deepspeed_engine(cfg, device="cpu"):
+    import deepspeed
+
+    init_distributed(device)
+    model, tok = fresh_model(device)
+    factor = lr_lambda_for(cfg, STEPS)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, use_bf16=False),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+    )
+    return engine, model, tok
+
+
+def train(engine, model, tok, device="cpu", steps=STEPS):
+    ids, mask, labels, pv = batch_for(model, tok, device)
+    for _ in range(steps):
+        loss = engine(ids, mask, pv, labels=labels, return_logits=False).loss
+        engine.backward(loss)
+        engine.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = reference_parameters(train_config())
+    start = dict(fresh_model()[0].named_parameters())
+    assert sum(not torch.equal(start[n], v) for n, v in params.items()) > len(params) // 2, "training must move them"
+    return params
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("optimizer", [
+    "adamw", "adamw_foreach", "adamw_fused",
+    pytest.param("deepspeed_fused_adam", marks=pytest.mark.skipif(not CUDA, reason="DeepSpeed FusedAdam is CUDA-only")),
+])
+def test_every_optimizer_trains_to_the_plain_adamw_parameters(reference, optimizer, zero_stage):
+    device = "cuda" if optimizer == "deepspeed_fused_adam" else "cpu"
+    cfg = train_config(optimizer=optimizer, zero_stage=zero_stage, device=device)
+    engine, model, tok = deepspeed_engine(cfg, device)
+    try:
+        inner = engine.optimizer.optimizer
+        assert type(inner).__name__ == ("FusedAdam" if optimizer == "deepspeed_fused_adam" else "AdamW")
+        if optimizer.startswith("adamw"):
+            assert inner.defaults["fused"] is (optimizer == "adamw_fused")
+            assert inner.defaults["foreach"] is (optimizer == "adamw_foreach")
+        got = train(engine, model, tok, device)
+    finally:
+        engine.destroy()
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name].cpu(), value, rtol=0, atol=2e-5, msg=lambda m: f"{optimizer} {name}: {m}")
+
+
+def test_zero_settings_per_stage_and_overrides():
+    cfg2 = train_config(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": False}, "steps_per_print": 5})
+    ds = deepspeed_config(cfg2, use_bf16=False)
+    assert ds["zero_optimization"] == {"stage": 2, **ZERO_DEFAULTS[2], "overlap_comm": False}
+    assert ds["steps_per_print"] == 5 and ds["gradient_clipping"] == 0.05
+    ds3 = deepspeed_config(train_config(zero_stage=3), use_bf16=True)["zero_optimization"]
+    assert ds3["stage3_param_persistence_threshold"] == 1_000_000 and ds3["overlap_comm"] is True
+    assert ds3["stage3_gather_16bit_weights_on_model_save"] is False
+    assert deepspeed_config(train_config(zero_stage=0), use_bf16=False)["zero_optimization"] == {"stage": 0}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_deepspeed_takes_the_stage_settings(zero_stage):
+    """DeepSpeed validates the settings (unknown keys are errors there) and applies them: ZeRO-1 registers no
+    per-parameter gradient hook, ZeRO-2 one per trainable tensor."""
+    engine, model, tok = deepspeed_engine(train_config(zero_stage=zero_stage))
+    try:
+        settings = ZERO_DEFAULTS[zero_stage]
+        assert engine.zero_optimization_stage() == zero_stage
+        assert engine.zero_overlap_comm() == settings["overlap_comm"]
+        assert engine.zero_contiguous_gradients() == settings["contiguous_gradients"]
+        assert engine.zero_reduce_bucket_size() == settings["reduce_bucket_size"]
+        if zero_stage == 3:
+            assert engine.zero_param_persistence_threshold() == settings["stage3_param_persistence_threshold"]
+        else:
+            hooks = len(engine.optimizer._grad_acc_hooks)
+            trainable = sum(1 for p in model.parameters() if p.requires_grad)
+            assert hooks == (0 if zero_stage == 1 else trainable)
+        params = train(engine, model, tok, steps=1)
+        assert all(torch.isfinite(p).all() for p in params.values())
+    finally:
+        engine.destroy()
+
+
+def test_reset_optimizer_state_with_the_fused_optimizer():
+    engine, model, tok = deepspeed_engine(train_config(optimizer="adamw_fused"))
+    try:
+        train(engine, model, tok, steps=2)
+        inner = engine.optimizer.optimizer
+        steps = [float(s["step"]) for s in inner.state.values()]
+        assert steps and all(s == 2 for s in steps)
+        assert reset_optimizer_state(engine) == len(steps) > 0
+        assert len(inner.state) == 0 and reset_optimizer_state(engine) == 0
+        params = train(engine, model, tok, steps=1)  # the fused step starts fresh moments
+        assert [float(s["step"]) for s in inner.state.values()] == [1.0] * len(steps)
+        assert all(torch.isfinite(p).all() for p in params.values())
+    finally:
+        engine.destroy()
+
+
+def test_optimizer_choice_validation():
+    with pytest.raises(ConfigError, match="optimizer must be one of auto, adamw_fused, adamw_foreach, adamw"):
+        train_config(optimizer="sgd")
+    assert resolve_optimizer("auto", "cuda") == "adamw_fused"
+    assert resolve_optimizer("auto", "cpu") == "adamw_foreach"
+    assert resolve_optimizer("adamw", "cuda") == "adamw"
+    if not CUDA:
+        model, _ = fresh_model()
+        with pytest.raises(ConfigError, match="deepspeed_fused_adam needs CUDA"):
+            build_optimizer(model, train_config(optimizer="deepspeed_fused_adam"))
+    model, _ = fresh_model()
+    groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and "norm" not in names[id(p)] for p in groups[0]["params"])
+    assert all(p.ndim < 2 or "norm" in names[id(p)] for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
