@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.model import fast_paths
+from engine.model.checkpointing import checkpointed_layers
 from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.utils.profiling import profile_range
@@ -120,6 +121,7 @@ class MultimodalCoconut(nn.Module):
         self._latent_passes_mode = "auto"
         self._latent_blocks: dict[bool, object] = {}
         self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
+        self.activation_checkpointing = False  # set_activation_checkpointing
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,6 +197,18 @@ class MultimodalCoconut(nn.Module):
         from engine.model.liger import apply_liger_kernels
 
         self._liger_pieces = apply_liger_kernels(self.language_model, pieces)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint every decoder layer in training forwards (`engine/model/checkpointing.py`): only the layers'
+        inputs are kept for backward, each layer is recomputed there, against the KV cache as it was (transformers'
+        own checkpointing drops the cache). The latent passes then run as transformers calls (the graphed block
+        keeps its activations)."""
+        if enabled and self._latent_passes_mode in ("static", "cuda_graph"):
+            raise RuntimeError(
+                f"activation checkpointing runs the latent passes as transformers calls; latent passes are set to "
+                f"{self._latent_passes_mode!r}: use set_latent_passes('auto') or 'transformers'"
+            )
+        self.activation_checkpointing = bool(enabled)
 
     def release_latent_graphs(self) -> None:
         """Drop the captured latent-pass graphs (and their memory pools); the next training forward recaptures."""
@@ -382,6 +396,11 @@ class MultimodalCoconut(nn.Module):
 
     def _passes(self, batch, cache, embeds, inject, keep_inputs, need_cache, language_model):
         """The pass loop of `run_passes`; ``language_model`` is what each transformers pass calls."""
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        with checkpointed_layers(self.language_model, checkpointing):
+            return self._pass_loop(batch, cache, embeds, inject, keep_inputs, need_cache, language_model)
+
+    def _pass_loop(self, batch, cache, embeds, inject, keep_inputs, need_cache, language_model):
         schedule = batch.schedule
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far

@@ -132,6 +132,8 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     when the language model runs in one call (`MultimodalCoconut.set_language_model_leaf`), else transformers)."""
     if mode != "auto":
         return _decide("latent_passes", mode, "asked for")
+    if model.activation_checkpointing and torch.is_grad_enabled():
+        return _decide("latent_passes", "transformers", "activation checkpointing checkpoints the transformers passes")
     if device.type != "cuda":
         return _decide("latent_passes", "transformers", f"auto on {device.type}")
     if not torch.is_grad_enabled():

@@ -91,6 +91,9 @@ class TrainConfig:
     # ZeRO-3: the language model as one leaf module, gathered once per forward and once per backward whatever the
     # number of latent passes (MultimodalCoconut.set_language_model_leaf); false: gathered per module and per pass
     zero3_leaf_language_model: bool = True
+    # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
+    # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
+    activation_checkpointing: bool = False
     eval_batch_size: int = 16
     # the KV cache of validation generation: auto (paged on GPU under ZeRO 0-2: Triton paged attention, prefix
     # sharing, CUDA-graphed steps) | dynamic (transformers' DynamicCache) | paged
@@ -136,6 +139,11 @@ class TrainConfig:
             raise ConfigError(
                 "latent_passes=cuda_graph needs zero_stage <= 2 (ZeRO-3 gathers the parameters at every call, at "
                 "addresses a captured graph cannot keep); use auto or static (the block eagerly, inside one gather)"
+            )
+        if self.activation_checkpointing and self.latent_passes in ("static", "cuda_graph"):
+            raise ConfigError(
+                f"activation_checkpointing runs the latent passes as transformers calls, but latent_passes is "
+                f"{self.latent_passes}; use auto or transformers"
             )
         if self.zero_stage == 3 and self.latent_passes == "static" and not self.zero3_leaf_language_model:
             raise ConfigError(

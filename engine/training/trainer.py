@@ -145,6 +145,7 @@ class Trainer:
             )
         except RuntimeError as e:
             raise ConfigError(f"latent_passes={cfg.latent_passes!r}: {e}") from e
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
         try:
             model.set_liger_kernels(cfg.liger_pieces)  # also switches off a process-wide piece set earlier
         except (ImportError, ValueError) as e:
