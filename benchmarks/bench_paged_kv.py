@@ -219,6 +219,7 @@ class Geometry:
     images: int = 8  # prefix-sharing case: batch = images x questions
     sharing_context: int = 600
     warmup: int = 3  # calls before timing (compilation and graph capture are excluded anyway)
+    step_batches: tuple = (1, 8)  # the default step is also reported at these batch sizes
 
     @classmethod
     def smoke(cls) -> "Geometry":
@@ -226,7 +227,7 @@ class Geometry:
             device="cpu", layers=2, q_heads=4, kv_heads=2, head_dim=16, batch=2, context=40, visual=16, block_size=4,
             model_spec="tiny", dtype=torch.float32, numerics_lens=(1, 4, 5, 23), chunk_cached=(0, 7),
             chunk_lens=(5, 0), sweep_splits=(1, 2), sweep_block_n=(16,), sweep_warps=(4,), sweep_stages=(None,), sweep_page_sizes=(8,), small_batch=2,
-            small_context=30, images=1, sharing_context=30, warmup=0,
+            small_context=30, images=1, sharing_context=30, warmup=0, step_batches=(1,),
         )
 
     @property
@@ -478,12 +479,14 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
 
 
-def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, options: dict) -> None:
+def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, options: dict,
+                        floor_ms: float | None = None) -> None:
     """The paged runner's one-position step at `context` cached positions per row: graph and eager rows.
-    `options`: PagedRunner arguments of this variant ({}: the runner's defaults, which the target is about)."""
+    `options`: PagedRunner arguments of this variant ({}: the runner's defaults, which the target is about);
+    `floor_ms`: the floor of this batch (None: the section's batch)."""
     from engine.model.paged.runner import PagedRunner
 
-    default = not options
+    default = not options and batch == geo.batch
     runner = PagedRunner(model, **{"block_size": geo.block_size, "max_model_len": max(4096, 2 * context), **options})
     runner.refresh_merged_projections()  # what generate does first: decides the ops table and merges
     fused = runner.ops().name == "fused"
@@ -493,6 +496,10 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     )
     if "attention_options" in options:
         label += f", block_size={runner.block_size} attention {options['attention_options']}"
+    if options.get("compile_step"):
+        label += ", torch.compile"
+    if batch != geo.batch:
+        label += f", batch {batch}"
     try:
         per_row = math.ceil((context + 1) / runner.block_size)
         runner.ensure_cache(batch * per_row + batch)
@@ -515,18 +522,19 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
 
         runner.refresh_merged_projections()  # as generate does (the pool was rebuilt since)
         graph_step()  # captures
-        row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), mode="graph", fused=fused,
-                     merged=merged)
+        row = record(f"{label}, CUDA graph (copy inputs + replay)", timed(graph_step), floor_ms, mode="graph",
+                     fused=fused, merged=merged, batch=batch)
         if default:  # the runner's default is what the target is about
             out["paged_within_target"] = row["x_floor"] <= 1.5
         if True in buf.graphs:
             graph, _ = buf.graphs[True]
-            record(f"{label}, graph replay only", timed(graph.replay), mode="graph", fused=fused, merged=merged)
+            record(f"{label}, graph replay only", timed(graph.replay), floor_ms, mode="graph", fused=fused,
+                   merged=merged, batch=batch)
 
         def eager_step():
             return runner.one_position(None, tables, positions, active, tokens=tokens)
 
-        record(f"{label}, eager", timed(eager_step), mode="eager", fused=fused, merged=merged)
+        record(f"{label}, eager", timed(eager_step), floor_ms, mode="eager", fused=fused, merged=merged, batch=batch)
         if default:
             out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
     except Exception as e:
@@ -611,11 +619,25 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     def timed(fn) -> float:
         return time_fn(fn, geo.device, warmup=geo.warmup, repeats=repeats).median_ms
 
-    def record(name, timing_ms, **extra):
-        row = dict(name=name, median_us=timing_ms * 1e3, x_floor=timing_ms / floor_ms, **extra)
+    def record(name, timing_ms, workload_floor_ms=None, **extra):
+        """One row; ``workload_floor_ms``: the floor of the workload this row timed (default: `batch` rows of
+        `context` positions). A time below its floor is physically impossible: the row becomes an error."""
+        floor = floor_ms if workload_floor_ms is None else workload_floor_ms
+        row = dict(name=name, median_us=timing_ms * 1e3, floor_us=floor * 1e3, x_floor=timing_ms / floor, **extra)
         out["rows"].append(row)
         say(f"  {name}: {timing_ms * 1e3:.0f} us/step = {row['x_floor']:.2f}x the floor")
+        if row["x_floor"] < 1.0:
+            row["error"] = (f"{row['x_floor']:.2f}x its floor ({floor * 1e3:.0f} us): below the physical floor, so the "
+                            "timing or the floor's workload is wrong")
+            report["errors"][name] = row["error"]
         return row
+
+    def workload_floor_ms(lengths: list[int], steps: int) -> float:
+        """Floor of one decode step averaged over `steps` steps of rows that start at `lengths` positions: the
+        weights once per step, and each row's K/V up to its position at that step."""
+        per_token = layers * kv_heads * head_dim * 2 * element
+        mean_positions = sum(n + 1 + s for n in lengths for s in range(steps)) / max(1, steps)
+        return (weight_bytes + per_token * mean_positions) / (bandwidth * 1e9) * 1e3
 
     # -- the paged runner's one-position step, every row holding `context` positions (random K/V): the default
     #    (on CUDA: decode fusions and merged projections), the fusions with separate projections, and the
@@ -626,8 +648,13 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype")
         variants.append(dict(block_size=best.get("block_size", geo.block_size), num_splits=best["num_splits"],
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
+    if geo.cuda:  # the step's GEMMs and elementwise work through Inductor (max-autotune), inside the same graph
+        variants.append({"compile_step": True})
     for options in variants:
         measure_runner_step(model, geo, batch, context, record, timed, out, options)
+    for small in geo.step_batches:  # the default step at smaller batches, each against its own floor
+        if small != batch:
+            measure_runner_step(model, geo, small, context, record, timed, out, {}, workload_floor_ms([context] * small, 1))
 
     # -- transformers' eager DynamicCache step at the same context (it grows by one position per call)
     try:
@@ -653,6 +680,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
 
     # -- whole generate() calls: per-step time = (t(1 + N new tokens) - t(1)) / N, host work included
     ids, mask, pixels = geometry_prompts(model, tok, geo, batch=batch, context=context - new_tokens // 2, n_latents=6)
+    lengths = mask.sum(1).tolist()
     for kv_cache in ("paged", "dynamic"):
         # a paged runner held across calls, as evaluation holds one: its pool and graphs are built once
         runner = PagedRunner(model, block_size=geo.block_size, max_model_len=4096) if kv_cache == "paged" else None
@@ -663,10 +691,22 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
                 return lambda: model.generate(ids, mask, pixels, max_new_tokens=n, eos_token_id=-1)
 
             call(3)()  # compiles and captures
-            one = time_fn(call(1), geo.device, warmup=min(1, geo.warmup), repeats=min(3, repeats)).median_ms
-            many = time_fn(call(1 + new_tokens), geo.device, warmup=0, repeats=min(3, repeats)).median_ms
-            record(f"generate(kv_cache={kv_cache!r}): per decode step", (many - one) / new_tokens, mode="generate",
-                   prompt_and_first_token_ms=one)
+            name = f"generate(kv_cache={kv_cache!r}): per decode step"
+            if runner is not None:  # the decoding steps timed inside generate (device events), the prompt excluded
+                runner.time_decode = True
+                per_step = []
+                for _ in range(min(3, repeats)):
+                    tokens = call(1 + new_tokens)()
+                    if tokens.shape[1] != 1 + new_tokens:
+                        raise RuntimeError(f"generate stopped after {tokens.shape[1]} of {1 + new_tokens} tokens")
+                    per_step.append(runner.stats["decode_ms"] / runner.stats["decode_steps"])
+                record(name, sorted(per_step)[len(per_step) // 2], workload_floor_ms(lengths, new_tokens),
+                       mode="generate", decode_steps=runner.stats["decode_steps"])
+            else:  # (t(1 + N new tokens) - t(1)) / N, host work included
+                one = time_fn(call(1), geo.device, warmup=min(1, geo.warmup), repeats=min(3, repeats)).median_ms
+                many = time_fn(call(1 + new_tokens), geo.device, warmup=0, repeats=min(3, repeats)).median_ms
+                record(name, (many - one) / new_tokens, workload_floor_ms(lengths, new_tokens), mode="generate",
+                       prompt_and_first_token_ms=one)
         except Exception as e:
             out["rows"].append(error_row(f"generate(kv_cache={kv_cache!r})", e))
         if runner is not None:

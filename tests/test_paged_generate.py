@@ -284,3 +284,15 @@ def test_rotary_table_rows_are_the_modules_values(tiny, dtype):
     want_cos, want_sin = model.language_model.rotary_emb(x, positions[None])
     assert cos.dtype == dtype and torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
     assert runner.rotary.table is not None and runner.rotary.table.shape[1] == 300
+
+
+def test_gpu_report_fails_a_figure_below_its_floor(tmp_path, monkeypatch):
+    """A time below its workload's floor is physically impossible: the report must flag it, not print it."""
+    from benchmarks import bench_paged_kv
+
+    monkeypatch.setattr(bench_paged_kv, "copy_bandwidth_gbs", lambda device: 1e-4)  # every floor becomes enormous
+    assert bench_paged_kv.main(["--smoke", "--out", str(tmp_path), "--sections", "step"]) == 1
+    payload = json.loads((tmp_path / "bench_paged_kv.json").read_text())
+    flagged = [r for r in payload["decode_step"]["rows"] if "below the physical floor" in r.get("error", "")]
+    assert flagged and all(r["name"] in payload["errors"] for r in flagged)
+    assert any(r["name"].startswith("generate(kv_cache='paged')") for r in flagged), "the generate rows are checked"

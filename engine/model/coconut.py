@@ -29,6 +29,7 @@ from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
 from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
+from engine.model.tiles import unique_tiles
 from engine.utils.profiling import profile_range
 from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
 
@@ -262,10 +263,15 @@ class MultimodalCoconut(nn.Module):
         )
 
     # ------------------------------------------------------------------ preparation
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: (tiles, 3, H, W) -> (tiles * tokens_per_tile, hidden)."""
+    def encode_images(self, pixel_values: torch.Tensor, *, dedupe: bool = False) -> torch.Tensor:
+        """Vision tower + projector: (tiles, 3, H, W) -> (tiles * tokens_per_tile, hidden). With ``dedupe``,
+        identical tiles (several questions about one image) are encoded once (`engine.model.tiles`)."""
+        groups = unique_tiles(pixel_values) if dedupe else None
         with profile_range("coconut/image_encode"):
-            features = self.base.model.get_image_features(pixel_values=pixel_values.to(self.dtype)).pooler_output
+            pixels = pixel_values if groups is None else pixel_values[groups[0]]
+            features = self.base.model.get_image_features(pixel_values=pixels.to(self.dtype)).pooler_output
+        if groups is not None:
+            features = features[groups[1]]  # (tiles, tokens_per_tile, hidden) in the batch's order
         return features.reshape(-1, features.shape[-1])
 
     def prepare(
@@ -276,8 +282,10 @@ class MultimodalCoconut(nn.Module):
         position_ids: torch.Tensor | None = None,
         *,
         min_passes: int = 0,
+        dedupe_images: bool = False,
     ) -> PreparedBatch:
-        """Validate the batch, build its pass schedule (at least `min_passes` passes) and encode the images."""
+        """Validate the batch, build its pass schedule (at least `min_passes` passes) and encode the images (each
+        distinct tile once with `dedupe_images`, as generation does)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if pixel_values is not None and pixel_values.dim() != 4:
@@ -302,7 +310,7 @@ class MultimodalCoconut(nn.Module):
         image_features = None
         image_index = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, dedupe=dedupe_images)
             if self._injection_hook() is not None:
                 from kernels.latent_inject import image_index_from_ids
 

@@ -127,7 +127,10 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_left_padded(attention_mask)
-    batch = model.prepare(input_ids, attention_mask, pixel_values, min_passes=options.min_passes)
+    # several questions about one image (or n samples of one prompt) encode the image once, unless the paged
+    # runner was asked not to share prefixes (the unshared baseline computes everything)
+    share = options.kv_cache == "dynamic" or runner is None or runner.enable_prefix_sharing
+    batch = model.prepare(input_ids, attention_mask, pixel_values, min_passes=options.min_passes, dedupe_images=share)
     out = torch.full((input_ids.shape[0], options.max_new_tokens), options.pad, dtype=torch.long, device=input_ids.device)
     if options.max_new_tokens == 0 or input_ids.shape[0] == 0:
         return out

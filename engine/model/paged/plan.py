@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.model.paged.cache import PagedKVCache, image_digest
+from engine.model.tiles import fingerprints
 from engine.utils.device import to_device
 
 
@@ -36,15 +37,14 @@ def image_keys(pixel_values: torch.Tensor | None, tiles_per_row: list[int]) -> l
     image that several rows show, a row-unique key for an image no other row shows (nothing to share with: this
     skips hashing, and copying to the host, the pixels of a batch of distinct images), b"" for no image.
 
-    Candidates are found by a position-weighted fingerprint computed on the device and confirmed exactly by the
-    digest, so a fingerprint collision can only cost a hash, never a wrong share.
+    Candidates are found by the tiles' fingerprints (`engine.model.tiles`) and confirmed exactly by the digest, so a
+    fingerprint collision can only cost a hash, never a wrong share.
     """
     rows = len(tiles_per_row)
     keys = [b""] * rows
     if pixel_values is None or not any(tiles_per_row):
         return keys
-    flat = pixel_values.detach().reshape(pixel_values.shape[0], -1).float()
-    fingerprints = (flat @ _fingerprint_weights(flat.shape[1], flat.device)).cpu()  # (tiles, 2): one small transfer
+    prints = fingerprints(pixel_values)  # (tiles, 2): one small transfer
     spans, start = [], 0
     for tiles in tiles_per_row:
         spans.append((start, start + tiles))
@@ -52,7 +52,7 @@ def image_keys(pixel_values: torch.Tensor | None, tiles_per_row: list[int]) -> l
     groups: dict[tuple, list[int]] = {}
     for b, (lo, hi) in enumerate(spans):
         if hi > lo:
-            groups.setdefault((hi - lo, tuple(fingerprints[lo:hi].flatten().tolist())), []).append(b)
+            groups.setdefault((hi - lo, tuple(prints[lo:hi].flatten().tolist())), []).append(b)
     for members in groups.values():
         if len(members) == 1:
             keys[members[0]] = f"unique-image-of-row-{members[0]}".encode()
@@ -63,17 +63,6 @@ def image_keys(pixel_values: torch.Tensor | None, tiles_per_row: list[int]) -> l
             pixels = pixel_values[spans[b][0] : spans[b][1]]
             keys[b] = digest if torch.equal(pixels, first) else image_digest(pixels)
     return keys
-
-
-_FINGERPRINT_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _fingerprint_weights(numel: int, device: torch.device) -> torch.Tensor:
-    key = (numel, str(device))
-    if key not in _FINGERPRINT_WEIGHTS:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        _FINGERPRINT_WEIGHTS[key] = torch.randn(numel, 2, generator=g).to(device)
-    return _FINGERPRINT_WEIGHTS[key]
 
 
 def plan_prompt(

@@ -18,6 +18,7 @@ back; `MultimodalCoconut.generate(kv_cache="paged")` builds one per call.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -53,6 +54,7 @@ class PagedRunner:
     call). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype). max_graph_batch: the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
+    compile_step: the captured step through torch.compile first (CUDA).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class PagedRunner:
         fused_ops: bool | None = None,
         merged_projections: bool = True,
         attention_options: dict | None = None,
+        compile_step: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -98,6 +101,10 @@ class PagedRunner:
         self.attention_options = dict(attention_options or {})
         self.fused_ops = fused_ops
         self.merged_projections = merged_projections
+        # the captured one-position step through torch.compile (Inductor fuses the elementwise work around the
+        # GEMMs and autotunes them; the graph then replays the compiled kernels): CUDA only, measured in the report
+        self.compile_step = compile_step
+        self._compiled_step = None
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
@@ -110,8 +117,10 @@ class PagedRunner:
         # tests cover the bucket padding, the static block tables and the active mask of the graph path.
         self.static_buffers_without_graphs = False
         # Counters of the last generate call: prompt_tokens, computed_prompt_tokens, blocks_after_prompt,
-        # duplicate_rows, peak_blocks (blocks in use at the end of decoding, the most it held).
-        self.stats: dict[str, int] = {}
+        # duplicate_rows, peak_blocks (blocks in use at the end of decoding, the most it held), decode_steps; with
+        # time_decode also decode_ms (device time of the decoding steps, the prompt excluded; one sync at the end).
+        self.stats: dict[str, float] = {}
+        self.time_decode = False
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "PagedRunner":
@@ -239,6 +248,13 @@ class PagedRunner:
         hidden = self._step_forward(x, buf.positions, buf.active, buf.block_tables, self._splits_for(buf.size))
         return self.model.base.lm_head(hidden) if with_logits else hidden
 
+    def _step_for_capture(self):
+        if not self.compile_step:
+            return self._static_step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._static_step, mode="max-autotune-no-cudagraphs", dynamic=False)
+        return self._compiled_step
+
     def one_position(self, buf: StepBuffers | None, block_tables, positions, active, *, embeds=None, tokens=None):
         """One position per row of the batch, eagerly (``buf`` None) or through the bucket's static buffers (and
         its CUDA graph on CUDA). With ``tokens``: returns logits (B, V); with ``embeds``: hidden (B, H)."""
@@ -250,7 +266,7 @@ class PagedRunner:
             return self.model.base.lm_head(hidden) if with_logits else hidden
         graphed = buf.tokens.device.type == "cuda"
         if graphed:
-            self.graphs.capture(buf, with_logits, self._static_step)
+            self.graphs.capture(buf, with_logits, self._step_for_capture())
         if with_logits:
             buf.tokens[:batch].copy_(tokens)
         else:
@@ -363,8 +379,11 @@ class PagedRunner:
         positions = to_device(torch.tensor(plan.lengths, dtype=torch.long), self.device)  # next position per row
         next_pos = list(plan.lengths)
 
+        steps = 0
+
         def advance(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-            nonlocal positions
+            nonlocal positions, steps
+            steps += 1
             updates = []
             for b in range(rows):
                 for index, block in cache.reserve(b, next_pos[b] + 1):
@@ -377,7 +396,31 @@ class PagedRunner:
             positions = positions + 1
             return logits
 
+        timer = _Timer(self.device) if self.time_decode else None
         # checking every step for "all rows ended" would stall the host on the GPU each step
         out = decode_loop(logits, out, advance, options, sync_interval=self.sync_interval)
         self.stats["peak_blocks"] = cache.num_used_blocks
+        self.stats["decode_steps"] = steps
+        if timer is not None:
+            self.stats["decode_ms"] = timer.stop()
         return out
+
+
+class _Timer:
+    """Elapsed device milliseconds from construction to `stop` (CUDA events; a host clock elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        return (time.perf_counter() - self.start) * 1e3
