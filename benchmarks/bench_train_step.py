@@ -417,16 +417,22 @@ class Bench:
         self.release()
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
+        zero_settings = parse_zero_settings(cfg.zero_settings)
+        # not a DeepSpeed key: the trainer's switch between one gather of the language model per call and ZeRO-3's
+        # per-module gathers (--zero-settings zero3_leaf_language_model=false measures the latter)
+        leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
-            optimizer=cfg.optimizer, liger_kernels=list(pieces),
-            deepspeed={"zero_optimization": parse_zero_settings(cfg.zero_settings)},
+            optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
+            deepspeed={"zero_optimization": zero_settings},
         )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
                                    attn_implementation=self.args.attn)
         self.sizes = model_sizes(model)
         model.set_liger_kernels(pieces)  # every variant sets all pieces: rope is process-wide
+        if cfg.zero_stage == 3 and leaf:
+            model.set_language_model_leaf(True)  # as the trainer does, before deepspeed.initialize
         ds_config = deepspeed_config(train_cfg, self.use_bf16)
         factor = lr_lambda_for(train_cfg, 10**6)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -495,10 +501,11 @@ class Bench:
         free_memory(self.device)
 
     def min_passes(self, local: int) -> int:
-        """`Trainer._min_passes`: under ZeRO-3 with several ranks, the max pass count over ranks, else 0."""
+        """`Trainer._min_passes`: under ZeRO-3 with several ranks and per-module gathers, the max pass count over
+        ranks, else 0."""
         from engine.training.distributed import all_reduce_max
 
-        if self.zero_stage != 3 or self.env.world_size == 1:
+        if self.zero_stage != 3 or self.env.world_size == 1 or self.model.language_model_in_one_call:
             return 0
         return all_reduce_max(local, self.device)
 
