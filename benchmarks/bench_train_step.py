@@ -495,7 +495,7 @@ class Bench:
         free_memory(self.device)
 
     def min_passes(self, local: int) -> int:
-        """`Trainer._min_passes`: under ZeRO-3 with several ranks, the max pass count over ranks, else 0."""
+        """`Lockstep.min_passes`: under ZeRO-3 with several ranks, the max pass count over ranks, else 0."""
         from engine.training.distributed import all_reduce_max
 
         if self.zero_stage != 3 or self.env.world_size == 1:

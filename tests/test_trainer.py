@@ -8,7 +8,9 @@ import torch
 
 from engine.model.paged.runner import PagedRunner
 from engine.training.config import ConfigError, config_from_dict
-from engine.training.trainer import Trainer, TrainingError, reset_optimizer_state
+from engine.training.optim import reset_optimizer_state
+from engine.training.trainer import Trainer, TrainingError
+from engine.training.validation import Validator
 
 SMALL_MODEL = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64}
 
@@ -215,7 +217,7 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
             eval_kv_cache=kv_cache,
         )
         trainer = Trainer(cfg)
-        assert trainer.eval_kv_cache() == kv_cache
+        assert trainer.validator.eval_kv_cache() == kv_cache
         calls = {"generate_prepared": 0, "close": 0}
         for name in calls:
             original = getattr(PagedRunner, name)
@@ -233,11 +235,11 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
         assert calls["close"] == int(used), "the paged runner must be released after validation"
     assert predictions["paged"] == predictions["dynamic"]
     auto = Trainer(make_config(tmp_path / "auto"))
-    assert auto.eval_kv_cache() == "dynamic"  # auto on the CPU
-    auto.device = torch.device("cuda")  # what auto picks on a GPU (nothing runs here)
-    assert auto.eval_kv_cache() == "paged"
-    auto._paged_eval_failed = True
-    assert auto.eval_kv_cache() == "dynamic"
+    assert auto.validator.eval_kv_cache() == "dynamic"  # auto on the CPU
+    auto.validator.device = torch.device("cuda")  # what auto picks on a GPU (nothing runs here)
+    assert auto.validator.eval_kv_cache() == "paged"
+    auto.validator.paged_eval_failed = True
+    assert auto.validator.eval_kv_cache() == "dynamic"
 
 
 def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, tmp_path, monkeypatch, caplog):
@@ -253,9 +255,9 @@ def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, 
     common = dict(only_eval=True, load_model_path=str(run / "best"), train_path=None,
                   val_path=str(run / "data" / "val.jsonl"))
     trainer = Trainer(make_config(tmp_path / "auto", predictions_path=str(tmp_path / "auto.json"), **common))
-    monkeypatch.setattr(Trainer, "eval_kv_cache", lambda self: "dynamic" if self._paged_eval_failed else "paged")
+    monkeypatch.setattr(Validator, "eval_kv_cache", lambda self: "dynamic" if self.paged_eval_failed else "paged")
     summary = trainer.run()
-    assert trainer._paged_eval_failed and summary["num_answers"] == 6
+    assert trainer.validator.paged_eval_failed and summary["num_answers"] == 6
     assert any("paged KV cache failed" in r.getMessage() for r in caplog.records)
     explicit = Trainer(make_config(tmp_path / "paged", eval_kv_cache="paged", **common))
     with pytest.raises(RuntimeError, match="paged kernel failure"):
