@@ -262,3 +262,73 @@ def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, 
     explicit = Trainer(make_config(tmp_path / "paged", eval_kv_cache="paged", **common))
     with pytest.raises(RuntimeError, match="paged kernel failure"):
         explicit.run()
+
+
+class _HostReads(torch.Tensor):
+    """A loss tensor that counts how often its value (or a value computed from it) is read on the host."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def _count(self):
+        type(self).reads += 1
+
+    def item(self):
+        self._count()
+        return super().item()
+
+    def tolist(self):
+        self._count()
+        return super().tolist()
+
+    def __float__(self):
+        self._count()
+        return super().__float__()
+
+    def __bool__(self):
+        self._count()
+        return super().__bool__()
+
+
+class _LossWrapper:
+    """Wraps the DeepSpeed engine: the loss comes back as `_HostReads`, optionally NaN at one micro-step."""
+
+    def __init__(self, engine, nan_at=None):
+        self._engine, self._nan_at, self._calls = engine, nan_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __call__(self, **kwargs):
+        import dataclasses
+
+        out = self._engine(**kwargs)
+        self._calls += 1
+        loss = out.loss * float("nan") if self._calls == self._nan_at else out.loss
+        return dataclasses.replace(out, loss=loss.as_subclass(_HostReads))
+
+
+def test_train_steps_read_the_loss_on_the_host_only_at_log_steps(tmp_path, monkeypatch):
+    """12 samples in micro-batches of 2: 6 optimizer steps. Logging every 3 steps reads the losses twice (steps 3
+    and 6); the end of the epoch has nothing left to read. A NaN loss is still reported with its epoch and step."""
+    import engine.training.trainer as trainer_module
+
+    real_build = trainer_module.build_engine
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _LossWrapper(real_build(*a, **k)))
+    cfg = make_config(tmp_path / "a", num_epochs=1, batch_size_training=2, log_every_steps=3, eval_every_epochs=1)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.engine = trainer_module.build_engine(trainer.model, cfg, 6, False)
+    _HostReads.reads = 0
+    stats = trainer.train_epoch(0, 0)
+    assert trainer.global_step == 6 and _HostReads.reads == 2, _HostReads.reads
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and stats["train_loss"] > 0
+
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _LossWrapper(real_build(*a, **k), nan_at=5))
+    nan_run = Trainer(make_config(tmp_path / "b", num_epochs=1, batch_size_training=2, log_every_steps=3))
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at epoch 1, step 4"):
+        nan_run.run()

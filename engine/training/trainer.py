@@ -16,6 +16,7 @@ checkpoints, exports, reports) and `reporting` (the metrics log). What is left h
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -49,6 +50,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class EpochLosses:
+    """The micro-step losses of an epoch. `add` keeps each on the device; `collect` copies the pending ones to
+    the host in one transfer, raises on a non-finite one (naming its epoch and step) and returns the epoch's mean
+    so far (summed in float64 in step order, as a running sum on the host would)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.pending: list[torch.Tensor] = []
+        self.pending_steps: list[int] = []
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.pending.append(loss.detach())
+        self.pending_steps.append(step)
+
+    def collect(self) -> float:
+        if self.pending:
+            values = torch.stack(self.pending).tolist()
+            for value, step in zip(values, self.pending_steps):
+                if not math.isfinite(value):
+                    raise TrainingError(f"non-finite loss {value} at epoch {self.epoch + 1}, step {step}")
+                self.total += value
+                self.count += 1
+            self.pending, self.pending_steps = [], []
+        return self.total / max(1, self.count)
 
 
 class Trainer:
@@ -150,6 +179,9 @@ class Trainer:
             log.info("resuming at epoch %d (stage %d), step %d", self.start_epoch + 1, self.stage_for_epoch(self.start_epoch), self.global_step)
 
     def train_epoch(self, epoch: int, stage: int) -> dict:
+        """One epoch of optimizer steps. The losses stay on the device and come to the host once per
+        `log_every_steps` (and at the end of the epoch), where they are checked to be finite: no host
+        synchronisation per step for the loop's own bookkeeping."""
         cfg = self.config
         engine = self.engine
         engine.train()
@@ -158,12 +190,15 @@ class Trainer:
         gas = cfg.gradient_accumulation_steps
         micro_steps = (len(loader) // gas) * gas or len(loader)  # whole accumulation cycles only
         bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {stage}", disable=not self.env.is_main, dynamic_ncols=True)
-        loss_sum, loss_count, samples, tokens = 0.0, 0, 0, 0
+        losses = EpochLosses(epoch)
+        samples, tokens = 0, 0
         start = time.perf_counter()
         data_iter = iter(loader)
         for micro in range(micro_steps):
             with profile_range("train/data"):
                 batch = next(data_iter)
+                samples += int(batch["input_ids"].shape[0])
+                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
                 batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             min_passes = self.lockstep.min_passes(batch["input_ids"], self.model)
             with profile_range("train/forward"):
@@ -177,26 +212,23 @@ class Trainer:
                     min_passes=min_passes,
                 )
                 loss = out.loss
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {self.global_step}")
             with profile_range("train/backward"):
                 engine.backward(loss)
             with profile_range("train/optimizer"):
                 engine.step()
-            loss_sum += float(loss.detach())
-            loss_count += 1
-            samples += int(batch["input_ids"].shape[0])
-            tokens += int(batch["attention_mask"].sum())
+            losses.add(loss, self.global_step)
             if engine.is_gradient_accumulation_boundary() or (micro + 1) % gas == 0:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
-                    self.metrics.log("train", self.global_step, loss=loss_sum / loss_count, lr=engine.get_lr()[0], stage=stage)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", stage=stage, samples_s=f"{samples * self.env.world_size / elapsed:.1f}")
+                    mean = losses.collect()  # the one synchronisation of a log interval
+                    self.metrics.log("train", self.global_step, loss=mean, lr=engine.get_lr()[0], stage=stage)
+                    rate = samples * self.env.world_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{mean:.3f}", stage=stage, samples_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
         bar.close()
+        mean = losses.collect()
         elapsed = time.perf_counter() - start
-        mean_loss, = all_reduce_mean([loss_sum / max(1, loss_count)], self.device)
+        mean_loss, = all_reduce_mean([mean], self.device)
         return {
             "train_loss": mean_loss,
             "train_samples_per_second": samples * self.env.world_size / elapsed,
