@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from engine.data.collator import MultimodalCollator
 from engine.data.dataset import CurriculumConfig, CurriculumDataset
-from engine.data.synthetic import generate_synthetic
+from engine.data.images import find_image_problems
+from engine.data.records import DataError, iter_jsonl
+from engine.data.synthetic import ensure_synthetic
 from engine.training.config import ConfigError, TrainConfig
-from engine.training.distributed import DistEnv, barrier
+from engine.training.distributed import DistEnv, all_gather_objects, run_on_main
 from engine.training.errors import TrainingError
 from engine.utils.logging import get_logger
 
@@ -34,14 +36,11 @@ def curriculum_from_config(config: TrainConfig) -> CurriculumConfig:
 
 
 def data_paths(config: TrainConfig, run_dir: Path, env: DistEnv) -> tuple[Path | None, Path | None]:
-    """(train, val) record files; without `train_path` the synthetic task is generated into `<run>/data`."""
+    """(train, val) record files. Without `train_path` the synthetic task is generated into `<run>/data`, or
+    reused when `<run>/data/synthetic.json` records exactly the `synthetic` settings asked for."""
     if config.train_path is None and not config.only_eval:
         data_dir = run_dir / "data"
-        opts = dict(config.synthetic or {})
-        if env.is_main and not (data_dir / "train.jsonl").is_file():
-            log.info("generating the synthetic task into %s (%s)", data_dir, opts or "defaults")
-            generate_synthetic(data_dir, **opts)
-        barrier()
+        run_on_main(lambda: ensure_synthetic(data_dir, config.synthetic_settings), env)
         return data_dir / "train.jsonl", data_dir / "val.jsonl"
     if config.only_eval and config.val_path is None:
         raise ConfigError("only_eval needs val_path (the records to evaluate)")
@@ -51,6 +50,23 @@ def data_paths(config: TrainConfig, run_dir: Path, env: DistEnv) -> tuple[Path |
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: data file not found: {path}")
     return train, val
+
+
+def check_record_images(path: Path, records: list[dict], env: DistEnv) -> None:
+    """Decode every image the records of `path` use, before any training: the ranks share the files, each on a
+    pool of threads. DataError naming `file:line`, the record and the problem of each bad one."""
+    images = sorted({r["image"] for r in records if r.get("image")})
+    problems: dict[str, str] = {}
+    for part in all_gather_objects(find_image_problems(images[env.rank :: env.world_size])):
+        problems.update(part)
+    if not problems:
+        return
+    lines = {str(record.get("id")): line for line, record in iter_jsonl(path)}
+    bad = [f"{path}:{lines.get(str(r['id']), '?')}: record {r['id']!r}: {problems[r['image']]}"
+           for r in records if r.get("image") in problems]
+    listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    head = "" if len(bad) == 1 else f"{len(bad)} records of {path} have images that cannot be used: "
+    raise DataError(f"{head}{listed} (fix or remove the record; check_images=false skips this check)")
 
 
 def train_loader(records, tokenizer, image_processor, curriculum, stage: int, epoch: int, *, latent_id: int,

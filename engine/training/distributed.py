@@ -137,3 +137,21 @@ class Lockstep:
             return int(flag.item()) == 0
 
         return sync
+
+
+def run_on_main(fn: Callable[[], object], env: DistEnv):
+    """Run `fn` on rank 0 only and hand its result, or the exception it raised, to every rank (which then raise
+    it too): file-system work done once, and no rank left waiting in a collective when it fails."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # handed to the other ranks, then raised here as well
+            error = e
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and env.world_size > 1:
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from engine.model.loading import BUILTIN_SPECS, builtin_config, load_model
+from engine.model.loading import CheckpointError as ModelPathError
 from engine.training.config import ConfigError, TrainConfig
 from engine.utils.logging import get_logger
 
@@ -27,13 +28,18 @@ def load_training_model(config: TrainConfig, device: torch.device):
         attn_implementation=config.attn_implementation,
         max_tiles=config.max_tiles,
     )
-    if config.load_model_path:
-        path = Path(config.load_model_path)
-        model, tok, proc = load_model(path, **kwargs)
-        check_same_architecture(model, config, path)
-        log.info("initialised from %s", path)
-    else:
-        model, tok, proc = load_model(config.model_id, model_overrides=config.model_overrides or None, **kwargs)
+    try:
+        if config.load_model_path:
+            path = Path(config.load_model_path)
+            model, tok, proc = load_model(path, **kwargs)
+            check_same_architecture(model, config, path)
+            log.info("initialised from %s", path)
+        else:
+            model, tok, proc = load_model(config.model_id, model_overrides=config.model_overrides or None, **kwargs)
+    except (ModelPathError, ConfigError):
+        raise
+    except ValueError as e:  # an unknown model override or attention backend: a config mistake
+        raise ConfigError(f"model {config.load_model_path or config.model_id!r}: {e}") from e
     try:
         model.set_latent_passes(
             config.latent_passes, prefix_bucket=config.latent_prefix_bucket, final_bucket=config.latent_final_bucket

@@ -5,7 +5,9 @@ One `Trainer(config).run()` covers the three launches (plain `python`, `torchrun
 - the stage of epoch e is `e // epochs_per_stage` (0 with `cot`/`no_cot`); the datasets are rebuilt per epoch
   for that stage, and the optimizer state is reset at stage boundaries when `reset_optimizer` is set;
 - every epoch ends with validation (loss and batched generation) and an atomic DeepSpeed checkpoint; the
-  best epoch is exported in the transformers format (`<run>/best`), the last one too (`<run>/final`);
+  best epoch is exported in the transformers format (`<run>/best`), the last one too (`<run>/final`). A failed
+  validation does not lose the epoch: the checkpoint is written, the run stops with the reason, and a resume
+  validates that epoch again before it trains on;
 - data order depends only on (seed, epoch), and the checkpoint holds model, optimizer, LR schedule and the
   trainer's state, so a resumed run reaches the parameters an uninterrupted one reaches.
 
@@ -29,12 +31,13 @@ from engine.data.dataset import check_stages, stage_for_epoch
 from engine.data.records import load_records
 from engine.eval.evaluate import official_predictions
 from engine.training import data
+from engine.training.checkpoint import CheckpointMismatchError
 from engine.training.config import ConfigError, TrainConfig
 from engine.training.distributed import DistEnv, Lockstep, all_reduce_mean, init_distributed
 from engine.training.errors import TrainingError
 from engine.training.model_setup import load_training_model, model_fingerprint
 from engine.training.optim import build_engine, reset_optimizer_state
-from engine.training.reporting import MetricsLogger, format_summary_table, stage_summary
+from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
 from engine.training.run_dir import RunDirectory
 from engine.training.validation import Validator
 from engine.utils.io import atomic_write_json
@@ -83,6 +86,8 @@ class EpochLosses:
 class Trainer:
     def __init__(self, config: TrainConfig, *, local_rank: int | None = None):
         self.config = config
+        if config.wandb is not None:
+            check_wandb_installed()
         self.env: DistEnv = init_distributed(config.device, local_rank)
         self.device = self.env.device
         self.run_dir = config.run_dir
@@ -91,10 +96,10 @@ class Trainer:
             log.info("bf16 asked for but running on CPU: training in fp32")
         seed_everything(config.seed)
         self.run_directory = RunDirectory(self.run_dir, self.env)
-        self.run_directory.prepare(config)
+        self.run_info = self.run_directory.start(config)
         self.lockstep = Lockstep.for_run(config.zero_stage, self.env)
         self.validator = Validator(config, self.env, self.lockstep)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.env.is_main)
+        self.metrics = MetricsLogger(self.run_dir, enabled=False)  # opened by prepare_training
         self.history: list[dict] = []
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
@@ -111,6 +116,10 @@ class Trainer:
         train_path, val_path = data.data_paths(cfg, self.run_dir, self.env)
         self.train_records = load_records(train_path) if train_path and not cfg.only_eval else []
         self.val_records = load_records(val_path, need_answer=not cfg.only_eval) if val_path else []
+        if cfg.check_images:  # a bad image fails now, naming its record, not in an epoch or a validation
+            for path, records in ((train_path, self.train_records), (val_path, self.val_records)):
+                if records:
+                    data.check_record_images(path, records, self.env)
         if self.train_records and cfg.coconut:
             check_stages(self.train_records, self.curriculum)
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
@@ -133,18 +142,31 @@ class Trainer:
             return self.evaluate_only()
         return self.train()
 
-    def train(self) -> dict:
+    def prepare_training(self) -> None:
+        """The DeepSpeed engine, the state of the checkpoint resumed from (`resume=true`), the metrics log."""
         cfg = self.config
         total_steps = self.steps_per_epoch(len(self.train_records)) * cfg.num_epochs
         self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
+        resumed_at = None
         if cfg.resume is True:
             self._resume()
+            resumed_at = (self.global_step, self.start_epoch)
         elif cfg.resume:  # an epoch number, as in the original: skip the epochs before it
             self.start_epoch = int(cfg.resume)
             if self.env.is_main:
                 log.info("starting at epoch %d (stage %d)", self.start_epoch + 1, self.stage_for_epoch(self.start_epoch))
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=self.env.is_main, run_id=self.run_info.run_id, attempt=self.run_info.attempt,
+            resumed_at=resumed_at, wandb=cfg.wandb, name=cfg.name, config=cfg.to_dict(),
+        )
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.prepare_training()
         epoch = self.start_epoch
         try:
+            if self.history and "validation_error" in self.history[-1]:
+                self._validate_again(self.history[-1])
             for epoch in range(self.start_epoch, cfg.num_epochs):
                 stage = self.stage_for_epoch(epoch)
                 if epoch > 0 and cfg.reset_optimizer and stage != self.stage_for_epoch(epoch - 1):
@@ -152,15 +174,28 @@ class Trainer:
                     log.info("stage %d begins: optimizer state reset (%d parameter states cleared)", stage, cleared)
                 train_stats = self.train_epoch(epoch, stage)
                 record = {"epoch": epoch + 1, "stage": stage, **train_stats}
+                failure = None
                 if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
-                    record.update(self.validator.validate(self.engine, stage))
+                    try:
+                        record.update(self.validator.validate(self.engine, stage))
+                    except Exception as e:  # the trained epoch is saved below before the run stops
+                        failure = e
+                        record["validation_error"] = f"{type(e).__name__}: {e}"
                 self.history.append(record)
                 self.metrics.log("epoch", self.global_step, **record)
                 self._after_epoch(epoch, record)
+                if failure is not None:
+                    raise TrainingError(
+                        f"validation after epoch {epoch + 1} failed ({record['validation_error']}); the trained epoch "
+                        f"is saved in {self.run_directory.last_checkpoint}: fix the cause and continue with "
+                        "--set resume=true (that epoch is validated again first)"
+                    ) from failure
         except (Exception, KeyboardInterrupt) as e:
-            where = self.run_directory.last_good_checkpoint()
-            hint = f"last good checkpoint: {where} (continue with --set resume=true)" if where else "no checkpoint was written yet"
-            log.error("training stopped in epoch %d (step %d): %s: %s; %s", epoch + 1, self.global_step, type(e).__name__, e, hint)
+            if self.env.is_main:
+                where = self.run_directory.last_good_checkpoint()
+                hint = f"last good checkpoint: {where} (continue with --set resume=true)" if where else "no checkpoint was written yet"
+                # the error itself is the exception's (the recipe prints it once); this says where and how to go on
+                log.error("training stopped in epoch %d (step %d) by %s; %s", epoch + 1, self.global_step, type(e).__name__, hint)
             raise
         finally:
             self.metrics.close()
@@ -169,7 +204,9 @@ class Trainer:
     def _resume(self) -> None:
         tag, state = self.run_directory.load_latest(self.engine)
         if state.get("model_fingerprint") not in (None, model_fingerprint(self.model)):
-            raise TrainingError(f"checkpoint {self.run_directory.checkpoints / tag} was written for another model configuration")
+            raise CheckpointMismatchError(
+                f"checkpoint {self.run_directory.checkpoints / tag} was written for another model configuration"
+            )
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
@@ -177,6 +214,16 @@ class Trainer:
         self.best_epoch = state.get("best_epoch")
         if self.env.is_main:
             log.info("resuming at epoch %d (stage %d), step %d", self.start_epoch + 1, self.stage_for_epoch(self.start_epoch), self.global_step)
+
+    def _validate_again(self, record: dict) -> None:
+        """The validation of the checkpoint's epoch failed before the run stopped: run it now, on the same weights."""
+        if self.env.is_main:
+            log.info("validating epoch %d again (%s stopped the run before)", record["epoch"], record["validation_error"])
+        result = self.validator.validate(self.engine, record["stage"])
+        del record["validation_error"]
+        record.update(result)
+        self.metrics.log("validation", self.global_step, **record)
+        self._update_best(record)
 
     def train_epoch(self, epoch: int, stage: int) -> dict:
         """One epoch of optimizer steps. The losses stay on the device and come to the host once per
@@ -242,15 +289,18 @@ class Trainer:
         return self.run_directory.export(self.model, self.tokenizer, self.image_processor, name,
                                          zero_stage=self.config.zero_stage)
 
-    def _after_epoch(self, epoch: int, record: dict) -> None:
-        cfg = self.config
+    def _update_best(self, record: dict) -> None:
+        """Export `<run>/best` when this epoch's validation (accuracy, else loss) is the best so far."""
         metric = record.get("val_accuracy")
         if metric is None and record.get("val_loss") is not None:
             metric = -record["val_loss"]
-        improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
-        if improved:
-            self.best_metric, self.best_epoch = metric, epoch + 1
+        if metric is not None and (self.best_metric is None or metric > self.best_metric):
+            self.best_metric, self.best_epoch = metric, record["epoch"]
             self.export("best")
+
+    def _after_epoch(self, epoch: int, record: dict) -> None:
+        cfg = self.config
+        self._update_best(record)
         if not cfg.save_only_improve:  # the original's per-epoch weights, as a loadable export
             self.export(f"epoch_{epoch + 1:03d}")
         state = {
@@ -261,6 +311,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "model_fingerprint": model_fingerprint(self.model),
+            "run_id": self.run_info.run_id,
         }
         self.run_directory.save_checkpoint(self.engine, epoch + 1, state, keep=cfg.keep_checkpoints)
 
