@@ -29,8 +29,9 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q
 
+# The demo starts over on every call (overwrite=true replaces runs/synthetic-demo); DEMO_ARGS adds --set options.
 demo: $(STAMP)
-	$(RUN_ENV) $(PY) recipes/train_coconut.py --config recipes/configs/synthetic_demo.yaml
+	$(RUN_ENV) $(PY) recipes/train_coconut.py --config recipes/configs/synthetic_demo.yaml --set overwrite=true $(DEMO_ARGS)
 
 bench-smoke: $(STAMP)
 	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest benchmarks -q -m benchmark --benchmark-disable

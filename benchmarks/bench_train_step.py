@@ -501,7 +501,7 @@ class Bench:
         free_memory(self.device)
 
     def min_passes(self, local: int) -> int:
-        """`Trainer._min_passes`: under ZeRO-3 with several ranks and per-module gathers, the max pass count over
+        """`Lockstep.min_passes`: under ZeRO-3 with several ranks and per-module gathers, the max pass count over
         ranks, else 0."""
         from engine.training.distributed import all_reduce_max
 

@@ -90,7 +90,7 @@ def test_cli_prints_official_accuracies_last_line_json(tmp_path, capsys):
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
-    # b's free-form "uu" maps to the nearest choice "u" (wrong); DA: a=1, b: 7 matches of "u" -> 1
+    # b's "uu" is not one of its choices: it scores 0 (officially); DA: a=1, b: 7 matches of "u" -> 1
     assert result == {"mc_accuracy": 50.0, "da_accuracy": 100.0}
 
 
@@ -102,6 +102,79 @@ def test_cli_rejects_bad_predictions_and_test_split(tmp_path, capsys):
     good_ann = _write(tmp_path, "ann2.json", [{"question_id": "a", "choices": ["x"], "correct_choice_idx": 0, "direct_answers": ["x"] * 10, "difficult_direct_answer": False}])
     bad_preds = _write(tmp_path, "p2.json", {"a": "x"})
     assert aokvqa.main(["--annotations", good_ann, "--predictions", bad_preds]) == 2
-    assert "multiple_choice and direct_answer" in capsys.readouterr().err
+    assert "multiple_choice and/or direct_answer" in capsys.readouterr().err
     assert aokvqa.main(["--annotations", str(tmp_path / "missing.json"), "--predictions", bad_preds]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the official evaluator's rules
+ANNOTATIONS = [
+    {"question_id": "q1", "choices": ["golf", "tennis", "soccer", "chess"], "correct_choice_idx": 1,
+     "direct_answers": ["tennis"] * 10, "difficult_direct_answer": False},
+    {"question_id": "q2", "choices": ["red", "blue", "green", "white"], "correct_choice_idx": 2,
+     "direct_answers": ["green"] * 2 + ["lime"] * 8, "difficult_direct_answer": False},
+    {"question_id": "q3", "choices": ["cat", "dog", "bird", "fish"], "correct_choice_idx": 0,
+     "direct_answers": ["cat"] * 10, "difficult_direct_answer": True},
+    {"question_id": "q4", "choices": ["one", "two", "three", "four"], "correct_choice_idx": 3,
+     "direct_answers": ["four"] * 10, "difficult_direct_answer": False},
+]
+
+
+def _score(tmp_path, capsys, preds, *flags):
+    rc = aokvqa.main(["--annotations", _write(tmp_path, "ann.json", ANNOTATIONS),
+                      "--predictions", _write(tmp_path, "p.json", preds), *flags])
+    captured = capsys.readouterr()
+    return rc, (json.loads(captured.out.strip().splitlines()[-1]) if rc == 0 else None), captured.err
+
+
+def test_multiple_choice_values_that_are_not_choices_score_zero_as_officially(tmp_path, capsys):
+    """The official non-strict mode compares strings: 'Tennis.' is not the choice 'tennis' and scores 0 (the
+    former nearest-choice default scored it 1). --map-to-choices is the explicit way to map free text."""
+    preds = {"q1": {"multiple_choice": "Tennis."}, "q2": {"multiple_choice": "green"},
+             "q3": {"multiple_choice": "catt"}, "q4": {"multiple_choice": "three"}}
+    rc, result, err = _score(tmp_path, capsys, preds)
+    assert rc == 0 and result == {"mc_accuracy": 25.0, "da_accuracy": None}  # q2 only; no DA field: not scored
+    assert "2 multiple_choice values are not one of" in err
+    rc, mapped, _ = _score(tmp_path, capsys, preds, "--map-to-choices")
+    assert mapped == {"mc_accuracy": 75.0, "da_accuracy": None}  # Tennis. -> tennis, catt -> cat
+    rc, _, err = _score(tmp_path, capsys, preds, "--strict")
+    assert rc == 2 and "is not one of" in err
+
+
+def test_either_field_may_be_omitted_and_missing_questions_score_zero(tmp_path, capsys):
+    preds = {"q1": {"direct_answer": "tennis"}, "q2": {"direct_answer": "green", "multiple_choice": "green"},
+             "q4": {"direct_answer": "4"}}
+    rc, result, err = _score(tmp_path, capsys, preds)
+    # DA over q1, q2, q4 (q3 is difficult): 1 + 2/3 + 0; MC over all 4 questions: only q2 has one, correct
+    assert rc == 0 and result["da_accuracy"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert result["mc_accuracy"] == 25.0
+    assert "1 of 4 questions have no prediction" in err
+    rc, _, err = _score(tmp_path, capsys, preds, "--strict")  # strict: every question needs each given field
+    assert rc == 2 and "no multiple_choice prediction" in err
+
+
+def test_extra_ids_are_reported_and_no_matching_id_is_an_error(tmp_path, capsys):
+    preds = {"q1": {"multiple_choice": "tennis", "direct_answer": "tennis"}, "zz": {"multiple_choice": "x"}}
+    rc, result, err = _score(tmp_path, capsys, preds)
+    assert rc == 0 and result["mc_accuracy"] == 25.0 and "1 predictions are for question ids not in" in err
+    assert "'zz'" in err
+    rc, _, err = _score(tmp_path, capsys, {"a1": {"multiple_choice": "x"}, "a2": {"direct_answer": "y"}})
+    assert rc == 2 and "none of the 2 predictions" in err
+
+
+@pytest.mark.parametrize("field, value", [("multiple_choice", 3), ("direct_answer", None), ("direct_answer", ["x"])])
+def test_non_string_answers_are_named_errors(tmp_path, capsys, field, value):
+    rc, _, err = _score(tmp_path, capsys, {"q1": {field: value}})
+    assert rc == 2 and f"question 'q1': {field} must be a string" in err and "Traceback" not in err
+
+
+def test_score_matches_the_official_formulas_on_complete_predictions():
+    """Complete predictions (both fields, valid choices): the numbers the official script prints."""
+    annotations = {a["question_id"]: a for a in ANNOTATIONS}
+    preds = {"q1": {"multiple_choice": "tennis", "direct_answer": "tennis"},
+             "q2": {"multiple_choice": "blue", "direct_answer": "green"},
+             "q3": {"multiple_choice": "cat", "direct_answer": "dog"},
+             "q4": {"multiple_choice": "four", "direct_answer": "four"}}
+    result = aokvqa.score(annotations, preds, strict=True)
+    assert result["mc_accuracy"] == pytest.approx(75.0)  # q1, q3, q4 of 4
+    assert result["da_accuracy"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 3)  # q3 is difficult: not scored

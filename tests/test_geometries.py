@@ -230,7 +230,7 @@ def test_paged_runner_matches_the_dynamic_cache(shaped, fused_ops, merged):
 
 def test_check_same_architecture_knows_every_builtin_spec(tmp_path):
     from engine.training.config import ConfigError, TrainConfig
-    from engine.training.trainer import check_same_architecture
+    from engine.training.model_setup import check_same_architecture
 
     eight, _, _ = load_model("internvl3-8b-geometry", device="meta")
     check_same_architecture(eight, TrainConfig(model_id="internvl3-8b-geometry", device="cpu"), tmp_path)

@@ -148,3 +148,30 @@ def test_cli(tmp_path):
     assert "wrote 2 val records" in result.stderr
     with pytest.raises(DataError, match="aokvqa_v1p0_train.json"):  # no train annotations in the fixture
         main([*argv, "--split", "train"])
+
+
+def test_verify_images_decodes_fully_so_a_truncated_jpeg_fails(tmp_path):
+    """A JPEG cut in half keeps a valid header: PIL's verify() accepts it, a full decode does not."""
+    import numpy as np
+
+    aokvqa, coco, _ = make_fixture(tmp_path, n=3)
+    noise = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    jpeg = coco / "train2017" / "000000001002.jpg"
+    Image.fromarray(noise).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    with Image.open(jpeg) as img:
+        img.verify()  # what the option used to check: passes
+    out = tmp_path / "train.jsonl"
+    with pytest.raises(DataError, match=r"'trainq2' \(entry 2\).*000000001002\.jpg cannot be decoded"):
+        prepare_aokvqa(aokvqa, coco, "train", out, verify_images=True, progress=False)
+    assert not out.exists()
+    counts = prepare_aokvqa(aokvqa, coco, "train", out, verify_images=True, skip_bad=True, progress=False)
+    assert counts == {"total": 3, "written": 2, "skipped": 1}
+
+
+def test_duplicate_question_ids_name_both_entries(tmp_path):
+    aokvqa, coco, entries = make_fixture(tmp_path, n=4)
+    entries[3]["question_id"] = entries[1]["question_id"]
+    (aokvqa / "aokvqa_v1p0_train.json").write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=r"question_id 'trainq1' appears twice: entry 1 and entry 3"):
+        prepare_aokvqa(aokvqa, coco, "train", tmp_path / "train.jsonl", progress=False)

@@ -124,3 +124,18 @@ def test_text_is_short_for_the_tiny_tokenizer(dataset, tiny_tok):
     record = read_jsonl(out / "train.jsonl")[0]
     assert len(tiny_tok(record["question"] + "\n").input_ids) <= 24
     assert all(len(tiny_tok(s + "\n").input_ids) <= 14 for s in record["steps"])
+
+
+def test_ensure_synthetic_reuses_only_the_same_settings(tmp_path):
+    from engine.data.synthetic import SyntheticSettings, ensure_synthetic, read_settings
+
+    out = tmp_path / "data"
+    small = SyntheticSettings(n_train=4, n_val=2, hops=2)
+    assert ensure_synthetic(out, small) is True
+    stamp = (out / "train.jsonl").stat().st_mtime_ns
+    assert ensure_synthetic(out, small) is False and (out / "train.jsonl").stat().st_mtime_ns == stamp
+    other = SyntheticSettings(n_train=4, n_val=2, hops=3)
+    assert ensure_synthetic(out, other) is True and read_settings(out) == other
+    assert all(len(r["steps"]) == 3 for r in read_jsonl(out / "train.jsonl"))
+    (out / "val.jsonl").unlink()  # incomplete: generated again
+    assert ensure_synthetic(out, other) is True and (out / "val.jsonl").is_file()

@@ -52,6 +52,18 @@ def test_overrides_need_key_value():
         ({"latent_prefix_bucket": 0}, "latent_prefix_bucket must be >= 1"),
         ({"eval_kv_cache": "static"}, "eval_kv_cache must be"),
         ({"eval_kv_cache": "paged", "zero_stage": 3}, "eval_kv_cache=paged needs zero_stage <= 2"),
+        ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+        ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0, got -1"),
+        ({"num_workers": -2}, "num_workers must be >= 0, got -2"),
+        ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"synthetic": {"hop": 2}}, r"synthetic: unknown key\(s\) \['hop'\]; valid keys: n_train, n_val, seed, hops"),
+        ({"synthetic": {"hops": 0}}, "synthetic: hops must be >= 1"),
+        ({"synthetic": {"hops": "3"}}, "synthetic: hops must be an integer"),
+        ({"allow_config_changes": ["c_thougt"]}, r"allow_config_changes names unknown key\(s\) \['c_thougt'\]"),
+        ({"wandb": {"projekt": "x"}}, r"wandb: unknown key\(s\) \['projekt'\]; valid keys: project"),
+        ({"wandb": {"mode": "cloud"}}, "wandb.mode must be one of online, offline, disabled"),
     ],
 )
 def test_invalid_values(values, needle):
@@ -78,3 +90,9 @@ def test_shipped_configs_parse(path):
 def test_resume_accepts_bool_or_epoch():
     assert config_from_dict({"resume": True}).resume is True
     assert config_from_dict({"resume": 3, "num_epochs": 6}).resume == 3
+
+
+def test_nan_and_inf_from_yaml_and_overrides(tmp_path):
+    for raw in (".nan", ".inf", "-.inf"):
+        with pytest.raises(ConfigError, match="lr must be"):
+            load_config(None, [f"lr={raw}"])

@@ -8,7 +8,9 @@ import torch
 
 from engine.model.paged.runner import PagedRunner
 from engine.training.config import ConfigError, config_from_dict
-from engine.training.trainer import Trainer, TrainingError, reset_optimizer_state
+from engine.training.optim import reset_optimizer_state
+from engine.training.trainer import Trainer, TrainingError
+from engine.training.validation import Validator
 
 SMALL_MODEL = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64}
 
@@ -215,7 +217,7 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
             eval_kv_cache=kv_cache,
         )
         trainer = Trainer(cfg)
-        assert trainer.eval_kv_cache() == kv_cache
+        assert trainer.validator.eval_kv_cache() == kv_cache
         calls = {"generate_prepared": 0, "close": 0}
         for name in calls:
             original = getattr(PagedRunner, name)
@@ -233,11 +235,11 @@ def test_paged_eval_kv_cache_gives_the_dynamic_cache_predictions(finished_run, t
         assert calls["close"] == int(used), "the paged runner must be released after validation"
     assert predictions["paged"] == predictions["dynamic"]
     auto = Trainer(make_config(tmp_path / "auto"))
-    assert auto.eval_kv_cache() == "dynamic"  # auto on the CPU
-    auto.device = torch.device("cuda")  # what auto picks on a GPU (nothing runs here)
-    assert auto.eval_kv_cache() == "paged"
-    auto._paged_eval_failed = True
-    assert auto.eval_kv_cache() == "dynamic"
+    assert auto.validator.eval_kv_cache() == "dynamic"  # auto on the CPU
+    auto.validator.device = torch.device("cuda")  # what auto picks on a GPU (nothing runs here)
+    assert auto.validator.eval_kv_cache() == "paged"
+    auto.validator.paged_eval_failed = True
+    assert auto.validator.eval_kv_cache() == "dynamic"
 
 
 def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, tmp_path, monkeypatch, caplog):
@@ -253,10 +255,294 @@ def test_auto_eval_kv_cache_falls_back_when_the_paged_cache_fails(finished_run, 
     common = dict(only_eval=True, load_model_path=str(run / "best"), train_path=None,
                   val_path=str(run / "data" / "val.jsonl"))
     trainer = Trainer(make_config(tmp_path / "auto", predictions_path=str(tmp_path / "auto.json"), **common))
-    monkeypatch.setattr(Trainer, "eval_kv_cache", lambda self: "dynamic" if self._paged_eval_failed else "paged")
+    monkeypatch.setattr(Validator, "eval_kv_cache", lambda self: "dynamic" if self.paged_eval_failed else "paged")
     summary = trainer.run()
-    assert trainer._paged_eval_failed and summary["num_answers"] == 6
+    assert trainer.validator.paged_eval_failed and summary["num_answers"] == 6
     assert any("paged KV cache failed" in r.getMessage() for r in caplog.records)
     explicit = Trainer(make_config(tmp_path / "paged", eval_kv_cache="paged", **common))
     with pytest.raises(RuntimeError, match="paged kernel failure"):
         explicit.run()
+
+
+class _HostReads(torch.Tensor):
+    """A loss tensor that counts how often its value (or a value computed from it) is read on the host."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def _count(self):
+        type(self).reads += 1
+
+    def item(self):
+        self._count()
+        return super().item()
+
+    def tolist(self):
+        self._count()
+        return super().tolist()
+
+    def __float__(self):
+        self._count()
+        return super().__float__()
+
+    def __bool__(self):
+        self._count()
+        return super().__bool__()
+
+
+class _LossWrapper:
+    """Wraps the DeepSpeed engine: the loss comes back as `_HostReads`, optionally NaN at one micro-step."""
+
+    def __init__(self, engine, nan_at=None):
+        self._engine, self._nan_at, self._calls = engine, nan_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __call__(self, **kwargs):
+        import dataclasses
+
+        out = self._engine(**kwargs)
+        self._calls += 1
+        loss = out.loss * float("nan") if self._calls == self._nan_at else out.loss
+        return dataclasses.replace(out, loss=loss.as_subclass(_HostReads))
+
+
+def test_train_steps_read_the_loss_on_the_host_only_at_log_steps(tmp_path, monkeypatch):
+    """12 samples in micro-batches of 2: 6 optimizer steps. Logging every 3 steps reads the losses twice (steps 3
+    and 6); the end of the epoch has nothing left to read. A NaN loss is still reported with its epoch and step."""
+    import engine.training.trainer as trainer_module
+
+    real_build = trainer_module.build_engine
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _LossWrapper(real_build(*a, **k)))
+    cfg = make_config(tmp_path / "a", num_epochs=1, batch_size_training=2, log_every_steps=3, eval_every_epochs=1)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.prepare_training()
+    _HostReads.reads = 0
+    stats = trainer.train_epoch(0, 0)
+    assert trainer.global_step == 6 and _HostReads.reads == 2, _HostReads.reads
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and stats["train_loss"] > 0
+
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _LossWrapper(real_build(*a, **k), nan_at=5))
+    nan_run = Trainer(make_config(tmp_path / "b", num_epochs=1, batch_size_training=2, log_every_steps=3))
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at epoch 1, step 4"):
+        nan_run.run()
+
+
+# ---------------------------------------------------------------------- run directory, resume, reliability
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    """A finished 2-epoch run written under umask 022; tests that change it work on a copy (`copy_run`)."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("two")
+    old_umask = os.umask(0o022)
+    try:
+        trainer = Trainer(make_config(tmp, num_epochs=2, keep_checkpoints=2))
+        trainer.run()
+    finally:
+        os.umask(old_umask)
+    return tmp, trainer
+
+
+def copy_run(two_epoch_run, tmp_path):
+    import shutil
+
+    source, _ = two_epoch_run
+    shutil.copytree(source / "runs", tmp_path / "runs")
+    return tmp_path / "runs" / "t"
+
+
+def test_outputs_have_ordinary_permissions(two_epoch_run):
+    import os
+    import stat
+
+    run = two_epoch_run[0] / "runs" / "t"
+    for folder, dirs, files in os.walk(run):
+        for name in dirs:
+            mode = stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode)
+            assert mode == 0o755, f"{os.path.join(folder, name)}: {oct(mode)}"
+        for name in files:
+            mode = stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode)
+            assert mode & 0o644 == 0o644 and not mode & 0o022, f"{os.path.join(folder, name)}: {oct(mode)}"
+
+
+def test_fresh_run_over_an_earlier_run_refuses_or_starts_clean(two_epoch_run, tmp_path):
+    """The older run has epoch_001/002 and exports; a fresh run there must not prune its own new checkpoints
+    by name (`latest` used to name a deleted folder) nor mix with the old files: it refuses and says how to go
+    on, or deletes the old run with overwrite=true."""
+    run = copy_run(two_epoch_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds a run.*resume=true.*name=.*overwrite=true"):
+        Trainer(make_config(tmp_path, num_epochs=1, keep_checkpoints=1))
+    assert (run / "checkpoints" / "epoch_002").is_dir()  # untouched
+    old_id = json.loads((run / "run.json").read_text())["run_id"]
+    result = Trainer(make_config(tmp_path, num_epochs=1, keep_checkpoints=1, overwrite=True)).run()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "epoch_001" and (run / "checkpoints" / latest).is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_001"]
+    assert not (run / "epoch_002").exists() and [h["epoch"] for h in result["history"]] == [1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run_id"] for r in rows} == {json.loads((run / "run.json").read_text())["run_id"]} != {old_id}
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(two_epoch_run, tmp_path, caplog):
+    _, finished = two_epoch_run
+    run = copy_run(two_epoch_run, tmp_path)
+    states = run / "checkpoints" / "epoch_002" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # truncated: torch.load fails with a 40-line traceback
+    resumed = Trainer(make_config(tmp_path, num_epochs=2, keep_checkpoints=2, resume=True))
+    with caplog.at_level("WARNING"):
+        result = resumed.run()
+    assert "mp_rank_00_model_states.pt" in caplog.text and "epoch_001" in caplog.text
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    expected = trained_parameters(finished)
+    for name, value in trained_parameters(resumed).items():  # epoch 2 trained again from epoch 1: same weights
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert ckpt_verifies(run / "checkpoints" / "epoch_002")
+
+
+def ckpt_verifies(path):
+    from engine.training.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(path) is None
+
+
+def test_resume_refuses_changed_curriculum_unless_allowed_and_keeps_config_history(two_epoch_run, tmp_path):
+    run = copy_run(two_epoch_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"c_thought: 1 \(saved\) -> 2.*allow_config_changes=\[c_thought\]"):
+        Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True, c_thought=2))
+    assert json.loads((run / "config.json").read_text())["c_thought"] == 1  # not overwritten by the refused launch
+    trainer = Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True, c_thought=2,
+                                  allow_config_changes=["c_thought"]))
+    trainer.run()
+    launches = json.loads((run / "run.json").read_text())["launches"]
+    assert [launch["attempt"] for launch in launches] == [1, 2] and launches[1]["resume"] is True
+    assert launches[1]["config_changes"]["c_thought"] == [1, 2] and launches[1]["allowed_config_changes"] == ["c_thought"]
+    assert launches[1]["config_changes"]["num_epochs"] == [2, 3]  # other changes are recorded too
+    assert json.loads((run / "configs" / "001.json").read_text())["c_thought"] == 1
+    assert json.loads((run / "configs" / "002.json").read_text())["c_thought"] == 2
+    assert json.loads((run / "config.json").read_text())["c_thought"] == 2
+
+
+def test_metrics_have_one_row_per_step_after_a_crash_and_resume(two_epoch_run, tmp_path):
+    run = copy_run(two_epoch_run, tmp_path)
+    crashing = Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True))
+    real_epoch = crashing.train_epoch
+
+    def crash_after_training(epoch, stage):  # epoch 3's steps are logged, its checkpoint is never written
+        real_epoch(epoch, stage)
+        raise RuntimeError("killed")
+
+    crashing.train_epoch = crash_after_training
+    with pytest.raises(RuntimeError, match="killed"):
+        crashing.run()
+    Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True)).run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    assert all(r["run_id"] == run_id for r in rows)
+    keys = [(r["kind"], r["step"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a step logged twice"
+    train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert train_steps == list(range(1, 10))  # 3 epochs x 3 steps, each once
+    assert {r["attempt"] for r in rows if r["kind"] == "train" and r["step"] > 6} == {3}
+
+
+def test_synthetic_data_follows_the_settings(tmp_path):
+    first = Trainer(make_config(tmp_path))
+    first.setup()
+    assert {len(r["steps"]) for r in first.train_records} == {2}
+    second = Trainer(make_config(tmp_path, synthetic={"n_train": 12, "n_val": 6, "hops": 3, "seed": 3}))
+    second.setup()  # the data of the first run (hops 2) must not be reused
+    assert {len(r["steps"]) for r in second.train_records} == {3}
+    meta = json.loads((tmp_path / "runs" / "t" / "data" / "synthetic.json").read_text())
+    assert meta["hops"] == 3 and json.loads((tmp_path / "runs" / "t" / "config.json").read_text())["synthetic"]["hops"] == 3
+
+
+def test_bad_image_is_named_before_training(tmp_path):
+    from engine.data.records import DataError
+    from engine.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(tmp_path / "data", n_train=12, n_val=6, hops=2, seed=3)
+    bad = tmp_path / "data" / "images" / "val_000004.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # a valid header, the pixels cut off
+    cfg = make_config(tmp_path, train_path=str(data["train"]), val_path=str(data["val"]))
+    with pytest.raises(DataError, match=r"val\.jsonl:5: record 'val-000004': image .*val_000004\.png cannot be decoded"):
+        Trainer(cfg).run()
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()  # nothing was trained
+
+
+def test_failed_validation_keeps_the_trained_epoch_and_runs_again_at_resume(tmp_path, monkeypatch):
+    real = Validator.generation_metrics
+    calls = []
+
+    def fail_second(self, stage, model):
+        calls.append(stage)
+        if len(calls) == 2:
+            raise OSError("disk hiccup while reading an image")
+        return real(self, stage, model)
+
+    monkeypatch.setattr(Validator, "generation_metrics", fail_second)
+    with pytest.raises(TrainingError, match=r"validation after epoch 2 failed.*saved in .*epoch_002.*resume=true"):
+        Trainer(make_config(tmp_path, num_epochs=2)).run()
+    ckpt = tmp_path / "runs" / "t" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "epoch_002"
+    monkeypatch.setattr(Validator, "generation_metrics", real)
+    result = Trainer(make_config(tmp_path, num_epochs=2, resume=True)).run()
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["history"][1]["val_accuracy"] is not None and "validation_error" not in result["history"][1]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows if r["step"] == 6 and r["kind"] != "train"] == ["epoch", "validation"]
+
+
+def test_weights_and_biases_logging_offline(tmp_path, monkeypatch):
+    """wandb is optional and not installed here: a stand-in module records what the trainer sends it."""
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, values, step=None):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls["init"].append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trainer = Trainer(make_config(tmp_path, num_epochs=1, wandb={"project": "coconut-tests", "mode": "offline"}))
+    trainer.run()
+    (init,) = calls["init"]
+    assert init["mode"] == "offline" and init["project"] == "coconut-tests" and init["name"] == "t"
+    assert init["id"] == trainer.run_info.run_id and init["resume"] == "allow" and init["config"]["lr"] == 1e-3
+    assert [step for step, values in calls["log"] if "train/loss" in values] == [1, 2, 3]
+    assert any("epoch/val_accuracy" in values for _, values in calls["log"]) and calls["finish"] == 1
+
+
+def test_weights_and_biases_missing_is_a_config_error_before_the_run_directory(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails, as when it is not installed
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        Trainer(make_config(tmp_path, wandb={"project": "x"}))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_temporaries_of_an_interrupted_write_are_removed_at_the_next_start(two_epoch_run, tmp_path):
+    run = copy_run(two_epoch_run, tmp_path)
+    export_tmp = run / ".best.0123abcd.tmp"  # an export killed half-way (gigabytes at 1B)
+    export_tmp.mkdir()
+    (export_tmp / "model.safetensors").write_bytes(bytes(1000))
+    legacy = run / ".final.a1b2_3c4"  # the temporary folder name of earlier versions (mkdtemp)
+    legacy.mkdir()
+    (run / "checkpoints" / ".tmp_epoch_003").mkdir()  # a checkpoint killed while DeepSpeed wrote it
+    (run / ".metrics.jsonl.89abcdef.tmp").write_text("{")
+    Trainer(make_config(tmp_path, num_epochs=2, keep_checkpoints=2, resume=True))
+    assert not export_tmp.exists() and not legacy.exists() and not (run / ".metrics.jsonl.89abcdef.tmp").exists()
+    assert not (run / "checkpoints" / ".tmp_epoch_003").exists() and (run / "best" / "config.json").is_file()

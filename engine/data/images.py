@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -129,6 +131,35 @@ class ImageProcessor:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.hf_processor.save_pretrained(str(path))
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """None when the file is an image that decodes completely, else what is wrong with it. Reads the header
+    (format, size) and decodes every pixel: a truncated or corrupt file fails here, not in a training epoch."""
+    path = Path(path)
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width < 1 or height < 1:
+                return f"image {path} has no pixels ({width}x{height})"
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"image {path} cannot be decoded: {e}"
+    return None
+
+
+def find_image_problems(paths: Iterable[str | os.PathLike], workers: int | None = None) -> dict[str, str]:
+    """{path: problem} for every path that `image_problem` refuses, each distinct file checked once, on a pool of
+    threads (PIL decodes with the GIL released)."""
+    unique = sorted({str(p) for p in paths})
+    if not unique:
+        return {}
+    workers = workers or min(32, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
+        problems = pool.map(image_problem, unique)
+        return {path: problem for path, problem in zip(unique, problems) if problem is not None}
 
 
 def make_hf_image_processor(tile_size: int, max_tiles: int = 1):

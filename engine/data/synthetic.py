@@ -18,18 +18,20 @@ With the tiny model's image processing (224 px tiles, 28 px patches, pixel shuff
 tokens) the default 4 x 4 board of 56 px cells puts exactly one visual token on each cell.
 
 Generation is deterministic per seed (same bytes), fast (PIL rectangle fills) and atomic: the data set is
-built in a temporary sibling directory and renamed into place.
+built in a temporary sibling directory and renamed into place. `ensure_synthetic` reuses a data set only
+when its recorded settings (`synthetic.json`) are the ones asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from engine.data.records import DataError, write_jsonl
-from engine.utils.io import atomic_write_json
+from engine.utils.io import atomic_directory, atomic_write_json
 from engine.utils.logging import get_logger
 
 log = get_logger("data.synthetic")
@@ -192,24 +194,89 @@ def _make_record(rng: random.Random, split: str, i: int, *, grid: int, hops: int
     return record, board, key
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished data set into place; an older synthetic data set there is replaced."""
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"{out} exists and is not a directory; cannot write the synthetic data set there")
-        contents = list(out.iterdir())
-        if contents and not (out / META_FILE).is_file():
-            raise DataError(
-                f"{out} is a non-empty directory that holds no synthetic data set ({META_FILE}); refusing to replace it"
-            )
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """The settings of the task: the `synthetic:` keys of a training config and the arguments of
+    `generate_synthetic`. `synthetic.json` records them beside the data they made."""
+
+    n_train: int = 2000
+    n_val: int = 200
+    seed: int = 0
+    hops: int = 3
+    grid: int = 4
+    image_size: int = 224
+    num_colors: int = 4
+    random_start: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = bool if f.type in (bool, "bool") else int
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {'true or false' if want is bool else 'an integer'}, got {value!r}")
+        if self.n_train < 0 or self.n_val < 0:
+            raise ValueError(f"n_train and n_val must be >= 0, got {self.n_train} and {self.n_val}")
+        if self.n_train + self.n_val == 0:
+            raise ValueError("n_train + n_val must be > 0")
+        if self.hops < 1:
+            raise ValueError(f"hops must be >= 1, got {self.hops}")
+        if self.grid < 2:
+            raise ValueError(f"grid must be >= 2, got {self.grid}")
+        if not 2 <= self.num_colors <= len(PALETTE):
+            raise ValueError(f"num_colors must be in [2, {len(PALETTE)}], got {self.num_colors}")
+        if self.image_size < self.grid:
+            raise ValueError(f"image_size must be >= grid ({self.grid}), got {self.image_size}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "SyntheticSettings":
+        """Settings from a mapping of some of the keys; an unknown key is an error naming the valid ones."""
+        values = dict(values or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in values if k not in valid)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_settings(out_dir: str | os.PathLike) -> SyntheticSettings | None:
+    """The settings recorded in `<out_dir>/synthetic.json`, or None when there is no readable record."""
+    meta = Path(out_dir) / META_FILE
+    try:
+        data = json.loads(meta.read_text())
+        return SyntheticSettings.from_dict({k: v for k, v in data.items() if k != "task"})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ensure_synthetic(out_dir: str | os.PathLike, settings: SyntheticSettings) -> bool:
+    """Make `out_dir` hold the task generated with `settings`: reused when `synthetic.json` records exactly these
+    settings and both files are there, generated (replacing an older synthetic set) otherwise. Returns whether
+    it was generated."""
+    out = Path(out_dir)
+    recorded = read_settings(out)
+    if recorded == settings and (out / "train.jsonl").is_file() and (out / "val.jsonl").is_file():
+        return False
+    if recorded is not None and recorded != settings:
+        changed = {k: (v, getattr(settings, k)) for k, v in recorded.to_dict().items() if getattr(settings, k) != v}
+        log.info("the synthetic data in %s was made with other settings (%s); generating it again", out,
+                 ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+    generate_synthetic(out, **settings.to_dict())
+    return True
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only a missing directory, an empty one or an older synthetic data set may be replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out} exists and is not a directory; cannot write the synthetic data set there")
+    if any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise DataError(
+            f"{out} is a non-empty directory that holds no synthetic data set ({META_FILE}); refusing to replace it"
+        )
 
 
 def generate_synthetic(
@@ -229,27 +296,15 @@ def generate_synthetic(
     Returns `{"train": path, "val": path, "image_dir": path, "meta": path, "n_train": ..., "n_val": ...,
     "seconds": ...}`. Validation samples never repeat a training sample (same board, start and walk).
     """
-    if n_train < 0 or n_val < 0:
-        raise ValueError(f"n_train and n_val must be >= 0, got {n_train} and {n_val}")
-    if n_train + n_val == 0:
-        raise ValueError("n_train + n_val must be > 0")
-    if hops < 1:
-        raise ValueError(f"hops must be >= 1, got {hops}")
-    if grid < 2:
-        raise ValueError(f"grid must be >= 2, got {grid}")
-    if not 2 <= num_colors <= len(PALETTE):
-        raise ValueError(f"num_colors must be in [2, {len(PALETTE)}], got {num_colors}")
-    if image_size < grid:
-        raise ValueError(f"image_size must be >= grid ({grid}), got {image_size}")
+    settings = SyntheticSettings(n_train=n_train, n_val=n_val, seed=seed, hops=hops, grid=grid,
+                                 image_size=image_size, num_colors=num_colors, random_start=random_start)
     if image_size % grid:
         log.warning("image_size %d is not a multiple of grid %d: cells will not align with patches", image_size, grid)
 
     start_time = time.perf_counter()
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    settings = dict(seed=seed, hops=hops, grid=grid, image_size=image_size, num_colors=num_colors, random_start=random_start)
-    try:
+    _check_replaceable(out)
+    with atomic_directory(out) as tmp:
         (tmp / "images").mkdir()
         seen: set = set()
         for split, count in (("train", n_train), ("val", n_val)):
@@ -271,11 +326,7 @@ def generate_synthetic(
                 render_board(board, image_size).save(tmp / record["image"], format="PNG")
                 records.append(record)
             write_jsonl(tmp / f"{split}.jsonl", records)
-        atomic_write_json(tmp / META_FILE, {"task": "grid-walk", "n_train": n_train, "n_val": n_val, **settings})
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / META_FILE, {"task": "grid-walk", **settings.to_dict()})
     seconds = time.perf_counter() - start_time
     log.info("synthetic task: %d train + %d val samples in %s (%.1f s)", n_train, n_val, out, seconds)
     return {

@@ -1,11 +1,22 @@
-"""Score A-OKVQA predictions with the official formulas.
+"""Score A-OKVQA predictions as the official evaluator does (allenai/aokvqa `evaluation/eval_predictions.py`).
 
     python -m engine.eval.aokvqa --annotations aokvqa_v1p0_val.json --predictions preds.json
 
-`preds.json` is the official format: `{question_id: {"multiple_choice": str, "direct_answer": str}}`.
-Multiple-choice predictions that are not one of the choices are mapped to the nearest choice first
-(`--strict` refuses them instead). The last line printed is a JSON object
-`{"mc_accuracy": ..., "da_accuracy": ...}` (percentages).
+`preds.json` is the official format: `{question_id: {"multiple_choice": str, "direct_answer": str}}`. Either
+field may be left out, as the official README allows; a setting with no prediction at all is not scored (its
+accuracy is null), as the official script prints nothing for it. By default the scores are the official
+non-strict ones:
+
+- multiple choice, over every annotated question: 1 when the prediction is `choices[correct_choice_idx]`
+  (exact string); a value that is not one of the choices, or no prediction, scores 0;
+- direct answer, over the questions whose `difficult_direct_answer` is false:
+  `min(1, #direct_answers equal to the prediction / 3)`; no prediction scores 0.
+
+`--strict` is the official strict mode: every scored question needs a prediction and a multiple-choice value
+must be one of the choices (else an error). `--map-to-choices` maps a multiple-choice value that is not one of
+the choices to the nearest choice before scoring (not official; for free-text answers). Predictions for ids
+that are not annotated are ignored and reported; predictions that match no annotated id are an error.
+The last line printed is a JSON object `{"mc_accuracy": ..., "da_accuracy": ...}` (percentages, or null).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from pathlib import Path
 from engine.eval.metrics import direct_answer_accuracy, multiple_choice_accuracy, nearest_choice
 
 REQUIRED_FIELDS = ("question_id", "choices", "correct_choice_idx", "direct_answers", "difficult_direct_answer")
+PREDICTION_FIELDS = ("multiple_choice", "direct_answer")
 
 
 class PredictionError(ValueError):
@@ -36,6 +48,8 @@ def load_annotations(path: str | Path) -> dict[str, dict]:
         raise ValueError(f"{path} must hold a non-empty JSON list of A-OKVQA records")
     out = {}
     for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
         missing = [f for f in REQUIRED_FIELDS if rec.get(f) is None and f != "difficult_direct_answer"]
         if "difficult_direct_answer" not in rec:
             missing.append("difficult_direct_answer")
@@ -49,6 +63,7 @@ def load_annotations(path: str | Path) -> dict[str, dict]:
 
 
 def load_predictions(path: str | Path) -> dict[str, dict]:
+    """The predictions of a file in the official format; a value of the wrong type is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
@@ -59,33 +74,57 @@ def load_predictions(path: str | Path) -> dict[str, dict]:
     if not isinstance(data, dict):
         raise PredictionError(f"{path} must be a JSON object {{question_id: {{multiple_choice, direct_answer}}}}")
     for qid, pred in data.items():
-        if not isinstance(pred, dict) or not {"multiple_choice", "direct_answer"} <= set(pred):
+        if not isinstance(pred, dict):
             raise PredictionError(
-                f"{path}: prediction for question {qid!r} must be an object with keys multiple_choice and "
+                f"{path}: prediction for question {qid!r} must be an object with keys multiple_choice and/or "
                 f"direct_answer, got {pred!r}"
             )
+        for field in PREDICTION_FIELDS:
+            if field in pred and not isinstance(pred[field], str):
+                raise PredictionError(
+                    f"{path}: prediction for question {qid!r}: {field} must be a string, got {pred[field]!r} "
+                    f"({type(pred[field]).__name__})"
+                )
     return {str(k): v for k, v in data.items()}
 
 
-def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict: bool = False) -> dict:
-    mc_preds, da_preds = {}, {}
-    for qid, pred in predictions.items():
-        if qid not in annotations:
-            continue
-        choices = annotations[qid]["choices"]
-        mc = pred["multiple_choice"]
-        if mc not in choices:
-            if strict:
-                raise PredictionError(f"question {qid}: multiple_choice {mc!r} is not one of {choices}")
-            mc = nearest_choice(mc, choices)
-        mc_preds[qid] = mc
-        da_preds[qid] = pred["direct_answer"]
-    missing = len(set(annotations) - set(predictions))
+def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict: bool = False,
+          map_to_choices: bool = False) -> dict:
+    """Accuracies (%) as the official evaluator computes them (None for a setting with no prediction), and counts:
+    questions, questions without a prediction, predictions for ids not annotated, MC values not among the choices."""
+    extra = sorted(q for q in predictions if q not in annotations)
+    if len(extra) == len(predictions):
+        raise PredictionError(
+            f"none of the {len(predictions)} predictions is for an annotated question (prediction ids such as "
+            f"{extra[:3]}; annotated ids such as {sorted(annotations)[:3]}): wrong annotation file or split?"
+        )
+    mc_preds = {q: p["multiple_choice"] for q, p in predictions.items() if "multiple_choice" in p}
+    da_preds = {q: p["direct_answer"] for q, p in predictions.items() if "direct_answer" in p}
+    not_a_choice = [q for q, mc in mc_preds.items() if q in annotations and mc not in annotations[q]["choices"]]
+    if strict:
+        da_questions = [q for q, a in annotations.items() if a.get("difficult_direct_answer") is False]
+        for name, preds, needed in (("multiple_choice", mc_preds, annotations), ("direct_answer", da_preds, da_questions)):
+            lacking = [q for q in needed if q not in preds]
+            if preds and lacking:
+                raise PredictionError(f"strict: {len(lacking)} questions have no {name} prediction (e.g. {lacking[:3]})")
+        if not_a_choice:
+            q = not_a_choice[0]
+            raise PredictionError(
+                f"strict: question {q}: multiple_choice {mc_preds[q]!r} is not one of {annotations[q]['choices']}"
+                + (f" ({len(not_a_choice) - 1} more)" if len(not_a_choice) > 1 else "")
+            )
+    if map_to_choices:
+        for q in not_a_choice:
+            mc_preds[q] = nearest_choice(mc_preds[q], annotations[q]["choices"])
     return {
-        "mc_accuracy": multiple_choice_accuracy(mc_preds, annotations),
-        "da_accuracy": direct_answer_accuracy(da_preds, annotations),
+        "mc_accuracy": multiple_choice_accuracy(mc_preds, annotations) if mc_preds else None,
+        "da_accuracy": direct_answer_accuracy(da_preds, annotations) if da_preds else None,
         "num_questions": len(annotations),
-        "num_missing_predictions": missing,
+        "num_missing_predictions": sum(q not in predictions for q in annotations),
+        "num_extra_predictions": len(extra),
+        "extra_prediction_ids": extra,
+        "num_mc_not_a_choice": len(not_a_choice),
+        "mapped_to_choices": map_to_choices,
     }
 
 
@@ -93,17 +132,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, help="aokvqa_v1p0_{val,train}.json")
     parser.add_argument("--predictions", required=True, help="{question_id: {multiple_choice, direct_answer}}")
-    parser.add_argument("--strict", action="store_true", help="refuse MC predictions that are not a choice")
+    parser.add_argument("--strict", action="store_true",
+                        help="the official strict mode: every question needs a prediction, MC values must be choices")
+    parser.add_argument("--map-to-choices", action="store_true",
+                        help="map MC values that are not a choice to the nearest choice first (not official)")
     args = parser.parse_args(argv)
     try:
-        result = score(load_annotations(args.annotations), load_predictions(args.predictions), strict=args.strict)
+        result = score(load_annotations(args.annotations), load_predictions(args.predictions), strict=args.strict,
+                       map_to_choices=args.map_to_choices)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["num_missing_predictions"]:
-        print(f"warning: {result['num_missing_predictions']} questions have no prediction (scored 0)", file=sys.stderr)
-    print(f"Multiple-choice accuracy: {result['mc_accuracy']:.2f}  ({result['num_questions']} questions)")
-    print(f"Direct-answer accuracy:   {result['da_accuracy']:.2f}")
+        print(f"warning: {result['num_missing_predictions']} of {result['num_questions']} questions have no prediction "
+              "(scored 0)", file=sys.stderr)
+    if result["num_extra_predictions"]:
+        print(f"warning: {result['num_extra_predictions']} predictions are for question ids not in the annotations "
+              f"(ignored), e.g. {result['extra_prediction_ids'][:3]}", file=sys.stderr)
+    if result["num_mc_not_a_choice"]:
+        what = "mapped to the nearest choice" if args.map_to_choices else "scored 0; --map-to-choices maps them"
+        print(f"warning: {result['num_mc_not_a_choice']} multiple_choice values are not one of their question's "
+              f"choices ({what})", file=sys.stderr)
+    for label, key in (("Multiple-choice", "mc_accuracy"), ("Direct-answer", "da_accuracy")):
+        value = result[key]
+        shown = "not scored (no prediction has this field)" if value is None else f"{value:.2f}"
+        print(f"{label + ' accuracy:':<26}{shown}  ({result['num_questions']} questions)")
     print(json.dumps({"mc_accuracy": result["mc_accuracy"], "da_accuracy": result["da_accuracy"]}))
     return 0
 

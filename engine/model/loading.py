@@ -27,6 +27,7 @@ import torch
 from engine.data.images import ImageProcessor, load_hf_image_processor, make_hf_image_processor
 from engine.model.coconut import MultimodalCoconut, check_attention_backend
 from engine.model.tiny_tokenizer import build_tiny_tokenizer
+from engine.utils.io import atomic_directory
 from engine.utils.logging import get_logger
 from engine.vocab import IMAGE_CONTEXT_TOKEN, LATENT_TOKENS
 
@@ -296,32 +297,16 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
     """Write a transformers-format checkpoint (safetensors weights, config, tokenizer with the latent tokens,
     image processor) that `load_model(out_dir)` and `load_model_path` accept.
 
-    Written into a temporary sibling directory and renamed into place, so an interrupted export never leaves a
-    half-written checkpoint at `out_dir`; an existing export there is replaced only once the new one is complete.
+    Written into a temporary sibling directory and renamed into place (`engine.utils.io.atomic_directory`: fsynced,
+    ordinary permissions), so an interrupted export never leaves a half-written checkpoint at `out_dir`; an
+    existing export there is replaced only once the new one is complete.
     """
-    import shutil
-    import tempfile
-
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         # Tied embeddings: save_pretrained stores the shared tensor once and records the tie in config.json.
         model.base.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         image_processor.save_pretrained(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -9,15 +9,18 @@ names the key (and the valid keys, or the expected type).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import re
-
 import yaml
+
+from engine.data.synthetic import SyntheticSettings
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,8 @@ class TrainConfig:
     # true: continue exactly from <run>/checkpoints/latest; an int N (the original's meaning): start a fresh
     # run at epoch N, i.e. at stage N // epochs_per_stage (used with load_model_path to skip the CoT stage)
     resume: bool | int = False
+    overwrite: bool = False  # a fresh run may delete the checkpoints and exports of an earlier run in its directory
+    allow_config_changes: list = field(default_factory=list)  # keys a resume may change in data, model, curriculum
     only_eval: bool = False
     predictions_path: str | None = None  # only_eval: where to write official-format predictions
 
@@ -106,7 +111,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_stage: int | None = None  # only_eval: the curriculum stage of the prompts (default: the last one)
     overlong: str = "drop"  # samples longer than max_length: drop (counted, with a warning) | error
+    check_images: bool = True  # decode every image of the train and val files before training starts
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    # Weights & Biases logging beside metrics.jsonl and TensorBoard, e.g. {project: coconut, mode: offline};
+    # keys: project, name (default: the run's name), entity, group, tags, notes, mode (online | offline | disabled)
+    wandb: dict | None = None
 
     def __post_init__(self):
         if self.cot and self.no_cot:
@@ -169,8 +178,30 @@ class TrainConfig:
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.eval_stage is not None and self.eval_stage < 0:
             raise ConfigError(f"eval_stage must be >= 0, got {self.eval_stage}")
+        for key in ("lr", "weight_decay", "min_lr_ratio", "max_grad_norm", "uniform_prob"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for key in ("warmup_steps", "num_workers", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.eval_max_samples is not None and self.eval_max_samples < 1:
+            raise ConfigError(f"eval_max_samples must be >= 1 or null, got {self.eval_max_samples}")
+        if self.synthetic is not None:
+            try:
+                SyntheticSettings.from_dict(self.synthetic)
+            except ValueError as e:
+                raise ConfigError(f"synthetic: {e}") from None
+        unknown = [k for k in self.allow_config_changes if k not in _FIELD_NAMES]
+        if unknown:
+            raise ConfigError(f"allow_config_changes names unknown key(s) {unknown}; valid keys: {', '.join(_FIELD_NAMES)}")
+        if self.wandb is not None:
+            check_wandb_settings(self.wandb)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         from engine.model.loading import BUILTIN_SPECS  # here: the loader imports torch, this module does not
@@ -192,11 +223,58 @@ class TrainConfig:
         return tuple(dict.fromkeys(value))
 
     @property
+    def synthetic_settings(self) -> SyntheticSettings:
+        return SyntheticSettings.from_dict(self.synthetic)
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.save_path) / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
+
+WANDB_KEYS = ("project", "name", "entity", "group", "tags", "notes", "mode")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_wandb_settings(settings: dict) -> None:
+    unknown = [k for k in settings if k not in WANDB_KEYS]
+    if unknown:
+        raise ConfigError(f"wandb: unknown key(s) {unknown}; valid keys: {', '.join(WANDB_KEYS)}")
+    mode = settings.get("mode", "online")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"wandb.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+    for key in ("project", "name", "entity", "group", "notes"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ConfigError(f"wandb.{key} must be a string, got {settings[key]!r}")
+    tags = settings.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ConfigError(f"wandb.tags must be a list of strings, got {tags!r}")
+
+
+# ---------------------------------------------------------------------- resume
+# The keys a resumed run may not change silently: they decide what the saved weights and optimizer state mean.
+RESUME_GUARDED_KEYS = {
+    "data": ("train_path", "val_path", "synthetic", "seed", "max_tiles"),
+    "model": ("model_id", "model_overrides", "load_model_path"),
+    "curriculum": ("coconut", "cot", "no_cot", "c_thought", "epochs_per_stage", "max_latent_stage",
+                   "pad_latent_to_max", "uniform_prob", "max_length", "overlong"),
+}
+# Keys that steer a launch rather than describe the run.
+_LAUNCH_KEYS = ("resume", "overwrite", "allow_config_changes")
+
+
+def guarded_config_changes(saved: dict, current: dict, *, every_key: bool = False) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for the data, model and curriculum keys that differ (every key but the
+    launch keys with `every_key`). Keys the saved config does not have (an older version) are not compared."""
+    keys = [k for group in RESUME_GUARDED_KEYS.values() for k in group]
+    if every_key:
+        keys = [k for k in _FIELD_NAMES if k not in _LAUNCH_KEYS]
+    normal = json.loads(json.dumps(current))  # as it would be saved: tuples become lists, paths strings
+    return {k: (saved[k], normal[k]) for k in keys if k in saved and k in normal and saved[k] != normal[k]}
 
 
 # ---------------------------------------------------------------------- YAML / overrides

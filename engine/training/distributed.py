@@ -13,6 +13,7 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -102,3 +103,55 @@ def all_gather_objects(obj):
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """ZeRO-3 across ranks gathers parameters inside module calls, so every rank must run the same number of
+    forward passes per step (the largest latent count of any rank) and keep generating until every rank is done.
+    Off (and free) for one rank or ZeRO 0-2."""
+
+    enabled: bool
+    device: torch.device
+
+    @classmethod
+    def for_run(cls, zero_stage: int, env: DistEnv) -> "Lockstep":
+        return cls(enabled=zero_stage == 3 and env.world_size > 1, device=env.device)
+
+    def min_passes(self, input_ids: torch.Tensor, model) -> int:
+        """Passes this step must run on every rank (0: no constraint)."""
+        if not self.enabled or model.language_model_in_one_call:
+            return 0  # in one call, every rank gathers the language model once per forward whatever its passes
+        local = 1 + int((input_ids == model.latent_id).any(0).sum())
+        return all_reduce_max(local, self.device)
+
+    def step_sync(self) -> Callable[[bool], bool] | None:
+        """For generation: `sync(local_done)` is True once every rank is done (None when not needed)."""
+        if not self.enabled:
+            return None
+        device = self.device
+
+        def sync(local_done: bool) -> bool:
+            flag = torch.tensor([0 if local_done else 1], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return int(flag.item()) == 0
+
+        return sync
+
+
+def run_on_main(fn: Callable[[], object], env: DistEnv):
+    """Run `fn` on rank 0 only and hand its result, or the exception it raised, to every rank (which then raise
+    it too): file-system work done once, and no rank left waiting in a collective when it fails."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # handed to the other ranks, then raised here as well
+            error = e
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and env.world_size > 1:
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result

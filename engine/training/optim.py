@@ -6,7 +6,7 @@ DeepSpeed steps it on its flat fp32 partitions (one tensor per group and rank), 
 group where the unfused update makes about ten elementwise passes over the fp32 master weights and both moments.
 
 `deepspeed_config(config, use_bf16)` holds the per-stage ZeRO settings (`ZERO_DEFAULTS`, with the reason for each),
-which the config's `deepspeed` dict overrides key by key.
+which the config's `deepspeed` dict overrides key by key. `build_engine` puts them together with the schedule.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 import torch
 
 from engine.training.config import OPTIMIZERS, ConfigError, TrainConfig
+from engine.training.errors import TrainingError
 
 # DeepSpeed's ZeRO settings per stage, before the user's `deepspeed` overrides. The GPU sweep that chooses between
 # them: benchmarks/gpu/train_scale.sh (bench_train_step --zero-settings), results in benchmarks/RESULTS.md.
@@ -115,8 +116,6 @@ def reset_optimizer_state(engine) -> int:
             opt.state.clear()
             return cleared
         opt = getattr(opt, "optimizer", None)
-    from engine.training.trainer import TrainingError
-
     raise TrainingError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__} to reset")
 
 
@@ -137,3 +136,22 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool) -> dict:
         else:
             ds[key] = value
     return ds
+
+
+def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
+    """`deepspeed.initialize` with `build_optimizer`'s optimizer, the warmup/decay schedule over `total_steps` and
+    `deepspeed_config`; under ZeRO-3 the language model first becomes one leaf module (`zero3_leaf_language_model`)."""
+    # deepspeed picks its accelerator when imported: init_distributed sets DS_ACCELERATOR first, so import it late
+    import deepspeed
+
+    if config.zero_stage == 3 and config.zero3_leaf_language_model:
+        model.set_language_model_leaf(True)  # before deepspeed.initialize registers ZeRO-3's module hooks
+    optimizer = build_optimizer(model, config)
+    factor = lr_lambda_for(config, max(1, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        config=deepspeed_config(config, use_bf16),
+    )
+    return engine

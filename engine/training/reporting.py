@@ -1,50 +1,130 @@
-"""What people watch during and after a run: a JSONL metrics log (and TensorBoard when installed), a plot of
-loss and validation accuracy per epoch with the stage boundaries marked, and a per-stage summary table."""
+"""What people watch during and after a run: a JSONL metrics log (mirrored to TensorBoard when installed and to
+Weights & Biases when configured), a plot of loss and validation accuracy per epoch with the stage boundaries
+marked, and a per-stage summary table."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from engine.training.config import ConfigError
 from engine.utils.io import atomic_write_bytes, atomic_write_text
 from engine.utils.logging import get_logger
 
 log = get_logger("report")
 
 
-class MetricsLogger:
-    """Appends one JSON object per event to `<run>/metrics.jsonl`; mirrors scalars to TensorBoard if present."""
+def check_wandb_installed() -> None:
+    """Weights & Biases is optional: a config that asks for it needs the package (checked before a run starts)."""
+    if "wandb" in sys.modules:  # imported already (or blocked: None)
+        installed = sys.modules["wandb"] is not None
+    else:
+        installed = importlib.util.find_spec("wandb") is not None
+    if not installed:
+        raise ConfigError("the config asks for Weights & Biases logging (wandb: ...) but the wandb package is not "
+                          "installed: pip install wandb, or remove the wandb key")
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+
+def start_wandb(settings: dict, run_dir: Path, *, run_id: str | None, default_name: str, config: dict | None):
+    """A W&B run for this training run: the same W&B run across resumes (its id is the run id). Offline mode
+    (`mode: offline`) writes under `<run>/wandb` and needs no network (`wandb sync` uploads it later)."""
+    import wandb  # optional dependency, imported only when configured
+
+    return wandb.init(
+        project=settings.get("project"),
+        entity=settings.get("entity"),
+        group=settings.get("group"),
+        tags=settings.get("tags"),
+        notes=settings.get("notes"),
+        name=settings.get("name") or default_name,
+        mode=settings.get("mode", "online"),
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+    )
+
+
+class MetricsLogger:
+    """Appends one JSON object per event to `<run>/metrics.jsonl`: `{"kind", "step", "run_id", "attempt", ...}`
+    (the run id is kept through resumes, `attempt` counts the launches). Scalars also go to TensorBoard (if
+    installed) and to Weights & Biases (`wandb` settings, if given).
+
+    `resumed_at=(step, epoch)`: this launch continues from the checkpoint of that step and epoch. The rows an
+    earlier launch logged after it (work that is done again now) are dropped, so the log keeps one row per kind
+    and step; TensorBoard purges those events too (`purge_step`). W&B keeps its rows for those steps (it ignores
+    a step lower than one it has seen); with an exact resume they are the same numbers."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, *, run_id: str | None = None,
+                 attempt: int | None = None, resumed_at: tuple[int, int] | None = None, wandb: dict | None = None,
+                 name: str = "coconut", config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tags = {k: v for k, v in (("run_id", run_id), ("attempt", attempt)) if v is not None}
         self._tb = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None:
+            self._rewind(*resumed_at)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
-                    self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-                except Exception:  # tensorboard is optional
-                    self._tb = None
+                purge = resumed_at[0] + 1 if resumed_at is not None else None
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            except Exception:  # tensorboard is optional
+                self._tb = None
+        if wandb is not None:
+            self._wandb = start_wandb(wandb, Path(run_dir), run_id=run_id, default_name=name, config=config)
+
+    def _rewind(self, step: int, epoch: int) -> None:
+        """Keep this run's rows up to the checkpoint (`step`, `epoch`); drop the rest."""
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                dropped += 1
+                continue
+            same_run = row.get("run_id") in (None, self.tags.get("run_id"))
+            before = row.get("epoch", 0) <= epoch if row.get("kind") == "epoch" else row.get("step", 0) <= step
+            if same_run and before:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            log.info("metrics.jsonl: dropped %d rows logged after the checkpoint this run resumes from", dropped)
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, **values}
+        record = {"kind": kind, "step": step, **self.tags, **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path | None:
@@ -53,9 +133,7 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
         return None
     import matplotlib
 
-    matplotlib.use("Agg")
-    import io
-
+    matplotlib.use("Agg")  # before pyplot is imported: files only, no display (chosen only once a plot is made)
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]

@@ -1,0 +1,103 @@
+"""The trainer's data: which files (the synthetic task generated into the run directory when no data is given),
+the curriculum settings, and the data loaders of one stage and epoch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+from engine.data.collator import MultimodalCollator
+from engine.data.dataset import CurriculumConfig, CurriculumDataset
+from engine.data.images import find_image_problems
+from engine.data.records import DataError, iter_jsonl
+from engine.data.synthetic import ensure_synthetic
+from engine.training.config import ConfigError, TrainConfig
+from engine.training.distributed import DistEnv, all_gather_objects, run_on_main
+from engine.training.errors import TrainingError
+from engine.utils.logging import get_logger
+
+log = get_logger("train")
+
+
+def curriculum_from_config(config: TrainConfig) -> CurriculumConfig:
+    return CurriculumConfig(
+        c_thought=config.c_thought,
+        max_latent_stage=config.max_latent_stage,
+        pad_latent_to_max=config.pad_latent_to_max,
+        uniform_prob=config.uniform_prob,
+        cot=config.cot,
+        no_cot=config.no_cot,
+        coconut=config.coconut,
+        max_length=config.max_length,
+        overlong=config.overlong,
+    )
+
+
+def data_paths(config: TrainConfig, run_dir: Path, env: DistEnv) -> tuple[Path | None, Path | None]:
+    """(train, val) record files. Without `train_path` the synthetic task is generated into `<run>/data`, or
+    reused when `<run>/data/synthetic.json` records exactly the `synthetic` settings asked for."""
+    if config.train_path is None and not config.only_eval:
+        data_dir = run_dir / "data"
+        run_on_main(lambda: ensure_synthetic(data_dir, config.synthetic_settings), env)
+        return data_dir / "train.jsonl", data_dir / "val.jsonl"
+    if config.only_eval and config.val_path is None:
+        raise ConfigError("only_eval needs val_path (the records to evaluate)")
+    train = Path(config.train_path) if config.train_path else None
+    val = Path(config.val_path) if config.val_path else None
+    for key, path in (("train_path", train), ("val_path", val)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: data file not found: {path}")
+    return train, val
+
+
+def check_record_images(path: Path, records: list[dict], env: DistEnv) -> None:
+    """Decode every image the records of `path` use, before any training: the ranks share the files, each on a
+    pool of threads. DataError naming `file:line`, the record and the problem of each bad one."""
+    images = sorted({r["image"] for r in records if r.get("image")})
+    problems: dict[str, str] = {}
+    for part in all_gather_objects(find_image_problems(images[env.rank :: env.world_size])):
+        problems.update(part)
+    if not problems:
+        return
+    lines = {str(record.get("id")): line for line, record in iter_jsonl(path)}
+    bad = [f"{path}:{lines.get(str(r['id']), '?')}: record {r['id']!r}: {problems[r['image']]}"
+           for r in records if r.get("image") in problems]
+    listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    head = "" if len(bad) == 1 else f"{len(bad)} records of {path} have images that cannot be used: "
+    raise DataError(f"{head}{listed} (fix or remove the record; check_images=false skips this check)")
+
+
+def train_loader(records, tokenizer, image_processor, curriculum, stage: int, epoch: int, *, latent_id: int,
+                 config: TrainConfig, env: DistEnv) -> DataLoader:
+    """The shuffled loader of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same."""
+    dataset = CurriculumDataset(records, tokenizer, image_processor, curriculum, stage, seed=config.seed, epoch=epoch)
+    if len(dataset) == 0:
+        raise TrainingError(f"the training set is empty at stage {stage} (all samples dropped or none given)")
+    sampler = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size_training,
+        sampler=sampler,
+        collate_fn=MultimodalCollator(tokenizer.pad_token_id, latent_id),
+        num_workers=config.num_workers,
+        pin_memory=env.device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def eval_loader(dataset, batch_size: int, collate, *, num_workers: int, env: DistEnv) -> DataLoader:
+    """In order, sharded over the ranks (the sampler pads the last shard with repeats: callers deduplicate)."""
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> int:
+    """Optimizer steps per epoch: micro-batches per rank, rounded down to whole accumulation cycles."""
+    per_rank = math.ceil(num_samples / world_size)
+    micro = math.ceil(per_rank / config.batch_size_training)
+    return max(1, micro // config.gradient_accumulation_steps)

@@ -1,0 +1,81 @@
+"""The model a run trains: built from `model_id` or initialised from `load_model_path` (checked to be the same
+architecture), with the configured latent-pass mode, activation checkpointing and Liger kernels; and the
+fingerprint a checkpoint must match."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from engine.model.loading import BUILTIN_SPECS, builtin_config, load_model
+from engine.model.loading import CheckpointError as ModelPathError
+from engine.training.config import ConfigError, TrainConfig
+from engine.utils.logging import get_logger
+
+log = get_logger("train")
+
+
+def load_training_model(config: TrainConfig, device: torch.device):
+    """(model, tokenizer, image_processor) in fp32 on `device` (DeepSpeed keeps fp32 master weights and casts
+    for bf16 itself)."""
+    kwargs = dict(
+        dtype=torch.float32,
+        device=device,
+        seed=config.seed,
+        attn_implementation=config.attn_implementation,
+        max_tiles=config.max_tiles,
+    )
+    try:
+        if config.load_model_path:
+            path = Path(config.load_model_path)
+            model, tok, proc = load_model(path, **kwargs)
+            check_same_architecture(model, config, path)
+            log.info("initialised from %s", path)
+        else:
+            model, tok, proc = load_model(config.model_id, model_overrides=config.model_overrides or None, **kwargs)
+    except (ModelPathError, ConfigError):
+        raise
+    except ValueError as e:  # an unknown model override or attention backend: a config mistake
+        raise ConfigError(f"model {config.load_model_path or config.model_id!r}: {e}") from e
+    try:
+        model.set_latent_passes(
+            config.latent_passes, prefix_bucket=config.latent_prefix_bucket, final_bucket=config.latent_final_bucket
+        )
+    except RuntimeError as e:
+        raise ConfigError(f"latent_passes={config.latent_passes!r}: {e}") from e
+    model.set_activation_checkpointing(config.activation_checkpointing)
+    try:
+        model.set_liger_kernels(config.liger_pieces)  # also switches off a process-wide piece set earlier
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"liger_kernels={config.liger_kernels!r}: {e}") from e
+    return model, tok, proc
+
+
+def model_fingerprint(model) -> str:
+    """Names and shapes of the parameters: what a checkpoint must match to be loadable."""
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_architecture(model, config: TrainConfig, path: Path) -> None:
+    """`load_model_path` must hold the model that `model_id` describes (same sizes), else say what differs."""
+    if config.model_id not in BUILTIN_SPECS:
+        expected = AutoConfig.from_pretrained(config.model_id, local_files_only=True)
+    else:
+        expected, _ = builtin_config(config.model_id, config.model_overrides or None)
+    got = model.config
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    diffs = []
+    if bool(getattr(expected, "tie_word_embeddings", False)) != bool(getattr(got, "tie_word_embeddings", False)):
+        diffs.append(f"tie_word_embeddings: model_id {config.model_id!r} has {expected.tie_word_embeddings}, "
+                     f"checkpoint has {got.tie_word_embeddings}")
+    for part in ("text_config", "vision_config"):
+        for key in keys:
+            a, b = getattr(getattr(expected, part), key, None), getattr(getattr(got, part), key, None)
+            if a != b:
+                diffs.append(f"{part}.{key}: model_id {config.model_id!r} has {a}, checkpoint has {b}")
+    if diffs:
+        raise ConfigError(f"load_model_path {path} holds another model than model_id describes: " + "; ".join(diffs))

@@ -1,0 +1,246 @@
+"""The run directory `<save_path>/<name>`: what a run writes, how a fresh run, a resumed run and an evaluation
+treat what is already there, and the checkpoints and exports. Rank 0 does the file work; every rank gets its
+outcome (or its error).
+
+    run.json                the run's id and one entry per launch (fresh or resumed, config file, config changes)
+    config.json             the config of the latest launch; configs/NNN.json the config of each launch
+    metrics.jsonl           one JSON object per logged event, tagged with run id and launch (tensorboard/ beside it)
+    checkpoints/epoch_NNN/  DeepSpeed checkpoints with a manifest; `checkpoints/latest` names the newest
+    best/ final/ epoch_NNN/ exports that `load_model` and transformers load
+    history.json summary.md training_curves.png   per-epoch results, the per-stage table and the plot
+    data/                   the generated synthetic task (when no train_path is given)
+
+A fresh run refuses a directory that holds checkpoints or exports of an earlier run (continue it with
+`resume=true`, choose another `name`, or delete it with `overwrite=true`); a directory with no checkpoint or
+export is cleaned and reused. A resumed run keeps its run id; its config may differ from the saved one only
+outside the data, model and curriculum keys unless `allow_config_changes` names the key. Temporaries of an
+interrupted write are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.model.loading import export_model
+from engine.training.checkpoint import (
+    LATEST,
+    TMP_PREFIX,
+    CheckpointError,
+    checkpoint_tags,
+    choose_resume_checkpoint,
+    latest_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
+from engine.training.config import ConfigError, TrainConfig, guarded_config_changes
+from engine.training.distributed import DistEnv, barrier, run_on_main
+from engine.training.reporting import plot_training_curves, write_summary
+from engine.utils.io import atomic_write_json, remove_stale_temporaries
+from engine.utils.logging import get_logger
+
+log = get_logger("train")
+
+# What a training run writes here (data/ is not listed: a synthetic set is reused when its settings match).
+TRAINING_OUTPUTS = ("checkpoints", "best", "final", "metrics.jsonl", "tensorboard", "wandb", "history.json",
+                    "summary.md", "training_curves.png", "config.json", "configs", "run.json")
+_EPOCH_EXPORT = re.compile(r"^epoch_\d+$")
+# temporaries of earlier versions: export folders from mkdtemp, the synthetic set's temporary folder
+_LEGACY_TEMPORARY = re.compile(r"^\.((best|final|epoch_\d+)\.([a-z0-9_]{8}|old)|data\.tmp[a-z0-9_]{8})$")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Which run this is (`run_id`, kept through resumes) and which launch of it (`attempt`, from 1)."""
+
+    run_id: str
+    attempt: int
+    resumed: bool
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunDirectory:
+    def __init__(self, path: Path, env: DistEnv):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.env = env
+        self.last_checkpoint: Path | None = None
+        self.info: RunInfo | None = None
+
+    # ------------------------------------------------------------------ start
+    def start(self, config: TrainConfig) -> RunInfo:
+        """Prepare the directory for this launch (see the module docstring); every rank gets the same RunInfo."""
+        self.info = run_on_main(lambda: self._start(config), self.env)
+        return self.info
+
+    def _start(self, config: TrainConfig) -> RunInfo:
+        cleaned = self._clean_interrupted_writes()
+        if cleaned:
+            log.info("removed %d temporaries of an interrupted write in %s: %s", len(cleaned), self.path,
+                     ", ".join(str(p.relative_to(self.path)) for p in cleaned))
+        if config.only_eval:  # an evaluation writes its own files and leaves a training run's alone
+            atomic_write_json(self.path / "eval_config.json", config.to_dict())
+            return RunInfo(run_id=new_run_id(), attempt=1, resumed=False)
+        if config.resume is True:
+            return self._start_resumed(config)
+        return self._start_fresh(config)
+
+    def _clean_interrupted_writes(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        touched = remove_stale_temporaries(self.path)
+        for entry in sorted(self.path.iterdir()):
+            if _LEGACY_TEMPORARY.match(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                touched.append(entry)
+        if self.checkpoints.is_dir():
+            touched += remove_stale_temporaries(self.checkpoints)
+            for entry in sorted(self.checkpoints.glob(f"{TMP_PREFIX}*")):
+                shutil.rmtree(entry, ignore_errors=True)
+                touched.append(entry)
+        return touched
+
+    def earlier_run_outputs(self) -> list[str]:
+        """Checkpoints and exports of an earlier run in this directory (what a fresh run must not destroy)."""
+        held = [f"checkpoints/{t}" for t in checkpoint_tags(self.checkpoints)]
+        if not held and (self.checkpoints / LATEST).is_file():
+            held.append(f"checkpoints/{LATEST}")
+        if self.path.is_dir():
+            held += [p.name for p in sorted(self.path.iterdir())
+                     if p.is_dir() and (p.name in ("best", "final") or _EPOCH_EXPORT.match(p.name))]
+        return held
+
+    def _remove_training_outputs(self) -> list[str]:
+        removed = []
+        if not self.path.is_dir():
+            return removed
+        for entry in sorted(self.path.iterdir()):
+            if entry.name in TRAINING_OUTPUTS or (entry.is_dir() and _EPOCH_EXPORT.match(entry.name)):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry.name)
+        return removed
+
+    def _start_fresh(self, config: TrainConfig) -> RunInfo:
+        held = self.earlier_run_outputs()
+        if held and not config.overwrite:
+            shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+            raise ConfigError(
+                f"run directory {self.path} already holds a run ({shown}). To continue it: --set resume=true; to keep "
+                f"it and start another: --set name=<another name>; to delete it and start over: --set overwrite=true"
+            )
+        removed = self._remove_training_outputs()
+        if removed:
+            why = "overwrite=true" if held else "it held no checkpoint or export"
+            log.warning("starting over in %s (%s): removed %s", self.path, why, ", ".join(removed))
+        self.path.mkdir(parents=True, exist_ok=True)
+        info = RunInfo(run_id=new_run_id(), attempt=1, resumed=False)
+        record = {"run_id": info.run_id, "created_at": _now(), "launches": []}
+        self._record_launch(record, config, info, changes={})
+        return info
+
+    def _start_resumed(self, config: TrainConfig) -> RunInfo:
+        if not checkpoint_tags(self.checkpoints):
+            raise ConfigError(f"resume=true but {self.checkpoints} holds no checkpoint; start the run without resume")
+        saved = self._read_json(self.path / "config.json") or {}
+        changes = guarded_config_changes(saved, config.to_dict())
+        blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
+        if blocked:
+            listed = "; ".join(f"{k}: {old!r} (saved) -> {new!r}" for k, (old, new) in blocked.items())
+            raise ConfigError(
+                f"resume: the config differs from the one this run was trained with ({self.path / 'config.json'}) in "
+                f"data, model or curriculum keys: {listed}. Use the saved values, or allow the change with "
+                f"--set allow_config_changes=[{','.join(blocked)}] (recorded in {self.path / 'run.json'})"
+            )
+        record = self._read_json(self.path / "run.json")
+        if not isinstance(record, dict) or not record.get("run_id"):  # a run written before run.json existed
+            record = {"run_id": new_run_id(), "created_at": _now(), "launches": []}
+        info = RunInfo(run_id=record["run_id"], attempt=len(record.get("launches", [])) + 1, resumed=True)
+        every_change = guarded_config_changes(saved, config.to_dict(), every_key=True)
+        if every_change:
+            log.info("resume: config changes against the saved run: %s",
+                     "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in every_change.items()))
+        self._record_launch(record, config, info, changes=every_change)
+        return info
+
+    def _record_launch(self, record: dict, config: TrainConfig, info: RunInfo, changes: dict) -> None:
+        """configs/NNN.json and config.json hold this launch's config; run.json lists every launch."""
+        config_file = f"configs/{info.attempt:03d}.json"
+        atomic_write_json(self.path / config_file, config.to_dict())
+        atomic_write_json(self.path / "config.json", config.to_dict())
+        launch = {"attempt": info.attempt, "started_at": _now(), "resume": info.resumed, "config": config_file}
+        if changes:
+            launch["config_changes"] = {k: [old, new] for k, (old, new) in changes.items()}
+        if config.allow_config_changes:
+            launch["allowed_config_changes"] = list(config.allow_config_changes)
+        record.setdefault("launches", []).append(launch)
+        atomic_write_json(self.path / "run.json", record)
+
+    @staticmethod
+    def _read_json(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, engine, epoch: int, state: dict, *, keep: int) -> Path:
+        run_id = self.info.run_id if self.info else None
+        self.last_checkpoint = save_checkpoint(engine, self.checkpoints, epoch, state, is_main=self.env.is_main,
+                                               keep=keep, run_id=run_id)
+        return self.last_checkpoint
+
+    def load_latest(self, engine) -> tuple[str, dict]:
+        """Load the newest checkpoint that verifies into `engine` (rank 0 verifies, every rank loads the same one);
+        returns (tag, the trainer state saved with it)."""
+        tag = run_on_main(lambda: choose_resume_checkpoint(self.checkpoints), self.env)
+        state = load_checkpoint(engine, self.checkpoints, tag)
+        self.last_checkpoint = self.checkpoints / tag
+        return tag, state
+
+    def last_good_checkpoint(self) -> Path | None:
+        """For error messages: the checkpoint a resume would continue from."""
+        if self.last_checkpoint is not None:
+            return self.last_checkpoint
+        try:
+            tag = latest_tag(self.checkpoints)
+        except CheckpointError:
+            return None
+        return self.checkpoints / tag if tag else None
+
+    # ------------------------------------------------------------------ exports
+    def export(self, model, tokenizer, image_processor, name: str, *, zero_stage: int) -> Path:
+        """Export the current weights in the transformers format (gathered from all ranks under ZeRO-3)."""
+        out_dir = self.path / name
+        gather = nullcontext()
+        if zero_stage == 3:
+            import deepspeed  # initialised by then; see optim.build_engine for why it is imported late
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with gather:
+            if self.env.is_main:
+                export_model(model, tokenizer, image_processor, out_dir)
+                log.info("exported %s", out_dir)
+        barrier()
+        return out_dir
+
+    # ------------------------------------------------------------------ reports
+    def write_reports(self, history: list[dict], name: str) -> tuple[str, Path | None]:
+        """summary.md (the per-stage table), training_curves.png and history.json; returns (table, plot)."""
+        title = f"{name}: validation per stage"
+        table = write_summary(history, self.path, title)
+        plot = plot_training_curves(history, self.path / "training_curves.png", title=name)
+        atomic_write_json(self.path / "history.json", history)
+        return table, plot
