@@ -423,9 +423,10 @@ class MultimodalCoconut(nn.Module):
                 width = schedule.one_position_passes
                 name = f"coconut/latent_passes_1-{width}" + ("" if need_cache else "+final")
                 with profile_range(name):
-                    hidden, chunk_in = self._run_latent_block(
-                        block, batch, cache, embeds, inject, start, width, prev_last, keep_inputs, not need_cache
-                    )
+                    end = batch.input_ids.shape[1] if not need_cache else start + width
+                    # latent rows of these columns are replaced inside the block
+                    columns = inject(batch, start, end, None) if inject is not None else embeds[:, start:end]
+                    hidden, chunk_in = block.run_columns(batch, cache, columns, start, prev_last, keep_inputs)
                 index = index + width if need_cache else len(chunks)
             else:
                 with profile_range(schedule.pass_name(index)):
@@ -457,38 +458,6 @@ class MultimodalCoconut(nn.Module):
         if keep_inputs:
             inputs = input_chunks[0] if len(input_chunks) == 1 else torch.cat(input_chunks, dim=1)
         return hidden, inputs, cache
-
-    def _run_latent_block(self, block, batch, cache, embeds, inject, start, width, prev_last, keep_inputs, with_final):
-        """Columns [start, start + width) through `block`, and with `with_final` the final pass too (to the end of
-        the sequence; the cache then stays at the prefix). Otherwise the columns' K/V are appended to `cache`.
-
-        Returns (hidden (B, columns, H), the inputs actually fed when `keep_inputs` else None).
-        """
-        end = batch.input_ids.shape[1] if with_final else start + width
-        if inject is not None:
-            column_embeds = inject(batch, start, end, None)  # latent rows are replaced inside the block
-        else:
-            column_embeds = embeds[:, start:end]
-        layers = cache.layers
-        prefix_kv = torch.stack([t for layer in layers for t in (layer.keys, layer.values)])
-        prefix_kv = prefix_kv.view(len(layers), 2, *prefix_kv.shape[1:])
-        column_is_latent = batch.latent_mask[:, start:end]
-        hidden, latent_kv = block(
-            prev_last,
-            column_embeds,
-            column_is_latent,
-            batch.position_ids[:, start:end],
-            batch.attention_mask[:, :end],
-            prefix_kv,
-            final_columns=end - start - width,
-        )
-        if not with_final:
-            for index in range(len(layers)):
-                cache.update(latent_kv[index, 0], latent_kv[index, 1], index)
-        if not keep_inputs:
-            return hidden, None
-        previous = torch.cat([prev_last[:, None], hidden[:, :-1]], dim=1).to(column_embeds.dtype)
-        return hidden, torch.where(column_is_latent[..., None], previous, column_embeds)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(

@@ -323,6 +323,36 @@ class LatentBlock:
             graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *params
         )
 
+    def run_columns(self, batch, cache, column_embeds, start: int, prev_last, keep_inputs: bool):
+        """The block on a prepared batch (`MultimodalCoconut._passes`): its one-position columns from ``start`` and,
+        when ``column_embeds`` (B, C, H) reaches past them, the final pass too, to the sequence's end (the cache then
+        stays at the prefix); otherwise the columns' K/V are appended to the transformers ``cache``.
+
+        Returns (hidden (B, C, H), the inputs actually fed (thoughts at latent columns) when `keep_inputs` else None).
+        """
+        width = batch.schedule.one_position_passes
+        end = start + column_embeds.shape[1]
+        layers = cache.layers
+        prefix_kv = torch.stack([t for layer in layers for t in (layer.keys, layer.values)])
+        prefix_kv = prefix_kv.view(len(layers), 2, *prefix_kv.shape[1:])
+        column_is_latent = batch.latent_mask[:, start:end]
+        hidden, latent_kv = self(
+            prev_last,
+            column_embeds,
+            column_is_latent,
+            batch.position_ids[:, start:end],
+            batch.attention_mask[:, :end],
+            prefix_kv,
+            final_columns=end - start - width,
+        )
+        if end - start == width:  # no final pass here: the caller continues from the cache
+            for index in range(len(layers)):
+                cache.update(latent_kv[index, 0], latent_kv[index, 1], index)
+        if not keep_inputs:
+            return hidden, None
+        previous = torch.cat([prev_last[:, None], hidden[:, :-1]], dim=1)
+        return hidden, feed_thoughts(column_embeds, column_is_latent, previous)
+
     def graph_body(self, params, inputs, final_columns: int = 0):
         """(run, wrt): what the graphs capture. `run()` computes the block on `inputs` with aliases of `params`;
         `wrt` lists the tensors differentiated: prev, column_embeds, prefix_kv, then one alias per parameter.
