@@ -1,7 +1,7 @@
 """Typed training configuration. YAML files and `--set key=value` overrides map onto `TrainConfig`.
 
 Keys keep the original CoCoNuT names where they exist (c_thought, epochs_per_stage, max_latent_stage,
-pad_latent_to_max, uniform_prob, cot, no_cot, coconut, reset_optimizer, save_only_improve,
+pad_latent_to_max, uniform_prob, cot, no_cot, no_thoughts, coconut, reset_optimizer, save_only_improve,
 load_model_path, resume, only_eval, ...). An unknown key or a value of the wrong type is an error that
 names the key (and the valid keys, or the expected type).
 """
@@ -45,6 +45,12 @@ class TrainConfig:
     coconut: bool = True
     cot: bool = False
     no_cot: bool = False
+    # the paper's ablations (Table 1): w/o thought (the stages drop steps, no thoughts in their place; the
+    # original's key), pause as thought (the thought positions take the `<|latent|>` token's own learned
+    # embedding: same curriculum, no feedback), w/o curriculum (after stage 0, every epoch at the final stage)
+    no_thoughts: bool = False
+    pause_as_thought: bool = False
+    no_curriculum: bool = False
     c_thought: int = 1
     epochs_per_stage: int = 1
     max_latent_stage: int = 3
@@ -92,9 +98,14 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def __post_init__(self):
-        if self.cot and self.no_cot:
-            raise ConfigError("cot and no_cot are exclusive; set at most one")
-        if self.cot or self.no_cot:
+        modes = [name for name in ("cot", "no_cot", "no_thoughts") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ConfigError(f"cot, no_cot and no_thoughts are exclusive; set at most one, got {' and '.join(modes)}")
+        if self.pause_as_thought and modes:
+            raise ConfigError(f"pause_as_thought needs thought positions in the sequences; it cannot go with {modes[0]}")
+        if self.no_curriculum and (self.cot or self.no_cot):
+            raise ConfigError("no_curriculum changes the latent stages; it does not apply to cot or no_cot")
+        if modes:  # as in the original: no thoughts are fed back in these modes
             self.coconut = False
         positive = ("c_thought", "epochs_per_stage", "num_epochs", "batch_size_training", "gradient_accumulation_steps",
                     "max_length", "eval_batch_size", "max_tiles", "eval_every_epochs", "keep_checkpoints", "log_every_steps",

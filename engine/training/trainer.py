@@ -163,6 +163,8 @@ class Trainer:
             uniform_prob=cfg.uniform_prob,
             cot=cfg.cot,
             no_cot=cfg.no_cot,
+            no_thoughts=cfg.no_thoughts,
+            no_curriculum=cfg.no_curriculum,
             coconut=cfg.coconut,
             max_length=cfg.max_length,
             overlong=cfg.overlong,
@@ -171,7 +173,7 @@ class Trainer:
     def stage_for_epoch(self, epoch: int) -> int:
         from engine.data.dataset import stage_for_epoch
 
-        return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum)
+        return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum, self.final_stage)
 
     # ------------------------------------------------------------------ model
     def _load_model(self):
@@ -192,6 +194,7 @@ class Trainer:
             log.info("initialised from %s", path)
         else:
             model, tok, proc = load_model(cfg.model_id, model_overrides=cfg.model_overrides or None, **kwargs)
+        model.thought_feedback = not cfg.pause_as_thought
         try:
             model.set_latent_passes(
                 cfg.latent_passes, prefix_bucket=cfg.latent_prefix_bucket, final_bucket=cfg.latent_final_bucket
@@ -276,7 +279,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def setup(self) -> None:
-        from engine.data.dataset import check_stages
+        from engine.data.dataset import check_stages, max_steps
         from engine.data.records import load_records
 
         cfg = self.config
@@ -286,6 +289,7 @@ class Trainer:
         self.val_records = load_records(val_path, need_answer=not cfg.only_eval) if val_path else []
         if self.train_records and cfg.coconut:
             check_stages(self.train_records, self.curriculum)
+        self.final_stage = self.curriculum.final_stage(max_steps(self.train_records))
         self.model, self.tokenizer, self.image_processor = self._load_model()
         if self.env.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
