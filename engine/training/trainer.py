@@ -394,7 +394,8 @@ class Trainer:
             if engine.is_gradient_accumulation_boundary() or (micro + 1) % gas == 0:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
-                    self.metrics.log("train", self.global_step, loss=loss_sum / loss_count, lr=engine.get_lr()[0], stage=stage)
+                    thoughts = self._thought_stats(out.hidden_states, batch["input_ids"])
+                    self.metrics.log("train", self.global_step, loss=loss_sum / loss_count, lr=engine.get_lr()[0], stage=stage, **thoughts)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", stage=stage, samples_s=f"{samples * self.env.world_size / elapsed:.1f}")
             bar.update(1)
@@ -408,6 +409,14 @@ class Trainer:
             "train_seconds": elapsed,
             "lr": engine.get_lr()[0],
         }
+
+    def _thought_stats(self, hidden_states, input_ids) -> dict:
+        """Norms of this batch's continuous thoughts (engine.eval.thoughts); the embedding scale unless ZeRO-3
+        partitions the embeddings."""
+        from engine.eval.thoughts import thought_norm_stats
+
+        weight = None if self.config.zero_stage == 3 else self.model.base.get_input_embeddings().weight
+        return thought_norm_stats(hidden_states, input_ids, self.model.latent_id, weight)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
