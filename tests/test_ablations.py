@@ -226,3 +226,26 @@ def test_trainer_wires_the_switches(tmp_path):
     assert [jump.stage_for_epoch(e) for e in range(9)] == [0, 0, 2, 2, 2, 2, 2, 2, 2]
     bare = trainer(no_thoughts=True)
     assert bare.curriculum.no_thoughts and not bare.curriculum.use_markers
+
+
+def test_resume_at_an_epoch_schedules_the_lr_over_the_epochs_it_trains(tmp_path):
+    """resume=N starts a fresh run at epoch N (the original's meaning): a decaying schedule ends at its last epoch."""
+    from engine.training.trainer import Trainer
+
+    def lr_factors(resume):
+        values = dict(name=f"r{resume}", save_path=str(tmp_path / "runs"), model_id="tiny",
+                      model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+                      synthetic={"n_train": 8, "n_val": 2, "hops": 2, "seed": 3}, max_latent_stage=2, batch_size_training=4,
+                      epochs_per_stage=1, num_epochs=4, device="cpu", zero_stage=0, lr_schedule="linear", resume=resume)
+        t = Trainer(config_from_dict(values))
+        t.setup()
+        steps = t.steps_per_epoch(len(t.train_records))
+        engine = t._init_engine(t.model, steps)
+        factor = engine.lr_scheduler.lr_lambdas[0]
+        return [factor(s) for s in range(steps * (4 - resume))], steps
+
+    full, steps = lr_factors(0)
+    late, _ = lr_factors(2)
+    assert len(full) == 4 * steps and len(late) == 2 * steps
+    assert late[0] == pytest.approx(1.0) and late[-1] == pytest.approx(1 / (2 * steps))  # decays over 2 epochs
+    assert full[2 * steps - 1] == pytest.approx(0.5 + 1 / (4 * steps))  # halfway over 4

@@ -214,7 +214,9 @@ class Trainer:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        total_steps = max(1, steps_per_epoch * cfg.num_epochs)
+        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains
+        epochs = cfg.num_epochs - (0 if isinstance(cfg.resume, bool) else cfg.resume)
+        total_steps = max(1, steps_per_epoch * epochs)
         factor = lr_lambda_for(cfg, total_steps)
         engine, _, _, _ = deepspeed.initialize(
             model=model,
