@@ -288,14 +288,17 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
 def plot(combined: dict, path: Path) -> Path | None:
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = combined["methods"]
     if not rows:
         return None
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image may lack it: aggregate the parts again on a machine that has it
+        print("[science] matplotlib is not installed: no science.png (run aggregate elsewhere for the plot)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.2))
     names = list(rows)
     for i, method in enumerate(names):

@@ -64,14 +64,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    reset_optimizer: bool = False
+    reset_optimizer: bool = False  # a fresh AdamW state at every stage switch, with warmup_steps of warmup again
     save_only_improve: bool = False
     bf16: bool = False  # used on GPU; CPU runs train in fp32
     seed: int = 0
 
     # ---- engine settings
     zero_stage: int = 2
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear LR warmup at the start, and after every optimizer reset
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
@@ -121,6 +121,10 @@ class TrainConfig:
             raise ConfigError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):

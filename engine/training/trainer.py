@@ -3,7 +3,8 @@
 One `Trainer(config).run()` covers the three launches (plain `python`, `torchrun`, `deepspeed`), CPU and GPU:
 
 - the stage of epoch e is `e // epochs_per_stage` (0 with `cot`/`no_cot`); the datasets are rebuilt per epoch
-  for that stage, and the optimizer state is reset at stage boundaries when `reset_optimizer` is set;
+  for that stage, and the optimizer state is reset at stage boundaries (its LR warmup restarted) when
+  `reset_optimizer` is set;
 - every epoch ends with validation (loss and batched generation) and an atomic DeepSpeed checkpoint; the
   best epoch is exported in the transformers format (`<run>/best`), the last one too (`<run>/final`);
 - data order depends only on (seed, epoch), and the checkpoint holds model, optimizer, LR schedule and the
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from engine.training.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from engine.training.config import ConfigError, TrainConfig
+from engine.training.lr_schedule import LRFactor, restart_warmup
 from engine.training.distributed import (
     DistEnv,
     all_gather_objects,
@@ -53,22 +55,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda_for(config: TrainConfig, total_steps: int):
-    """Linear warmup, then constant, linear or cosine decay down to `min_lr_ratio` of the peak."""
-    warmup = config.warmup_steps
-    floor = config.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if config.lr_schedule == "constant" or total_steps <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if config.lr_schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def lr_lambda_for(config: TrainConfig, total_steps: int) -> LRFactor:
+    """Linear warmup (restarted when the optimizer is reset), then constant, linear or cosine decay down to
+    `min_lr_ratio` of the peak (engine/training/lr_schedule.py)."""
+    return LRFactor(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
 
 
 def reset_optimizer_state(engine) -> int:
@@ -323,6 +313,7 @@ class Trainer:
                 stage = self.stage_for_epoch(epoch)
                 if epoch > 0 and cfg.reset_optimizer and stage != self.stage_for_epoch(epoch - 1):
                     cleared = reset_optimizer_state(self.engine)
+                    restart_warmup(self.engine.lr_scheduler)  # a fresh Adam gets its warmup again
                     log.info("stage %d begins: optimizer state reset (%d parameter states cleared)", stage, cleared)
                 train_stats = self.train_epoch(epoch, stage)
                 record = {"epoch": epoch + 1, "stage": stage, **train_stats}
