@@ -9,6 +9,7 @@ import torch
 
 from engine.data.synthetic import question_cells
 from engine.eval.thoughts import (
+    answer_attention,
     forward_with_attentions,
     layer_choice,
     peak_on_step,
@@ -121,3 +122,28 @@ def test_cli_writes_figures_and_summary(tmp_path, tiny):
     assert len(hits["peak_on_step"]) == 2 and len(hits["peak_on_step"][0]) == 2 and hits["samples"] == 2
     assert saved["aggregate"]["chance"] == pytest.approx(1 / 16)
     assert summary["aggregate"]["num_samples"] == 2
+
+
+def test_answer_position_attention(tiny_model, tiny_tok):
+    """The map of the position that predicts the answer: the last generated '#' token, read from one forward over
+    prompt + generation; a row with no '#' gets none; right-padding the shorter generation changes nothing."""
+    from tests.helpers import pad_batch
+
+    model, tok = tiny_model, tiny_tok
+    rows = [sample_ids(tok, model, n_latents=2, tail="")[:-1], sample_ids(tok, model, question="Move up.", n_latents=2, tail="")[:-1]]
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[True, True])
+    pv = random_pixels(2, model.config.vision_config.image_size[0], 9)
+    answer = tok("right: row 0, column 1, red\n### red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    plain = tok("red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    generated = torch.full((2, len(answer)), tok.pad_token_id)
+    generated[0] = torch.tensor(answer)
+    generated[1, : len(plain)] = torch.tensor(plain)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+    maps = answer_attention(model, tok, batch, generated, [0, 1])
+    assert maps[1] is None and sorted(maps[0]) == [0, 1] and len(maps[0][0]) == model.tokens_per_tile
+    mark = max(i for i, t in enumerate(answer) if "#" in tok.decode([t]))
+    alone = torch.cat([ids[:1], generated[:1, : mark + 1]], 1)
+    result = forward_with_attentions(model, alone, torch.cat([mask[:1], torch.ones(1, mark + 1, dtype=mask.dtype)], 1), pv[:1])
+    cols = (ids[0] == model.image_token_id).nonzero().flatten()
+    want = result.attentions[1][0].mean(0)[ids.shape[1] + mark, cols]
+    torch.testing.assert_close(torch.tensor(maps[0][1]), want, atol=1e-6, rtol=0)

@@ -6,7 +6,8 @@
 For every sample, one PNG: the image, then for each continuous thought a heatmap of the attention that the
 thought's position pays to the visual tokens (averaged over heads) in an early, a middle and a late layer,
 the tokens the thought decodes to through the lm_head, and the thought's norm against the norms of the
-token embeddings. Plus `summary.json` with the same numbers for every sample and their aggregates.
+token embeddings; one more column shows the position that predicts the answer (after the generated `###`).
+Plus `summary.json` with the same numbers for every sample and their aggregates.
 
 How the attention weights are obtained: the model's causal iterative forward (`prepare` + `run_passes`)
 computes the thoughts; one plain transformers forward of the language model over the inputs actually fed
@@ -18,7 +19,8 @@ Positions: thought k is fed at its latent position p_k (its input embedding) and
 last-layer hidden state there; the `<|start-latent|>` marker for the first thought). The heatmaps show the
 thought's own position p_k; the summary reports both. On the built-in task (`engine.data.synthetic`), where
 the walk's cells are known, the summary counts how often the attention peak of thought k lands on the cell
-of each step j: `peak_on_step[k][j]`, whose diagonal is "thought k re-reads the image where step k looks".
+of each step j: `peak_on_step[k][j]`, whose diagonal is "thought k re-reads the image where step k looks", and
+how often the answer position's peak lands on each step's cell (`answer_peak_on_step`).
 
 `thought_norm_stats` gives the norm statistics of a training forward's thoughts (logged by the trainer).
 """
@@ -175,6 +177,8 @@ class SampleThoughts:
     tile: int  # which tile the maps cover (0 for one tile, the thumbnail otherwise)
     prediction: str | None = None
     correct: bool | None = None
+    # per layer: the same map for the position that predicts the answer (the last generated token holding '#')
+    answer_attention: dict[int, list[float]] | None = None
 
 
 def _whole_image_tile(num_tiles: int) -> int:
@@ -229,6 +233,40 @@ def analyse_batch(model, tokenizer, batch: dict, *, top_k: int = 5, layers: Sequ
     return samples
 
 
+@torch.no_grad()
+def answer_attention(model, tokenizer, batch: dict, generated: torch.Tensor, layers: Sequence[int]) -> list[dict | None]:
+    """Per row, per layer: the head-averaged attention over the whole-image tile of the position that predicts the
+    answer (`... ### answer`: the last generated token holding '#'), from the prompt plus the generated tokens up
+    to it; None for a row whose generation holds no '#'."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    marks = []
+    for row in range(rows):
+        pieces = [tokenizer.decode([int(t)]) for t in generated[row].tolist()]
+        hits = [i for i, piece in enumerate(pieces) if "#" in piece and int(generated[row, i]) != model.eos_token_id]
+        marks.append(hits[-1] if hits else None)
+    if all(m is None for m in marks):
+        return [None] * rows
+    extra = max(m for m in marks if m is not None) + 1
+    tail = generated[:, :extra].to(ids.device)
+    tail_mask = torch.zeros_like(tail, dtype=mask.dtype)
+    for row, m in enumerate(marks):
+        if m is not None:
+            tail_mask[row, : m + 1] = 1
+    result = forward_with_attentions(model, torch.cat([ids, tail], 1), torch.cat([mask, tail_mask], 1), batch.get("pixel_values"))
+    per_tile = model.tokens_per_tile
+    out = []
+    for row, m in enumerate(marks):
+        if m is None:
+            out.append(None)
+            continue
+        image_cols = (ids[row] == model.image_token_id).nonzero().flatten()
+        tile = _whole_image_tile(len(image_cols) // per_tile)
+        cols = image_cols[tile * per_tile : (tile + 1) * per_tile]
+        out.append({layer: result.attentions[layer][row].float().mean(0)[width + m, cols].tolist() for layer in layers})
+    return out
+
+
 # ---------------------------------------------------------------------- the built-in task: peaks on the walk
 def peak_on_step(maps: list[list[float]], cells: list[tuple[int, int]], grid: int) -> list[list[int]]:
     """`hits[k][j]` = 1 when the attention peak of thought k lies on the cell of step j (0-based)."""
@@ -267,7 +305,10 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
 
     layers = sorted(sample.attention)
     k_count = len(sample.thought_positions)
-    cols = max(1, k_count)
+    columns = [(f"thought {k + 1}", {layer: sample.attention[layer][k] for layer in layers}, k) for k in range(k_count)]
+    if sample.answer_attention:
+        columns.append(("answer", sample.answer_attention, len(cells) - 1 if cells else None))
+    cols = max(1, len(columns))
     fig = plt.figure(figsize=(2.6 * (cols + 1), 2.4 * (len(layers) + 1) + 0.6))
     spec = fig.add_gridspec(len(layers) + 1, cols + 1)
     image = None
@@ -287,9 +328,9 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
     verdict = "" if sample.correct is None else (" (correct)" if sample.correct else " (wrong)")
     ax.set_title(f"answer {record.get('answer')!r}\npredicted {sample.prediction!r}{verdict}", fontsize=8)
     for li, layer in enumerate(layers):
-        for k in range(k_count):
-            ax = fig.add_subplot(spec[li, k + 1])
-            weights = sample.attention[layer][k]
+        for ci, (label, maps, step) in enumerate(columns):
+            ax = fig.add_subplot(spec[li, ci + 1])
+            weights = maps[layer]
             if weights:
                 side = math.isqrt(len(weights))
                 heat = np.asarray(weights, dtype=np.float32).reshape(side, side)
@@ -301,12 +342,13 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
                 pr, pc = divmod(peak, side)
                 scale = (image.shape[0] / side) if image is not None else 1.0
                 ax.plot((pc + 0.5) * scale, (pr + 0.5) * scale, "c+", markersize=12, mew=2)
-                if cells and k < len(cells) and image is not None:
-                    r, c = cells[k]
+                if cells and step is not None and step < len(cells) and image is not None:
+                    r, c = cells[step]  # the cell of the step this position stands for
                     ch = image.shape[0] / grid
                     ax.add_patch(matplotlib.patches.Rectangle((c * ch, r * ch), ch, ch, fill=False, ec="lime", lw=2))
             ax.set_axis_off()
-            ax.set_title(f"thought {k + 1}, layer {layer}\nimage mass {sample.image_mass[layer][k]:.2f}", fontsize=7)
+            mass = f"\nimage mass {sample.image_mass[layer][step]:.2f}" if label != "answer" else f"\nimage mass {sum(weights):.2f}"
+            ax.set_title(f"{label}, layer {layer}{mass}", fontsize=7)
     # Bottom row: what each thought decodes to, and its norm against the token embeddings.
     ax = fig.add_subplot(spec[len(layers), 0])
     ax.hist(embedding_norms.numpy(), bins=40, color="lightgray", label="token embeddings")
@@ -388,6 +430,14 @@ def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int |
                     "samples": int(counts[0, 0]),
                 }
         out[f"peak_on_step_{name}"] = per_layer
+    answer = {}
+    for layer in sorted(samples[0].attention) if samples else []:
+        hits = [peak_on_step([s.answer_attention[layer]], cells, grid)[0]
+                for s, cells in zip(samples, cells_per_sample) if cells and s.answer_attention]
+        steps = {len(h) for h in hits}
+        if hits and len(steps) == 1:
+            answer[str(layer)] = {"peak_on_step": torch.tensor(hits, dtype=torch.float64).mean(0).tolist(), "samples": len(hits)}
+    out["answer_peak_on_step"] = answer
     out["chance"] = 1.0 / (grid * grid)
     return out
 
@@ -427,18 +477,19 @@ def run(args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=GenerationCollator(tokenizer.pad_token_id))
     embedding_norms = model.base.get_input_embeddings().weight.detach().float().norm(dim=-1).cpu()
     samples: list[SampleThoughts] = []
-    max_difference = 0.0
     for batch in loader:
         batch = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         result = analyse_batch(model, tokenizer, batch, top_k=args.top_k)
         with torch.no_grad():
             tokens = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                                     max_new_tokens=args.max_new_tokens).cpu()
+        answers = answer_attention(model, tokenizer, batch, tokens, sorted(result[0].attention)) if result else []
         for row, sample in enumerate(result):
             n = answer_length(tokens[row], model.eos_token_id)
             scored = score_record(sample.record, tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True))
             sample.prediction = scored["prediction"]
             sample.correct = bool(scored["correct"]) if "correct" in scored else None
+            sample.answer_attention = answers[row]
         samples.extend(result)
     cells_per_sample = [walk_cells_of(s.record, grid) for s in samples]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,6 +506,9 @@ def run(args: argparse.Namespace) -> dict:
         if cells:
             entry["walk_cells"] = cells
             entry["peak_on_step"] = {str(layer): peak_on_step(sample.attention[layer], cells, grid) for layer in sample.attention}
+            if sample.answer_attention:
+                entry["answer_peak_on_step"] = {str(layer): peak_on_step([maps], cells, grid)[0]
+                                                for layer, maps in sample.answer_attention.items()}
         entries.append(entry)
     summary = {
         "model": str(model_dir), "data": str(data_path), "stage": stage, "c_thought": c_thought,
