@@ -12,9 +12,9 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout
 # Each run generates the synthetic data into its own folder from the same seed: the same samples for all three.
 for r in $RUNS; do
   case $r in
-    coconut) run synthetic-gpu 380 ;;
-    nocot) run synthetic-gpu-nocot 240 --set no_cot=true --set num_epochs=8 ;;
-    cot) run synthetic-gpu-cot 330 --set cot=true --set num_epochs=8 ;;
+    coconut) run synthetic-gpu 480 ;;
+    nocot) run synthetic-gpu-nocot 300 --set no_cot=true ;;
+    cot) run synthetic-gpu-cot 420 --set cot=true ;;
     *) echo "unknown run $r (coconut, nocot, cot)"; exit 2 ;;
   esac
 done

@@ -8,7 +8,7 @@ A training sample (DESIGN.md):
 The pieces are tokenised separately and concatenated (as the original CoCoNuT does), so the latent and
 marker ids are exact whatever the tokenizer merges. Labels are -100 on the image span, the question, the
 markers and the latents; the targets are the remaining steps, `### answer` and eos. The markers are present
-in CoCoNuT mode (also at stage 0, around zero latents) and absent with `cot` / `no_cot`.
+in CoCoNuT mode (also at stage 0, around zero latents) and absent with `cot`, `no_cot` and `no_thoughts`.
 
 How many steps a stage removes and how many thoughts replace them (`num_latents_for_stage`) follows the
 original's rules; text is tokenised once per data set, images are decoded lazily in `__getitem__` (so data
@@ -55,6 +55,10 @@ class CurriculumConfig:
     - `pad_latent_to_max`: keep the scheduled number of thoughts even for samples with fewer steps.
     - `uniform_prob`: probability that a training sample uses a random stage instead of the scheduled one.
     - `cot`: plain chain of thought (stage 0, no markers); `no_cot`: question -> answer (no steps, no markers).
+    - `no_thoughts` (the paper's "w/o thought" ablation): the stages remove steps as usual but insert no
+      thoughts and no markers in their place.
+    - `no_curriculum` (the paper's "w/o curriculum" ablation): after stage 0 every epoch trains at the final
+      stage (`stage_for_epoch`).
     - `coconut`: the model feeds thoughts back (does not change the sequences).
     - `max_length`: longest sequence (image tokens included); `overlong`: "drop" (counted, warned) or "error".
     """
@@ -65,6 +69,8 @@ class CurriculumConfig:
     uniform_prob: float = 0.0
     cot: bool = False
     no_cot: bool = False
+    no_thoughts: bool = False
+    no_curriculum: bool = False
     coconut: bool = True
     max_length: int = 2048
     overlong: str = "drop"
@@ -76,8 +82,11 @@ class CurriculumConfig:
             raise ValueError(f"max_latent_stage must be an integer >= 0, got {self.max_latent_stage!r}")
         if not 0.0 <= float(self.uniform_prob) <= 1.0:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob!r}")
-        if self.cot and self.no_cot:
-            raise ValueError("cot and no_cot are exclusive; set at most one")
+        modes = [name for name in ("cot", "no_cot", "no_thoughts") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ValueError(f"cot, no_cot and no_thoughts are exclusive; set at most one, got {' and '.join(modes)}")
+        if self.no_curriculum and (self.cot or self.no_cot):
+            raise ValueError("no_curriculum changes the latent stages; it does not apply to cot or no_cot")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
         if self.overlong not in OVERLONG_POLICIES:
@@ -85,25 +94,47 @@ class CurriculumConfig:
 
     @property
     def use_markers(self) -> bool:
-        """`<|start-latent|>` / `<|end-latent|>` surround the thoughts unless in cot / no_cot mode."""
-        return not (self.cot or self.no_cot)
+        """`<|start-latent|>` / `<|end-latent|>` surround the thoughts unless in cot / no_cot / no_thoughts mode."""
+        return not (self.cot or self.no_cot or self.no_thoughts)
+
+    def final_stage(self, most_steps: int) -> int:
+        """The first stage whose sequences every later stage repeats, for data whose longest sample has
+        `most_steps` steps: `max_latent_stage` when no sample has more steps than that, else
+        `max_latent_stage + 1` (the stage that also removes the steps beyond it). 0 with cot / no_cot."""
+        if self.cot or self.no_cot:
+            return 0
+        return self.max_latent_stage if most_steps <= self.max_latent_stage else self.max_latent_stage + 1
 
 
-def stage_for_epoch(epoch: int, epochs_per_stage: int, config: CurriculumConfig) -> int:
-    """The scheduled stage: `epoch // epochs_per_stage`, always 0 with `cot` or `no_cot`."""
+def stage_for_epoch(epoch: int, epochs_per_stage: int, config: CurriculumConfig, final_stage: int | None = None) -> int:
+    """The stage of `epoch`: `epoch // epochs_per_stage`, always 0 with `cot` or `no_cot`.
+
+    With `final_stage` (`CurriculumConfig.final_stage` of the training data) the stage stops there: later
+    epochs train on the same sequences, so they count as the final stage (an epoch budget past the
+    curriculum lengthens the final stage, as the original's recipes do). With `no_curriculum`, every epoch
+    after stage 0 is at `final_stage`, which must then be given.
+    """
     if epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     if config.cot or config.no_cot:
         return 0
-    return epoch // epochs_per_stage
+    if final_stage is not None and final_stage < 0:
+        raise ValueError(f"final_stage must be >= 0, got {final_stage}")
+    stage = epoch // epochs_per_stage
+    if config.no_curriculum:
+        if final_stage is None:
+            raise ValueError("no_curriculum needs final_stage: the stage every epoch after stage 0 trains at")
+        return 0 if stage == 0 else final_stage
+    return stage if final_stage is None else min(stage, final_stage)
 
 
 def num_latents_for_stage(stage: int, num_steps: int, config: CurriculumConfig) -> tuple[int, int]:
     """`(steps_removed, n_latents)` for a sample with `num_steps` steps at `stage`.
 
     - `no_cot`: every step removed, no thoughts. `cot`: nothing removed (stage 0).
+    - `no_thoughts`: the steps of the stage removed as below, no thoughts in their place.
     - stage <= max_latent_stage: the first `min(stage, num_steps)` steps are removed; each becomes
       `c_thought` thoughts (with `pad_latent_to_max`, `stage * c_thought` thoughts even when the sample has
       fewer steps).
@@ -122,11 +153,12 @@ def num_latents_for_stage(stage: int, num_steps: int, config: CurriculumConfig) 
     if config.cot:
         return 0, 0
     top = config.max_latent_stage
+    per_step = 0 if config.no_thoughts else config.c_thought
     if stage > top:
         thoughts = top if config.pad_latent_to_max else min(top, num_steps)
-        return num_steps, thoughts * config.c_thought
+        return num_steps, thoughts * per_step
     thoughts = stage if config.pad_latent_to_max else min(stage, num_steps)
-    return min(stage, num_steps), thoughts * config.c_thought
+    return min(stage, num_steps), thoughts * per_step
 
 
 def max_steps(records: Sequence[dict]) -> int:

@@ -143,13 +143,25 @@ def read_cell_colour(pixels: np.ndarray, row: int, column: int, grid: int) -> st
     return PALETTE[int(np.argmin(distances))][0]
 
 
-def solve(image, question: str, *, grid: int = 4) -> tuple[list[str], str]:
-    """Steps and answer of a question, computed from the image pixels and the question text alone."""
+def parse_question(question: str) -> tuple[str, list[str]]:
+    """`(corner, moves)` of a question of the task; ValueError for any other text."""
     match = _QUESTION.fullmatch(question.strip())
     if match is None:
         raise ValueError(f"not a question of the synthetic task: {question!r}")
-    start = corner_cell(f"{match.group(1)}-{match.group(2)}", grid)
-    moves = match.group(3).split(", ")
+    return f"{match.group(1)}-{match.group(2)}", match.group(3).split(", ")
+
+
+def question_cells(question: str, grid: int = 4) -> list[tuple[int, int]]:
+    """The cell `(row, column)` that each step of the question's walk reaches (step k -> entry k - 1): what
+    the k-th reasoning step, or the thought that replaces it, has to look at in the image."""
+    corner, moves = parse_question(question)
+    return walk_cells(corner_cell(corner, grid), moves)
+
+
+def solve(image, question: str, *, grid: int = 4) -> tuple[list[str], str]:
+    """Steps and answer of a question, computed from the image pixels and the question text alone."""
+    corner, moves = parse_question(question)
+    start = corner_cell(corner, grid)
     pixels = _pixels(image)
     steps, colour = [], None
     for move, (row, col) in zip(moves, walk_cells(start, moves)):

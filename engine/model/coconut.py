@@ -123,6 +123,9 @@ class MultimodalCoconut(nn.Module):
         self._latent_blocks: dict[bool, object] = {}
         self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
         self.activation_checkpointing = False  # set_activation_checkpointing
+        # False: `<|latent|>` is an ordinary token whose own learned embedding fills every thought position (the
+        # paper's "pause as thought" ablation); `prepare` then schedules no feedback, for training and generation.
+        self.thought_feedback = True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -292,10 +295,11 @@ class MultimodalCoconut(nn.Module):
             raise ValueError(
                 f"pixel_values must be (total_tiles, 3, H, W) as in transformers, got shape {tuple(pixel_values.shape)}"
             )
+        feedback_id = self.latent_id if self.thought_feedback else -1  # -1: no position takes a thought
         schedule, tiles_per_row = build_schedule(
             input_ids,
             attention_mask,
-            latent_id=self.latent_id,
+            latent_id=feedback_id,
             image_token_id=self.image_token_id,
             tokens_per_tile=self.tokens_per_tile,
             num_tiles=None if pixel_values is None else int(pixel_values.shape[0]),
@@ -320,7 +324,7 @@ class MultimodalCoconut(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
-            latent_mask=input_ids == self.latent_id,
+            latent_mask=input_ids == feedback_id,
             image_features=image_features,
             schedule=schedule,
             tiles_per_row=tiles_per_row,

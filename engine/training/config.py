@@ -1,7 +1,7 @@
 """Typed training configuration. YAML files and `--set key=value` overrides map onto `TrainConfig`.
 
 Keys keep the original CoCoNuT names where they exist (c_thought, epochs_per_stage, max_latent_stage,
-pad_latent_to_max, uniform_prob, cot, no_cot, coconut, reset_optimizer, save_only_improve,
+pad_latent_to_max, uniform_prob, cot, no_cot, no_thoughts, coconut, reset_optimizer, save_only_improve,
 load_model_path, resume, only_eval, ...). An unknown key or a value of the wrong type is an error that
 names the key (and the valid keys, or the expected type).
 """
@@ -54,11 +54,19 @@ class TrainConfig:
     coconut: bool = True
     cot: bool = False
     no_cot: bool = False
+    # the paper's ablations (Table 1): w/o thought (the stages drop steps, no thoughts in their place; the
+    # original's key), pause as thought (the thought positions take the `<|latent|>` token's own learned
+    # embedding: same curriculum, no feedback), w/o curriculum (after stage 0, every epoch at the final stage)
+    no_thoughts: bool = False
+    pause_as_thought: bool = False
+    no_curriculum: bool = False
     c_thought: int = 1
     epochs_per_stage: int = 1
     max_latent_stage: int = 3
     pad_latent_to_max: bool = False
-    uniform_prob: float = 0.0
+    # a random stage (0..steps) for this share of the training samples. 0.3, not the original's 0.0: trained from
+    # stage 1 on, the final stage (answer from thoughts alone) no longer starts cold (benchmarks/RESULTS.md)
+    uniform_prob: float = 0.3
     max_length: int = 2048
 
     # ---- optimisation (original CoCoNuT names)
@@ -67,14 +75,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    reset_optimizer: bool = False
+    reset_optimizer: bool = False  # a fresh AdamW state at every stage switch, with warmup_steps of warmup again
     save_only_improve: bool = False
     bf16: bool = False  # used on GPU; CPU runs train in fp32
     seed: int = 0
 
     # ---- engine settings
     zero_stage: int = 2
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear LR warmup at the start, and after every optimizer reset
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
@@ -118,9 +126,14 @@ class TrainConfig:
     wandb: dict | None = None
 
     def __post_init__(self):
-        if self.cot and self.no_cot:
-            raise ConfigError("cot and no_cot are exclusive; set at most one")
-        if self.cot or self.no_cot:
+        modes = [name for name in ("cot", "no_cot", "no_thoughts") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ConfigError(f"cot, no_cot and no_thoughts are exclusive; set at most one, got {' and '.join(modes)}")
+        if self.pause_as_thought and modes:
+            raise ConfigError(f"pause_as_thought needs thought positions in the sequences; it cannot go with {modes[0]}")
+        if self.no_curriculum and (self.cot or self.no_cot):
+            raise ConfigError("no_curriculum changes the latent stages; it does not apply to cot or no_cot")
+        if modes:  # as in the original: no thoughts are fed back in these modes
             self.coconut = False
         positive = ("c_thought", "epochs_per_stage", "num_epochs", "batch_size_training", "gradient_accumulation_steps",
                     "max_length", "eval_batch_size", "max_tiles", "eval_every_epochs", "keep_checkpoints", "log_every_steps",
@@ -136,6 +149,10 @@ class TrainConfig:
             raise ConfigError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):

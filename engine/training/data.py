@@ -29,6 +29,8 @@ def curriculum_from_config(config: TrainConfig) -> CurriculumConfig:
         uniform_prob=config.uniform_prob,
         cot=config.cot,
         no_cot=config.no_cot,
+        no_thoughts=config.no_thoughts,
+        no_curriculum=config.no_curriculum,
         coconut=config.coconut,
         max_length=config.max_length,
         overlong=config.overlong,

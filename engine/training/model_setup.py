@@ -40,6 +40,7 @@ def load_training_model(config: TrainConfig, device: torch.device):
         raise
     except ValueError as e:  # an unknown model override or attention backend: a config mistake
         raise ConfigError(f"model {config.load_model_path or config.model_id!r}: {e}") from e
+    model.thought_feedback = not config.pause_as_thought  # pause as thought: <|latent|> is an ordinary token
     try:
         model.set_latent_passes(
             config.latent_passes, prefix_bucket=config.latent_prefix_bucket, final_bucket=config.latent_final_bucket

@@ -11,12 +11,11 @@ which the config's `deepspeed` dict overrides key by key. `build_engine` puts th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from engine.training.config import OPTIMIZERS, ConfigError, TrainConfig
 from engine.training.errors import TrainingError
+from engine.training.lr_schedule import LRFactor
 
 # DeepSpeed's ZeRO settings per stage, before the user's `deepspeed` overrides. The GPU sweep that chooses between
 # them: benchmarks/gpu/train_scale.sh (bench_train_step --zero-settings), results in benchmarks/RESULTS.md.
@@ -86,22 +85,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         raise ConfigError(f"optimizer={name} does not run on {device}: {e}") from e
 
 
-def lr_lambda_for(config: TrainConfig, total_steps: int):
-    """Linear warmup, then constant, linear or cosine decay down to `min_lr_ratio` of the peak."""
-    warmup = config.warmup_steps
-    floor = config.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if config.lr_schedule == "constant" or total_steps <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if config.lr_schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def lr_lambda_for(config: TrainConfig, total_steps: int) -> LRFactor:
+    """Linear warmup (restarted when the optimizer is reset), then constant, linear or cosine decay down to
+    `min_lr_ratio` of the peak (engine/training/lr_schedule.py)."""
+    return LRFactor(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
 
 
 def reset_optimizer_state(engine) -> int:

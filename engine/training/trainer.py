@@ -27,15 +27,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.data.dataset import check_stages, stage_for_epoch
+from engine.data.dataset import check_stages, max_steps, stage_for_epoch
 from engine.data.records import load_records
 from engine.eval.evaluate import official_predictions
+from engine.eval.thoughts import thought_norm_stats
 from engine.training import data
 from engine.training.checkpoint import CheckpointMismatchError
 from engine.training.config import ConfigError, TrainConfig
 from engine.training.distributed import DistEnv, Lockstep, all_reduce_mean, init_distributed
 from engine.training.errors import TrainingError
 from engine.training.model_setup import load_training_model, model_fingerprint
+from engine.training.lr_schedule import restart_warmup
 from engine.training.optim import build_engine, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
 from engine.training.run_dir import RunDirectory
@@ -108,7 +110,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def stage_for_epoch(self, epoch: int) -> int:
-        return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum)
+        return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum, self.final_stage)
 
     def setup(self) -> None:
         cfg = self.config
@@ -122,6 +124,8 @@ class Trainer:
                     data.check_record_images(path, records, self.env)
         if self.train_records and cfg.coconut:
             check_stages(self.train_records, self.curriculum)
+        # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do)
+        self.final_stage = self.curriculum.final_stage(max_steps(self.train_records)) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
         self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records)
         if self.env.is_main:
@@ -145,7 +149,9 @@ class Trainer:
     def prepare_training(self) -> None:
         """The DeepSpeed engine, the state of the checkpoint resumed from (`resume=true`), the metrics log."""
         cfg = self.config
-        total_steps = self.steps_per_epoch(len(self.train_records)) * cfg.num_epochs
+        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains
+        epochs = cfg.num_epochs - (0 if isinstance(cfg.resume, bool) else cfg.resume)
+        total_steps = self.steps_per_epoch(len(self.train_records)) * epochs
         self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
         resumed_at = None
         if cfg.resume is True:
@@ -171,6 +177,7 @@ class Trainer:
                 stage = self.stage_for_epoch(epoch)
                 if epoch > 0 and cfg.reset_optimizer and stage != self.stage_for_epoch(epoch - 1):
                     cleared = reset_optimizer_state(self.engine)
+                    restart_warmup(self.engine.lr_scheduler)  # a fresh Adam gets its warmup again
                     log.info("stage %d begins: optimizer state reset (%d parameter states cleared)", stage, cleared)
                 train_stats = self.train_epoch(epoch, stage)
                 record = {"epoch": epoch + 1, "stage": stage, **train_stats}
@@ -268,7 +275,8 @@ class Trainer:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
                     mean = losses.collect()  # the one synchronisation of a log interval
-                    self.metrics.log("train", self.global_step, loss=mean, lr=engine.get_lr()[0], stage=stage)
+                    thoughts = self._thought_stats(out.hidden_states, batch["input_ids"])
+                    self.metrics.log("train", self.global_step, loss=mean, lr=engine.get_lr()[0], stage=stage, **thoughts)
                     rate = samples * self.env.world_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{mean:.3f}", stage=stage, samples_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
@@ -283,6 +291,12 @@ class Trainer:
             "train_seconds": elapsed,
             "lr": engine.get_lr()[0],
         }
+
+    def _thought_stats(self, hidden_states, input_ids) -> dict:
+        """Norms of this batch's continuous thoughts against the token embeddings' (`engine.eval.thoughts`); the
+        embedding scale is left out when ZeRO-3 partitions the embeddings."""
+        weight = None if self.config.zero_stage == 3 else self.model.base.get_input_embeddings().weight
+        return thought_norm_stats(hidden_states, input_ids, self.model.latent_id, weight)
 
     # ------------------------------------------------------------------ checkpoints and exports
     def export(self, name: str) -> Path:

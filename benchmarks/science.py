@@ -1,0 +1,373 @@
+"""The paper's Table 1 on the built-in task: CoCoNuT against CoT, no-CoT and its three ablations, several seeds.
+
+    python -m benchmarks.science run --out OUT [--seeds 0,1,2] [--methods coconut,cot,...] [--max-parallel 6]
+        [--config recipes/configs/synthetic_gpu.yaml] [--work DIR] [--time-limit-s 540] [--smoke] [--set KEY=VALUE]
+    python -m benchmarks.science aggregate --out OUT PART.json [PART.json ...]
+
+`run` trains every (method, seed) pair with `recipes/train_coconut.py`, several processes at once on the
+same device(s) (`--max-parallel`), all on one copy of the synthetic data (generated once from the config's
+data seed; the seeds vary the model's initialisation and the data order). Bulky outputs (data, checkpoints,
+exports, logs) go to `--work`; `--out` receives only `science_part_<seeds>.json` (one compact summary per
+run, rewritten after every run that ends, so a run cut short keeps what finished) and the aggregate of every
+part found in `--out`. A run still going at `--time-limit-s` is stopped and recorded as such.
+
+`aggregate` merges parts (from separate commands, e.g. `--seeds 0` and `--seeds 1,2`) into `science.json`,
+`science.md` (the table: final-stage accuracy mean ± std over seeds and generated tokens per answer, plus the
+issue's targets) and `science.png` (accuracy per method with every seed, and validation accuracy per epoch).
+
+Methods (their config switches):
+    coconut        the curriculum with continuous thoughts (the recipe as it is)
+    cot            multimodal chain of thought, the same number of epochs (cot=true)
+    nocot          question -> answer (no_cot=true)
+    pause          pause as thought: same curriculum, the thought positions take one learned embedding
+    nocurriculum   w/o curriculum: stage 0, then the final stage directly (no_curriculum=true)
+    nothoughts     w/o thought: the curriculum removes steps, no thoughts in their place (no_thoughts=true)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+
+METHODS: dict[str, tuple[str, list[str]]] = {
+    # name: (row label in the paper's Table 1, config overrides)
+    "cot": ("CoT", ["cot=true"]),
+    "nocot": ("No-CoT", ["no_cot=true"]),
+    "coconut": ("Coconut", []),
+    "nocurriculum": ("- w/o curriculum", ["no_curriculum=true"]),
+    "nothoughts": ("- w/o thought", ["no_thoughts=true"]),
+    "pause": ("- pause as thought", ["pause_as_thought=true"]),
+}
+SMOKE_SETTINGS = [
+    "model_overrides={text_hidden_size: 32, text_layers: 1, text_intermediate_size: 64}",
+    "synthetic={n_train: 24, n_val: 6, hops: 2, seed: 0}",
+    "max_latent_stage=2", "epochs_per_stage=1", "num_epochs=4", "batch_size_training=8", "eval_batch_size=8",
+    "max_new_tokens=24", "device=cpu", "zero_stage=0", "bf16=false", "num_workers=0", "log_every_steps=1",
+]
+PART_PREFIX = "science_part_"
+
+
+# ---------------------------------------------------------------------- running
+def _parse_list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def _overrides(args) -> list[str]:
+    return (SMOKE_SETTINGS if args.smoke else []) + list(args.set)
+
+
+def _load_config(args):
+    from engine.training.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def prepare_data(args, work: Path) -> tuple[Path, Path]:
+    """The synthetic data every run trains on, generated once (kept when it is already there)."""
+    from engine.data.synthetic import generate_synthetic
+
+    data = work / "data"
+    if not (data / "train.jsonl").is_file():
+        generate_synthetic(data, **dict(_load_config(args).synthetic or {}))
+    return data / "train.jsonl", data / "val.jsonl"
+
+
+def run_summary(method: str, seed: int, run_dir: Path, returncode: int | None, seconds: float, log_path: Path,
+                status: str) -> dict:
+    """What a finished (or stopped) run contributes: its per-epoch validation and the final epoch's numbers."""
+    history_path = run_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    if not history:  # a run stopped early: its epochs so far are in the metrics log
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            history = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "epoch"' in line]
+    keep = ("epoch", "stage", "val_accuracy", "tokens_per_answer", "train_loss", "val_loss", "train_samples_per_second",
+            "train_seconds")
+    epochs = [{k: h.get(k) for k in keep} for h in history]
+    out = {"method": method, "seed": seed, "status": status, "returncode": returncode, "wall_seconds": round(seconds, 1),
+           "epochs": epochs}
+    if epochs:
+        last = epochs[-1]
+        out.update(final_accuracy=last["val_accuracy"], final_tokens_per_answer=last["tokens_per_answer"],
+                   final_stage=last["stage"], num_epochs=last["epoch"])
+    if status != "ok" and log_path.is_file():
+        out["log_tail"] = log_path.read_text(errors="replace").splitlines()[-25:]
+    return out
+
+
+def run(args) -> Path:
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
+    out.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    seeds, methods = _parse_list(args.seeds, int), _parse_list(args.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    config = _load_config(args)  # fails here, once, on a bad config or override
+    start = time.perf_counter()
+    train, val = prepare_data(args, work)
+    data_seconds = time.perf_counter() - start
+    workers = args.num_workers if args.num_workers is not None else max(0, (os.cpu_count() or 2) // args.max_parallel - 1)
+    queue = [(m, s) for s in seeds for m in methods]
+    part = out / f"{PART_PREFIX}s{'-'.join(map(str, seeds))}.json"
+    payload = {
+        "config": args.config, "overrides": _overrides(args), "seeds": seeds, "methods": methods,
+        "max_parallel": args.max_parallel, "num_workers": workers, "command": " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "environment": _environment(),
+        "data_seconds": round(data_seconds, 1), "n_train": (config.synthetic or {}).get("n_train"), "runs": [],
+    }
+    running: dict = {}
+    port = args.base_port
+    deadline = start + args.time_limit_s if args.time_limit_s else None
+    while queue or running:
+        while queue and len(running) < args.max_parallel and (deadline is None or time.perf_counter() < deadline):
+            method, seed = queue.pop(0)
+            name = f"{method}-s{seed}"
+            log_path = work / "logs" / f"{name}.log"
+            command = [sys.executable, str(ROOT / "recipes" / "train_coconut.py"), "--config", args.config]
+            for item in _overrides(args) + METHODS[method][1] + [
+                f"seed={seed}", f"name={name}", f"save_path={work / 'runs'}", f"train_path={train}", f"val_path={val}",
+                "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
+            ]:
+                command += ["--set", item]
+            env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(port),
+                       PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            port += 1
+            with log_path.open("w") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running[process] = (method, seed, time.perf_counter(), log_path)
+            print(f"[science] started {name} ({len(running)} running, {len(queue)} queued)", flush=True)
+        if not queue and not running:
+            break
+        if deadline is not None and time.perf_counter() >= deadline:
+            for process in running:
+                process.terminate()
+            for process in list(running):
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            finished = {p: "stopped at the time limit" for p in running}
+            for method, seed in queue:
+                payload["runs"].append({"method": method, "seed": seed, "status": "not started (time limit)", "epochs": []})
+            queue = []
+        else:
+            time.sleep(1.0)
+            finished = {p: None for p in running if p.poll() is not None}
+        for process, reason in finished.items():
+            method, seed, began, log_path = running.pop(process)
+            status = reason or ("ok" if process.returncode == 0 else f"failed (exit {process.returncode})")
+            summary = run_summary(method, seed, work / "runs" / f"{method}-s{seed}", process.returncode,
+                                  time.perf_counter() - began, log_path, status)
+            payload["runs"].append(summary)
+            print(f"[science] {method}-s{seed}: {status}, final accuracy {summary.get('final_accuracy')}, "
+                  f"{summary['wall_seconds']} s", flush=True)
+            payload["wall_seconds"] = round(time.perf_counter() - start, 1)
+            atomic_write_json(part, payload)
+    payload["wall_seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(part, payload)
+    parts = sorted(out.glob(f"{PART_PREFIX}*.json"))
+    aggregate(parts, out)
+    return part
+
+
+def _environment() -> dict:
+    import platform
+
+    env = {"python": platform.python_version(), "cpus": os.cpu_count(), "host": platform.node()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            env["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        else:
+            env["device"] = "cpu"
+    except Exception as e:  # the summary must not fail over a stamp
+        env["device"] = f"unknown ({e})"
+    return env
+
+
+# ---------------------------------------------------------------------- aggregating
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def combine(parts: list[dict]) -> dict:
+    """One row per method: final-stage accuracy and tokens per answer over the seeds that finished."""
+    runs: dict[tuple[str, int], dict] = {}
+    for part in parts:
+        for r in part["runs"]:
+            key = (r["method"], r["seed"])
+            if key not in runs or (r.get("status") == "ok" and runs[key].get("status") != "ok"):
+                runs[key] = r  # a seed run twice: the finished one counts
+    rows = {}
+    for method in METHODS:
+        done = [r for (m, _), r in sorted(runs.items()) if m == method and r.get("status") == "ok" and r.get("final_accuracy") is not None]
+        other = [r for (m, _), r in sorted(runs.items()) if m == method and r not in done]
+        if not done and not other:
+            continue
+        acc_mean, acc_std = _mean_std([r["final_accuracy"] for r in done])
+        tok_mean, _ = _mean_std([r["final_tokens_per_answer"] for r in done])
+        curves = {}
+        for r in done:
+            for e in r["epochs"]:
+                if e.get("val_accuracy") is not None:
+                    curves.setdefault(e["epoch"], []).append(e["val_accuracy"])
+        rows[method] = {
+            "label": METHODS[method][0], "seeds": [r["seed"] for r in done], "accuracies": [r["final_accuracy"] for r in done],
+            "accuracy_mean": acc_mean, "accuracy_std": acc_std, "tokens_per_answer": tok_mean,
+            "num_epochs": done[0]["num_epochs"] if done else None,
+            "curve": {str(e): statistics.fmean(v) for e, v in sorted(curves.items())},
+            "wall_seconds": [r.get("wall_seconds") for r in done],
+            "incomplete": [{"seed": r["seed"], "status": r.get("status")} for r in other],
+        }
+    return {"methods": rows, "targets": targets(rows), "runs": [runs[k] for k in sorted(runs)]}
+
+
+def targets(rows: dict) -> list[dict]:
+    """The issue's checks: CoCoNuT >= 0.95 x CoT with >= 10x fewer tokens; above pause and w/o curriculum by
+    more than their seed spread."""
+    out = []
+    coconut, cot = rows.get("coconut"), rows.get("cot")
+    if coconut and cot and coconut["accuracy_mean"] is not None and cot["accuracy_mean"] is not None:
+        ratio = coconut["accuracy_mean"] / cot["accuracy_mean"] if cot["accuracy_mean"] else None
+        fewer = cot["tokens_per_answer"] / coconut["tokens_per_answer"] if coconut["tokens_per_answer"] else None
+        out.append({"target": "Coconut accuracy >= 0.95 x CoT", "value": ratio, "met": ratio is not None and ratio >= 0.95})
+        out.append({"target": "Coconut generates >= 10x fewer tokens than CoT", "value": fewer, "met": fewer is not None and fewer >= 10})
+    for other in ("pause", "nocurriculum"):
+        row = rows.get(other)
+        if coconut and row and coconut["accuracy_mean"] is not None and row["accuracy_mean"] is not None:
+            gap = coconut["accuracy_mean"] - row["accuracy_mean"]
+            spread = max(coconut["accuracy_std"] or 0.0, row["accuracy_std"] or 0.0)
+            out.append({"target": f"Coconut above {row['label'].lstrip('- ')} by more than the seed spread",
+                        "value": gap, "spread": spread, "met": gap > spread})
+    return out
+
+
+def _fmt(value, spec=".1f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table_markdown(combined: dict, parts: list[dict]) -> str:
+    rows = combined["methods"]
+    lines = ["| method | accuracy (%) | # tokens | seeds | epochs |", "|---|---|---|---|---|"]
+    for method, row in rows.items():
+        acc = f"{_fmt(row['accuracy_mean'])} ± {_fmt(row['accuracy_std'])}" if row["accuracy_mean"] is not None else "—"
+        note = f" ({len(row['incomplete'])} incomplete)" if row["incomplete"] else ""
+        lines.append(f"| {row['label']} | {acc} | {_fmt(row['tokens_per_answer'])} | "
+                     f"{','.join(map(str, row['seeds'])) or '—'}{note} | {row['num_epochs'] or '—'} |")
+    lines.append("")
+    for t in combined["targets"]:
+        value = _fmt(t["value"], ".3g")
+        spread = f" (seed spread {_fmt(t['spread'], '.2f')})" if "spread" in t else ""
+        lines.append(f"- {t['target']}: {value}{spread}: **{'met' if t['met'] else 'not met'}**")
+    stamps = sorted({f"{p.get('date')} · {p.get('environment', {}).get('device')}" for p in parts})
+    lines.append("")
+    lines.append("Accuracy: validation answer accuracy at the last epoch (mean ± sample std over seeds); # tokens: "
+                 "generated tokens per answer at the last epoch. Parts: " + "; ".join(stamps))
+    return "\n".join(lines) + "\n"
+
+
+def plot(combined: dict, path: Path) -> Path | None:
+    import io
+
+    rows = combined["methods"]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image may lack it: aggregate the parts again on a machine that has it
+        print("[science] matplotlib is not installed: no science.png (run aggregate elsewhere for the plot)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = list(rows)
+    for i, method in enumerate(names):
+        row = rows[method]
+        if row["accuracy_mean"] is None:
+            continue
+        ax_bar.bar(i, row["accuracy_mean"], yerr=row["accuracy_std"], capsize=4, color=plt.cm.tab10(i), alpha=0.7)
+        ax_bar.scatter([i] * len(row["accuracies"]), row["accuracies"], color="black", s=12, zorder=3)
+        ax_bar.text(i, 2, f"{_fmt(row['tokens_per_answer'])} tok", ha="center", fontsize=7, rotation=90, color="white")
+        curve = row["curve"]
+        ax_curve.plot([int(e) for e in curve], list(curve.values()), "o-", color=plt.cm.tab10(i), label=row["label"], ms=3)
+    ax_bar.set_xticks(range(len(names)), [rows[m]["label"] for m in names], rotation=20, fontsize=8)
+    ax_bar.set_ylabel("final validation accuracy (%)")
+    ax_bar.set_ylim(0, 105)
+    ax_curve.set_xlabel("epoch")
+    ax_curve.xaxis.get_major_locator().set_params(integer=True)
+    ax_curve.set_ylabel("validation accuracy (%), mean over seeds")
+    ax_curve.set_ylim(0, 105)
+    ax_curve.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def aggregate(part_paths: list[Path], out: Path) -> dict:
+    parts = []
+    for path in part_paths:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"cannot read the part {path}: {e}") from e
+    combined = combine(parts)
+    combined["parts"] = [{k: p.get(k) for k in ("command", "date", "environment", "seeds", "methods", "max_parallel",
+                                                 "num_workers", "wall_seconds", "overrides", "config")} for p in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "science.json", combined)
+    atomic_write_text(out / "science.md", table_markdown(combined, parts))
+    plot(combined, out / "science.png")
+    print((out / "science.md").read_text())
+    return combined
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train every (method, seed) and aggregate")
+    r.add_argument("--out", required=True)
+    r.add_argument("--work", default=None, help="data, runs and logs (default: <out>_work next to --out)")
+    r.add_argument("--config", default="recipes/configs/synthetic_gpu.yaml")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--methods", default=",".join(METHODS))
+    r.add_argument("--max-parallel", type=int, default=6)
+    r.add_argument("--num-workers", type=int, default=None, help="data loader workers per run (default: cores / max-parallel - 1)")
+    r.add_argument("--time-limit-s", type=float, default=540.0, help="stop runs still going after this (0: never)")
+    r.add_argument("--base-port", type=int, default=29600, help="MASTER_PORT of the first run (one port per run)")
+    r.add_argument("--smoke", action="store_true", help="a tiny CPU setting that exercises the whole script")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
+    a = sub.add_parser("aggregate", help="merge part files into science.json/.md/.png")
+    a.add_argument("--out", required=True)
+    a.add_argument("parts", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.max_parallel < 1:
+            parser.error(f"--max-parallel must be >= 1, got {args.max_parallel}")
+        return run(args)
+    return aggregate([Path(p) for p in args.parts], Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The LR factor: warmup and decay, the warmup restart after an optimizer reset, and its state surviving a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.training.config import config_from_dict
+from engine.training.lr_schedule import LRFactor, restart_warmup
+
+
+def test_warmup_then_decay():
+    f = LRFactor("cosine", warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
+    assert LRFactor("linear", 0, 10)(5) == pytest.approx(0.5)
+    assert [LRFactor("constant", 2, 10)(s) for s in (0, 1, 7)] == [0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        LRFactor("step", 0, 10)
+
+
+def test_restart_warms_up_again_under_the_decay():
+    f = LRFactor("linear", warmup_steps=2, total_steps=20)
+    f.restart(10)
+    assert f(9) == pytest.approx(f.decay(9))  # before the restart: untouched
+    assert f(10) == pytest.approx(0.5 * f.decay(10)) and f(11) == pytest.approx(f.decay(11))
+
+
+def _scheduler(factor):
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [param]}, {"params": [], "weight_decay": 0.0}], lr=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def test_restart_applies_now_and_survives_a_state_dict_round_trip():
+    scheduler = _scheduler(LRFactor("constant", 4, 100))
+    for _ in range(10):
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert restart_warmup(scheduler) == 10
+    assert [g["lr"] for g in scheduler.optimizer.param_groups] == pytest.approx([0.025, 0.025])  # the next step's rate
+    state = scheduler.state_dict()
+    json.dumps({k: v for k, v in state.items() if k != "lr_lambdas"})
+    fresh = _scheduler(LRFactor("constant", 4, 100))
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].restart_step == 10 and fresh.lr_lambdas[0](11) == pytest.approx(0.5)
+
+
+def test_trainer_restarts_the_warmup_at_a_stage_switch(tmp_path):
+    from engine.training.trainer import Trainer
+
+    def lrs(reset):
+        config = config_from_dict(dict(
+            name=f"reset{reset}", save_path=str(tmp_path / "runs"), model_id="tiny",
+            model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+            synthetic={"n_train": 12, "n_val": 2, "hops": 2, "seed": 3}, max_latent_stage=2, epochs_per_stage=1,
+            num_epochs=2, batch_size_training=4, eval_batch_size=2, max_new_tokens=4, lr=1e-3, warmup_steps=3,
+            reset_optimizer=reset, device="cpu", zero_stage=0, log_every_steps=1,
+        ))
+        run = Trainer(config).run()["run_dir"]
+        records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+        return {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+
+    with_reset, without = lrs(True), lrs(False)
+    # 3 steps per epoch: the rate after step 4 (the first of stage 1) is 2/3 of the peak with the restart.
+    assert with_reset[3] == pytest.approx(1e-3) and with_reset[4] == pytest.approx(2e-3 / 3) and with_reset[5] == pytest.approx(1e-3)
+    assert without[4] == pytest.approx(1e-3)

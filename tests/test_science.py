@@ -1,0 +1,99 @@
+"""The science report's aggregator: parts from separate commands merge into one Table-1 row per method."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks.science import METHODS, aggregate, main, run_summary
+
+
+def _run(method, seed, accuracy, tokens, status="ok", epochs=3):
+    history = [{"epoch": e + 1, "stage": min(e, 2), "val_accuracy": accuracy - 10 * (epochs - 1 - e), "tokens_per_answer": tokens}
+               for e in range(epochs)]
+    out = {"method": method, "seed": seed, "status": status, "returncode": 0 if status == "ok" else 1, "wall_seconds": 5.0,
+           "epochs": history}
+    if status == "ok":
+        out.update(final_accuracy=accuracy, final_tokens_per_answer=tokens, final_stage=2, num_epochs=epochs)
+    return out
+
+
+ACCURACY = {"coconut": [95.0, 97.0, 99.0], "cot": [100.0, 99.0, 100.0], "nocot": [40.0, 41.0, 39.0],
+            "pause": [90.0, 80.0, 85.0], "nocurriculum": [60.0, 50.0, 70.0], "nothoughts": [70.0, 72.0, 71.0]}
+TOKENS = {"coconut": 3.0, "cot": 40.5, "nocot": 3.0, "pause": 3.0, "nocurriculum": 3.0, "nothoughts": 3.0}
+
+
+def _part(path, seeds, runs):
+    payload = {"seeds": seeds, "methods": list(METHODS), "date": "2026-12-01 10:00 UTC", "environment": {"device": "test"},
+               "command": "test", "runs": runs}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_parts_merge_into_the_table(tmp_path):
+    first = _part(tmp_path / "science_part_s0.json", [0], [_run(m, 0, ACCURACY[m][0], TOKENS[m]) for m in METHODS])
+    # The second command: seeds 1 and 2; one pause run failed there and was run again later (counted once).
+    runs = [_run(m, s, ACCURACY[m][s], TOKENS[m]) for s in (1, 2) for m in METHODS if (m, s) != ("pause", 2)]
+    runs.append(_run("pause", 2, 0.0, 0.0, status="failed (exit 1)"))
+    second = _part(tmp_path / "science_part_s1-2.json", [1, 2], runs)
+    retry = _part(tmp_path / "science_part_s2.json", [2], [_run("pause", 2, ACCURACY["pause"][2], 3.0)])
+    out = tmp_path / "report"
+    combined = aggregate([first, second, retry], out)
+    rows = combined["methods"]
+    for method in METHODS:
+        assert rows[method]["seeds"] == [0, 1, 2]
+        assert rows[method]["accuracy_mean"] == pytest.approx(statistics.fmean(ACCURACY[method]))
+        assert rows[method]["accuracy_std"] == pytest.approx(statistics.stdev(ACCURACY[method]))
+        assert rows[method]["tokens_per_answer"] == pytest.approx(TOKENS[method])
+        assert rows[method]["curve"]["3"] == pytest.approx(statistics.fmean(ACCURACY[method]))
+    checks = {t["target"]: t for t in combined["targets"]}
+    assert checks["Coconut accuracy >= 0.95 x CoT"]["met"] and checks["Coconut generates >= 10x fewer tokens than CoT"]["met"]
+    assert checks["Coconut above pause as thought by more than the seed spread"]["met"]  # 97 - 85 > 5
+    assert checks["Coconut above w/o curriculum by more than the seed spread"]["met"]  # 97 - 60 > 10
+    table = (out / "science.md").read_text()
+    assert "| Coconut | 97.0 ± 2.0 | 3.0 | 0,1,2 | 3 |" in table
+    assert "| CoT | 99.7 ± 0.6 | 40.5 |" in table and "| - pause as thought | 85.0 ± 5.0 |" in table
+    assert (out / "science.png").stat().st_size > 10_000
+    assert json.loads((out / "science.json").read_text())["methods"]["nocot"]["accuracies"] == ACCURACY["nocot"]
+
+
+def test_missing_and_failed_runs_are_reported_not_averaged(tmp_path):
+    runs = [_run("coconut", 0, 90.0, 3.0), _run("coconut", 1, 0.0, 0.0, status="stopped at the time limit"),
+            _run("cot", 0, 100.0, 40.0)]
+    combined = aggregate([_part(tmp_path / "p.json", [0, 1], runs)], tmp_path / "out")
+    row = combined["methods"]["coconut"]
+    assert row["accuracies"] == [90.0] and row["accuracy_std"] == 0.0
+    assert row["incomplete"] == [{"seed": 1, "status": "stopped at the time limit"}]
+    assert "(1 incomplete)" in (tmp_path / "out" / "science.md").read_text()
+    assert "pause" not in combined["methods"]
+    gap = {t["target"]: t for t in combined["targets"]}["Coconut accuracy >= 0.95 x CoT"]
+    assert gap["value"] == pytest.approx(0.9) and not gap["met"]
+
+
+def test_run_summary_reads_history_or_the_metrics_log(tmp_path):
+    run = tmp_path / "coconut-s0"
+    run.mkdir()
+    log = tmp_path / "x.log"
+    log.write_text("line\n" * 40 + "Traceback: boom\n")
+    metrics = [{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "epoch", "step": 4, "epoch": 1, "stage": 0, "val_accuracy": 30.0,
+                                                           "tokens_per_answer": 40.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    stopped = run_summary("coconut", 0, run, -15, 12.3, log, "stopped at the time limit")
+    assert stopped["epochs"][0]["val_accuracy"] == 30.0 and stopped["final_accuracy"] == 30.0
+    assert stopped["log_tail"][-1] == "Traceback: boom" and len(stopped["log_tail"]) == 25
+    (run / "history.json").write_text(json.dumps([{"epoch": 1, "stage": 0, "val_accuracy": 31.0, "tokens_per_answer": 40.0},
+                                                  {"epoch": 2, "stage": 1, "val_accuracy": 60.0, "tokens_per_answer": 28.0}]))
+    done = run_summary("coconut", 0, run, 0, 20.0, log, "ok")
+    assert done["final_accuracy"] == 60.0 and done["final_stage"] == 1 and done["num_epochs"] == 2 and "log_tail" not in done
+
+
+def test_cli_aggregate_and_bad_part(tmp_path, capsys):
+    part = _part(tmp_path / "p.json", [0], [_run("coconut", 0, 90.0, 3.0)])
+    main(["aggregate", "--out", str(tmp_path / "out"), str(part)])
+    assert "| Coconut | 90.0 ± 0.0 |" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json"):
+        main(["aggregate", "--out", str(tmp_path / "out"), str(bad)])

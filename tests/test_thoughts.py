@@ -1,0 +1,149 @@
+"""Thought analysis: the attention forward equals the iterative one, norm statistics, cell geometry, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.data.synthetic import question_cells
+from engine.eval.thoughts import (
+    answer_attention,
+    forward_with_attentions,
+    layer_choice,
+    peak_on_step,
+    thought_norm_stats,
+    token_cell,
+)
+from tests.helpers import align_batch, random_pixels, sample_ids
+
+
+def _batch(model, tok):
+    rows = [
+        sample_ids(tok, model, question="Start at the top-left cell. Move right, down.", n_latents=3),
+        sample_ids(tok, model, question="Move left.", n_latents=1),
+    ]
+    ids, mask = align_batch(rows, tok.pad_token_id, model.latent_id)
+    return ids, mask, random_pixels(2, model.config.vision_config.image_size[0], 5)
+
+
+def test_attention_forward_is_the_iterative_forward(tiny_model, tiny_tok):
+    ids, mask, pv = _batch(tiny_model, tiny_tok)
+    result = forward_with_attentions(tiny_model, ids, mask, pv)
+    assert result.max_hidden_difference < 1e-5
+    assert tiny_model.language_model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad():
+        out = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+    real = mask.bool()
+    torch.testing.assert_close(result.hidden_states[real], out.hidden_states[real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.inputs_embeds[real], out.inputs_embeds[real], atol=1e-6, rtol=0)
+    layers = tiny_model.language_model.config.num_hidden_layers
+    heads = tiny_model.language_model.config.num_attention_heads
+    assert len(result.attentions) == layers
+    assert result.attentions[0].shape == (2, heads, ids.shape[1], ids.shape[1])
+    # Causal, normalised, nothing on padding.
+    weights = result.attentions[-1]
+    sums = weights.sum(-1)[:, :, real[0]]
+    torch.testing.assert_close(sums[0], torch.ones_like(sums[0]), atol=1e-5, rtol=0)
+    assert float(torch.triu(weights[0, 0], diagonal=1).abs().max()) == 0.0
+    assert float(weights[1][:, real[1]][..., ~real[1]].abs().max()) == 0.0  # real queries never read padding
+
+
+def test_the_check_catches_inputs_without_thoughts(tiny_model, tiny_tok):
+    """The hidden-state comparison fails when the plain forward does not get the thoughts."""
+    ids, mask, pv = _batch(tiny_model, tiny_tok)
+    with torch.no_grad():
+        batch = tiny_model.prepare(ids, mask, pv)
+        hidden, _, _ = tiny_model.run_passes(batch, need_cache=False)
+        placeholder = tiny_model.language_model(
+            inputs_embeds=tiny_model.base_embeddings(batch), attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+    assert float((placeholder - hidden)[mask.bool()].abs().max()) > 1e-3
+
+
+def test_thought_norm_stats_by_hand():
+    torch.manual_seed(0)
+    latent = 9
+    ids = torch.tensor([[1, 2, latent, latent, latent, 3], [0, 1, 4, latent, 5, 6]])
+    hidden = torch.randn(2, 6, 4)
+    emb = torch.randn(20, 4)
+    stats = thought_norm_stats(hidden, ids, latent, emb)
+    thoughts = torch.stack([hidden[0, 1], hidden[0, 2], hidden[0, 3], hidden[1, 2]])
+    norms = thoughts.norm(dim=-1)
+    assert stats["thought_norm_mean"] == pytest.approx(float(norms.mean()), rel=1e-6)
+    assert stats["thought_norm_std"] == pytest.approx(float(norms.std()), rel=1e-6)
+    assert stats["thought_norm_max"] == pytest.approx(float(norms.max()), rel=1e-6)
+    assert stats["thought_norm_k1"] == pytest.approx(float((norms[0] + norms[3]) / 2), rel=1e-6)
+    assert stats["thought_norm_k2"] == pytest.approx(float(norms[1]), rel=1e-6)
+    assert stats["thought_norm_k3"] == pytest.approx(float(norms[2]), rel=1e-6)
+    assert "thought_norm_k4" not in stats
+    assert stats["embedding_norm_mean"] == pytest.approx(float(emb.norm(dim=-1).mean()), rel=1e-6)
+    assert stats["thought_to_embedding_norm"] == pytest.approx(stats["thought_norm_mean"] / stats["embedding_norm_mean"])
+    assert thought_norm_stats(hidden, torch.ones_like(ids), latent) == {}
+
+
+def test_cells_tokens_and_peaks():
+    assert question_cells("Start at the top-left cell. Move right, down, right. What colour is the cell?", 4) == [(0, 1), (1, 1), (1, 2)]
+    assert question_cells("Start at the bottom-right cell. Move up. What colour is the cell?", 3) == [(1, 2)]
+    with pytest.raises(ValueError, match="not a question"):
+        question_cells("What is this?", 4)
+    # 4 x 4 tokens over a 4 x 4 board: one token per cell, row-major; over a 2 x 2 board: 2 x 2 tokens per cell.
+    assert [token_cell(t, 4, 4) for t in (0, 3, 4, 15)] == [(0, 0), (0, 3), (1, 0), (3, 3)]
+    assert [token_cell(t, 4, 2) for t in (0, 5, 2, 10, 15)] == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1)]
+    maps = [[0.0] * 16 for _ in range(2)]
+    maps[0][1] = 1.0  # thought 1 peaks on (0, 1)
+    maps[1][9] = 1.0  # thought 2 peaks on (2, 1)
+    assert peak_on_step(maps, [(0, 1), (1, 1)], 4) == [[1, 0], [0, 0]]
+    assert layer_choice(24) == [0, 12, 23] and layer_choice(2) == [0, 1] and layer_choice(1) == [0]
+
+
+def test_cli_writes_figures_and_summary(tmp_path, tiny):
+    from engine.data.synthetic import generate_synthetic
+    from engine.eval.thoughts import main
+    from engine.model.loading import export_model
+
+    model, tok, proc = tiny
+    data = generate_synthetic(tmp_path / "data", n_train=0, n_val=3, hops=2, seed=4)
+    run = tmp_path / "run"
+    export_model(model, tok, proc, run / "best")
+    (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2, "pause_as_thought": False}))
+    summary = main(["--model", str(run / "best"), "--data", str(data["val"]), "--n", "2", "--out", str(tmp_path / "out"),
+                    "--batch-size", "2", "--max-new-tokens", "4"])
+    out = tmp_path / "out"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["stage"] == 2 and saved["grid"] == 4 and saved["layers"] == [0, 1]
+    assert len(saved["samples"]) == 2
+    for entry in saved["samples"]:
+        assert (out / entry["figure"]).stat().st_size > 5000
+        assert len(entry["norms"]) == 2 and len(entry["top_tokens"][0]) == 5
+        assert len(entry["walk_cells"]) == 2 and len(entry["peak_on_step"]["0"]) == 2
+    hits = saved["aggregate"]["peak_on_step_thought_position"]["1"]
+    assert len(hits["peak_on_step"]) == 2 and len(hits["peak_on_step"][0]) == 2 and hits["samples"] == 2
+    assert saved["aggregate"]["chance"] == pytest.approx(1 / 16)
+    assert summary["aggregate"]["num_samples"] == 2
+
+
+def test_answer_position_attention(tiny_model, tiny_tok):
+    """The map of the position that predicts the answer: the last generated '#' token, read from one forward over
+    prompt + generation; a row with no '#' gets none; right-padding the shorter generation changes nothing."""
+    from tests.helpers import pad_batch
+
+    model, tok = tiny_model, tiny_tok
+    rows = [sample_ids(tok, model, n_latents=2, tail="")[:-1], sample_ids(tok, model, question="Move up.", n_latents=2, tail="")[:-1]]
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[True, True])
+    pv = random_pixels(2, model.config.vision_config.image_size[0], 9)
+    answer = tok("right: row 0, column 1, red\n### red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    plain = tok("red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    generated = torch.full((2, len(answer)), tok.pad_token_id)
+    generated[0] = torch.tensor(answer)
+    generated[1, : len(plain)] = torch.tensor(plain)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+    maps = answer_attention(model, tok, batch, generated, [0, 1])
+    assert maps[1] is None and sorted(maps[0]) == [0, 1] and len(maps[0][0]) == model.tokens_per_tile
+    mark = max(i for i, t in enumerate(answer) if "#" in tok.decode([t]))
+    alone = torch.cat([ids[:1], generated[:1, : mark + 1]], 1)
+    result = forward_with_attentions(model, alone, torch.cat([mask[:1], torch.ones(1, mark + 1, dtype=mask.dtype)], 1), pv[:1])
+    cols = (ids[0] == model.image_token_id).nonzero().flatten()
+    want = result.attentions[1][0].mean(0)[ids.shape[1] + mark, cols]
+    torch.testing.assert_close(torch.tensor(maps[0][1]), want, atol=1e-6, rtol=0)
