@@ -240,8 +240,8 @@ def test_resume_at_an_epoch_schedules_the_lr_over_the_epochs_it_trains(tmp_path)
         t = Trainer(config_from_dict(values))
         t.setup()
         steps = t.steps_per_epoch(len(t.train_records))
-        engine = t._init_engine(t.model, steps)
-        factor = engine.lr_scheduler.lr_lambdas[0]
+        t.prepare_training()
+        factor = t.engine.lr_scheduler.lr_lambdas[0]
         return [factor(s) for s in range(steps * (4 - resume))], steps
 
     full, steps = lr_factors(0)
