@@ -496,8 +496,6 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     )
     if "attention_options" in options:
         label += f", block_size={runner.block_size} attention {options['attention_options']}"
-    if options.get("compile_step"):
-        label += ", torch.compile"
     if batch != geo.batch:
         label += f", batch {batch}"
     try:
@@ -535,6 +533,8 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
             return runner.one_position(None, tables, positions, active, tokens=tokens)
 
         record(f"{label}, eager", timed(eager_step), floor_ms, mode="eager", fused=fused, merged=merged, batch=batch)
+        # the captured step computes what the eager step does
+        row["max_abs_diff_vs_eager"] = float((graph_step().float() - eager_step().float()).abs().max())
         if default:
             out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
     except Exception as e:
@@ -648,8 +648,6 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype")
         variants.append(dict(block_size=best.get("block_size", geo.block_size), num_splits=best["num_splits"],
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
-    if geo.cuda:  # the step's GEMMs and elementwise work through Inductor (max-autotune), inside the same graph
-        variants.append({"compile_step": True})
     for options in variants:
         measure_runner_step(model, geo, batch, context, record, timed, out, options)
     for small in geo.step_batches:  # the default step at smaller batches, each against its own floor
@@ -780,6 +778,7 @@ def render(report: dict) -> str:
                 f"copy bandwidth = {ds['floor_us']:.0f} us. Target: the paged step in a CUDA graph within "
                 f"{ds['target_x_floor']}x of the floor{met}.\n\n"
                 + markdown_table(ds["rows"], [("name", "variant"), ("median_us", "us/step"), ("x_floor", "x floor"),
+                                              ("max_abs_diff_vs_eager", "max abs diff, graph vs eager"),
                                               ("error", "error")]))
         kb = ds.get("kernel_breakdown")
         if kb:

@@ -74,7 +74,9 @@ def _rms_norm_kernel(
         x = s
     xf = x.to(tl.float32)
     variance = tl.sum(xf * xf, axis=0) / hidden
-    normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)  # downcast before the weight, as transformers does
+    # eps is fp64 under torch.compile (Python floats reach user kernels so): back to fp32 before the rsqrt; the
+    # downcast before the weight is transformers' rounding
+    normed = (xf * tl.math.rsqrt((variance + eps).to(tl.float32))).to(x.dtype)
     w = tl.load(weight_ptr + cols, mask=keep, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=keep)
 

@@ -80,7 +80,8 @@ def _paged_chunk_kernel(
             row = block * stride_cb + (n % block_size).to(tl.int64) * stride_co + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(key_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (BLOCK_M, BLOCK_N)
+            # (BLOCK_M, BLOCK_N); fp32 again, as torch.compile passes Python floats to user kernels as fp64
+            s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e).to(tl.float32)
             s = tl.where(n[None, :] < visible[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero

@@ -146,7 +146,9 @@ def _paged_decode_kernel(
         k = tl.load(key_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if WIDEN_16BIT_DOTS or not DOT_IN_CACHE_DTYPE:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (GROUP_PAD, BLOCK_N), log2 units
+        # (GROUP_PAD, BLOCK_N), log2 units; fp32 again: torch.compile passes Python floats to user kernels as fp64,
+        # which would widen the scores and make the second tl.dot fail
+        s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e).to(tl.float32)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -54,7 +54,6 @@ class PagedRunner:
     call). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype). max_graph_batch: the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
-    compile_step: the captured step through torch.compile first (CUDA).
     """
 
     def __init__(
@@ -72,7 +71,6 @@ class PagedRunner:
         fused_ops: bool | None = None,
         merged_projections: bool = True,
         attention_options: dict | None = None,
-        compile_step: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -103,8 +101,6 @@ class PagedRunner:
         self.merged_projections = merged_projections
         # the captured one-position step through torch.compile (Inductor fuses the elementwise work around the
         # GEMMs and autotunes them; the graph then replays the compiled kernels): CUDA only, measured in the report
-        self.compile_step = compile_step
-        self._compiled_step = None
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
@@ -248,13 +244,6 @@ class PagedRunner:
         hidden = self._step_forward(x, buf.positions, buf.active, buf.block_tables, self._splits_for(buf.size))
         return self.model.base.lm_head(hidden) if with_logits else hidden
 
-    def _step_for_capture(self):
-        if not self.compile_step:
-            return self._static_step
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._static_step, mode="max-autotune-no-cudagraphs", dynamic=False)
-        return self._compiled_step
-
     def one_position(self, buf: StepBuffers | None, block_tables, positions, active, *, embeds=None, tokens=None):
         """One position per row of the batch, eagerly (``buf`` None) or through the bucket's static buffers (and
         its CUDA graph on CUDA). With ``tokens``: returns logits (B, V); with ``embeds``: hidden (B, H)."""
@@ -266,7 +255,7 @@ class PagedRunner:
             return self.model.base.lm_head(hidden) if with_logits else hidden
         graphed = buf.tokens.device.type == "cuda"
         if graphed:
-            self.graphs.capture(buf, with_logits, self._step_for_capture())
+            self.graphs.capture(buf, with_logits, self._static_step)
         if with_logits:
             buf.tokens[:batch].copy_(tokens)
         else:
