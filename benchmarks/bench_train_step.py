@@ -130,7 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero-settings", action="append", default=None, metavar="default|KEY=VALUE[,KEY=VALUE...]",
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
-                   "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8")
+                   "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
+                   " two "
+                   "keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
+                   "gathers) and grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops)")
     p.add_argument("--liger", type=str_list, default=None,
                    help="Liger-Kernel variants, comma-separated: none, all, or pieces joined by '+' from "
                    f"{', '.join(LIGER_KERNELS)} (default none)")
@@ -138,6 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time each phase (data, forward, backward, optimizer) with the device synchronised, in "
                    "--phase-steps extra steps, and count host synchronisations per phase (CUDA)")
     p.add_argument("--phase-steps", type=int, default=3, help="synchronised steps per configuration with --phases")
+    p.add_argument("--profile-phase", choices=PHASES, default=None,
+                   help="one more step per configuration with this phase under torch.profiler: its top operators by "
+                        "self device and host time and its kernel launches, logged and kept in the JSON (rank 0)")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
     p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
@@ -392,6 +398,73 @@ class SyncCounter:
         self.seen = len(self.caught)
 
 
+class PhaseProfiler:
+    """torch.profiler around one phase of one step (started at the previous phase's mark, stopped at its own): the
+    phase's operators by self device time and by self host time, and its kernel launches. Where the optimizer phase's
+    time goes is the question this answers (`--profile-phase optimizer`)."""
+
+    def __init__(self, device: torch.device, phase: str):
+        self.device, self.phase = device, phase
+        before = PHASES[PHASES.index(phase) - 1] if PHASES.index(phase) else None
+        self.start_after = before
+        self.prof = None
+        if before is None:
+            self._start()
+
+    def _start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        synchronize(self.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if phase == self.start_after:
+            self._start()
+        elif phase == self.phase and self.prof is not None:
+            synchronize(self.device)
+            self.wall_ms = (time.perf_counter() - self.t0) * 1e3
+            self.prof.__exit__(None, None, None)
+
+    def summary(self, top: int = 15) -> dict:
+        """The profiled phase's operators (self times: nested calls are not counted twice; the phase's own
+        `train/...` range left out) and its kernels: launches and total device time."""
+        events = self.prof.key_averages()
+
+        def on_device(e) -> bool:
+            return str(getattr(e, "device_type", "")).endswith("CUDA")
+
+        def device_ms(e) -> float:
+            return float(getattr(e, "self_device_time_total", 0.0) or 0.0) / 1e3
+
+        ops = [dict(name=e.key[:100], calls=e.count, device_ms=device_ms(e), host_ms=e.self_cpu_time_total / 1e3)
+               for e in events if not on_device(e) and not e.key.startswith("train/")]
+        kernels = [e for e in events if on_device(e)]
+        cuda = self.device.type == "cuda"
+        return {
+            "phase": self.phase, "wall_ms": self.wall_ms,
+            "kernel_launches": sum(e.count for e in kernels) if cuda else None,
+            "device_ms": sum(device_ms(e) for e in kernels) if cuda else None,
+            "host_ms": sum(r["host_ms"] for r in ops),
+            "by_device": sorted(ops, key=lambda r: -r["device_ms"])[:top] if cuda else [],
+            "by_host": sorted(ops, key=lambda r: -r["host_ms"])[:top],
+        }
+
+
+def profile_table(prof: dict) -> str:
+    """The profiled phase as markdown: totals, then the top operators by self device and by self host time."""
+    lines = [f"{prof['phase']} phase under torch.profiler: {prof['wall_ms']:.1f} ms wall, host (self, all operators) "
+             f"{prof['host_ms']:.1f} ms" + ("" if prof["device_ms"] is None else
+                                            f", kernels {prof['device_ms']:.1f} ms in {prof['kernel_launches']} launches")]
+    for key, title in (("by_device", "self device ms"), ("by_host", "self host ms")):
+        if prof[key]:
+            lines.append(markdown_table(prof[key], [("name", "operator"), ("calls", "calls"),
+                                                    ("device_ms", "device ms"), ("host_ms", "host ms")]))
+    return "\n\n".join(lines)
+
+
 class Bench:
     """One rank's state: the process group, the model (reloaded per engine variant) and its DeepSpeed engine."""
 
@@ -412,7 +485,13 @@ class Bench:
 
         from engine import load_model
         from engine.training.config import TrainConfig
-        from engine.training.optim import build_optimizer, deepspeed_config, lr_lambda_for, resolve_optimizer
+        from engine.training.optim import (
+            build_optimizer,
+            deepspeed_config,
+            grad_checks,
+            lr_lambda_for,
+            resolve_optimizer,
+        )
 
         self.release()
         t0 = time.perf_counter()
@@ -421,10 +500,14 @@ class Bench:
         # not a DeepSpeed key: the trainer's switch between one gather of the language model per call and ZeRO-3's
         # per-module gathers (--zero-settings zero3_leaf_language_model=false measures the latter)
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
+        # nor is the trainer's choice of gradient checks before a ZeRO-1/2 step (grad_checks=deepspeed: DeepSpeed's
+        # per-gradient loops instead of the multi-tensor ones)
+        checks = str(zero_settings.pop("grad_checks", "auto"))
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
+            zero_grad_checks=checks,
             deepspeed={"zero_optimization": zero_settings},
         )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
@@ -440,9 +523,10 @@ class Bench:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.engine.train()
+        grad_checks_path = grad_checks(self.engine, train_cfg.zero_grad_checks)
         self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
         self.variant = dict(
-            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device),
+            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device), grad_checks=grad_checks_path,
             zero_optimization=ds_config["zero_optimization"],
             grad_hooks=len(getattr(self.engine.optimizer, "_grad_acc_hooks", []) or []),
             trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
@@ -578,6 +662,12 @@ class Bench:
             syncs = counter.counts
         return {"ms": ms, "host_ms": host, "syncs": syncs}
 
+    def profile_phase(self, step, phase: str) -> dict:
+        """One more step with `phase` under torch.profiler (`PhaseProfiler`)."""
+        profiler = PhaseProfiler(self.device, phase)
+        step(profiler)
+        return profiler.summary()
+
     def run_config(self, cfg: Config) -> dict:
         """Time one configuration on every rank; returns the merged row (every rank gets the same)."""
         args, env = self.args, self.env
@@ -599,13 +689,18 @@ class Bench:
                 status = {"status": "oom" if is_oom(e) else "error", "error": "phases: " + str(e).splitlines()[0][:300]}
                 del e
                 free_memory(self.device)
+        profile = None
+        if status["status"] == "ok" and args.profile_phase:
+            profile = self.profile_phase(step, args.profile_phase)
+            if env.is_main:
+                log.info("%s\n%s", cfg.label(), profile_table(profile))
         last_loss = float(losses[-1]) if losses else None
         mine = dict(
             status=status, samples_ms=None if timing is None else timing.samples_ms,
             peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
-            passes=local_passes, phases=phases,
+            passes=local_passes, phases=phases, profile=profile,
         )
         del losses, step
         ranks = gather(mine, env)
@@ -655,6 +750,8 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
         )
     if bad is None and all(r.get("phases") for r in ranks):
         row.update(merge_phases([r["phases"] for r in ranks]))
+    if ranks[0].get("profile"):
+        row["profile_rank0"] = ranks[0]["profile"]
     return row
 
 
@@ -766,7 +863,8 @@ COLUMNS = [
     ("phase_data_ms", "data ms"), ("phase_forward_ms", "fwd ms"), ("phase_backward_ms", "bwd ms"),
     ("phase_backward_host_ms", "bwd host ms"), ("phase_optimizer_ms", "opt ms"),
     ("phase_optimizer_host_ms", "opt host ms"), ("optimizer_share", "opt share"),
-    ("host_syncs_per_step", "syncs/step"), ("grad_hooks", "grad hooks"), ("loss", "loss"),
+    ("host_syncs_per_step", "syncs/step"), ("grad_hooks", "grad hooks"), ("grad_checks", "grad checks"),
+    ("loss", "loss"),
     ("probe_loss_diff", "Δ probe loss"), ("loss_diff", "Δ loss"),
 ]
 STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "loss", "baseline_zero_stage",

@@ -226,3 +226,18 @@ def test_scaling_plot_from_runs_on_several_gpu_counts(tmp_path):
     assert [(w, r) for w, r, _ in zero3] == [(2, 16.0), (4, 30.0)]  # the faster of two, the OOM row left out
     assert plot_results.main([*paths, "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "train_step_scaling.png").stat().st_size > 0
+
+
+def test_profiled_phase_holds_only_that_phase(tmp_path):
+    """--profile-phase optimizer: one extra step whose optimizer phase runs under torch.profiler; the AdamW step is
+    in its operators and the forward's (the embedding lookup) and backward's (its autograd nodes) are not."""
+    rc = bench_train_step.main(["--smoke", "--stages", "1", "--warmup", "0", "--steps", "1",
+                                "--profile-phase", "optimizer", "--out", str(tmp_path)])
+    assert rc == 0
+    prof = json.loads((tmp_path / "train_step.json").read_text())["rows"][0]["profile_rank0"]
+    assert prof["phase"] == "optimizer" and prof["wall_ms"] > 0 and prof["host_ms"] > 0
+    names = [r["name"] for r in prof["by_host"]]
+    assert any("AdamW.step" in n or "Optimizer.step" in n for n in names), names
+    assert not any(n in ("aten::embedding", "aten::embedding_backward") or "Backward" in n for n in names), names
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--smoke", "--profile-phase", "everything"])

@@ -15,6 +15,7 @@ from engine.training.optim import (
     ZERO_DEFAULTS,
     build_optimizer,
     deepspeed_config,
+    grad_checks,
     lr_lambda_for,
     param_groups,
     reset_optimizer_state,
@@ -34,8 +35,8 @@ def train_config(**overrides):
     return config_from_dict(values)
 
 
-def fresh_model(device="cpu"):
-    model, tok, _ = load_model("tiny", seed=0, model_overrides=SMALL, device=device)
+def fresh_model(device="cpu", overrides=None):
+    model, tok, _ = load_model("tiny", seed=0, model_overrides=overrides or SMALL, device=device)
     model.set_latent_passes("transformers")
     return model, tok
 
@@ -69,12 +70,13 @@ def deepspeed_engine(cfg, device="cpu"):
     import deepspeed
 
     init_distributed(device)
-    model, tok = fresh_model(device)
+    model, tok = fresh_model(device, cfg.model_overrides)
     factor = lr_lambda_for(cfg, STEPS)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, use_bf16=False),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
     )
+    grad_checks(engine, cfg.zero_grad_checks)  # as build_engine does
     return engine, model, tok
 
 
@@ -96,13 +98,16 @@ def reference():
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-@pytest.mark.parametrize("optimizer", [
-    "adamw", "adamw_foreach", "adamw_fused",
-    pytest.param("deepspeed_fused_adam", marks=pytest.mark.skipif(not CUDA, reason="DeepSpeed FusedAdam is CUDA-only")),
+@pytest.mark.parametrize("optimizer,checks", [
+    ("adamw", "auto"), ("adamw_foreach", "auto"), ("adamw_fused", "auto"), ("adamw_fused", "deepspeed"),
+    pytest.param("deepspeed_fused_adam", "auto",
+                 marks=pytest.mark.skipif(not CUDA, reason="DeepSpeed FusedAdam is CUDA-only")),
 ])
-def test_every_optimizer_trains_to_the_plain_adamw_parameters(reference, optimizer, zero_stage):
+def test_every_optimizer_trains_to_the_plain_adamw_parameters(reference, optimizer, checks, zero_stage):
+    """... with the gradient norm of the clipping (max_grad_norm 0.05: every step clips) from the multi-tensor
+    checks (auto) and from DeepSpeed's own loops."""
     device = "cuda" if optimizer == "deepspeed_fused_adam" else "cpu"
-    cfg = train_config(optimizer=optimizer, zero_stage=zero_stage, device=device)
+    cfg = train_config(optimizer=optimizer, zero_stage=zero_stage, device=device, zero_grad_checks=checks)
     engine, model, tok = deepspeed_engine(cfg, device)
     try:
         inner = engine.optimizer.optimizer

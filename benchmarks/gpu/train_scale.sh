@@ -21,6 +21,11 @@ step liger_tests 50 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovid
 step optimizer 160 python -m benchmarks.bench_train_step $B1 --zero-stages 2 --stages 0,3 --batch-size 64 $FAST \
   --optimizers adamw_foreach,adamw_fused --zero-settings "$DS_DEFAULTS" --zero-settings default \
   --matmul-size 8192 --time-budget-s 125 --out "$OUT/optimizer"
+# the gradient checks before the ZeRO-1/2 step: multi-tensor (default) vs DeepSpeed's per-gradient loops, with the
+# optimizer phase of one more step under torch.profiler (its top operators and kernel launches go to the log)
+step grad_checks 200 python -m benchmarks.bench_train_step $B1 --zero-stages 2,1 --stages 3,0 --batch-size 64 $FAST \
+  --optimizers adamw_fused --zero-settings default --zero-settings grad_checks=deepspeed --profile-phase optimizer \
+  --time-budget-s 160 --out "$OUT/grad_checks"
 # Liger pieces one at a time, at 6 latents (Δ probe loss / Δ loss against none)
 step liger 120 python -m benchmarks.bench_train_step $B1 --zero-stages 2 --stages 3 --batch-size 64 $FAST \
   --optimizers adamw_fused --liger none,fused_linear_cross_entropy,rms_norm,swiglu,rope --time-budget-s 90 \

@@ -6,7 +6,8 @@ DeepSpeed steps it on its flat fp32 partitions (one tensor per group and rank), 
 group where the unfused update makes about ten elementwise passes over the fp32 master weights and both moments.
 
 `deepspeed_config(config, use_bf16)` holds the per-stage ZeRO settings (`ZERO_DEFAULTS`, with the reason for each),
-which the config's `deepspeed` dict overrides key by key. `build_engine` puts them together with the schedule.
+which the config's `deepspeed` dict overrides key by key. `build_engine` puts them together with the schedule and,
+under ZeRO-1/2, gives DeepSpeed's optimizer multi-tensor gradient checks (`grad_checks`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 from engine.training.config import OPTIMIZERS, ConfigError, TrainConfig
 from engine.training.errors import TrainingError
 from engine.training.lr_schedule import LRFactor
+from engine.utils.logging import get_logger
+
+log = get_logger("optim")
 
 # DeepSpeed's ZeRO settings per stage, before the user's `deepspeed` overrides. The GPU sweep that chooses between
 # them: benchmarks/gpu/train_scale.sh (bench_train_step --zero-settings), results in benchmarks/RESULTS.md.
@@ -141,4 +145,20 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         config=deepspeed_config(config, use_bf16),
     )
+    grad_checks(engine, config.zero_grad_checks)
     return engine
+
+
+def grad_checks(engine, mode: str) -> str:
+    """`zero_grad_checks`: the multi-tensor gradient norm and overflow check on a ZeRO-1/2 engine's optimizer
+    (engine/training/zero_step.py) under auto; logged once with the reason. Returns the path taken."""
+    from engine.training.zero_step import use_multi_tensor_grad_checks
+
+    if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2):
+        return "deepspeed"
+    why = use_multi_tensor_grad_checks(engine.optimizer)
+    if why is None:
+        log.info("gradient norm and overflow check: multi-tensor (one pass over every gradient)")
+        return "multi_tensor"
+    log.info("gradient norm and overflow check: DeepSpeed's per-gradient loops (%s)", why)
+    return "deepspeed"

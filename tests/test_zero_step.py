@@ -1,0 +1,140 @@
+"""engine/training/zero_step.py: the multi-tensor gradient norm and overflow check give DeepSpeed's answers (the
+norm to fp64 rounding, overflow for NaN, +inf and -inf in any gradient), skip a step the same way, issue a number of
+operators that does not grow with the number of parameters, and step aside where the setup is not the plain one.
+CPU, fp32, one process (tests/test_optim.py trains through them against plain AdamW with clipping)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine.training.config import ConfigError
+from engine.training.optim import grad_checks
+from engine.training.zero_step import multi_tensor_unsupported, use_multi_tensor_grad_checks
+from tests.test_optim import batch_for, deepspeed_engine, train_config
+
+
+class CountOps(TorchDispatchMode):
+    """Operators that compute (a kernel each on a GPU); views and detaches only make tensor metadata."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def engine_after_backward(zero_stage: int, checks: str, text_layers: int = 1):
+    cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks,
+                       model_overrides={"text_hidden_size": 32, "text_layers": text_layers,
+                                        "text_intermediate_size": 64})
+    engine, model, tok = deepspeed_engine(cfg)
+    ids, mask, labels, pv = batch_for(model, tok)
+    engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+    return engine
+
+
+def all_grads(opt) -> list[torch.Tensor]:
+    return [g for i in range(len(opt.bit16_groups)) for g in opt.averaged_gradients[i] if g is not None]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_norm_and_overflow_equal_deepspeed(zero_stage):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as ZeroOpt
+
+    engine = engine_after_backward(zero_stage, "auto")
+    try:
+        opt = engine.optimizer
+        assert opt.get_grad_norm_direct.__func__ is not ZeroOpt.get_grad_norm_direct  # the multi-tensor one is on
+        grads = all_grads(opt)
+        assert len(grads) > 10
+        for i in range(len(opt.bit16_groups)):
+            ours = opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
+            theirs = ZeroOpt.get_grad_norm_direct(opt, opt.averaged_gradients[i], opt.params_in_partition[i])
+            assert float(ours) > 0
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        assert not bool(opt.has_overflow_partitioned_grads_serial())
+        assert not bool(ZeroOpt.has_overflow_partitioned_grads_serial(opt))
+        target = grads[len(grads) // 2]
+        saved = target.clone()
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            target.view(-1)[target.numel() // 2] = bad
+            assert bool(opt.has_overflow_partitioned_grads_serial()), bad
+            assert bool(ZeroOpt.has_overflow_partitioned_grads_serial(opt)), bad
+            group = next(i for i in range(len(opt.bit16_groups))
+                         if any(g is target for g in opt.averaged_gradients[i]))
+            norm = opt.get_grad_norm_direct(opt.averaged_gradients[group], opt.params_in_partition[group])
+            assert float(norm) == -1.0  # DeepSpeed's mark of a non-finite norm, which then skips the step
+            target.copy_(saved)
+        # a huge but finite gradient is no overflow (its square overflows fp32, not the fp64 accumulation)
+        target.view(-1)[0] = 3e38
+        assert not bool(opt.has_overflow_partitioned_grads_serial())
+        assert not bool(ZeroOpt.has_overflow_partitioned_grads_serial(opt))
+    finally:
+        engine.destroy()
+
+
+def test_a_step_with_a_nan_gradient_is_skipped():
+    """With overflow checking on (bf16's default), a NaN in one gradient skips the whole step: no weight moves."""
+    engine = engine_after_backward(2, "auto")
+    try:
+        opt = engine.optimizer
+        opt.check_grad_overflow = True  # what bf16 sets; fp32 runs do not check
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        all_grads(opt)[3].view(-1)[0] = float("nan")
+        engine.step()
+        assert opt.overflow is True
+        assert all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+    finally:
+        engine.destroy()
+
+
+def step_ops(checks: str, text_layers: int) -> tuple[int, int]:
+    engine = engine_after_backward(2, checks, text_layers)
+    try:
+        engine.optimizer.check_grad_overflow = True
+        n_grads = len(all_grads(engine.optimizer))
+        with CountOps() as counter:
+            engine.step()
+        return counter.count, n_grads
+    finally:
+        engine.destroy()
+
+
+def test_operator_count_does_not_grow_with_the_parameters():
+    """DeepSpeed's loops issue several operators per gradient; the multi-tensor checks a fixed handful."""
+    ds_small, n_small = step_ops("deepspeed", 1)
+    ds_big, n_big = step_ops("deepspeed", 3)
+    mt_small, _ = step_ops("auto", 1)
+    mt_big, _ = step_ops("auto", 3)
+    assert n_big > n_small + 10
+    assert ds_big - ds_small >= 4 * (n_big - n_small)  # DeepSpeed: at least 4 operators per extra gradient
+    assert mt_big - mt_small <= 4  # ours: the same multi-tensor calls, whatever the count
+    assert mt_big < ds_big / 3
+
+
+def test_unsupported_setups_keep_deepspeeds_checks():
+    engine = engine_after_backward(2, "auto")
+    try:
+        opt = engine.optimizer
+        assert multi_tensor_unsupported(opt) is None
+        opt.mpu = object()
+        assert "model parallelism" in multi_tensor_unsupported(opt)
+        assert "model parallelism" in use_multi_tensor_grad_checks(opt)
+        opt.mpu = None
+        assert "not DeepSpeed's ZeRO-1/2" in multi_tensor_unsupported(torch.optim.SGD([torch.zeros(1)], lr=1.0))
+    finally:
+        engine.destroy()
+    engine = engine_after_backward(2, "deepspeed")
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as ZeroOpt
+
+        assert engine.optimizer.get_grad_norm_direct.__func__ is ZeroOpt.get_grad_norm_direct
+        assert grad_checks(engine, "deepspeed") == "deepspeed"
+    finally:
+        engine.destroy()
+    with pytest.raises(ConfigError, match="zero_grad_checks"):
+        train_config(zero_grad_checks="fast")
