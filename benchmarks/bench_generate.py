@@ -5,8 +5,7 @@ answer and ms per decoding step of:
 
 - ``latent``: `MultimodalCoconut.generate`: the prompt's latent thoughts through the cached iterative forward,
               then batched KV-cached decoding of what the stage leaves to write (the remaining reasoning steps
-              and the answer). ``--kv-cache dynamic,paged`` is passed through to generate() when it takes a
-              ``kv_cache`` argument (checked with inspect.signature); otherwise only the default cache runs.
+              and the answer), on each cache of ``--kv-cache dynamic,paged`` (generate's ``kv_cache`` option).
 - ``naive``:  the original CoCoNuT scheme (`engine.model.reference.naive_generate`): one prompt at a time, the
               whole sequence, thoughts included, recomputed for every new token. Batch-size independent, so it
               runs on ``--naive-rows`` prompts once per stage.
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import logging
 import os
 import sys
@@ -99,15 +97,10 @@ def prompts(model, tok, args, batch_size: int, n_latents: int, *, markers: bool 
     )
 
 
-def supports_kv_cache(model) -> bool:
-    return "kv_cache" in inspect.signature(model.generate).parameters
-
-
 # ---------------------------------------------------------------------- the schemes
-def latent_fn(model, b: SyntheticBatch, new_tokens: int, kv_cache: str | None):
-    kwargs = {} if kv_cache is None else {"kv_cache": kv_cache}
+def latent_fn(model, b: SyntheticBatch, new_tokens: int, kv_cache: str):
     return lambda: model.generate(
-        b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=new_tokens, eos_token_id=NEVER, **kwargs
+        b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=new_tokens, eos_token_id=NEVER, kv_cache=kv_cache
     )
 
 
@@ -174,7 +167,7 @@ def run_naive(st: Stage, model, tok, args) -> dict:
     return row
 
 
-def check_latent(st: Stage, check_model, tok, args, kv_cache: str | None) -> bool:
+def check_latent(st: Stage, check_model, tok, args, kv_cache: str) -> bool:
     """Greedy tokens of batched latent generation == the batch-1 full-recompute reference, on a few rows."""
     from engine.model.reference import naive_generate
 
@@ -191,7 +184,7 @@ def check_latent(st: Stage, check_model, tok, args, kv_cache: str | None) -> boo
     ok = torch.equal(got.cpu(), want.cpu())
     if not ok:
         log.error("stage %d x c %d (%s cache): batched latent generation %s != reference %s", st.stage, st.c_thought,
-                  kv_cache or "default", got.tolist(), want.tolist())
+                  kv_cache, got.tolist(), want.tolist())
     return ok
 
 
@@ -359,12 +352,7 @@ def main(argv=None) -> int:
     args.bandwidth = copy_bandwidth_gbs(str(args.device))
 
     notes = []
-    caches: list[str | None] = list(args.kv_cache)
-    if not supports_kv_cache(model):
-        if "paged" in caches:
-            notes.append("paged: skipped, MultimodalCoconut.generate() has no kv_cache argument in this checkout")
-            log.warning(notes[-1])
-        caches = [None] if "dynamic" in caches else []  # the default (dynamic) cache, without the argument
+    caches: list[str] = list(args.kv_cache)
 
     payload = {
         "benchmark": RESULT_NAME,
@@ -426,7 +414,7 @@ def main(argv=None) -> int:
         else:
             b = prompts(model, tok, args, bs, st.n_latents).to(args.device, args.dtype)
             new = latent_new_tokens(st.stage, args)
-            row = dict(base, method="latent", kv_cache=cache or "dynamic", stage=st.stage, c_thought=st.c_thought,
+            row = dict(base, method="latent", kv_cache=cache, stage=st.stage, c_thought=st.c_thought,
                        n_latents=st.n_latents, matches_reference=checks.get((st, cache)))
             row.update(run_decoding(model, b, new, args, lambda n, b=b, c=cache: latent_fn(model, b, n, c)))
         payload["rows"].append(row)
