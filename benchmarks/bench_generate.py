@@ -283,7 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-tokens", type=int, default=None, help="tokens per reasoning step (default 20)")
     p.add_argument("--answer-tokens", type=int, default=None, help="tokens of the answer itself (default 8)")
     p.add_argument("--kv-cache", type=str_list, default=None,
-                   help="caches for the latent scheme, passed to generate(kv_cache=...) when it has that argument "
+                   help="caches for the latent scheme, generate's kv_cache option "
                    "(default dynamic,paged on CUDA; dynamic on CPU, where the paged kernels run interpreted)")
     p.add_argument("--methods", type=str_list, default=list(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--max-batch", action="append", metavar="METHOD=N",
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
             jobs += [("latent", st, bs, cache) for st in stages for cache in caches]
     start = time.perf_counter()
     for i, (method, st, bs, cache) in enumerate(progress(jobs, desc="generate", unit="run", disable=None)):
-        label = f"{method} stage={None if st is None else st.stage} batch={bs} cache={cache or 'dynamic'}"
+        label = f"{method} stage={None if st is None else st.stage} batch={bs} cache={cache or '-'}"
         if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
             payload["skipped"].append(label)
             continue

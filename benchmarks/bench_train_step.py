@@ -400,15 +400,18 @@ class SyncCounter:
 
 class PhaseProfiler:
     """torch.profiler around one phase of one step (started at the previous phase's mark, stopped at its own): the
-    phase's operators by self device time and by self host time, and its kernel launches. Where the optimizer phase's
-    time goes is the question this answers (`--profile-phase optimizer`)."""
+    phase's operators by self device time and by self host time, its launches from the host and the kernels the
+    device ran. Where the optimizer phase's time goes is the question this answers (`--profile-phase optimizer`)."""
+
+    LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
     def __init__(self, device: torch.device, phase: str):
         self.device, self.phase = device, phase
-        before = PHASES[PHASES.index(phase) - 1] if PHASES.index(phase) else None
-        self.start_after = before
+        self.start_after = PHASES[PHASES.index(phase) - 1] if PHASES.index(phase) else None
         self.prof = None
-        if before is None:
+        self.running = False
+        self.wall_ms: float | None = None
+        if self.start_after is None:
             self._start()
 
     def _start(self) -> None:
@@ -418,35 +421,48 @@ class PhaseProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self.prof = profile(activities=activities)
         self.prof.__enter__()
+        self.running = True
         self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        """Stop the profiler if it runs (also when the step raised half-way)."""
+        if self.running:
+            self.running = False
+            self.prof.__exit__(None, None, None)
 
     def mark(self, phase: str) -> None:
         if phase == self.start_after:
             self._start()
-        elif phase == self.phase and self.prof is not None:
+        elif phase == self.phase and self.running:
             synchronize(self.device)
             self.wall_ms = (time.perf_counter() - self.t0) * 1e3
-            self.prof.__exit__(None, None, None)
+            self.stop()
 
-    def summary(self, top: int = 15) -> dict:
+    def summary(self, top: int = 25) -> dict:
         """The profiled phase's operators (self times: nested calls are not counted twice; the phase's own
-        `train/...` range left out) and its kernels: launches and total device time."""
+        `train/...` range left out), the kernel launches issued by the host (a CUDA graph launch counts once) and
+        the kernels the device ran (a graph's included; memory copies, sets and annotation spans are not kernels)."""
+        if self.wall_ms is None:
+            raise RuntimeError(f"the {self.phase} phase was not profiled to its end")
         events = self.prof.key_averages()
-
-        def on_device(e) -> bool:
-            return str(getattr(e, "device_type", "")).endswith("CUDA")
 
         def device_ms(e) -> float:
             return float(getattr(e, "self_device_time_total", 0.0) or 0.0) / 1e3
 
+        def is_kernel(e) -> bool:
+            return (str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
+                    and not e.key.startswith(("Memcpy", "Memset")))
+
+        host_events = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")]
         ops = [dict(name=e.key[:100], calls=e.count, device_ms=device_ms(e), host_ms=e.self_cpu_time_total / 1e3)
-               for e in events if not on_device(e) and not e.key.startswith("train/")]
-        kernels = [e for e in events if on_device(e)]
+               for e in host_events if not e.key.startswith("train/")]
+        kernels = [e for e in events if is_kernel(e)]
         cuda = self.device.type == "cuda"
         return {
             "phase": self.phase, "wall_ms": self.wall_ms,
-            "kernel_launches": sum(e.count for e in kernels) if cuda else None,
-            "device_ms": sum(device_ms(e) for e in kernels) if cuda else None,
+            "host_launches": sum(e.count for e in host_events if e.key in self.LAUNCH_CALLS) if cuda else None,
+            "device_kernels": sum(e.count for e in kernels) if cuda else None,
+            "kernel_ms": sum(device_ms(e) for e in kernels) if cuda else None,
             "host_ms": sum(r["host_ms"] for r in ops),
             "by_device": sorted(ops, key=lambda r: -r["device_ms"])[:top] if cuda else [],
             "by_host": sorted(ops, key=lambda r: -r["host_ms"])[:top],
@@ -456,12 +472,13 @@ class PhaseProfiler:
 def profile_table(prof: dict) -> str:
     """The profiled phase as markdown: totals, then the top operators by self device and by self host time."""
     lines = [f"{prof['phase']} phase under torch.profiler: {prof['wall_ms']:.1f} ms wall, host (self, all operators) "
-             f"{prof['host_ms']:.1f} ms" + ("" if prof["device_ms"] is None else
-                                            f", kernels {prof['device_ms']:.1f} ms in {prof['kernel_launches']} launches")]
-    for key, title in (("by_device", "self device ms"), ("by_host", "self host ms")):
+             f"{prof['host_ms']:.1f} ms" + ("" if prof["kernel_ms"] is None else
+                                            f", {prof['host_launches']} launches from the host, "
+                                            f"{prof['device_kernels']} kernels on the device ({prof['kernel_ms']:.1f} ms)")]
+    for key, title in (("by_device", "self device time"), ("by_host", "self host time")):
         if prof[key]:
-            lines.append(markdown_table(prof[key], [("name", "operator"), ("calls", "calls"),
-                                                    ("device_ms", "device ms"), ("host_ms", "host ms")]))
+            lines.append(f"Top operators by {title}:\n\n" + markdown_table(
+                prof[key], [("name", "operator"), ("calls", "calls"), ("device_ms", "device ms"), ("host_ms", "host ms")]))
     return "\n\n".join(lines)
 
 
@@ -665,7 +682,10 @@ class Bench:
     def profile_phase(self, step, phase: str) -> dict:
         """One more step with `phase` under torch.profiler (`PhaseProfiler`)."""
         profiler = PhaseProfiler(self.device, phase)
-        step(profiler)
+        try:
+            step(profiler)
+        finally:
+            profiler.stop()
         return profiler.summary()
 
     def run_config(self, cfg: Config) -> dict:
@@ -691,9 +711,16 @@ class Bench:
                 free_memory(self.device)
         profile = None
         if status["status"] == "ok" and args.profile_phase:
-            profile = self.profile_phase(step, args.profile_phase)
-            if env.is_main:
-                log.info("%s\n%s", cfg.label(), profile_table(profile))
+            try:
+                profile = self.profile_phase(step, args.profile_phase)
+                if env.is_main:
+                    log.info("%s\n%s", cfg.label(), profile_table(profile))
+            except Exception as e:  # noqa: BLE001 - as for the phases: an OOM keeps the timing, other errors fail
+                if not is_oom(e):
+                    log.exception("profiling the %s phase failed", args.profile_phase)
+                status = {"status": "oom" if is_oom(e) else "error", "error": "profile: " + str(e).splitlines()[0][:300]}
+                del e
+                free_memory(self.device)
         last_loss = float(losses[-1]) if losses else None
         mine = dict(
             status=status, samples_ms=None if timing is None else timing.samples_ms,

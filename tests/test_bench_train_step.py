@@ -241,3 +241,24 @@ def test_profiled_phase_holds_only_that_phase(tmp_path):
     assert not any(n in ("aten::embedding", "aten::embedding_backward") or "Backward" in n for n in names), names
     with pytest.raises(SystemExit):
         bench_train_step.parse_args(["--smoke", "--profile-phase", "everything"])
+
+
+def test_a_step_that_fails_under_the_profiler_stops_it():
+    """`Bench.profile_phase` stops the profiler when the profiled step raises half-way (the sweep goes on with the
+    next configuration unprofiled), and an unfinished phase has no summary."""
+    from types import SimpleNamespace
+
+    def failing_step(clock):
+        for phase in ("data", "forward", "backward"):
+            clock.mark(phase)
+        torch.ones(3).sum()
+        raise RuntimeError("the optimizer failed")
+
+    bench = SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="the optimizer failed"):
+        bench_train_step.Bench.profile_phase(bench, failing_step, "optimizer")
+    assert not torch.autograd.profiler._is_profiler_enabled
+    unfinished = bench_train_step.PhaseProfiler(torch.device("cpu"), "data")  # starts at once
+    unfinished.stop()
+    with pytest.raises(RuntimeError, match="not profiled to its end"):
+        unfinished.summary()

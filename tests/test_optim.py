@@ -76,7 +76,9 @@ def deepspeed_engine(cfg, device="cpu"):
         model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, use_bf16=False),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
     )
-    grad_checks(engine, cfg.zero_grad_checks)  # as build_engine does
+    path = grad_checks(engine, cfg.zero_grad_checks)  # as build_engine does
+    if cfg.zero_stage in (1, 2):  # auto must take the multi-tensor checks here, or the tests would not cover them
+        assert path == ("deepspeed" if cfg.zero_grad_checks == "deepspeed" else "multi_tensor")
     return engine, model, tok
 
 

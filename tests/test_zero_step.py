@@ -83,10 +83,14 @@ def test_a_step_with_a_nan_gradient_is_skipped():
     try:
         opt = engine.optimizer
         opt.check_grad_overflow = True  # what bf16 sets; fp32 runs do not check
+        norm_calls = []
+        norm = opt.get_grad_norm_direct
+        opt.get_grad_norm_direct = lambda *a, **k: norm_calls.append(1) or norm(*a, **k)
         before = [p.detach().clone() for p in engine.module.parameters()]
         all_grads(opt)[3].view(-1)[0] = float("nan")
         engine.step()
         assert opt.overflow is True
+        assert norm_calls == []  # the overflow check found it: the (also invalid) norm was never needed
         assert all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
     finally:
         engine.destroy()
@@ -126,6 +130,14 @@ def test_unsupported_setups_keep_deepspeeds_checks():
         assert "model parallelism" in use_multi_tensor_grad_checks(opt)
         opt.mpu = None
         assert "not DeepSpeed's ZeRO-1/2" in multi_tensor_unsupported(torch.optim.SGD([torch.zeros(1)], lr=1.0))
+        import deepspeed
+
+        real = deepspeed.__version__
+        try:
+            deepspeed.__version__ = "0.27.0"
+            assert "checked against 0.19 only" in multi_tensor_unsupported(opt)
+        finally:
+            deepspeed.__version__ = real
     finally:
         engine.destroy()
     engine = engine_after_backward(2, "deepspeed")

@@ -99,8 +99,6 @@ class PagedRunner:
         self.attention_options = dict(attention_options or {})
         self.fused_ops = fused_ops
         self.merged_projections = merged_projections
-        # the captured one-position step through torch.compile (Inductor fuses the elementwise work around the
-        # GEMMs and autotunes them; the graph then replays the compiled kernels): CUDA only, measured in the report
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
