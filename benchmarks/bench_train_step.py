@@ -131,9 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
-                   " two "
-                   "keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
-                   "gathers) and grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops)")
+                   " three keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
+                   "gathers), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops) and "
+                   "compile_vision_layers=true (torch.compile of each vision encoder layer)")
     p.add_argument("--liger", type=str_list, default=None,
                    help="Liger-Kernel variants, comma-separated: none, all, or pieces joined by '+' from "
                    f"{', '.join(LIGER_KERNELS)} (default none)")
@@ -520,17 +520,22 @@ class Bench:
         # nor is the trainer's choice of gradient checks before a ZeRO-1/2 step (grad_checks=deepspeed: DeepSpeed's
         # per-gradient loops instead of the multi-tensor ones)
         checks = str(zero_settings.pop("grad_checks", "auto"))
+        compile_vision = bool(zero_settings.pop("compile_vision_layers", False))  # and the compiled vision layers
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
-            zero_grad_checks=checks,
+            zero_grad_checks=checks, compile_vision_layers=compile_vision,
             deepspeed={"zero_optimization": zero_settings},
         )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
                                    attn_implementation=self.args.attn)
         self.sizes = model_sizes(model)
         model.set_liger_kernels(pieces)  # every variant sets all pieces: rope is process-wide
+        if train_cfg.compile_vision_layers:
+            from engine.model.compiled import compile_vision_layers
+
+            compile_vision_layers(model)
         if cfg.zero_stage == 3 and leaf:
             model.set_language_model_leaf(True)  # as the trainer does, before deepspeed.initialize
         ds_config = deepspeed_config(train_cfg, self.use_bf16)

@@ -110,6 +110,10 @@ class TrainConfig:
     # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
     # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
     activation_checkpointing: bool = False
+    # torch.compile each vision-tower encoder layer (regional, in place: names and checkpoints unchanged) so that
+    # Inductor fuses its LayerNorms, layer scales, residual adds and GELU around the matmuls; ZeRO 0-2 only
+    # (engine/model/compiled.py)
+    compile_vision_layers: bool = False
     eval_batch_size: int = 16
     # the KV cache of validation generation: auto (paged on GPU under ZeRO 0-2: Triton paged attention, prefix
     # sharing, CUDA-graphed steps) | dynamic (transformers' DynamicCache) | paged
@@ -181,6 +185,9 @@ class TrainConfig:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.compile_vision_layers and self.zero_stage == 3:
+            raise ConfigError("compile_vision_layers needs zero_stage <= 2: ZeRO-3 fetches and releases each module's "
+                              "weights around its call, which a compiled region cannot trace through")
         if self.zero_grad_checks not in ("auto", "deepspeed"):
             raise ConfigError(f"zero_grad_checks must be auto or deepspeed, got {self.zero_grad_checks!r}")
         pieces = self.liger_pieces

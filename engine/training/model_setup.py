@@ -48,6 +48,11 @@ def load_training_model(config: TrainConfig, device: torch.device):
     except RuntimeError as e:
         raise ConfigError(f"latent_passes={config.latent_passes!r}: {e}") from e
     model.set_activation_checkpointing(config.activation_checkpointing)
+    if config.compile_vision_layers:
+        from engine.model.compiled import compile_vision_layers
+
+        log.info("compiled %d vision encoder layers (torch.compile, built at the first step)",
+                 compile_vision_layers(model))
     try:
         model.set_liger_kernels(config.liger_pieces)  # also switches off a process-wide piece set earlier
     except (ImportError, ValueError) as e:
