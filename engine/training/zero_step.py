@@ -27,6 +27,14 @@ NORM_DTYPE = torch.float64  # DeepSpeed accumulates gradient norms in fp64 (deep
 CHECKED_DEEPSPEED = ((0, 19),)
 
 
+def deepspeed_release_checked() -> bool:
+    """Whether the installed DeepSpeed is a release the replacement was compared with (`CHECKED_DEEPSPEED`)."""
+    import deepspeed
+
+    release = tuple(int(part) for part in deepspeed.__version__.split(".")[:2] if part.isdigit())
+    return release in CHECKED_DEEPSPEED
+
+
 def multi_tensor_unsupported(optimizer) -> str | None:
     """Why the multi-tensor checks cannot stand in for `optimizer`'s own, or None when they can."""
     try:
@@ -34,8 +42,7 @@ def multi_tensor_unsupported(optimizer) -> str | None:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         return "deepspeed is not importable"
-    release = tuple(int(part) for part in deepspeed.__version__.split(".")[:2] if part.isdigit())
-    if release not in CHECKED_DEEPSPEED:
+    if not deepspeed_release_checked():
         return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return f"{type(optimizer).__name__} is not DeepSpeed's ZeRO-1/2 optimizer"
