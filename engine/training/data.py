@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from engine.data.collator import MultimodalCollator
@@ -103,3 +104,21 @@ def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> i
     per_rank = math.ceil(num_samples / world_size)
     micro = math.ceil(per_rank / config.batch_size_training)
     return max(1, micro // config.gradient_accumulation_steps)
+
+
+def batch_to_device(batch: dict, device: torch.device, *, non_blocking: bool = False) -> dict:
+    """A collated batch's tensors on `device` (other entries as they are)."""
+    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def forward_batch(engine, batch: dict, min_passes: int):
+    """The model's training forward on a collated batch (loss on the labelled positions, no logits kept)."""
+    return engine(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+        labels=batch["labels"],
+        position_ids=batch["position_ids"],
+        return_logits=False,
+        min_passes=min_passes,
+    )

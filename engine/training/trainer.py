@@ -253,18 +253,10 @@ class Trainer:
                 batch = next(data_iter)
                 samples += int(batch["input_ids"].shape[0])
                 tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-                batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                batch = data.batch_to_device(batch, self.device, non_blocking=True)
             min_passes = self.lockstep.min_passes(batch["input_ids"], self.model)
             with profile_range("train/forward"):
-                out = engine(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=batch.get("pixel_values"),
-                    labels=batch["labels"],
-                    position_ids=batch["position_ids"],
-                    return_logits=False,
-                    min_passes=min_passes,
-                )
+                out = data.forward_batch(engine, batch, min_passes)
                 loss = out.loss
             with profile_range("train/backward"):
                 engine.backward(loss)

@@ -16,7 +16,7 @@ from engine.data.dataset import CurriculumConfig, CurriculumDataset, QuestionDat
 from engine.eval.evaluate import generate_answers, summarize
 from engine.model import fast_paths
 from engine.training.config import TrainConfig
-from engine.training.data import eval_loader
+from engine.training.data import batch_to_device, eval_loader, forward_batch
 from engine.training.distributed import DistEnv, Lockstep, all_gather_objects, all_reduce_mean
 from engine.utils.logging import get_logger
 
@@ -65,16 +65,8 @@ class Validator:
         loader = self._loader(dataset, MultimodalCollator(self.tokenizer.pad_token_id, model.latent_id))
         total, count = 0.0, 0
         for batch in tqdm(loader, desc="validation loss", disable=not self.env.is_main, leave=False):
-            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            out = engine(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch.get("pixel_values"),
-                labels=batch["labels"],
-                position_ids=batch["position_ids"],
-                return_logits=False,
-                min_passes=self.lockstep.min_passes(batch["input_ids"], model),
-            )
+            batch = batch_to_device(batch, self.device)
+            out = forward_batch(engine, batch, self.lockstep.min_passes(batch["input_ids"], model))
             n = int(batch["input_ids"].shape[0])
             total += float(out.loss) * n
             count += n
