@@ -4,7 +4,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 5 "$OUT/$name.log"; }
+STEP_TAIL=5
+source "$(dirname "$0")/lib.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 step latent_inject 150 python -m benchmarks.bench_latent_inject --out "$OUT/latent_inject"
 step paged_kv 330 python -m benchmarks.bench_paged_kv --out "$OUT/paged_kv"

@@ -6,7 +6,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 4 "$OUT/$name.log"; }
+STEP_TAIL=4
+source "$(dirname "$0")/lib.sh"
 step graph_tests 120 python -m pytest -q -p no:cacheprovider tests/test_latent_block.py
 step latent_forward 300 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --stages 0,1,2,3 --c-thought 2 --batch-sizes 32 --text-len 64 --methods engine,engine_eager,fullpass,naive,plain \

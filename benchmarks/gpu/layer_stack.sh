@@ -7,10 +7,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 8 "$OUT/$name.log"; }
-B1="--model internvl3-1b-geometry --device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256"
-FAST="--warmup 2 --steps 4 --phases --phase-steps 2 --matmul-size 0"
-DS_DEFAULTS="overlap_comm=false,contiguous_gradients=true,reduce_bucket_size=5e8,allgather_bucket_size=5e8"
+STEP_TAIL=8
+source "$(dirname "$0")/lib.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 step graph_tests 80 python -m pytest -q -p no:cacheprovider tests/test_latent_block.py
 step latent_forward 110 python -m benchmarks.bench_latent_forward $B1 --stages 0,3 --batch-sizes 32 \

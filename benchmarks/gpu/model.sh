@@ -4,7 +4,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 4 "$OUT/$name.log"; }
+STEP_TAIL=4
+source "$(dirname "$0")/lib.sh"
 step latent_inject_bw 90 python -m benchmarks.bench_latent_inject --out "$OUT/latent_inject" --sections bandwidth,schedule
 step latent_forward 270 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --stages 0,1,2,3 --c-thought 2 --batch-sizes 32 --text-len 64 --time-budget-s 210 --out "$OUT/latent_forward"

@@ -16,7 +16,8 @@ PART=${3:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 mkdir -p "$OUT"
 # NVLink multicast stays off in NCCL, PyTorch and NVSHMEM (../shared/device/README.md); torchrun's workers inherit it
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 12 "$OUT/$name.log"; }
+STEP_TAIL=12
+source "$(dirname "$0")/lib.sh"
 TRAIN="-m benchmarks.bench_train_step"
 RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
 RUN4="python -m torch.distributed.run --nproc_per_node 4 --master_port 29504"

@@ -4,7 +4,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 4 "$OUT/$name.log"; }
+STEP_TAIL=4
+source "$(dirname "$0")/lib.sh"
 step train_step 200 python -m benchmarks.bench_train_step --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --zero-stages 2 --stages 0,3 --c-thought 2 --batch-size 8,16 --text-len 64 --image-tokens 256 --warmup 3 --steps 10 --out "$OUT/train_step"
 step profile 120 python -m benchmarks.bench_latent_forward --model internvl3-1b-geometry --device cuda --dtype bfloat16 \

@@ -9,11 +9,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? for $name"; tail -n 6 "$OUT/$name.log"; }
-B1="--model internvl3-1b-geometry --device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256"
-FAST="--warmup 2 --steps 4 --phases --phase-steps 2 --matmul-size 0"
-# DeepSpeed's own ZeRO-2 defaults, i.e. what deepspeed_config gave before the per-stage settings
-DS_DEFAULTS="overlap_comm=false,contiguous_gradients=true,reduce_bucket_size=5e8,allgather_bucket_size=5e8"
+STEP_TAIL=6
+source "$(dirname "$0")/lib.sh"
 
 # Liger's RMSNorm/SwiGLU/RoPE/loss kernels against the engine's paths, fp32 and bf16 (they cannot run on CPU)
 step liger_tests 50 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_liger.py -k cuda

@@ -1,0 +1,17 @@
+# Shared by the scripts of benchmarks/gpu/ (sourced after OUT is set).
+# step NAME LIMIT CMD...: runs CMD under a LIMIT-second timeout with its output in $OUT/NAME.log, then prints the
+# exit status and the log's last $STEP_TAIL lines (default 6). A failed step does not stop the script.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit $? for $name"
+  tail -n "${STEP_TAIL:-6}" "$OUT/$name.log"
+}
+# the training-step harness at the InternVL3-1B geometry, bf16, 6 latents at stage 3 (c_thought 2)
+B1="--model internvl3-1b-geometry --device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256"
+# few timed steps, then the synchronised phases; no matmul calibration
+FAST="--warmup 2 --steps 4 --phases --phase-steps 2 --matmul-size 0"
+# DeepSpeed's own ZeRO-2 defaults, i.e. what deepspeed_config gave before the per-stage settings
+DS_DEFAULTS="overlap_comm=false,contiguous_gradients=true,reduce_bucket_size=5e8,allgather_bucket_size=5e8"
