@@ -496,31 +496,23 @@ class Bench:
         self.variant: dict = {}
 
     def build(self, cfg: "Config") -> None:
-        """A fresh fp32 model (as the trainer loads it: DeepSpeed keeps fp32 master weights and casts for bf16), its
-        Liger kernels, and `deepspeed.initialize` with the trainer's optimizer and DeepSpeed config."""
-        import deepspeed
-
+        """A fresh fp32 model (as the trainer loads it: DeepSpeed keeps fp32 master weights and casts for bf16), set
+        up and wrapped exactly as the trainer does (`configure_model`, `build_engine`)."""
         from engine import load_model
         from engine.training.config import TrainConfig
-        from engine.training.optim import (
-            build_optimizer,
-            deepspeed_config,
-            grad_checks,
-            lr_lambda_for,
-            resolve_optimizer,
-        )
+        from engine.training.model_setup import configure_model
+        from engine.training.optim import build_engine, deepspeed_config, resolve_optimizer
+        from engine.training.zero_step import multi_tensor_active
 
         self.release()
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         zero_settings = parse_zero_settings(cfg.zero_settings)
-        # not a DeepSpeed key: the trainer's switch between one gather of the language model per call and ZeRO-3's
-        # per-module gathers (--zero-settings zero3_leaf_language_model=false measures the latter)
+        # three keys are the trainer's, not DeepSpeed's: one gather of the language model per call or ZeRO-3's
+        # per-module gathers, the multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision layers
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
-        # nor is the trainer's choice of gradient checks before a ZeRO-1/2 step (grad_checks=deepspeed: DeepSpeed's
-        # per-gradient loops instead of the multi-tensor ones)
         checks = str(zero_settings.pop("grad_checks", "auto"))
-        compile_vision = bool(zero_settings.pop("compile_vision_layers", False))  # and the compiled vision layers
+        compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
@@ -531,25 +523,14 @@ class Bench:
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
                                    attn_implementation=self.args.attn)
         self.sizes = model_sizes(model)
-        model.set_liger_kernels(pieces)  # every variant sets all pieces: rope is process-wide
-        if train_cfg.compile_vision_layers:
-            from engine.model.compiled import compile_vision_layers
-
-            compile_vision_layers(model)
-        if cfg.zero_stage == 3 and leaf:
-            model.set_language_model_leaf(True)  # as the trainer does, before deepspeed.initialize
-        ds_config = deepspeed_config(train_cfg, self.use_bf16)
-        factor = lr_lambda_for(train_cfg, 10**6)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, train_cfg), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
-        )
+        configure_model(model, train_cfg)  # every variant sets all Liger pieces: rope is process-wide
+        self.engine = build_engine(model, train_cfg, 10**6, self.use_bf16)
         self.engine.train()
-        grad_checks_path = grad_checks(self.engine, train_cfg.zero_grad_checks)
         self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
         self.variant = dict(
-            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device), grad_checks=grad_checks_path,
-            zero_optimization=ds_config["zero_optimization"],
+            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device),
+            grad_checks="multi_tensor" if multi_tensor_active(self.engine.optimizer) else "deepspeed",
+            zero_optimization=deepspeed_config(train_cfg, self.use_bf16)["zero_optimization"],
             grad_hooks=len(getattr(self.engine.optimizer, "_grad_acc_hooks", []) or []),
             trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
         )

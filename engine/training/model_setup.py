@@ -1,6 +1,7 @@
 """The model a run trains: built from `model_id` or initialised from `load_model_path` (checked to be the same
-architecture), with the configured latent-pass mode, activation checkpointing and Liger kernels; and the
-fingerprint a checkpoint must match."""
+architecture), with the configured latent-pass mode, activation checkpointing, compiled vision layers and Liger
+kernels (`configure_model`, which the training-step benchmark uses too); and the fingerprint a checkpoint must
+match."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def load_training_model(config: TrainConfig, device: torch.device):
         raise
     except ValueError as e:  # an unknown model override or attention backend: a config mistake
         raise ConfigError(f"model {config.load_model_path or config.model_id!r}: {e}") from e
+    configure_model(model, config)
+    return model, tok, proc
+
+
+def configure_model(model, config: TrainConfig) -> None:
+    """The config's model settings on a loaded model: thought feedback (off for pause as thought), the latent-pass
+    mode, activation checkpointing, compiled vision layers and Liger kernels."""
     model.thought_feedback = not config.pause_as_thought  # pause as thought: <|latent|> is an ordinary token
     try:
         model.set_latent_passes(
@@ -57,7 +65,6 @@ def load_training_model(config: TrainConfig, device: torch.device):
         model.set_liger_kernels(config.liger_pieces)  # also switches off a process-wide piece set earlier
     except (ImportError, ValueError) as e:
         raise ConfigError(f"liger_kernels={config.liger_kernels!r}: {e}") from e
-    return model, tok, proc
 
 
 def model_fingerprint(model) -> str:

@@ -95,6 +95,11 @@ def _has_overflow(self):
     return (~torch.isfinite(_norms(grads))).any().reshape(1)
 
 
+def multi_tensor_active(optimizer) -> bool:
+    """Whether `optimizer` runs the multi-tensor checks (`use_multi_tensor_grad_checks` took)."""
+    return getattr(getattr(optimizer, "get_grad_norm_direct", None), "__func__", None) is _grad_norm
+
+
 def use_multi_tensor_grad_checks(optimizer) -> str | None:
     """Give `optimizer` (DeepSpeed's ZeRO-1/2 optimizer, i.e. `engine.optimizer`) the multi-tensor gradient norm
     and overflow check. Returns None when done, else the reason it was left as it is."""
