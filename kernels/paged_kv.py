@@ -106,12 +106,17 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_CACHE_DTYPE: tl.constexpr,
     WIDEN_16BIT_DOTS: tl.constexpr,
+    PROGRAMMATIC_LAUNCH: tl.constexpr,
 ):
     """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split.
 
     DOT_IN_CACHE_DTYPE: both dots take the cache's (16-bit) dtype, q and the probabilities rounded to it, with fp32
     accumulation (as FlashAttention does): K/V tiles stay 16-bit in registers instead of being widened to fp32.
-    WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32."""
+    WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32.
+    PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): the kernel may be launched while the previous one is
+    still finishing; it waits for that one's completion before touching memory, and lets the next launch early."""
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_wait()  # everything the previous kernels wrote (q, the new K/V) is visible after this
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -165,6 +170,8 @@ def _paged_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch; it waits for our stores
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no context (a padding row) gets zeros
@@ -200,8 +207,11 @@ def _paged_decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PROGRAMMATIC_LAUNCH: tl.constexpr,
 ):
     """Merge the splits of one (row, query head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_wait()  # the partials of the split kernel
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, SPLITS_PAD)
@@ -326,18 +336,41 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
+# Shared memory for the pipelined K/V tiles of one decode program (of the H100/H200's 227 KB per block).
+PIPELINE_SHARED_BYTES = 160 * 1024
+
+
+def default_block_n(head_dim: int) -> int:
+    """Context tokens per tile of the decode kernel: 128 for heads up to 64 wide, 64 above (equal tile bytes)."""
+    return 128 if head_dim <= 64 else 64
+
+
+def default_num_stages(block_n: int, head_dim: int, element_size: int) -> int:
+    """Pipeline depth of the decode loop: as many K/V tiles in flight as fit `PIPELINE_SHARED_BYTES` (at most 5,
+    the depth the H200 sweep found fastest; at least 2)."""
+    tile_bytes = 2 * block_n * max(16, triton.next_power_of_2(head_dim)) * element_size  # a K and a V tile
+    return int(max(2, min(5, PIPELINE_SHARED_BYTES // tile_bytes)))
+
+
 def choose_num_splits(
-    batch: int, kv_heads: int, max_context: int, device: torch.device | str, *, block_n: int = 64
+    batch: int, kv_heads: int, max_context: int, device: torch.device | str, *, block_n: int = 128
 ) -> int:
-    """Context splits per (row, KV head): about four programs per SM (enough loads in flight to stream the cache
-    at full bandwidth), each split at least two tiles long. Needs no device sync (``max_context`` is a bound)."""
+    """Context splits per (row, KV head): about one program per SM, each streaming its split through a deep
+    pipeline (on the H200 one program per SM beat four: fewer partials to merge, longer loops to pipeline), each
+    split at least one tile long. Needs no device sync (``max_context`` is a bound)."""
     device = torch.device(device)
     if device.type != "cuda":
         return 1
     programs = max(1, batch * kv_heads)
-    want = triton.cdiv(4 * _sm_count(device), programs)
-    most = max(1, max_context // (2 * block_n))
-    return int(max(1, min(want, most, 32)))
+    most = max(1, triton.cdiv(max_context, block_n))
+    return int(max(1, min(_sm_count(device) // programs, most, 32)))
+
+
+def programmatic_launch_supported(device: torch.device | str) -> bool:
+    """Programmatic dependent launch (a kernel launched while the previous one finishes): Hopper and later, compiled
+    kernels only (not the interpreter)."""
+    device = torch.device(device)
+    return device.type == "cuda" and not _INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def paged_decode_attention(
@@ -349,10 +382,11 @@ def paged_decode_attention(
     *,
     scale: float | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    dot_in_cache_dtype: bool = False,
+    dot_in_cache_dtype: bool = True,
+    programmatic_launch: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row over that row's paged context.
 
@@ -360,13 +394,16 @@ def paged_decode_attention(
     int32; context_lens: (B,) int32 (the row's positions 0..len-1 are visible; 0 gives a zero output). Query head h
     reads KV head ``h // (q_heads // kv_heads)``. ``num_splits`` > 1 splits each row's context into that many
     partitions merged with log-sum-exp (None: chosen from the batch, the GPU and the table width, without reading
-    the lengths back to the host). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in the
-    cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it (default: fp32 operands).
-    Returns (B, q_heads, head_dim) in q's dtype.
+    the lengths back to the host). ``block_n``/``num_stages``: tokens per tile and pipeline depth (None:
+    `default_block_n`, `default_num_stages`). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in
+    the cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it, as FlashAttention does
+    (False: fp32 operands, slower). ``programmatic_launch``: launch while the previous kernel finishes (None: where
+    `programmatic_launch_supported`). Returns (B, q_heads, head_dim) in q's dtype.
     """
     q, group = _check_queries(q, key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    block_n = default_block_n(head_dim) if block_n is None else block_n
     for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1)):
         if value < least or value & (value - 1):  # tl.arange and tl.dot tiles: powers of two, dots >= 16
             raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
@@ -378,6 +415,11 @@ def paged_decode_attention(
     scale = head_dim**-0.5 if scale is None else scale
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size, q.device, block_n=block_n)
+    if num_stages is None:
+        num_stages = default_num_stages(block_n, head_dim, key_cache.element_size())
+    if programmatic_launch is None:
+        programmatic_launch = programmatic_launch_supported(q.device)
+    launch = {"launch_pdl": True} if programmatic_launch else {}
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -418,9 +460,11 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
         DOT_IN_CACHE_DTYPE=bool(dot_in_cache_dtype and key_cache.dtype in (torch.bfloat16, torch.float16)),
-        WIDEN_16BIT_DOTS=q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+        WIDEN_16BIT_DOTS=q.device.type != "cuda" or _INTERPRETED,
+        PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
         num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        num_stages=num_stages,
+        **launch,
     )
     if num_splits > 1:
         _paged_decode_reduce_kernel[(batch, q_heads)](
@@ -436,6 +480,8 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             num_warps=1 if head_dim <= 64 else 2,
+            PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
+            **launch,
         )
     return out
 

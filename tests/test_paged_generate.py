@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -248,6 +249,15 @@ def test_a_fixed_pool_that_is_too_small_raises(tiny):
     assert runner.cache.num_used_blocks == 0
 
 
+def test_context_fit_separates_the_fixed_cost_from_the_streaming_rate():
+    from benchmarks.bench_paged_kv import fit_fixed_and_streaming
+
+    # 100 us whatever the context, then 1,000 bytes per token at 2 GB/s (0.5 us per token)
+    fit = fit_fixed_and_streaming([(n, 100 + 0.5 * n) for n in (100, 400, 1600)], bytes_per_token=1000)
+    assert math.isclose(fit["fixed_us"], 100) and math.isclose(fit["us_per_token"], 0.5)
+    assert math.isclose(fit["streaming_gbs"], 2.0)
+
+
 def test_gpu_report_dry_run_on_cpu(tmp_path):
     """The GPU report (run once, later, on an H100) goes through every section at tiny sizes on the CPU."""
     from benchmarks import bench_paged_kv
@@ -266,8 +276,12 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     pages = payload["decode_attention"]["best_by_page_size"]
     assert set(pages) == {"8"} and pages["8"]["block_size"] == 8  # the page-size sweep ran (JSON keys are strings)
     names = [r["name"] for r in payload["decode_attention"]["rows"]]
-    assert any("dot_in_cache_dtype=True" in n for n in names), "the 16-bit-dot variants must be timed"
-    assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
+    for ablation in ("dot_in_cache_dtype=False", "programmatic_launch=False"):
+        assert any(ablation in n for n in names), f"the default without {ablation.split('=')[0]} must be timed"
+    fit = payload["decode_attention"]["context_fit"]  # the fixed and streaming parts of the time (CPU: noise)
+    assert {"fixed_us_per_layer", "us_per_token", "streaming_gbs"} <= set(fit) and math.isfinite(fit["us_per_token"])
+    if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
+        assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     breakdown = step["kernel_breakdown"]
     assert breakdown["total_us_per_step"] > 0 and breakdown["top"]
     assert abs(sum(k["pct"] for k in breakdown["by_kind"]) - 100) < 1e-6

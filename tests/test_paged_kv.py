@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from kernels.paged_chunk_attention import paged_chunk_attention
 from kernels.paged_kv import (
+    PIPELINE_SHARED_BYTES,
+    choose_num_splits,
+    default_block_n,
+    default_num_stages,
     gather_kv,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_kv_write,
     paged_kv_write_reference,
+    programmatic_launch_supported,
 )
 from tests.helpers import assert_close, random_pool, random_tables
 
@@ -102,7 +109,7 @@ def test_decode_attention_with_dots_in_the_cache_dtype(block_size, context, head
         args = (q, key_cache, value_cache, tables, lens)
         out = paged_decode_attention(*args, num_splits=num_splits, block_n=16, dot_in_cache_dtype=True)
         assert_close(out, paged_decode_attention_reference(*args), dtype, f"{dtype} dots in the cache dtype")
-        wide = paged_decode_attention(*args, num_splits=num_splits, block_n=16)
+        wide = paged_decode_attention(*args, num_splits=num_splits, block_n=16, dot_in_cache_dtype=False)
         if dtype == torch.float32:
             assert torch.equal(out, wide)
         elif max(context) > 1:  # the probabilities were rounded to bf16: the option really took effect
@@ -122,6 +129,38 @@ def test_split_k_equals_no_split(block_size, context):
     for splits in (2, 3, 7):  # 7 splits of 16-token tiles leave some splits empty for the short rows
         split = paged_decode_attention(q, key_cache, value_cache, tables, lens, num_splits=splits, block_n=16)
         assert_close(split, whole, torch.float32, f"{splits} splits vs 1")
+
+
+def test_launch_defaults_follow_the_geometry_and_the_shared_memory():
+    """Tiles of 128 tokens for heads up to 64 wide (64 above), as many pipelined K/V tiles as fit the shared-memory
+    budget (5 at most, 2 at least); no splits off the GPU, and never more splits than tiles."""
+    assert default_block_n(64) == 128 and default_block_n(128) == 64 and default_block_n(24) == 128
+    assert default_num_stages(128, 64, 2) == 5  # 32 KB per K+V stage
+    assert default_num_stages(128, 64, 4) == 2  # fp32 caches: 64 KB per stage
+    assert default_num_stages(64, 128, 2) == 5
+    assert default_num_stages(128, 256, 4) == 2  # never below a double buffer
+    for block_n, head_dim, size in itertools.product((16, 64, 128, 256), (16, 64, 80, 128, 256), (2, 4)):
+        stages = default_num_stages(block_n, head_dim, size)
+        tile = 2 * block_n * max(16, 1 << (head_dim - 1).bit_length()) * size
+        assert 2 <= stages <= 5 and (stages == 2 or stages * tile <= PIPELINE_SHARED_BYTES)
+    assert choose_num_splits(64, 2, 1300, "cpu") == 1
+    assert not programmatic_launch_supported("cpu")
+
+
+def test_defaults_match_the_explicit_settings_they_stand_for():
+    """The default launch (tile, pipeline depth and splits chosen by the launcher) equals the same settings given
+    explicitly, and the reference."""
+    key_cache, value_cache = random_pool(30, 16, 2, 64, torch.float32)
+    tables = random_tables(3, 10, 30)
+    lens = torch.tensor([150, 1, 77], dtype=torch.int32)
+    q = torch.randn(3, 14, 64)
+    args = (q, key_cache, value_cache, tables, lens)
+    out = paged_decode_attention(*args)
+    explicit = paged_decode_attention(*args, num_splits=1, block_n=default_block_n(64),
+                                      num_stages=default_num_stages(default_block_n(64), 64, 4),
+                                      dot_in_cache_dtype=True, programmatic_launch=False)
+    assert torch.equal(out, explicit)
+    assert_close(out, paged_decode_attention_reference(*args), torch.float32, "defaults vs reference")
 
 
 def test_decode_zero_context_rows_give_zeros():

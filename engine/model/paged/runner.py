@@ -35,10 +35,10 @@ from engine.utils.device import to_device
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
 from kernels.paged_chunk_attention import paged_chunk_attention
-from kernels.paged_kv import choose_num_splits, paged_decode_attention
+from kernels.paged_kv import choose_num_splits, default_block_n, paged_decode_attention
 
 log = get_logger("paged")
-ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype")
+ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch")
 
 
 class PagedRunner:
@@ -52,7 +52,8 @@ class PagedRunner:
     decides it (`fast_paths.decode_ops`: on CUDA after a self-check). merged_projections: with the fused ops, one
     matrix product for q/k/v and one for gate/up per layer (a copy of those weights, refreshed at every generate
     call). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
-    num_warps, num_stages, dot_in_cache_dtype). max_graph_batch: the largest batch bucket that gets graphs.
+    num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults). max_graph_batch:
+    the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
     """
 
@@ -223,7 +224,7 @@ class PagedRunner:
     def _splits_for(self, rows: int) -> int:
         if self.num_splits is not None:
             return self.num_splits
-        block_n = self.attention_options.get("block_n", 64)
+        block_n = self.attention_options.get("block_n") or default_block_n(self.geometry.head_dim)
         return choose_num_splits(rows, self.geometry.kv_heads, self.max_model_len, self.device, block_n=block_n)
 
     # ------------------------------------------------------------------ one-position steps (eager or graph)
