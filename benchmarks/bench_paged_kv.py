@@ -68,6 +68,13 @@ from kernels.paged_kv import (  # noqa: E402
 RESULT_NAME = "bench_paged_kv"
 # Qwen2.5-0.5B (InternVL3-1B's language model)
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 24, 14, 2, 64
+# the language models of InternVL3-1B/2B/8B (Qwen2.5-0.5B/1.5B/7B): layers, query heads, KV heads, head_dim
+GEOMETRIES = {
+    "1b": dict(layers=LAYERS, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+               model_spec="internvl3-1b-geometry"),
+    "2b": dict(layers=28, q_heads=12, kv_heads=2, head_dim=128, model_spec="internvl3-2b-geometry"),
+    "8b": dict(layers=28, q_heads=28, kv_heads=4, head_dim=128, model_spec="internvl3-8b-geometry"),
+}
 BATCH, CONTEXT, VISUAL = 64, 1300, 256
 BLOCK_SIZE = 16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -336,7 +343,8 @@ def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repe
     streaming part, eager, and dense SDPA beside it."""
     case = geo.case(layers=geo.layers)
     floor_ms = case.kv_bytes() / (bandwidth * 1e9) * 1e3
-    auto = choose_num_splits(geo.batch, geo.kv_heads, geo.context, geo.device, block_n=default_block_n(geo.head_dim))
+    block_n = default_block_n(geo.head_dim, geo.batch * geo.kv_heads, geo.device)
+    auto = choose_num_splits(geo.batch, geo.kv_heads, geo.context, geo.device, block_n=block_n)
     out = dict(batch=geo.batch, context=geo.context, visual_tokens=geo.visual, layers=geo.layers, q_heads=geo.q_heads,
                kv_heads=geo.kv_heads, head_dim=geo.head_dim, block_size=geo.block_size, kv_bytes=case.kv_bytes(),
                floor_us=floor_ms * 1e3, auto_splits=auto, target_pct_of_floor=80, rows=[])
@@ -823,8 +831,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed through generate()")
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run of every path at tiny sizes")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1b",
+                        help="the language model's layers and heads (InternVL3-1B, -2B or -8B; default 1b)")
     args = parser.parse_args(argv)
-    geo = Geometry.smoke() if args.smoke else Geometry()
+    if args.smoke and args.geometry != "1b":
+        parser.error("--smoke runs its own tiny geometry; leave --geometry out")
+    geo = Geometry.smoke() if args.smoke else Geometry(**GEOMETRIES[args.geometry])
     if geo.cuda and not torch.cuda.is_available():
         print("the GPU report needs CUDA (--smoke runs a tiny CPU dry run)", file=sys.stderr)
         return 2

@@ -336,19 +336,25 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-# Shared memory for the pipelined K/V tiles of one decode program (of the H100/H200's 227 KB per block).
+# Shared memory budget for the pipelined tiles of one decode program (of the H100/H200's 227 KB per block; 5 stages
+# of 128 x 128 bf16 tiles compiled and ran there).
 PIPELINE_SHARED_BYTES = 160 * 1024
 
 
-def default_block_n(head_dim: int) -> int:
-    """Context tokens per tile of the decode kernel: 128 for heads up to 64 wide, 64 above (equal tile bytes)."""
-    return 128 if head_dim <= 64 else 64
+def default_block_n(head_dim: int, programs: int, device: torch.device | str) -> int:
+    """Context tokens per tile of the decode kernel. 128 when the (row, KV head) programs fit one per SM: each then
+    streams alone, and longer tiles keep more of its loads in flight; with more programs than SMs, 128 for heads up
+    to 64 wide and 64 above (programs share an SM). On the H200 sweep: InternVL3-1B and -2B at batch 64 (128
+    programs) fastest at 128, -8B (256 programs of 128-wide heads) at 64."""
+    if programs <= _sm_count(torch.device(device)) or head_dim <= 64:
+        return 128
+    return 64
 
 
 def default_num_stages(block_n: int, head_dim: int, element_size: int) -> int:
-    """Pipeline depth of the decode loop: as many K/V tiles in flight as fit `PIPELINE_SHARED_BYTES` (at most 5,
-    the depth the H200 sweep found fastest; at least 2)."""
-    tile_bytes = 2 * block_n * max(16, triton.next_power_of_2(head_dim)) * element_size  # a K and a V tile
+    """Pipeline depth of the decode loop: as many tiles in flight as fit `PIPELINE_SHARED_BYTES` (at most 5, the
+    depth the H200 sweep found fastest for every geometry; at least 2)."""
+    tile_bytes = block_n * max(16, triton.next_power_of_2(head_dim)) * element_size
     return int(max(2, min(5, PIPELINE_SHARED_BYTES // tile_bytes)))
 
 
@@ -403,7 +409,8 @@ def paged_decode_attention(
     q, group = _check_queries(q, key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
-    block_n = default_block_n(head_dim) if block_n is None else block_n
+    if block_n is None:
+        block_n = default_block_n(head_dim, batch * kv_heads, q.device)
     for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1)):
         if value < least or value & (value - 1):  # tl.arange and tl.dot tiles: powers of two, dots >= 16
             raise ValueError(f"{name} must be a power of two >= {least}, got {value}")

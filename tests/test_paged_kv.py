@@ -132,16 +132,18 @@ def test_split_k_equals_no_split(block_size, context):
 
 
 def test_launch_defaults_follow_the_geometry_and_the_shared_memory():
-    """Tiles of 128 tokens for heads up to 64 wide (64 above), as many pipelined K/V tiles as fit the shared-memory
-    budget (5 at most, 2 at least); no splits off the GPU, and never more splits than tiles."""
-    assert default_block_n(64) == 128 and default_block_n(128) == 64 and default_block_n(24) == 128
-    assert default_num_stages(128, 64, 2) == 5  # 32 KB per K+V stage
-    assert default_num_stages(128, 64, 4) == 2  # fp32 caches: 64 KB per stage
-    assert default_num_stages(64, 128, 2) == 5
+    """Tiles of 128 tokens when the programs fit one per SM or heads are at most 64 wide, else 64; as many
+    pipelined tiles as fit the shared-memory budget (5 at most, 2 at least); no splits off the GPU."""
+    # the CPU counts as one SM: one program fits it, two do not
+    assert default_block_n(64, 2, "cpu") == 128 and default_block_n(24, 2, "cpu") == 128
+    assert default_block_n(128, 1, "cpu") == 128 and default_block_n(128, 2, "cpu") == 64
+    assert default_num_stages(128, 64, 2) == 5  # 16 KB tiles
+    assert default_num_stages(128, 128, 2) == 5  # 32 KB tiles
+    assert default_num_stages(128, 128, 4) == 2  # fp32 caches: 64 KB tiles
     assert default_num_stages(128, 256, 4) == 2  # never below a double buffer
     for block_n, head_dim, size in itertools.product((16, 64, 128, 256), (16, 64, 80, 128, 256), (2, 4)):
         stages = default_num_stages(block_n, head_dim, size)
-        tile = 2 * block_n * max(16, 1 << (head_dim - 1).bit_length()) * size
+        tile = block_n * max(16, 1 << (head_dim - 1).bit_length()) * size
         assert 2 <= stages <= 5 and (stages == 2 or stages * tile <= PIPELINE_SHARED_BYTES)
     assert choose_num_splits(64, 2, 1300, "cpu") == 1
     assert not programmatic_launch_supported("cpu")
@@ -156,8 +158,9 @@ def test_defaults_match_the_explicit_settings_they_stand_for():
     q = torch.randn(3, 14, 64)
     args = (q, key_cache, value_cache, tables, lens)
     out = paged_decode_attention(*args)
-    explicit = paged_decode_attention(*args, num_splits=1, block_n=default_block_n(64),
-                                      num_stages=default_num_stages(default_block_n(64), 64, 4),
+    block_n = default_block_n(64, 3 * 2, "cpu")
+    explicit = paged_decode_attention(*args, num_splits=1, block_n=block_n,
+                                      num_stages=default_num_stages(block_n, 64, 4),
                                       dot_in_cache_dtype=True, programmatic_launch=False)
     assert torch.equal(out, explicit)
     assert_close(out, paged_decode_attention_reference(*args), torch.float32, "defaults vs reference")

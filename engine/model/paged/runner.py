@@ -35,7 +35,7 @@ from engine.utils.device import to_device
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
 from kernels.paged_chunk_attention import paged_chunk_attention
-from kernels.paged_kv import choose_num_splits, default_block_n, paged_decode_attention
+from kernels.paged_kv import paged_decode_attention
 
 log = get_logger("paged")
 ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch")
@@ -207,7 +207,7 @@ class PagedRunner:
         cos, sin = self.rotary(x, positions)
         return run_layers(self.lm, x, cos, sin, PagedAttention(self.cache, slots, attend, ops), ops, self.geometry)
 
-    def _step_forward(self, x, positions, active, block_tables, num_splits: int) -> torch.Tensor:
+    def _step_forward(self, x, positions, active, block_tables) -> torch.Tensor:
         """One position per row: (R, H) inputs -> (R, H) hidden. Inactive rows write nothing, read nothing."""
         context_lens = torch.where(active, positions + 1, 0).to(torch.int32)
         blocks = block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
@@ -216,16 +216,10 @@ class PagedRunner:
         def attend(q, key_cache, value_cache):
             return paged_decode_attention(
                 q, key_cache, value_cache, block_tables, context_lens, scale=self.geometry.scale,
-                num_splits=num_splits, **self.attention_options,
+                num_splits=self.num_splits, **self.attention_options,
             )
 
         return self.forward_tokens(x, positions, slots, attend)
-
-    def _splits_for(self, rows: int) -> int:
-        if self.num_splits is not None:
-            return self.num_splits
-        block_n = self.attention_options.get("block_n") or default_block_n(self.geometry.head_dim)
-        return choose_num_splits(rows, self.geometry.kv_heads, self.max_model_len, self.device, block_n=block_n)
 
     # ------------------------------------------------------------------ one-position steps (eager or graph)
     def _graphs_enabled(self, batch: int) -> bool:
@@ -240,7 +234,7 @@ class PagedRunner:
 
     def _static_step(self, buf: StepBuffers, with_logits: bool) -> torch.Tensor:
         x = self.model.base.get_input_embeddings()(buf.tokens) if with_logits else buf.embeds
-        hidden = self._step_forward(x, buf.positions, buf.active, buf.block_tables, self._splits_for(buf.size))
+        hidden = self._step_forward(x, buf.positions, buf.active, buf.block_tables)
         return self.model.base.lm_head(hidden) if with_logits else hidden
 
     def one_position(self, buf: StepBuffers | None, block_tables, positions, active, *, embeds=None, tokens=None):
@@ -250,7 +244,7 @@ class PagedRunner:
         batch = positions.shape[0]
         if buf is None:
             x = self.model.base.get_input_embeddings()(tokens) if with_logits else embeds
-            hidden = self._step_forward(x, positions, active, block_tables, self._splits_for(batch))
+            hidden = self._step_forward(x, positions, active, block_tables)
             return self.model.base.lm_head(hidden) if with_logits else hidden
         graphed = buf.tokens.device.type == "cuda"
         if graphed:
