@@ -373,10 +373,12 @@ def choose_num_splits(
 
 
 def programmatic_launch_supported(device: torch.device | str) -> bool:
-    """Programmatic dependent launch (a kernel launched while the previous one finishes): Hopper and later, compiled
-    kernels only (not the interpreter)."""
+    """Programmatic dependent launch (a kernel launched while the previous one finishes): NVIDIA Hopper and later,
+    compiled kernels only (not the interpreter, not ROCm, whose capability numbers mean something else)."""
     device = torch.device(device)
-    return device.type == "cuda" and not _INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type != "cuda" or _INTERPRETED or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def paged_decode_attention(

@@ -149,6 +149,22 @@ def test_launch_defaults_follow_the_geometry_and_the_shared_memory():
     assert not programmatic_launch_supported("cpu")
 
 
+def test_programmatic_launch_only_on_nvidia_hopper_and_compiled(monkeypatch):
+    import kernels.paged_kv as paged_kv
+
+    monkeypatch.setattr(paged_kv, "_INTERPRETED", False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert programmatic_launch_supported("cuda:0") is expected, capability
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports gfx94x as capability 9.4
+    assert not programmatic_launch_supported("cuda:0")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(paged_kv, "_INTERPRETED", True)
+    assert not programmatic_launch_supported("cuda:0")
+    assert not programmatic_launch_supported("cpu")
+
+
 def test_defaults_match_the_explicit_settings_they_stand_for():
     """The default launch (tile, pipeline depth and splits chosen by the launcher) equals the same settings given
     explicitly, and the reference."""
