@@ -336,26 +336,39 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-# Shared memory budget for the pipelined tiles of one decode program (of the H100/H200's 227 KB per block; 5 stages
-# of 128 x 128 bf16 tiles compiled and ran there).
-PIPELINE_SHARED_BYTES = 160 * 1024
+# Shared memory the decode kernel may use per program: the device's opt-in limit less what it needs besides the
+# pipelined tiles (measured on the H200 with triton 3.6: depth x tile + 8-19 KB, e.g. 140 KB for 5 stages of
+# 128 x 128 bf16 tiles). Off the GPU the H100/H200's 227 KB, so CPU tests compute the same defaults.
+SHARED_HEADROOM_BYTES = 24 * 1024
+HOPPER_SHARED_BYTES = 227 * 1024
+MAX_PIPELINE_STAGES = 5  # the depth the H200 sweeps found fastest at the 1B, 2B and 8B geometries
 
 
-def default_block_n(head_dim: int, programs: int, device: torch.device | str) -> int:
-    """Context tokens per tile of the decode kernel. 128 when the (row, KV head) programs fit one per SM: each then
-    streams alone, and longer tiles keep more of its loads in flight; with more programs than SMs, 128 for heads up
-    to 64 wide and 64 above (programs share an SM). On the H200 sweep: InternVL3-1B and -2B at batch 64 (128
-    programs) fastest at 128, -8B (256 programs of 128-wide heads) at 64."""
-    if programs <= _sm_count(torch.device(device)) or head_dim <= 64:
-        return 128
-    return 64
+def _shared_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return HOPPER_SHARED_BYTES
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
 
-def default_num_stages(block_n: int, head_dim: int, element_size: int) -> int:
-    """Pipeline depth of the decode loop: as many tiles in flight as fit `PIPELINE_SHARED_BYTES` (at most 5, the
-    depth the H200 sweep found fastest for every geometry; at least 2)."""
-    tile_bytes = block_n * max(16, triton.next_power_of_2(head_dim)) * element_size
-    return int(max(2, min(5, PIPELINE_SHARED_BYTES // tile_bytes)))
+def pipeline_stages(block_n: int, head_dim: int, element_size: int, device: torch.device | str) -> int:
+    """Pipeline depth of the decode loop for a tile: as many tiles as the device's shared memory holds (less
+    `SHARED_HEADROOM_BYTES`), at most `MAX_PIPELINE_STAGES`, at least 1."""
+    tile = block_n * max(16, triton.next_power_of_2(head_dim)) * element_size
+    budget = _shared_bytes(torch.device(device)) - SHARED_HEADROOM_BYTES
+    return int(max(1, min(MAX_PIPELINE_STAGES, budget // tile)))
+
+
+def default_block_n(head_dim: int, element_size: int, programs: int, device: torch.device | str) -> int:
+    """Context tokens per tile of the decode kernel: 128 when the (row, KV head) programs fit one per SM (each then
+    streams alone, and longer tiles keep more of its loads in flight) or heads are at most 64 wide, else 64; halved
+    until two tiles fit the shared memory (`pipeline_stages`). On the H200 sweeps: InternVL3-1B and -2B at batch 64
+    (128 programs) fastest at 128, -8B (256 programs of 128-wide heads) at 64, at depth 5 everywhere."""
+    device = torch.device(device)
+    block_n = 128 if programs <= _sm_count(device) or head_dim <= 64 else 64
+    while block_n > 16 and pipeline_stages(block_n, head_dim, element_size, device) < 2:
+        block_n //= 2
+    return block_n
 
 
 def choose_num_splits(
@@ -403,7 +416,7 @@ def paged_decode_attention(
     reads KV head ``h // (q_heads // kv_heads)``. ``num_splits`` > 1 splits each row's context into that many
     partitions merged with log-sum-exp (None: chosen from the batch, the GPU and the table width, without reading
     the lengths back to the host). ``block_n``/``num_stages``: tokens per tile and pipeline depth (None:
-    `default_block_n`, `default_num_stages`). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in
+    `default_block_n`, `pipeline_stages`). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in
     the cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it, as FlashAttention does
     (False: fp32 operands, slower). ``programmatic_launch``: launch while the previous kernel finishes (None: where
     `programmatic_launch_supported`). Returns (B, q_heads, head_dim) in q's dtype.
@@ -412,7 +425,7 @@ def paged_decode_attention(
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
     if block_n is None:
-        block_n = default_block_n(head_dim, batch * kv_heads, q.device)
+        block_n = default_block_n(head_dim, key_cache.element_size(), batch * kv_heads, q.device)
     for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1)):
         if value < least or value & (value - 1):  # tl.arange and tl.dot tiles: powers of two, dots >= 16
             raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
@@ -425,7 +438,7 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size, q.device, block_n=block_n)
     if num_stages is None:
-        num_stages = default_num_stages(block_n, head_dim, key_cache.element_size())
+        num_stages = pipeline_stages(block_n, head_dim, key_cache.element_size(), q.device)
     if programmatic_launch is None:
         programmatic_launch = programmatic_launch_supported(q.device)
     launch = {"launch_pdl": True} if programmatic_launch else {}

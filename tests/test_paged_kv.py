@@ -9,15 +9,16 @@ import torch
 
 from kernels.paged_chunk_attention import paged_chunk_attention
 from kernels.paged_kv import (
-    PIPELINE_SHARED_BYTES,
+    HOPPER_SHARED_BYTES,
+    SHARED_HEADROOM_BYTES,
     choose_num_splits,
     default_block_n,
-    default_num_stages,
     gather_kv,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_kv_write,
     paged_kv_write_reference,
+    pipeline_stages,
     programmatic_launch_supported,
 )
 from tests.helpers import assert_close, random_pool, random_tables
@@ -131,20 +132,27 @@ def test_split_k_equals_no_split(block_size, context):
         assert_close(split, whole, torch.float32, f"{splits} splits vs 1")
 
 
-def test_launch_defaults_follow_the_geometry_and_the_shared_memory():
-    """Tiles of 128 tokens when the programs fit one per SM or heads are at most 64 wide, else 64; as many
-    pipelined tiles as fit the shared-memory budget (5 at most, 2 at least); no splits off the GPU."""
-    # the CPU counts as one SM: one program fits it, two do not
-    assert default_block_n(64, 2, "cpu") == 128 and default_block_n(24, 2, "cpu") == 128
-    assert default_block_n(128, 1, "cpu") == 128 and default_block_n(128, 2, "cpu") == 64
-    assert default_num_stages(128, 64, 2) == 5  # 16 KB tiles
-    assert default_num_stages(128, 128, 2) == 5  # 32 KB tiles
-    assert default_num_stages(128, 128, 4) == 2  # fp32 caches: 64 KB tiles
-    assert default_num_stages(128, 256, 4) == 2  # never below a double buffer
-    for block_n, head_dim, size in itertools.product((16, 64, 128, 256), (16, 64, 80, 128, 256), (2, 4)):
-        stages = default_num_stages(block_n, head_dim, size)
+def test_launch_defaults_follow_the_geometry_and_the_shared_memory(monkeypatch):
+    """Tiles of 128 tokens when the programs fit one per SM or heads are at most 64 wide, else 64, halved until two
+    fit the shared memory; as many pipelined tiles as it holds, 5 at most; no splits off the GPU."""
+    import kernels.paged_kv as paged_kv
+
+    # the CPU counts as one SM with the H100/H200's shared memory: one program fits it, two do not
+    assert default_block_n(64, 2, 2, "cpu") == 128 and default_block_n(24, 2, 2, "cpu") == 128
+    assert default_block_n(128, 2, 1, "cpu") == 128 and default_block_n(128, 2, 2, "cpu") == 64
+    assert pipeline_stages(128, 64, 2, "cpu") == 5  # 16 KB tiles
+    assert pipeline_stages(128, 128, 2, "cpu") == 5  # 32 KB tiles: 5 ran in 140 KB on the H200
+    assert pipeline_stages(128, 128, 4, "cpu") == 3  # fp32 caches: 64 KB tiles
+    assert default_block_n(256, 4, 1, "cpu") == 64  # 128 KB tiles would not double-buffer
+    budget = HOPPER_SHARED_BYTES - SHARED_HEADROOM_BYTES
+    for head_dim, size, programs in itertools.product((16, 64, 80, 128, 256), (2, 4), (1, 2)):
+        block_n = default_block_n(head_dim, size, programs, "cpu")
+        stages = pipeline_stages(block_n, head_dim, size, "cpu")
         tile = block_n * max(16, 1 << (head_dim - 1).bit_length()) * size
-        assert 2 <= stages <= 5 and (stages == 2 or stages * tile <= PIPELINE_SHARED_BYTES)
+        assert 2 <= stages <= 5 and stages * tile <= budget, (head_dim, size, programs)
+    # a GPU with less shared memory (99 KB per block, as sm_86/89 parts) gets shallower pipelines or smaller tiles
+    monkeypatch.setattr(paged_kv, "_shared_bytes", lambda device: 99 * 1024)
+    assert pipeline_stages(128, 128, 2, "cpu") == 2 and default_block_n(128, 4, 1, "cpu") == 64
     assert choose_num_splits(64, 2, 1300, "cpu") == 1
     assert not programmatic_launch_supported("cpu")
 
@@ -166,20 +174,22 @@ def test_programmatic_launch_only_on_nvidia_hopper_and_compiled(monkeypatch):
 
 
 def test_defaults_match_the_explicit_settings_they_stand_for():
-    """The default launch (tile, pipeline depth and splits chosen by the launcher) equals the same settings given
-    explicitly, and the reference."""
-    key_cache, value_cache = random_pool(30, 16, 2, 64, torch.float32)
+    """The default launch (16-bit dots, tile, pipeline depth and splits chosen by the launcher) on a bf16 cache
+    equals the same settings given explicitly, is within bf16 tolerance of the reference, and differs from fp32 dot
+    operands (the interpreter shows the probabilities' rounding)."""
+    key_cache, value_cache = random_pool(30, 16, 2, 64, torch.bfloat16)
     tables = random_tables(3, 10, 30)
     lens = torch.tensor([150, 1, 77], dtype=torch.int32)
-    q = torch.randn(3, 14, 64)
+    q = torch.randn(3, 14, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     args = (q, key_cache, value_cache, tables, lens)
     out = paged_decode_attention(*args)
-    block_n = default_block_n(64, 3 * 2, "cpu")
+    block_n = default_block_n(64, 2, 3 * 2, "cpu")
     explicit = paged_decode_attention(*args, num_splits=1, block_n=block_n,
-                                      num_stages=default_num_stages(block_n, 64, 4),
-                                      dot_in_cache_dtype=True, programmatic_launch=False)
+                                      num_stages=pipeline_stages(block_n, 64, 2, "cpu"), dot_in_cache_dtype=True,
+                                      programmatic_launch=False)
     assert torch.equal(out, explicit)
-    assert_close(out, paged_decode_attention_reference(*args), torch.float32, "defaults vs reference")
+    assert_close(out, paged_decode_attention_reference(*args), torch.bfloat16, "defaults vs reference")
+    assert not torch.equal(out, paged_decode_attention(*args, dot_in_cache_dtype=False))
 
 
 def test_decode_zero_context_rows_give_zeros():
