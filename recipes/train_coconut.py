@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout too
 
 from engine.training.config import load_config  # noqa: E402
+from engine.training.distributed import shutdown_distributed  # noqa: E402
 from engine.training.errors import EXPECTED_ERRORS  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
 
@@ -74,4 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the process ends here: its process group goes first (a script's main, not a library call)
+        shutdown_distributed()

@@ -85,3 +85,22 @@ def test_zero3_through_the_latent_block_ends_where_zero2_ends():
     moved = max((zero2[k].float() - zero2_epoch1[k].float()).abs().max().item() for k in zero2)
     assert moved > 1e-3, f"the second epoch must move the parameters for this comparison to mean anything ({moved:.3g})"
     assert worst <= 1e-4, f"ZeRO-3 and ZeRO-2 parameters differ by up to {worst:.3g}"
+
+
+def test_shutdown_destroys_the_process_group_and_is_idempotent(tmp_path):
+    """The recipe's exit path: the group is gone afterwards, and a second call (or no group at all) is a no-op.
+    In a child process: this one may hold a group of its own."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from engine.training.distributed import shutdown_distributed\n"
+        "shutdown_distributed()\n"  # no group yet: nothing to do
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "assert dist.is_initialized()\n"
+        "shutdown_distributed()\n"
+        "assert not dist.is_initialized()\n"
+        "shutdown_distributed()\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

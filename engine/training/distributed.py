@@ -76,6 +76,13 @@ def init_distributed(device: str = "auto", local_rank: int | None = None, cpu_sh
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before the process exits: a gloo group left to static destruction can abort a
+    rank at exit ("terminate called without an active exception") after the run itself succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
