@@ -27,7 +27,8 @@ import pytest  # noqa: E402
 from benchmarks.common import copy_bandwidth_gbs  # noqa: E402
 
 # The harnesses (command-line programs, no tests in them) are not collected.
-HARNESSES = {"bench_latent_forward.py", "bench_generate.py", "bench_train_step.py"}
+HARNESSES = {"bench_latent_forward.py", "bench_generate.py", "bench_train_step.py", "bench_block_ops.py",
+             "bench_attention_backends.py"}
 
 
 def pytest_collect_file(file_path, parent):

@@ -18,9 +18,9 @@ Public entry points (one name across kernels, tests and benchmarks), each with i
   into new tensors: one kernel for what `rotary_qk` + `paged_kv.paged_kv_write` do in two; returns the rotated q;
 - `silu_mul(gate, up)`: ``silu(gate) * up`` (the SwiGLU product of the MLP).
 
-No autograd: these serve inference (`engine.model.paged_runner`). Interpreter note: bf16 values are upcast to
-fp32 for arithmetic; the interpreter truncates fp32 -> bf16 casts instead of rounding, so bf16 results there
-can differ from the GPU's in the last bit.
+No autograd here: these serve inference (`engine.model.paged`); `kernels.layer_grads` gives the first three
+their backward for training. Interpreter note: bf16 values are upcast to fp32 for arithmetic; the interpreter
+truncates fp32 -> bf16 casts instead of rounding, so bf16 results there can differ from the GPU's in the last bit.
 """
 
 from __future__ import annotations
@@ -275,11 +275,17 @@ def rotary_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of ``q`` (N, q_heads, D) and ``k`` (N, kv_heads, D) with ``cos``/``sin`` (N, D), into new
     contiguous tensors; returns ``(q_rot, k_rot)``. Inputs may be strided views (the last dimension contiguous)."""
+    return _launch_per_token(_rotary_qk_kernel, q, k, cos, sin)
+
+
+def _launch_per_token(kernel, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program per token of ``kernel(q, k, q_out, k_out, cos, sin, sizes, strides, blocks)`` (the rotary
+    kernel and, in `kernels.layer_grads`, its backward) into new contiguous outputs shaped like q and k."""
     q, k, cos, sin = _check_rotary(q, k, cos, sin)
     n, q_heads, head_dim = q.shape
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n:
-        _rotary_qk_kernel[(n,)](
+        kernel[(n,)](
             q,
             k,
             q_out,

@@ -152,3 +152,37 @@ def test_targets_are_evaluated_from_rows():
     assert line["faster_than_fullpass_everywhere"] is False  # 13 ms > 12 ms at 6 latents
     met = [t["met"] for t in bench_latent_forward.check_targets(rows, summary)]
     assert met == [True, True, False]
+
+
+def test_block_ops_harness_compares_the_latent_pass_variants(tmp_path):
+    """bench_block_ops on the tiny model (fp32, CPU: the block eager, the fused ops interpreted): every variant
+    runs, and the fused block and the transformers passes give the reference block's loss and gradients."""
+    from benchmarks import bench_block_ops
+
+    code = bench_block_ops.main(["--model", "tiny", "--batch-size", "2", "--latents", "2", "--text-len", "10",
+                                 "--image-tokens", "16", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    payload = json.loads((tmp_path / "block_ops.json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == set(bench_block_ops.VARIANTS)
+    for variant in ("fused", "transformers"):
+        assert abs(rows[variant]["delta_loss"]) < 1e-5
+        assert 0 <= rows[variant]["grad_rel_diff_max"] < 1e-4, variant
+    assert rows["reference"]["grad_rel_diff_max"] == 0
+    assert "Δ loss vs reference" in (tmp_path / "block_ops.md").read_text()
+
+
+def test_attention_backends_harness_runs_and_agrees(tmp_path):
+    """bench_attention_backends on CPU at a small scale: the math and default backends agree on every shape; a
+    backend that cannot run here is a row saying why, not a crash."""
+    from benchmarks import bench_attention_backends
+
+    assert bench_attention_backends.main(["--device", "cpu", "--scale", "0.03", "--repeats", "1", "--backends",
+                                          "math,default,flash", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention_backends.json").read_text())["rows"]
+    assert len(rows) == 3 * len(bench_attention_backends.SHAPES)
+    for row in rows:
+        if row["backend"] == "flash":
+            assert "error" in row or row["max_diff_vs_first"] < 1e-5
+        else:
+            assert row["fwd_bwd_ms"] > 0 and row["max_diff_vs_first"] < 1e-5, row

@@ -28,8 +28,8 @@ def aligned_batch(model, tok, latents=(4, 2, 3), tiles=(1, 2, 0), seed=0):
     return ids, mask, random_pixels(sum(tiles), size, seed) if sum(tiles) else None
 
 
-def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=False):
-    model.set_latent_passes(mode, prefix_bucket=bucket, final_bucket=final_bucket)
+def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=False, block_ops="auto"):
+    model.set_latent_passes(mode, prefix_bucket=bucket, final_bucket=final_bucket, block_ops=block_ops)
     try:
         labels = ids.masked_fill(mask == 0, -100)
         model.zero_grad(set_to_none=True)
@@ -38,6 +38,7 @@ def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=Fa
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         out.block_calls = sum(b.calls for b in model._latent_blocks.values())
+        out.fused_blocks = [b.fused_ops for b in model._latent_blocks.values() if b.calls]
         return out, grads
     finally:
         model.set_latent_passes("auto")
@@ -66,7 +67,41 @@ def test_static_block_matches_transformers_passes(tiny_model, tiny_tok, bucket, 
         torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_static_block_is_causal(tiny_model, tiny_tok):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tiny_tok, use_cache):
+    """The block's norms, rotary embedding and SwiGLU through the Triton kernels and their backward
+    (`GradFusedOps`, interpreted on CPU): the transformers passes' loss, logits, thoughts and every gradient."""
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok, seed=1)
+    tiny_model._latent_blocks.clear()
+    ref, ref_grads = run(tiny_model, "transformers", ids, mask, pv, use_cache=use_cache)
+    out, grads = run(tiny_model, "static", ids, mask, pv, bucket=5, final_bucket=7, use_cache=use_cache, block_ops="fused")
+    assert out.block_calls == 1 and out.fused_blocks == [True]
+    real = mask.bool()
+    torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.inputs_embeds[real], ref.inputs_embeds[real], atol=TOL, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    layer_norm_grads = [n for n in grads if "language_model" in n and "layernorm" in n]
+    assert layer_norm_grads and all(grads[n].abs().max() > 0 for n in layer_norm_grads)  # the kernels' dw reached them
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_block_ops_need_a_kernel_device(tiny_model, monkeypatch):
+    with pytest.raises(ValueError, match="block_ops must be one of"):
+        tiny_model.set_latent_passes("static", block_ops="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 on CPU"):
+        tiny_model.set_latent_passes("static", block_ops="fused")
+    from engine.model import fast_paths
+
+    decision = fast_paths.latent_block_ops(tiny_model.language_model, "auto", torch.device("cpu"), torch.float32)
+    assert decision.choice == "reference"
+    tiny_model.set_latent_passes("auto")
+
+
+@pytest.mark.parametrize("block_ops", ["reference", "fused"])
+def test_static_block_is_causal(tiny_model, tiny_tok, block_ops):
     """Changing every token after the last latent must not move any output at or before the latents."""
     ids, mask, pv = aligned_batch(tiny_model, tiny_tok, latents=(4, 4, 4), seed=3)
     last_latent = int((ids == tiny_model.latent_id).nonzero()[:, 1].max())
@@ -76,7 +111,7 @@ def test_static_block_is_causal(tiny_model, tiny_tok):
     after &= mask.bool()
     g = torch.Generator().manual_seed(0)
     changed[after] = torch.randint(5, 60, (int(after.sum()),), generator=g)
-    tiny_model.set_latent_passes("static")
+    tiny_model.set_latent_passes("static", block_ops=block_ops)
     try:
         with torch.no_grad():
             a = tiny_model(ids, mask, pv, return_inputs_embeds=True)
@@ -155,7 +190,7 @@ def test_cuda_graph_block_matches_transformers_passes(tiny):
         torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=0)
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
-    assert model._latent_blocks[True].captures == 1
+    assert sum(b.captures for (graphed, _), b in model._latent_blocks.items() if graphed) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -215,7 +250,8 @@ def test_a_copied_model_gets_its_own_block(tiny_model, tiny_tok):
     try:
         tiny_model(ids, mask, pv)
         twin = copy.deepcopy(tiny_model)
-        assert twin._latent_blocks[False].lm is twin.language_model  # not the original's modules
-        assert twin._latent_blocks[False]._graphs == {}
+        (block,) = twin._latent_blocks.values()
+        assert block.lm is twin.language_model  # not the original's modules
+        assert block._graphs == {}
     finally:
         tiny_model.set_latent_passes("auto")

@@ -50,6 +50,7 @@ def test_overrides_need_key_value():
         ({"latent_passes": "cuda_graph", "zero_stage": 3}, "zero_stage <= 2"),
         ({"latent_passes": "static", "zero_stage": 3, "zero3_leaf_language_model": False}, "zero3_leaf_language_model"),
         ({"latent_prefix_bucket": 0}, "latent_prefix_bucket must be >= 1"),
+        ({"latent_block_ops": "triton"}, "latent_block_ops must be auto, fused or reference, got 'triton'"),
         ({"eval_kv_cache": "static"}, "eval_kv_cache must be"),
         ({"eval_kv_cache": "paged", "zero_stage": 3}, "eval_kv_cache=paged needs zero_stage <= 2"),
         ({"lr": float("nan")}, "lr must be a finite number, got nan"),

@@ -120,8 +120,9 @@ class MultimodalCoconut(nn.Module):
         # How the one-position latent passes of an aligned batch run (set_latent_passes); the block object holds
         # captured CUDA graphs, so it is created on first use and kept outside the module tree.
         self._latent_passes_mode = "auto"
-        self._latent_blocks: dict[bool, object] = {}
+        self._latent_blocks: dict[tuple[bool, bool], object] = {}  # by (CUDA graphs, fused ops)
         self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
+        self._latent_block_ops = "auto"  # the block's layer ops: see set_latent_passes
         self.activation_checkpointing = False  # set_activation_checkpointing
         # False: `<|latent|>` is an ordinary token whose own learned embedding fills every thought position (the
         # paper's "pause as thought" ablation); `prepare` then schedules no feedback, for training and generation.
@@ -171,7 +172,9 @@ class MultimodalCoconut(nn.Module):
             raise ValueError(f"injection mode must be one of {fast_paths.INJECTION_MODES}, got {mode!r}")
         self._injection_mode = mode
 
-    def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32) -> None:
+    def set_latent_passes(
+        self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32, block_ops: str = "auto"
+    ) -> None:
         """How the one-position latent passes of an aligned batch run (`engine/model/latent_block.py`).
 
         - "transformers": one call of the transformers language model per pass, with its DynamicCache (any layout);
@@ -185,11 +188,19 @@ class MultimodalCoconut(nn.Module):
         `prefix_bucket` / `final_bucket`: the block pads the prefix's cache and the final chunk up to a multiple of
         them, so that one graph serves every length in a bucket (padding is masked out or causally after every
         real column; larger buckets mean fewer captures and more wasted work).
+        `block_ops`: the block's norms, rotary embedding and SwiGLU product through the modules ("reference") or
+        through Triton kernels with their backward ("fused", `engine.model.fused_ops.GradFusedOps`; on CPU only
+        under TRITON_INTERPRET=1); "auto" (default): fused on CUDA once a self-check of the kernels passed.
         """
         if prefix_bucket < 1 or final_bucket < 1:
             raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
         fast_paths.check_latent_passes_mode(self, mode)
+        if block_ops == "fused":  # an error naming why, when the kernels cannot run here
+            fast_paths.latent_block_ops(self.language_model, block_ops, self.device, self.dtype)
+        elif block_ops not in fast_paths.LATENT_BLOCK_OPS:
+            raise ValueError(f"block_ops must be one of {fast_paths.LATENT_BLOCK_OPS}, got {block_ops!r}")
         self._latent_passes_mode = mode
+        self._latent_block_ops = block_ops
         if (prefix_bucket, final_bucket) != self._latent_buckets:
             self._latent_blocks.clear()
             self._latent_buckets = (prefix_bucket, final_bucket)
@@ -227,16 +238,18 @@ class MultimodalCoconut(nn.Module):
         if mode == "transformers":
             return None
         graphed = mode == "cuda_graph"
-        if graphed not in self._latent_blocks:
+        fused = fast_paths.latent_block_ops(self.language_model, self._latent_block_ops, device, self.dtype).choice == "fused"
+        if (graphed, fused) not in self._latent_blocks:
             from engine.model.latent_block import LatentBlock
 
-            self._latent_blocks[graphed] = LatentBlock(
+            self._latent_blocks[(graphed, fused)] = LatentBlock(
                 self.language_model,
                 use_cuda_graphs=graphed,
                 bucket=self._latent_buckets[0],
                 final_bucket=self._latent_buckets[1],
+                fused_ops=fused,
             )
-        return self._latent_blocks[graphed]
+        return self._latent_blocks[(graphed, fused)]
 
     def _injection_hook(self) -> Callable | None:
         """The injection hook of this forward (None: the PyTorch path), `fast_paths.injection` deciding "auto"."""

@@ -5,6 +5,8 @@ Every "auto" choice of the engine is made here, for a model, a device and a mode
 - `injection`: how a pass builds its input embeddings (the fused Triton op `kernels.latent_inject` or PyTorch);
 - `latent_passes`: how the one-position latent passes of a training batch run (the CUDA-graphed latent block, the
   same block eagerly, or one transformers call per pass);
+- `latent_block_ops`: whether the latent block's layers use the differentiable Triton ops table
+  (`engine.model.fused_ops.GradFusedOps`), after a one-time numerical self-check, forward and backward;
 - `decode_ops`: whether the paged runner's layers use the Triton ops table (`engine.model.fused_ops`), after a
   one-time numerical self-check of the kernels on the device;
 - `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
@@ -32,6 +34,7 @@ log = get_logger("fast_paths")
 
 INJECTION_MODES = ("auto", "fused", "reference")
 LATENT_PASS_MODES = ("auto", "transformers", "static", "cuda_graph")
+LATENT_BLOCK_OPS = ("auto", "fused", "reference")
 EVAL_KV_CACHES = ("auto", "dynamic", "paged")
 
 
@@ -150,10 +153,57 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
 
 
+def latent_block_ops_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
+    """Why the latent block's layers cannot use the differentiable Triton ops on `device` (None when they can)."""
+    reason = layer_stack_unsupported(language_model, fused_ops=True)
+    if reason is not None:
+        return reason
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"the block runs on {device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU"
+    return None
+
+
+_self_checks: dict[tuple[str, str, torch.dtype], str | None] = {}
+
+
+def _after_self_check(path: str, kernels: str, check, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"fused" once ``check(device, dtype)`` (run once per path, device and dtype in the process) returned None,
+    else "reference" with the failure as the reason (and a warning naming the kernels)."""
+    key = (path, str(device), dtype)
+    if key not in _self_checks:
+        _self_checks[key] = check(device, dtype)
+        if _self_checks[key] is not None:
+            log.warning("%s off on %s (%s): %s", kernels, device, dtype, _self_checks[key])
+    if _self_checks[key] is not None:
+        return _decide(path, "reference", f"self-check failed: {_self_checks[key]}")
+    return _decide(path, "fused", "auto on CUDA, self-check passed")
+
+
+def latent_block_ops(language_model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"fused" or "reference" for the latent block's layers ("auto": fused on CUDA for layers the ops table knows,
+    once the kernels pass a self-check, forward and backward, on this device and dtype)."""
+    if mode not in LATENT_BLOCK_OPS:
+        raise ValueError(f"latent block ops must be one of {LATENT_BLOCK_OPS}, got {mode!r}")
+    if mode == "reference":
+        return _decide("latent_block_ops", "reference", "asked for")
+    reason = latent_block_ops_unsupported(language_model, device)
+    if mode == "fused":
+        if reason is not None:
+            raise RuntimeError(f"latent block ops 'fused': {reason}")
+        return _decide("latent_block_ops", "fused", "asked for")
+    if reason is not None:
+        return _decide("latent_block_ops", "reference", reason)
+    if device.type != "cuda":
+        return _decide("latent_block_ops", "reference", f"auto on {device.type}")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # kernels on the host: not inside a CUDA graph, and slow
+        return _decide("latent_block_ops", "reference", "auto under the Triton interpreter")
+    from kernels.layer_grads import layer_grads_self_check
+
+    return _after_self_check("latent_block_ops", "latent block fusions", layer_grads_self_check, device, dtype)
+
+
 # ---------------------------------------------------------------------------------------------- decode ops
 
-
-_self_checks: dict[tuple[str, torch.dtype], str | None] = {}
 
 
 def decode_ops(language_model: nn.Module, requested: bool | None, device: torch.device, dtype: torch.dtype) -> Decision:
@@ -170,16 +220,9 @@ def decode_ops(language_model: nn.Module, requested: bool | None, device: torch.
         return _decide("decode_ops", "reference", reason)
     if device.type != "cuda":
         return _decide("decode_ops", "reference", f"auto on {device.type}")
-    key = (str(device), dtype)
-    if key not in _self_checks:
-        from kernels.decode_fusions import decode_fusions_self_check
+    from kernels.decode_fusions import decode_fusions_self_check
 
-        _self_checks[key] = decode_fusions_self_check(device, dtype)
-        if _self_checks[key] is not None:
-            log.warning("decode fusions off on %s (%s): %s", device, dtype, _self_checks[key])
-    if _self_checks[key] is not None:
-        return _decide("decode_ops", "reference", f"self-check failed: {_self_checks[key]}")
-    return _decide("decode_ops", "fused", "auto on CUDA, self-check passed")
+    return _after_self_check("decode_ops", "decode fusions", decode_fusions_self_check, device, dtype)
 
 
 def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) -> Decision:

@@ -5,6 +5,9 @@ A decode step of a small model is a few hundred tiny kernels, and transformers' 
 one (with the K/V cache write, in the paged attention), the SwiGLU product in one (`kernels.decode_fusions`,
 rounding as the modules do), and with `MergedProjections` one matrix product for q/k/v and one for gate/up per
 layer instead of five. No autograd: inference only.
+
+`GradFusedOps` is the training counterpart (the latent block): the same three fusions with their backward
+(`kernels.layer_grads`), the projections left to the modules (their weights are what training updates).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from engine.model.layers import ReferenceOps, decoder_layers
 from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
+from kernels.layer_grads import rms_norm_grad, rotary_qk_grad, silu_mul_grad
 
 _QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -127,3 +131,26 @@ class FusedOps(ReferenceOps):
         else:
             gate, up = F.linear(h, self.merged[index].gate_up_weight).split(self.merged[index].gate_up_sizes, -1)
         return mlp.down_proj(silu_mul(gate, up))
+
+
+class GradFusedOps(ReferenceOps):
+    """`ReferenceOps` with `kernels.layer_grads`: RMSNorm with its residual add, rotary embedding and the SwiGLU
+    product, one kernel each forward and one backward, for inputs of any leading shape. Where a norm's weight or the
+    rotary table has another dtype than the activations (type promotion the kernels do not model), the modules run."""
+
+    name = "fused_grad"
+
+    def add_norm(self, norm, x, pending):
+        if norm.weight.dtype != x.dtype:
+            return super().add_norm(norm, x, pending)
+        if pending is None:
+            return rms_norm_grad(x, norm.weight, norm.variance_epsilon), x
+        return rms_norm_grad(pending, norm.weight, norm.variance_epsilon, residual=x)
+
+    def rotary(self, q, k, cos, sin):
+        if cos.dtype != q.dtype or k.dtype != q.dtype:
+            return super().rotary(q, k, cos, sin)
+        return rotary_qk_grad(q, k, cos, sin)
+
+    def mlp(self, index, mlp, h):
+        return mlp.down_proj(silu_mul_grad(mlp.gate_proj(h), mlp.up_proj(h)))

@@ -93,19 +93,26 @@ def latent_block(
     key_allowed: torch.Tensor,
     prefix_kv: torch.Tensor,
     final_columns: int = 0,
+    fused_ops: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M one-position passes over the cached prefix, then (``final_columns`` F > 0) the final pass as one chunk.
 
     Shapes in the module docstring, with the F final columns appended to `column_embeds`, `column_is_latent`,
     `positions` and `key_allowed` (the final chunk's first column can hold a latent; its other columns cannot).
-    Returns hidden (B, M + F, H) and the K/V of the M one-position columns.
+    Returns hidden (B, M + F, H) and the K/V of the M one-position columns. ``fused_ops``: the layers' norms,
+    rotary embedding and SwiGLU through `GradFusedOps` (Triton, with backward) instead of the modules.
     """
     lm = language_model
     batch, total, _ = column_embeds.shape
     num_columns = total - final_columns
     num_layers = prefix_kv.shape[0]
     geometry = dataclasses.replace(layer_geometry(lm), num_layers=num_layers, head_dim=prefix_kv.shape[-1])
-    ops = ReferenceOps(lm)
+    if fused_ops:
+        from engine.model.fused_ops import GradFusedOps
+
+        ops = GradFusedOps(lm)
+    else:
+        ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
     cos, sin = lm.rotary_emb(column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
     keys = [[prefix_kv[i, 0]] for i in range(num_layers)]
@@ -215,8 +222,8 @@ class _Holder(nn.Module):
         super().__init__()
         self.lm = language_model
 
-    def forward(self, *inputs, final_columns: int = 0):
-        return latent_block(self.lm, *inputs, final_columns=final_columns)
+    def forward(self, *inputs, final_columns: int = 0, fused_ops: bool = False):
+        return latent_block(self.lm, *inputs, final_columns=final_columns, fused_ops=fused_ops)
 
 
 class LatentBlock:
@@ -225,6 +232,8 @@ class LatentBlock:
     Not an nn.Module on purpose: it only refers to the language model's modules, so the model's state dict and
     parameter list stay as they are. `bucket`: prefix lengths are padded up to a multiple of it. `max_graphs`:
     captured shapes kept (least recently used dropped first; each holds a parameter-gradient buffer).
+    `fused_ops`: the layers' elementwise work through `engine.model.fused_ops.GradFusedOps` (what
+    `fast_paths.latent_block_ops` decides).
     """
 
     def __init__(
@@ -235,6 +244,7 @@ class LatentBlock:
         bucket: int = 128,
         final_bucket: int = 32,
         max_graphs: int = 6,
+        fused_ops: bool = False,
     ):
         if bucket < 1 or final_bucket < 1 or max_graphs < 1:
             raise ValueError(
@@ -245,6 +255,7 @@ class LatentBlock:
         self.bucket = bucket
         self.final_bucket = final_bucket
         self.max_graphs = max_graphs
+        self.fused_ops = fused_ops
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
@@ -304,6 +315,7 @@ class LatentBlock:
                 key_allowed,
                 torch.cat([prefix_kv, pad], -2),
                 final_columns=final_padded,
+                fused_ops=self.fused_ops,
             )
             return hidden[:, :columns], latent_kv
         params = self._params()
@@ -373,9 +385,8 @@ class LatentBlock:
 
         def run():
             with torch.enable_grad():  # captured for training even when the first call comes from a no-grad eval
-                return torch.func.functional_call(
-                    holder, aliases, inputs, {"final_columns": final_columns}, tie_weights=False, strict=False
-                )
+                options = {"final_columns": final_columns, "fused_ops": self.fused_ops}
+                return torch.func.functional_call(holder, aliases, inputs, options, tie_weights=False, strict=False)
 
         return run, wrt
 

@@ -104,6 +104,9 @@ class TrainConfig:
     latent_passes: str = "auto"
     latent_prefix_bucket: int = 128
     latent_final_bucket: int = 32
+    # the latent block's norms, rotary embedding and SwiGLU product: auto (Triton kernels with their backward on
+    # CUDA, after a self-check) | fused | reference (transformers' modules)
+    latent_block_ops: str = "auto"
     # ZeRO-3: the language model as one leaf module, gathered once per forward and once per backward whatever the
     # number of latent passes (MultimodalCoconut.set_language_model_leaf); false: gathered per module and per pass
     zero3_leaf_language_model: bool = True
@@ -168,6 +171,8 @@ class TrainConfig:
             raise ConfigError(
                 f"latent_passes must be auto, transformers, static or cuda_graph, got {self.latent_passes!r}"
             )
+        if self.latent_block_ops not in ("auto", "fused", "reference"):
+            raise ConfigError(f"latent_block_ops must be auto, fused or reference, got {self.latent_block_ops!r}")
         if self.zero_stage == 3 and self.latent_passes == "cuda_graph":
             raise ConfigError(
                 "latent_passes=cuda_graph needs zero_stage <= 2 (ZeRO-3 gathers the parameters at every call, at "

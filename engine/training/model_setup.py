@@ -51,10 +51,15 @@ def configure_model(model, config: TrainConfig) -> None:
     model.thought_feedback = not config.pause_as_thought  # pause as thought: <|latent|> is an ordinary token
     try:
         model.set_latent_passes(
-            config.latent_passes, prefix_bucket=config.latent_prefix_bucket, final_bucket=config.latent_final_bucket
+            config.latent_passes,
+            prefix_bucket=config.latent_prefix_bucket,
+            final_bucket=config.latent_final_bucket,
+            block_ops=config.latent_block_ops,
         )
     except RuntimeError as e:
-        raise ConfigError(f"latent_passes={config.latent_passes!r}: {e}") from e
+        raise ConfigError(
+            f"latent_passes={config.latent_passes!r}, latent_block_ops={config.latent_block_ops!r}: {e}"
+        ) from e
     model.set_activation_checkpointing(config.activation_checkpointing)
     if config.compile_vision_layers:
         from engine.model.compiled import compile_vision_layers

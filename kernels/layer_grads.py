@@ -1,0 +1,334 @@
+"""The decode fusions with their backward: RMSNorm (with the residual add), rotary embedding and SwiGLU, for
+training's one-position passes (the latent block, `engine/model/latent_block.py`).
+
+Why. A training step's latent passes are 6 one-position passes × 24 layers, forward and backward; each layer's
+norms, rotary embedding, SwiGLU product and residual adds run through transformers' modules as ~30 tiny kernels
+forward and more backward (autograd's own products, sums and casts). Inside the block's CUDA graphs each still
+costs a few microseconds. Here each op is one kernel forward (`kernels.decode_fusions`) and one backward: at the
+InternVL3-1B geometry, batch 64, 6 latents, a training step launches 19,451 kernels instead of 29,567 and takes
+24 ms less (benchmarks/RESULTS.md, `benchmarks/bench_block_ops.py`).
+
+Entry points (differentiable, any leading shape, last dimension the feature one), each backed by the PyTorch
+references of `kernels.decode_fusions` (autograd through a reference is the reference gradient):
+
+- `rms_norm_grad(x, weight, eps, residual=None)`: as `decode_fusions.rms_norm`; the gradient of the sum
+  ``residual + x`` (when it is returned and used) joins the norm's;
+- `rotary_qk_grad(q, k, cos, sin)`: as `decode_fusions.rotary_qk` over (*tokens, heads, D) with cos/sin
+  (*tokens, D), which take no gradient (they come from positions);
+- `silu_mul_grad(gate, up)`: ``silu(gate) * up``.
+
+The backward kernels round where autograd through the modules rounds (the products ``g * weight``, ``g * sin``,
+``g * up`` in the input dtype; statistics and the silu derivative in fp32), so gradients match the modules' to
+within the last bit in bf16 (summation order aside) and to fp32 rounding in fp32. The weight gradient of the
+norm is summed in fp32 per program, then over programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.decode_fusions import _launch_per_token, rms_norm, rotary_qk, silu_mul
+
+__all__ = ["rms_norm_grad", "rotary_qk_grad", "silu_mul_grad", "layer_grads_self_check"]
+
+_NORM_PROGRAMS = 256  # at most this many programs (and fp32 partial weight gradients) per norm backward
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    s_ptr,
+    g_ptr,
+    g_sum_ptr,
+    weight_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    rows,
+    hidden,
+    stride_s,
+    stride_g,
+    stride_gs,
+    stride_dx,
+    eps,
+    HAS_SUM_GRAD: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    keep = cols < hidden
+    w = tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = (pid * ROWS_PER_PROGRAM + i).to(tl.int64)
+        mask = keep & ((cols * 0 + row) < rows)  # a block, not a scalar, in the mask
+        s = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0)
+        sf = s.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(sf * sf, axis=0) / hidden + eps).to(tl.float32))
+        normed = (sf * rstd).to(s.dtype).to(tl.float32)  # the forward's rounding before the weight
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        dw += tl.where(mask, (g * normed).to(s.dtype).to(tl.float32), 0.0)  # g * normed, rounded as autograd's
+        dn = (g * w).to(s.dtype).to(tl.float32)  # the gradient of the rounded normed value
+        dot = tl.sum(dn * sf, axis=0)
+        dx = (rstd * dn - rstd * rstd * rstd * sf * (dot / hidden)).to(s.dtype)
+        if HAS_SUM_GRAD:  # the residual stream's own gradient joins, one rounded add as autograd's accumulation
+            gs = tl.load(g_sum_ptr + row * stride_gs + cols, mask=mask, other=0.0)
+            dx = (dx.to(tl.float32) + gs.to(tl.float32)).to(s.dtype)
+        tl.store(dx_ptr + row * stride_dx + cols, dx, mask=mask)
+    tl.store(dw_partial_ptr + pid * hidden + cols, dw, mask=keep)
+
+
+@triton.jit
+def _rotate_back(g_ptr, out_ptr, cos, sin_partner, partner, sign, token, stride_t, stride_h, stride_ot, stride_oh,
+                 heads, head_dim, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The gradient of ``x * cos + rotate_half(x) * sin`` for one token's heads: ``g * cos`` plus the transpose
+    of rotate_half applied to ``g * sin`` ((a, b) -> (b, -a)), each product rounded as autograd's."""
+    h = tl.arange(0, BLOCK_HEADS)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    keep = (h < heads) & (d < head_dim)
+    base = g_ptr + token * stride_t + h * stride_h
+    g = tl.load(base + d, mask=keep, other=0.0)
+    g_partner = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32)
+    a = (g.to(tl.float32) * cos).to(g.dtype).to(tl.float32)
+    b = (g_partner * sin_partner).to(g.dtype).to(tl.float32) * sign
+    tl.store(out_ptr + token * stride_ot + h * stride_oh + d, (a + b).to(g.dtype), mask=keep)
+
+
+@triton.jit
+def _rotary_qk_backward_kernel(
+    gq_ptr,
+    gk_ptr,
+    dq_ptr,
+    dk_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_heads,
+    k_heads,
+    head_dim,
+    stride_gqt,
+    stride_gqh,
+    stride_gkt,
+    stride_gkh,
+    stride_dqt,
+    stride_dqh,
+    stride_dkt,
+    stride_dkh,
+    stride_ct,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    in_dim = d < head_dim
+    half = head_dim // 2
+    partner = tl.where(d < half, d + half, d - half)
+    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sin_partner = tl.load(sin_ptr + token * stride_ct + partner, mask=in_dim, other=0.0).to(tl.float32)
+    sign = tl.where(d < half, 1.0, -1.0)
+    _rotate_back(gq_ptr, dq_ptr, cos, sin_partner, partner, sign, token, stride_gqt, stride_gqh, stride_dqt,
+                 stride_dqh, q_heads, head_dim, BLOCK_QH, BLOCK_D)  # fmt: skip
+    _rotate_back(gk_ptr, dk_ptr, cos, sin_partner, partner, sign, token, stride_gkt, stride_gkh, stride_dkt,
+                 stride_dkh, k_heads, head_dim, BLOCK_KH, BLOCK_D)  # fmt: skip
+
+
+@triton.jit
+def _silu_mul_backward_kernel(
+    gate_ptr, up_ptr, g_ptr, d_gate_ptr, d_up_ptr, width, stride_gate, stride_up, stride_g, stride_dg, stride_du,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < width
+    gate = tl.load(gate_ptr + row * stride_gate + cols, mask=keep, other=0.0)
+    gf = gate.to(tl.float32)
+    uf = tl.load(up_ptr + row * stride_up + cols, mask=keep, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=keep, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-gf))
+    act = (gf * sig).to(gate.dtype).to(tl.float32)  # silu(gate) as the forward rounded it
+    d_act = (g * uf).to(gate.dtype).to(tl.float32)
+    tl.store(d_up_ptr + row * stride_du + cols, (g * act).to(gate.dtype), mask=keep)
+    tl.store(d_gate_ptr + row * stride_dg + cols, (d_act * sig * (1.0 + gf * (1.0 - sig))).to(gate.dtype), mask=keep)
+
+
+# ------------------------------------------------------------------------------------------ autograd functions
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """(*rows, width) -> (rows, width), a view where the layout allows."""
+    return _last_dim_contiguous(t.reshape(-1, t.shape[-1]))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        if residual is None:
+            out, summed = rms_norm(x, weight, eps), x
+        else:
+            out, summed = rms_norm(x, weight, eps, residual=residual)
+        ctx.save_for_backward(summed, weight)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+        return out if residual is None else (out, summed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_sum=None):
+        summed, weight = ctx.saved_tensors
+        rows, hidden = summed.shape
+        if g_out is None:  # only the sum was used: its gradient passes to both addends
+            return g_sum, g_sum, None, None
+        g_out = _last_dim_contiguous(g_out)
+        g_sum = None if g_sum is None else _last_dim_contiguous(g_sum)
+        dx = torch.empty_like(summed)
+        per_program = triton.next_power_of_2(triton.cdiv(max(rows, 1), _NORM_PROGRAMS))
+        programs = triton.cdiv(rows, per_program)
+        partial = torch.empty(programs, hidden, dtype=torch.float32, device=summed.device)
+        if rows:
+            _rms_norm_backward_kernel[(programs,)](
+                summed,
+                g_out,
+                g_sum if g_sum is not None else g_out,
+                weight,
+                dx,
+                partial,
+                rows,
+                hidden,
+                summed.stride(0),
+                g_out.stride(0),
+                (g_sum if g_sum is not None else g_out).stride(0),
+                dx.stride(0),
+                float(ctx.eps),
+                HAS_SUM_GRAD=g_sum is not None,
+                ROWS_PER_PROGRAM=per_program,
+                BLOCK_H=triton.next_power_of_2(hidden),
+            )
+        d_weight = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx, (dx if ctx.has_residual else None), d_weight, None
+
+
+class _RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.q_shape, ctx.k_shape, ctx.dtype = q.shape, k.shape, q.dtype  # for a gradient that does not come
+        return rotary_qk(q, k, cos, sin)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_q, g_k):
+        cos, sin = ctx.saved_tensors
+        g_q = torch.zeros(ctx.q_shape, dtype=ctx.dtype, device=cos.device) if g_q is None else g_q
+        g_k = torch.zeros(ctx.k_shape, dtype=ctx.dtype, device=cos.device) if g_k is None else g_k
+        d_q, d_k = _launch_per_token(_rotary_qk_backward_kernel, g_q, g_k, cos, sin)
+        return d_q, d_k, None, None
+
+
+class _SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return silu_mul(gate, up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        g = _last_dim_contiguous(g)
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        rows, width = gate.shape
+        block = min(1024, triton.next_power_of_2(max(width, 1)))
+        if rows and width:
+            _silu_mul_backward_kernel[(rows, triton.cdiv(width, block))](
+                gate, up, g, d_gate, d_up, width, gate.stride(0), up.stride(0), g.stride(0), d_gate.stride(0),
+                d_up.stride(0), BLOCK=block,
+            )  # fmt: skip
+        return d_gate, d_up
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def rms_norm_grad(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`decode_fusions.rms_norm` over (*rows, H) with gradients for ``x``, ``residual`` and ``weight`` (the
+    weight must have the input's dtype, as the fused kernels round in it)."""
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match the input's {x.dtype}")
+    shape = x.shape
+    rows = _rows_view(x)
+    if residual is None:
+        return _RMSNormFunction.apply(rows, None, weight, eps).view(shape)
+    if residual.shape != shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(shape)}")
+    out, summed = _RMSNormFunction.apply(rows, _rows_view(residual), weight, eps)
+    return out.view(shape), summed.view(shape)
+
+
+def rotary_qk_grad(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_fusions.rotary_qk` of q (*tokens, q_heads, D) and k (*tokens, kv_heads, D) with cos/sin
+    (*tokens, D), with gradients for q and k."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rotary_qk_grad takes no gradient for cos and sin (they come from positions)")
+    if q.shape[:-2] != k.shape[:-2] or cos.shape[:-1] != q.shape[:-2]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} must share the token dimensions"
+        )
+    q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
+    q_rot, k_rot = _RotaryFunction.apply(q3, k3, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]))
+    return q_rot.view(q.shape), k_rot.view(k.shape)
+
+
+def silu_mul_grad(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` over (*rows, I) with gradients for both."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
+    return _SiluMulFunction.apply(_rows_view(gate), _rows_view(up)).view(gate.shape)
+
+
+def layer_grads_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Each op forward and backward once on small inputs on ``device`` against autograd through its reference:
+    None when all agree, else why not. Callers that switch these on by default check first."""
+    from kernels.decode_fusions import rms_norm_reference, rotary_qk_reference, silu_mul_reference
+
+    g = torch.Generator().manual_seed(0)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=3e-2)
+    angle = torch.randn(2, 3, 4, generator=g)
+    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device).requires_grad_(True)
+
+    cases = {
+        "rms_norm_grad": (rms_norm_grad, rms_norm_reference, (leaf(2, 3, 48), leaf(48), 1e-6), ("residual", leaf(2, 3, 48))),
+        "rotary_qk_grad": (rotary_qk_grad, lambda q, k, c, s: rotary_qk_reference(q.reshape(6, 3, 8), k.reshape(6, 1, 8), c.reshape(6, 8), s.reshape(6, 8)),
+                           (leaf(2, 3, 3, 8), leaf(2, 3, 1, 8), cos, sin), None),
+        "silu_mul_grad": (silu_mul_grad, silu_mul_reference, (leaf(2, 3, 40), leaf(2, 3, 40)), None),
+    }  # fmt: skip
+    for name, (fused, reference, args, extra) in cases.items():
+        try:
+            kwargs = {} if extra is None else {extra[0]: extra[1]}
+            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+            results = []
+            for fn in (fused, reference):
+                outs = fn(*args, **kwargs)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o) for i, o in enumerate(outs)]
+                loss = sum((o.float() * w.float()).sum() for o, w in zip(outs, weights))
+                grads = torch.autograd.grad(loss, inputs)
+                results.append([o.reshape(-1) for o in outs] + list(grads))
+            for a, b in zip(*results):
+                torch.testing.assert_close(a.reshape(-1), b.reshape(-1), **tol)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use these ops here
+            return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

@@ -1,0 +1,129 @@
+"""The differentiable layer fusions (kernels/layer_grads.py) against autograd through their PyTorch references,
+forward and backward, on awkward shapes (interpreted on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.decode_fusions import rms_norm_reference, rotary_qk_reference, silu_mul_reference
+from kernels.layer_grads import layer_grads_self_check, rms_norm_grad, rotary_qk_grad, silu_mul_grad
+
+# fp32: the same math up to summation order. bf16: the interpreter truncates fp32 -> bf16 casts where the GPU
+# rounds, so a value may differ by a bf16 ulp or two of its magnitude (gradients pass through several roundings).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=4e-2, rtol=3e-2)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def _leaf(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_(True)
+
+
+def _outputs_and_grads(fn, args, kwargs, inputs, seed=7):
+    """Outputs of fn and the gradients of a random projection of them with respect to `inputs`."""
+    outs = fn(*args, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(loss, inputs)
+
+
+def _compare(fused, reference, args, kwargs, inputs, dtype):
+    got, got_grads = _outputs_and_grads(fused, args, kwargs, inputs)
+    want, want_grads = _outputs_and_grads(reference, args, kwargs, inputs)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+        assert a.dtype == b.dtype, f"gradient {i}"
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"gradient {i}: {m}")
+
+
+NORM_CASES = [(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in ((1, 1), (3, 33), (2, 5, 64), (2, 3, 97))]
+# several rows per program in the backward, the last program with rows past the end: fp32 only, as the interpreter's
+# truncating bf16 casts bias a 300-row weight-gradient sum by far more than the GPU's rounding does
+NORM_CASES.append((torch.float32, (300, 24)))
+
+
+@pytest.mark.parametrize("dtype,shape", NORM_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_grad_matches_reference(dtype, shape, with_residual):
+    x, weight = _leaf(*shape, dtype=dtype, seed=0), _leaf(shape[-1], dtype=dtype, seed=1)
+    kwargs = {"residual": _leaf(*shape, dtype=dtype, seed=2)} if with_residual else {}
+    _compare(rms_norm_grad, rms_norm_reference, (x, weight, 1e-6), kwargs, [x, weight, *kwargs.values()], dtype)
+
+
+def test_rms_norm_grad_when_only_one_output_is_used():
+    """The final norm discards the sum; a residual stream may use the sum and not the norm."""
+    x, r, w = (_leaf(4, 10, dtype=torch.float32, seed=s) for s in (0, 1, 2))
+    w = w[0].detach().requires_grad_(True)
+    for pick in (0, 1):
+        got = torch.autograd.grad(rms_norm_grad(x, w, 1e-6, residual=r)[pick].sum(), [x, r], allow_unused=True)
+        want = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, residual=r)[pick].sum(), [x, r], allow_unused=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_grad_takes_strided_gradients():
+    x, w = _leaf(6, 16, dtype=torch.float32, seed=0), _leaf(16, dtype=torch.float32, seed=1)
+    g = torch.randn(16, 6).t()  # a transposed (non-contiguous) incoming gradient
+    got = torch.autograd.grad(rms_norm_grad(x, w, 1e-5), [x, w], g)
+    want = torch.autograd.grad(rms_norm_reference(x, w, 1e-5), [x, w], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,q_heads,k_heads,head_dim", [((1,), 1, 1, 2), ((2, 3), 14, 2, 64), ((5,), 3, 3, 6), ((2, 1), 7, 1, 34)])
+def test_rotary_qk_grad_matches_reference(dtype, tokens, q_heads, k_heads, head_dim):
+    q, k = _leaf(*tokens, q_heads, head_dim, dtype=dtype, seed=0), _leaf(*tokens, k_heads, head_dim, dtype=dtype, seed=1)
+    angle = torch.randn(*tokens, head_dim // 2, generator=torch.Generator().manual_seed(2))
+    # halves that differ, unlike a rotary table's: a swapped sin index in the backward would show
+    cos, sin = torch.cat([angle, 2 * angle], -1).cos().to(dtype), torch.cat([angle, 3 * angle], -1).sin().to(dtype)
+
+    def reference(q, k, cos, sin):
+        n = cos.reshape(-1, head_dim).shape[0]
+        q_rot, k_rot = rotary_qk_reference(q.reshape(n, q_heads, head_dim), k.reshape(n, k_heads, head_dim),
+                                           cos.reshape(n, head_dim), sin.reshape(n, head_dim))  # fmt: skip
+        return q_rot.view(q.shape), k_rot.view(k.shape)
+
+    _compare(rotary_qk_grad, reference, (q, k, cos, sin), {}, [q, k], dtype)
+
+
+def test_rotary_qk_grad_with_one_output_used_and_strided_inputs():
+    base = _leaf(4, 6, 8, dtype=torch.float32, seed=0)
+    q, k = base[:, :4], base[:, 4:]  # views of one projection, as the block's q/k are
+    angle = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    got = torch.autograd.grad(rotary_qk_grad(q, k, cos, sin)[1].sum(), base)[0]
+    want = torch.autograd.grad(rotary_qk_reference(q, k, cos, sin)[1].sum(), base)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert got[:, :4].abs().max() == 0  # q's rows got no gradient from k's output
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4, 1100)])
+def test_silu_mul_grad_matches_reference(dtype, shape):
+    """(2, 4, 1100): rows wider than one program's block."""
+    gate, up = _leaf(*shape, dtype=dtype, seed=0), _leaf(*shape, dtype=dtype, seed=1)
+    _compare(silu_mul_grad, silu_mul_reference, (gate, up), {}, [gate, up], dtype)
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight dtype"):
+        rms_norm_grad(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_grad(x, torch.ones(8), 1e-6, residual=torch.randn(3, 7))
+    q, k, cos = torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="no gradient for cos and sin"):
+        rotary_qk_grad(q, k, cos.requires_grad_(True), cos)
+    with pytest.raises(ValueError, match="token dimensions"):
+        rotary_qk_grad(q, torch.randn(4, 1, 8), cos.detach(), cos.detach())
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul_grad(torch.randn(2, 3), torch.randn(2, 4))
+
+
+@DTYPES
+def test_self_check_passes_here(dtype):
+    assert layer_grads_self_check("cpu", dtype) is None
