@@ -68,14 +68,33 @@ def test_static_block_matches_transformers_passes(tiny_model, tiny_tok, bucket, 
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tiny_tok, use_cache):
+def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tiny_tok, use_cache, monkeypatch):
     """The block's norms, rotary embedding and SwiGLU through the Triton kernels and their backward
     (`GradFusedOps`, interpreted on CPU): the transformers passes' loss, logits, thoughts and every gradient."""
+    from engine.model import fused_ops
+
     ids, mask, pv = aligned_batch(tiny_model, tiny_tok, seed=1)
     tiny_model._latent_blocks.clear()
     ref, ref_grads = run(tiny_model, "transformers", ids, mask, pv, use_cache=use_cache)
+    calls = {}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("rms_norm_grad", "rotary_qk_grad", "silu_mul_grad"):
+        monkeypatch.setattr(fused_ops, name, counted(getattr(fused_ops, name)))
     out, grads = run(tiny_model, "static", ids, mask, pv, bucket=5, final_bucket=7, use_cache=use_cache, block_ops="fused")
     assert out.block_calls == 1 and out.fused_blocks == [True]
+    # the block's passes: the one-position ones (all but the prefix and final passes), and the final one when no
+    # cache is asked for; per pass and layer one rotary, one SwiGLU and two norms, per pass the final norm
+    block_passes = out.num_passes - 2 + (0 if use_cache else 1)
+    layers = tiny_model.language_model.config.num_hidden_layers
+    assert calls == {"rotary_qk_grad": block_passes * layers, "silu_mul_grad": block_passes * layers,
+                     "rms_norm_grad": block_passes * (2 * layers + 1)}, calls
     real = mask.bool()
     torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
     torch.testing.assert_close(out.logits[real], ref.logits[real], atol=TOL, rtol=0)
@@ -88,16 +107,18 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
 
 
 def test_fused_block_ops_need_a_kernel_device(tiny_model, monkeypatch):
-    with pytest.raises(ValueError, match="block_ops must be one of"):
-        tiny_model.set_latent_passes("static", block_ops="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 on CPU"):
-        tiny_model.set_latent_passes("static", block_ops="fused")
     from engine.model import fast_paths
 
-    decision = fast_paths.latent_block_ops(tiny_model.language_model, "auto", torch.device("cpu"), torch.float32)
-    assert decision.choice == "reference"
-    tiny_model.set_latent_passes("auto")
+    try:
+        with pytest.raises(ValueError, match="block_ops must be one of"):
+            tiny_model.set_latent_passes("static", block_ops="triton")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 on CPU"):
+            tiny_model.set_latent_passes("static", block_ops="fused")
+        decision = fast_paths.latent_block_ops(tiny_model, "auto", torch.device("cpu"), torch.float32)
+        assert decision.choice == "reference"
+    finally:
+        tiny_model.set_latent_passes("auto")
 
 
 @pytest.mark.parametrize("block_ops", ["reference", "fused"])

@@ -127,3 +127,45 @@ def test_bad_inputs_name_the_problem():
 @DTYPES
 def test_self_check_passes_here(dtype):
     assert layer_grads_self_check("cpu", dtype) is None
+
+
+def test_rms_norm_grad_gives_x_and_residual_their_own_gradients():
+    """Two leaves must not share one gradient tensor: zeroing one would zero the other, and a second backward
+    would accumulate into both through the shared storage."""
+    x, r = _leaf(3, 8, dtype=torch.float32, seed=0), _leaf(3, 8, dtype=torch.float32, seed=1)
+    w = torch.ones(8, requires_grad=True)
+    for _ in range(2):
+        out, summed = rms_norm_grad(x, w, 1e-6, residual=r)
+        (out.sum() + summed.pow(2).sum()).backward()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    xr, rr = x.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
+    for _ in range(2):
+        out, summed = rms_norm_reference(xr, w.detach(), 1e-6, residual=rr)
+        (out.sum() + summed.pow(2).sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.grad, rr.grad, atol=1e-5, rtol=1e-5)
+    x.grad.zero_()
+    assert r.grad.abs().max() > 0
+
+
+def test_self_check_runs_inside_no_grad_and_inference_mode():
+    """The fast-path decision can come from an evaluation forward: the check must still differentiate."""
+    with torch.no_grad():
+        assert layer_grads_self_check("cpu", torch.float32) is None
+    with torch.inference_mode():
+        assert layer_grads_self_check("cpu", torch.float32) is None
+
+
+def test_grad_fused_ops_fall_back_where_dtypes_differ(tiny_model):
+    """A sublayer output or a norm weight in another dtype than the residual stream: the modules' promotion."""
+    from engine.model.fused_ops import GradFusedOps
+    from engine.model.layers import ReferenceOps
+
+    lm = tiny_model.language_model
+    norm = lm.layers[0].input_layernorm
+    x = torch.randn(2, 3, norm.weight.shape[0], dtype=torch.float64)
+    pending = torch.randn(2, 3, norm.weight.shape[0])
+    got, want = GradFusedOps(lm).add_norm(norm, x, pending), ReferenceOps(lm).add_norm(norm, x, pending)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)

@@ -196,10 +196,12 @@ class MultimodalCoconut(nn.Module):
             raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
         fast_paths.check_latent_passes_mode(self, mode)
         if block_ops == "fused":  # an error naming why, when the kernels cannot run here
-            fast_paths.latent_block_ops(self.language_model, block_ops, self.device, self.dtype)
+            fast_paths.latent_block_ops(self, block_ops, self.device, self.dtype)
         elif block_ops not in fast_paths.LATENT_BLOCK_OPS:
             raise ValueError(f"block_ops must be one of {fast_paths.LATENT_BLOCK_OPS}, got {block_ops!r}")
         self._latent_passes_mode = mode
+        if block_ops != self._latent_block_ops:  # blocks of the other ops would keep their graphs' memory
+            self._latent_blocks.clear()
         self._latent_block_ops = block_ops
         if (prefix_bucket, final_bucket) != self._latent_buckets:
             self._latent_blocks.clear()
@@ -238,7 +240,7 @@ class MultimodalCoconut(nn.Module):
         if mode == "transformers":
             return None
         graphed = mode == "cuda_graph"
-        fused = fast_paths.latent_block_ops(self.language_model, self._latent_block_ops, device, self.dtype).choice == "fused"
+        fused = fast_paths.latent_block_ops(self, self._latent_block_ops, device, self.dtype).choice == "fused"
         if (graphed, fused) not in self._latent_blocks:
             from engine.model.latent_block import LatentBlock
 

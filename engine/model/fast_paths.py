@@ -153,11 +153,13 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
 
 
-def latent_block_ops_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
-    """Why the latent block's layers cannot use the differentiable Triton ops on `device` (None when they can)."""
-    reason = layer_stack_unsupported(language_model, fused_ops=True)
-    if reason is not None:
-        return reason
+def latent_block_ops_unsupported(model, device: torch.device) -> str | None:
+    """Why the latent block's layers cannot use the differentiable Triton ops on `device` (None when they can);
+    the layers' part decided once per model."""
+    if not hasattr(model, "_latent_block_ops_reason"):
+        model._latent_block_ops_reason = layer_stack_unsupported(model.language_model, fused_ops=True)
+    if model._latent_block_ops_reason is not None:
+        return model._latent_block_ops_reason
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"the block runs on {device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU"
     return None
@@ -179,14 +181,14 @@ def _after_self_check(path: str, kernels: str, check, device: torch.device, dtyp
     return _decide(path, "fused", "auto on CUDA, self-check passed")
 
 
-def latent_block_ops(language_model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> Decision:
+def latent_block_ops(model, mode: str, device: torch.device, dtype: torch.dtype) -> Decision:
     """"fused" or "reference" for the latent block's layers ("auto": fused on CUDA for layers the ops table knows,
     once the kernels pass a self-check, forward and backward, on this device and dtype)."""
     if mode not in LATENT_BLOCK_OPS:
         raise ValueError(f"latent block ops must be one of {LATENT_BLOCK_OPS}, got {mode!r}")
     if mode == "reference":
         return _decide("latent_block_ops", "reference", "asked for")
-    reason = latent_block_ops_unsupported(language_model, device)
+    reason = latent_block_ops_unsupported(model, device)
     if mode == "fused":
         if reason is not None:
             raise RuntimeError(f"latent block ops 'fused': {reason}")

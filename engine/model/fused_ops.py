@@ -135,13 +135,14 @@ class FusedOps(ReferenceOps):
 
 class GradFusedOps(ReferenceOps):
     """`ReferenceOps` with `kernels.layer_grads`: RMSNorm with its residual add, rotary embedding and the SwiGLU
-    product, one kernel each forward and one backward, for inputs of any leading shape. Where a norm's weight or the
-    rotary table has another dtype than the activations (type promotion the kernels do not model), the modules run."""
+    product, one kernel each forward and one backward, for inputs of any leading shape. Where a norm's weight, the
+    sublayer output or the rotary table has another dtype than the activations (type promotion the kernels do not
+    model), the modules run."""
 
     name = "fused_grad"
 
     def add_norm(self, norm, x, pending):
-        if norm.weight.dtype != x.dtype:
+        if norm.weight.dtype != x.dtype or (pending is not None and pending.dtype != x.dtype):
             return super().add_norm(norm, x, pending)
         if pending is None:
             return rms_norm_grad(x, norm.weight, norm.variance_epsilon), x
