@@ -531,7 +531,9 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     fused = runner.ops().name == "fused"
     merged = runner.merged is not None
     label = "paged runner step" + (
-        ", decode fusions" + (" + merged projections" if merged else "") if fused else ", transformers modules"
+        ", decode fusions" + (" + merged projections" if merged else "") + (" + padded lm_head" if runner.head else "")
+        if fused
+        else ", transformers modules"
     )
     if "attention_options" in options:
         label += f", block_size={runner.block_size} attention {options['attention_options']}"
@@ -580,6 +582,36 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
         out["rows"].append(error_row(label, e))
     finally:
         runner.close()
+        free_memory(geo.device)
+
+
+def measure_lm_head(model, geo: "Geometry", record, timed, out, bandwidth: float) -> None:
+    """The vocabulary projection alone at each step batch: the module, and the runner's copy padded to an aligned
+    vocabulary (`fused_ops.PaddedVocabProjection`, when the vocabulary needs it), against its weight's floor."""
+    from engine.model.fused_ops import PaddedVocabProjection, padded_head_unsupported
+
+    head = model.base.lm_head
+    weight_bytes = head.weight.numel() * head.weight.element_size()
+    # a weight that fits in cache has no memory floor (the CPU dry run, a tiny model on a GPU): nothing to compare
+    if not geo.cuda or weight_bytes < 4 * torch.cuda.get_device_properties(geo.device).L2_cache_size:
+        return
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    padded = PaddedVocabProjection(head) if padded_head_unsupported(head) is None else None
+    try:
+        for batch in sorted({*geo.step_batches, geo.batch}):
+            hidden = torch.randn(batch, head.weight.shape[1], device=geo.device, dtype=geo.dtype)
+            with torch.no_grad():
+                want = head(hidden)
+                record(f"lm_head alone ({head.weight.shape[0]} rows), batch {batch}", timed(lambda: head(hidden)),
+                       floor_ms, mode="lm_head", batch=batch)
+                if padded is not None:
+                    row = record(f"lm_head alone, padded to {padded.weight.shape[0]} rows, batch {batch}",
+                                 timed(lambda: padded(hidden)), floor_ms, mode="lm_head", batch=batch)
+                    row["max_abs_diff_vs_module"] = float((padded(hidden).float() - want.float()).abs().max())
+    except Exception as e:
+        out["rows"].append(error_row("lm_head alone", e))
+    finally:
+        del padded
         free_memory(geo.device)
 
 
@@ -690,6 +722,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
     for options in variants:
         measure_runner_step(model, geo, batch, context, record, timed, out, options)
+    measure_lm_head(model, geo, record, timed, out, bandwidth)
     for small in geo.step_batches:  # the default step at smaller batches, each against its own floor
         if small != batch:
             measure_runner_step(model, geo, small, context, record, timed, out, {}, workload_floor_ms([context] * small, 1))

@@ -85,6 +85,7 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
     assert (dynamic == eos).any(1).any() and not (dynamic == eos).any(1).all(), "some rows must end early, not all"
     assert (runner.merged is not None) == merged, "merged projections are used exactly when asked for"
+    assert (runner.head is not None) == merged, "the padded lm_head (tiny vocabulary 519) goes with the weight copies"
     assert len(record_logits["paged"]) >= dynamic.shape[1]
     for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
         if step >= dynamic.shape[1]:
@@ -119,10 +120,14 @@ def test_merged_projections_follow_weight_updates(tiny):
                          layer.mlp.up_proj):
                 proj.weight.add_(torch.randn(proj.weight.shape, generator=g) * proj.weight.std())
             layer.self_attn.k_proj.bias.add_(1.0)
+        head = model.base.lm_head.weight
+        head.add_(torch.randn(head.shape, generator=g) * head.std())
+    head_pointer = runner.head.weight.data_ptr()
     after_dynamic = model.generate(ids, mask, pixels, **kwargs)
     assert not torch.equal(after_dynamic, before), "the update must change the tokens for this test to mean anything"
     assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), after_dynamic)
     assert pointers == [(m.qkv_weight.data_ptr(), m.gate_up_weight.data_ptr()) for m in runner.merged]
+    assert runner.head.weight.data_ptr() == head_pointer
     # a projection replaced by a new module (not updated in place): the runner must rebuild from the new one
     for layer in runner.layers:
         for owner, name in ((layer.self_attn, "q_proj"), (layer.mlp, "up_proj")):
@@ -136,6 +141,32 @@ def test_merged_projections_follow_weight_updates(tiny):
     replaced_dynamic = model.generate(ids, mask, pixels, **kwargs)
     assert not torch.equal(replaced_dynamic, after_dynamic)
     assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), replaced_dynamic)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_padded_vocab_projection_gives_the_heads_logits(bias):
+    """The lm_head padded to 64-row multiples: the module's logits over the real vocabulary (a strided view), after
+    in-place updates too; heads it cannot or need not pad are named."""
+    from engine.model.fused_ops import PaddedVocabProjection, padded_head_unsupported
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 131, bias=bias)
+    proj = PaddedVocabProjection(head)
+    assert proj.weight.shape == (192, 24) and proj.weight[131:].abs().max() == 0
+    hidden = torch.randn(5, 24, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(hidden), head(hidden), atol=1e-6, rtol=1e-6)
+        head.weight.mul_(-2)
+        if bias:
+            head.bias.add_(1)
+        proj.refresh()
+        out = proj(hidden)
+        torch.testing.assert_close(out, head(hidden), atol=1e-6, rtol=1e-6)
+    assert out.shape == (5, 131) and out.argmax(-1).tolist() == head(hidden).argmax(-1).tolist()
+    assert proj.matches(head) and not proj.matches(torch.nn.Linear(24, 131))
+    assert "multiple of 64" in padded_head_unsupported(torch.nn.Linear(24, 128))
+    assert "not a plain" in padded_head_unsupported(type("Adapter", (torch.nn.Linear,), {})(24, 131))
+    assert padded_head_unsupported(head) is None
 
 
 def test_merged_projections_off_for_wrapped_projections(tiny):

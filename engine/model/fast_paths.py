@@ -10,6 +10,7 @@ Every "auto" choice of the engine is made here, for a model, a device and a mode
 - `decode_ops`: whether the paged runner's layers use the Triton ops table (`engine.model.fused_ops`), after a
   one-time numerical self-check of the kernels on the device;
 - `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
+- `padded_lm_head`: whether those steps use the lm_head padded to an aligned vocabulary width;
 - `eval_kv_cache`: the KV cache of validation generation (paged or dynamic).
 
 Each function returns a `Decision` (the choice and why); the first time a (path, choice, reason) is seen in the
@@ -239,6 +240,17 @@ def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) ->
     if reason is not None:
         return _decide("merged_projections", "off", reason)
     return _decide("merged_projections", "on", "asked for")
+
+
+def padded_lm_head(lm_head: nn.Module) -> Decision:
+    """Whether the paged runner's steps (with their weight copies) use the lm_head padded to a vocabulary width
+    that cuBLAS's Hopper kernels take (`engine.model.fused_ops.PaddedVocabProjection`)."""
+    from engine.model.fused_ops import padded_head_unsupported
+
+    reason = padded_head_unsupported(lm_head)
+    if reason is not None:
+        return _decide("padded_lm_head", "off", reason)
+    return _decide("padded_lm_head", "on", f"a vocabulary of {lm_head.weight.shape[0]}, not a multiple of 64")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

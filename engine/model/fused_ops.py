@@ -99,6 +99,52 @@ class MergedProjections:
                 start += size
 
 
+# cuBLAS takes its Hopper (sm90) GEMM kernels only when the output's leading dimension is 16-byte aligned; an odd
+# vocabulary (InternVL3's 151,674 = 2 mod 8) sends the decode step's lm_head to sm80 "align2" kernels at ~2 TB/s.
+VOCAB_ALIGNMENT = 64
+
+
+def padded_head_unsupported(lm_head: nn.Module) -> str | None:
+    """Why `PaddedVocabProjection` cannot (or need not) stand in for ``lm_head`` (None when it can)."""
+    if type(lm_head) is not nn.Linear:
+        return f"the lm_head is a {type(lm_head).__name__}, not a plain torch.nn.Linear"
+    if lm_head.weight.shape[0] % VOCAB_ALIGNMENT == 0:
+        return f"the vocabulary ({lm_head.weight.shape[0]}) is already a multiple of {VOCAB_ALIGNMENT}"
+    return None
+
+
+class PaddedVocabProjection:
+    """The lm_head with its vocabulary padded by zero rows to a multiple of `VOCAB_ALIGNMENT`, for inference: the
+    product's output rows are then aligned and cuBLAS picks its Hopper kernels (at the InternVL3-1B geometry the
+    decode step's lm_head: 131 -> 77 us at batch 64, 91 -> 68 us at batch 1; benchmarks/RESULTS.md). Returns the
+    real vocabulary's logits, a view (rows strided by the padded width). A copy of the weight, refreshed in place
+    by `refresh` (captured CUDA graphs keep its address), like `MergedProjections`."""
+
+    def __init__(self, lm_head: nn.Linear):
+        self.source = lm_head
+        vocab, hidden = lm_head.weight.shape
+        self.vocab = vocab
+        padded = -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+        self.weight = lm_head.weight.new_zeros(padded, hidden)  # rows past the vocabulary stay 0
+        self.bias = None if lm_head.bias is None else lm_head.bias.new_zeros(padded)
+        self.refresh()
+
+    def matches(self, lm_head: nn.Module) -> bool:
+        """Still that module, with a weight of the same shape, device and dtype."""
+        w = lm_head.weight
+        return (lm_head is self.source and w.shape[0] == self.vocab and w.shape[1] == self.weight.shape[1]
+                and w.device == self.weight.device and w.dtype == self.weight.dtype)  # fmt: skip
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.weight[: self.vocab].copy_(self.source.weight)
+        if self.bias is not None:
+            self.bias[: self.vocab].copy_(self.source.bias)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)[..., : self.vocab]
+
+
 class FusedOps(ReferenceOps):
     """`ReferenceOps` with `kernels.decode_fusions` and, when ``merged`` is given (one `MergedProjections` per
     layer), merged projections. Inputs are (N, H) rows. The kernels round as the modules do; a merged product may

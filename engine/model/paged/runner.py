@@ -51,7 +51,8 @@ class PagedRunner:
     fused_ops: the Triton ops table (RMSNorm with the residual add, rotary with the cache write, SwiGLU); None
     decides it (`fast_paths.decode_ops`: on CUDA after a self-check). merged_projections: with the fused ops, one
     matrix product for q/k/v and one for gate/up per layer (a copy of those weights, refreshed at every generate
-    call). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
+    call; and the lm_head with its vocabulary padded to a multiple of 64, `fused_ops.PaddedVocabProjection`, when it
+    is not one already). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults). max_graph_batch:
     the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
@@ -106,6 +107,7 @@ class PagedRunner:
         self.graphs = StepGraphs(self.geometry.hidden_size, self.table_width)
         self.rotary = RotaryTable(lm, self.max_model_len, on_rebuild=self.graphs.drop)
         self.merged = None  # list of MergedProjections while the fused ops use them
+        self.head = None  # PaddedVocabProjection while the fused ops use it
         self._ops_key: tuple | None = None
         self._ops = None
         # Runs the bucketed static-buffer step (what the CUDA graphs replay) eagerly on any device: lets the CPU
@@ -129,6 +131,7 @@ class PagedRunner:
         self.graphs.drop()
         self.cache = None
         self.merged = None
+        self.head = None
         self._ops = self._ops_key = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,12 +162,14 @@ class PagedRunner:
         return self._ops
 
     def refresh_merged_projections(self) -> None:
-        """Bring the merged q/k/v and gate/up weights up to date with the modules (in place: the CUDA graphs keep
-        their addresses), building them on first use or when the modules changed device, dtype, shape or identity."""
+        """Bring the merged q/k/v and gate/up weights and the padded lm_head up to date with the modules (in place:
+        the CUDA graphs keep their addresses), building them on first use or when the modules changed device, dtype,
+        shape or identity."""
         ops = self.ops()
         fused = ops.name == "fused"
         if not (fused and self.merged_projections):
             return
+        self._refresh_head()
         from engine.model.fused_ops import MergedProjections
 
         if self.merged is not None and all(m.matches(layer) for m, layer in zip(self.merged, self.layers)):
@@ -176,6 +181,22 @@ class PagedRunner:
         decision = fast_paths.merged_projections(self.layers, True, fused)  # modules may have been replaced since
         self.merged = [MergedProjections(layer) for layer in self.layers] if decision.choice == "on" else None
         ops.merged = self.merged
+
+    def _refresh_head(self) -> None:
+        lm_head = self.model.base.lm_head
+        if self.head is not None and self.head.matches(lm_head):
+            self.head.refresh()
+            return
+        if self.head is not None:
+            self.graphs.drop()  # the graphs read the old buffer
+        from engine.model.fused_ops import PaddedVocabProjection
+
+        on = fast_paths.padded_lm_head(lm_head).choice == "on"
+        self.head = PaddedVocabProjection(lm_head) if on else None
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of ``hidden``: through the padded copy while the fused ops use it, else the module."""
+        return self.head(hidden) if self.head is not None else self.model.base.lm_head(hidden)
 
     def ensure_cache(self, blocks_needed: int) -> None:
         """A pool of at least ``blocks_needed`` blocks (or the fixed size) on the model's device and dtype."""
@@ -235,7 +256,7 @@ class PagedRunner:
     def _static_step(self, buf: StepBuffers, with_logits: bool) -> torch.Tensor:
         x = self.model.base.get_input_embeddings()(buf.tokens) if with_logits else buf.embeds
         hidden = self._step_forward(x, buf.positions, buf.active, buf.block_tables)
-        return self.model.base.lm_head(hidden) if with_logits else hidden
+        return self.lm_head(hidden) if with_logits else hidden
 
     def one_position(self, buf: StepBuffers | None, block_tables, positions, active, *, embeds=None, tokens=None):
         """One position per row of the batch, eagerly (``buf`` None) or through the bucket's static buffers (and
@@ -245,7 +266,7 @@ class PagedRunner:
         if buf is None:
             x = self.model.base.get_input_embeddings()(tokens) if with_logits else embeds
             hidden = self._step_forward(x, positions, active, block_tables)
-            return self.model.base.lm_head(hidden) if with_logits else hidden
+            return self.lm_head(hidden) if with_logits else hidden
         graphed = buf.tokens.device.type == "cuda"
         if graphed:
             self.graphs.capture(buf, with_logits, self._static_step)
@@ -351,7 +372,7 @@ class PagedRunner:
             self.stats = dict(plan.stats)
             prev_last = self._prompt_passes(batch, plan, block_tables, buf)
             self.model.padding_passes(prev_last, options.min_passes - batch.schedule.num_passes)
-            return self._decode(self.model.base.lm_head(prev_last), plan, block_tables, buf, out, options)
+            return self._decode(self.lm_head(prev_last), plan, block_tables, buf, out, options)
         finally:
             self.cache.free_all()
 
