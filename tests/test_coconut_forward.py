@@ -189,6 +189,32 @@ def test_loss_only_path_matches_logits_path(tiny_model, tiny_tok):
     torch.testing.assert_close(chunked, full.loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_loss_with_an_aligned_vocabulary_is_the_same_loss(tiny_model, bias):
+    """The loss's products on the head's weight padded to 64-row multiples (CUDA's path for odd vocabularies, here
+    on CPU): the same loss and the same gradients for the hidden states, the weight and the bias."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = tiny_model.base.lm_head.weight.shape
+    assert vocab % 64, "the tiny vocabulary must be odd for this test to pad anything"
+    head = torch.nn.Linear(hidden, vocab, bias=bias)
+    h = torch.randn(23, hidden, generator=g, requires_grad=True)
+    y = torch.randint(0, vocab, (23,), generator=g)
+    results = []
+    for pad_vocab in (False, True):
+        tiny_model.loss_chunk_tokens, old = 7, tiny_model.loss_chunk_tokens  # several recomputed chunks
+        try:
+            loss = tiny_model._chunked_loss(h, y, head, pad_vocab=pad_vocab)
+        finally:
+            tiny_model.loss_chunk_tokens = old
+        results.append((loss.detach(), torch.autograd.grad(loss, [h, *head.parameters()])))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert len(got_grads) == (3 if bias else 2)
+    for a, b in zip(got_grads, want_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_left_padded_training_gradients_are_finite(tiny_model, tiny_tok):
     ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=4)
     labels = ids.masked_fill(mask == 0, -100)

@@ -66,6 +66,11 @@ def _ce_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+def _ce_sum_padded(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, h: torch.Tensor, y: torch.Tensor):
+    """`_ce_sum` with the head's weight padded to an aligned vocabulary (`fused_ops.aligned_vocab_weight`)."""
+    return F.cross_entropy(F.linear(h, weight, bias)[:, :vocab].float(), y, reduction="sum")
+
+
 @dataclass
 class CoconutOutput:
     loss: torch.Tensor | None
@@ -570,16 +575,27 @@ class MultimodalCoconut(nn.Module):
             from engine.model.liger import fused_linear_cross_entropy_sum
 
             return fused_linear_cross_entropy_sum(h, head.weight, y) / h.shape[0]
-        return self._chunked_loss(h, y, head)
+        # an odd vocabulary sends cuBLAS to slow unaligned kernels: on CUDA the products use a padded weight
+        pad_vocab = head.weight.is_cuda and fast_paths.padded_lm_head(head).choice == "on"
+        return self._chunked_loss(h, y, head, pad_vocab=pad_vocab)
 
-    def _chunked_loss(self, h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
-        """Mean cross-entropy of ``head(h)`` (N, V) against ``y`` (N,), in chunks recomputed in backward."""
+    def _chunked_loss(self, h: torch.Tensor, y: torch.Tensor, head, pad_vocab: bool = False) -> torch.Tensor:
+        """Mean cross-entropy of ``head(h)`` (N, V) against ``y`` (N,), in chunks recomputed in backward.
+        ``pad_vocab``: the head's weight padded once to an aligned vocabulary (a plain nn.Linear head; the same
+        loss, GEMMs on aligned kernels: benchmarks/RESULTS.md)."""
         if h.shape[0] == 0:
             return h.sum() * 0.0
+        if pad_vocab:
+            from engine.model.fused_ops import aligned_vocab_weight
+
+            weight, bias = aligned_vocab_weight(head)
+            loss_sum = functools.partial(_ce_sum_padded, weight, bias, head.weight.shape[0])
+        else:
+            loss_sum = functools.partial(_ce_sum, head)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.loss_chunk_tokens):
             chunk = slice(i, i + self.loss_chunk_tokens)
-            total = total + checkpoint(_ce_sum, head, h[chunk], y[chunk], use_reentrant=False)
+            total = total + checkpoint(loss_sum, h[chunk], y[chunk], use_reentrant=False)
         return total / h.shape[0]
 
     # ------------------------------------------------------------------ generation

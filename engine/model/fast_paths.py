@@ -10,7 +10,7 @@ Every "auto" choice of the engine is made here, for a model, a device and a mode
 - `decode_ops`: whether the paged runner's layers use the Triton ops table (`engine.model.fused_ops`), after a
   one-time numerical self-check of the kernels on the device;
 - `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
-- `padded_lm_head`: whether those steps use the lm_head padded to an aligned vocabulary width;
+- `padded_lm_head`: whether those steps and the training loss use the lm_head padded to an aligned vocabulary width;
 - `eval_kv_cache`: the KV cache of validation generation (paged or dynamic).
 
 Each function returns a `Decision` (the choice and why); the first time a (path, choice, reason) is seen in the
@@ -243,8 +243,9 @@ def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) ->
 
 
 def padded_lm_head(lm_head: nn.Module) -> Decision:
-    """Whether the paged runner's steps (with their weight copies) use the lm_head padded to a vocabulary width
-    that cuBLAS's Hopper kernels take (`engine.model.fused_ops.PaddedVocabProjection`)."""
+    """Whether the lm_head's products use its weight padded to a vocabulary width that cuBLAS's Hopper kernels take:
+    the paged runner's steps (with their weight copies, `engine.model.fused_ops.PaddedVocabProjection`) and, on
+    CUDA, the training loss (`fused_ops.aligned_vocab_weight`)."""
     from engine.model.fused_ops import padded_head_unsupported
 
     reason = padded_head_unsupported(lm_head)

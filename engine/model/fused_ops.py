@@ -113,6 +113,16 @@ def padded_head_unsupported(lm_head: nn.Module) -> str | None:
     return None
 
 
+def aligned_vocab_weight(lm_head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight (and bias) padded with zero rows to a multiple of `VOCAB_ALIGNMENT`, differentiably (the
+    gradient of the real rows reaches the parameters): for training's loss, where the weight changes every step.
+    Costs one copy of the weight per call (~0.1 ms for InternVL3's 272 MB on an H200)."""
+    vocab = lm_head.weight.shape[0]
+    pad = -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT - vocab
+    weight = F.pad(lm_head.weight, (0, 0, 0, pad))
+    return weight, (None if lm_head.bias is None else F.pad(lm_head.bias, (0, pad)))
+
+
 class PaddedVocabProjection:
     """The lm_head with its vocabulary padded by zero rows to a multiple of `VOCAB_ALIGNMENT`, for inference: the
     product's output rows are then aligned and cuBLAS picks its Hopper kernels (at the InternVL3-1B geometry the
