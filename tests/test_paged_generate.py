@@ -164,9 +164,38 @@ def test_padded_vocab_projection_gives_the_heads_logits(bias):
         torch.testing.assert_close(out, head(hidden), atol=1e-6, rtol=1e-6)
     assert out.shape == (5, 131) and out.argmax(-1).tolist() == head(hidden).argmax(-1).tolist()
     assert proj.matches(head) and not proj.matches(torch.nn.Linear(24, 131))
+    head.bias = None if bias else torch.nn.Parameter(torch.zeros(131))
+    assert not proj.matches(head), "a bias added or removed needs a new copy"
     assert "multiple of 64" in padded_head_unsupported(torch.nn.Linear(24, 128))
     assert "not a plain" in padded_head_unsupported(type("Adapter", (torch.nn.Linear,), {})(24, 131))
     assert padded_head_unsupported(head) is None
+
+
+def test_weight_copies_follow_the_runner_settings_and_a_replaced_head(tiny):
+    """The padded lm_head and merged projections are dropped (with the graphs that read them) when the runner stops
+    using them, and a replaced lm_head module is padded anew: the runner keeps matching the dynamic cache."""
+    import copy
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:3])
+    kwargs = dict(max_new_tokens=3, eos_token_id=-1)
+    runner = PagedRunner(model, block_size=4, fused_ops=True)
+    runner.generate(ids, mask, pixels, **kwargs)
+    old_head = runner.head
+    assert old_head is not None and runner.merged is not None
+    drops = []
+    real_drop = runner.graphs.drop
+    runner.graphs.drop = lambda: (drops.append(1), real_drop())[1]
+    new = torch.nn.Linear(model.base.lm_head.in_features, model.base.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(torch.randn(new.weight.shape, generator=torch.Generator().manual_seed(5)))
+    model.base.lm_head = new
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), model.generate(ids, mask, pixels, **kwargs))
+    assert runner.head is not old_head and runner.head.source is new and runner.head.bias is not None and drops
+    runner.merged_projections = False
+    drops.clear()
+    assert torch.equal(runner.generate(ids, mask, pixels, **kwargs), model.generate(ids, mask, pixels, **kwargs))
+    assert runner.head is None and runner.merged is None and runner.ops().merged is None and drops
 
 
 def test_merged_projections_off_for_wrapped_projections(tiny):

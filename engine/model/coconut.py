@@ -67,8 +67,11 @@ def _ce_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _ce_sum_padded(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, h: torch.Tensor, y: torch.Tensor):
-    """`_ce_sum` with the head's weight padded to an aligned vocabulary (`fused_ops.aligned_vocab_weight`)."""
-    return F.cross_entropy(F.linear(h, weight, bias)[:, :vocab].float(), y, reduction="sum")
+    """`_ce_sum` with the head's weight padded to an aligned vocabulary (`fused_ops.aligned_vocab_weight`): the
+    padding columns are masked out of the softmax in place (a slice would allocate a padded gradient in backward)."""
+    logits = F.linear(h, weight, bias).float()
+    logits[:, vocab:] = float("-inf")
+    return F.cross_entropy(logits, y, reduction="sum")
 
 
 @dataclass

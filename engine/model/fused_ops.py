@@ -116,7 +116,8 @@ def padded_head_unsupported(lm_head: nn.Module) -> str | None:
 def aligned_vocab_weight(lm_head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's weight (and bias) padded with zero rows to a multiple of `VOCAB_ALIGNMENT`, differentiably (the
     gradient of the real rows reaches the parameters): for training's loss, where the weight changes every step.
-    Costs one copy of the weight per call (~0.1 ms for InternVL3's 272 MB on an H200)."""
+    Costs one copy of the weight per call (~0.1 ms for InternVL3's 272 MB on an H200), held until backward, and a
+    padded gradient buffer in backward: about two more head weights of memory at the peak."""
     vocab = lm_head.weight.shape[0]
     pad = -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT - vocab
     weight = F.pad(lm_head.weight, (0, 0, 0, pad))
@@ -140,10 +141,11 @@ class PaddedVocabProjection:
         self.refresh()
 
     def matches(self, lm_head: nn.Module) -> bool:
-        """Still that module, with a weight of the same shape, device and dtype."""
+        """Still that module, with a weight of the same shape, device and dtype, and a bias exactly if it had one."""
         w = lm_head.weight
         return (lm_head is self.source and w.shape[0] == self.vocab and w.shape[1] == self.weight.shape[1]
-                and w.device == self.weight.device and w.dtype == self.weight.dtype)  # fmt: skip
+                and w.device == self.weight.device and w.dtype == self.weight.dtype
+                and (lm_head.bias is None) == (self.bias is None))  # fmt: skip
 
     @torch.no_grad()
     def refresh(self) -> None:

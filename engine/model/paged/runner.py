@@ -108,6 +108,7 @@ class PagedRunner:
         self.rotary = RotaryTable(lm, self.max_model_len, on_rebuild=self.graphs.drop)
         self.merged = None  # list of MergedProjections while the fused ops use them
         self.head = None  # PaddedVocabProjection while the fused ops use it
+        self._head_module = None  # the lm_head module the head (or the graphs, without one) was set up for
         self._ops_key: tuple | None = None
         self._ops = None
         # Runs the bucketed static-buffer step (what the CUDA graphs replay) eagerly on any device: lets the CPU
@@ -157,7 +158,7 @@ class PagedRunner:
             else:
                 self._ops = ReferenceOps(self.lm)
             self._ops_key = key
-            self.merged = None
+            self.merged = self.head = None  # copies for the previous ops table, device or dtype
             self.refresh_merged_projections()
         return self._ops
 
@@ -168,6 +169,9 @@ class PagedRunner:
         ops = self.ops()
         fused = ops.name == "fused"
         if not (fused and self.merged_projections):
+            if self.merged is not None or self.head is not None:  # switched off since: the graphs read the copies
+                self.graphs.drop()
+                self.merged = self.head = ops.merged = None
             return
         self._refresh_head()
         from engine.model.fused_ops import MergedProjections
@@ -187,12 +191,13 @@ class PagedRunner:
         if self.head is not None and self.head.matches(lm_head):
             self.head.refresh()
             return
-        if self.head is not None:
-            self.graphs.drop()  # the graphs read the old buffer
         from engine.model.fused_ops import PaddedVocabProjection
 
         on = fast_paths.padded_lm_head(lm_head).choice == "on"
-        self.head = PaddedVocabProjection(lm_head) if on else None
+        head = PaddedVocabProjection(lm_head) if on else None
+        if head is not None or self.head is not None or lm_head is not self._head_module:
+            self.graphs.drop()  # the graphs read the old head: its padded buffer, or a module's weight
+        self.head, self._head_module = head, lm_head
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits of ``hidden``: through the padded copy while the fused ops use it, else the module."""
