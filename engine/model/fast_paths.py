@@ -246,12 +246,13 @@ def padded_lm_head(lm_head: nn.Module) -> Decision:
     """Whether the lm_head's products use its weight padded to a vocabulary width that cuBLAS's Hopper kernels take:
     the paged runner's steps (with their weight copies, `engine.model.fused_ops.PaddedVocabProjection`) and, on
     CUDA, the training loss (`fused_ops.aligned_vocab_weight`)."""
-    from engine.model.fused_ops import padded_head_unsupported
+    from engine.model.fused_ops import VOCAB_ALIGNMENT, padded_head_unsupported
 
     reason = padded_head_unsupported(lm_head)
     if reason is not None:
         return _decide("padded_lm_head", "off", reason)
-    return _decide("padded_lm_head", "on", f"a vocabulary of {lm_head.weight.shape[0]}, not a multiple of 64")
+    vocab = lm_head.weight.shape[0]
+    return _decide("padded_lm_head", "on", f"a vocabulary of {vocab}, not a multiple of {VOCAB_ALIGNMENT}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

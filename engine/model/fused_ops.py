@@ -104,6 +104,11 @@ class MergedProjections:
 VOCAB_ALIGNMENT = 64
 
 
+def aligned_vocab_size(vocab: int) -> int:
+    """The vocabulary rounded up to a multiple of `VOCAB_ALIGNMENT`."""
+    return -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+
+
 def padded_head_unsupported(lm_head: nn.Module) -> str | None:
     """Why `PaddedVocabProjection` cannot (or need not) stand in for ``lm_head`` (None when it can)."""
     if type(lm_head) is not nn.Linear:
@@ -119,7 +124,7 @@ def aligned_vocab_weight(lm_head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor
     Costs one copy of the weight per call (~0.1 ms for InternVL3's 272 MB on an H200), held until backward, and a
     padded gradient buffer in backward: about two more head weights of memory at the peak."""
     vocab = lm_head.weight.shape[0]
-    pad = -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT - vocab
+    pad = aligned_vocab_size(vocab) - vocab
     weight = F.pad(lm_head.weight, (0, 0, 0, pad))
     return weight, (None if lm_head.bias is None else F.pad(lm_head.bias, (0, pad)))
 
@@ -135,7 +140,7 @@ class PaddedVocabProjection:
         self.source = lm_head
         vocab, hidden = lm_head.weight.shape
         self.vocab = vocab
-        padded = -(-vocab // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+        padded = aligned_vocab_size(vocab)
         self.weight = lm_head.weight.new_zeros(padded, hidden)  # rows past the vocabulary stay 0
         self.bias = None if lm_head.bias is None else lm_head.bias.new_zeros(padded)
         self.refresh()
