@@ -1,6 +1,8 @@
-"""The latent passes of one training step, by how they run: the graphed latent block with transformers' modules
-(`block_ops=reference`), the same block with the Triton ops and their backward (`fused`, `kernels/layer_grads.py`),
-one transformers call per pass (`transformers`), and the same batch without thoughts (`plain`).
+"""The passes of one training step, by how they run: the graphed latent block with transformers' modules and the
+other passes as transformers calls (`layer_ops=reference`), the same block with the Triton ops and their backward
+and the other passes through the layer stack with them (`fused`, `kernels/layer_grads.py`,
+`engine/model/stack_pass.py`), one transformers call per pass (`transformers`), and the same batch without thoughts
+(`plain`, with the default layer ops).
 
 Per variant: the loss, the step time (forward + backward of `compute_loss`, no optimizer), the kernels one step
 launches (torch.profiler, CUDA only) and the largest relative difference of any language-model gradient from the
@@ -71,10 +73,13 @@ def _set_variant(model, variant: str) -> None:
     block = "cuda_graph" if model.device.type == "cuda" else "static"
     if variant == "transformers":
         model.set_latent_passes("transformers")
+        model.set_layer_ops("reference")
     elif variant in ("reference", "fused"):
-        model.set_latent_passes(block, block_ops=variant)
+        model.set_latent_passes(block)
+        model.set_layer_ops(variant)
     else:
         model.set_latent_passes("auto")
+        model.set_layer_ops("auto")
 
 
 def _kernels_per_step(step, device: torch.device) -> tuple[int | None, Counter]:
@@ -134,6 +139,7 @@ def run(args) -> dict:
                          block_captures=sum(b.captures for b in model._latent_blocks.values())))  # fmt: skip
         log.info("%s: %.1f ms, %s kernels, loss %.6f", variant, timing.median_ms, count, float(losses[0]))
     model.set_latent_passes("auto")
+    model.set_layer_ops("auto")
     reference = gradients["reference"]
     base_loss = rows[[r["variant"] for r in rows].index("reference")]["loss"]
     for row in rows:

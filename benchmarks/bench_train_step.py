@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    " four keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
                    "gathers), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
-                   "latent_block_ops=reference|fused (the latent block's norms, rotary and SwiGLU: modules or Triton)")
+                   "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
+                   "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
     p.add_argument("--liger", type=str_list, default=None,
                    help="Liger-Kernel variants, comma-separated: none, all, or pieces joined by '+' from "
                    f"{', '.join(LIGER_KERNELS)} (default none)")
@@ -511,16 +512,16 @@ class Bench:
         zero_settings = parse_zero_settings(cfg.zero_settings)
         # four keys are the trainer's, not DeepSpeed's: one gather of the language model per call or ZeRO-3's
         # per-module gathers, the multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision
-        # layers, the latent block's layer ops
+        # layers, the training layers' ops
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
-        block_ops = str(zero_settings.pop("latent_block_ops", "auto"))
+        layer_ops = str(zero_settings.pop("layer_ops", "auto"))
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
-            zero_grad_checks=checks, compile_vision_layers=compile_vision, latent_block_ops=block_ops,
+            zero_grad_checks=checks, compile_vision_layers=compile_vision, layer_ops=layer_ops,
             deepspeed={"zero_optimization": zero_settings},
         )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
@@ -1007,4 +1008,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     logging.captureWarnings(True)
-    sys.exit(main())
+    from engine.training.distributed import shutdown_distributed
+
+    try:
+        code = main()
+    finally:  # a process group left to exit-time destruction can abort the process after a good run
+        shutdown_distributed()
+    sys.exit(code)

@@ -5,7 +5,8 @@
 - `paged_chunk_attention`: packed query chunks over the same paged cache (prefill continuing from cached blocks).
 - `decode_fusions`: RMSNorm with its residual add, rotary embedding of q and k, the SwiGLU product: the small
   elementwise work of a one-position step, one kernel each (the paged runner's decode and latent steps).
-- `layer_grads`: those three with their backward, for training (the latent block's passes).
+- `layer_grads`: those three with their backward, for training (the latent block and the language model's
+  passes), and the vision tower's LayerNorm with its layer-scaled residual add, forward and backward.
 
 Kernels, their custom ops and their references only: the host-side policy (block pool, prefix hashes, the
 runner) lives in `engine/model/paged/`, and nothing here imports `engine`.

@@ -1,40 +1,70 @@
 """The decode fusions with their backward: RMSNorm (with the residual add), rotary embedding and SwiGLU, for
-training's one-position passes (the latent block, `engine/model/latent_block.py`).
+training's one-position passes (the latent block, `engine/model/latent_block.py`); and the vision tower's
+LayerNorm with its layer-scaled residual add (`engine/model/vision_layers.py`).
 
 Why. A training step's latent passes are 6 one-position passes × 24 layers, forward and backward; each layer's
 norms, rotary embedding, SwiGLU product and residual adds run through transformers' modules as ~30 tiny kernels
 forward and more backward (autograd's own products, sums and casts). Inside the block's CUDA graphs each still
 costs a few microseconds. Here each op is one kernel forward (`kernels.decode_fusions`) and one backward: at the
 InternVL3-1B geometry, batch 64, 6 latents, a training step launches 19,451 kernels instead of 29,567 and takes
-24 ms less (benchmarks/RESULTS.md, `benchmarks/bench_block_ops.py`).
+24 ms less (benchmarks/RESULTS.md, `benchmarks/bench_block_ops.py`). The vision tower's case is bytes as much as
+launches: 64 tiles × 1,025 positions × 1,024 features through 24 InternViT layers, where the layer-scale product,
+the residual add and the LayerNorm each read and write the whole activation, forward and backward
+(benchmarks/RESULTS.md, "the language model's passes through the layer stack").
 
-Entry points (differentiable, any leading shape, last dimension the feature one), each backed by the PyTorch
-references of `kernels.decode_fusions` (autograd through a reference is the reference gradient):
+Entry points (differentiable, any leading shape, last dimension the feature one), each backed by a PyTorch
+reference (those of `kernels.decode_fusions`, and `layer_norm_reference` here; autograd through a reference is
+the reference gradient):
 
 - `rms_norm_grad(x, weight, eps, residual=None)`: as `decode_fusions.rms_norm`; the gradient of the sum
   ``residual + x`` (when it is returned and used) joins the norm's;
 - `rotary_qk_grad(q, k, cos, sin)`: as `decode_fusions.rotary_qk` over (*tokens, heads, D) with cos/sin
   (*tokens, D), which take no gradient (they come from positions);
-- `silu_mul_grad(gate, up)`: ``silu(gate) * up``.
+- `silu_mul_grad(gate, up)`: ``silu(gate) * up``;
+- `layer_norm_grad(x, weight, bias, eps, residual=None, scale=None)`: ``F.layer_norm`` of x, or with
+  ``residual`` of ``s = residual + scale * x`` (InternVLVisionLayer's ``lambda_1 * attention + hidden_states``),
+  returning ``(norm(s), s)``; one kernel forward (its own, here) and one backward, which also gives ``scale``,
+  ``weight`` and ``bias`` their gradients (sums over the rows).
 
-The backward kernels round where autograd through the modules rounds (the products ``g * weight``, ``g * sin``,
-``g * up`` in the input dtype; statistics and the silu derivative in fp32), so that bf16 gradients follow the
-modules' (the tests compare them within bf16 tolerances: the interpreter truncates where the GPU rounds) and fp32
-gradients match to fp32 rounding. The weight gradient of the
-norm is summed in fp32 per program, then over programs.
+The kernels round where autograd through the modules rounds (the products ``g * weight``, ``g * sin``,
+``g * up``, ``scale * x`` and ``ds * x`` in the input dtype; statistics, the silu derivative and the LayerNorm
+backward in fp32), so that bf16 gradients follow the modules' (the tests compare them within bf16 tolerances: the
+interpreter truncates where the GPU rounds) and fp32 gradients match to fp32 rounding. The norms' weight (and
+bias, and layer-scale) gradients are summed in fp32 per program, then over programs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.decode_fusions import _launch_per_token, rms_norm, rotary_qk, silu_mul
 
-__all__ = ["rms_norm_grad", "rotary_qk_grad", "silu_mul_grad", "layer_grads_self_check"]
+__all__ = [
+    "layer_grads_self_check",
+    "layer_norm_grad",
+    "layer_norm_reference",
+    "rms_norm_grad",
+    "rotary_qk_grad",
+    "silu_mul_grad",
+]
 
 _NORM_PROGRAMS = 256  # at most this many programs (and fp32 partial weight gradients) per norm backward
+# The layer norm's launch shape, from a sweep on an H200 (bf16, 65,600 rows x 1,024; triton 3.6): 4 warps at
+# H = 1,024 and 4 rows per backward step were the fastest backward at 512-4,096 programs (within 3%: 512 keeps the
+# partial sums small); 8 warps were slower, and the forward was faster with 4 warps than with 8.
+_LAYER_NORM_PROGRAMS = 512  # at most this many backward programs (and fp32 partial sums): rows are many here
+
+
+def _layer_norm_warps(hidden: int) -> int:
+    return min(max(triton.next_power_of_2(hidden) // 256, 1), 16)
+
+
+def _layer_norm_block_rows(block_h: int) -> int:
+    """Rows per step of a layer-norm backward program (a 2-D block: their loads and reductions overlap)."""
+    return max(1, min(8, 4096 // block_h))
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -86,6 +116,148 @@ def _rms_norm_backward_kernel(
         if HAS_RESIDUAL:  # the same values, in the residual's own tensor (two leaves must not share a .grad)
             tl.store(d_residual_ptr + row * stride_dr + cols, dx, mask=mask)
     tl.store(dw_partial_ptr + pid * hidden + cols, dw, mask=keep)
+
+
+@triton.jit
+def _layer_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    scale_ptr,
+    weight_ptr,
+    bias_ptr,
+    sum_ptr,
+    out_ptr,
+    mean_ptr,
+    rstd_ptr,
+    hidden,
+    stride_x,
+    stride_r,
+    stride_s,
+    stride_o,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    keep = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
+    if HAS_RESIDUAL:
+        xf = x.to(tl.float32)
+        if HAS_SCALE:  # scale * x, rounded like the layer-scale product's output
+            xf = (tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32) * xf).to(x.dtype).to(tl.float32)
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
+        s = (r.to(tl.float32) + xf).to(x.dtype)  # residual + scale * x, rounded like the PyTorch add
+        tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
+        x = s
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / hidden
+    centred = tl.where(keep, xf - mean, 0.0)
+    # fp32 statistics, one rounding of the affine result (as F.layer_norm in bf16); eps may arrive as fp64
+    rstd = tl.math.rsqrt((tl.sum(centred * centred, axis=0) / hidden + eps).to(tl.float32))
+    tl.store(mean_ptr + row, mean)  # kept for the backward, as the native layer norm keeps them
+    tl.store(rstd_ptr + row, rstd)
+    y = centred * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(x.dtype), mask=keep)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    s_ptr,
+    x_ptr,
+    g_ptr,
+    g_sum_ptr,
+    mean_ptr,
+    rstd_ptr,
+    scale_ptr,
+    weight_ptr,
+    dx_ptr,
+    d_residual_ptr,
+    dw_partial_ptr,
+    db_partial_ptr,
+    dscale_partial_ptr,
+    rows,
+    hidden,
+    rows_per_program,
+    stride_s,
+    stride_x,
+    stride_g,
+    stride_gs,
+    stride_dx,
+    stride_dr,
+    HAS_SUM_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    STORE_DR: tl.constexpr,
+    DW: tl.constexpr,
+    DB: tl.constexpr,
+    DSCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # BLOCK_R rows at a time (a 2-D block): their loads and reductions overlap instead of following each other;
+    # the statistics come from the forward (fp32), as the native layer norm's backward takes them
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)[None, :]
+    keep = cols < hidden
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    db = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    for start in range(0, rows_per_program, BLOCK_R):  # a runtime bound: one compiled kernel for every row count
+        row = first + start + tl.arange(0, BLOCK_R)[:, None]  # (BLOCK_R, 1)
+        in_rows = row < rows
+        mask = keep & in_rows
+        s = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0)
+        mean = tl.load(mean_ptr + row, mask=in_rows, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=in_rows, other=0.0)
+        normed = tl.where(mask, (s.to(tl.float32) - mean) * rstd, 0.0)
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        if DW:
+            dw += g * normed  # fp32 throughout, as the native layer-norm backward sums its weight gradient
+        if DB:
+            db += g
+        dn = g
+        if HAS_WEIGHT:
+            dn = g * w
+        c1 = tl.sum(dn, axis=1)[:, None] / hidden
+        c2 = tl.sum(dn * normed, axis=1)[:, None] / hidden
+        ds = tl.where(mask, rstd * (dn - c1 - normed * c2), 0.0).to(s.dtype)  # the norm's input gradient, rounded
+        if HAS_SUM_GRAD:  # the sum's own gradient joins, one rounded add as autograd's accumulation
+            gs = tl.load(g_sum_ptr + row * stride_gs + cols, mask=mask, other=0.0)
+            ds = (ds.to(tl.float32) + gs.to(tl.float32)).to(s.dtype)
+        if STORE_DR:  # the residual's own tensor (two leaves must not share a .grad)
+            tl.store(d_residual_ptr + row * stride_dr + cols, ds, mask=mask)
+        if HAS_SCALE:
+            dsf = ds.to(tl.float32)
+            if DSCALE:  # ds * x rounded per element, then summed: autograd's broadcast-product gradient
+                xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dscale += tl.where(mask, (dsf * xf).to(s.dtype).to(tl.float32), 0.0)
+            if STORE_DX:
+                tl.store(dx_ptr + row * stride_dx + cols, (dsf * sc).to(s.dtype), mask=mask)
+        else:
+            if STORE_DX:
+                tl.store(dx_ptr + row * stride_dx + cols, ds, mask=mask)
+    out = pid * hidden + tl.arange(0, BLOCK_H)
+    in_cols = tl.arange(0, BLOCK_H) < hidden
+    if DW:
+        tl.store(dw_partial_ptr + out, tl.sum(dw, axis=0), mask=in_cols)
+    if DB:
+        tl.store(db_partial_ptr + out, tl.sum(db, axis=0), mask=in_cols)
+    if DSCALE:
+        tl.store(dscale_partial_ptr + out, tl.sum(dscale, axis=0), mask=in_cols)
 
 
 @triton.jit
@@ -227,6 +399,116 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx, (d_residual if ctx.has_residual else None), d_weight, None
 
 
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, scale, weight, bias, eps):
+        rows, hidden = x.shape
+        out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+        summed = torch.empty_like(out) if residual is not None else x
+        stats = torch.empty(2, rows, dtype=torch.float32, device=x.device)  # mean, rstd
+        if rows:
+            _layer_norm_kernel[(rows,)](
+                x,
+                residual if residual is not None else x,
+                scale if scale is not None else x,
+                weight if weight is not None else x,
+                bias if bias is not None else x,
+                summed,
+                out,
+                stats[0],
+                stats[1],
+                hidden,
+                x.stride(0),
+                (residual if residual is not None else x).stride(0),
+                summed.stride(0),
+                out.stride(0),
+                float(eps),
+                HAS_RESIDUAL=residual is not None,
+                HAS_SCALE=scale is not None,
+                HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                BLOCK_H=triton.next_power_of_2(hidden),
+                num_warps=_layer_norm_warps(hidden),
+            )
+        # x is kept only for the scale's gradient (sum over rows of x * ds)
+        keep_x = scale is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(summed, stats, x if keep_x else None, scale, weight)
+        ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
+        if residual is None:
+            return out
+        return out, summed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_sum=None):
+        summed, stats, x, scale, weight = ctx.saved_tensors
+        need_x, need_residual, need_scale, need_weight, need_bias = ctx.needs_input_grad[:5]
+        rows, hidden = summed.shape
+        if g_out is None:  # only the sum was used: its gradient passes to both addends, no norm backward
+            if g_sum is None or not ctx.has_residual:
+                return None, None, None, None, None, None
+            if scale is None:
+                return g_sum, (g_sum.clone() if need_residual else None), None, None, None, None
+            d_scale = (g_sum * x).sum(0) if need_scale else None  # autograd's rounding: per element, then summed
+            return (g_sum * scale if need_x else None), g_sum, d_scale, None, None, None
+        g_out = _last_dim_contiguous(g_out)
+        g_sum = None if g_sum is None else _last_dim_contiguous(g_sum)
+        has_scale = scale is not None
+        store_dr = ctx.has_residual and need_residual
+        dx = torch.empty_like(summed) if need_x else None
+        d_residual = torch.empty_like(summed) if store_dr else None
+        block_h = triton.next_power_of_2(hidden)
+        block_r = _layer_norm_block_rows(block_h)
+        per_program = triton.cdiv(triton.cdiv(max(rows, 1), _LAYER_NORM_PROGRAMS), block_r) * block_r
+        programs = triton.cdiv(rows, per_program)
+        dw, db, dscale = need_weight and weight is not None, need_bias and ctx.has_bias, need_scale and has_scale
+        partials = torch.empty(3, programs, hidden, dtype=torch.float32, device=summed.device)
+        if rows and (need_x or store_dr or dw or db or dscale):
+            _layer_norm_backward_kernel[(programs,)](
+                summed,
+                x if x is not None else summed,
+                g_out,
+                g_sum if g_sum is not None else g_out,
+                stats[0],
+                stats[1],
+                scale if has_scale else summed,
+                weight if weight is not None else summed,
+                dx if dx is not None else summed,
+                d_residual if d_residual is not None else summed,
+                partials[0],
+                partials[1],
+                partials[2],
+                rows,
+                hidden,
+                per_program,
+                summed.stride(0),
+                x.stride(0) if x is not None else 0,
+                g_out.stride(0),
+                (g_sum if g_sum is not None else g_out).stride(0),
+                dx.stride(0) if dx is not None else 0,
+                d_residual.stride(0) if d_residual is not None else 0,
+                HAS_SUM_GRAD=g_sum is not None,
+                HAS_SCALE=has_scale,
+                HAS_WEIGHT=weight is not None,
+                STORE_DX=need_x,
+                STORE_DR=store_dr,
+                DW=dw,
+                DB=db,
+                DSCALE=dscale,
+                BLOCK_R=block_r,
+                BLOCK_H=block_h,
+                num_warps=_layer_norm_warps(hidden),
+            )
+        dtype = summed.dtype  # the parameters' dtype (checked at the entry point)
+        # one reduction for every partial sum (three separate column sums took ~30 us each on an H200)
+        sums = partials.sum(1).to(dtype) if (dw or db or dscale) else None
+        d_weight = sums[0] if dw else None
+        d_bias = sums[1] if db else None
+        d_scale = sums[2] if dscale else None
+        return dx, d_residual, d_scale, d_weight, d_bias, None
+
+
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -283,6 +565,60 @@ def rms_norm_grad(
     return out.view(shape), summed.view(shape)
 
 
+def layer_norm_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.layer_norm(x, (H,), weight, bias, eps)`` over (*rows, H); with ``residual``, of the layer-scaled sum
+    ``s = residual + scale * x`` (``residual + x`` without ``scale``), returning ``(norm(s), s)``. Gradients for
+    ``x``, ``residual``, ``scale``, ``weight`` and ``bias`` (``weight``/``bias`` may be None: no affine term); the
+    parameters must have the input's dtype, as the kernels round in it."""
+    if x.dim() < 1:
+        raise ValueError(f"x must have a feature dimension, got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    params = {"scale": scale, "weight": weight, "bias": bias}
+    for name, p in params.items():
+        if p is None:
+            continue
+        if p.shape != (hidden,):
+            raise ValueError(f"{name} must be ({hidden},), the last dimension of x {tuple(x.shape)}, got {tuple(p.shape)}")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {p.dtype} must match the input's {x.dtype}")
+    scale, weight, bias = (None if p is None else _last_dim_contiguous(p) for p in params.values())
+    shape = x.shape
+    rows = _rows_view(x)
+    if residual is None:
+        if scale is not None:
+            raise ValueError("scale multiplies x before the residual add: it needs a residual")
+        return _LayerNormFunction.apply(rows, None, None, weight, bias, eps).view(shape)
+    if residual.shape != shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(shape)}")
+    if residual.dtype != x.dtype:
+        raise ValueError(f"residual dtype {residual.dtype} must match the input's {x.dtype}")
+    out, summed = _LayerNormFunction.apply(rows, _rows_view(residual), scale, weight, bias, eps)
+    return out.view(shape), summed.view(shape)
+
+
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`layer_norm_grad` in PyTorch: InternVLVisionLayer's ``lambda_1 * attention + hidden_states`` (each
+    rounded to the input dtype) and `nn.LayerNorm` of it."""
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    summed = residual + (x if scale is None else scale * x)
+    return F.layer_norm(summed, (x.shape[-1],), weight, bias, eps), summed
+
+
 def rotary_qk_grad(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,14 +662,16 @@ def _self_check(device, dtype) -> str | None:
         return torch.randn(*shape, generator=g).to(dtype).to(device).requires_grad_(True)
 
     cases = {
-        "rms_norm_grad": (rms_norm_grad, rms_norm_reference, (leaf(2, 3, 48), leaf(48), 1e-6), ("residual", leaf(2, 3, 48))),
+        "rms_norm_grad": (rms_norm_grad, rms_norm_reference, (leaf(2, 3, 48), leaf(48), 1e-6), {"residual": leaf(2, 3, 48)}),
         "rotary_qk_grad": (rotary_qk_grad, lambda q, k, c, s: rotary_qk_reference(q.reshape(6, 3, 8), k.reshape(6, 1, 8), c.reshape(6, 8), s.reshape(6, 8)),
-                           (leaf(2, 3, 3, 8), leaf(2, 3, 1, 8), cos, sin), None),
-        "silu_mul_grad": (silu_mul_grad, silu_mul_reference, (leaf(2, 3, 40), leaf(2, 3, 40)), None),
+                           (leaf(2, 3, 3, 8), leaf(2, 3, 1, 8), cos, sin), {}),
+        "silu_mul_grad": (silu_mul_grad, silu_mul_reference, (leaf(2, 3, 40), leaf(2, 3, 40)), {}),
+        "layer_norm_grad": (layer_norm_grad, layer_norm_reference, (leaf(2, 3, 48), leaf(48), leaf(48), 1e-6),
+                            {"residual": leaf(2, 3, 48), "scale": leaf(48)}),
+        "layer_norm_grad (no residual)": (layer_norm_grad, layer_norm_reference, (leaf(5, 40), leaf(40), leaf(40), 1e-6), {}),
     }  # fmt: skip
-    for name, (fused, reference, args, extra) in cases.items():
+    for name, (fused, reference, args, kwargs) in cases.items():
         try:
-            kwargs = {} if extra is None else {extra[0]: extra[1]}
             inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
             results = []
             for fn in (fused, reference):

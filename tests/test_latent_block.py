@@ -28,8 +28,9 @@ def aligned_batch(model, tok, latents=(4, 2, 3), tiles=(1, 2, 0), seed=0):
     return ids, mask, random_pixels(sum(tiles), size, seed) if sum(tiles) else None
 
 
-def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=False, block_ops="auto"):
-    model.set_latent_passes(mode, prefix_bucket=bucket, final_bucket=final_bucket, block_ops=block_ops)
+def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=False, layer_ops="auto"):
+    model.set_latent_passes(mode, prefix_bucket=bucket, final_bucket=final_bucket)
+    model.set_layer_ops(layer_ops)
     try:
         labels = ids.masked_fill(mask == 0, -100)
         model.zero_grad(set_to_none=True)
@@ -42,6 +43,7 @@ def run(model, mode, ids, mask, pv, *, bucket=128, final_bucket=32, use_cache=Fa
         return out, grads
     finally:
         model.set_latent_passes("auto")
+        model.set_layer_ops("auto")
 
 
 @pytest.mark.parametrize("bucket,final_bucket,use_cache", [(1, 1, False), (5, 7, False), (128, 32, False), (5, 7, True)])
@@ -70,7 +72,8 @@ def test_static_block_matches_transformers_passes(tiny_model, tiny_tok, bucket, 
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tiny_tok, use_cache, monkeypatch):
     """The block's norms, rotary embedding and SwiGLU through the Triton kernels and their backward
-    (`GradFusedOps`, interpreted on CPU): the transformers passes' loss, logits, thoughts and every gradient."""
+    (`GradFusedOps`, interpreted on CPU), the other passes through the layer stack with them
+    (`engine.model.stack_pass`): the transformers passes' loss, logits, thoughts, cache and every gradient."""
     from engine.model import fused_ops
 
     ids, mask, pv = aligned_batch(tiny_model, tiny_tok, seed=1)
@@ -87,14 +90,18 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
 
     for name in ("rms_norm_grad", "rotary_qk_grad", "silu_mul_grad"):
         monkeypatch.setattr(fused_ops, name, counted(getattr(fused_ops, name)))
-    out, grads = run(tiny_model, "static", ids, mask, pv, bucket=5, final_bucket=7, use_cache=use_cache, block_ops="fused")
+    out, grads = run(tiny_model, "static", ids, mask, pv, bucket=5, final_bucket=7, use_cache=use_cache, layer_ops="fused")
     assert out.block_calls == 1 and out.fused_blocks == [True]
-    # the block's passes: the one-position ones (all but the prefix and final passes), and the final one when no
-    # cache is asked for; per pass and layer one rotary, one SwiGLU and two norms, per pass the final norm
-    block_passes = out.num_passes - 2 + (0 if use_cache else 1)
+    # every pass through the fused ops: the block's and the others' (the prefix, and the final one with the
+    # cache); per pass and layer one rotary, one SwiGLU and two norms, per pass the final norm
+    passes = out.num_passes
     layers = tiny_model.language_model.config.num_hidden_layers
-    assert calls == {"rotary_qk_grad": block_passes * layers, "silu_mul_grad": block_passes * layers,
-                     "rms_norm_grad": block_passes * (2 * layers + 1)}, calls
+    assert calls == {"rotary_qk_grad": passes * layers, "silu_mul_grad": passes * layers,
+                     "rms_norm_grad": passes * (2 * layers + 1)}, calls
+    if use_cache:
+        for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=TOL, rtol=0)
+            torch.testing.assert_close(a.values, b.values, atol=TOL, rtol=0)
     real = mask.bool()
     torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
     torch.testing.assert_close(out.logits[real], ref.logits[real], atol=TOL, rtol=0)
@@ -106,23 +113,24 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
         torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_fused_block_ops_need_a_kernel_device(tiny_model, monkeypatch):
+def test_fused_layer_ops_need_a_kernel_device(tiny_model, monkeypatch):
     from engine.model import fast_paths
 
     try:
-        with pytest.raises(ValueError, match="block_ops must be one of"):
-            tiny_model.set_latent_passes("static", block_ops="triton")
+        with pytest.raises(ValueError, match="layer ops must be one of"):
+            tiny_model.set_layer_ops("triton")
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 on CPU"):
-            tiny_model.set_latent_passes("static", block_ops="fused")
-        decision = fast_paths.latent_block_ops(tiny_model, "auto", torch.device("cpu"), torch.float32)
+            tiny_model.set_layer_ops("fused")
+        decision = fast_paths.layer_ops(tiny_model, "auto", torch.device("cpu"), torch.float32)
         assert decision.choice == "reference"
+        assert fast_paths.stack_passes(tiny_model, torch.device("cpu"), torch.float32).choice == "transformers"
     finally:
-        tiny_model.set_latent_passes("auto")
+        tiny_model.set_layer_ops("auto")
 
 
-@pytest.mark.parametrize("block_ops", ["reference", "fused"])
-def test_static_block_is_causal(tiny_model, tiny_tok, block_ops):
+@pytest.mark.parametrize("layer_ops", ["reference", "fused"])
+def test_static_block_is_causal(tiny_model, tiny_tok, layer_ops):
     """Changing every token after the last latent must not move any output at or before the latents."""
     ids, mask, pv = aligned_batch(tiny_model, tiny_tok, latents=(4, 4, 4), seed=3)
     last_latent = int((ids == tiny_model.latent_id).nonzero()[:, 1].max())
@@ -132,13 +140,14 @@ def test_static_block_is_causal(tiny_model, tiny_tok, block_ops):
     after &= mask.bool()
     g = torch.Generator().manual_seed(0)
     changed[after] = torch.randint(5, 60, (int(after.sum()),), generator=g)
-    tiny_model.set_latent_passes("static", block_ops=block_ops)
-    try:
-        with torch.no_grad():
-            a = tiny_model(ids, mask, pv, return_inputs_embeds=True)
-            b = tiny_model(changed, mask, pv, return_inputs_embeds=True)
+    tiny_model.set_latent_passes("static")
+    tiny_model.set_layer_ops(layer_ops)
+    try:  # gradients on: a training forward (with fused ops, the prefix pass runs through the layer stack)
+        a = tiny_model(ids, mask, pv, return_inputs_embeds=True)
+        b = tiny_model(changed, mask, pv, return_inputs_embeds=True)
     finally:
         tiny_model.set_latent_passes("auto")
+        tiny_model.set_layer_ops("auto")
     before = mask.bool() & ~after
     assert (a.logits[before] - b.logits[before]).abs().max() == 0
     assert (a.inputs_embeds[before] - b.inputs_embeds[before]).abs().max() == 0

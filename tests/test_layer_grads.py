@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from kernels.decode_fusions import rms_norm_reference, rotary_qk_reference, silu_mul_reference
-from kernels.layer_grads import layer_grads_self_check, rms_norm_grad, rotary_qk_grad, silu_mul_grad
+from kernels.layer_grads import (
+    layer_grads_self_check,
+    layer_norm_grad,
+    layer_norm_reference,
+    rms_norm_grad,
+    rotary_qk_grad,
+    silu_mul_grad,
+)
 
 # fp32: the same math up to summation order. bf16: the interpreter truncates fp32 -> bf16 casts where the GPU
 # rounds, so a value may differ by a bf16 ulp or two of its magnitude (gradients pass through several roundings).
@@ -169,3 +176,131 @@ def test_grad_fused_ops_fall_back_where_dtypes_differ(tiny_model):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------- layer_norm_grad
+
+# bf16 only on a few rows: torch's CPU bf16 layer-norm backward sums its weight and bias gradients far less
+# precisely than fp32 (off by ~1.4 from the exact sum over 300 rows, where the kernel's fp32 sums are off by ~0.1:
+# see test_layer_norm_grad_sums_parameter_gradients_in_fp32), and the interpreter's truncating casts bias long sums
+LN_CASES = [(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in ((1, 48), (7, 200), (2, 3, 48))]
+LN_CASES.append((torch.float32, (2, 150, 48)))  # 300 rows: several rows per backward program, the last one short
+LN_VARIANTS = {  # name: (residual, scale, bias)
+    "plain": (False, False, True),
+    "plain-nobias": (False, False, False),
+    "residual": (True, False, True),
+    "scaled": (True, True, True),
+    "scaled-nobias": (True, True, False),
+}
+
+
+def _layer_norm_inputs(shape, dtype, variant):
+    with_residual, with_scale, with_bias = LN_VARIANTS[variant]
+    hidden = shape[-1]
+    x, weight = _leaf(*shape, dtype=dtype, seed=0), _leaf(hidden, dtype=dtype, seed=1)
+    bias = _leaf(hidden, dtype=dtype, seed=2) if with_bias else None
+    kwargs = {}
+    if with_residual:
+        kwargs["residual"] = _leaf(*shape, dtype=dtype, seed=3)
+    if with_scale:
+        kwargs["scale"] = _leaf(hidden, dtype=dtype, seed=4)
+    return (x, weight, bias, 1e-6), kwargs
+
+
+@pytest.mark.parametrize("dtype,shape", LN_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("variant", list(LN_VARIANTS))
+def test_layer_norm_grad_matches_reference(dtype, shape, variant):
+    args, kwargs = _layer_norm_inputs(shape, dtype, variant)
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    _compare(layer_norm_grad, layer_norm_reference, args, kwargs, inputs, dtype)
+
+
+def test_layer_norm_grad_sums_parameter_gradients_in_fp32():
+    """bf16 over 300 rows: the weight and bias gradients within a bf16 rounding of the exact sums. (The scale's
+    gradient sums products rounded per element, as autograd's does: the fp32 cases cover it.)"""
+    (x, weight, bias, eps), kwargs = _layer_norm_inputs((300, 48), torch.bfloat16, "scaled")
+    g = torch.randn(300, 48, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    out, summed = layer_norm_grad(x, weight, bias, eps, **kwargs)
+    d_weight, d_bias = torch.autograd.grad(out, [weight, bias], g)
+    s = summed.detach().double()
+    normed = (s - s.mean(-1, keepdim=True)) / (s.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    exact = {"weight": (g.double() * normed).sum(0), "bias": g.double().sum(0)}
+    for name, got in (("weight", d_weight), ("bias", d_bias)):
+        assert got.dtype == torch.bfloat16
+        # one bf16 rounding of the result (truncation in the interpreter: up to one ulp)
+        torch.testing.assert_close(got.double(), exact[name], atol=1e-2, rtol=2**-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_layer_norm_grad_when_only_one_output_is_used(monkeypatch):
+    """Only the norm (a final norm), or only the sum (a residual stream): the other output's gradient is None, and
+    the sum alone passes its gradient through without the norm's backward."""
+    from kernels import layer_grads
+
+    backward_kernel = layer_grads._layer_norm_backward_kernel
+    for variant in ("residual", "scaled"):
+        args, kwargs = _layer_norm_inputs((4, 10), torch.float32, variant)
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        for pick in (0, 1):
+            # the sum alone must not launch the norm's backward
+            monkeypatch.setattr(layer_grads, "_layer_norm_backward_kernel", None if pick else backward_kernel)
+            got = torch.autograd.grad(layer_norm_grad(*args, **kwargs)[pick].sum(), inputs, allow_unused=True)
+            want = torch.autograd.grad(layer_norm_reference(*args, **kwargs)[pick].sum(), inputs, allow_unused=True)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert (a is None) == (b is None or not b.any()), f"{variant}, output {pick}, input {i}"
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_grad_takes_strided_inputs_and_gradients():
+    base = _leaf(6, 40, dtype=torch.float32, seed=0)
+    x, residual = base[:, :16], base[:, 20:36]  # views with a row stride of 40
+    weight, bias, scale = (_leaf(16, dtype=torch.float32, seed=s) for s in (1, 2, 3))
+    g_out, g_sum = torch.randn(16, 6).t(), torch.randn(6, 32)[:, ::2]  # transposed and strided incoming gradients
+    inputs = [base, weight, bias, scale]
+    outs = layer_norm_grad(x, weight, bias, 1e-5, residual=residual, scale=scale)
+    got = torch.autograd.grad(outs, inputs, [g_out, g_sum])
+    want = torch.autograd.grad(layer_norm_reference(x, weight, bias, 1e-5, residual=residual, scale=scale), inputs,
+                               [g_out, g_sum])  # fmt: skip
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_grad_gives_x_and_residual_their_own_gradients():
+    x, r = _leaf(3, 8, dtype=torch.float32, seed=0), _leaf(3, 8, dtype=torch.float32, seed=1)
+    w = torch.ones(8, requires_grad=True)
+    out, summed = layer_norm_grad(x, w, None, 1e-6, residual=r)
+    (out.sum() + summed.pow(2).sum()).backward()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(x.grad, r.grad)
+
+
+def test_layer_norm_grad_computes_only_the_gradients_asked_for():
+    args, kwargs = _layer_norm_inputs((5, 24), torch.float32, "scaled")
+    x, weight, bias, eps = args
+    for only in (x, kwargs["residual"], kwargs["scale"], weight, bias):
+        got = torch.autograd.grad(sum(o.sum() for o in layer_norm_grad(*args, **kwargs)), only)[0]
+        want = torch.autograd.grad(sum(o.sum() for o in layer_norm_reference(*args, **kwargs)), only)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    frozen = [a.detach() for a in args[:3]]  # only the residual and scale need gradients
+    outs = layer_norm_grad(*frozen, eps, residual=kwargs["residual"], scale=kwargs["scale"])
+    assert all(o.requires_grad for o in outs)
+
+
+def test_layer_norm_grad_bad_inputs_name_the_problem():
+    x, w = torch.randn(3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="weight dtype"):
+        layer_norm_grad(x, w.bfloat16(), None, 1e-6)
+    with pytest.raises(ValueError, match="bias dtype"):
+        layer_norm_grad(x, w, w.double(), 1e-6)
+    with pytest.raises(ValueError, match="scale dtype"):
+        layer_norm_grad(x, w, None, 1e-6, residual=x, scale=w.bfloat16())
+    with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+        layer_norm_grad(x, w, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match=r"scale must be \(8,\)"):
+        layer_norm_grad(x, w, None, 1e-6, residual=x, scale=torch.ones(3, 8))
+    with pytest.raises(ValueError, match="residual"):
+        layer_norm_grad(x, w, None, 1e-6, residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="residual dtype"):
+        layer_norm_grad(x, w, None, 1e-6, residual=x.double())
+    with pytest.raises(ValueError, match="needs a residual"):
+        layer_norm_grad(x, w, None, 1e-6, scale=w)

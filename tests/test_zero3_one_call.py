@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.data.random_batch import synthetic_batch
+from engine.model import fast_paths
 from engine.training.distributed import init_distributed
 
 pytestmark = pytest.mark.distributed
@@ -33,8 +34,9 @@ def _fetch_counter(monkeypatch, modules):
     return counts
 
 
-@pytest.mark.parametrize("latent_passes", ["static", "transformers"])
-def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent_passes):
+@pytest.mark.parametrize("latent_passes,layer_ops", [("static", "reference"), ("transformers", "reference"), ("static", "fused")])
+def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent_passes, layer_ops):
+    """With fused layer ops (interpreted) the prefix and final passes run through the layer stack inside the call."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed("cpu")
     import deepspeed
@@ -45,10 +47,13 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
     batch = synthetic_batch(model, tok, batch_size=3, n_latents=4, question_len=9, answer_len=5, image_tokens=16)
     zero3.set_language_model_leaf(True)
     zero3.set_latent_passes(latent_passes)
+    zero3.set_layer_ops(layer_ops)
     config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=zero3, optimizer=torch.optim.SGD(zero3.parameters(), lr=0.0), config=config)
     assert zero3.language_model_in_one_call
+    stack = fast_paths.stack_passes(zero3, torch.device("cpu"), torch.float32).choice
+    assert stack == ("layer_stack" if layer_ops == "fused" else "transformers")
     lm = zero3.language_model
     counts = _fetch_counter(monkeypatch, {"language_model": lm, "layer 0": lm.layers[0], "lm_head": zero3.base.lm_head})
     blocks = []

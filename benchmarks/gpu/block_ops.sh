@@ -12,5 +12,5 @@ step block_graph_tests 90 env TRITON_INTERPRET=0 python -m pytest -q -p no:cache
 step block_ops 200 python -m benchmarks.bench_block_ops --model internvl3-1b-geometry --device cuda --dtype bfloat16 \
   --batch-size 64 --latents 6 --out "$OUT/block_ops"
 step block_ops_step 150 python -m benchmarks.bench_train_step $B1 --zero-stages 2 --stages 3 --batch-size 64 $FAST \
-  --optimizers adamw_fused --zero-settings latent_block_ops=reference --zero-settings default --out "$OUT/block_ops_step"
+  --optimizers adamw_fused --zero-settings layer_ops=reference --zero-settings default --out "$OUT/block_ops_step"
 step attention_backends 60 python -m benchmarks.bench_attention_backends --device cuda --out "$OUT/attention_backends"

@@ -29,6 +29,8 @@ from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
 from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
+from engine.model.stack_pass import stack_pass
+from engine.model.vision_layers import fused_vision_layers
 from engine.model.tiles import unique_tiles
 from engine.utils.profiling import profile_range
 from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
@@ -130,7 +132,7 @@ class MultimodalCoconut(nn.Module):
         self._latent_passes_mode = "auto"
         self._latent_blocks: dict[tuple[bool, bool], object] = {}  # by (CUDA graphs, fused ops)
         self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
-        self._latent_block_ops = "auto"  # the block's layer ops: see set_latent_passes
+        self.layer_ops_mode = "auto"  # training forwards' layer ops: see set_layer_ops
         self.activation_checkpointing = False  # set_activation_checkpointing
         # False: `<|latent|>` is an ordinary token whose own learned embedding fills every thought position (the
         # paper's "pause as thought" ablation); `prepare` then schedules no feedback, for training and generation.
@@ -180,40 +182,46 @@ class MultimodalCoconut(nn.Module):
             raise ValueError(f"injection mode must be one of {fast_paths.INJECTION_MODES}, got {mode!r}")
         self._injection_mode = mode
 
-    def set_latent_passes(
-        self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32, block_ops: str = "auto"
-    ) -> None:
+    def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32) -> None:
         """How the one-position latent passes of an aligned batch run (`engine/model/latent_block.py`).
 
-        - "transformers": one call of the transformers language model per pass, with its DynamicCache (any layout);
+        - "transformers": one pass per latent column with the transformers DynamicCache (any layout): a call of the
+          transformers language model, or in training with fused layer ops the same pass through the layer stack
+          (`set_layer_ops`);
         - "static": the passes as one static-shape block over the model's own modules, run eagerly (any device;
           what the CUDA graphs capture, so that CPU tests can compare it with "transformers");
         - "cuda_graph": that block captured in CUDA graphs, forward and backward, per shape bucket;
         - "auto" (default): "cuda_graph" for training on CUDA (gradients on, no autocast) when the parameters are
           not partitioned (ZeRO-3 gathers them per module, which a graph cannot replay), else "transformers".
-        Batches that are not aligned (latents in scattered columns) always take the transformers passes. When the
+        Batches that are not aligned (latents in scattered columns) always take the "transformers" passes. When the
         caller does not ask for the cache (training), the block runs the final pass too, as one chunk.
         `prefix_bucket` / `final_bucket`: the block pads the prefix's cache and the final chunk up to a multiple of
         them, so that one graph serves every length in a bucket (padding is masked out or causally after every
         real column; larger buckets mean fewer captures and more wasted work).
-        `block_ops`: the block's norms, rotary embedding and SwiGLU product through the modules ("reference") or
-        through Triton kernels with their backward ("fused", `engine.model.fused_ops.GradFusedOps`; on CPU only
-        under TRITON_INTERPRET=1); "auto" (default): fused on CUDA once a self-check of the kernels passed.
         """
         if prefix_bucket < 1 or final_bucket < 1:
             raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
         fast_paths.check_latent_passes_mode(self, mode)
-        if block_ops == "fused":  # an error naming why, when the kernels cannot run here
-            fast_paths.latent_block_ops(self, block_ops, self.device, self.dtype)
-        elif block_ops not in fast_paths.LATENT_BLOCK_OPS:
-            raise ValueError(f"block_ops must be one of {fast_paths.LATENT_BLOCK_OPS}, got {block_ops!r}")
         self._latent_passes_mode = mode
-        if block_ops != self._latent_block_ops:  # blocks of the other ops would keep their graphs' memory
-            self._latent_blocks.clear()
-        self._latent_block_ops = block_ops
         if (prefix_bucket, final_bucket) != self._latent_buckets:
             self._latent_blocks.clear()
             self._latent_buckets = (prefix_bucket, final_bucket)
+
+    def set_layer_ops(self, mode: str) -> None:
+        """The layers' elementwise work in training forwards: through the modules ("reference") or through Triton
+        kernels with their backward ("fused"; on CPU only under TRITON_INTERPRET=1). Fused, the decoder layers'
+        norms, rotary embedding and SwiGLU product go through `engine.model.fused_ops.GradFusedOps` in the latent
+        block and, with gradients on, in the multi-position passes, which then run through the layer stack instead
+        of transformers calls (`engine.model.stack_pass`, decided by `fast_paths.stack_passes`); the vision
+        encoder layers' LayerNorms with their layer-scaled residual adds go through `engine.model.vision_layers`
+        (`fast_paths.vision_layers`). "auto" (default): fused on CUDA once a self-check of the kernels passed."""
+        if mode == "fused":  # an error naming why, when the kernels cannot run here
+            fast_paths.layer_ops(self, mode, self.device, self.dtype)
+        elif mode not in fast_paths.LAYER_OPS:
+            raise ValueError(f"layer ops must be one of {fast_paths.LAYER_OPS}, got {mode!r}")
+        if mode != self.layer_ops_mode:  # blocks of the other ops would keep their graphs' memory
+            self._latent_blocks.clear()
+        self.layer_ops_mode = mode
 
     def set_liger_kernels(self, pieces) -> None:
         """Liger-Kernel's Triton kernels (`engine/model/liger.py`, optional package): exactly `pieces` of
@@ -248,7 +256,7 @@ class MultimodalCoconut(nn.Module):
         if mode == "transformers":
             return None
         graphed = mode == "cuda_graph"
-        fused = fast_paths.latent_block_ops(self, self._latent_block_ops, device, self.dtype).choice == "fused"
+        fused = fast_paths.layer_ops(self, self.layer_ops_mode, device, self.dtype).choice == "fused"
         if (graphed, fused) not in self._latent_blocks:
             from engine.model.latent_block import LatentBlock
 
@@ -260,6 +268,15 @@ class MultimodalCoconut(nn.Module):
                 fused_ops=fused,
             )
         return self._latent_blocks[(graphed, fused)]
+
+    def _stack_pass_ops(self, device: torch.device):
+        """The ops table of this forward's multi-position passes through the layer stack (`stack_pass`), or None
+        for transformers calls (`fast_paths.stack_passes` decides)."""
+        if fast_paths.stack_passes(self, device, self.dtype).choice != "layer_stack":
+            return None
+        from engine.model.fused_ops import GradFusedOps
+
+        return GradFusedOps(self.language_model)
 
     def _injection_hook(self) -> Callable | None:
         """The injection hook of this forward (None: the PyTorch path), `fast_paths.injection` deciding "auto"."""
@@ -293,7 +310,8 @@ class MultimodalCoconut(nn.Module):
         """Vision tower + projector: (tiles, 3, H, W) -> (tiles * tokens_per_tile, hidden). With ``dedupe``,
         identical tiles (several questions about one image) are encoded once (`engine.model.tiles`)."""
         groups = unique_tiles(pixel_values) if dedupe else None
-        with profile_range("coconut/image_encode"):
+        fused = fast_paths.vision_layers(self, pixel_values.device, self.dtype).choice == "fused"
+        with profile_range("coconut/image_encode"), fused_vision_layers(self, fused):
             pixels = pixel_values if groups is None else pixel_values[groups[0]]
             features = self.base.model.get_image_features(pixel_values=pixels.to(self.dtype)).pooler_output
         if groups is not None:
@@ -440,6 +458,7 @@ class MultimodalCoconut(nn.Module):
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
         block = self._latent_block_runner(schedule, batch.input_ids.device)
+        stack_ops = self._stack_pass_ops(batch.input_ids.device)
         chunks = schedule.chunks
         index = 0
         while index < len(chunks):
@@ -467,14 +486,17 @@ class MultimodalCoconut(nn.Module):
                         # Only the chunk's first column can be a latent: it takes the previous pass's last hidden.
                         first = feed_thoughts(embeds[:, start], batch.latent_mask[:, start], prev_last)
                         chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
-                    out = language_model(
-                        inputs_embeds=chunk_in,
-                        attention_mask=batch.attention_mask[:, :end],
-                        position_ids=batch.position_ids[:, start:end],
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                hidden = out.last_hidden_state
+                    mask, positions = batch.attention_mask[:, :end], batch.position_ids[:, start:end]
+                    if stack_ops is not None:
+                        hidden = stack_pass(self.language_model, chunk_in, mask, positions, cache, stack_ops)
+                    else:
+                        hidden = language_model(
+                            inputs_embeds=chunk_in,
+                            attention_mask=mask,
+                            position_ids=positions,
+                            past_key_values=cache,
+                            use_cache=True,
+                        ).last_hidden_state
                 index += 1
             hidden_chunks.append(hidden)
             if keep_inputs:

@@ -5,8 +5,13 @@ Every "auto" choice of the engine is made here, for a model, a device and a mode
 - `injection`: how a pass builds its input embeddings (the fused Triton op `kernels.latent_inject` or PyTorch);
 - `latent_passes`: how the one-position latent passes of a training batch run (the CUDA-graphed latent block, the
   same block eagerly, or one transformers call per pass);
-- `latent_block_ops`: whether the latent block's layers use the differentiable Triton ops table
-  (`engine.model.fused_ops.GradFusedOps`), after a one-time numerical self-check, forward and backward;
+- `layer_ops`: whether training forwards' decoder layers (the latent block's, and the transformers passes' through
+  `stack_passes`) use the differentiable Triton ops table (`engine.model.fused_ops.GradFusedOps`), after a
+  one-time numerical self-check, forward and backward;
+- `stack_passes`: whether a training forward's multi-position passes run through the layer stack with those ops
+  (`engine.model.stack_pass`) instead of transformers calls;
+- `vision_layers`: whether a training forward's vision encoder layers run their LayerNorms and layer-scaled residual
+  adds through the Triton kernels with their backward (`engine.model.vision_layers`);
 - `decode_ops`: whether the paged runner's layers use the Triton ops table (`engine.model.fused_ops`), after a
   one-time numerical self-check of the kernels on the device;
 - `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
@@ -35,7 +40,7 @@ log = get_logger("fast_paths")
 
 INJECTION_MODES = ("auto", "fused", "reference")
 LATENT_PASS_MODES = ("auto", "transformers", "static", "cuda_graph")
-LATENT_BLOCK_OPS = ("auto", "fused", "reference")
+LAYER_OPS = ("auto", "fused", "reference")
 EVAL_KV_CACHES = ("auto", "dynamic", "paged")
 
 
@@ -154,15 +159,15 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
 
 
-def latent_block_ops_unsupported(model, device: torch.device) -> str | None:
-    """Why the latent block's layers cannot use the differentiable Triton ops on `device` (None when they can);
-    the layers' part decided once per model."""
-    if not hasattr(model, "_latent_block_ops_reason"):
-        model._latent_block_ops_reason = layer_stack_unsupported(model.language_model, fused_ops=True)
-    if model._latent_block_ops_reason is not None:
-        return model._latent_block_ops_reason
+def layer_ops_unsupported(model, device: torch.device) -> str | None:
+    """Why training forwards' decoder layers cannot use the differentiable Triton ops on `device` (None when they
+    can); the layers' part decided once per model."""
+    if not hasattr(model, "_layer_ops_reason"):
+        model._layer_ops_reason = layer_stack_unsupported(model.language_model, fused_ops=True)
+    if model._layer_ops_reason is not None:
+        return model._layer_ops_reason
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"the block runs on {device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU"
+        return f"the layers run on {device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU"
     return None
 
 
@@ -182,27 +187,69 @@ def _after_self_check(path: str, kernels: str, check, device: torch.device, dtyp
     return _decide(path, "fused", "auto on CUDA, self-check passed")
 
 
-def latent_block_ops(model, mode: str, device: torch.device, dtype: torch.dtype) -> Decision:
-    """"fused" or "reference" for the latent block's layers ("auto": fused on CUDA for layers the ops table knows,
-    once the kernels pass a self-check, forward and backward, on this device and dtype)."""
-    if mode not in LATENT_BLOCK_OPS:
-        raise ValueError(f"latent block ops must be one of {LATENT_BLOCK_OPS}, got {mode!r}")
+def layer_ops(model, mode: str, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"fused" or "reference" for training forwards' decoder layers ("auto": fused on CUDA for layers the ops
+    table knows, once the kernels pass a self-check, forward and backward, on this device and dtype)."""
+    if mode not in LAYER_OPS:
+        raise ValueError(f"layer ops must be one of {LAYER_OPS}, got {mode!r}")
     if mode == "reference":
-        return _decide("latent_block_ops", "reference", "asked for")
-    reason = latent_block_ops_unsupported(model, device)
+        return _decide("layer_ops", "reference", "asked for")
+    if mode == "auto" and device.type != "cuda":  # first: deciding this imports no kernel module
+        return _decide("layer_ops", "reference", f"auto on {device.type}")
+    reason = layer_ops_unsupported(model, device)
     if mode == "fused":
         if reason is not None:
-            raise RuntimeError(f"latent block ops 'fused': {reason}")
-        return _decide("latent_block_ops", "fused", "asked for")
+            raise RuntimeError(f"layer ops 'fused': {reason}")
+        return _decide("layer_ops", "fused", "asked for")
     if reason is not None:
-        return _decide("latent_block_ops", "reference", reason)
-    if device.type != "cuda":
-        return _decide("latent_block_ops", "reference", f"auto on {device.type}")
+        return _decide("layer_ops", "reference", reason)
     if os.environ.get("TRITON_INTERPRET") == "1":  # kernels on the host: not inside a CUDA graph, and slow
-        return _decide("latent_block_ops", "reference", "auto under the Triton interpreter")
+        return _decide("layer_ops", "reference", "auto under the Triton interpreter")
     from kernels.layer_grads import layer_grads_self_check
 
-    return _after_self_check("latent_block_ops", "latent block fusions", layer_grads_self_check, device, dtype)
+    return _after_self_check("layer_ops", "layer fusions", layer_grads_self_check, device, dtype)
+
+
+def stack_passes(model, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"layer_stack" or "transformers" for a forward's multi-position passes: through `engine.model.stack_pass`
+    with the fused layer ops (training, on the layers `layer_ops` fuses, SDPA attention), else transformers calls,
+    which stay the path whenever something acts on transformers' modules or attention (checkpointing, Liger's
+    patches, another attention backend, autocast)."""
+    if not torch.is_grad_enabled():
+        return _decide("stack_passes", "transformers", "without gradients")
+    if layer_ops(model, model.layer_ops_mode, device, dtype).choice != "fused":
+        return _decide("stack_passes", "transformers", "the layer ops are the modules")
+    if model.activation_checkpointing:
+        return _decide("stack_passes", "transformers", "activation checkpointing checkpoints the transformers passes")
+    if is_partitioned(model.language_model.norm) and not model.language_model_in_one_call:
+        return _decide("stack_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3) per module")
+    patched = sorted(set(getattr(model, "_liger_pieces", ())) & {"rms_norm", "swiglu", "rope"})
+    if patched:
+        return _decide("stack_passes", "transformers", f"Liger-Kernel's module patches are on ({', '.join(patched)})")
+    if model.training and float(getattr(model.language_model.config, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return _decide("stack_passes", "transformers", "attention dropout (the stack's attention has none)")
+    backend = getattr(model.language_model.config, "_attn_implementation", "sdpa")
+    if backend != "sdpa":
+        return _decide("stack_passes", "transformers", f"attention backend {backend!r} (the stack uses SDPA)")
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return _decide("stack_passes", "transformers", "under autocast")
+    return _decide("stack_passes", "layer_stack", "training with the fused layer ops")
+
+
+def vision_layers(model, device: torch.device, dtype: torch.dtype) -> Decision:
+    """"fused" or "modules" for a forward's vision encoder layers: `engine.model.vision_layers` in training with
+    the fused layer ops (whose self-check covers its kernel), where the layers allow it (InternViT layers with
+    LayerNorm and layer scale, not compiled, not partitioned by ZeRO-3)."""
+    if not torch.is_grad_enabled():
+        return _decide("vision_layers", "modules", "without gradients")
+    if layer_ops(model, model.layer_ops_mode, device, dtype).choice != "fused":
+        return _decide("vision_layers", "modules", "the layer ops are the modules")
+    from engine.model.vision_layers import fused_vision_layers_unsupported
+
+    reason = fused_vision_layers_unsupported(model)
+    if reason is not None:
+        return _decide("vision_layers", "modules", reason)
+    return _decide("vision_layers", "fused", "training with the fused layer ops")
 
 
 # ---------------------------------------------------------------------------------------------- decode ops

@@ -6,8 +6,9 @@ one (with the K/V cache write, in the paged attention), the SwiGLU product in on
 rounding as the modules do), and with `MergedProjections` one matrix product for q/k/v and one for gate/up per
 layer instead of five. No autograd: inference only.
 
-`GradFusedOps` is the training counterpart (the latent block): the same three fusions with their backward
-(`kernels.layer_grads`), the projections left to the modules (their weights are what training updates).
+`GradFusedOps` is the training counterpart (the latent block and a training forward's other passes,
+`engine.model.stack_pass`): the same three fusions with their backward (`kernels.layer_grads`), the projections left
+to the modules (their weights are what training updates).
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ class LatentBlock:
     parameter list stay as they are. `bucket`: prefix lengths are padded up to a multiple of it. `max_graphs`:
     captured shapes kept (least recently used dropped first; each holds a parameter-gradient buffer).
     `fused_ops`: the layers' elementwise work through `engine.model.fused_ops.GradFusedOps` (what
-    `fast_paths.latent_block_ops` decides).
+    `fast_paths.layer_ops` decides).
     """
 
     def __init__(

@@ -1,10 +1,11 @@
 """The decoder-layer stack of the language model, written once, over the model's own modules.
 
-Two fast paths run the Qwen2/Llama decoder layers themselves instead of calling transformers' model: the training
-latent block (`engine/model/latent_block.py`: the one-position latent passes as one static-shape block, captured
-in CUDA graphs) and the paged runner (`engine/model/paged/`: decoding over a paged KV cache). Both call
-`run_layers`. The weights stay in transformers' modules (exports, ZeRO and `from_pretrained` see nothing new); what
-varies between the paths is passed in:
+Three fast paths run the Qwen2/Llama decoder layers themselves instead of calling transformers' model: the
+training latent block (`engine/model/latent_block.py`: the one-position latent passes as one static-shape block,
+captured in CUDA graphs), a training forward's other passes (`engine/model/stack_pass.py`, over transformers'
+cache) and the paged runner (`engine/model/paged/`: decoding over a paged KV cache). All call `run_layers`. The
+weights stay in transformers' modules (exports, ZeRO and `from_pretrained` see nothing new); what varies between
+the paths is passed in:
 
 - an **attention function** ``attention(layer_index, q, k, v, cos, sin) -> o``: it applies the rotary embedding
   (through the ops table), stores K/V where its path keeps them and attends. q is (*tokens, q_heads, head_dim),

@@ -104,9 +104,12 @@ class TrainConfig:
     latent_passes: str = "auto"
     latent_prefix_bucket: int = 128
     latent_final_bucket: int = 32
-    # the latent block's norms, rotary embedding and SwiGLU product: auto (Triton kernels with their backward on
-    # CUDA, after a self-check) | fused | reference (transformers' modules)
-    latent_block_ops: str = "auto"
+    # the layers' elementwise work in training forwards: the decoder layers' norms, rotary embedding and SwiGLU
+    # product (the latent block, and the multi-position passes, then run through the layer stack) and the vision
+    # layers' LayerNorms with their layer-scaled residual adds (not when compile_vision_layers compiles them):
+    # auto (Triton kernels with their backward on CUDA, after a self-check) | fused | reference (transformers'
+    # modules and calls)
+    layer_ops: str = "auto"
     # ZeRO-3: the language model as one leaf module, gathered once per forward and once per backward whatever the
     # number of latent passes (MultimodalCoconut.set_language_model_leaf); false: gathered per module and per pass
     zero3_leaf_language_model: bool = True
@@ -171,8 +174,8 @@ class TrainConfig:
             raise ConfigError(
                 f"latent_passes must be auto, transformers, static or cuda_graph, got {self.latent_passes!r}"
             )
-        if self.latent_block_ops not in ("auto", "fused", "reference"):
-            raise ConfigError(f"latent_block_ops must be auto, fused or reference, got {self.latent_block_ops!r}")
+        if self.layer_ops not in ("auto", "fused", "reference"):
+            raise ConfigError(f"layer_ops must be auto, fused or reference, got {self.layer_ops!r}")
         if self.zero_stage == 3 and self.latent_passes == "cuda_graph":
             raise ConfigError(
                 "latent_passes=cuda_graph needs zero_stage <= 2 (ZeRO-3 gathers the parameters at every call, at "
@@ -297,6 +300,8 @@ RESUME_GUARDED_KEYS = {
     "curriculum": ("coconut", "cot", "no_cot", "c_thought", "epochs_per_stage", "max_latent_stage",
                    "pad_latent_to_max", "uniform_prob", "max_length", "overlong"),
 }
+# Keys of earlier versions, by their current names (a config that still uses one gets an error naming the new one).
+RENAMED_KEYS = {"latent_block_ops": "layer_ops"}
 # Keys that steer a launch rather than describe the run.
 _LAUNCH_KEYS = ("resume", "overwrite", "allow_config_changes")
 
@@ -350,6 +355,9 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
     hints = typing.get_type_hints(TrainConfig)
     valid = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = [k for k in data if k not in hints]
+    renamed = {old: new for old, new in RENAMED_KEYS.items() if old in unknown}
+    if renamed:
+        raise ConfigError(f"{where}: " + "; ".join(f"key {old!r} was renamed {new!r}" for old, new in renamed.items()))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
     for key, value in data.items():

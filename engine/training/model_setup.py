@@ -54,12 +54,10 @@ def configure_model(model, config: TrainConfig) -> None:
             config.latent_passes,
             prefix_bucket=config.latent_prefix_bucket,
             final_bucket=config.latent_final_bucket,
-            block_ops=config.latent_block_ops,
         )
+        model.set_layer_ops(config.layer_ops)
     except RuntimeError as e:
-        raise ConfigError(
-            f"latent_passes={config.latent_passes!r}, latent_block_ops={config.latent_block_ops!r}: {e}"
-        ) from e
+        raise ConfigError(f"latent_passes={config.latent_passes!r}, layer_ops={config.layer_ops!r}: {e}") from e
     model.set_activation_checkpointing(config.activation_checkpointing)
     if config.compile_vision_layers:
         from engine.model.compiled import compile_vision_layers
