@@ -51,19 +51,19 @@ __all__ = [
     "silu_mul_grad",
 ]
 
-_NORM_PROGRAMS = 256  # at most this many programs (and fp32 partial weight gradients) per norm backward
+_NORM_PROGRAMS = 512  # at most this many programs (and fp32 partial weight gradients) per RMSNorm backward
 # The layer norm's launch shape, from a sweep on an H200 (bf16, 65,600 rows x 1,024; triton 3.6): 4 warps at
 # H = 1,024 and 4 rows per backward step were the fastest backward at 512-4,096 programs (within 3%: 512 keeps the
 # partial sums small); 8 warps were slower, and the forward was faster with 4 warps than with 8.
 _LAYER_NORM_PROGRAMS = 512  # at most this many backward programs (and fp32 partial sums): rows are many here
 
 
-def _layer_norm_warps(hidden: int) -> int:
+def _norm_warps(hidden: int) -> int:
     return min(max(triton.next_power_of_2(hidden) // 256, 1), 16)
 
 
-def _layer_norm_block_rows(block_h: int) -> int:
-    """Rows per step of a layer-norm backward program (a 2-D block: their loads and reductions overlap)."""
+def _norm_block_rows(block_h: int) -> int:
+    """Rows per step of a norm backward program (a 2-D block: their loads and reductions overlap)."""
     return max(1, min(8, 4096 // block_h))
 
 
@@ -81,6 +81,7 @@ def _rms_norm_backward_kernel(
     dw_partial_ptr,
     rows,
     hidden,
+    rows_per_program,
     stride_s,
     stride_g,
     stride_gs,
@@ -89,25 +90,28 @@ def _rms_norm_backward_kernel(
     eps,
     HAS_SUM_GRAD: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # BLOCK_R rows at a time (a 2-D block: their loads and reductions overlap), over a runtime row count (one
+    # compiled kernel for the latent block's 64 rows and a prefix pass's ~20,000)
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_H)[None, :]
     keep = cols < hidden
     w = tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for i in range(ROWS_PER_PROGRAM):
-        row = (pid * ROWS_PER_PROGRAM + i).to(tl.int64)
-        mask = keep & ((cols * 0 + row) < rows)  # a block, not a scalar, in the mask
+    dw = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    for start in range(0, rows_per_program, BLOCK_R):
+        row = first + start + tl.arange(0, BLOCK_R)[:, None]  # (BLOCK_R, 1)
+        mask = keep & (row < rows)
         s = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0)
         sf = s.to(tl.float32)
-        rstd = tl.math.rsqrt((tl.sum(sf * sf, axis=0) / hidden + eps).to(tl.float32))
+        rstd = tl.math.rsqrt((tl.sum(sf * sf, axis=1)[:, None] / hidden + eps).to(tl.float32))
         normed = (sf * rstd).to(s.dtype).to(tl.float32)  # the forward's rounding before the weight
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         dw += tl.where(mask, (g * normed).to(s.dtype).to(tl.float32), 0.0)  # g * normed, rounded as autograd's
         dn = (g * w).to(s.dtype).to(tl.float32)  # the gradient of the rounded normed value
-        dot = tl.sum(dn * sf, axis=0)
+        dot = tl.sum(dn * sf, axis=1)[:, None]
         dx = (rstd * dn - rstd * rstd * rstd * sf * (dot / hidden)).to(s.dtype)
         if HAS_SUM_GRAD:  # the residual stream's own gradient joins, one rounded add as autograd's accumulation
             gs = tl.load(g_sum_ptr + row * stride_gs + cols, mask=mask, other=0.0)
@@ -115,7 +119,8 @@ def _rms_norm_backward_kernel(
         tl.store(dx_ptr + row * stride_dx + cols, dx, mask=mask)
         if HAS_RESIDUAL:  # the same values, in the residual's own tensor (two leaves must not share a .grad)
             tl.store(d_residual_ptr + row * stride_dr + cols, dx, mask=mask)
-    tl.store(dw_partial_ptr + pid * hidden + cols, dw, mask=keep)
+    out = pid * hidden + tl.arange(0, BLOCK_H)
+    tl.store(dw_partial_ptr + out, tl.sum(dw, axis=0), mask=tl.arange(0, BLOCK_H) < hidden)
 
 
 @triton.jit
@@ -370,7 +375,10 @@ class _RMSNormFunction(torch.autograd.Function):
         g_sum = None if g_sum is None else _last_dim_contiguous(g_sum)
         dx = torch.empty_like(summed)
         d_residual = torch.empty_like(summed) if ctx.has_residual else dx
-        per_program = triton.next_power_of_2(triton.cdiv(max(rows, 1), _NORM_PROGRAMS))
+        block_h = triton.next_power_of_2(hidden)
+        # the latent block's few rows: one per program (more programs); a prefix pass's many: blocks of rows
+        block_r = 1 if rows <= _NORM_PROGRAMS else _norm_block_rows(block_h)
+        per_program = triton.cdiv(triton.cdiv(max(rows, 1), _NORM_PROGRAMS), block_r) * block_r
         programs = triton.cdiv(rows, per_program)
         partial = torch.empty(programs, hidden, dtype=torch.float32, device=summed.device)
         if rows:
@@ -384,6 +392,7 @@ class _RMSNormFunction(torch.autograd.Function):
                 partial,
                 rows,
                 hidden,
+                per_program,
                 summed.stride(0),
                 g_out.stride(0),
                 (g_sum if g_sum is not None else g_out).stride(0),
@@ -392,8 +401,9 @@ class _RMSNormFunction(torch.autograd.Function):
                 float(ctx.eps),
                 HAS_SUM_GRAD=g_sum is not None,
                 HAS_RESIDUAL=ctx.has_residual,
-                ROWS_PER_PROGRAM=per_program,
-                BLOCK_H=triton.next_power_of_2(hidden),
+                BLOCK_R=block_r,
+                BLOCK_H=block_h,
+                num_warps=_norm_warps(hidden),
             )
         d_weight = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, (d_residual if ctx.has_residual else None), d_weight, None
@@ -428,7 +438,7 @@ class _LayerNormFunction(torch.autograd.Function):
                 HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None,
                 BLOCK_H=triton.next_power_of_2(hidden),
-                num_warps=_layer_norm_warps(hidden),
+                num_warps=_norm_warps(hidden),
             )
         # x is kept only for the scale's gradient (sum over rows of x * ds)
         keep_x = scale is not None and ctx.needs_input_grad[2]
@@ -459,7 +469,7 @@ class _LayerNormFunction(torch.autograd.Function):
         dx = torch.empty_like(summed) if need_x else None
         d_residual = torch.empty_like(summed) if store_dr else None
         block_h = triton.next_power_of_2(hidden)
-        block_r = _layer_norm_block_rows(block_h)
+        block_r = _norm_block_rows(block_h)
         per_program = triton.cdiv(triton.cdiv(max(rows, 1), _LAYER_NORM_PROGRAMS), block_r) * block_r
         programs = triton.cdiv(rows, per_program)
         dw, db, dscale = need_weight and weight is not None, need_bias and ctx.has_bias, need_scale and has_scale
@@ -498,7 +508,7 @@ class _LayerNormFunction(torch.autograd.Function):
                 DSCALE=dscale,
                 BLOCK_R=block_r,
                 BLOCK_H=block_h,
-                num_warps=_layer_norm_warps(hidden),
+                num_warps=_norm_warps(hidden),
             )
         dtype = summed.dtype  # the parameters' dtype (checked at the entry point)
         # one reduction for every partial sum (three separate column sums took ~30 us each on an H200)

@@ -47,9 +47,11 @@ def _compare(fused, reference, args, kwargs, inputs, dtype):
 
 
 NORM_CASES = [(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in ((1, 1), (3, 33), (2, 5, 64), (2, 3, 97))]
-# several rows per program in the backward, the last program with rows past the end: fp32 only, as the interpreter's
-# truncating bf16 casts bias a 300-row weight-gradient sum by far more than the GPU's rounding does
+# many rows: fp32 only, as the interpreter's truncating bf16 casts bias a long weight-gradient sum by far more than
+# the GPU's rounding does. 300 rows: one row per backward program; 5,001: each program loops over several blocks of
+# rows, the last program's last block partly past the end
 NORM_CASES.append((torch.float32, (300, 24)))
+NORM_CASES.append((torch.float32, (5001, 24)))
 
 
 @pytest.mark.parametrize("dtype,shape", NORM_CASES, ids=lambda v: str(v).replace("torch.", ""))

@@ -1,6 +1,7 @@
-"""engine/model/vision_layers.py: the vision encoder layers with their norms through `layer_norm_grad` give the
-module forwards' image features and gradients (every vision-tower parameter, the pixels), switch on and off in
-place, survive deepcopy, and name what they cannot run. Tiny model, fp32, interpreted kernels."""
+"""engine/model/vision_layers.py: the vision encoder with its norms and layer-scaled residual adds through
+`layer_norm_grad` gives the module forwards' image features and gradients (every vision-tower parameter, the
+pixels), switches on and off in place, survives deepcopy, and names what it cannot run. Tiny model, fp32,
+interpreted kernels."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 
 from engine import load_model
 from engine.model.compiled import vision_layers
-from engine.model.vision_layers import fused_vision_layers_unsupported, set_fused_vision_layers, vision_layer_forward
+from engine.model.vision_layers import fused_vision_layers_unsupported, set_fused_vision_layers, vision_encoder_forward
 
-SMALL_TEXT = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64, "vision_layers": 2}
+SMALL_TEXT = {"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64, "vision_layers": 3}
 NORM_AND_SCALE = ("lambda_1", "lambda_2", "layernorm_before.weight", "layernorm_before.bias",
                   "layernorm_after.weight", "layernorm_after.bias")  # fmt: skip
 
@@ -64,6 +65,10 @@ def assert_same(got, want):
     torch.testing.assert_close(px_got, px_want, rtol=1e-4, atol=1e-6)
 
 
+def encoder(model):
+    return model.base.model.vision_tower.encoder
+
+
 def test_fused_vision_layers_equal_the_module_forwards(model):
     names = [n for n, _ in model.named_parameters()]
     keys = list(model.state_dict())
@@ -71,16 +76,32 @@ def test_fused_vision_layers_equal_the_module_forwards(model):
     want = features_and_grads(model, pixels(model))
     for i in range(len(layers)):  # every norm's and layer scale's gradient is compared
         assert {f"encoder.layer.{i}.{n}" for n in NORM_AND_SCALE} <= want[1].keys()
-    assert set_fused_vision_layers(model, True) == len(layers) == 2
+    assert set_fused_vision_layers(model, True) == len(layers) == 3
     try:
-        assert all(isinstance(layer.__dict__.get("forward"), functools.partial) for layer in layers)
+        assert isinstance(encoder(model).__dict__.get("forward"), functools.partial)
         assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
         assert_same(features_and_grads(model, pixels(model)), want)
     finally:
-        assert set_fused_vision_layers(model, False) == 2
-    assert all("forward" not in layer.__dict__ for layer in layers)
-    assert all(layer.forward.__func__ is type(layer).forward for layer in layers)  # the class forward again
+        assert set_fused_vision_layers(model, False) == 3
+    assert "forward" not in encoder(model).__dict__
+    assert encoder(model).forward.__func__ is type(encoder(model)).forward  # the class forward again
     assert list(model.state_dict()) == keys
+
+
+def test_fused_encoder_runs_one_norm_kernel_per_residual_add(model, monkeypatch):
+    """Two `layer_norm_grad` calls per layer, every one but the first with the residual and the layer scale (the
+    previous layer's MLP output joins the stream inside the next layer's first norm)."""
+    import kernels.layer_grads as layer_grads
+
+    calls, original = [], layer_grads.layer_norm_grad
+    monkeypatch.setattr(layer_grads, "layer_norm_grad",
+                        lambda *a, **k: calls.append(sorted(k)) or original(*a, **k))  # fmt: skip
+    set_fused_vision_layers(model, True)
+    try:
+        model.encode_images(pixels(model, tiles=1))
+    finally:
+        set_fused_vision_layers(model, False)
+    assert calls == [[]] + [["residual", "scale"]] * (2 * len(vision_layers(model)) - 1)
 
 
 def test_fused_vision_layers_survive_deepcopy(model):
@@ -89,38 +110,29 @@ def test_fused_vision_layers_survive_deepcopy(model):
         clone = copy.deepcopy(model)
     finally:
         set_fused_vision_layers(model, False)
-    for layer in vision_layers(clone):
-        assert layer.forward.args == (layer,)  # bound to the copy's layer, not the original's
+    assert encoder(clone).forward.args == (encoder(clone),)  # bound to the copy's encoder, not the original's
     want = features_and_grads(model, pixels(model, tiles=1))
     assert_same(features_and_grads(clone, pixels(model, tiles=1)), want)
 
 
-def test_dropout_and_gradient_checkpointing_run_as_in_the_module(monkeypatch):
-    """The output dropout draws what the module's draws (same seed, same order); the layer's own gradient
-    checkpointing replays the fused forward in backward."""
-    import engine.model.vision_layers as vision
-
+def test_dropout_runs_as_in_the_module():
+    """The output dropout draws what the module's draws (same seed, same order)."""
     model = tiny_vision_model()
     for layer in vision_layers(model):
         layer.dropout.p = 0.25
-    model.base.model.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
     torch.manual_seed(0)
     want = features_and_grads(model, pixels(model, tiles=1))
-    calls, fused_forward = [], vision._fused_forward
-    monkeypatch.setattr(vision, "_fused_forward", lambda layer, x: calls.append(1) or fused_forward(layer, x))
     set_fused_vision_layers(model, True)
     torch.manual_seed(0)
     assert_same(features_and_grads(model, pixels(model, tiles=1)), want)
-    assert len(calls) == 2 * len(vision_layers(model))  # forward, and again in backward
 
 
 def test_autocast_runs_the_class_forward(model):
-    layer = vision_layers(model)[0]
-    x = torch.randn(2, 5, layer.lambda_1.shape[0])
+    x = torch.randn(2, 5, vision_layers(model)[0].lambda_1.shape[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = vision_layer_forward(layer, x), layer(x)
-    assert got.dtype == want.dtype
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+        got, want = vision_encoder_forward(encoder(model), x), encoder(model)(x)
+    assert got.last_hidden_state.dtype == want.last_hidden_state.dtype
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=0, rtol=0)
 
 
 def test_unsupported_layers_give_the_reason():
@@ -148,11 +160,23 @@ def test_unsupported_layers_give_the_reason():
     assert "several dtypes" in fused_vision_layers_unsupported(mixed)
 
     hooked = copy.deepcopy(model)  # an instance forward set by someone else (e.g. a dispatch hook) is kept
-    foreign = functools.partial(type(vision_layers(hooked)[0]).forward, vision_layers(hooked)[0])
-    vision_layers(hooked)[0].forward = foreign
-    assert "forward is already replaced on the instance" in fused_vision_layers_unsupported(hooked)
+    foreign = functools.partial(type(encoder(hooked)).forward, encoder(hooked))
+    encoder(hooked).forward = foreign
+    assert "the encoder's forward is already replaced on the instance" in fused_vision_layers_unsupported(hooked)
     set_fused_vision_layers(hooked, False)
-    assert vision_layers(hooked)[0].__dict__["forward"] is foreign
+    assert encoder(hooked).__dict__["forward"] is foreign
+    vision_layers(hooked)[2].forward = foreign  # a layer's own replacement would be bypassed
+    del encoder(hooked).__dict__["forward"]
+    assert fused_vision_layers_unsupported(hooked).startswith("vision layer 2: its forward is replaced on the instance")
+
+    checkpointed = copy.deepcopy(model)
+    checkpointed.base.model.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
+    assert "checkpointed" in fused_vision_layers_unsupported(checkpointed)
+
+    earlier = copy.deepcopy(model)
+    earlier.base.config.vision_feature_layer = -2
+    assert fused_vision_layers_unsupported(earlier) == (
+        "the image features come from vision layer -2, the fused encoder returns the last only")
 
     compiled = copy.deepcopy(model)
     vision_layers(compiled)[0].compile()  # lazy: nothing compiles until a call
@@ -168,19 +192,18 @@ def test_training_forwards_take_the_fused_layers_with_the_fused_layer_ops(model,
     import engine.model.vision_layers as vision
     from engine.model import fast_paths
 
-    layers = vision_layers(model)
     want = features_and_grads(model, pixels(model))
-    calls, fused_forward = [], vision._fused_forward
-    monkeypatch.setattr(vision, "_fused_forward", lambda layer, x: calls.append(1) or fused_forward(layer, x))
+    calls, fused_forward = [], vision.vision_encoder_forward
+    monkeypatch.setattr(vision, "vision_encoder_forward", lambda enc, x: calls.append(1) or fused_forward(enc, x))
     model.set_layer_ops("fused")
     try:
         assert fast_paths.vision_layers(model, torch.device("cpu"), torch.float32).choice == "fused"
         assert_same(features_and_grads(model, pixels(model)), want)
-        assert len(calls) == len(layers)
-        assert all("forward" not in layer.__dict__ for layer in layers)
+        assert len(calls) == 1
+        assert "forward" not in encoder(model).__dict__
         with torch.no_grad():
             model.encode_images(pixels(model))
-        assert len(calls) == len(layers)
+        assert len(calls) == 1
     finally:
         model.set_layer_ops("auto")
     assert fast_paths.vision_layers(model, torch.device("cpu"), torch.float32).reason == "the layer ops are the modules"

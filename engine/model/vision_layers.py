@@ -1,4 +1,4 @@
-"""The vision tower's encoder layers with their LayerNorms and layer-scaled residual adds as Triton kernels
+"""The vision tower's encoder with its LayerNorms and layer-scaled residual adds as Triton kernels
 (`kernels.layer_grads.layer_norm_grad`), forward and backward.
 
 Why. At the InternVL3-1B geometry a training step encodes 64 tiles × 1,025 positions × 1,024 features through 24
@@ -6,28 +6,28 @@ InternViT layers. Around each layer's matmuls, transformers' InternVLVisionLayer
 product ``lambda_1 * attention``, the residual add, the second LayerNorm, ``lambda_2 * mlp`` and the second
 residual add as separate kernels, each reading and writing the whole (64 × 1,025 × 1,024) activation; their
 backward adds as many again, plus the sums over rows that give ``lambda_1``, ``lambda_2`` and the norms' weight
-and bias their gradients. Here the first norm is one kernel forward and one backward, and ``lambda_1 * attention
-+ hidden_states`` with the second norm is one kernel forward (returning the norm and the sum) and one backward
-(the gradients of the attention output, the residual stream, ``lambda_1`` and the norm's weight and bias). On an
-H200 (torch 2.11, triton 3.6, bf16, 64 tiles; profiler device time, a lead, not a promise) one layer's forward and
-backward went from 13.37 to 12.55 ms and from 84 to 77 kernels: ~20 ms per training step over the 24 layers. The
-GELU, ``lambda_2 * y + s`` and their backward remain PyTorch's.
+and bias their gradients. Here every layer-scaled residual add is one kernel with the LayerNorm that follows it,
+forward and backward (benchmarks/RESULTS.md, "the language model's passes through the layer stack").
 
-What it computes: exactly InternVLVisionLayer.forward, with the same rounding in the input dtype (the layer-scale
-product, then the add, each rounded; the norms' statistics in fp32), so fp32 matches to fp32 rounding and bf16
-to bf16 rounding::
+What it computes: exactly InternVLVisionEncoder.forward, with the same rounding in the input dtype (the
+layer-scale product, then the add, each rounded; the norms' statistics in fp32), so fp32 matches to fp32 rounding
+and bf16 to bf16 rounding. Layer i's residual stream ``x`` and its MLP output ``y_{i-1}`` of the layer before::
 
-    h = LayerNorm_before(x)
+    h, x = LayerNorm_before(x + lambda_2' * y'), x + lambda_2' * y'   (one kernel; the first layer: LayerNorm(x))
     a = attention(h)
-    h2, s = LayerNorm_after(s), s = x + lambda_1 * a      (one kernel)
-    out = lambda_2 * dropout(mlp(h2)) + s                 (two PyTorch ops, the module's rounding)
+    h2, x = LayerNorm_after(x + lambda_1 * a), x + lambda_1 * a        (one kernel)
+    y = dropout(mlp(h2))
 
-`set_fused_vision_layers(model, True)` gives each layer this forward as an instance attribute (module names,
-parameters and state dicts unchanged; `copy.deepcopy` rebinds it to the copy); False restores the class forward.
-transformers' activation checkpointing of the layer (``activation_checkpointing_enable``) still applies. Not under
-ZeRO-3 (the norms' weights are read without calling the norm modules, whose hooks would gather them), not together
-with `engine.model.compiled.compile_vision_layers`, and not under autocast (a call there, or with an input whose
-dtype differs from the layer's parameters, runs the class forward).
+and after the last layer ``lambda_2 * y + x`` (two PyTorch ops, the module's rounding).
+
+`set_fused_vision_layers(model, True)` gives the encoder this forward as an instance attribute (module names,
+parameters and state dicts unchanged; `copy.deepcopy` rebinds it to the copy); False restores the class forward;
+`fused_vision_layers` does it for one forward's image encoding (what `MultimodalCoconut.encode_images` does when
+`fast_paths.vision_layers` says so). The layers are not called as modules, so what hooks on them would see is
+not there: not when the image features come from an earlier layer's hidden states, not with the layers'
+activation checkpointing, not under ZeRO-3 (the norms' weights are read without calling the norm modules, whose
+hooks would gather them), not together with `engine.model.compiled.compile_vision_layers`; under autocast, or with
+an input whose dtype differs from the layers' parameters, the class forward runs.
 """
 
 from __future__ import annotations
@@ -40,42 +40,44 @@ from torch import nn
 
 from engine.model.compiled import vision_layers
 
-__all__ = ["fused_vision_layers", "fused_vision_layers_unsupported", "set_fused_vision_layers", "vision_layer_forward"]
+__all__ = ["fused_vision_layers", "fused_vision_layers_unsupported", "set_fused_vision_layers", "vision_encoder_forward"]
 
 
-def _fused_forward(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def vision_encoder_forward(encoder: nn.Module, hidden_states: torch.Tensor):
+    """InternVLVisionEncoder.forward of ``encoder`` with every layer-scaled residual add and the LayerNorm after it
+    through `layer_norm_grad` (the module docstring). Under autocast, or with an input whose dtype differs from the
+    layers' parameters, the class forward."""
+    from transformers.modeling_outputs import BaseModelOutput
+
     from kernels.layer_grads import layer_norm_grad  # here: importing the engine defines no kernel
 
-    before, after = layer.layernorm_before, layer.layernorm_after
-    h = layer_norm_grad(hidden_states, before.weight, before.bias, before.eps)
-    attention_output = layer.attention(h)[0]
-    h2, summed = layer_norm_grad(
-        attention_output, after.weight, after.bias, after.eps, residual=hidden_states, scale=layer.lambda_1
-    )
-    y = layer.dropout(layer.mlp(h2))
-    # two roundings as the module's ``lambda_2 * y`` then ``+ s`` (addcmul would round once)
-    return layer.lambda_2 * y + summed
-
-
-def vision_layer_forward(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """InternVLVisionLayer.forward of ``layer`` with both norms (and the first residual add) through
-    `layer_norm_grad`. Under autocast, or with an input whose dtype differs from the norms', the class forward."""
-    if hidden_states.dtype != layer.layernorm_before.weight.dtype or torch.is_autocast_enabled(
+    layers = list(encoder.layer)
+    if hidden_states.dtype != layers[0].layernorm_before.weight.dtype or torch.is_autocast_enabled(
         hidden_states.device.type
     ):
-        return type(layer).forward(layer, hidden_states)
-    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-        # what transformers' GradientCheckpointingLayer does around the class forward
-        return layer._gradient_checkpointing_func(functools.partial(_fused_forward, layer), hidden_states)
-    return _fused_forward(layer, hidden_states)
+        return type(encoder).forward(encoder, hidden_states)
+    x, pending, pending_scale = hidden_states, None, None  # the last MLP output and its layer scale, not added yet
+    for layer in layers:
+        before, after = layer.layernorm_before, layer.layernorm_after
+        if pending is None:
+            h = layer_norm_grad(x, before.weight, before.bias, before.eps)
+        else:
+            h, x = layer_norm_grad(pending, before.weight, before.bias, before.eps, residual=x, scale=pending_scale)
+        attention_output = layer.attention(h)[0]
+        h2, x = layer_norm_grad(attention_output, after.weight, after.bias, after.eps, residual=x, scale=layer.lambda_1)
+        pending, pending_scale = layer.dropout(layer.mlp(h2)), layer.lambda_2
+    if pending is not None:  # two roundings as the module's ``lambda_2 * y`` then ``+ x`` (addcmul would round once)
+        x = pending_scale * pending + x
+    return BaseModelOutput(last_hidden_state=x)
 
 
 def _layer_unsupported(layer: nn.Module, norm_type) -> str | None:
     if any(hasattr(p, "ds_id") for p in layer.parameters()):  # first: reading a norm's weight could gather it
         return "its parameters are partitioned by ZeRO-3 (the norms' weights are read outside their modules)"
-    forward = layer.__dict__.get("forward")
-    if forward is not None and not _is_fused_forward(forward, layer):
-        return f"its forward is already replaced on the instance ({forward!r})"
+    if "forward" in layer.__dict__:
+        return f"its forward is replaced on the instance ({layer.__dict__['forward']!r}): the fused encoder bypasses it"
+    if getattr(layer, "gradient_checkpointing", False):
+        return "it is checkpointed (the fused encoder does not call the layers as modules)"
     for name in ("layernorm_before", "layernorm_after"):
         norm = getattr(layer, name, None)
         if not isinstance(norm, nn.LayerNorm):
@@ -97,14 +99,21 @@ def _layer_unsupported(layer: nn.Module, norm_type) -> str | None:
 
 
 def fused_vision_layers_unsupported(model) -> str | None:
-    """Why the vision encoder layers of ``model`` (a `MultimodalCoconut`) cannot run `vision_layer_forward`, or
-    None when they can."""
+    """Why the vision encoder of ``model`` (a `MultimodalCoconut`) cannot run `vision_encoder_forward`, or None
+    when it can."""
     try:
         layers = vision_layers(model)
     except (AttributeError, ValueError) as e:
         return f"no vision encoder layers: {e}"
     if not layers:
         return "the vision tower has no encoder layers"
+    feature_layer = getattr(getattr(model.base, "config", None), "vision_feature_layer", -1)
+    if feature_layer != -1:
+        return f"the image features come from vision layer {feature_layer}, the fused encoder returns the last only"
+    encoder = model.base.model.vision_tower.encoder
+    forward = encoder.__dict__.get("forward")
+    if forward is not None and not _is_fused_forward(forward, encoder):
+        return f"the encoder's forward is already replaced on the instance ({forward!r})"
     norm_type = getattr(getattr(model.base.model.vision_tower, "config", None), "norm_type", None)
     for i, layer in enumerate(layers):
         reason = _layer_unsupported(layer, norm_type)
@@ -114,24 +123,24 @@ def fused_vision_layers_unsupported(model) -> str | None:
 
 
 def set_fused_vision_layers(model, enabled: bool) -> int:
-    """Give every vision encoder layer of ``model`` `vision_layer_forward` (``enabled``) or its class forward back;
-    returns how many layers. Raises ValueError with the reason when enabling an unsupported model."""
+    """Give the vision encoder of ``model`` `vision_encoder_forward` (``enabled``) or its class forward back;
+    returns how many layers it runs. Raises ValueError with the reason when enabling an unsupported model."""
     if enabled:
         reason = fused_vision_layers_unsupported(model)
         if reason is not None:
             raise ValueError(f"fused vision layers unsupported: {reason}")
     layers = vision_layers(model)
-    for layer in layers:
-        if enabled:
-            # a partial, not a bound method: deepcopy rebinds it to the copied layer, and it pickles by name
-            layer.forward = functools.partial(vision_layer_forward, layer)
-        elif _is_fused_forward(layer.__dict__.get("forward"), layer):  # only ours: another replacement stays
-            del layer.__dict__["forward"]
+    encoder = model.base.model.vision_tower.encoder
+    if enabled:
+        # a partial, not a bound method: deepcopy rebinds it to the copied encoder, and it pickles by name
+        encoder.forward = functools.partial(vision_encoder_forward, encoder)
+    elif _is_fused_forward(encoder.__dict__.get("forward"), encoder):  # only ours: another replacement stays
+        del encoder.__dict__["forward"]
     return len(layers)
 
 
-def _is_fused_forward(forward, layer: nn.Module) -> bool:
-    return isinstance(forward, functools.partial) and forward.func is vision_layer_forward and forward.args == (layer,)
+def _is_fused_forward(forward, encoder: nn.Module) -> bool:
+    return isinstance(forward, functools.partial) and forward.func is vision_encoder_forward and forward.args == (encoder,)
 
 
 @contextlib.contextmanager
