@@ -666,6 +666,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     from transformers import DynamicCache
 
     from engine import load_model
+    from engine.model.compat import cache_kwargs
     from engine.model.paged.runner import PagedRunner
 
     say(f"loading {geo.model_spec} ({geo.dtype}) on {geo.device}")
@@ -739,8 +740,8 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
             length = dyn.get_seq_length()  # a host int: no sync
             mask = torch.ones(batch, length + 1, dtype=torch.long, device=geo.device)
             pos = torch.full((batch, 1), length, dtype=torch.long, device=geo.device)
-            hidden = lm(inputs_embeds=embed(tokens), attention_mask=mask, position_ids=pos, past_key_values=dyn,
-                        use_cache=True).last_hidden_state
+            hidden = lm(inputs_embeds=embed(tokens), attention_mask=mask, position_ids=pos, use_cache=True,
+                        **cache_kwargs(lm, dyn)).last_hidden_state
             return model.base.lm_head(hidden[:, -1])
 
         record("transformers DynamicCache step, eager", timed(dynamic_step), mode="eager")

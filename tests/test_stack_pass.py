@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from engine import load_model
 from engine.model import fast_paths
+from engine.model.compat import cache_kwargs
 from engine.model.fused_ops import GradFusedOps
 from engine.model.layers import ReferenceOps
 from engine.model.stack_pass import pass_mask, stack_pass
@@ -28,7 +29,7 @@ def two_passes(lm, x, mask, positions, split, run):
 
 def transformers_pass(lm):
     def run(x, mask, positions, cache):
-        return lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        return lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
 
     return run
 
@@ -180,3 +181,18 @@ def test_stack_passes_keep_transformers_calls_where_something_acts_on_them(tiny_
         tiny_model._liger_pieces = ()
         tiny_model.set_layer_ops("auto")
     assert choice().choice == "transformers"  # auto on CPU: the modules
+
+
+def test_cache_keyword_follows_the_installed_transformers(tiny_model):
+    """The keyword each transformers forward takes its cache by (``cache`` from 5.24, ``past_key_values`` before),
+    read from the forward's own signature: no deprecation warning from the engine's calls."""
+    import inspect
+    import warnings
+
+    lm = tiny_model.language_model
+    (keyword,) = cache_kwargs(lm, None)
+    assert keyword in inspect.signature(type(lm).forward).parameters
+    ids = torch.tensor([[5, 6, 7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tiny_model(ids, torch.ones_like(ids))

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
+from engine.model.compat import cache_kwargs
 from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.model.stack_pass import stack_pass
@@ -494,8 +495,8 @@ class MultimodalCoconut(nn.Module):
                             inputs_embeds=chunk_in,
                             attention_mask=mask,
                             position_ids=positions,
-                            past_key_values=cache,
                             use_cache=True,
+                            **cache_kwargs(self.language_model, cache),
                         ).last_hidden_state
                 index += 1
             hidden_chunks.append(hidden)

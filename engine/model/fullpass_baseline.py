@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.model.coconut import CoconutOutput
+from engine.model.compat import cache_kwargs
 
 
 def fullpass_forward(
@@ -34,7 +35,7 @@ def fullpass_forward(
 
     # 1. One full pass over everything: the cache now holds every position, the future included.
     hidden = lm(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, past_key_values=cache, use_cache=True
+        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=True, **cache_kwargs(lm, cache)
     ).last_hidden_state
     latent_cols = batch.schedule.latent_positions
     if not latent_cols:
@@ -55,8 +56,8 @@ def fullpass_forward(
             inputs_embeds=thought[:, None],
             attention_mask=mask,
             position_ids=batch.position_ids[:, col : col + 1],
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(lm, cache),
         ).last_hidden_state[:, 0]
         hidden[:, col] = torch.where(rows[:, None], refined, hidden[:, col])
 
@@ -66,8 +67,8 @@ def fullpass_forward(
         inputs_embeds=embeds[:, first:],
         attention_mask=torch.cat([mask, mask.new_ones(bsz, embeds.shape[1] - first)], dim=1),
         position_ids=batch.position_ids[:, first:],
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwargs(lm, cache),
     ).last_hidden_state
     hidden = torch.cat([hidden[:, :first], tail], dim=1)
     logits = model.base.lm_head(hidden) if return_logits else None

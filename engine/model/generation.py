@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from engine.model.compat import cache_kwargs
 from engine.utils.profiling import profile_range
 
 KV_CACHES = ("dynamic", "paged")
@@ -154,7 +155,8 @@ def _generate_dynamic(model, batch, out: torch.Tensor, options: GenerationOption
 
     def step(language_model, token_ids: torch.Tensor) -> tuple[torch.Tensor]:
         out = language_model(
-            input_ids=token_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+            input_ids=token_ids, attention_mask=mask, position_ids=next_pos, use_cache=True,
+            **cache_kwargs(model.language_model, cache),
         )
         return (out.last_hidden_state,)
 
