@@ -24,8 +24,8 @@ as one causal chunk. Padding the prefix to a multiple of `bucket` positions (mas
 and the final chunk to a multiple of `final_bucket` (right padding, causally after every real column) lets
 one graph serve every batch whose lengths fall in the same buckets.
 
-One query per row attends through SDPA with each KV head's query heads as its queries (what SDPA after repeat_kv
-would save for backward is 7x larger at 14/2 heads); the final chunk uses SDPA as transformers does.
+One query per row attends with grouped matmuls over the kv heads (what SDPA after repeat_kv would save for
+backward is 7x larger at 14/2 heads); the final chunk uses SDPA as transformers does.
 
 `LatentBlock` runs it eagerly (the CPU path that tests compare with the transformers passes, bucket padding
 included) or from two CUDA graphs per shape bucket: the forward and the backward (``autograd.grad`` with
@@ -71,12 +71,11 @@ class _CachedChunkAttention:
         self.past_values[index].append(v.transpose(1, 2))
         keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         if n == 1:
-            # One query per row: each KV head's query heads become its queries (transformers' pack_gqa), so SDPA
-            # reads and saves the cached K/V at kv_heads, not q_heads after repeat_kv (7x less for 14/2), in one
-            # fused kernel forward and backward instead of a chain of small products
-            o = F.scaled_dot_product_attention(
-                q.reshape(batch, g.kv_heads, g.groups, g.head_dim), keys, values, attn_mask=self.allowed, scale=g.scale
-            )  # allowed (B, 1, 1, keys) broadcasts over the heads and groups
+            # One query per row: attention is a few small matmuls over the grouped heads. Unlike SDPA after
+            # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2).
+            scores = (q.view(batch, g.kv_heads, g.groups, g.head_dim) @ keys.transpose(-1, -2)).float() * g.scale
+            scores = scores.masked_fill(~self.allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
+            o = scores.softmax(-1).to(values.dtype) @ values  # (B, kv_heads, groups, head_dim)
             return o.reshape(batch, 1, g.q_heads, g.head_dim)
         if g.groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
             keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
