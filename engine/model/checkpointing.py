@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.model.compat import safe_attention
 from engine.model.layers import decoder_layers
 
 _CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 names it cache, earlier past_key_values
@@ -62,10 +63,12 @@ def _checkpointed_forward(layer: nn.Module, forward):
             return forward(hidden_states, *args, **kwargs)
         cache = kwargs[name]
         past_keys, past_values = _cached_kv(cache, layer_idx)
+        key_count = hidden_states.shape[1] + (0 if past_keys is None else past_keys.shape[-2])
 
         def body(x):
             frozen = _FrozenLayerCache(past_keys, past_values)  # a new view per run: the replay sees the same past
-            out = forward(x, *args, **{**kwargs, name: frozen})
+            with safe_attention(key_count, x.device):  # the recomputation in backward chooses its attention kernel again
+                out = forward(x, *args, **{**kwargs, name: frozen})
             return out, *frozen.new
 
         out, keys, values = checkpoint(body, hidden_states, use_reentrant=False)

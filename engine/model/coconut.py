@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
-from engine.model.compat import cache_kwargs
+from engine.model.compat import cache_kwargs, safe_attention
 from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.model.stack_pass import stack_pass
@@ -491,13 +491,14 @@ class MultimodalCoconut(nn.Module):
                     if stack_ops is not None:
                         hidden = stack_pass(self.language_model, chunk_in, mask, positions, cache, stack_ops)
                     else:
-                        hidden = language_model(
-                            inputs_embeds=chunk_in,
-                            attention_mask=mask,
-                            position_ids=positions,
-                            use_cache=True,
-                            **cache_kwargs(self.language_model, cache),
-                        ).last_hidden_state
+                        with safe_attention(end, chunk_in.device):  # cuDNN's masked backward (compat.py)
+                            hidden = language_model(
+                                inputs_embeds=chunk_in,
+                                attention_mask=mask,
+                                position_ids=positions,
+                                use_cache=True,
+                                **cache_kwargs(self.language_model, cache),
+                            ).last_hidden_state
                 index += 1
             hidden_chunks.append(hidden)
             if keep_inputs:

@@ -1,11 +1,27 @@
-"""What differs between the transformers releases the engine runs on (setup.py: transformers >= 5.17)."""
+"""What differs between the releases of the libraries the engine runs on, and how it stays correct on each.
+
+- transformers (setup.py: >= 5.17) renamed the KV-cache keyword of its models' forward: `cache_kwargs`.
+- cuDNN's SDPA backward (torch's default attention backend on H100/H200 since torch 2.11) returns NaN query
+  gradients for a call with an attention mask over a key length with ``keys % 128 == 64`` when a query row's
+  logsumexp is below ~-88.7 (the last key tile's padding is scored 0 instead of -inf: pytorch/pytorch#196678,
+  huggingface/trl#7181). Both triggers are common here: the left padding of aligned latent batches makes fully
+  masked query rows, and Qwen2.5's "massive activation" heads give whole rows of very negative scores. Measured on
+  an H200 (torch 2.11, cuDNN 9.19; benchmarks/RESULTS.md): a left-padded prefix pass over 320 keys got non-finite
+  query gradients with cuDNN and none with the memory-efficient kernel; 384 keys were clean. `safe_attention`
+  leaves cuDNN out of such calls (forward and, for checkpointed layers, the recomputation in backward).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
+import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CUDNN_KEY_TILE = 128  # cuDNN's SDPA key tile on Hopper; a key count half a tile past a multiple of it is unsafe
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,3 +34,18 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
     from transformers 5.24 on (``past_key_values`` is deprecated there, to be removed in 5.40), as
     ``past_key_values`` before."""
     return {_cache_keyword(type(model)): cache}
+
+
+def cudnn_attention_backward_unsafe(keys: int, device: torch.device | str) -> bool:
+    """Whether cuDNN's SDPA backward can give NaN for a masked attention call over ``keys`` keys on ``device``
+    (the module docstring): on CUDA when ``keys % 128 == 64``."""
+    return torch.device(device).type == "cuda" and keys % CUDNN_KEY_TILE == CUDNN_KEY_TILE // 2
+
+
+def safe_attention(keys: int, device: torch.device | str):
+    """A context for the SDPA calls of a training pass over ``keys`` keys: where cuDNN's backward is unsafe, SDPA
+    may choose among flash (no mask), the memory-efficient kernel and the math one, not cuDNN; elsewhere nothing
+    changes. SDPA's backward runs the kernel its forward chose, so the forward's context decides both."""
+    if not cudnn_attention_backward_unsafe(keys, device):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

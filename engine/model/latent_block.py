@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.compat import safe_attention
 from engine.model.layers import LayerGeometry, ReferenceOps, layer_geometry, run_layers
 from engine.model.schedule import feed_thoughts
 from engine.utils.logging import get_logger
@@ -80,7 +81,8 @@ class _CachedChunkAttention:
         if g.groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
             keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
             values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.allowed, scale=g.scale)
+        with safe_attention(keys.shape[-2], q.device):  # cuDNN's masked backward, engine/model/compat.py
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.allowed, scale=g.scale)
         return o.transpose(1, 2)
 
 

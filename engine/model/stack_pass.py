@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.compat import safe_attention
 from engine.model.layers import LayerGeometry, LayerOps, layer_geometry, run_layers
 
 
@@ -45,7 +46,8 @@ class _CachePassAttention:
             if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
                 keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
                 values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=g.scale)
+            with safe_attention(keys.shape[-2], q.device):  # cuDNN's masked backward, engine/model/compat.py
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=g.scale)
         return o.transpose(1, 2)
 
 

@@ -1,0 +1,106 @@
+"""engine/model/compat.py: the cache keyword, and the guard that keeps cuDNN's SDPA backward out of the training
+passes whose key count it gets wrong (keys % 128 == 64 with a mask: NaN query gradients on H100/H200). The bug needs
+a GPU; these tests check when the guard applies and that every training path enters it, forward and recomputation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from engine.model import compat
+from tests.helpers import pad_batch, random_pixels, sample_ids
+
+
+def test_cudnn_guard_applies_on_cuda_half_a_tile_past_a_multiple_of_128():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [k for k in range(1, 700) if compat.cudnn_attention_backward_unsafe(k, cuda)] == [64, 192, 320, 448, 576]
+    assert not any(compat.cudnn_attention_backward_unsafe(k, cpu) for k in range(1, 700))
+    assert isinstance(compat.safe_attention(320, cpu), contextlib.nullcontext)
+    assert isinstance(compat.safe_attention(384, "cuda"), contextlib.nullcontext)
+    assert not isinstance(compat.safe_attention(320, "cuda"), contextlib.nullcontext)
+
+
+@pytest.fixture
+def guard_spy(monkeypatch):
+    """The guard as if on CUDA (on any device, by key count), recording the key counts it was entered with and
+    whether autograd was running backward then; SDPA runs as before (on CPU the guard's backends list excludes
+    only cuDNN, which the CPU does not have)."""
+    entries = []
+    real = compat.safe_attention
+
+    def spy(keys, device):
+        if keys % compat.CUDNN_KEY_TILE == compat.CUDNN_KEY_TILE // 2:
+            entries.append((keys, torch._C._current_graph_task_id() != -1))
+        return real(keys, "cpu")
+
+    for module in ("engine.model.compat", "engine.model.coconut", "engine.model.stack_pass",
+                   "engine.model.latent_block", "engine.model.checkpointing"):
+        monkeypatch.setattr(f"{module}.safe_attention", spy)
+    return entries
+
+
+def left_padded_batch(model, tok, length, latents=0):
+    """Two left-padded rows of exactly ``length`` columns (the first pass then attends over ``length`` keys)."""
+    rows = [sample_ids(tok, model, tiles=1, question=q, n_latents=latents) for q in ("What colour?", "Move right.")]
+    rows = [r + [r[-1]] * (length - 2 - len(r)) for r in rows]  # the second row stays 2 shorter: left padding
+    rows[0] = rows[0] + [rows[0][-1]] * 2
+    ids, mask = pad_batch(rows, tok.pad_token_id, left=[True, True])
+    assert ids.shape[1] == length and not bool(mask.all())
+    return ids, mask, random_pixels(2, model.config.vision_config.image_size[0], 0)
+
+
+@pytest.mark.parametrize("layer_ops", ["reference", "fused"])
+def test_every_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_model, tiny_tok, guard_spy, layer_ops):
+    """A 64-column left-padded batch: the transformers call (reference ops) or the stack pass's masked attention in
+    every layer (fused ops) runs inside the guard."""
+    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
+    tiny_model.set_layer_ops(layer_ops)
+    try:
+        loss = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+    finally:
+        tiny_model.set_layer_ops("auto")
+        tiny_model.zero_grad(set_to_none=True)
+    layers = tiny_model.language_model.config.num_hidden_layers
+    assert guard_spy == ([(64, False)] if layer_ops == "reference" else [(64, False)] * layers)
+
+
+def test_checkpointed_layers_enter_the_guard_again_when_recomputed(tiny_model, tiny_tok, guard_spy):
+    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
+    tiny_model.set_activation_checkpointing(True)
+    try:
+        loss = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss
+        forward_entries = len(guard_spy)
+        loss.backward()
+    finally:
+        tiny_model.set_activation_checkpointing(False)
+        tiny_model.zero_grad(set_to_none=True)
+    layers = tiny_model.language_model.config.num_hidden_layers
+    # forward: the call, and each checkpointed layer's body; backward: each layer's recomputation
+    assert forward_entries == 1 + layers
+    assert guard_spy[forward_entries:] == [(64, True)] * layers
+
+
+def test_safe_key_counts_leave_the_passes_alone(tiny_model, tiny_tok, guard_spy):
+    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 65)
+    tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    tiny_model.zero_grad(set_to_none=True)
+    assert guard_spy == []
+
+
+def test_the_latent_blocks_final_chunk_enters_the_guard(tiny_model, guard_spy):
+    """The block's multi-column (final) chunk attends with a mask through SDPA: over 60 cached + 4 new keys."""
+    from engine.model.latent_block import _CachedChunkAttention
+    from engine.model.layers import ReferenceOps, layer_geometry
+
+    lm = tiny_model.language_model
+    g = layer_geometry(lm)
+    past = torch.randn(2, g.kv_heads, 60, g.head_dim)
+    attention = _CachedChunkAttention(ReferenceOps(lm), g, [[past]], [[past.clone()]],
+                                      torch.ones(2, 1, 4, 64, dtype=torch.bool))  # fmt: skip
+    q, k, v = torch.randn(2, 4, g.q_heads, g.head_dim), torch.randn(2, 4, g.kv_heads, g.head_dim), torch.randn(2, 4, g.kv_heads, g.head_dim)
+    cos, sin = lm.rotary_emb(q, torch.arange(60, 64).expand(2, -1))
+    attention(0, q, k, v, cos, sin)
+    assert guard_spy == [(64, False)]
