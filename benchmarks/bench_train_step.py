@@ -686,6 +686,7 @@ class Bench:
         losses: list[torch.Tensor] = []
         step, local_passes = self.make_step(batch, losses)
         reset_peak_memory(self.device)
+        skipped_before = int(getattr(self.engine, "skipped_steps", 0))  # DeepSpeed's overflow-skipped steps
         if env.world_size > 1:
             torch.distributed.barrier()
         timing, status = guarded_time_fn(step, self.device, warmup=args.warmup, repeats=args.steps, log=log)
@@ -718,6 +719,7 @@ class Bench:
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
             passes=local_passes, phases=phases, profile=profile,
+            skipped_steps=int(getattr(self.engine, "skipped_steps", 0)) - skipped_before,
         )
         del losses, step
         ranks = gather(mine, env)
@@ -750,6 +752,7 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
         tokens_per_step=tokens, mean_tokens_per_sample=tokens / samples,
         model_tflop_per_step=flops["total"] / 1e12, flops_terms=flops,
         status="ok" if bad is None else bad["status"],
+        skipped_steps=max(r.get("skipped_steps", 0) for r in ranks),  # non-finite gradients: the update was skipped
     )
     if bad is not None:
         row["error"] = bad.get("error")
@@ -873,6 +876,7 @@ COLUMNS = [
     ("zero_stage", "ZeRO"), ("optimizer_resolved", "optimizer"), ("zero_settings", "ZeRO settings"),
     ("liger", "Liger"), ("world_size", "GPUs"), ("stage_c", "stage×c"), ("n_latents", "latents"),
     ("batch_size", "batch/rank"), ("seq_len", "T"), ("passes", "passes"), ("status", "status"),
+    ("skipped_steps", "skipped steps"),
     ("median_ms", "ms/step"), ("p10_ms", "p10"), ("p90_ms", "p90"), ("samples_per_s", "samples/s"),
     ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
     ("mfu", "MFU"), ("mfu_matmul", "MFU (matmul)"), ("speedup_vs_baseline", "× baseline"),
@@ -903,7 +907,8 @@ def header(payload: dict) -> str:
 BASELINE_KEYS = ("speedup_vs_baseline", "baseline_zero_stage", "scaling_efficiency")
 
 
-OPTIONAL_KEYS = {"zero_settings": "default", "liger": "none"}  # shown when some row differs from this value
+# shown when some row differs from this value
+OPTIONAL_KEYS = {"zero_settings": "default", "liger": "none", "skipped_steps": 0}
 
 
 def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -991,6 +996,9 @@ def main(argv=None) -> int:
         if env.is_main:
             if row["status"] != "ok":
                 log.warning("%s: %s (%s)", cfg.label(), row["status"], row.get("error"))
+            if row.get("skipped_steps"):
+                log.warning("%s: %d optimizer steps skipped for non-finite gradients (its times and losses include "
+                            "steps that updated nothing)", cfg.label(), row["skipped_steps"])
             write_results(out_dir, RESULT_NAME, payload, report(payload), header=header(payload))
     bench.release()
     rc = 1 if any(r["status"] == "error" or r.get("loss_finite") is False for r in payload["rows"]) else 0

@@ -40,6 +40,7 @@ def check_rows(payload: dict, world_size: int, zero_stage: int, stages: list[int
     assert [(r["zero_stage"], r["n_latents"]) for r in rows] == [(zero_stage, s * C_THOUGHT) for s in stages]
     for r in rows:
         assert r["status"] == "ok", r
+        assert r["skipped_steps"] == 0, r  # every timed step updated the weights
         assert _finite_numbers(r), r
         assert r["world_size"] == world_size and r["global_batch"] == world_size * BATCH
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["loss_finite"] and r["loss"] > 0

@@ -546,3 +546,41 @@ def test_temporaries_of_an_interrupted_write_are_removed_at_the_next_start(two_e
     Trainer(make_config(tmp_path, num_epochs=2, keep_checkpoints=2, resume=True))
     assert not export_tmp.exists() and not legacy.exists() and not (run / ".metrics.jsonl.89abcdef.tmp").exists()
     assert not (run / "checkpoints" / ".tmp_epoch_003").exists() and (run / "best" / "config.json").is_file()
+
+
+class _NanGradientEngine:
+    """A DeepSpeed engine whose backward at one micro-step gets non-finite gradients behind a finite loss (as a
+    kernel's broken backward would give)."""
+
+    def __init__(self, engine, nan_at: int):
+        self._engine, self._nan_at, self._calls = engine, nan_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __call__(self, **kwargs):
+        return self._engine(**kwargs)
+
+    def backward(self, loss):
+        self._calls += 1
+        return self._engine.backward(loss * float("nan") if self._calls == self._nan_at else loss)
+
+
+def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import engine.training.trainer as trainer_module
+
+    real_build = trainer_module.build_engine
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _NanGradientEngine(real_build(*a, **k), 2))
+    trainer = Trainer(make_config(tmp_path, num_epochs=1, batch_size_training=2, log_every_steps=3))
+    trainer.setup()
+    trainer.prepare_training()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="coconut.train"):
+        stats = trainer.train_epoch(0, 0)
+    assert stats["train_skipped_steps"] == 1 and stats["train_loss"] > 0
+    assert "epoch 1: 1 of 6 optimizer steps skipped for non-finite gradients" in caplog.text
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing
+    assert any(not torch.equal(before[n], p.detach()) for n, p in after.items())  # the others trained

@@ -246,6 +246,7 @@ class Trainer:
         bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {stage}", disable=not self.env.is_main, dynamic_ncols=True)
         losses = EpochLosses(epoch)
         samples, tokens = 0, 0
+        skipped_before = int(getattr(engine, "skipped_steps", 0))  # DeepSpeed's count of steps skipped on overflow
         start = time.perf_counter()
         data_iter = iter(loader)
         for micro in range(micro_steps):
@@ -276,8 +277,15 @@ class Trainer:
         mean = losses.collect()
         elapsed = time.perf_counter() - start
         mean_loss, = all_reduce_mean([mean], self.device)
+        skipped = int(getattr(engine, "skipped_steps", 0)) - skipped_before
+        if skipped and self.env.is_main:
+            # a finite loss with non-finite gradients (e.g. an attention kernel's backward): the optimizer's
+            # overflow check skipped the update, which a loss curve alone would not show
+            log.warning("epoch %d: %d of %d optimizer steps skipped for non-finite gradients", epoch + 1, skipped,
+                        micro_steps // gas or 1)
         return {
             "train_loss": mean_loss,
+            "train_skipped_steps": skipped,
             "train_samples_per_second": samples * self.env.world_size / elapsed,
             "train_tokens_per_second": tokens * self.env.world_size / elapsed,
             "train_seconds": elapsed,
