@@ -159,9 +159,13 @@ def method_loss(method: str, model, latent: SyntheticBatch, plain: SyntheticBatc
     if method == "naive":
         return naive_loss(model, ids, mask, pv, labels)
     if method == "hf":
-        return model.base(
-            input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=position_ids_from_mask(mask), labels=labels
-        ).loss
+        from engine.model.compat import safe_attention
+
+        with safe_attention(ids.shape[1], ids.device):  # as the engine's passes: no cuDNN where its backward fails
+            return model.base(
+                input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=position_ids_from_mask(mask),
+                labels=labels,
+            ).loss
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -20,6 +20,24 @@ def test_cudnn_guard_applies_on_cuda_half_a_tile_past_a_multiple_of_128():
     assert isinstance(compat.safe_attention(320, cpu), contextlib.nullcontext)
     assert isinstance(compat.safe_attention(384, "cuda"), contextlib.nullcontext)
     assert not isinstance(compat.safe_attention(320, "cuda"), contextlib.nullcontext)
+    with torch.no_grad():  # cuDNN's forward is right: nothing to avoid without a backward
+        assert isinstance(compat.safe_attention(320, "cuda"), contextlib.nullcontext)
+
+
+def test_the_guard_turns_cudnn_off_and_nothing_else_on():
+    """Inside: cuDNN off, the other backends as the process had them (one switched off stays off); after: all
+    restored."""
+    cuda = torch.backends.cuda
+    flags = (cuda.cudnn_sdp_enabled, cuda.flash_sdp_enabled, cuda.mem_efficient_sdp_enabled, cuda.math_sdp_enabled)
+    before = [f() for f in flags]
+    cuda.enable_math_sdp(False)
+    try:
+        with compat.safe_attention(320, "cuda"):
+            assert [f() for f in flags] == [False, before[1], before[2], False]
+        assert [f() for f in flags] == [before[0], before[1], before[2], False]
+    finally:
+        cuda.enable_math_sdp(before[3])
+    assert [f() for f in flags] == before
 
 
 @pytest.fixture
@@ -65,6 +83,20 @@ def test_every_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_mode
         tiny_model.zero_grad(set_to_none=True)
     layers = tiny_model.language_model.config.num_hidden_layers
     assert guard_spy == ([(64, False)] if layer_ops == "reference" else [(64, False)] * layers)
+
+
+def test_a_pass_over_the_cache_enters_the_guard_by_its_total_key_count(tiny_model, tiny_tok, guard_spy):
+    """Latent passes as transformers calls: the final pass starts after the latents and ends at column 64; the
+    guard sees the keys it attends over (64), not its own columns."""
+    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64, latents=2)
+    tiny_model.set_latent_passes("transformers")
+    try:
+        out = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+    finally:
+        tiny_model.set_latent_passes("auto")
+        tiny_model.zero_grad(set_to_none=True)
+    assert out.num_passes == 3 and guard_spy == [(64, False)]  # prefix, one latent, final: only the last over 64
 
 
 def test_checkpointed_layers_enter_the_guard_again_when_recomputed(tiny_model, tiny_tok, guard_spy):

@@ -572,15 +572,17 @@ def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_pat
     import engine.training.trainer as trainer_module
 
     real_build = trainer_module.build_engine
-    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _NanGradientEngine(real_build(*a, **k), 2))
-    trainer = Trainer(make_config(tmp_path, num_epochs=1, batch_size_training=2, log_every_steps=3))
+    # 12 samples in steps of 2: the NaN gradients at the second epoch's second step
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _NanGradientEngine(real_build(*a, **k), 8))
+    trainer = Trainer(make_config(tmp_path, num_epochs=2, batch_size_training=2, log_every_steps=3))
     trainer.setup()
     trainer.prepare_training()
+    assert trainer.train_epoch(0, 0)["train_skipped_steps"] == 0
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with caplog.at_level(logging.WARNING, logger="coconut.train"):
-        stats = trainer.train_epoch(0, 0)
+        stats = trainer.train_epoch(1, 0)
     assert stats["train_skipped_steps"] == 1 and stats["train_loss"] > 0
-    assert "epoch 1: 1 of 6 optimizer steps skipped for non-finite gradients" in caplog.text
+    assert "epoch 2: 1 of 6 optimizer steps skipped for non-finite gradients" in caplog.text
     after = dict(trainer.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing
     assert any(not torch.equal(before[n], p.detach()) for n, p in after.items())  # the others trained

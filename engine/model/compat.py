@@ -43,9 +43,20 @@ def cudnn_attention_backward_unsafe(keys: int, device: torch.device | str) -> bo
 
 
 def safe_attention(keys: int, device: torch.device | str):
-    """A context for the SDPA calls of a training pass over ``keys`` keys: where cuDNN's backward is unsafe, SDPA
-    may choose among flash (no mask), the memory-efficient kernel and the math one, not cuDNN; elsewhere nothing
-    changes. SDPA's backward runs the kernel its forward chose, so the forward's context decides both."""
-    if not cudnn_attention_backward_unsafe(keys, device):
+    """A context for the SDPA calls of a pass over ``keys`` keys with gradients on: where cuDNN's backward is
+    unsafe, SDPA chooses among the other backends the process has enabled (flash without a mask, the
+    memory-efficient kernel, the math one), not cuDNN; elsewhere, and without gradients (cuDNN's forward is
+    right), nothing changes. SDPA's backward runs the kernel its forward chose, so the forward's context decides
+    both."""
+    if not torch.is_grad_enabled() or not cudnn_attention_backward_unsafe(keys, device):
         return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    enabled = [
+        backend
+        for backend, on in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+        )
+        if on
+    ]
+    return sdpa_kernel(enabled or [SDPBackend.MATH])  # only cuDNN enabled: the math kernel rather than NaN

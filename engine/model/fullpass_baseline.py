@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.model.coconut import CoconutOutput
-from engine.model.compat import cache_kwargs
+from engine.model.compat import cache_kwargs, safe_attention
 
 
 def fullpass_forward(
@@ -34,9 +34,11 @@ def fullpass_forward(
     cache = DynamicCache(config=lm.config)
 
     # 1. One full pass over everything: the cache now holds every position, the future included.
-    hidden = lm(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=True, **cache_kwargs(lm, cache)
-    ).last_hidden_state
+    with safe_attention(mask.shape[1], embeds.device):  # cuDNN's masked backward (engine/model/compat.py)
+        hidden = lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+            **cache_kwargs(lm, cache),
+        ).last_hidden_state
     latent_cols = batch.schedule.latent_positions
     if not latent_cols:
         logits = model.base.lm_head(hidden) if return_logits else None
@@ -52,24 +54,27 @@ def fullpass_forward(
         thought = torch.where(rows[:, None], hidden[:, col - 1], embeds[:, col])
         embeds[:, col] = thought
         mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-        refined = lm(
-            inputs_embeds=thought[:, None],
-            attention_mask=mask,
-            position_ids=batch.position_ids[:, col : col + 1],
-            use_cache=True,
-            **cache_kwargs(lm, cache),
-        ).last_hidden_state[:, 0]
+        with safe_attention(mask.shape[1], embeds.device):
+            refined = lm(
+                inputs_embeds=thought[:, None],
+                attention_mask=mask,
+                position_ids=batch.position_ids[:, col : col + 1],
+                use_cache=True,
+                **cache_kwargs(lm, cache),
+            ).last_hidden_state[:, 0]
         hidden[:, col] = torch.where(rows[:, None], refined, hidden[:, col])
 
     # 3. Recompute the tail with the refined thoughts, again on top of the polluted cache.
     first = latent_cols[0]
-    tail = lm(
-        inputs_embeds=embeds[:, first:],
-        attention_mask=torch.cat([mask, mask.new_ones(bsz, embeds.shape[1] - first)], dim=1),
-        position_ids=batch.position_ids[:, first:],
-        use_cache=True,
-        **cache_kwargs(lm, cache),
-    ).last_hidden_state
+    tail_mask = torch.cat([mask, mask.new_ones(bsz, embeds.shape[1] - first)], dim=1)
+    with safe_attention(tail_mask.shape[1], embeds.device):
+        tail = lm(
+            inputs_embeds=embeds[:, first:],
+            attention_mask=tail_mask,
+            position_ids=batch.position_ids[:, first:],
+            use_cache=True,
+            **cache_kwargs(lm, cache),
+        ).last_hidden_state
     hidden = torch.cat([hidden[:, :first], tail], dim=1)
     logits = model.base.lm_head(hidden) if return_logits else None
     loss = model.lm_loss(hidden, labels, logits) if labels is not None else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.model.compat import safe_attention
 from engine.model.generation import select_next_token
 
 
@@ -39,22 +40,24 @@ def naive_hidden_states(model, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     lm = model.language_model
     passes = 0
     for col in batch.schedule.latent_positions:
-        hidden = lm(
-            inputs_embeds=embeds[:, :col],
-            attention_mask=batch.attention_mask[:, :col],
-            position_ids=batch.position_ids[:, :col],
-            use_cache=False,
-        ).last_hidden_state
+        with safe_attention(col, embeds.device):  # cuDNN's masked backward (engine/model/compat.py)
+            hidden = lm(
+                inputs_embeds=embeds[:, :col],
+                attention_mask=batch.attention_mask[:, :col],
+                position_ids=batch.position_ids[:, :col],
+                use_cache=False,
+            ).last_hidden_state
         passes += 1
         rows = batch.latent_mask[:, col]
         embeds = embeds.clone()
         embeds[rows, col] = hidden[rows, col - 1].to(embeds.dtype)
-    hidden = lm(
-        inputs_embeds=embeds,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    with safe_attention(embeds.shape[1], embeds.device):
+        hidden = lm(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
     return hidden, embeds, passes + 1
 
 
