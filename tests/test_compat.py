@@ -136,3 +136,42 @@ def test_the_latent_blocks_final_chunk_enters_the_guard(tiny_model, guard_spy):
     cos, sin = lm.rotary_emb(q, torch.arange(60, 64).expand(2, -1))
     attention(0, q, k, v, cos, sin)
     assert guard_spy == [(64, False)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="cuDNN's attention needs a GPU"))])
+def test_stack_pass_attention_keeps_its_gradients_finite_at_an_unsafe_key_count(device):
+    """A left-padded masked pass over 320 keys (half a 128-key tile past a multiple: cuDNN's backward returns NaN
+    for the fully masked padding queries there) through the stack pass's attention, with the default backends:
+    finite gradients equal to the math kernel's (real queries; the loss ignores padding positions as training's
+    does). On CPU it checks the test itself."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from engine.model.layers import LayerGeometry
+    from engine.model.stack_pass import _CachePassAttention, pass_mask
+
+    rows, keys, heads, dim = 8, 320, 4, 64
+    geometry = LayerGeometry(num_layers=1, hidden_size=heads * dim, q_heads=heads, kv_heads=2, head_dim=dim, scale=dim**-0.5)
+    mask = torch.ones(rows, keys, dtype=torch.long, device=device)
+    for r in range(rows):
+        mask[r, : 3 * r] = 0  # left padding
+    g = torch.Generator(device=device).manual_seed(0)
+    q = (torch.randn(rows, keys, heads, dim, device=device, generator=g) * 0.1).bfloat16().requires_grad_(True)
+    k = (torch.randn(rows, keys, 2, dim, device=device, generator=g) * 0.1).bfloat16().requires_grad_(True)
+    v = torch.randn(rows, keys, 2, dim, device=device, generator=g).bfloat16().requires_grad_(True)
+    weights = torch.randn(rows, keys, heads, dim, device=device, generator=g) * mask[:, :, None, None]
+    ops = SimpleNamespace(rotary=lambda q, k, cos, sin: (q, k))  # no rotation: attention alone
+    grads = []
+    for backends in (None, [torch.nn.attention.SDPBackend.MATH]):
+        attention = _CachePassAttention(ops, geometry, DynamicCache(), pass_mask(mask, keys))
+        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            out = attention(0, q, k, v, None, None)
+        grads.append(torch.autograd.grad((out.float() * weights).sum(), (q, k, v)))
+    real = mask.bool()
+    for name, got, want in zip("qkv", *grads):
+        assert torch.isfinite(got).all(), f"non-finite d{name}"
+        if name == "q":
+            got, want = got[real], want[real]
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
