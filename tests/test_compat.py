@@ -53,8 +53,8 @@ def guard_spy(monkeypatch):
             entries.append((keys, torch._C._current_graph_task_id() != -1))
         return real(keys, "cpu")
 
-    for module in ("engine.model.compat", "engine.model.coconut", "engine.model.stack_pass",
-                   "engine.model.latent_block", "engine.model.checkpointing"):
+    for module in ("engine.model.compat", "engine.model.coconut", "engine.model.layers",
+                   "engine.model.checkpointing"):
         monkeypatch.setattr(f"{module}.safe_attention", spy)
     return entries
 

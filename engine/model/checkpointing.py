@@ -23,10 +23,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.model.compat import safe_attention
+from engine.model.compat import CACHE_KEYWORDS, safe_attention
 from engine.model.layers import decoder_layers
-
-_CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 names it cache, earlier past_key_values
 
 
 class _FrozenLayerCache:
@@ -58,7 +56,7 @@ def _checkpointed_forward(layer: nn.Module, forward):
 
     @functools.wraps(forward)
     def run(hidden_states, *args, **kwargs):
-        name = next((n for n in _CACHE_KWARGS if kwargs.get(n) is not None), None)
+        name = next((n for n in CACHE_KEYWORDS if kwargs.get(n) is not None), None)
         if not torch.is_grad_enabled() or name is None:
             return forward(hidden_states, *args, **kwargs)
         cache = kwargs[name]

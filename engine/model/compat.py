@@ -21,12 +21,14 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+CACHE_KEYWORDS = ("cache", "past_key_values")  # a transformers forward's KV-cache keyword: from 5.24, before
 CUDNN_KEY_TILE = 128  # cuDNN's SDPA key tile on Hopper; a key count half a tile past a multiple of it is unsafe
 
 
 @functools.lru_cache(maxsize=None)
 def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    current, earlier = CACHE_KEYWORDS
+    return current if current in inspect.signature(model_class.forward).parameters else earlier
 
 
 def cache_kwargs(model: nn.Module, cache) -> dict:

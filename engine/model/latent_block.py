@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.compat import safe_attention
-from engine.model.layers import LayerGeometry, ReferenceOps, layer_geometry, run_layers
+from engine.model.layers import LayerGeometry, ReferenceOps, layer_geometry, masked_sdpa, run_layers
 from engine.model.schedule import feed_thoughts
 from engine.utils.logging import get_logger
 
@@ -78,12 +77,7 @@ class _CachedChunkAttention:
             scores = scores.masked_fill(~self.allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
             o = scores.softmax(-1).to(values.dtype) @ values  # (B, kv_heads, groups, head_dim)
             return o.reshape(batch, 1, g.q_heads, g.head_dim)
-        if g.groups > 1:  # as transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
-            keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-            values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-        with safe_attention(keys.shape[-2], q.device):  # cuDNN's masked backward, engine/model/compat.py
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.allowed, scale=g.scale)
-        return o.transpose(1, 2)
+        return masked_sdpa(q.transpose(1, 2), keys, values, self.allowed, g).transpose(1, 2)
 
 
 def latent_block(

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from engine.model.compat import safe_attention
 
 # attention(layer_index, q, k, v, cos, sin) -> o, shapes in the module docstring
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,6 +60,21 @@ def layer_geometry(language_model: nn.Module) -> LayerGeometry:
         head_dim=head_dim,
         scale=float(language_model.layers[0].self_attn.scaling),
     )
+
+
+def masked_sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, geometry: LayerGeometry
+) -> torch.Tensor:
+    """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the boolean mask ``allowed`` (B, 1,
+    n, T), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA); cuDNN is left out where its
+    masked backward fails (`engine.model.compat.safe_attention`). Returns (B, q_heads, n, D)."""
+    g = geometry
+    if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
+        batch = q.shape[0]
+        keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
+        values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
+    with safe_attention(keys.shape[-2], q.device):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=g.scale)
 
 
 def decoder_layers(language_model: nn.Module) -> list[nn.Module]:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.compat import safe_attention
-from engine.model.layers import LayerGeometry, LayerOps, layer_geometry, run_layers
+from engine.model.layers import LayerGeometry, LayerOps, layer_geometry, masked_sdpa, run_layers
 
 
 class _CachePassAttention:
@@ -34,7 +33,7 @@ class _CachePassAttention:
 
     def __call__(self, index, q, k, v, cos, sin):
         g = self.geometry
-        batch, n = q.shape[:2]
+        n = q.shape[1]
         q, k = self.ops.rotary(q, k, cos, sin)  # (B, n, heads, D)
         keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), index)
         q = q.transpose(1, 2)
@@ -43,11 +42,7 @@ class _CachePassAttention:
             gqa = {"enable_gqa": True} if g.groups > 1 else {}
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=g.scale, **gqa)
         else:
-            if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
-                keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-                values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-            with safe_attention(keys.shape[-2], q.device):  # cuDNN's masked backward, engine/model/compat.py
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=g.scale)
+            o = masked_sdpa(q, keys, values, self.allowed, g)
         return o.transpose(1, 2)
 
 

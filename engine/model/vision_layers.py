@@ -129,14 +129,16 @@ def set_fused_vision_layers(model, enabled: bool) -> int:
         reason = fused_vision_layers_unsupported(model)
         if reason is not None:
             raise ValueError(f"fused vision layers unsupported: {reason}")
-    layers = vision_layers(model)
-    encoder = model.base.model.vision_tower.encoder
+    _switch(model.base.model.vision_tower.encoder, enabled)
+    return len(vision_layers(model))
+
+
+def _switch(encoder: nn.Module, enabled: bool) -> None:
     if enabled:
         # a partial, not a bound method: deepcopy rebinds it to the copied encoder, and it pickles by name
         encoder.forward = functools.partial(vision_encoder_forward, encoder)
     elif _is_fused_forward(encoder.__dict__.get("forward"), encoder):  # only ours: another replacement stays
         del encoder.__dict__["forward"]
-    return len(layers)
 
 
 def _is_fused_forward(forward, encoder: nn.Module) -> bool:
@@ -145,13 +147,15 @@ def _is_fused_forward(forward, encoder: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def fused_vision_layers(model, enabled: bool):
-    """`set_fused_vision_layers` for the duration of a block (one forward's image encoding: the backward keeps the
-    forward it recorded), then the class forward again; a no-op when not ``enabled``."""
+    """The fused encoder for the duration of a block (one forward's image encoding: the backward keeps the forward
+    it recorded), then the class forward again; a no-op when not ``enabled``. The caller has decided that it can
+    run (`fast_paths.vision_layers`, which asks `fused_vision_layers_unsupported`): not checked again here."""
     if not enabled:
         yield
         return
-    set_fused_vision_layers(model, True)
+    encoder = model.base.model.vision_tower.encoder
+    _switch(encoder, True)
     try:
         yield
     finally:
-        set_fused_vision_layers(model, False)
+        _switch(encoder, False)
