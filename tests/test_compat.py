@@ -53,8 +53,7 @@ def guard_spy(monkeypatch):
             entries.append((keys, torch._C._current_graph_task_id() != -1))
         return real(keys, "cpu")
 
-    for module in ("engine.model.compat", "engine.model.coconut", "engine.model.layers",
-                   "engine.model.checkpointing"):
+    for module in ("engine.model.compat", "engine.model.coconut", "engine.model.checkpointing"):
         monkeypatch.setattr(f"{module}.safe_attention", spy)
     return entries
 
@@ -69,10 +68,44 @@ def left_padded_batch(model, tok, length, latents=0):
     return ids, mask, random_pixels(2, model.config.vision_config.image_size[0], 0)
 
 
+def test_a_transformers_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_model, tiny_tok, guard_spy):
+    """A 64-column left-padded batch with the reference ops: the transformers call runs inside the guard."""
+    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
+    tiny_model.set_layer_ops("reference")
+    try:
+        loss = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+    finally:
+        tiny_model.set_layer_ops("auto")
+        tiny_model.zero_grad(set_to_none=True)
+    assert guard_spy == [(64, False)]
+
+
+@pytest.fixture
+def sdpa_calls_as_on_cuda(monkeypatch):
+    """cuDNN's unsafe key counts as on CUDA (on any device), and every SDPA call recorded as (key count, gradients
+    on, cuDNN enabled): a call with gradients over an unsafe count while cuDNN is enabled is what gives NaN."""
+    real_unsafe = compat.cudnn_attention_backward_unsafe
+    monkeypatch.setattr(compat, "cudnn_attention_backward_unsafe", lambda keys, device: real_unsafe(keys, "cuda"))
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((k.shape[-2], torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def unsafe_for_cudnn(calls):
+    return [c for c in calls if c[1] and c[2] and c[0] % compat.CUDNN_KEY_TILE == compat.CUDNN_KEY_TILE // 2]
+
+
 @pytest.mark.parametrize("layer_ops", ["reference", "fused"])
-def test_every_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_model, tiny_tok, guard_spy, layer_ops):
-    """A 64-column left-padded batch: the transformers call (reference ops) or the stack pass's masked attention in
-    every layer (fused ops) runs inside the guard."""
+def test_no_training_pass_gives_cudnn_an_unsafe_key_count(tiny_model, tiny_tok, sdpa_calls_as_on_cuda, layer_ops):
+    """A 64-column left-padded batch: the transformers call (reference ops) runs with cuDNN off; the stack pass
+    (fused ops) appends 64 masked keys in every layer, cuDNN staying on."""
     ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
     tiny_model.set_layer_ops(layer_ops)
     try:
@@ -81,8 +114,58 @@ def test_every_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_mode
     finally:
         tiny_model.set_layer_ops("auto")
         tiny_model.zero_grad(set_to_none=True)
+    calls = sdpa_calls_as_on_cuda
     layers = tiny_model.language_model.config.num_hidden_layers
-    assert guard_spy == ([(64, False)] if layer_ops == "reference" else [(64, False)] * layers)
+    assert calls and unsafe_for_cudnn(calls) == []
+    if layer_ops == "fused":  # besides the vision tower's unmasked call over its patches
+        assert calls.count((128, True, True)) == layers and not any(c[0] == 64 for c in calls)
+    else:
+        assert (64, True, False) in calls
+
+
+def test_masked_sdpa_pads_an_unsafe_key_count_to_the_same_attention(sdpa_calls_as_on_cuda):
+    """65 queries over 64 + 128 keys (GQA 2): padded keys hidden by the mask change neither the output nor a
+    gradient; without gradients, or with cuDNN off, nothing is padded."""
+    from engine.model.layers import LayerGeometry, masked_sdpa
+
+    g = LayerGeometry(num_layers=1, hidden_size=4 * 16, q_heads=4, kv_heads=2, head_dim=16, scale=16**-0.5)
+    gen = torch.Generator().manual_seed(0)
+    rows, n = 3, 65
+    for keys in (64, 192):
+        q = torch.randn(rows, 4, n, 16, generator=gen, requires_grad=True)
+        k = torch.randn(rows, 2, keys, 16, generator=gen, requires_grad=True)
+        v = torch.randn(rows, 2, keys, 16, generator=gen, requires_grad=True)
+        allowed = torch.rand(rows, 1, n, keys, generator=gen) > 0.3
+        allowed[..., 0] = True  # every query sees a key
+        weights = torch.randn(rows, 4, n, 16, generator=gen)
+        sdpa_calls_as_on_cuda.clear()
+        out = masked_sdpa(q, k, v, allowed, g)
+        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        assert sdpa_calls_as_on_cuda == [(keys + 64, True, True)]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=allowed, scale=g.scale)
+        want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for name, a, b in zip("qkv", got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    sdpa_calls_as_on_cuda.clear()
+    with torch.no_grad():
+        masked_sdpa(q, k, v, allowed, g)
+    cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        masked_sdpa(q, k, v, allowed, g)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
+    assert [c[0] for c in sdpa_calls_as_on_cuda] == [192, 192]
+
+
+def test_the_padding_applies_where_cudnn_could_run_an_unsafe_backward():
+    assert compat.cudnn_safe_key_padding(320, "cuda") == 64
+    assert compat.cudnn_safe_key_padding(384, "cuda") == 0
+    assert compat.cudnn_safe_key_padding(320, "cpu") == 0
+    with torch.no_grad():
+        assert compat.cudnn_safe_key_padding(320, "cuda") == 0
 
 
 def test_a_pass_over_the_cache_enters_the_guard_by_its_total_key_count(tiny_model, tiny_tok, guard_spy):
@@ -122,8 +205,9 @@ def test_safe_key_counts_leave_the_passes_alone(tiny_model, tiny_tok, guard_spy)
     assert guard_spy == []
 
 
-def test_the_latent_blocks_final_chunk_enters_the_guard(tiny_model, guard_spy):
-    """The block's multi-column (final) chunk attends with a mask through SDPA: over 60 cached + 4 new keys."""
+def test_the_latent_blocks_final_chunk_pads_an_unsafe_key_count(tiny_model, sdpa_calls_as_on_cuda):
+    """The block's multi-column (final) chunk attends with a mask through SDPA: over 60 cached + 4 new keys, padded
+    to 128."""
     from engine.model.latent_block import _CachedChunkAttention
     from engine.model.layers import ReferenceOps, layer_geometry
 
@@ -135,7 +219,7 @@ def test_the_latent_blocks_final_chunk_enters_the_guard(tiny_model, guard_spy):
     q, k, v = torch.randn(2, 4, g.q_heads, g.head_dim), torch.randn(2, 4, g.kv_heads, g.head_dim), torch.randn(2, 4, g.kv_heads, g.head_dim)
     cos, sin = lm.rotary_emb(q, torch.arange(60, 64).expand(2, -1))
     attention(0, q, k, v, cos, sin)
-    assert guard_spy == [(64, False)]
+    assert sdpa_calls_as_on_cuda == [(128, True, True)]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -116,6 +116,50 @@ def test_pass_mask_is_causal_over_real_keys():
     assert pass_mask(full, 2) is not None  # after a cached prefix the causal pattern needs a mask
 
 
+def test_pass_mask_takes_the_hosts_answer_and_the_schedule_knows_it():
+    from engine.model.schedule import real_prefix_columns
+
+    full = torch.ones(2, 4, dtype=torch.long)
+    assert pass_mask(full, 4, all_real=True) is None
+    assert pass_mask(full, 4, all_real=False) is not None  # the caller's answer is taken as given
+    assert real_prefix_columns(torch.tensor([[0, 1, 1], [1, 1, 1]])) == 0  # left padding
+    assert real_prefix_columns(torch.tensor([[1, 1, 0], [1, 1, 1]])) == 2  # right padding
+    assert real_prefix_columns(torch.ones(2, 3)) == 3
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_a_training_forward_tells_the_stack_pass_whether_its_keys_are_real(tiny_model, tiny_tok, monkeypatch, padding):
+    """The forward answers from the schedule's host copy of the mask (the pass does not read the device mask, a
+    synchronisation), and answers right: the prefix pass is all real; with right padding the final pass is not."""
+    import engine.model.stack_pass as sp
+
+    seen = []
+    real_pass_mask = sp.pass_mask
+
+    def spy(attention_mask, queries, all_real=None):
+        assert all_real is not None
+        seen.append((all_real, bool(attention_mask.bool().all())))
+        return real_pass_mask(attention_mask, queries, all_real)
+
+    monkeypatch.setattr(sp, "pass_mask", spy)
+    row = sample_ids(tiny_tok, tiny_model, tiles=1, question="Which way?", n_latents=2)
+    ids = torch.tensor([row + [row[-1]] * 3] * 2)
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[1, -3:] = 0
+    pv = random_pixels(2, tiny_model.config.vision_config.image_size[0], 0)
+    tiny_model.set_layer_ops("fused")
+    tiny_model.set_latent_passes("transformers")  # every pass a stack pass
+    try:
+        tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    finally:
+        tiny_model.set_layer_ops("auto")
+        tiny_model.set_latent_passes("auto")
+        tiny_model.zero_grad(set_to_none=True)
+    assert len(seen) == 3 and all(told == truth for told, truth in seen)
+    assert [told for told, _ in seen] == ([True, True, False] if padding == "right" else [True] * 3)
+
+
 def test_training_forward_through_the_stack_matches_transformers(tiny_model, tiny_tok):
     """A batch without latents (one pass) and one with scattered latents (several passes, no block): with the
     fused layer ops every pass runs through the stack, with the transformers passes' loss and gradients."""

@@ -489,7 +489,8 @@ class MultimodalCoconut(nn.Module):
                         chunk_in = torch.cat([first.unsqueeze(1), embeds[:, start + 1 : end]], dim=1)
                     mask, positions = batch.attention_mask[:, :end], batch.position_ids[:, start:end]
                     if stack_ops is not None:
-                        hidden = stack_pass(self.language_model, chunk_in, mask, positions, cache, stack_ops)
+                        all_real = end <= schedule.real_prefix_columns  # known on the host: no synchronisation
+                        hidden = stack_pass(self.language_model, chunk_in, mask, positions, cache, stack_ops, all_real)
                     else:
                         with safe_attention(end, chunk_in.device):  # cuDNN's masked backward (compat.py)
                             hidden = language_model(

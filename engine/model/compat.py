@@ -7,8 +7,12 @@
   huggingface/trl#7181). Both triggers are common here: the left padding of aligned latent batches makes fully
   masked query rows, and Qwen2.5's "massive activation" heads give whole rows of very negative scores. Measured on
   an H200 (torch 2.11, cuDNN 9.19; benchmarks/RESULTS.md): a left-padded prefix pass over 320 keys got non-finite
-  query gradients with cuDNN and none with the memory-efficient kernel; 384 keys were clean. `safe_attention`
-  leaves cuDNN out of such calls (forward and, for checkpointed layers, the recomputation in backward).
+  query gradients with cuDNN and none with the memory-efficient kernel; a sweep over 16-768 keys found exactly the
+  counts with ``keys % 128 == 64`` unsafe. Two remedies: the engine's own masked calls append half a tile of
+  masked keys (`cudnn_safe_key_padding`: the same attention, and cuDNN ran 320 queries over 384 keys as fast as
+  over 320, 694 vs 693 µs forward and backward, where the memory-efficient kernel took 1,254); transformers' calls,
+  which the engine cannot pad, run under `safe_attention`, which leaves cuDNN out of them (forward and, for
+  checkpointed layers, the recomputation in backward).
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ def cudnn_attention_backward_unsafe(keys: int, device: torch.device | str) -> bo
     """Whether cuDNN's SDPA backward can give NaN for a masked attention call over ``keys`` keys on ``device``
     (the module docstring): on CUDA when ``keys % 128 == 64``."""
     return torch.device(device).type == "cuda" and keys % CUDNN_KEY_TILE == CUDNN_KEY_TILE // 2
+
+
+def cudnn_safe_key_padding(keys: int, device: torch.device | str) -> int:
+    """How many masked keys to append to a masked SDPA call over ``keys`` keys so that cuDNN's backward is right:
+    half a tile where it is unsafe and SDPA may choose cuDNN for a call with gradients, else 0. Appended keys the
+    mask hides change nothing but the key count (the output, and the real keys' gradients, are the same)."""
+    if not torch.is_grad_enabled() or not torch.backends.cuda.cudnn_sdp_enabled():
+        return 0
+    return CUDNN_KEY_TILE // 2 if cudnn_attention_backward_unsafe(keys, device) else 0
 
 
 def safe_attention(keys: int, device: torch.device | str):

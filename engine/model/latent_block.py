@@ -111,8 +111,13 @@ def latent_block(
         ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
     cos, sin = lm.rotary_emb(column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
-    keys = [[prefix_kv[i, 0]] for i in range(num_layers)]
-    values = [[prefix_kv[i, 1]] for i in range(num_layers)]
+    # unbind, not indexing: the gradient of prefix_kv is then one stack of the pieces' gradients, where L * 2
+    # indexed pieces each give a zero-filled gradient of the whole (L, 2, B, kv, P, D) tensor that autograd then
+    # sums (302 MB each at the 1B geometry: ~15 ms of fills and adds per backward)
+    pairs = [layer.unbind(0) for layer in prefix_kv.unbind(0)]
+    keys = [[k] for k, _ in pairs]
+    values = [[v] for _, v in pairs]
+    column_list = column_embeds.unbind(1)  # the same for the columns
 
     def chunk(x, j, end, allowed):
         attention = _CachedChunkAttention(ops, geometry, keys, values, allowed)
@@ -121,7 +126,7 @@ def latent_block(
     hiddens = []
     last = prev
     for j in range(num_columns):
-        x = feed_thoughts(column_embeds[:, j], column_is_latent[:, j], last)[:, None]
+        x = feed_thoughts(column_list[j], column_is_latent[:, j], last)[:, None]
         last = chunk(x, j, j + 1, key_allowed[:, None, None, : bucket + j + 1])
         hiddens.append(last)
         last = last[:, 0]
@@ -130,8 +135,8 @@ def latent_block(
     )
     if final_columns:
         j = num_columns
-        first = feed_thoughts(column_embeds[:, j], column_is_latent[:, j], last)[:, None]
-        x = torch.cat([first, column_embeds[:, j + 1 :]], dim=1)
+        first = feed_thoughts(column_list[j], column_is_latent[:, j], last)[:, None]
+        x = torch.stack([first[:, 0], *column_list[j + 1 :]], dim=1)
         seen = bucket + num_columns
         causal = torch.ones(final_columns, final_columns, dtype=torch.bool, device=x.device).tril()
         allowed = torch.cat(

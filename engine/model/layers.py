@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.compat import safe_attention
+from engine.model.compat import cudnn_safe_key_padding
 
 # attention(layer_index, q, k, v, cos, sin) -> o, shapes in the module docstring
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,15 +66,19 @@ def masked_sdpa(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, geometry: LayerGeometry
 ) -> torch.Tensor:
     """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the boolean mask ``allowed`` (B, 1,
-    n, T), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA); cuDNN is left out where its
-    masked backward fails (`engine.model.compat.safe_attention`). Returns (B, q_heads, n, D)."""
+    n, T), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where cuDNN's masked backward
+    fails for T keys, masked keys are appended first (`engine.model.compat.cudnn_safe_key_padding`): the same
+    attention, at cuDNN's speed. Returns (B, q_heads, n, D)."""
     g = geometry
+    pad = cudnn_safe_key_padding(keys.shape[-2], q.device)
+    if pad:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))
+        allowed = F.pad(allowed, (0, pad), value=False)
     if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
         batch = q.shape[0]
         keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
         values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
-    with safe_attention(keys.shape[-2], q.device):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=g.scale)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=g.scale)
 
 
 def decoder_layers(language_model: nn.Module) -> list[nn.Module]:

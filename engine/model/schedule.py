@@ -13,6 +13,7 @@ loop itself never synchronises.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class PassSchedule:
     max_latents_per_row: int
     lockstep_starts: tuple[int, ...] = ()  # extra cuts made by `with_min_passes` (not latents)
     latent_columns_real: bool = False  # every row holds a real token (attention mask 1) at every latent column
+    real_prefix_columns: int = 0  # the columns [0, this) are real in every row (no padding there), read on the host
 
     @property
     def num_passes(self) -> int:
@@ -81,13 +83,10 @@ class PassSchedule:
             return self
         taken = set(self.starts)
         extra = [p for p in range(self.seq_len - 1, 0, -1) if p not in taken][:missing]
-        return PassSchedule(
+        return dataclasses.replace(
+            self,
             starts=tuple(sorted((*self.starts, *extra))),
-            seq_len=self.seq_len,
-            latent_positions=self.latent_positions,
-            max_latents_per_row=self.max_latents_per_row,
             lockstep_starts=tuple(sorted((*self.lockstep_starts, *extra))),
-            latent_columns_real=self.latent_columns_real,
         )
 
 
@@ -168,8 +167,16 @@ def build_schedule(
         latent_positions=latent_positions,
         max_latents_per_row=int(latent.sum(1).max()) if batch else 0,
         latent_columns_real=bool(mask[:, list(latent_positions)].all()) if latent_positions else False,
+        real_prefix_columns=real_prefix_columns(mask),
     )
     return schedule, tiles_per_row
+
+
+def real_prefix_columns(mask: torch.Tensor) -> int:
+    """How many leading columns of the (B, T) host ``mask`` are real in every row: a pass over columns [0, end)
+    needs no padding mask when ``end`` is at most this."""
+    padded = (~mask.bool().all(0)).nonzero()
+    return int(padded[0]) if len(padded) else mask.shape[1]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,14 @@ class _CachePassAttention:
         return o.transpose(1, 2)
 
 
-def pass_mask(attention_mask: torch.Tensor, queries: int) -> torch.Tensor | None:
+def pass_mask(attention_mask: torch.Tensor, queries: int, all_real: bool | None = None) -> torch.Tensor | None:
     """The attention mask of a pass whose ``queries`` positions end the (B, keys) ``attention_mask``: (B, 1, n,
     keys) bools, causal and over real keys only, or None where transformers passes none either (no padding, and no
-    cached prefix or a single query). Reads the mask on the host once, as transformers does."""
+    cached prefix or a single query). ``all_real``: whether every key is real, when the caller knows it on the host
+    (else the mask is read on the host once, as transformers does: a synchronisation)."""
     keys = attention_mask.shape[1]
     past = keys - queries
-    if (past == 0 or queries == 1) and bool(attention_mask.bool().all()):
+    if (past == 0 or queries == 1) and (bool(attention_mask.bool().all()) if all_real is None else all_real):
         return None
     query_positions = torch.arange(past, keys, device=attention_mask.device)
     causal = torch.arange(keys, device=attention_mask.device)[None, :] <= query_positions[:, None]  # (n, keys)
@@ -66,11 +67,13 @@ def stack_pass(
     position_ids: torch.Tensor,
     cache,
     ops: LayerOps,
+    all_real: bool | None = None,
 ) -> torch.Tensor:
     """The pass over ``inputs_embeds`` (B, n, H) after the positions already in ``cache`` (a transformers
     `DynamicCache`, to which each layer's K/V are appended): ``attention_mask`` (B, cached + n), ``position_ids``
-    (B, n). Returns the last hidden states (B, n, H) after the final norm, as transformers' ``last_hidden_state``."""
+    (B, n); ``all_real``: whether the mask is all ones, when known on the host (`pass_mask`). Returns the last
+    hidden states (B, n, H) after the final norm, as transformers' ``last_hidden_state``."""
     geometry = layer_geometry(language_model)
     cos, sin = language_model.rotary_emb(inputs_embeds, position_ids)  # (B, n, head_dim)
-    attention = _CachePassAttention(ops, geometry, cache, pass_mask(attention_mask, inputs_embeds.shape[1]))
+    attention = _CachePassAttention(ops, geometry, cache, pass_mask(attention_mask, inputs_embeds.shape[1], all_real))
     return run_layers(language_model, inputs_embeds, cos, sin, attention, ops, geometry)
