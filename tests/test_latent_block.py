@@ -324,3 +324,56 @@ def test_block_backward_writes_the_prefix_and_column_gradients_once(tiny_model):
         grads = torch.autograd.grad(outputs, [embeds, prefix_kv], cotangents)
     assert all(torch.isfinite(x).all() and x.abs().sum() > 0 for x in grads)
     assert sorted(shape for _, shape in log.made) == sorted([tuple(embeds.shape), tuple(prefix_kv.shape)]), log.made
+
+
+def test_block_merges_each_layers_projections_once_for_all_passes(tiny_model, monkeypatch):
+    """With the fused ops the block concatenates each layer's q/k/v and gate/up weights once and runs two products
+    per layer and pass where the modules run five; outputs and every gradient (inputs and parameters) equal the
+    unmerged block's (fp32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine.model import fused_ops
+    from engine.model.latent_block import latent_block
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    lm = tiny_model.language_model
+    config = lm.config
+    layers = config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    batch, columns, prefix, hidden = 3, 4, 9, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    inputs = (
+        torch.randn(batch, hidden, generator=g, requires_grad=True),
+        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
+        torch.tensor([[True, False, True, True]] * batch),
+        torch.arange(prefix, prefix + columns).repeat(batch, 1),
+        torch.rand(batch, prefix + columns, generator=g) > 0.2,
+        torch.randn(layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g, requires_grad=True),
+    )
+    inputs[4][:, prefix:] = True
+    params = [p for p in lm.parameters() if p.requires_grad]
+    results = {}
+    for merge in (True, False):
+        if not merge:
+            monkeypatch.setattr(fused_ops, "merge_unsupported", lambda layers: "switched off for the comparison")
+        with CountProducts() as counter:
+            outputs = latent_block(lm, *inputs, fused_ops=True)
+        cotangents = [torch.ones_like(o) for o in outputs]
+        grads = torch.autograd.grad(outputs, [inputs[0], inputs[1], inputs[5], *params], cotangents, allow_unused=True)
+        results[merge] = (outputs, grads, counter.products)
+    (merged_out, merged_grads, merged_products), (plain_out, plain_grads, plain_products) = results[True], results[False]
+    assert plain_products == layers * columns * 7 and merged_products == layers * columns * 4
+    for a, b in zip(merged_out, plain_out):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(merged_grads, plain_grads)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")

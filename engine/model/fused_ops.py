@@ -201,9 +201,29 @@ class GradFusedOps(ReferenceOps):
     """`ReferenceOps` with `kernels.layer_grads`: RMSNorm with its residual add, rotary embedding and the SwiGLU
     product, one kernel each forward and one backward, for inputs of any leading shape. Where a norm's weight, the
     sublayer output or the rotary table has another dtype than the activations (type promotion the kernels do not
-    model), the modules run."""
+    model), the modules run.
+
+    ``merge_projections``: each layer's q/k/v weights (and biases) and gate/up weights are concatenated on first
+    use and kept for this table's life, so that passes sharing the table (the latent block's, each layer used once
+    per pass) run two products per layer instead of five, forward and backward (gradients flow back through the
+    concatenation to the modules' parameters). Layers whose projections `merge_unsupported` refuses, or whose
+    q/k/v mix biased and unbiased projections, keep the modules."""
 
     name = "fused_grad"
+
+    def __init__(self, language_model: nn.Module, merge_projections: bool = False):
+        super().__init__(language_model)
+        self._merged: dict | None = {} if merge_projections else None
+
+    def _merged_weights(self, key: tuple, modules: list[nn.Module]):
+        if key not in self._merged:
+            biases = [m.bias for m in modules]
+            if any(b is None for b in biases) and not all(b is None for b in biases):
+                self._merged[key] = None
+            else:
+                bias = None if biases[0] is None else torch.cat(biases)
+                self._merged[key] = (torch.cat([m.weight for m in modules]), bias, [m.out_features for m in modules])
+        return self._merged[key]
 
     def add_norm(self, norm, x, pending):
         if norm.weight.dtype != x.dtype or (pending is not None and pending.dtype != x.dtype):
@@ -217,5 +237,19 @@ class GradFusedOps(ReferenceOps):
             return super().rotary(q, k, cos, sin)
         return rotary_qk_grad(q, k, cos, sin)
 
+    def qkv(self, index, attn, h):
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        merged = None if self._merged is None else self._merged_weights(("qkv", index), projections)
+        if merged is None:
+            return super().qkv(index, attn, h)
+        weight, bias, sizes = merged
+        return F.linear(h, weight, bias).split(sizes, -1)  # views: the kernels read them strided
+
     def mlp(self, index, mlp, h):
-        return mlp.down_proj(silu_mul_grad(mlp.gate_proj(h), mlp.up_proj(h)))
+        projections = [mlp.gate_proj, mlp.up_proj]
+        merged = None if self._merged is None else self._merged_weights(("gate_up", index), projections)
+        if merged is None:
+            return mlp.down_proj(silu_mul_grad(mlp.gate_proj(h), mlp.up_proj(h)))
+        weight, bias, sizes = merged
+        gate, up = F.linear(h, weight, bias).split(sizes, -1)
+        return mlp.down_proj(silu_mul_grad(gate, up))

@@ -62,6 +62,7 @@ class _CachedChunkAttention:
     def __init__(self, ops: ReferenceOps, geometry: LayerGeometry, past_keys, past_values, allowed: torch.Tensor):
         self.ops, self.geometry = ops, geometry
         self.past_keys, self.past_values, self.allowed = past_keys, past_values, allowed
+        self.blocked = ~allowed if allowed.shape[-2] == 1 else None  # one-query passes: once, not once a layer
 
     def __call__(self, index, q, k, v, cos, sin):
         g = self.geometry
@@ -69,14 +70,22 @@ class _CachedChunkAttention:
         q, k = self.ops.rotary(q, k, cos, sin)  # (B, n, heads, D)
         self.past_keys[index].append(k.transpose(1, 2))
         self.past_values[index].append(v.transpose(1, 2))
-        keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         if n == 1:
             # One query per row: attention is a few small matmuls over the grouped heads. Unlike SDPA after
-            # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2).
-            scores = (q.view(batch, g.kv_heads, g.groups, g.head_dim) @ keys.transpose(-1, -2)).float() * g.scale
-            scores = scores.masked_fill(~self.allowed, float("-inf"))  # allowed (B, 1, 1, keys) broadcasts
-            o = scores.softmax(-1).to(values.dtype) @ values  # (B, kv_heads, groups, head_dim)
+            # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2). The
+            # prefix's K/V (hundreds of positions) are read where they are rather than concatenated with the
+            # passes' own: that was a copy of the whole prefix per pass and layer, and in backward a strided
+            # gradient slice per piece to accumulate; the two groups of scores are joined instead (a few KB a row).
+            qg = q.view(batch, g.kv_heads, g.groups, g.head_dim)
+            prefix_k, prefix_v = self.past_keys[index][0], self.past_values[index][0]
+            new_k, new_v = torch.cat(self.past_keys[index][1:], dim=2), torch.cat(self.past_values[index][1:], dim=2)
+            scores = torch.cat([qg @ prefix_k.transpose(-1, -2), qg @ new_k.transpose(-1, -2)], dim=-1)
+            scores = scores.float().mul_(g.scale).masked_fill_(self.blocked, float("-inf"))  # (B, 1, 1, keys) broadcasts
+            probs = scores.softmax(-1).to(new_v.dtype)
+            prefix_len = prefix_k.shape[-2]
+            o = probs[..., :prefix_len] @ prefix_v + probs[..., prefix_len:] @ new_v  # (B, kv_heads, groups, D)
             return o.reshape(batch, 1, g.q_heads, g.head_dim)
+        keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         return masked_sdpa(q.transpose(1, 2), keys, values, self.allowed, g).transpose(1, 2)
 
 
@@ -104,9 +113,10 @@ def latent_block(
     num_layers = prefix_kv.shape[0]
     geometry = dataclasses.replace(layer_geometry(lm), num_layers=num_layers, head_dim=prefix_kv.shape[-1])
     if fused_ops:
-        from engine.model.fused_ops import GradFusedOps
+        from engine.model.fused_ops import GradFusedOps, merge_unsupported
 
-        ops = GradFusedOps(lm)
+        # each layer runs once per pass: its q/k/v and gate/up weights concatenated once serve every pass
+        ops = GradFusedOps(lm, merge_projections=merge_unsupported(list(lm.layers[:num_layers])) is None)
     else:
         ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
