@@ -279,6 +279,52 @@ def test_latent_inside_image_span(tiny_model, tiny_tok):
         tiny_model(bad, mask, pv)
 
 
+def _first_latent_error(ids, mask, latent_id, image_id):
+    """The latent checks one latent at a time, in row-major order: what build_schedule must report."""
+    for row in range(ids.shape[0]):
+        for col in range(ids.shape[1]):
+            if ids[row, col] != latent_id:
+                continue
+            if col == 0 or not mask[row, col - 1]:
+                return f"row {row}: <|latent|> at position {col} has no real token"
+            if not mask[row, col]:
+                return f"row {row}: <|latent|> at position {col} is masked out"
+    for row in range(ids.shape[0]):
+        image_cols = (ids[row] == image_id).nonzero().flatten().tolist()
+        for col in range(ids.shape[1]):
+            if image_cols and ids[row, col] == latent_id and image_cols[0] <= col <= image_cols[-1]:
+                span = f"[{image_cols[0]}, {image_cols[-1]}]"
+                return f"row {row}: <|latent|> at position {col} lies inside the image span {span}"
+    return None
+
+
+def test_latent_checks_name_the_first_bad_latent_on_random_layouts():
+    """build_schedule checks the latents as whole-batch masks; on random layouts (latents anywhere, padding
+    anywhere, image spans with latents inside) it names the same latent, for the same reason, as checking them
+    one at a time."""
+    from engine.model.schedule import build_schedule
+
+    g = torch.Generator().manual_seed(0)
+    latent_id, image_id, seen = 9, 7, set()
+    for _ in range(300):
+        rows, cols = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g))
+        ids = torch.randint(0, 4, (rows, cols), generator=g)
+        ids[torch.rand(rows, cols, generator=g) < 0.2] = latent_id
+        ids[torch.rand(rows, cols, generator=g) < 0.15] = image_id
+        mask = (torch.rand(rows, cols, generator=g) > 0.15).long()
+        expected = _first_latent_error(ids, mask, latent_id, image_id)
+        try:  # one token per tile: every image-token count is a whole number of tiles
+            build_schedule(ids, mask, latent_id=latent_id, image_token_id=image_id, tokens_per_tile=1,
+                           num_tiles=int((ids == image_id).sum()))  # fmt: skip
+            got = None
+        except BatchLayoutError as error:
+            got = str(error)
+        assert (got is None) == (expected is None) and (got is None or got.startswith(expected)), (ids, mask, got)
+        kinds = ("no real token", "masked out", "inside the image span")
+        seen.add(None if expected is None else next(k for k in kinds if k in expected))
+    assert seen == {None, *kinds}  # valid batches and each kind of error occurred
+
+
 def test_mismatched_shapes(tiny_model, tiny_tok):
     ids, mask, pv = single_row(tiny_model, tiny_tok, n_latents=1)
     with pytest.raises(BatchLayoutError, match="attention_mask shape"):

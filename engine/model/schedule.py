@@ -138,26 +138,32 @@ def build_schedule(
             f"({per_row}; {tokens_per_tile} tokens per tile)"
         )
 
-    # --- latents: each needs a real token right before it, on a real position, after the row's image.
-    rows, cols = latent.nonzero(as_tuple=True)
-    for row, col in zip(rows.tolist(), cols.tolist()):
-        if col == 0 or not mask[row, col - 1]:
+    # --- latents: each needs a real token right before it, on a real position, after the row's image. Checked
+    # as whole-batch masks (a few operators, not several per latent: this runs on the host before every forward);
+    # the first offending latent in row-major order is the one named.
+    prev_real = torch.zeros_like(mask)
+    prev_real[:, 1:] = mask[:, :-1]
+    no_source, masked = latent & ~prev_real, latent & ~mask
+    bad = no_source | masked
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        col = int(bad[row].nonzero()[0])
+        if no_source[row, col]:
             raise BatchLayoutError(
                 f"row {row}: <|latent|> at position {col} has no real token before it to take its thought from "
                 "(a latent cannot be a row's first token)"
             )
-        if not mask[row, col]:
-            raise BatchLayoutError(f"row {row}: <|latent|> at position {col} is masked out by attention_mask (padding)")
-    for row in range(batch):
-        if not image_counts[row] or not latent[row].any():
-            continue
-        img_cols = image[row].nonzero().flatten()
-        first, last = int(img_cols[0]), int(img_cols[-1])
-        inside = latent[row, first : last + 1].nonzero().flatten()
-        if len(inside):
+        raise BatchLayoutError(f"row {row}: <|latent|> at position {col} is masked out by attention_mask (padding)")
+    if bool(image.any()) and bool(latent.any()):
+        columns = torch.arange(seq_len)
+        first = torch.where(image, columns, seq_len).amin(1)  # each row's first and last image column
+        last = torch.where(image, columns, -1).amax(1)
+        inside = latent & (columns >= first[:, None]) & (columns <= last[:, None])
+        if bool(inside.any()):
+            row = int(inside.any(1).nonzero()[0])
             raise BatchLayoutError(
-                f"row {row}: <|latent|> at position {first + int(inside[0])} lies inside the image span "
-                f"[{first}, {last}]; thoughts must come after the image tokens"
+                f"row {row}: <|latent|> at position {int(inside[row].nonzero()[0])} lies inside the image span "
+                f"[{int(first[row])}, {int(last[row])}]; thoughts must come after the image tokens"
             )
 
     latent_positions = tuple(latent.any(0).nonzero().flatten().tolist())
