@@ -137,6 +137,18 @@ def test_zero_settings_per_stage_and_overrides():
     assert deepspeed_config(train_config(zero_stage=0), use_bf16=False)["zero_optimization"] == {"stage": 0}
 
 
+def test_zero2_overlaps_its_reductions_only_on_several_ranks():
+    cfg = train_config(zero_stage=2)
+    assert deepspeed_config(cfg, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is False
+    assert deepspeed_config(cfg, use_bf16=True, world_size=2)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is False  # no process group
+    asked = train_config(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config(asked, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is True
+    for stage in (1, 3):  # their own settings, whatever the world size
+        zero = deepspeed_config(train_config(zero_stage=stage), use_bf16=True, world_size=1)["zero_optimization"]
+        assert zero["overlap_comm"] is ZERO_DEFAULTS[stage]["overlap_comm"]
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_deepspeed_takes_the_stage_settings(zero_stage):
     """DeepSpeed validates the settings (unknown keys are errors there) and applies them: ZeRO-1 registers no
@@ -145,7 +157,8 @@ def test_deepspeed_takes_the_stage_settings(zero_stage):
     try:
         settings = ZERO_DEFAULTS[zero_stage]
         assert engine.zero_optimization_stage() == zero_stage
-        assert engine.zero_overlap_comm() == settings["overlap_comm"]
+        # one process here: ZeRO-2 does not overlap (`test_zero2_overlaps_its_reductions_only_on_several_ranks`)
+        assert engine.zero_overlap_comm() == (settings["overlap_comm"] and zero_stage != 2)
         assert engine.zero_contiguous_gradients() == settings["contiguous_gradients"]
         assert engine.zero_reduce_bucket_size() == settings["reduce_bucket_size"]
         if zero_stage == 3:
