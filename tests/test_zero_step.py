@@ -58,8 +58,6 @@ def test_norm_and_overflow_equal_deepspeed(zero_stage):
         assert opt.get_grad_norm_direct.__func__ is not ZeroOpt.get_grad_norm_direct  # the multi-tensor one is on
         grads = all_grads(opt)
         assert len(grads) > 10
-        # ZeRO-2's contiguous gradient buffer: one flat run, one reduction; ZeRO-1's separate gradients: one each
-        assert len(zero_step._flat_runs(grads)) == (1 if zero_stage == 2 else len(grads))
         for i in range(len(opt.bit16_groups)):
             ours = opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
             theirs = ZeroOpt.get_grad_norm_direct(opt, opt.averaged_gradients[i], opt.params_in_partition[i])
@@ -84,34 +82,6 @@ def test_norm_and_overflow_equal_deepspeed(zero_stage):
         assert not bool(ZeroOpt.has_overflow_partitioned_grads_serial(opt))
     finally:
         engine.destroy()
-
-
-def test_flat_runs_cover_each_element_once():
-    """Views of one buffer in any order merge into one run; another storage, a gap, another dtype or a
-    non-contiguous tensor start a new one; overlapping views come back as they are. The norms' squares always sum
-    to the per-tensor ones."""
-    buf = torch.randn(100, dtype=torch.float64)
-    views = [buf[60:100].view(4, 10), buf[0:10], buf[10:60].view(5, 10)]
-    other = torch.randn(7)
-    transposed = torch.randn(6, 4).t()
-    words = torch.randn(16)
-    floats, halves = words[:8], words[8:].view(torch.bfloat16)  # end to end in one storage, two dtypes
-    cases = {
-        "one buffer + another": (views + [other], [7, 100]),
-        "a gap": ([buf[0:10], buf[20:30]], [10, 10]),
-        "non-contiguous": ([transposed, buf[0:3]], [3, 24]),
-        "overlap": ([buf[0:10], buf[5:15]], [10, 10]),
-        "empty ones skipped": ([buf[0:0], buf[0:4], buf[4:4], buf[4:9]], [9]),
-        "another dtype": ([floats, halves], [8, 16]),
-    }
-    for name, (tensors, sizes) in cases.items():
-        runs = zero_step._flat_runs(tensors)
-        assert sorted(r.numel() for r in runs) == sizes, name
-        want = sum(float(t.double().pow(2).sum()) for t in tensors)
-        got = float(zero_step._norms(tensors).pow(2).sum())
-        assert got == pytest.approx(want, rel=1e-12), name
-    run = zero_step._flat_runs(views)[0]
-    assert run.data_ptr() == buf.data_ptr() and torch.equal(run, buf)  # a view: no copy
 
 
 @needs_checked_release

@@ -7,9 +7,7 @@ gradients and ~11,000 kernel launches in the optimizer phase, which makes it hos
 "the optimizer phase under torch.profiler"). Both questions have multi-tensor answers: one `torch._foreach_norm`
 over every gradient gives each gradient's L2 norm (accumulated in fp64, as DeepSpeed does), a gradient holds a NaN
 or an infinity exactly when its fp64 norm is not finite (squares of finite bf16/fp32 values cannot overflow fp64),
-and the global norm is the root of the summed squares. Under ZeRO-2 a rank's gradients lie end to end in DeepSpeed's
-contiguous buffer, so each question is one reduction over one flat view of it (`_flat_runs`), issued without a
-list of 733 tensors to walk on the host; ZeRO-1's separate gradients take the multi-tensor kernels.
+and the global norm is the root of the summed squares.
 
 `use_multi_tensor_grad_checks(optimizer)` replaces the two methods on that one optimizer instance when its setup is
 the plain one they were written for (no model parallelism, no MoE, no CPU offload, no pipeline-replicated
@@ -63,44 +61,9 @@ def multi_tensor_unsupported(optimizer) -> str | None:
     return None
 
 
-def _flat_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The same elements as few flat tensors: tensors that lie end to end in one storage, in any order, merged into
-    one 1-d view each (ZeRO-2's contiguous gradient buffer holds a rank's gradients so: one view instead of 733 at
-    the InternVL3-1B geometry). Anything else (another storage, a gap, a non-contiguous tensor) starts a new run;
-    overlapping tensors (never seen in DeepSpeed's lists) return the list as it is rather than count twice."""
-    runs: list[torch.Tensor] = []
-    first = end = storage = None
-    for t in sorted((t for t in tensors if t.numel()), key=lambda t: t.data_ptr()):
-        if not t.is_contiguous():
-            runs.append(t)
-            continue
-        here = t.untyped_storage().data_ptr()
-        if first is not None and here == storage and t.dtype == first.dtype and t.data_ptr() < end:
-            return list(tensors)  # overlap
-        if first is not None and here == storage and t.dtype == first.dtype and t.data_ptr() == end:
-            end += t.numel() * t.element_size()
-            continue
-        if first is not None:
-            runs.append(_run_view(first, end))
-        first, end, storage = t, t.data_ptr() + t.numel() * t.element_size(), here
-    if first is not None:
-        runs.append(_run_view(first, end))
-    return runs
-
-
-def _run_view(first: torch.Tensor, end: int) -> torch.Tensor:
-    return first.as_strided(((end - first.data_ptr()) // first.element_size(),), (1,), first.storage_offset())
-
-
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norms in fp64 whose squares sum to the tensors' summed squares, as one 1-d tensor: one reduction per flat
-    run (`_flat_runs`), or the multi-tensor kernels over many runs."""
-    runs = _flat_runs(tensors)
-    if not runs:
-        return torch.zeros(1, dtype=NORM_DTYPE, device=tensors[0].device if tensors else None)
-    if len(runs) <= 8:
-        return torch.stack([torch.linalg.vector_norm(r, 2, dtype=NORM_DTYPE) for r in runs])
-    return torch.stack(torch._foreach_norm(runs, 2, dtype=NORM_DTYPE))
+    """Each tensor's L2 norm in fp64, as one 1-d tensor (multi-tensor kernels, a few launches in all)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=NORM_DTYPE))
 
 
 def _grad_norm(self, gradients, params, norm_type=2):
@@ -118,7 +81,7 @@ def _grad_norm(self, gradients, params, norm_type=2):
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     total = total.pow(0.5)
-    return total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's mark of an invalid norm, without a copy from the host
+    return total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's -1 for an invalid norm, no host tensor
 
 
 def _has_overflow(self):
