@@ -68,16 +68,20 @@ def left_padded_batch(model, tok, length, latents=0):
     return ids, mask, random_pixels(2, model.config.vision_config.image_size[0], 0)
 
 
+def train_on_a_left_padded_batch(model, tok, layer_ops: str, length: int = 64) -> None:
+    """Forward and backward of a ``length``-column left-padded batch with the given layer ops."""
+    ids, mask, pv = left_padded_batch(model, tok, length)
+    model.set_layer_ops(layer_ops)
+    try:
+        model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    finally:
+        model.set_layer_ops("auto")
+        model.zero_grad(set_to_none=True)
+
+
 def test_a_transformers_training_pass_over_an_unsafe_key_count_enters_the_guard(tiny_model, tiny_tok, guard_spy):
     """A 64-column left-padded batch with the reference ops: the transformers call runs inside the guard."""
-    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
-    tiny_model.set_layer_ops("reference")
-    try:
-        loss = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss
-        loss.backward()
-    finally:
-        tiny_model.set_layer_ops("auto")
-        tiny_model.zero_grad(set_to_none=True)
+    train_on_a_left_padded_batch(tiny_model, tiny_tok, "reference")
     assert guard_spy == [(64, False)]
 
 
@@ -106,14 +110,7 @@ def unsafe_for_cudnn(calls):
 def test_no_training_pass_gives_cudnn_an_unsafe_key_count(tiny_model, tiny_tok, sdpa_calls_as_on_cuda, layer_ops):
     """A 64-column left-padded batch: the transformers call (reference ops) runs with cuDNN off; the stack pass
     (fused ops) appends 64 masked keys in every layer, cuDNN staying on."""
-    ids, mask, pv = left_padded_batch(tiny_model, tiny_tok, 64)
-    tiny_model.set_layer_ops(layer_ops)
-    try:
-        loss = tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss
-        loss.backward()
-    finally:
-        tiny_model.set_layer_ops("auto")
-        tiny_model.zero_grad(set_to_none=True)
+    train_on_a_left_padded_batch(tiny_model, tiny_tok, layer_ops)
     calls = sdpa_calls_as_on_cuda
     layers = tiny_model.language_model.config.num_hidden_layers
     assert calls and unsafe_for_cudnn(calls) == []
