@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.vocab import (
     END_LATENT_TOKEN,
@@ -85,3 +86,15 @@ def assert_close(actual, expected, dtype, what):
     err = (actual.float() - expected.float()).abs()
     worst = err.argmax().item()
     assert err.max() <= tol, f"{what}: max error {err.max():.3g} > {tol} at flat index {worst} of {tuple(err.shape)}"
+
+
+class CountProducts(TorchDispatchMode):
+    """Matrix products (mm, addmm) issued while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.model.schedule import build_schedule
-from tests.helpers import align_batch, pad_batch, random_pixels, sample_ids
+from tests.helpers import CountProducts, align_batch, pad_batch, random_pixels, sample_ids
 
 TOL = 2e-5
 
@@ -330,19 +330,8 @@ def test_block_merges_each_layers_projections_once_for_all_passes(tiny_model, mo
     """With the fused ops the block concatenates each layer's q/k/v and gate/up weights once and runs two products
     per layer and pass where the modules run five; outputs and every gradient (inputs and parameters) equal the
     unmerged block's (fp32)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from engine.model import fused_ops
     from engine.model.latent_block import latent_block
-
-    class CountProducts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.products = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
 
     lm = tiny_model.language_model
     config = lm.config

@@ -14,7 +14,7 @@ from engine.model.compat import cache_kwargs
 from engine.model.fused_ops import GradFusedOps
 from engine.model.layers import ReferenceOps
 from engine.model.stack_pass import pass_mask, stack_pass
-from tests.helpers import random_pixels, sample_ids
+from tests.helpers import CountProducts, random_pixels, sample_ids
 
 TOL = 2e-5
 
@@ -57,25 +57,29 @@ def left_padded(lm, pads, length, seed):
         ({"text_heads": 4, "text_kv_heads": 4}, (0, 0), 5),  # no GQA
     ],
 )
-@pytest.mark.parametrize("fused", [False, True])
-def test_stack_pass_computes_the_transformers_pass(overrides, pads, split, fused):
+@pytest.mark.parametrize("ops_name", ["reference", "fused", "fused_merged"])
+def test_stack_pass_computes_the_transformers_pass(overrides, pads, split, ops_name):
     """Values at real positions, the cache and the gradients of the inputs and of every parameter (fp32; the fused
-    ops interpreted on CPU)."""
+    ops interpreted on CPU; merged: each layer's q/k/v and gate/up as one product each, 4 products per layer and
+    pass instead of 7)."""
     model, _, _ = load_model("tiny", model_overrides=overrides, seed=5)
     lm = model.language_model
     x, mask, positions = left_padded(lm, pads, 11, seed=1)
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    ops = GradFusedOps(lm) if fused else ReferenceOps(lm)
+    ops = {"reference": lambda: ReferenceOps(lm), "fused": lambda: GradFusedOps(lm),
+           "fused_merged": lambda: GradFusedOps(lm, merge_projections=True)}[ops_name]()  # fmt: skip
     results = []
     for run in (transformers_pass(lm), layer_stack_pass(lm, ops)):
         lm.zero_grad(set_to_none=True)
         inputs = x.clone().requires_grad_(True)
-        hidden, cache = two_passes(lm, inputs, mask, positions, split, run)
+        with CountProducts() as counter:
+            hidden, cache = two_passes(lm, inputs, mask, positions, split, run)
         real = mask.bool()
         (hidden[real] * weights[real]).sum().backward()
         grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
         results.append((hidden.detach(), cache, inputs.grad.clone(), grads))
     (ref, ref_cache, ref_dx, ref_grads), (out, cache, dx, grads) = results
+    assert counter.products == 2 * lm.config.num_hidden_layers * (4 if ops_name == "fused_merged" else 7)
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=TOL, rtol=1e-5)
     for a, b in zip(cache.layers, ref_cache.layers, strict=True):
