@@ -352,7 +352,7 @@ def test_block_merges_each_layers_projections_once_for_all_passes(tiny_model, mo
     results = {}
     for merge in (True, False):
         if not merge:
-            monkeypatch.setattr(fused_ops, "merge_unsupported", lambda layers: "switched off for the comparison")
+            monkeypatch.setattr(fused_ops, "training_merge_unsupported", lambda layers: "switched off for the comparison")
         with CountProducts() as counter:
             outputs = latent_block(lm, *inputs, fused_ops=True)
         cotangents = [torch.ones_like(o) for o in outputs]
@@ -366,3 +366,18 @@ def test_block_merges_each_layers_projections_once_for_all_passes(tiny_model, mo
         assert (a is None) == (b is None), i
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
+
+
+def test_training_merge_is_refused_for_large_or_partitioned_weights(tiny_model, monkeypatch):
+    from engine.model import fused_ops
+
+    layers = list(tiny_model.language_model.layers)
+    assert fused_ops.training_merge_unsupported(layers) is None
+    monkeypatch.setattr(fused_ops, "MERGED_COPY_LIMIT", 1000)
+    assert "merged copies would take" in fused_ops.training_merge_unsupported(layers)
+    monkeypatch.undo()
+    layers[0].self_attn.q_proj.weight.ds_id = 7  # as DeepSpeed ZeRO-3 marks a partitioned parameter
+    try:
+        assert fused_ops.training_merge_unsupported(layers) == "ZeRO-3 partitions the weights"
+    finally:
+        del layers[0].self_attn.q_proj.weight.ds_id

@@ -275,12 +275,11 @@ class MultimodalCoconut(nn.Module):
         for transformers calls (`fast_paths.stack_passes` decides)."""
         if fast_paths.stack_passes(self, device, self.dtype).choice != "layer_stack":
             return None
-        from engine.model.fused_ops import GradFusedOps, merge_unsupported
-        from engine.model.layers import decoder_layers
+        from engine.model.fused_ops import GradFusedOps
 
-        # built per forward, so the merged q/k/v and gate/up weights are this step's: one product each per layer
-        merge = merge_unsupported(decoder_layers(self.language_model)) is None
-        return GradFusedOps(self.language_model, merge_projections=merge)
+        # not merged: a stack pass runs each layer once, over hundreds of rows a product, where a concatenated copy
+        # of the weights would cost a copy and memory and save no launch worth it
+        return GradFusedOps(self.language_model)
 
     def _injection_hook(self) -> Callable | None:
         """The injection hook of this forward (None: the PyTorch path), `fast_paths.injection` deciding "auto"."""

@@ -56,6 +56,25 @@ def merge_unsupported(layers: list[nn.Module]) -> str | None:
     return None
 
 
+MERGED_COPY_LIMIT = 2 << 30  # bytes of concatenated weights a training pass's merged ops table may hold
+
+
+def training_merge_unsupported(layers: list[nn.Module]) -> str | None:
+    """Why the latent block's passes should not merge these layers' q/k/v and gate/up weights (None: merge). The
+    concatenated copies live through the step's backward (2 bytes per projection weight in bf16): merged while
+    they stay under 2 GiB (InternVL3-1B: 0.47 GB; 2B: 1.7 GB; 8B: 8.5 GB is not), never under ZeRO-3, whose
+    partitioned weights an ops table must not read."""
+    if any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters()):
+        return "ZeRO-3 partitions the weights"
+    reason = merge_unsupported(layers)
+    if reason is not None:
+        return reason
+    size = sum(m.weight.numel() * m.weight.element_size() for layer in layers for m in _projections(layer).values())
+    if size > MERGED_COPY_LIMIT:
+        return f"the merged copies would take {size / 2**30:.1f} GiB (the limit is {MERGED_COPY_LIMIT / 2**30:.0f})"
+    return None
+
+
 class MergedProjections:
     """One layer's q/k/v projections as one (Q + 2KV, H) weight and its gate/up projections as one (2I, H) weight:
     two matrix products per layer instead of five (at decode sizes each product is a kernel whose weight read

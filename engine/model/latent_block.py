@@ -113,10 +113,11 @@ def latent_block(
     num_layers = prefix_kv.shape[0]
     geometry = dataclasses.replace(layer_geometry(lm), num_layers=num_layers, head_dim=prefix_kv.shape[-1])
     if fused_ops:
-        from engine.model.fused_ops import GradFusedOps, merge_unsupported
+        from engine.model.fused_ops import GradFusedOps, training_merge_unsupported
 
         # each layer runs once per pass: its q/k/v and gate/up weights concatenated once serve every pass
-        ops = GradFusedOps(lm, merge_projections=merge_unsupported(list(lm.layers[:num_layers])) is None)
+        merge = training_merge_unsupported(list(lm.layers[:num_layers])) is None
+        ops = GradFusedOps(lm, merge_projections=merge)
     else:
         ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
