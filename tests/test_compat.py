@@ -157,6 +157,28 @@ def test_masked_sdpa_pads_an_unsafe_key_count_to_the_same_attention(sdpa_calls_a
     assert [c[0] for c in sdpa_calls_as_on_cuda] == [192, 192]
 
 
+def test_masked_sdpa_pads_additive_and_broadcast_masks_too(sdpa_calls_as_on_cuda):
+    """An additive float mask gets -inf on the appended keys (0 would let them in), a mask broadcast over the keys
+    is widened first; fully masked query rows (left padding's) stay what SDPA gives unpadded."""
+    from engine.model.layers import LayerGeometry, masked_sdpa
+
+    g = LayerGeometry(num_layers=1, hidden_size=2 * 16, q_heads=2, kv_heads=2, head_dim=16, scale=16**-0.5)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 5, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 64, 16, generator=gen) for _ in range(2))
+    allowed = torch.rand(2, 1, 5, 64, generator=gen) > 0.4
+    allowed[..., 0] = True
+    allowed[1, :, 2] = False  # a fully masked query row
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    every_key = torch.ones(2, 1, 5, 1, dtype=torch.bool)
+    for mask in (allowed, additive, every_key):
+        sdpa_calls_as_on_cuda.clear()
+        got = masked_sdpa(q, k, v, mask, g)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=g.scale)
+        assert sdpa_calls_as_on_cuda[0][0] == 128
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
 def test_the_padding_applies_where_cudnn_could_run_an_unsafe_backward():
     assert compat.cudnn_safe_key_padding(320, "cuda") == 64
     assert compat.cudnn_safe_key_padding(384, "cuda") == 0

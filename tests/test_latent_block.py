@@ -381,3 +381,24 @@ def test_training_merge_is_refused_for_large_or_partitioned_weights(tiny_model, 
         assert fused_ops.training_merge_unsupported(layers) == "ZeRO-3 partitions the weights"
     finally:
         del layers[0].self_attn.q_proj.weight.ds_id
+
+
+def test_a_layer_with_mixed_projection_biases_keeps_separate_products(tiny_model):
+    """q with a bias, k and v without: that layer's q/k/v are not concatenated (the others are), and the block
+    computes what the unmerged block computes."""
+    import copy
+
+    from engine.model.fused_ops import GradFusedOps
+
+    model = copy.deepcopy(tiny_model)
+    lm = model.language_model
+    lm.layers[0].self_attn.k_proj.bias = None
+    lm.layers[0].self_attn.v_proj.bias = None
+    h = torch.randn(3, 2, lm.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    merged, plain = GradFusedOps(lm, merge_projections=True), GradFusedOps(lm)
+    for index, layer in enumerate(lm.layers):
+        with CountProducts() as counter:
+            got = merged.qkv(index, layer.self_attn, h)
+        assert counter.products == (3 if index == 0 else 1)
+        for a, b in zip(got, plain.qkv(index, layer.self_attn, h)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -137,11 +137,13 @@ def test_zero_settings_per_stage_and_overrides():
     assert deepspeed_config(train_config(zero_stage=0), use_bf16=False)["zero_optimization"] == {"stage": 0}
 
 
-def test_zero2_overlaps_its_reductions_only_on_several_ranks():
+def test_zero2_overlaps_its_reductions_only_on_several_ranks(monkeypatch):
     cfg = train_config(zero_stage=2)
     assert deepspeed_config(cfg, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is False
     assert deepspeed_config(cfg, use_bf16=True, world_size=2)["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is False  # no process group
+    monkeypatch.setenv("WORLD_SIZE", "4")  # set by the launcher before the process group exists
+    assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is True
     asked = train_config(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}})
     assert deepspeed_config(asked, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is True
     for stage in (1, 3):  # their own settings, whatever the world size

@@ -131,10 +131,13 @@ def test_pass_mask_takes_the_hosts_answer_and_the_schedule_knows_it():
     assert real_prefix_columns(torch.ones(2, 3)) == 3
 
 
-@pytest.mark.parametrize("padding", ["none", "right"])
-def test_a_training_forward_tells_the_stack_pass_whether_its_keys_are_real(tiny_model, tiny_tok, monkeypatch, padding):
+@pytest.mark.parametrize("padding,min_passes", [("none", 0), ("right", 0), ("left", 0), ("right", 6)])
+def test_a_training_forward_tells_the_stack_pass_whether_its_keys_are_real(
+    tiny_model, tiny_tok, monkeypatch, padding, min_passes
+):
     """The forward answers from the schedule's host copy of the mask (the pass does not read the device mask, a
-    synchronisation), and answers right: the prefix pass is all real; with right padding the final pass is not."""
+    synchronisation), and answers right for every pass (lockstep passes from min_passes included): all real
+    without padding, none with left padding, the first but not the last with right padding."""
     import engine.model.stack_pass as sp
 
     seen = []
@@ -151,17 +154,24 @@ def test_a_training_forward_tells_the_stack_pass_whether_its_keys_are_real(tiny_
     mask = torch.ones_like(ids)
     if padding == "right":
         mask[1, -3:] = 0
+    elif padding == "left":
+        ids = torch.cat([torch.full((2, 2), tiny_tok.pad_token_id), ids], 1)
+        mask = torch.cat([torch.tensor([[0, 0], [1, 1]]), mask], 1)
     pv = random_pixels(2, tiny_model.config.vision_config.image_size[0], 0)
     tiny_model.set_layer_ops("fused")
     tiny_model.set_latent_passes("transformers")  # every pass a stack pass
     try:
-        tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        tiny_model(ids, mask, pv, labels=ids.masked_fill(mask == 0, -100), min_passes=min_passes).loss.backward()
     finally:
         tiny_model.set_layer_ops("auto")
         tiny_model.set_latent_passes("auto")
         tiny_model.zero_grad(set_to_none=True)
-    assert len(seen) == 3 and all(told == truth for told, truth in seen)
-    assert [told for told, _ in seen] == ([True, True, False] if padding == "right" else [True] * 3)
+    assert len(seen) == max(3, min_passes) and all(told == truth for told, truth in seen)
+    told = [t for t, _ in seen]
+    if padding == "right":  # the passes up to the padded columns are real, the ones over them not
+        assert told[0] and not told[-1]
+    else:
+        assert told == [padding == "none"] * len(seen)
 
 
 def test_training_forward_through_the_stack_matches_transformers(tiny_model, tiny_tok):

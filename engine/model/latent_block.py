@@ -83,7 +83,12 @@ class _CachedChunkAttention:
             scores = scores.float().mul_(g.scale).masked_fill_(self.blocked, float("-inf"))  # (B, 1, 1, keys) broadcasts
             probs = scores.softmax(-1).to(new_v.dtype)
             prefix_len = prefix_k.shape[-2]
-            o = probs[..., :prefix_len] @ prefix_v + probs[..., prefix_len:] @ new_v  # (B, kv_heads, groups, D)
+            rows = batch * g.kv_heads  # one matrix per (row, kv head): the prefix's product accumulates onto the rest
+            o = torch.baddbmm(
+                (probs[..., prefix_len:] @ new_v).reshape(rows, g.groups, g.head_dim),
+                probs[..., :prefix_len].reshape(rows, g.groups, prefix_len),
+                prefix_v.reshape(rows, prefix_len, g.head_dim),
+            )
             return o.reshape(batch, 1, g.q_heads, g.head_dim)
         keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         return masked_sdpa(q.transpose(1, 2), keys, values, self.allowed, g).transpose(1, 2)

@@ -65,15 +65,17 @@ def layer_geometry(language_model: nn.Module) -> LayerGeometry:
 def masked_sdpa(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, geometry: LayerGeometry
 ) -> torch.Tensor:
-    """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the boolean mask ``allowed`` (B, 1,
-    n, T), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where cuDNN's masked backward
+    """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the mask ``allowed`` (B, 1, n, T;
+    boolean, or additive floats), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where cuDNN's masked backward
     fails for T keys, masked keys are appended first (`engine.model.compat.cudnn_safe_key_padding`): the same
     attention, at cuDNN's speed. Returns (B, q_heads, n, D)."""
     g = geometry
     pad = cudnn_safe_key_padding(keys.shape[-2], q.device)
     if pad:
         keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))
-        allowed = F.pad(allowed, (0, pad), value=False)
+        allowed = allowed.expand(*allowed.shape[:-1], keys.shape[-2] - pad)  # a mask broadcast over the keys
+        # the appended keys hidden: False in a boolean mask, -inf in an additive one
+        allowed = F.pad(allowed, (0, pad), value=False if allowed.dtype == torch.bool else float("-inf"))
     if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
         batch = q.shape[0]
         keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
