@@ -62,6 +62,7 @@ from benchmarks.common import (
     use_triton_interpreter_without_cuda,
     write_results,
 )
+from benchmarks.device_timeline import GAP_US, device_timeline, trace_events
 from engine.data.random_batch import synthetic_batch
 
 use_triton_interpreter_without_cuda()  # before the engine can import a kernel
@@ -460,7 +461,9 @@ class PhaseProfiler:
                for e in host_events if not e.key.startswith("train/")]
         kernels = [e for e in events if is_kernel(e)]
         cuda = self.device.type == "cuda"
+        timeline = device_timeline(trace_events(self.prof), top) if cuda else None
         return {
+            "timeline": timeline,
             "phase": self.phase, "wall_ms": self.wall_ms,
             "host_launches": sum(e.count for e in host_events if e.key in self.LAUNCH_CALLS) if cuda else None,
             "device_kernels": sum(e.count for e in kernels) if cuda else None,
@@ -481,6 +484,20 @@ def profile_table(prof: dict) -> str:
         if prof[key]:
             lines.append(f"Top operators by {title}:\n\n" + markdown_table(
                 prof[key], [("name", "operator"), ("calls", "calls"), ("device_ms", "device ms"), ("host_ms", "host ms")]))
+    timeline = prof.get("timeline")
+    if timeline and timeline["kernels"]:
+        lines.append(f"Device timeline (the profiler's trace): {timeline['kernels']} kernels and copies, "
+                     f"{timeline['kernel_ms']:.1f} ms of them over a {timeline['span_ms']:.1f} ms span, idle "
+                     f"{timeline['idle_ms']:.1f} ms in gaps over {GAP_US:.0f} us; {timeline['graph_kernels']} kernels "
+                     "launched by CUDA graphs")
+        columns = [("name", "kernel"), ("calls", "calls"), ("ms", "ms"), ("mean_us", "mean us")]
+        for key, title in (("by_name", "Kernels by device time"), ("graph_by_name", "Kernels of CUDA graphs")):
+            if timeline[key]:
+                lines.append(f"{title}:\n\n" + markdown_table(timeline[key], columns))
+        if timeline["gaps"]:
+            lines.append("Device idle gaps, charged to the host operator that launched the next kernel:\n\n"
+                         + markdown_table(timeline["gaps"], [("range", "range"), ("operator", "operator"),
+                                                             ("gaps", "gaps"), ("ms", "ms")]))
     return "\n\n".join(lines)
 
 

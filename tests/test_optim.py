@@ -141,8 +141,10 @@ def test_zero2_overlaps_its_reductions_only_on_several_ranks(monkeypatch):
     cfg = train_config(zero_stage=2)
     assert deepspeed_config(cfg, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is False
     assert deepspeed_config(cfg, use_bf16=True, world_size=2)["zero_optimization"]["overlap_comm"] is True
-    assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is False  # no process group
-    monkeypatch.setenv("WORLD_SIZE", "4")  # set by the launcher before the process group exists
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # before the process group exists:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is False  # one process
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what a launcher (torchrun, deepspeed) sets
     assert deepspeed_config(cfg, use_bf16=True)["zero_optimization"]["overlap_comm"] is True
     asked = train_config(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}})
     assert deepspeed_config(asked, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is True
