@@ -84,7 +84,8 @@ def device_timeline(events: list[dict], top: int = 25) -> dict:
             gaps[key][0] += 1
             gaps[key][1] += gap
         end = max(end, k["ts"] + k["dur"])
-    gap_rows = [dict(range=r or "-", operator=o or "(not found)", gaps=n, ms=us / 1e3) for (r, o), (n, us) in gaps.items()]
+    gap_rows = [dict(range=r or "-", operator=o or "(not found)", gaps=n, ms=us / 1e3)
+                for (r, o), (n, us) in gaps.items()]
     return dict(
         kernels=len(kernels),
         kernel_ms=sum(k["dur"] for k in kernels) / 1e3,

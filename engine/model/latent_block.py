@@ -80,7 +80,8 @@ class _CachedChunkAttention:
             prefix_k, prefix_v = self.past_keys[index][0], self.past_values[index][0]
             new_k, new_v = torch.cat(self.past_keys[index][1:], dim=2), torch.cat(self.past_values[index][1:], dim=2)
             scores = torch.cat([qg @ prefix_k.transpose(-1, -2), qg @ new_k.transpose(-1, -2)], dim=-1)
-            scores = scores.float().mul_(g.scale).masked_fill_(self.blocked, float("-inf"))  # (B, 1, 1, keys) broadcasts
+            # the mask (B, 1, 1, keys) broadcasts over the kv heads and groups
+            scores = scores.float().mul_(g.scale).masked_fill_(self.blocked, float("-inf"))
             probs = scores.softmax(-1).to(new_v.dtype)
             prefix_len = prefix_k.shape[-2]
             rows = batch * g.kv_heads  # one matrix per (row, kv head): the prefix's product accumulates onto the rest

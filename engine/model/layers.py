@@ -66,9 +66,10 @@ def masked_sdpa(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, geometry: LayerGeometry
 ) -> torch.Tensor:
     """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the mask ``allowed`` (B, 1, n, T;
-    boolean, or additive floats), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where cuDNN's masked backward
-    fails for T keys, masked keys are appended first (`engine.model.compat.cudnn_safe_key_padding`): the same
-    attention, at cuDNN's speed. Returns (B, q_heads, n, D)."""
+    boolean, or additive floats), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where
+    cuDNN's masked backward fails for T keys, masked keys are appended first
+    (`engine.model.compat.cudnn_safe_key_padding`): the same attention, at cuDNN's speed. Returns (B, q_heads, n,
+    D)."""
     g = geometry
     pad = cudnn_safe_key_padding(keys.shape[-2], q.device)
     if pad:
