@@ -235,6 +235,9 @@ class GradFusedOps(ReferenceOps):
         self._merged: dict | None = {} if merge_projections else None
 
     def _merged_weights(self, key: tuple, modules: list[nn.Module]):
+        """(weight, bias, sizes) of ``modules`` concatenated, or None where this table does not merge them."""
+        if self._merged is None:
+            return None
         if key not in self._merged:
             biases = [m.bias for m in modules]
             if any(b is None for b in biases) and not all(b is None for b in biases):
@@ -258,7 +261,7 @@ class GradFusedOps(ReferenceOps):
 
     def qkv(self, index, attn, h):
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        merged = None if self._merged is None else self._merged_weights(("qkv", index), projections)
+        merged = self._merged_weights(("qkv", index), projections)
         if merged is None:
             return super().qkv(index, attn, h)
         weight, bias, sizes = merged
@@ -266,7 +269,7 @@ class GradFusedOps(ReferenceOps):
 
     def mlp(self, index, mlp, h):
         projections = [mlp.gate_proj, mlp.up_proj]
-        merged = None if self._merged is None else self._merged_weights(("gate_up", index), projections)
+        merged = self._merged_weights(("gate_up", index), projections)
         if merged is None:
             return mlp.down_proj(silu_mul_grad(mlp.gate_proj(h), mlp.up_proj(h)))
         weight, bias, sizes = merged

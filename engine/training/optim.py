@@ -36,9 +36,8 @@ ZERO_DEFAULTS: dict[int, dict] = {
     # Stage 2 partitions gradients as backward produces them, so one hook per parameter is inherent. Copying each
     # gradient into a contiguous bucket keeps memory unfragmented and the step's reads contiguous; overlap_comm
     # reduces a full bucket on a side stream while backward goes on (on several ranks: `deepspeed_config` turns it
-    # off on one). 2e8-element buckets (DeepSpeed's recommended
-    # ZeRO-2 value, 5e8 by default) bound the double-buffered bucket memory to about 4.5 x 2e8 x 2 bytes = 1.8 GB
-    # in bf16.
+    # off on one). 2e8-element buckets (DeepSpeed's recommended ZeRO-2 value, 5e8 by default) bound the
+    # double-buffered bucket memory to about 4.5 x 2e8 x 2 bytes = 1.8 GB in bf16.
     2: dict(contiguous_gradients=True, overlap_comm=True, reduce_scatter=True, reduce_bucket_size=200_000_000,
             allgather_bucket_size=200_000_000),
     # Stage 3 gathers a module's parameters around each call, and the latent passes call every layer once per
@@ -115,9 +114,10 @@ def reset_optimizer_state(engine) -> int:
 
 def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None = None) -> dict:
     """The DeepSpeed config of a run: the stage's `ZERO_DEFAULTS`, then the user's `deepspeed` overrides.
-    ``world_size`` (None: the process group's, else $WORLD_SIZE, else 1): on one rank ZeRO-2 has no reduction to overlap with
-    backward, and `overlap_comm`'s side-stream bookkeeping cost host time in every gradient hook (measured at the
-    1B geometry: backward host time 352 -> 263 ms, step 586 -> 575 ms without it), so it is off there."""
+    ``world_size`` (None: the process group's, else $WORLD_SIZE, else 1): on one rank ZeRO-2 has no reduction to
+    overlap with backward, and `overlap_comm`'s side-stream bookkeeping cost host time in every gradient hook
+    (measured at the 1B geometry: backward host time 352 -> 263 ms, step 586 -> 575 ms without it), so it is off
+    there."""
     zero = {"stage": config.zero_stage, **ZERO_DEFAULTS[config.zero_stage]}
     if world_size is None:  # the process group's, or before it exists the launcher's (torchrun, deepspeed)
         initialized = torch.distributed.is_initialized()
