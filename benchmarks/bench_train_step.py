@@ -133,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
                    " four keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
-                   "gathers), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
+                   "gathers), grad_checks=multi_tensor (DeepSpeed's step with multi-tensor checks: auto steps on the device where it "
+                   "can), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
                    "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
                    "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
@@ -521,7 +522,7 @@ class Bench:
         from engine.training.config import TrainConfig
         from engine.training.model_setup import configure_model
         from engine.training.optim import build_engine, deepspeed_config, resolve_optimizer
-        from engine.training.zero_step import multi_tensor_active
+        from engine.training.zero_step import device_step_active, multi_tensor_active
 
         self.release()
         t0 = time.perf_counter()
@@ -550,7 +551,8 @@ class Bench:
         self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
         self.variant = dict(
             optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device),
-            grad_checks="multi_tensor" if multi_tensor_active(self.engine.optimizer) else "deepspeed",
+            grad_checks=("device" if device_step_active(self.engine.optimizer)
+                         else "multi_tensor" if multi_tensor_active(self.engine.optimizer) else "deepspeed"),
             zero_optimization=deepspeed_config(train_cfg, self.use_bf16)["zero_optimization"],
             grad_hooks=len(getattr(self.engine.optimizer, "_grad_acc_hooks", []) or []),
             trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
@@ -697,6 +699,8 @@ class Bench:
 
     def run_config(self, cfg: Config) -> dict:
         """Time one configuration on every rank; returns the merged row (every rank gets the same)."""
+        from engine.training.zero_step import settle_skipped_steps
+
         args, env = self.args, self.env
         batch = self.make_batch(cfg)
         flops = batch_flops(self.sizes, batch, self.model.image_token_id)
@@ -730,6 +734,7 @@ class Bench:
                 del e
                 free_memory(self.device)
         last_loss = float(losses[-1]) if losses else None
+        settle_skipped_steps(self.engine)  # steps the device step skipped, into DeepSpeed's count read below
         mine = dict(
             status=status, samples_ms=None if timing is None else timing.samples_ms,
             peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,

@@ -566,17 +566,23 @@ class _NanGradientEngine:
         return self._engine.backward(loss * float("nan") if self._calls == self._nan_at else loss)
 
 
-def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("optimizer", ["auto", "adamw_fused"])  # DeepSpeed's step with the multi-tensor checks; the
+# device step, whose skips reach the host at log steps and at the end of the epoch
+def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_path, monkeypatch, caplog, optimizer):
     import logging
+
+    from engine.training.zero_step import device_step_active
 
     import engine.training.trainer as trainer_module
 
     real_build = trainer_module.build_engine
     # 12 samples in steps of 2: the NaN gradients at the second epoch's second step
     monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _NanGradientEngine(real_build(*a, **k), 8))
-    trainer = Trainer(make_config(tmp_path, num_epochs=2, batch_size_training=2, log_every_steps=3))
+    trainer = Trainer(make_config(tmp_path, num_epochs=2, batch_size_training=2, log_every_steps=3,
+                                  optimizer=optimizer))
     trainer.setup()
     trainer.prepare_training()
+    assert device_step_active(trainer.engine.optimizer) is (optimizer == "adamw_fused")
     assert trainer.train_epoch(0, 0)["train_skipped_steps"] == 0
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with caplog.at_level(logging.WARNING, logger="coconut.train"):

@@ -13,7 +13,7 @@ from engine.training.config import ConfigError
 from engine.training.optim import grad_checks
 from engine.training import zero_step
 from engine.training.zero_step import deepspeed_release_checked, multi_tensor_unsupported, use_multi_tensor_grad_checks
-from tests.test_optim import batch_for, deepspeed_engine, train_config
+from tests.test_optim import batch_for, deepspeed_engine, fresh_model, train_config
 
 # the replacement is compared with the DeepSpeed release it was written against; another release keeps its own
 # loops (the last test checks that refusal whatever is installed)
@@ -161,3 +161,114 @@ def test_unsupported_setups_keep_deepspeeds_checks(monkeypatch):
         engine.destroy()
     with pytest.raises(ConfigError, match="zero_grad_checks"):
         train_config(zero_grad_checks="fast")
+
+
+class CountHostReads(TorchDispatchMode):
+    """`.item()`, `bool(tensor)`, `float(tensor)`: each is one `_local_scalar_dense`, a wait for the device on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def fused_engine(zero_stage: int, checks: str):
+    """An fp32 CPU engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
+    schedule, so that a wrong clip factor or a wrongly advanced schedule changes the weights."""
+    cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks, optimizer="adamw_fused",
+                       model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})
+    engine, model, tok = deepspeed_engine(cfg)
+    engine.optimizer.check_grad_overflow = True  # what bf16 sets: a non-finite gradient skips the step
+    return engine, model, batch_for(model, tok)
+
+
+def run_steps(engine, model, batch, nan_at=(), settle_before=()):
+    """Steps of the same batch; a NaN in one gradient at the steps in `nan_at`; `settle_skipped_steps` before the
+    steps in `settle_before`. Returns the parameters, the Adam step counts, the learning rate and the host reads of
+    each `engine.step()`."""
+    ids, mask, labels, pv = batch
+    reads = []
+    for step in range(4):
+        if step in settle_before:
+            zero_step.settle_skipped_steps(engine)
+        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+        if step in nan_at:
+            all_grads(engine.optimizer)[3].view(-1)[0] = float("nan")
+        with CountHostReads() as counter:
+            engine.step()
+        reads.append(counter.reads)
+    zero_step.settle_skipped_steps(engine)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    steps = sorted(float(s["step"]) for s in engine.optimizer.optimizer.state.values())
+    return params, steps, engine.get_lr()[0], reads
+
+
+@needs_checked_release
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage):
+    """The step that leaves the overflow and the clip factor on the device trains to DeepSpeed's weights (its step
+    with the multi-tensor checks: the same norm), skips a NaN step the same way (weights, moments, step count) and
+    takes the schedule back when the skip is settled, and reads nothing on the host where DeepSpeed's reads several
+    times per step."""
+    results = {}
+    for checks in ("multi_tensor", "auto"):
+        engine, model, batch = fused_engine(zero_stage, checks)
+        try:
+            assert zero_step.device_step_active(engine.optimizer) is (checks == "auto")
+            results[checks] = run_steps(engine, model, batch, nan_at=(1,), settle_before=(2,))
+            assert engine.skipped_steps == 1, checks
+        finally:
+            engine.destroy()
+    (ds_params, ds_steps, ds_lr, ds_reads), (params, steps, lr, reads) = results["multi_tensor"], results["auto"]
+    assert reads == [0, 0, 0, 0]
+    assert min(ds_reads) >= 1 and max(ds_reads) >= 3  # DeepSpeed: the overflow .item(), the norm checked twice
+    assert steps == ds_steps == [3.0] * len(steps)  # four steps, one skipped
+    assert lr == ds_lr
+    start = dict(fresh_model(overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})[0]
+                 .named_parameters())
+    assert sum(not torch.equal(start[n], p) for n, p in params.items()) > len(params) // 2  # training moved them
+    for name, value in ds_params.items():  # the kernel divides by the clip factor where DeepSpeed multiplies by
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@needs_checked_release
+def test_skips_settled_late_leave_the_schedule_where_deepspeed_has_it():
+    """Settled only at the end (as at a log step), the schedule is taken back to DeepSpeed's step count."""
+    lrs = {}
+    for checks in ("multi_tensor", "auto"):
+        engine, model, batch = fused_engine(2, checks)
+        try:
+            run_steps(engine, model, batch, nan_at=(0, 2))
+            lrs[checks] = (engine.get_lr()[0], engine.lr_scheduler.last_epoch, engine.skipped_steps)
+        finally:
+            engine.destroy()
+    assert lrs["auto"] == lrs["multi_tensor"]
+    assert lrs["auto"][2] == 2
+
+
+def test_device_step_refuses_other_setups(monkeypatch):
+    monkeypatch.setattr(zero_step, "deepspeed_release_checked", lambda: True)
+    engine = engine_after_backward(2, "auto")  # the CPU's auto optimizer: torch's foreach AdamW
+    try:
+        opt = engine.optimizer
+        assert not zero_step.device_step_active(opt)
+        assert "not torch's fused Adam/AdamW" in zero_step.device_step_unsupported(opt)
+        opt.optimizer.param_groups[0]["fused"] = True
+        opt.optimizer.param_groups[1]["fused"] = True
+        assert zero_step.device_step_unsupported(opt) is None
+        for attribute, value, reason in (("dynamic_loss_scale", True, "dynamic loss scale"),
+                                         ("torch_autocast_gradscaler", object(), "GradScaler"),
+                                         ("zenflow", True, "ZenFlow"), ("groups_lacking_loss_scale", {0}, "Muon"),
+                                         ("cpu_offload", True, "CPU offload")):
+            saved = getattr(opt, attribute)
+            setattr(opt, attribute, value)
+            assert reason in zero_step.device_step_unsupported(opt), attribute
+            setattr(opt, attribute, saved)
+        opt.dtype, opt.check_grad_overflow = torch.bfloat16, False
+        assert "non-finite" in zero_step.device_step_unsupported(opt)
+        assert zero_step.settle_skipped_steps(engine) == 0  # not stepping on the device: nothing to settle
+    finally:
+        engine.destroy()

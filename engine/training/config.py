@@ -89,8 +89,9 @@ class TrainConfig:
     # auto (adamw_fused on CUDA, adamw_foreach elsewhere) | adamw_fused | adamw_foreach | adamw (torch's per-tensor
     # loop) | deepspeed_fused_adam (DeepSpeed's CUDA extension, built with nvcc on first use)
     optimizer: str = "auto"
-    # the gradient norm and overflow check before a ZeRO-1/2 step: auto (multi-tensor, one pass over all gradients,
-    # where the setup allows: engine/training/zero_step.py) | deepspeed (DeepSpeed's per-gradient loops)
+    # the gradient norm, overflow check and clipping of a ZeRO-1/2 step (engine/training/zero_step.py): auto (where
+    # the setup allows, on the device with no host wait, the fused AdamW skipping a non-finite step; else
+    # multi_tensor) | multi_tensor (one pass over all gradients inside DeepSpeed's step) | deepspeed (its loops)
     zero_grad_checks: str = "auto"
     # Liger-Kernel's Triton kernels (optional package): false | true (all) | a list of fused_linear_cross_entropy,
     # rms_norm, swiglu, rope. The fused loss needs zero_stage <= 2; rope replaces transformers' Qwen2 rotary
@@ -196,8 +197,8 @@ class TrainConfig:
         if self.compile_vision_layers and self.zero_stage == 3:
             raise ConfigError("compile_vision_layers needs zero_stage <= 2: ZeRO-3 fetches and releases each module's "
                               "weights around its call, which a compiled region cannot trace through")
-        if self.zero_grad_checks not in ("auto", "deepspeed"):
-            raise ConfigError(f"zero_grad_checks must be auto or deepspeed, got {self.zero_grad_checks!r}")
+        if self.zero_grad_checks not in ("auto", "multi_tensor", "deepspeed"):
+            raise ConfigError(f"zero_grad_checks must be auto, multi_tensor or deepspeed, got {self.zero_grad_checks!r}")
         pieces = self.liger_pieces
         if "fused_linear_cross_entropy" in pieces and self.zero_stage == 3:
             raise ConfigError(

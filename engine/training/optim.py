@@ -7,7 +7,8 @@ group where the unfused update makes about ten elementwise passes over the fp32 
 
 `deepspeed_config(config, use_bf16)` holds the per-stage ZeRO settings (`ZERO_DEFAULTS`, with the reason for each),
 which the config's `deepspeed` dict overrides key by key. `build_engine` puts them together with the schedule and,
-under ZeRO-1/2, gives DeepSpeed's optimizer multi-tensor gradient checks (`grad_checks`).
+under ZeRO-1/2, gives DeepSpeed's optimizer multi-tensor gradient checks and, with torch's fused AdamW, a step
+without host waits (`grad_checks`).
 """
 
 from __future__ import annotations
@@ -163,15 +164,27 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
 
 
 def grad_checks(engine, mode: str) -> str:
-    """`zero_grad_checks`: the multi-tensor gradient norm and overflow check on a ZeRO-1/2 engine's optimizer
-    (engine/training/zero_step.py) under auto; logged once with the reason. Returns the path taken."""
-    from engine.training.zero_step import use_multi_tensor_grad_checks
+    """`zero_grad_checks` on a ZeRO-1/2 engine's optimizer (engine/training/zero_step.py), logged once with the
+    reason: auto gives it the step without host waits where the setup allows, else the multi-tensor checks;
+    multi_tensor the checks inside DeepSpeed's own step; deepspeed changes nothing. Returns the path taken:
+    "device", "multi_tensor" or "deepspeed"."""
+    from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks
 
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2):
         return "deepspeed"
+    if mode == "auto":
+        why_not_device = use_device_step(engine.optimizer)
+        if why_not_device is None:
+            log.info("optimizer step: gradient checks and clipping on the device, no host wait (the fused Adam "
+                     "kernel skips a non-finite step)")
+            return "device"
     why = use_multi_tensor_grad_checks(engine.optimizer)
     if why is None:
-        log.info("gradient norm and overflow check: multi-tensor (one pass over every gradient)")
+        if mode == "auto":
+            log.info("optimizer step: DeepSpeed's, with multi-tensor gradient checks (not on the device: %s)",
+                     why_not_device)
+        else:
+            log.info("gradient norm and overflow check: multi-tensor (one pass over every gradient)")
         return "multi_tensor"
     log.info("gradient norm and overflow check: DeepSpeed's per-gradient loops (%s)", why)
     return "deepspeed"

@@ -42,6 +42,7 @@ from engine.training.optim import build_engine, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
 from engine.training.run_dir import RunDirectory
 from engine.training.validation import Validator
+from engine.training.zero_step import settle_skipped_steps
 from engine.utils.io import atomic_write_json
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
@@ -268,6 +269,7 @@ class Trainer:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
                     mean = losses.collect()  # the one synchronisation of a log interval
+                    settle_skipped_steps(engine)  # the device step's skips, read while the host waits anyway
                     thoughts = self._thought_stats(out.hidden_states, batch["input_ids"])
                     self.metrics.log("train", self.global_step, loss=mean, lr=engine.get_lr()[0], stage=stage, **thoughts)
                     rate = samples * self.env.world_size / (time.perf_counter() - start)
@@ -275,6 +277,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         mean = losses.collect()
+        settle_skipped_steps(engine)
         elapsed = time.perf_counter() - start
         mean_loss, = all_reduce_mean([mean], self.device)
         skipped = int(getattr(engine, "skipped_steps", 0)) - skipped_before

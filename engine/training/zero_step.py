@@ -13,6 +13,19 @@ and the global norm is the root of the summed squares.
 the plain one they were written for (no model parallelism, no MoE, no CPU offload, no pipeline-replicated
 parameters); otherwise it changes nothing and says why. Results are DeepSpeed's to fp64 rounding (tests compare
 them).
+
+The step without host waits (`use_device_step`). Even with those checks DeepSpeed's step reads three answers on the
+host before it can go on: whether a gradient overflowed (`.item()`) and, twice, whether the norm is invalid. Each
+read waits for every kernel before it, so the host cannot queue the update while the device computes the norms.
+Torch's fused Adam/AdamW kernel takes both answers as device tensors instead: it divides the gradients by
+`grad_scale` and skips the whole update (weights, moments and step count) where `found_inf` is 1, which is how
+`torch.amp.GradScaler` drives it. `_device_step` is DeepSpeed's step for the plain setup with the clip factor
+(DeepSpeed's formula) passed as `grad_scale` and the invalid norm as `found_inf`: the same update, no host read and
+one pass fewer over the fp32 gradients (DeepSpeed's separate clip multiply). What the host no longer learns at once
+is whether the step was skipped: `self.overflow` stays False, the device counts skipped steps, and
+`settle_skipped_steps(engine)` (the trainer calls it where it reads the losses anyway) adds them to DeepSpeed's
+`skipped_steps` and takes the learning-rate schedule back by as many steps, since DeepSpeed does not advance it on a
+skipped step. Until then the schedule runs ahead by the steps skipped since the last settle.
 """
 
 from __future__ import annotations
@@ -109,3 +122,128 @@ def use_multi_tensor_grad_checks(optimizer) -> str | None:
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm, optimizer)
     optimizer.has_overflow_partitioned_grads_serial = types.MethodType(_has_overflow, optimizer)
     return None
+
+
+def device_step_unsupported(optimizer) -> str | None:
+    """Why `_device_step` cannot stand in for `optimizer.step`, or None when it can."""
+    why = multi_tensor_unsupported(optimizer)
+    if why is not None:
+        return why
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in inner.param_groups):
+        return (f"{type(inner).__name__} is not torch's fused Adam/AdamW (the kernel that skips and rescales an update "
+                "on the device)")
+    if getattr(optimizer, "torch_autocast_gradscaler", None) is not None:
+        return "torch autocast's GradScaler drives the step"
+    if getattr(optimizer, "zenflow", False):
+        return "ZenFlow steps on the CPU"
+    if getattr(optimizer, "dynamic_loss_scale", False):
+        return "a dynamic loss scale is updated on the host from the overflow"
+    if getattr(optimizer, "groups_lacking_loss_scale", None) or any(g.get("use_muon") for g in inner.param_groups):
+        return "Muon updates are staged and committed on the host"
+    if getattr(optimizer, "dtype", None) == torch.bfloat16 and not getattr(optimizer, "check_grad_overflow", True):
+        return "bf16 without the overflow check applies steps with non-finite gradients"
+    for name in ("scaled_global_norm", "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
+                 "real_dp_process_group", "_optimizer_step", "_update_model_bit16_weights"):
+        if not hasattr(optimizer, name):
+            return f"this deepspeed's ZeRO optimizer has no {name!r}"
+    return None
+
+
+@torch.no_grad()
+def _device_step(self, closure=None):
+    """`DeepSpeedZeroOptimizer.step` (deepspeed 0.19) without offload, Muon, ZenFlow or a dynamic loss scale, with
+    the overflow and the clip factor left on the device for the fused Adam kernel (the module docstring)."""
+    from deepspeed import comm as dist
+    from deepspeed.runtime.utils import all_gather_dp_groups
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    self.micro_step_id = INITIAL_MICRO_STEP_ID
+    self.overflow = False  # not known on the host: a non-finite step is skipped by the kernel (found_inf)
+    total = self.scaled_global_norm()  # every rank's gradients, inf where any is not finite (combine_grad_norm_groups)
+    finite = torch.isfinite(total)
+    found_inf = (~finite).float().reshape(())
+    if self._device_skipped_steps is None:
+        self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    self._device_skipped_steps.add_(found_inf)
+    scale = float(self.loss_scale)
+    if self.clip_grad > 0.0:  # DeepSpeed's unscale_and_clip_grads: grads / (max(1, (norm/scale + 1e-6) / clip) * scale)
+        clip = ((torch.where(finite, total, 0.0) / scale) + 1e-6) / self.clip_grad
+        grad_scale = (torch.clamp(clip, min=1.0) * scale).float().reshape(())
+    elif scale != 1.0:
+        grad_scale = torch.full((), scale, dtype=torch.float32, device=found_inf.device)
+    else:
+        grad_scale = None
+    self._global_grad_norm = torch.where(finite, total / scale, float("inf")) if self.compute_grad_norm else None
+
+    inner = self.optimizer
+    for i in range(len(self.bit16_groups)):
+        partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+        self.free_grad_in_param_list(self.params_not_in_partition[i])  # ZeRO-2: gradients other ranks update
+        flat = self._get_preflattened_grad_partition(i)
+        if flat is None:
+            if partition_id == dist.get_world_size(group=self.real_dp_process_group[i]) - 1:
+                flat = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
+            else:
+                flat = self.flatten(self.averaged_gradients[i])
+        fp32_partition = self.single_partition_of_fp32_groups[i]
+        grad = flat.to(fp32_partition.dtype)
+        del flat
+        if grad.numel() != self.partition_size[i]:
+            raise RuntimeError(f"gradient partition of group {i} has {grad.numel()} elements, its partition "
+                               f"{self.partition_size[i]}")
+        fp32_partition.grad = grad
+        self.free_grad_in_param_list(self.params_in_partition[i])
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = None
+        self.all_grad_tensors[i] = None
+        inner.grad_scale, inner.found_inf = grad_scale, found_inf  # read by torch's fused Adam (GradScaler's hook)
+        try:
+            self._optimizer_step(i)
+        finally:
+            del inner.grad_scale, inner.found_inf
+        fp32_partition.grad = None
+        del grad
+        self.parallel_partitioned_bit16_groups[i][partition_id].data.copy_(fp32_partition.data)
+
+    all_gather_dp_groups(groups_flat=self.bit16_groups_flat, partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                         dp_process_group=self.real_dp_process_group, start_alignment_factor=self.nccl_start_alignment_factor,
+                         allgather_bucket_size=self.allgather_bucket_size)
+    for i in range(len(self.bit16_groups)):
+        self._update_model_bit16_weights(i)
+
+
+def device_step_active(optimizer) -> bool:
+    """Whether `optimizer` steps with `_device_step` (`use_device_step` took)."""
+    return getattr(getattr(optimizer, "step", None), "__func__", None) is _device_step
+
+
+def use_device_step(optimizer) -> str | None:
+    """Give `optimizer` (DeepSpeed's ZeRO-1/2 optimizer) the multi-tensor checks and the step without host waits.
+    Returns None when done, else the reason it was left as it is."""
+    why = device_step_unsupported(optimizer)
+    if why is not None:
+        return why
+    use_multi_tensor_grad_checks(optimizer)
+    optimizer._device_skipped_steps = None
+    optimizer.step = types.MethodType(_device_step, optimizer)
+    return None
+
+
+def settle_skipped_steps(engine) -> int:
+    """Bring the steps `_device_step` skipped since the last call to the host (one read of the device): add them to
+    DeepSpeed's `engine.skipped_steps` and take the learning-rate schedule back by as many steps, as if DeepSpeed had
+    known at each step. Returns how many; 0 (and no read) when the engine does not step on the device."""
+    optimizer = getattr(engine, "optimizer", None)
+    counter = getattr(optimizer, "_device_skipped_steps", None) if device_step_active(optimizer) else None
+    if counter is None:
+        return 0
+    skipped = int(round(float(counter)))
+    if skipped:
+        counter.zero_()
+        engine.skipped_steps += skipped
+        scheduler = getattr(engine, "lr_scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "last_epoch"):
+            scheduler.last_epoch -= skipped + 1
+            scheduler.step()  # sets every group's learning rate for the step it is now at
+    return skipped
