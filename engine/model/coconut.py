@@ -32,6 +32,7 @@ from engine.model.generation import GenerationOptions, generate
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.model.stack_pass import stack_pass
 from engine.model.vision_layers import fused_vision_layers
+from engine.model.patch_embedding import use_patch_products
 from engine.model.tiles import unique_tiles
 from engine.utils.profiling import profile_range
 from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
@@ -119,6 +120,9 @@ class MultimodalCoconut(nn.Module):
     ):
         super().__init__()
         self.base = base
+        vision = getattr(getattr(base, "model", None), "vision_tower", None)
+        if vision is not None:  # the patch embedding's strided Conv2d as one matrix product (the same parameters)
+            use_patch_products(vision)
         self.latent_id = int(latent_id)
         self.start_latent_id = int(start_latent_id)
         self.end_latent_id = int(end_latent_id)

@@ -1,0 +1,72 @@
+"""pytest-benchmark suite: the vision tower's patch embedding as one matrix product (`patch_projection`,
+engine/model/patch_embedding.py) against the Conv2d it replaces, forward and backward (the weight's and bias's
+gradients, as in training: the pixels need none).
+
+Each case first checks the two against each other, then times one of them; ``extra_info`` holds the product's
+FLOPs. CPU cases are tiny; the GPU case is a training step's 64 tiles of 448 x 448 at InternViT's 14 x 14 patches
+and 1,024 features, bf16.
+
+    pytest benchmarks/bench_patch_embedding.py -m benchmark                          # timed
+    pytest benchmarks/bench_patch_embedding.py -m benchmark --benchmark-disable -q   # once each (CI)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from engine.model.patch_embedding import use_patch_products
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CPU = dict(tiles=2, size=56, patch=14, features=32, dtype=torch.float32, device="cpu", tol=1e-4)
+GPU = dict(tiles=64, size=448, patch=14, features=1024, dtype=torch.bfloat16, device="cuda", tol=3e-2)
+
+
+def _bench(benchmark, impl: str, shape: dict):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, shape["features"], shape["patch"], stride=shape["patch"]).to(shape["device"], shape["dtype"])
+    patched = copy.deepcopy(conv)
+    assert use_patch_products(patched) == 1
+    pixels = torch.randn(shape["tiles"], 3, shape["size"], shape["size"], device=shape["device"], dtype=shape["dtype"])
+    grad = None
+
+    def step(module):
+        nonlocal grad
+        out = module(pixels)
+        if grad is None:
+            grad = torch.randn_like(out)
+        return (out, *torch.autograd.grad(out, list(module.parameters()), grad))
+
+    for a, b in zip(step(patched), step(conv)):
+        scale = max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=shape["tol"], atol=shape["tol"] * scale)
+    module = patched if impl == "patch_projection" else conv
+    cuda = shape["device"] == "cuda"
+
+    def run():
+        out = step(module)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    patches = shape["tiles"] * (shape["size"] // shape["patch"]) ** 2
+    benchmark.extra_info.update(impl=impl, tiles=shape["tiles"], dtype=str(shape["dtype"]),
+                                flops=2 * 2 * patches * 3 * shape["patch"] ** 2 * shape["features"])  # fwd + weight grad
+    benchmark(run)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("impl", ["patch_projection", "conv2d"])
+def test_patch_embedding_cpu_tiny(benchmark, impl):
+    _bench(benchmark, impl, CPU)
+
+
+@pytest.mark.benchmark
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", ["patch_projection", "conv2d"])
+def test_patch_embedding_gpu(benchmark, impl):
+    _bench(benchmark, impl, GPU)
