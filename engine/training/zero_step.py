@@ -21,7 +21,9 @@ Torch's fused Adam/AdamW kernel takes both answers as device tensors instead: it
 `grad_scale` and skips the whole update (weights, moments and step count) where `found_inf` is 1, which is how
 `torch.amp.GradScaler` drives it. `_device_step` is DeepSpeed's step for the plain setup with the clip factor
 (DeepSpeed's formula) passed as `grad_scale` and the invalid norm as `found_inf`: the same update, no host read and
-one pass fewer over the fp32 gradients (DeepSpeed's separate clip multiply). What the host no longer learns at once
+one pass fewer over the fp32 gradients (DeepSpeed's separate clip multiply). It takes the norm after flattening,
+over the few flat fp32 partitions instead of every gradient tensor (the same values); so every group's fp32
+gradient exists at once where DeepSpeed holds one at a time (here: the small group of biases and norms more). What the host no longer learns at once
 is whether the step was skipped: `self.overflow` stays False, the device counts skipped steps, and
 `settle_skipped_steps(engine)` (the trainer calls it where it reads the losses anyway) adds them to DeepSpeed's
 `skipped_steps` and takes the learning-rate schedule back by as many steps, since DeepSpeed does not advance it on a
@@ -143,7 +145,7 @@ def device_step_unsupported(optimizer) -> str | None:
         return "Muon updates are staged and committed on the host"
     if getattr(optimizer, "dtype", None) == torch.bfloat16 and not getattr(optimizer, "check_grad_overflow", True):
         return "bf16 without the overflow check applies steps with non-finite gradients"
-    for name in ("scaled_global_norm", "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
+    for name in ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
                  "real_dp_process_group", "_optimizer_step", "_update_model_bit16_weights"):
         if not hasattr(optimizer, name):
             return f"this deepspeed's ZeRO optimizer has no {name!r}"
@@ -160,8 +162,33 @@ def _device_step(self, closure=None):
 
     self.micro_step_id = INITIAL_MICRO_STEP_ID
     self.overflow = False  # not known on the host: a non-finite step is skipped by the kernel (found_inf)
-    total = self.scaled_global_norm()  # every rank's gradients, inf where any is not finite (combine_grad_norm_groups)
-    finite = torch.isfinite(total)
+    # each group's gradients flattened into its fp32 partition first (DeepSpeed's own code for it), then the norm
+    # over those few flat tensors: the same values (bf16 -> fp32 is exact) as DeepSpeed's norm over the gradients
+    # one by one, without the host assembling a list of every gradient for it
+    grads = []
+    for i in range(len(self.bit16_groups)):
+        partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+        self.free_grad_in_param_list(self.params_not_in_partition[i])  # ZeRO-2: gradients other ranks update
+        flat = self._get_preflattened_grad_partition(i)
+        if flat is None:
+            if partition_id == dist.get_world_size(group=self.real_dp_process_group[i]) - 1:
+                flat = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
+            else:
+                flat = self.flatten(self.averaged_gradients[i])
+        grad = flat.to(self.single_partition_of_fp32_groups[i].dtype)
+        del flat
+        if grad.numel() != self.partition_size[i]:
+            raise RuntimeError(f"gradient partition of group {i} has {grad.numel()} elements, its partition "
+                               f"{self.partition_size[i]}")
+        grads.append(grad)
+        self.free_grad_in_param_list(self.params_in_partition[i])
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = None
+        self.all_grad_tensors[i] = None
+    total = _norms(grads).pow(2).sum().float()  # fp64 per partition, as DeepSpeed accumulates; summed over ranks
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    total = total.sqrt()
+    finite = torch.isfinite(total)  # False exactly when some rank's gradient holds a NaN or an infinity
     found_inf = (~finite).float().reshape(())
     if self._device_skipped_steps is None:
         self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
@@ -177,33 +204,17 @@ def _device_step(self, closure=None):
     self._global_grad_norm = torch.where(finite, total / scale, float("inf")) if self.compute_grad_norm else None
 
     inner = self.optimizer
-    for i in range(len(self.bit16_groups)):
+    for i in range(len(grads)):
         partition_id = dist.get_rank(group=self.real_dp_process_group[i])
-        self.free_grad_in_param_list(self.params_not_in_partition[i])  # ZeRO-2: gradients other ranks update
-        flat = self._get_preflattened_grad_partition(i)
-        if flat is None:
-            if partition_id == dist.get_world_size(group=self.real_dp_process_group[i]) - 1:
-                flat = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
-            else:
-                flat = self.flatten(self.averaged_gradients[i])
         fp32_partition = self.single_partition_of_fp32_groups[i]
-        grad = flat.to(fp32_partition.dtype)
-        del flat
-        if grad.numel() != self.partition_size[i]:
-            raise RuntimeError(f"gradient partition of group {i} has {grad.numel()} elements, its partition "
-                               f"{self.partition_size[i]}")
-        fp32_partition.grad = grad
-        self.free_grad_in_param_list(self.params_in_partition[i])
-        self._release_preflattened_grad_buffers(i)
-        self.averaged_gradients[i] = None
-        self.all_grad_tensors[i] = None
+        fp32_partition.grad = grads[i]
         inner.grad_scale, inner.found_inf = grad_scale, found_inf  # read by torch's fused Adam (GradScaler's hook)
         try:
             self._optimizer_step(i)
         finally:
             del inner.grad_scale, inner.found_inf
         fp32_partition.grad = None
-        del grad
+        grads[i] = None
         self.parallel_partitioned_bit16_groups[i][partition_id].data.copy_(fp32_partition.data)
 
     all_gather_dp_groups(groups_flat=self.bit16_groups_flat, partitioned_param_groups=self.parallel_partitioned_bit16_groups,
