@@ -62,6 +62,8 @@ def test_other_convolutions_stay_the_class_ones(monkeypatch):
     conv = PatchConv2d(3, 8, 2, stride=2)
     conv(torch.randn(1, 3, 4, 4))
     assert calls == [1]
+    with pytest.raises(RuntimeError):  # smaller than one patch: the convolution's error, not an empty result
+        conv(torch.randn(1, 3, 1, 4))
 
 
 def test_the_model_runs_the_patch_product(tiny):

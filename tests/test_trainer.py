@@ -302,6 +302,12 @@ class _LossWrapper:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
+    def __setattr__(self, name, value):  # e.g. skipped_steps, which the device step's settling adds to
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._engine, name, value)
+
     def __call__(self, **kwargs):
         import dataclasses
 
@@ -558,6 +564,12 @@ class _NanGradientEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
+    def __setattr__(self, name, value):  # e.g. skipped_steps, which the device step's settling adds to
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._engine, name, value)
+
     def __call__(self, **kwargs):
         return self._engine(**kwargs)
 
@@ -588,6 +600,7 @@ def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_pat
     with caplog.at_level(logging.WARNING, logger="coconut.train"):
         stats = trainer.train_epoch(1, 0)
     assert stats["train_skipped_steps"] == 1 and stats["train_loss"] > 0
+    assert trainer.engine._engine.skipped_steps == 1  # DeepSpeed's own count, which its checkpoints save
     assert "epoch 2: 1 of 6 optimizer steps skipped for non-finite gradients" in caplog.text
     after = dict(trainer.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing

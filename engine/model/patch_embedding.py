@@ -55,8 +55,9 @@ class PatchConv2d(nn.Conv2d):
     """A Conv2d computed as `patch_projection` where `patch_product_unsupported` allows (the module docstring)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if input.dim() != 4 or self.padding_mode != "zeros" or patch_product_unsupported(self) is not None:
-            return super()._conv_forward(input, weight, bias)
+        if (input.dim() != 4 or self.padding_mode != "zeros" or patch_product_unsupported(self) is not None
+                or input.shape[-2] < self.kernel_size[0] or input.shape[-1] < self.kernel_size[1]):
+            return super()._conv_forward(input, weight, bias)  # (an image smaller than a patch: the conv's error)
         return patch_projection(input, weight, bias)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from engine.training.distributed import barrier
 from engine.utils.io import atomic_write_json, atomic_write_text, fsync_tree, replace_directory
+from engine.training.zero_step import settle_skipped_steps
 from engine.utils.logging import get_logger
 
 log = get_logger("checkpoint")
@@ -178,6 +179,7 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(checkpoint_dir / tmp_tag, ignore_errors=True)
     barrier()
+    settle_skipped_steps(engine)  # the skipped-step count and the schedule saved as DeepSpeed's step would have them
     engine.save_checkpoint(str(checkpoint_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     barrier()
     if is_main:

@@ -173,7 +173,7 @@ def grad_checks(engine, mode: str) -> str:
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2):
         return "deepspeed"
     if mode == "auto":
-        why_not_device = use_device_step(engine.optimizer)
+        why_not_device = use_device_step(engine.optimizer, engine)
         if why_not_device is None:
             log.info("optimizer step: gradient checks and clipping on the device, no host wait (the fused Adam "
                      "kernel skips a non-finite step)")

@@ -24,17 +24,24 @@ Torch's fused Adam/AdamW kernel takes both answers as device tensors instead: it
 one pass fewer over the fp32 gradients (DeepSpeed's separate clip multiply). It takes the norm after flattening,
 over the few flat fp32 partitions instead of every gradient tensor (the same values); so every group's fp32
 gradient exists at once where DeepSpeed holds one at a time (here: the small group of biases and norms more). What the host no longer learns at once
-is whether the step was skipped: `self.overflow` stays False, the device counts skipped steps, and
-`settle_skipped_steps(engine)` (the trainer calls it where it reads the losses anyway) adds them to DeepSpeed's
-`skipped_steps` and takes the learning-rate schedule back by as many steps, since DeepSpeed does not advance it on a
-skipped step. Until then the schedule runs ahead by the steps skipped since the last settle.
+is whether the step was skipped: `self.overflow` stays False (so `engine.was_step_applied()` is always True), the
+device counts skipped steps and copies the count to host memory without waiting; at the next step, once that copy
+is done, the count goes into DeepSpeed's `skipped_steps` and the learning-rate schedule is taken back by as many
+steps before the update (DeepSpeed does not advance it on a skipped step), so the rates are DeepSpeed's.
+`settle_skipped_steps(engine)` reads the device's count directly (the trainer calls it at log steps and at the end
+of an epoch). Unlike DeepSpeed's step with `compute_grad_norm` off in fp32, a non-finite step is always skipped.
 """
 
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
+
+from engine.utils.logging import get_logger
+
+log = get_logger("zero_step")
 
 NORM_DTYPE = torch.float64  # DeepSpeed accumulates gradient norms in fp64 (deepspeed.runtime.zero.utils)
 # the DeepSpeed releases whose two methods these were compared with (tests/test_zero_step.py); another release keeps
@@ -162,6 +169,7 @@ def _device_step(self, closure=None):
 
     self.micro_step_id = INITIAL_MICRO_STEP_ID
     self.overflow = False  # not known on the host: a non-finite step is skipped by the kernel (found_inf)
+    _absorb_copied_skips(self)  # an earlier step's skip, if its count has reached the host: this step's rate is right
     # each group's gradients flattened into its fp32 partition first (DeepSpeed's own code for it), then the norm
     # over those few flat tensors: the same values (bf16 -> fp32 is exact) as DeepSpeed's norm over the gradients
     # one by one, without the host assembling a list of every gradient for it
@@ -193,6 +201,7 @@ def _device_step(self, closure=None):
     if self._device_skipped_steps is None:
         self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
     self._device_skipped_steps.add_(found_inf)
+    _stage_skip_count(self)
     scale = float(self.loss_scale)
     if self.clip_grad > 0.0:  # DeepSpeed's unscale_and_clip_grads: grads / (max(1, (norm/scale + 1e-6) / clip) * scale)
         clip = ((torch.where(finite, total, 0.0) / scale) + 1e-6) / self.clip_grad
@@ -229,32 +238,81 @@ def device_step_active(optimizer) -> bool:
     return getattr(getattr(optimizer, "step", None), "__func__", None) is _device_step
 
 
-def use_device_step(optimizer) -> str | None:
-    """Give `optimizer` (DeepSpeed's ZeRO-1/2 optimizer) the multi-tensor checks and the step without host waits.
-    Returns None when done, else the reason it was left as it is."""
+def _stage_skip_count(optimizer) -> None:
+    """Copy the device's running count of skipped steps to host memory without waiting (pinned memory and an event
+    on CUDA); `_absorb_copied_skips` reads it once the copy is done."""
+    counter = optimizer._device_skipped_steps
+    if optimizer._skips_host is None:
+        optimizer._skips_host = torch.zeros((), dtype=counter.dtype, pin_memory=counter.is_cuda)
+    optimizer._skips_host.copy_(counter, non_blocking=counter.is_cuda)
+    if counter.is_cuda:
+        optimizer._skips_event = torch.cuda.Event()
+        optimizer._skips_event.record()
+
+
+def _absorb_copied_skips(optimizer) -> None:
+    """Apply the skips whose count an earlier step copied to the host, if that copy is done (never waits for it).
+    At the next step's start it is done in practice (a forward and a backward lie between); if not, a later step or
+    `settle_skipped_steps` applies them."""
+    if optimizer._skips_host is None or (optimizer._skips_event is not None and not optimizer._skips_event.query()):
+        return
+    _apply_skips(optimizer, int(round(float(optimizer._skips_host.numpy()))))  # host memory: no device read
+
+
+def _apply_skips(optimizer, total: int) -> int:
+    """Bring DeepSpeed's count and the schedule to ``total`` skipped steps since the device step began. Returns how
+    many were new."""
+    new = total - optimizer._skips_settled
+    if new <= 0:
+        return 0
+    optimizer._skips_settled = total
+    engine = optimizer._device_step_engine() if optimizer._device_step_engine is not None else None
+    if engine is None:
+        return new
+    engine.skipped_steps += new
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None:
+        return new
+    # DeepSpeed does not advance the schedule on a skipped step: step it back, then once more to set the rates
+    if hasattr(scheduler, "last_epoch"):  # torch's schedulers
+        scheduler.last_epoch -= new + 1
+        scheduler.step()
+    elif hasattr(scheduler, "last_batch_iteration"):  # DeepSpeed's
+        scheduler.last_batch_iteration -= new + 1
+        scheduler.step()
+    else:
+        log.warning("%d optimizer step(s) skipped for non-finite gradients; the learning-rate schedule %s has no "
+                    "step count to take back", new, type(scheduler).__name__)
+    return new
+
+
+def use_device_step(optimizer, engine=None) -> str | None:
+    """Give `optimizer` (DeepSpeed's ZeRO-1/2 optimizer, ``engine.optimizer``) the multi-tensor checks and the step
+    without host waits. ``engine``: the DeepSpeed engine whose skipped-step count and schedule the skips correct
+    (held weakly). Returns None when done, else the reason it was left as it is."""
     why = device_step_unsupported(optimizer)
     if why is not None:
         return why
     use_multi_tensor_grad_checks(optimizer)
-    optimizer._device_skipped_steps = None
+    optimizer._device_skipped_steps = None  # running count on the device
+    optimizer._skips_host, optimizer._skips_event = None, None  # its copy in host memory, and the copy's event
+    optimizer._skips_settled = 0  # how many of them the engine's count and the schedule already reflect
+    optimizer._device_step_engine = weakref.ref(engine) if engine is not None else None
     optimizer.step = types.MethodType(_device_step, optimizer)
     return None
 
 
 def settle_skipped_steps(engine) -> int:
-    """Bring the steps `_device_step` skipped since the last call to the host (one read of the device): add them to
-    DeepSpeed's `engine.skipped_steps` and take the learning-rate schedule back by as many steps, as if DeepSpeed had
-    known at each step. Returns how many; 0 (and no read) when the engine does not step on the device."""
+    """Bring every step `_device_step` skipped to the host now (one read of the device, the only wait it adds): add
+    them to DeepSpeed's `engine.skipped_steps` and take the learning-rate schedule back by as many steps, as if
+    DeepSpeed had known at each step. The step itself does so at the next step once the count has been copied;
+    this catches the rest (the trainer calls it at log steps, where it reads the losses anyway, and at the end of an
+    epoch, before a checkpoint). Returns how many were new; 0 (and no read) when the engine does not step on the
+    device."""
     optimizer = getattr(engine, "optimizer", None)
     counter = getattr(optimizer, "_device_skipped_steps", None) if device_step_active(optimizer) else None
     if counter is None:
         return 0
-    skipped = int(round(float(counter)))
-    if skipped:
-        counter.zero_()
-        engine.skipped_steps += skipped
-        scheduler = getattr(engine, "lr_scheduler", None)
-        if scheduler is not None and hasattr(scheduler, "last_epoch"):
-            scheduler.last_epoch -= skipped + 1
-            scheduler.step()  # sets every group's learning rate for the step it is now at
-    return skipped
+    if optimizer._device_step_engine is None or optimizer._device_step_engine() is None:
+        optimizer._device_step_engine = weakref.ref(engine)
+    return _apply_skips(optimizer, int(round(float(counter))))
