@@ -175,14 +175,14 @@ class CountHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fused_engine(zero_stage: int, checks: str):
-    """An fp32 CPU engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
+def fused_engine(zero_stage: int, checks: str, device: str = "cpu"):
+    """An fp32 engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
     schedule, so that a wrong clip factor or a wrongly advanced schedule changes the weights."""
-    cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks, optimizer="adamw_fused",
+    cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks, optimizer="adamw_fused", device=device,
                        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})
-    engine, model, tok = deepspeed_engine(cfg)
+    engine, model, tok = deepspeed_engine(cfg, device)
     engine.optimizer.check_grad_overflow = True  # what bf16 sets: a non-finite gradient skips the step
-    return engine, model, batch_for(model, tok)
+    return engine, model, batch_for(model, tok, device)
 
 
 def run_steps(engine, model, batch, nan_at=()):
@@ -205,15 +205,18 @@ def run_steps(engine, model, batch, nan_at=()):
 
 
 @needs_checked_release
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage):
+@pytest.mark.parametrize("zero_stage,device", [
+    (1, "cpu"), (2, "cpu"),
+    pytest.param(2, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device):
     """The step that leaves the overflow and the clip factor on the device trains to DeepSpeed's weights (its step
     with the multi-tensor checks: the same norm), skips a NaN step the same way (weights, moments, step count) and
     takes the schedule back when the skip is settled, and reads nothing on the host where DeepSpeed's reads several
     times per step."""
     results = {}
     for checks in ("multi_tensor", "auto"):
-        engine, model, batch = fused_engine(zero_stage, checks)
+        engine, model, batch = fused_engine(zero_stage, checks, device)
         try:
             assert zero_step.device_step_active(engine.optimizer) is (checks == "auto")
             results[checks] = run_steps(engine, model, batch, nan_at=(1,))
@@ -227,7 +230,7 @@ def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage):
     assert lr == ds_lr
     start = dict(fresh_model(overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})[0]
                  .named_parameters())
-    assert sum(not torch.equal(start[n], p) for n, p in params.items()) > len(params) // 2  # training moved them
+    assert sum(not torch.equal(start[n], p.cpu()) for n, p in params.items()) > len(params) // 2  # training moved them
     for name, value in ds_params.items():  # the kernel divides by the clip factor where DeepSpeed multiplies by
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
