@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from engine.model import fast_paths
 from engine.model.patch_embedding import PatchConv2d, conv_reference, patch_product_unsupported, use_patch_products
+
+
+@pytest.fixture(autouse=True)
+def product_on_cpu(monkeypatch):
+    """The product is CUDA's fast path (`fast_paths.patch_embedding`); these tests take it on the CPU."""
+    monkeypatch.setattr(fast_paths, "patch_embedding", lambda device: fast_paths.Decision("patch_embedding", "product", "test"))
 
 
 def pair(conv: nn.Conv2d) -> tuple[nn.Conv2d, PatchConv2d]:
@@ -79,3 +86,16 @@ def test_the_model_runs_the_patch_product(tiny):
     torch.testing.assert_close(got, plain.encode_images(pixels), rtol=1e-5, atol=1e-5)
     clone = pickle.loads(pickle.dumps(projection))  # a module-level class: checkpoints and copies keep it
     assert type(clone) is PatchConv2d
+
+
+def test_the_product_is_cudas_fast_path(monkeypatch):
+    monkeypatch.undo()
+    assert fast_paths.patch_embedding("cuda:0").choice == "product"
+    assert fast_paths.patch_embedding("cpu").choice == "conv"
+    import engine.model.patch_embedding as module
+
+    calls = []
+    real = module.patch_projection
+    monkeypatch.setattr(module, "patch_projection", lambda *a: calls.append(1) or real(*a))
+    PatchConv2d(3, 8, 2, stride=2)(torch.randn(1, 3, 4, 4))  # on the CPU: the class convolution
+    assert calls == []

@@ -16,6 +16,7 @@ Every "auto" choice of the engine is made here, for a model, a device and a mode
   one-time numerical self-check of the kernels on the device;
 - `merged_projections`: whether the fused layers use one q/k/v and one gate/up product;
 - `padded_lm_head`: whether those steps and the training loss use the lm_head padded to an aligned vocabulary width;
+- `patch_embedding`: whether the vision tower's patch embedding runs as one matrix product (`PatchConv2d`);
 - `eval_kv_cache`: the KV cache of validation generation (paged or dynamic).
 
 Each function returns a `Decision` (the choice and why); the first time a (path, choice, reason) is seen in the
@@ -300,6 +301,17 @@ def padded_lm_head(lm_head: nn.Module) -> Decision:
         return _decide("padded_lm_head", "off", reason)
     vocab = lm_head.weight.shape[0]
     return _decide("padded_lm_head", "on", f"a vocabulary of {vocab}, not a multiple of {VOCAB_ALIGNMENT}")
+
+
+def patch_embedding(device: torch.device | str) -> Decision:
+    """Whether a `engine.model.patch_embedding.PatchConv2d` computes its convolution as one matrix product: on CUDA,
+    where cuDNN has no tensor-core kernel for the patch embedding's 3 input channels (5.9 vs 1.1 ms at a training
+    step's 64 tiles); elsewhere the class convolution, which is not slow there and keeps the numerics CPU runs
+    (`make demo`) were measured with: the demo's curriculum is sensitive to rounding-level changes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _decide("patch_embedding", "product", "cuDNN has no tensor-core kernel for 3 input channels")
+    return _decide("patch_embedding", "conv", f"the class convolution on {device.type}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

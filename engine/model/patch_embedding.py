@@ -9,7 +9,8 @@ copy that lays the patches out) takes 0.6 and 1.4 ms (benchmarks/RESULTS.md, "th
 product").
 
 `PatchConv2d` is an `nn.Conv2d` (same parameters, state dict and module name) whose convolution is that product
-when it is one (stride equal to the kernel, no padding or dilation, one group); otherwise the class convolution.
+when it is one (stride equal to the kernel, no padding or dilation, one group) and `fast_paths.patch_embedding`
+chooses it for the device (CUDA); otherwise the class convolution.
 It returns the (N, C_out, h, w) result as a channels-last view, which the embedding's ``flatten(2).transpose(1, 2)``
 turns into the (N, h * w, C_out) tokens without a copy. `use_patch_products(module)` gives every such Conv2d under
 ``module`` this class.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from engine.model import fast_paths
 
 __all__ = ["PatchConv2d", "conv_reference", "patch_product_unsupported", "patch_projection", "use_patch_products"]
 
@@ -56,8 +59,9 @@ class PatchConv2d(nn.Conv2d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (input.dim() != 4 or self.padding_mode != "zeros" or patch_product_unsupported(self) is not None
-                or input.shape[-2] < self.kernel_size[0] or input.shape[-1] < self.kernel_size[1]):
-            return super()._conv_forward(input, weight, bias)  # (an image smaller than a patch: the conv's error)
+                or input.shape[-2] < self.kernel_size[0] or input.shape[-1] < self.kernel_size[1]  # the conv's error
+                or fast_paths.patch_embedding(input.device).choice != "product"):
+            return super()._conv_forward(input, weight, bias)
         return patch_projection(input, weight, bias)
 
 
