@@ -88,21 +88,27 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=NORM_DTYPE))
 
 
+def _summed_squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of ``tensors`` summed over this rank's (fp64 per tensor, as DeepSpeed accumulates) and
+    then over every rank, as a one-element fp32 tensor on the device (DeepSpeed's reductions)."""
+    from deepspeed import comm as dist
+
+    if tensors:
+        total = _norms(tensors).pow(2).sum().float()
+    else:
+        total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def _grad_norm(self, gradients, params, norm_type=2):
     """`DeepSpeedZeroOptimizer.get_grad_norm_direct` for the L2 norm: the same gradients (padding skipped, one per
     parameter), the same reductions over ranks, the same -1 for a non-finite norm."""
     if float(norm_type) != 2.0:
         return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
-    from deepspeed import comm as dist
-
     grads = [g.data for g, _ in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)]
-    if grads:
-        total = _norms(grads).pow(2).sum().float()
-    else:
-        total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
-    self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
-    total = total.pow(0.5)
+    total = _summed_squares(self, grads).pow(0.5)
     return total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's -1 for an invalid norm, no host tensor
 
 
@@ -173,9 +179,10 @@ def _device_step(self, closure=None):
     # each group's gradients flattened into its fp32 partition first (DeepSpeed's own code for it), then the norm
     # over those few flat tensors: the same values (bf16 -> fp32 is exact) as DeepSpeed's norm over the gradients
     # one by one, without the host assembling a list of every gradient for it
-    grads = []
+    grads, partition_ids = [], []
     for i in range(len(self.bit16_groups)):
         partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+        partition_ids.append(partition_id)
         self.free_grad_in_param_list(self.params_not_in_partition[i])  # ZeRO-2: gradients other ranks update
         flat = self._get_preflattened_grad_partition(i)
         if flat is None:
@@ -193,9 +200,7 @@ def _device_step(self, closure=None):
         self._release_preflattened_grad_buffers(i)
         self.averaged_gradients[i] = None
         self.all_grad_tensors[i] = None
-    total = _norms(grads).pow(2).sum().float()  # fp64 per partition, as DeepSpeed accumulates; summed over ranks
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
-    total = total.sqrt()
+    total = _summed_squares(self, grads).sqrt()
     finite = torch.isfinite(total)  # False exactly when some rank's gradient holds a NaN or an infinity
     found_inf = (~finite).float().reshape(())
     if self._device_skipped_steps is None:
@@ -213,8 +218,7 @@ def _device_step(self, closure=None):
     self._global_grad_norm = torch.where(finite, total / scale, float("inf")) if self.compute_grad_norm else None
 
     inner = self.optimizer
-    for i in range(len(grads)):
-        partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+    for i, partition_id in enumerate(partition_ids):
         fp32_partition = self.single_partition_of_fp32_groups[i]
         fp32_partition.grad = grads[i]
         inner.grad_scale, inner.found_inf = grad_scale, found_inf  # read by torch's fused Adam (GradScaler's hook)
@@ -246,8 +250,9 @@ def _stage_skip_count(optimizer) -> None:
         optimizer._skips_host = torch.zeros((), dtype=counter.dtype, pin_memory=counter.is_cuda)
     optimizer._skips_host.copy_(counter, non_blocking=counter.is_cuda)
     if counter.is_cuda:
-        optimizer._skips_event = torch.cuda.Event()
-        optimizer._skips_event.record()
+        if optimizer._skips_event is None:
+            optimizer._skips_event = torch.cuda.Event()
+        optimizer._skips_event.record()  # re-recorded each step: query() answers for the latest copy
 
 
 def _absorb_copied_skips(optimizer) -> None:
