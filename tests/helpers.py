@@ -89,12 +89,12 @@ def assert_close(actual, expected, dtype, what):
 
 
 class CountProducts(TorchDispatchMode):
-    """Matrix products (mm, addmm) issued while active."""
+    """Matrix products (mm, addmm, addmm_) issued while active."""
 
     def __init__(self):
         super().__init__()
         self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
         return func(*args, **(kwargs or {}))

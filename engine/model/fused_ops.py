@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.layers import ReferenceOps, decoder_layers
+from engine.model.shared_weight import SharedWeight
 from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
 from kernels.layer_grads import rms_norm_grad, rotary_qk_grad, silu_mul_grad
 
@@ -44,6 +45,12 @@ def _projections(layer: nn.Module) -> dict:
     return {name: getattr(attn if name in _QKV else mlp, name, None) for name in (*_QKV, *_GATE_UP)}
 
 
+def _all_projections(layer: nn.Module) -> dict:
+    """Every linear projection of a decoder layer, by name."""
+    return {**_projections(layer), "o_proj": getattr(layer.self_attn, "o_proj", None),
+            "down_proj": getattr(layer.mlp, "down_proj", None)}  # fmt: skip
+
+
 def merge_unsupported(layers: list[nn.Module]) -> str | None:
     """Why `MergedProjections` cannot stand in for these layers' projections (None when it can)."""
     for index, layer in enumerate(layers):
@@ -56,6 +63,23 @@ def merge_unsupported(layers: list[nn.Module]) -> str | None:
     return None
 
 
+def _partitioned(layers: list[nn.Module]) -> bool:
+    return any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters())  # DeepSpeed ZeRO-3's mark
+
+
+def shared_weight_unsupported(layers: list[nn.Module]) -> str | None:
+    """Why the latent block's passes should not take each projection's weight gradient once over all of them
+    (`engine.model.shared_weight`; None: they should). The products then read the modules' weights directly,
+    which ZeRO-3's partitioned weights forbid and a wrapped module (adapters, quantized) would not compute."""
+    if _partitioned(layers):
+        return "ZeRO-3 partitions the weights"
+    for index, layer in enumerate(layers):
+        for name, module in _all_projections(layer).items():
+            if type(module) is not nn.Linear:
+                return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
+    return None
+
+
 MERGED_COPY_LIMIT = 2 << 30  # bytes of concatenated weights a training pass's merged ops table may hold
 
 
@@ -64,7 +88,7 @@ def training_merge_unsupported(layers: list[nn.Module]) -> str | None:
     concatenated copies live through the step's backward (2 bytes per projection weight in bf16): merged while
     they stay under 2 GiB (InternVL3-1B: 0.47 GB; 2B: 1.7 GB; 8B: 8.5 GB is not), never under ZeRO-3, whose
     partitioned weights an ops table must not read."""
-    if any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters()):
+    if _partitioned(layers):
         return "ZeRO-3 partitions the weights"
     reason = merge_unsupported(layers)
     if reason is not None:
@@ -226,13 +250,33 @@ class GradFusedOps(ReferenceOps):
     use and kept for this table's life, so that passes sharing the table (the latent block's, each layer used once
     per pass) run two products per layer instead of five, forward and backward (gradients flow back through the
     concatenation to the modules' parameters). Layers whose projections `merge_unsupported` refuses, or whose
-    q/k/v mix biased and unbiased projections, keep the modules."""
+    q/k/v mix biased and unbiased projections, keep the modules.
+
+    ``share_weight_grads``: each product's weight (merged or a plain `nn.Linear`'s) goes through one
+    `engine.model.shared_weight.SharedWeight` for this table's life, so that the passes sharing the table take
+    each weight's gradient once over all of them instead of once per pass plus a sum. For a table that serves one
+    forward (the latent block's)."""
 
     name = "fused_grad"
 
-    def __init__(self, language_model: nn.Module, merge_projections: bool = False):
+    def __init__(self, language_model: nn.Module, merge_projections: bool = False, share_weight_grads: bool = False):
         super().__init__(language_model)
         self._merged: dict | None = {} if merge_projections else None
+        self._shared: dict | None = {} if share_weight_grads else None
+
+    def _product(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T + bias, through the key's `SharedWeight` when this table shares weight gradients."""
+        if self._shared is None:
+            return F.linear(x, weight, bias)
+        if key not in self._shared:
+            self._shared[key] = SharedWeight(weight, bias)
+        return self._shared[key](x)
+
+    def _linear(self, key: tuple, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A projection module on x: its weight shared across passes where it is a plain `nn.Linear`."""
+        if self._shared is None or type(module) is not nn.Linear:
+            return module(x)
+        return self._product(key, module.weight, module.bias, x)
 
     def _merged_weights(self, key: tuple, modules: list[nn.Module]):
         """(weight, bias, sizes) of ``modules`` concatenated, or None where this table does not merge them."""
@@ -263,15 +307,19 @@ class GradFusedOps(ReferenceOps):
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
         merged = self._merged_weights(("qkv", index), projections)
         if merged is None:
-            return super().qkv(index, attn, h)
+            return tuple(self._linear((name, index), m, h) for name, m in zip(_QKV, projections))
         weight, bias, sizes = merged
-        return F.linear(h, weight, bias).split(sizes, -1)  # views: the kernels read them strided
+        return self._product(("qkv", index), weight, bias, h).split(sizes, -1)  # views: the kernels read them strided
+
+    def o_proj(self, index, attn, o):
+        return self._linear(("o_proj", index), attn.o_proj, o)
 
     def mlp(self, index, mlp, h):
         projections = [mlp.gate_proj, mlp.up_proj]
         merged = self._merged_weights(("gate_up", index), projections)
         if merged is None:
-            return mlp.down_proj(silu_mul_grad(mlp.gate_proj(h), mlp.up_proj(h)))
-        weight, bias, sizes = merged
-        gate, up = F.linear(h, weight, bias).split(sizes, -1)
-        return mlp.down_proj(silu_mul_grad(gate, up))
+            gate, up = (self._linear((name, index), m, h) for name, m in zip(_GATE_UP, projections))
+        else:
+            weight, bias, sizes = merged
+            gate, up = self._product(("gate_up", index), weight, bias, h).split(sizes, -1)
+        return self._linear(("down_proj", index), mlp.down_proj, silu_mul_grad(gate, up))

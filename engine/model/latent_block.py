@@ -119,11 +119,16 @@ def latent_block(
     num_layers = prefix_kv.shape[0]
     geometry = dataclasses.replace(layer_geometry(lm), num_layers=num_layers, head_dim=prefix_kv.shape[-1])
     if fused_ops:
-        from engine.model.fused_ops import GradFusedOps, training_merge_unsupported
+        from engine.model.fused_ops import GradFusedOps, shared_weight_unsupported, training_merge_unsupported
 
-        # each layer runs once per pass: its q/k/v and gate/up weights concatenated once serve every pass
-        merge = training_merge_unsupported(list(lm.layers[:num_layers])) is None
-        ops = GradFusedOps(lm, merge_projections=merge)
+        # each layer runs once per pass: its q/k/v and gate/up weights concatenated once serve every pass, and
+        # each weight's gradient is one product over all passes (the table lives for this forward only)
+        layers = list(lm.layers[:num_layers])
+        ops = GradFusedOps(
+            lm,
+            merge_projections=training_merge_unsupported(layers) is None,
+            share_weight_grads=shared_weight_unsupported(layers) is None,
+        )
     else:
         ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]

@@ -152,6 +152,8 @@ class LayerOps(Protocol):
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def o_proj(self, index: int, attn: nn.Module, o: torch.Tensor) -> torch.Tensor: ...
+
     def mlp(self, index: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -176,6 +178,10 @@ class ReferenceOps:
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (*tokens, heads, D), k likewise, cos/sin (*tokens, D): the model's own rotary function."""
         return self._apply_rotary(q, k, cos, sin, unsqueeze_dim=-2)
+
+    def o_proj(self, index: int, attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        """The attention's output projection of ``o`` (*tokens, q_heads * head_dim)."""
+        return attn.o_proj(o)
 
     def mlp(self, index: int, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return mlp(h)
@@ -208,7 +214,7 @@ def run_layers(
             cos,
             sin,
         )
-        pending = attn.o_proj(o.reshape(*tokens, g.q_heads * g.head_dim))
+        pending = ops.o_proj(index, attn, o.reshape(*tokens, g.q_heads * g.head_dim))
         h, x = ops.add_norm(layer.post_attention_layernorm, x, pending)
         pending = ops.mlp(index, layer.mlp, h)
     return ops.add_norm(language_model.norm, x, pending)[0]

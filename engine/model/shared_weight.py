@@ -1,0 +1,109 @@
+"""Linear products whose weight many passes share, with the weight's gradient taken once for all of them.
+
+In the latent block each layer's weights serve every pass: M one-position passes of B rows, then the final chunk.
+Autograd differentiates each use on its own: a product per use that writes a whole weight-sized gradient (at B =
+64 rows a few microseconds of work for a 17 MB write at the 1B geometry's gate/up weight), then an add per use to
+sum them: ~10 kernels and ~0.6 GB of memory traffic per layer for six uses. `SharedWeight` keeps each small use's
+input and output gradient instead, and takes the weight's gradient as one product over all of them once every
+use's backward has run: its own autograd node (`_Gather`) lies downstream of every use, so the engine runs it
+last. A use of many rows (the final chunk) does real work in its product: it adds it into the same gradient at
+once, in place, rather than holding its output gradient (tens of MB a layer) to the end.
+
+The gradient is the same sum (in one fp32-accumulated product where autograd rounds each use's product to the
+weight's dtype and then each partial sum). Nothing else changes: each use's forward is `F.linear` and its input
+gradient the same product as autograd's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STASH_ROWS = 256  # uses of at most this many rows keep (input, output gradient) for the one product at the end
+
+
+class SharedWeight:
+    """``weight`` (out, in) and ``bias`` (out,) or None, used by several products (`__call__`) whose weight and
+    bias gradients are summed as described in the module docstring. Build one per forward (the kept inputs and
+    output gradients belong to that forward's backward)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self._inputs: list[torch.Tensor] = []
+        self._grad_outputs: list[torch.Tensor] = []
+        self._grad_weight: torch.Tensor | None = None
+        self._grad_bias: torch.Tensor | None = None
+        # aliases of weight and bias whose node runs after every use's backward (see _Gather)
+        if bias is None:
+            self.weight, self.bias = _Gather.apply(self, weight), None
+        else:
+            self.weight, self.bias = _Gather.apply(self, weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (*rows, in) @ weight.T + bias: (*rows, out)."""
+        return _SharedLinear.apply(self, x, self.weight, self.bias)
+
+    def _add_use(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
+        """One use's input and output gradient, both (rows, features): kept when few rows, else summed now."""
+        if x.shape[0] <= STASH_ROWS:
+            self._inputs.append(x)
+            self._grad_outputs.append(grad_output)
+        else:
+            self._accumulate(x, grad_output, weight, bias)
+
+    def _accumulate(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
+        if weight:
+            if self._grad_weight is None:
+                self._grad_weight = grad_output.t() @ x
+            else:
+                self._grad_weight.addmm_(grad_output.t(), x)
+        if bias:
+            summed = grad_output.sum(0)
+            self._grad_bias = summed if self._grad_bias is None else self._grad_bias.add_(summed)
+
+    def _gradients(self, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The summed gradients of every use since the last call (the kept ones as one product), and forget them."""
+        if self._inputs:
+            self._accumulate(torch.cat(self._inputs), torch.cat(self._grad_outputs), weight, bias)
+        grads = (self._grad_weight if weight else None, self._grad_bias if bias else None)
+        self._inputs, self._grad_outputs = [], []
+        self._grad_weight = self._grad_bias = None
+        return grads
+
+
+class _Gather(torch.autograd.Function):
+    """Identity on (weight[, bias]); its backward returns the shared gradients. Every use takes these outputs as
+    inputs, so autograd runs this node only after all of their backward nodes."""
+
+    @staticmethod
+    def forward(ctx, shared: SharedWeight, *tensors):
+        ctx.shared = shared
+        ctx.set_materialize_grads(False)  # the uses return no weight gradient: no zero-filled weight for nothing
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *direct):
+        needs = ctx.needs_input_grad[1:]
+        grads = ctx.shared._gradients(needs[0], len(needs) > 1 and needs[1])
+        # a gradient that reached the aliases other than through the shared products (none in this engine)
+        grads = [g if d is None else (d if g is None else g + d) for g, d in zip(grads, direct)]
+        return (None, *grads[: len(needs)])
+
+
+class _SharedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shared: SharedWeight, x, weight, bias):
+        ctx.shared = shared
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = (rows @ weight).view(x.shape) if ctx.needs_input_grad[1] else None
+        need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        if need_weight or need_bias:
+            ctx.shared._add_use(x.reshape(-1, x.shape[-1]), rows, need_weight, need_bias)
+        return None, grad_x, None, None

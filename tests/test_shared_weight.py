@@ -1,0 +1,137 @@
+"""Products sharing a weight, its gradient taken once for all of them (engine/model/shared_weight.py): every
+gradient equals autograd's through plain `F.linear` uses, with one weight product in backward for all the small
+uses, and the latent block takes it so for each of its layers' weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model import shared_weight
+from engine.model.shared_weight import SharedWeight
+from tests.helpers import CountProducts
+
+
+def chained_uses(linear, x, spread, rows_big):
+    """Uses of one (n, n) weight in a chain, each fed what came before: a 2-D and a 3-D use, then (``rows_big``)
+    a use of that many rows (the final chunk's kind), then a last small use."""
+    h = linear(torch.tanh(linear(x)) * spread)  # (3, 5, n)
+    last, loss = torch.tanh(h[0]), 0
+    if rows_big:
+        big = linear(torch.tanh(h).flatten(0, 1).repeat(-(-rows_big // 15), 1)[:rows_big])
+        last, loss = last + big[:5], big.square().mean()
+    return loss + linear(last).sum()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows_big", [0, shared_weight.STASH_ROWS + 3])
+def test_shared_weight_gradients_equal_autograds(bias, rows_big):
+    """Inputs' and parameters' gradients equal those of plain products (fp64), with the weight a non-leaf (as the
+    block's merged weights are); the small uses' weight gradient is one product in backward."""
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    weight = torch.randn(n, n, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(5, n, generator=g, dtype=torch.float64, requires_grad=True)
+    spread = torch.randn(3, 1, n, generator=g, dtype=torch.float64)
+    results = []
+    for shared in (False, True):
+        scaled = weight * 1.5  # a non-leaf weight: the gradient flows on through it
+        linear = SharedWeight(scaled, b) if shared else (lambda t, w=scaled: F.linear(t, w, b))
+        loss = chained_uses(linear, x, spread, rows_big)
+        with CountProducts() as counter:
+            grads = torch.autograd.grad(loss, [x, weight] + ([b] if bias else []))
+        results.append((loss.detach(), grads, counter.products))
+    (want_loss, want, _), (got_loss, got, products) = results
+    torch.testing.assert_close(got_loss, want_loss)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    uses = 4 if rows_big else 3
+    # an input-gradient product per use, one weight product for the small uses, one more for the big use
+    assert products == uses + 1 + bool(rows_big), products
+
+
+def test_shared_weight_backward_twice_and_other_uses():
+    """A retained graph differentiated twice gives the same gradients (the kept uses are consumed each time); a
+    use of the alias outside the shared products adds its own gradient."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(4, 4, generator=g, requires_grad=True)
+    x = torch.randn(3, 4, generator=g)
+    shared = SharedWeight(weight)
+    loss = shared(torch.tanh(shared(x))).sum() + shared.weight.square().sum()
+    first = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, weight)[0]
+    w = weight.detach().requires_grad_()
+    want = torch.autograd.grad((torch.tanh(x @ w.T) @ w.T).sum() + w.square().sum(), w)[0]
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, want)
+
+
+def test_shared_weight_frozen_parameters_keep_nothing():
+    """Where the weight needs no gradient, the uses keep no inputs for it, and the input's gradient is right."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(4, 4, generator=g)
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    shared = SharedWeight(weight)
+    (dx,) = torch.autograd.grad(shared(shared(x)).sum(), x)
+    torch.testing.assert_close(dx, torch.autograd.grad((x @ weight.T @ weight.T).sum(), x)[0])
+    assert not shared._inputs and shared._grad_weight is None
+
+
+def test_block_takes_each_weight_gradient_once(tiny_model, monkeypatch):
+    """The latent block with shared weight gradients against the block without (fp32, fused ops, merged
+    projections both times): the same outputs and every gradient, with per layer and pass four input-gradient
+    products in backward and per layer four weight products, where without sharing each pass has eight."""
+    from engine.model import fused_ops
+    from engine.model.latent_block import latent_block
+
+    lm = tiny_model.language_model
+    config = lm.config
+    layers = config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    batch, columns, prefix, hidden = 3, 4, 9, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    inputs = (
+        torch.randn(batch, hidden, generator=g, requires_grad=True),
+        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
+        torch.tensor([[True, False, True, True]] * batch),
+        torch.arange(prefix, prefix + columns).repeat(batch, 1),
+        torch.rand(batch, prefix + columns, generator=g) > 0.2,
+        torch.randn(layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g, requires_grad=True),
+    )
+    inputs[4][:, prefix:] = True
+    params = [p for p in lm.parameters() if p.requires_grad]
+    results = {}
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(fused_ops, "shared_weight_unsupported", lambda layers: "switched off for the comparison")
+        outputs = latent_block(lm, *inputs, fused_ops=True)
+        cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in outputs]
+        with CountProducts() as counter:
+            grads = torch.autograd.grad(outputs, [inputs[0], inputs[1], inputs[5], *params], cotangents, allow_unused=True)
+        results[share] = (outputs, grads, counter.products)
+    (shared_out, shared_grads, shared_products), (plain_out, plain_grads, plain_products) = results[True], results[False]
+    assert plain_products == layers * columns * 8, plain_products
+    assert shared_products == layers * columns * 4 + layers * 4, shared_products
+    for a, b in zip(shared_out, plain_out):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    names = ["prev", "column_embeds", "prefix_kv", *(n for n, p in lm.named_parameters() if p.requires_grad)]
+    for name, a, b in zip(names, shared_grads, plain_grads, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_shared_weight_grads_are_refused_for_partitioned_or_wrapped_projections(tiny_model):
+    import copy
+
+    from engine.model import fused_ops
+
+    model = copy.deepcopy(tiny_model)
+    layers = list(model.language_model.layers)
+    assert fused_ops.shared_weight_unsupported(layers) is None
+    layers[1].mlp.down_proj = torch.nn.Sequential(layers[1].mlp.down_proj)
+    assert fused_ops.shared_weight_unsupported(layers) == "layer 1 down_proj is a Sequential, not a plain torch.nn.Linear"
+    layers[0].self_attn.o_proj.weight.ds_id = 3  # as DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert fused_ops.shared_weight_unsupported(layers) == "ZeRO-3 partitions the weights"
