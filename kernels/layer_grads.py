@@ -662,6 +662,7 @@ def layer_grads_self_check(device: torch.device | str, dtype: torch.dtype) -> st
 
 def _self_check(device, dtype) -> str | None:
     from kernels.decode_fusions import rms_norm_reference, rotary_qk_reference, silu_mul_reference
+    from kernels.one_query_attention import one_query_attention, one_query_attention_reference
 
     g = torch.Generator().manual_seed(0)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=3e-2)
@@ -679,6 +680,9 @@ def _self_check(device, dtype) -> str | None:
         "layer_norm_grad": (layer_norm_grad, layer_norm_reference, (leaf(2, 3, 48), leaf(48), leaf(48), 1e-6),
                             {"residual": leaf(2, 3, 48), "scale": leaf(48)}),
         "layer_norm_grad (no residual)": (layer_norm_grad, layer_norm_reference, (leaf(5, 40), leaf(40), leaf(40), 1e-6), {}),
+        "one_query_attention": (one_query_attention, one_query_attention_reference,
+                                (leaf(2, 2, 3, 16), leaf(2, 2, 70, 16), leaf(2, 2, 70, 16), leaf(2, 2, 2, 16), leaf(2, 2, 2, 16),
+                                 (torch.arange(72, device=device) % 5 == 1).expand(2, 72), 0.25), {}),
     }  # fmt: skip
     for name, (fused, reference, args, kwargs) in cases.items():
         try:

@@ -88,7 +88,7 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
 
         return wrapper
 
-    for name in ("rms_norm_grad", "rotary_qk_grad", "silu_mul_grad"):
+    for name in ("rms_norm_grad", "rotary_qk_grad", "silu_mul_grad", "one_query_attention"):
         monkeypatch.setattr(fused_ops, name, counted(getattr(fused_ops, name)))
     out, grads = run(tiny_model, "static", ids, mask, pv, bucket=5, final_bucket=7, use_cache=use_cache, layer_ops="fused")
     assert out.block_calls == 1 and out.fused_blocks == [True]
@@ -96,8 +96,10 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
     # cache); per pass and layer one rotary, one SwiGLU and two norms, per pass the final norm
     passes = out.num_passes
     layers = tiny_model.language_model.config.num_hidden_layers
+    one_position = _schedule(ids, mask, tiny_model, pv).one_position_passes  # the block's passes
+    assert one_position > 0
     assert calls == {"rotary_qk_grad": passes * layers, "silu_mul_grad": passes * layers,
-                     "rms_norm_grad": passes * (2 * layers + 1)}, calls
+                     "rms_norm_grad": passes * (2 * layers + 1), "one_query_attention": one_position * layers}, calls
     if use_cache:
         for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=TOL, rtol=0)
@@ -165,10 +167,10 @@ def test_unaligned_batch_takes_the_transformers_passes(tiny_model, tiny_tok):
     torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
 
 
-def _schedule(ids, mask, model):
+def _schedule(ids, mask, model, pixel_values=None):
     return build_schedule(
         ids, mask, latent_id=model.latent_id, image_token_id=model.image_token_id,
-        tokens_per_tile=model.tokens_per_tile, num_tiles=None,
+        tokens_per_tile=model.tokens_per_tile, num_tiles=None if pixel_values is None else len(pixel_values),
     )[0]
 
 

@@ -7,8 +7,9 @@ rounding as the modules do), and with `MergedProjections` one matrix product for
 layer instead of five. No autograd: inference only.
 
 `GradFusedOps` is the training counterpart (the latent block and a training forward's other passes,
-`engine.model.stack_pass`): the same three fusions with their backward (`kernels.layer_grads`), the projections left
-to the modules (their weights are what training updates).
+`engine.model.stack_pass`): the same three fusions with their backward (`kernels.layer_grads`) and the latent
+passes' one-query attention (`kernels.one_query_attention`), the projections left to the modules (their weights
+are what training updates).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.model.layers import ReferenceOps, decoder_layers
 from engine.model.shared_weight import SharedWeight
 from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
 from kernels.layer_grads import rms_norm_grad, rotary_qk_grad, silu_mul_grad
+from kernels.one_query_attention import one_query_attention
 
 _QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -310,6 +312,11 @@ class GradFusedOps(ReferenceOps):
             return tuple(self._linear((name, index), m, h) for name, m in zip(_QKV, projections))
         weight, bias, sizes = merged
         return self._product(("qkv", index), weight, bias, h).split(sizes, -1)  # views: the kernels read them strided
+
+    def one_query_attention(self, q, prefix_k, prefix_v, new_k, new_v, blocked, scale):
+        if any(t.dtype != q.dtype for t in (prefix_k, prefix_v, new_k, new_v)):
+            return super().one_query_attention(q, prefix_k, prefix_v, new_k, new_v, blocked, scale)
+        return one_query_attention(q, prefix_k, prefix_v, new_k, new_v, blocked, scale)
 
     def o_proj(self, index, attn, o):
         return self._linear(("o_proj", index), attn.o_proj, o)

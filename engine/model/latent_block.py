@@ -24,8 +24,10 @@ as one causal chunk. Padding the prefix to a multiple of `bucket` positions (mas
 and the final chunk to a multiple of `final_bucket` (right padding, causally after every real column) lets
 one graph serve every batch whose lengths fall in the same buckets.
 
-One query per row attends with grouped matmuls over the kv heads (what SDPA after repeat_kv would save for
-backward is 7x larger at 14/2 heads); the final chunk uses SDPA as transformers does.
+One query per row attends through the ops table's `one_query_attention` (the fused ops: one Triton kernel
+forward and one backward, `kernels/one_query_attention.py`; the reference: grouped matmuls over the kv heads;
+what SDPA after repeat_kv would save for backward is 7x larger at 14/2 heads); the final chunk uses SDPA as
+transformers does.
 
 `LatentBlock` runs it eagerly (the CPU path that tests compare with the transformers passes, bucket padding
 included) or from two CUDA graphs per shape bucket: the forward and the backward (``autograd.grad`` with
@@ -62,7 +64,7 @@ class _CachedChunkAttention:
     def __init__(self, ops: ReferenceOps, geometry: LayerGeometry, past_keys, past_values, allowed: torch.Tensor):
         self.ops, self.geometry = ops, geometry
         self.past_keys, self.past_values, self.allowed = past_keys, past_values, allowed
-        self.blocked = ~allowed if allowed.shape[-2] == 1 else None  # one-query passes: once, not once a layer
+        self.blocked = ~allowed[:, 0, 0] if allowed.shape[-2] == 1 else None  # one-query passes: (B, keys), once
 
     def __call__(self, index, q, k, v, cos, sin):
         g = self.geometry
@@ -71,25 +73,13 @@ class _CachedChunkAttention:
         self.past_keys[index].append(k.transpose(1, 2))
         self.past_values[index].append(v.transpose(1, 2))
         if n == 1:
-            # One query per row: attention is a few small matmuls over the grouped heads. Unlike SDPA after
-            # repeat_kv, this saves the cached K/V for backward at kv_heads, not q_heads (7x less for 14/2). The
-            # prefix's K/V (hundreds of positions) are read where they are rather than concatenated with the
-            # passes' own: that was a copy of the whole prefix per pass and layer, and in backward a strided
-            # gradient slice per piece to accumulate; the two groups of scores are joined instead (a few KB a row).
+            # One query per row: the kv heads' query groups attend to the prefix's K/V where they are and to the
+            # passes' own (a few positions, joined). Unlike SDPA after repeat_kv, nothing is saved at q_heads, and
+            # the prefix is not concatenated with the passes' K/V per pass and layer (nor its gradient sliced).
             qg = q.view(batch, g.kv_heads, g.groups, g.head_dim)
             prefix_k, prefix_v = self.past_keys[index][0], self.past_values[index][0]
             new_k, new_v = torch.cat(self.past_keys[index][1:], dim=2), torch.cat(self.past_values[index][1:], dim=2)
-            scores = torch.cat([qg @ prefix_k.transpose(-1, -2), qg @ new_k.transpose(-1, -2)], dim=-1)
-            # the mask (B, 1, 1, keys) broadcasts over the kv heads and groups
-            scores = scores.float().mul_(g.scale).masked_fill_(self.blocked, float("-inf"))
-            probs = scores.softmax(-1).to(new_v.dtype)
-            prefix_len = prefix_k.shape[-2]
-            rows = batch * g.kv_heads  # one matrix per (row, kv head): the prefix's product accumulates onto the rest
-            o = torch.baddbmm(
-                (probs[..., prefix_len:] @ new_v).reshape(rows, g.groups, g.head_dim),
-                probs[..., :prefix_len].reshape(rows, g.groups, prefix_len),
-                prefix_v.reshape(rows, prefix_len, g.head_dim),
-            )
+            o = self.ops.one_query_attention(qg, prefix_k, prefix_v, new_k, new_v, self.blocked, g.scale)
             return o.reshape(batch, 1, g.q_heads, g.head_dim)
         keys, values = torch.cat(self.past_keys[index], dim=2), torch.cat(self.past_values[index], dim=2)
         return masked_sdpa(q.transpose(1, 2), keys, values, self.allowed, g).transpose(1, 2)

@@ -179,6 +179,13 @@ class ReferenceOps:
         """q (*tokens, heads, D), k likewise, cos/sin (*tokens, D): the model's own rotary function."""
         return self._apply_rotary(q, k, cos, sin, unsqueeze_dim=-2)
 
+    def one_query_attention(self, q, prefix_k, prefix_v, new_k, new_v, blocked, scale) -> torch.Tensor:
+        """One query position per row over a cached prefix and a few new keys (the latent block's passes; shapes
+        in `kernels.one_query_attention`): with torch ops."""
+        from kernels.one_query_attention import one_query_attention_reference
+
+        return one_query_attention_reference(q, prefix_k, prefix_v, new_k, new_v, blocked, scale)
+
     def o_proj(self, index: int, attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
         """The attention's output projection of ``o`` (*tokens, q_heads * head_dim)."""
         return attn.o_proj(o)
