@@ -179,6 +179,45 @@ def test_masked_sdpa_pads_additive_and_broadcast_masks_too(sdpa_calls_as_on_cuda
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("queries", [1, 5, 127, 128, 130])
+def test_masked_sdpa_packs_the_query_heads_of_few_queries(queries, monkeypatch):
+    """Below `PACK_QUERIES_BELOW` queries, each KV head's query heads attend as its queries (one call over
+    (B, kv, groups * n, D), no K/V copied per head); from it on, repeat_kv as transformers. Either way the output
+    and every gradient are those of SDPA over the repeated K/V (fp32; boolean, broadcast and additive masks)."""
+    from engine.model import layers
+
+    g = layers.LayerGeometry(num_layers=1, hidden_size=6 * 8, q_heads=6, kv_heads=2, head_dim=8, scale=0.3)
+    gen = torch.Generator().manual_seed(queries)
+    rows, keys = 2, 140
+    q = torch.randn(rows, queries, 6, 8, generator=gen).transpose(1, 2).requires_grad_(True)  # the stack's layout
+    k, v = (torch.randn(rows, 2, keys, 8, generator=gen, requires_grad=True) for _ in range(2))
+    allowed = torch.rand(rows, 1, queries, keys, generator=gen) > 0.3
+    allowed[..., 0] = True
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    broadcast = torch.rand(rows, 1, 1, keys, generator=gen) > 0.3
+    broadcast[..., 0] = True
+    weights = torch.randn(rows, 6, queries, 8, generator=gen)
+    sdpa, shapes = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(query, *args, **kwargs):
+        shapes.append(tuple(query.shape))
+        return sdpa(query, *args, **kwargs)
+
+    for mask in (allowed, additive, broadcast):
+        shapes.clear()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        out = layers.masked_sdpa(q, k, v, mask, g)
+        monkeypatch.undo()
+        packed = queries < layers.PACK_QUERIES_BELOW
+        assert shapes == [(rows, 2, 3 * queries, 8) if packed else (rows, 6, queries, 8)]
+        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        ref = sdpa(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask, scale=g.scale)
+        want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for name, a, b in zip("qkv", got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 def test_the_padding_applies_where_cudnn_could_run_an_unsafe_backward():
     assert compat.cudnn_safe_key_padding(320, "cuda") == 64
     assert compat.cudnn_safe_key_padding(384, "cuda") == 0

@@ -62,11 +62,15 @@ def layer_geometry(language_model: nn.Module) -> LayerGeometry:
     )
 
 
+PACK_QUERIES_BELOW = 128  # cuDNN's query tile: fewer queries per head leave most of each tile empty
+
+
 def masked_sdpa(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, geometry: LayerGeometry
 ) -> torch.Tensor:
     """q (B, q_heads, n, D) attending to keys/values (B, kv_heads, T, D) under the mask ``allowed`` (B, 1, n, T;
-    boolean, or additive floats), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA). Where
+    boolean, or additive floats), as transformers' SDPA path computes a masked call (repeat_kv, then SDPA; with
+    fewer than `PACK_QUERIES_BELOW` queries, each KV head's query heads as its queries instead). Where
     cuDNN's masked backward fails for T keys, masked keys are appended first
     (`engine.model.compat.cudnn_safe_key_padding`): the same attention, at cuDNN's speed. Returns (B, q_heads, n,
     D)."""
@@ -77,8 +81,17 @@ def masked_sdpa(
         allowed = allowed.expand(*allowed.shape[:-1], keys.shape[-2] - pad)  # a mask broadcast over the keys
         # the appended keys hidden: False in a boolean mask, -inf in an additive one
         allowed = F.pad(allowed, (0, pad), value=False if allowed.dtype == torch.bool else float("-inf"))
+    batch, _, queries, _ = q.shape
+    if g.groups > 1 and queries < PACK_QUERIES_BELOW:
+        # Few queries per head (the latent block's final chunk): each KV head's query heads attend as its queries,
+        # (B, kv, groups * n, D), instead of copying the K/V per query head. At 32 queries over 421 keys (64 rows,
+        # 14/2 heads, bf16, cuDNN) 156 us of kernels forward + backward where repeat_kv takes 528; at 325 queries
+        # the packed call is the slower (1,058 against 989 us): benchmarks/RESULTS.md.
+        packed = q.reshape(batch, g.kv_heads, g.groups * queries, g.head_dim)
+        mask = allowed.expand(*allowed.shape[:2], queries, keys.shape[-2]).repeat(1, 1, g.groups, 1)
+        o = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=g.scale)
+        return o.view(batch, g.q_heads, queries, g.head_dim)
     if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
-        batch = q.shape[0]
         keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
         values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=g.scale)
