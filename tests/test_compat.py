@@ -317,3 +317,33 @@ def test_stack_pass_attention_keeps_its_gradients_finite_at_an_unsafe_key_count(
         if name == "q":
             got, want = got[real], want[real]
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("keys", [421, 320])
+def test_packed_query_heads_on_cudnn(keys, monkeypatch):
+    """The latent block's final chunk on the GPU in bf16 (32 queries, 14/2 heads of 64; 320 keys is a count cuDNN's
+    masked backward needs padded for): finite, and the repeat_kv call's output and gradients to bf16 rounding."""
+    from engine.model import layers
+
+    g = layers.LayerGeometry(num_layers=1, hidden_size=896, q_heads=14, kv_heads=2, head_dim=64, scale=0.125)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, queries = 64, 32
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+
+    q, k, v = leaf(rows, 14, queries, 64), leaf(rows, 2, keys, 64), leaf(rows, 2, keys, 64)
+    real = torch.rand(rows, keys, generator=gen, device="cuda") > 0.1
+    real[:, -queries:] = True
+    causal = torch.arange(keys, device="cuda")[None, :] <= torch.arange(keys - queries, keys, device="cuda")[:, None]
+    allowed = (causal[None] & real[:, None, :])[:, None]
+    weights = torch.randn(rows, 14, queries, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for pack in (layers.PACK_QUERIES_BELOW, 0):
+        monkeypatch.setattr(layers, "PACK_QUERIES_BELOW", pack)
+        out = layers.masked_sdpa(q, k, v, allowed, g)
+        results.append([out, *torch.autograd.grad((out.float() * weights.float()).sum(), (q, k, v))])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
