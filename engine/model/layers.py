@@ -90,7 +90,7 @@ def masked_sdpa(
         packed = q.reshape(batch, g.kv_heads, g.groups * queries, g.head_dim)
         mask = allowed.expand(*allowed.shape[:2], queries, keys.shape[-2]).repeat(1, 1, g.groups, 1)
         o = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=g.scale)
-        return o.view(batch, g.q_heads, queries, g.head_dim)
+        return o.reshape(batch, g.q_heads, queries, g.head_dim)  # a view where SDPA returns it contiguous
     if g.groups > 1:  # transformers' repeat_kv: (B, kv, T, D) -> (B, kv * groups, T, D)
         keys = keys[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
         values = values[:, :, None].expand(-1, -1, g.groups, -1, -1).reshape(batch, g.q_heads, -1, g.head_dim)
