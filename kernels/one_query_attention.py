@@ -58,6 +58,20 @@ def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _group_offsets(groups, dim, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's query-group rows and head dimensions, and which of them are real."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs_g, offs_d, (offs_g[:, None] < groups) & (offs_d[None, :] < dim)
+
+
+@triton.jit
+def _group_tile(ptr, b, h, offs_g, offs_d, keep, s_b, s_h, s_g):
+    """The (G, D) tile of one row's KV-head query group of a (B, KV, G, D) tensor (0 outside ``keep``)."""
+    return tl.load(ptr + b * s_b + h * s_h + offs_g[:, None] * s_g + offs_d[None, :], mask=keep, other=0.0)
+
+
+@triton.jit
 def _load_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n):
     """Rows n of the joined keys (or values): the prefix's below prefix_len, the new ones after; 0 past the end."""
     in_prefix = n < prefix_len
@@ -80,10 +94,8 @@ def _one_query_attention_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, h = pid // kv_heads, pid % kv_heads
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    gd_ok = (offs_g[:, None] < groups) & (offs_d[None, :] < dim)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :], mask=gd_ok, other=0.0)
+    offs_g, offs_d, gd_ok = _group_offsets(groups, dim, BLOCK_G, BLOCK_D)
+    q = _group_tile(q_ptr, b, h, offs_g, offs_d, gd_ok, sq_b, sq_h, sq_g)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -130,17 +142,15 @@ def _one_query_attention_backward_kernel(
     dq_ptr, dpk_ptr, dpv_ptr, dnk_ptr, dnv_ptr,
     kv_heads, groups, dim, prefix_len, keys, scale,
     sq_b, sq_h, sq_g, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n, sm_b, so_b, so_h, so_g, sd_b, sd_h, sd_g,
-    sgp_b, sgp_h, sgp_n, sgn_b, sgn_h, sgn_n,
+    sdq_b, sdq_h, sdq_g, sgp_b, sgp_h, sgp_n, sgn_b, sgn_h, sgn_n,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, h = pid // kv_heads, pid % kv_heads
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    gd_ok = (offs_g[:, None] < groups) & (offs_d[None, :] < dim)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :], mask=gd_ok, other=0.0)
-    o = tl.load(o_ptr + b * so_b + h * so_h + offs_g[:, None] * so_g + offs_d[None, :], mask=gd_ok, other=0.0)
-    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_g[:, None] * sd_g + offs_d[None, :], mask=gd_ok, other=0.0)
+    offs_g, offs_d, gd_ok = _group_offsets(groups, dim, BLOCK_G, BLOCK_D)
+    q = _group_tile(q_ptr, b, h, offs_g, offs_d, gd_ok, sq_b, sq_h, sq_g)
+    o = _group_tile(o_ptr, b, h, offs_g, offs_d, gd_ok, so_b, so_h, so_g)
+    do = _group_tile(do_ptr, b, h, offs_g, offs_d, gd_ok, sd_b, sd_h, sd_g)
     lse = tl.load(lse_ptr + pid * BLOCK_G + offs_g)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O): the softmax backward's term
     dq = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -161,7 +171,7 @@ def _one_query_attention_backward_kernel(
         _store_keys(dpk_ptr, dnk_ptr, b, h, n, offs_d, prefix_len, keys, dim, dk, sgp_b, sgp_h, sgp_n, sgn_b, sgn_h, sgn_n)
         _store_keys(dpv_ptr, dnv_ptr, b, h, n, offs_d, prefix_len, keys, dim, dv, sgp_b, sgp_h, sgp_n, sgn_b, sgn_h, sgn_n)
     dq = dq * scale
-    tl.store(dq_ptr + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + offs_g[:, None] * sdq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=gd_ok)  # fmt: skip
 
 
@@ -224,7 +234,7 @@ class _OneQueryAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), q.stride(2), prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
                 new_k.stride(0), new_k.stride(1), new_k.stride(2), blocked.stride(0),
                 o.stride(0), o.stride(1), o.stride(2), grad_o.stride(0), grad_o.stride(1), grad_o.stride(2),
-                d_prefix[0].stride(0), d_prefix[0].stride(1), d_prefix[0].stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2), d_prefix[0].stride(0), d_prefix[0].stride(1), d_prefix[0].stride(2),
                 d_new[0].stride(0), d_new[0].stride(1), d_new[0].stride(2),
                 PRECISION=_precision(q.dtype), DOT_FP32=_interpreted(), **_launch_shape(groups, dim),
             )  # fmt: skip

@@ -88,6 +88,26 @@ def assert_close(actual, expected, dtype, what):
     assert err.max() <= tol, f"{what}: max error {err.max():.3g} > {tol} at flat index {worst} of {tuple(err.shape)}"
 
 
+def latent_block_inputs(language_model, *, batch=3, columns=4, prefix=9, seed=0):
+    """`latent_block`'s inputs for a language model: prev, column embeddings (one column not a latent), positions,
+    a key mask with some prefix keys blocked, and a prefix cache; prev, the embeddings and the cache need grad."""
+    config = language_model.config
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    inputs = (
+        torch.randn(batch, hidden, generator=g, requires_grad=True),
+        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
+        torch.tensor([[True, False] + [True] * (columns - 2)] * batch),
+        torch.arange(prefix, prefix + columns).repeat(batch, 1),
+        torch.rand(batch, prefix + columns, generator=g) > 0.2,
+        torch.randn(config.num_hidden_layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g,
+                    requires_grad=True),
+    )  # fmt: skip
+    inputs[4][:, prefix:] = True
+    return inputs
+
+
 class CountProducts(TorchDispatchMode):
     """Matrix products (mm, addmm, addmm_) issued while active."""
 

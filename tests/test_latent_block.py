@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.model.schedule import build_schedule
-from tests.helpers import CountProducts, align_batch, pad_batch, random_pixels, sample_ids
+from tests.helpers import CountProducts, align_batch, latent_block_inputs, pad_batch, random_pixels, sample_ids
 
 TOL = 2e-5
 
@@ -336,20 +336,8 @@ def test_block_merges_each_layers_projections_once_for_all_passes(tiny_model, mo
     from engine.model.latent_block import latent_block
 
     lm = tiny_model.language_model
-    config = lm.config
-    layers = config.num_hidden_layers
-    g = torch.Generator().manual_seed(0)
-    batch, columns, prefix, hidden = 3, 4, 9, config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    inputs = (
-        torch.randn(batch, hidden, generator=g, requires_grad=True),
-        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
-        torch.tensor([[True, False, True, True]] * batch),
-        torch.arange(prefix, prefix + columns).repeat(batch, 1),
-        torch.rand(batch, prefix + columns, generator=g) > 0.2,
-        torch.randn(layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g, requires_grad=True),
-    )
-    inputs[4][:, prefix:] = True
+    layers, columns = lm.config.num_hidden_layers, 4
+    inputs = latent_block_inputs(lm, columns=columns)
     params = [p for p in lm.parameters() if p.requires_grad]
     results = {}
     for merge in (True, False):

@@ -70,6 +70,14 @@ def test_kernel_matches_reference_fp32(prefix, shape):
     compare(args, leaves, dim**-0.5, dict(atol=2e-5, rtol=2e-5))
 
 
+def test_kernel_takes_a_strided_query():
+    """q as a view whose rows are not laid out (B, KV, G, D): its gradient still lands where each element is."""
+    args, leaves = inputs(3, 2, 5, 16, 70, 2, torch.float32, seed=8)
+    base = torch.randn(3, 5, 2, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    q = base.transpose(1, 2)  # (B, KV, G, D), strided
+    compare((q, *args[1:]), [base, *leaves[1:]], 0.25, dict(atol=2e-5, rtol=2e-5))
+
+
 @pytest.mark.parametrize("strided", [False, True])
 def test_kernel_matches_reference_bf16(strided):
     args, leaves = inputs(4, 2, 7, 64, 70, 4, torch.bfloat16, seed=3, strided=strided)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from engine.model import shared_weight
 from engine.model.shared_weight import SharedWeight
-from tests.helpers import CountProducts
+from tests.helpers import CountProducts, latent_block_inputs
 
 
 def chained_uses(linear, x, spread, rows_big):
@@ -68,6 +68,42 @@ def test_shared_weight_backward_twice_and_other_uses():
     torch.testing.assert_close(second, want)
 
 
+def test_a_backward_that_stops_before_the_weight_leaves_nothing_behind():
+    """autograd.grad of the input alone (retaining the graph), then of the weight: the first backward's kept
+    uses do not join the second's gradient (they would double it)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, 4, generator=g, requires_grad=True)
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    big = torch.randn(shared_weight.STASH_ROWS + 1, 4, generator=g)
+    shared = SharedWeight(weight)
+    loss = shared(torch.tanh(shared(x))).sum() + shared(big).sum()
+    torch.autograd.grad(loss, x, retain_graph=True)
+    (got,) = torch.autograd.grad(loss, weight)
+    w = weight.detach().requires_grad_()
+    want = torch.autograd.grad((torch.tanh(x @ w.T) @ w.T).sum() + (big @ w.T).sum(), w)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_a_shared_weight_is_freed_with_its_graph():
+    """No reference cycle through the autograd nodes: once the outputs are gone the object is freed without
+    Python's cycle collector (the block's merged weight copies, ~0.5 GB at 1B, would wait for it)."""
+    import gc
+    import weakref
+
+    weight = torch.randn(4, 4, requires_grad=True)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        shared = SharedWeight(weight * 2.0)
+        shared(torch.randn(3, 4)).sum().backward()
+        alive = weakref.ref(shared)
+        del shared
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_shared_weight_frozen_parameters_keep_nothing():
     """Where the weight needs no gradient, the uses keep no inputs for it, and the input's gradient is right."""
     g = torch.Generator().manual_seed(2)
@@ -76,7 +112,7 @@ def test_shared_weight_frozen_parameters_keep_nothing():
     shared = SharedWeight(weight)
     (dx,) = torch.autograd.grad(shared(shared(x)).sum(), x)
     torch.testing.assert_close(dx, torch.autograd.grad((x @ weight.T @ weight.T).sum(), x)[0])
-    assert not shared._inputs and shared._grad_weight is None
+    assert not shared._uses.kept and shared._uses.grad_weight is None
 
 
 def test_block_takes_each_weight_gradient_once(tiny_model, monkeypatch):
@@ -87,20 +123,8 @@ def test_block_takes_each_weight_gradient_once(tiny_model, monkeypatch):
     from engine.model.latent_block import latent_block
 
     lm = tiny_model.language_model
-    config = lm.config
-    layers = config.num_hidden_layers
-    g = torch.Generator().manual_seed(0)
-    batch, columns, prefix, hidden = 3, 4, 9, config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    inputs = (
-        torch.randn(batch, hidden, generator=g, requires_grad=True),
-        torch.randn(batch, columns, hidden, generator=g, requires_grad=True),
-        torch.tensor([[True, False, True, True]] * batch),
-        torch.arange(prefix, prefix + columns).repeat(batch, 1),
-        torch.rand(batch, prefix + columns, generator=g) > 0.2,
-        torch.randn(layers, 2, batch, config.num_key_value_heads, prefix, head_dim, generator=g, requires_grad=True),
-    )
-    inputs[4][:, prefix:] = True
+    layers, columns = lm.config.num_hidden_layers, 4
+    inputs = latent_block_inputs(lm, columns=columns)
     params = [p for p in lm.parameters() if p.requires_grad]
     results = {}
     for share in (True, False):
@@ -133,5 +157,11 @@ def test_shared_weight_grads_are_refused_for_partitioned_or_wrapped_projections(
     assert fused_ops.shared_weight_unsupported(layers) is None
     layers[1].mlp.down_proj = torch.nn.Sequential(layers[1].mlp.down_proj)
     assert fused_ops.shared_weight_unsupported(layers) == "layer 1 down_proj is a Sequential, not a plain torch.nn.Linear"
+    layers[1].mlp.down_proj = layers[1].mlp.down_proj[0]
+    handle = layers[0].self_attn.o_proj.register_forward_hook(lambda *args: None)
+    assert fused_ops.shared_weight_unsupported(layers) == "layer 0 o_proj has forward hooks, which its products would bypass"
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_ops.shared_weight_unsupported(layers) == "autocast is on (the products would cast the weights)"
     layers[0].self_attn.o_proj.weight.ds_id = 3  # as DeepSpeed ZeRO-3 marks a partitioned parameter
     assert fused_ops.shared_weight_unsupported(layers) == "ZeRO-3 partitions the weights"

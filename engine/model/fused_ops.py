@@ -72,14 +72,24 @@ def _partitioned(layers: list[nn.Module]) -> bool:
 def shared_weight_unsupported(layers: list[nn.Module]) -> str | None:
     """Why the latent block's passes should not take each projection's weight gradient once over all of them
     (`engine.model.shared_weight`; None: they should). The products then read the modules' weights directly,
-    which ZeRO-3's partitioned weights forbid and a wrapped module (adapters, quantized) would not compute."""
+    which ZeRO-3's partitioned weights forbid, a wrapped module (adapters, quantized) would not compute and a
+    module's forward hooks would not see; under autocast they would save the weights uncast."""
     if _partitioned(layers):
         return "ZeRO-3 partitions the weights"
+    device = next(layers[0].parameters()).device.type if layers else "cpu"
+    if torch.is_autocast_enabled(device):
+        return "autocast is on (the products would cast the weights)"
     for index, layer in enumerate(layers):
         for name, module in _all_projections(layer).items():
             if type(module) is not nn.Linear:
                 return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
+            if _has_hooks(module):
+                return f"layer {index} {name} has forward hooks, which its products would bypass"
     return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 MERGED_COPY_LIMIT = 2 << 30  # bytes of concatenated weights a training pass's merged ops table may hold
@@ -276,7 +286,7 @@ class GradFusedOps(ReferenceOps):
 
     def _linear(self, key: tuple, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A projection module on x: its weight shared across passes where it is a plain `nn.Linear`."""
-        if self._shared is None or type(module) is not nn.Linear:
+        if self._shared is None or type(module) is not nn.Linear or _has_hooks(module):
             return module(x)
         return self._product(key, module.weight, module.bias, x)
 

@@ -22,52 +22,67 @@ import torch.nn.functional as F
 STASH_ROWS = 256  # uses of at most this many rows keep (input, output gradient) for the one product at the end
 
 
-class SharedWeight:
-    """``weight`` (out, in) and ``bias`` (out,) or None, used by several products (`__call__`) whose weight and
-    bias gradients are summed as described in the module docstring. Build one per forward (the kept inputs and
-    output gradients belong to that forward's backward)."""
+class _Uses:
+    """What the uses of one shared weight leave for its gradient: the kept (input, output gradient) pairs of the
+    small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products.
+    Holds no reference to the weight or its alias, so the autograd nodes that hold it make no reference cycle
+    (which would keep each forward's merged weight copies alive until Python's cycle collector ran)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self._inputs: list[torch.Tensor] = []
-        self._grad_outputs: list[torch.Tensor] = []
-        self._grad_weight: torch.Tensor | None = None
-        self._grad_bias: torch.Tensor | None = None
-        # aliases of weight and bias whose node runs after every use's backward (see _Gather)
-        if bias is None:
-            self.weight, self.bias = _Gather.apply(self, weight), None
-        else:
-            self.weight, self.bias = _Gather.apply(self, weight, bias)
+    def __init__(self):
+        self.kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.grad_weight: torch.Tensor | None = None
+        self.grad_bias: torch.Tensor | None = None
+        self.task: int | None = None  # the backward the summed products belong to
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (*rows, in) @ weight.T + bias: (*rows, out)."""
-        return _SharedLinear.apply(self, x, self.weight, self.bias)
-
-    def _add_use(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
+    def add(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
         """One use's input and output gradient, both (rows, features): kept when few rows, else summed now."""
+        task = torch._C._current_graph_task_id()
+        if self.task != task:  # an earlier backward that never reached the weight (autograd.grad of inputs only)
+            self.grad_weight = self.grad_bias = None
+            self.task = task
         if x.shape[0] <= STASH_ROWS:
-            self._inputs.append(x)
-            self._grad_outputs.append(grad_output)
+            self.kept.append((task, x, grad_output))
         else:
             self._accumulate(x, grad_output, weight, bias)
 
     def _accumulate(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
         if weight:
-            if self._grad_weight is None:
-                self._grad_weight = grad_output.t() @ x
+            if self.grad_weight is None:
+                self.grad_weight = grad_output.t() @ x
             else:
-                self._grad_weight.addmm_(grad_output.t(), x)
+                self.grad_weight.addmm_(grad_output.t(), x)
         if bias:
             summed = grad_output.sum(0)
-            self._grad_bias = summed if self._grad_bias is None else self._grad_bias.add_(summed)
+            self.grad_bias = summed if self.grad_bias is None else self.grad_bias.add_(summed)
 
-    def _gradients(self, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The summed gradients of every use since the last call (the kept ones as one product), and forget them."""
-        if self._inputs:
-            self._accumulate(torch.cat(self._inputs), torch.cat(self._grad_outputs), weight, bias)
-        grads = (self._grad_weight if weight else None, self._grad_bias if bias else None)
-        self._inputs, self._grad_outputs = [], []
-        self._grad_weight = self._grad_bias = None
+    def take(self, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This backward's summed gradients (the kept uses as one product), forgetting everything kept so far."""
+        task = torch._C._current_graph_task_id()
+        if self.task != task:
+            self.grad_weight = self.grad_bias = None
+        kept = [(x, g) for t, x, g in self.kept if t == task]
+        if kept:
+            self._accumulate(torch.cat([x for x, _ in kept]), torch.cat([g for _, g in kept]), weight, bias)
+        grads = (self.grad_weight if weight else None, self.grad_bias if bias else None)
+        self.kept, self.grad_weight, self.grad_bias, self.task = [], None, None, None
         return grads
+
+
+class SharedWeight:
+    """``weight`` (out, in) and ``bias`` (out,) or None, used by several products (`__call__`) whose weight and
+    bias gradients are summed as described in the module docstring. Build one per forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self._uses = _Uses()
+        # aliases of weight and bias whose node runs after every use's backward (see _Gather)
+        if bias is None:
+            self.weight, self.bias = _Gather.apply(self._uses, weight), None
+        else:
+            self.weight, self.bias = _Gather.apply(self._uses, weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (*rows, in) @ weight.T + bias: (*rows, out)."""
+        return _SharedLinear.apply(self._uses, x, self.weight, self.bias)
 
 
 class _Gather(torch.autograd.Function):
@@ -75,8 +90,8 @@ class _Gather(torch.autograd.Function):
     inputs, so autograd runs this node only after all of their backward nodes."""
 
     @staticmethod
-    def forward(ctx, shared: SharedWeight, *tensors):
-        ctx.shared = shared
+    def forward(ctx, uses: _Uses, *tensors):
+        ctx.uses = uses
         ctx.set_materialize_grads(False)  # the uses return no weight gradient: no zero-filled weight for nothing
         return tensors if len(tensors) > 1 else tensors[0]
 
@@ -84,7 +99,7 @@ class _Gather(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *direct):
         needs = ctx.needs_input_grad[1:]
-        grads = ctx.shared._gradients(needs[0], len(needs) > 1 and needs[1])
+        grads = ctx.uses.take(needs[0], len(needs) > 1 and needs[1])
         # a gradient that reached the aliases other than through the shared products (none in this engine)
         grads = [g if d is None else (d if g is None else g + d) for g, d in zip(grads, direct)]
         return (None, *grads[: len(needs)])
@@ -92,8 +107,8 @@ class _Gather(torch.autograd.Function):
 
 class _SharedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shared: SharedWeight, x, weight, bias):
-        ctx.shared = shared
+    def forward(ctx, uses: _Uses, x, weight, bias):
+        ctx.uses = uses
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -105,5 +120,5 @@ class _SharedLinear(torch.autograd.Function):
         grad_x = (rows @ weight).view(x.shape) if ctx.needs_input_grad[1] else None
         need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         if need_weight or need_bias:
-            ctx.shared._add_use(x.reshape(-1, x.shape[-1]), rows, need_weight, need_bias)
+            ctx.uses.add(x.reshape(-1, x.shape[-1]), rows, need_weight, need_bias)
         return None, grad_x, None, None
