@@ -36,7 +36,7 @@ class _Uses:
 
     def add(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
         """One use's input and output gradient, both (rows, features): kept when few rows, else summed now."""
-        task = torch._C._current_graph_task_id()
+        task = torch._C._current_graph_task_id()  # as torch.utils.checkpoint tells backward calls apart
         if self.task != task:  # an earlier backward that never reached the weight (autograd.grad of inputs only)
             self.grad_weight = self.grad_bias = None
             self.task = task
