@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.common import check_then_benchmark
 from kernels.one_query_attention import one_query_attention, one_query_attention_reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,22 +44,11 @@ def _bench(benchmark, impl: str, shape: dict):
         out = IMPLS[name](*args)
         return (out, *torch.autograd.grad(out, leaves, grad))
 
-    for a, b in zip(step("one_query_attention"), step("reference")):
-        scale = max(1.0, float(b.detach().abs().max()))
-        torch.testing.assert_close(a, b, rtol=shape["tol"], atol=shape["tol"] * scale)
-    cuda = shape["device"] == "cuda"
-
-    def run():
-        out = step(impl)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
     element = stack.element_size()
     keys = shape["prefix"] + shape["new"]
     # forward reads K/V; backward reads them again and writes their gradients (q, o and dO are small)
     benchmark.extra_info.update(impl=impl, dtype=str(shape["dtype"]), bytes=4 * 2 * batch * kv * keys * dim * element)
-    benchmark(run)
+    check_then_benchmark(benchmark, step, "one_query_attention", "reference", impl, shape["tol"], shape["device"])
 
 
 @pytest.mark.benchmark

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.common import check_then_benchmark
 from engine.model.patch_embedding import conv_reference, patch_projection
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -38,21 +39,10 @@ def _bench(benchmark, impl: str, shape: dict):
             grad = torch.randn_like(out)
         return (out, *torch.autograd.grad(out, [conv.weight, conv.bias], grad))
 
-    for a, b in zip(step("patch_projection"), step("conv2d")):
-        scale = max(1.0, float(b.detach().abs().max()))
-        torch.testing.assert_close(a, b, rtol=shape["tol"], atol=shape["tol"] * scale)
-    cuda = shape["device"] == "cuda"
-
-    def run():
-        out = step(impl)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
     patches = shape["tiles"] * (shape["size"] // shape["patch"]) ** 2
     benchmark.extra_info.update(impl=impl, tiles=shape["tiles"], dtype=str(shape["dtype"]),
                                 flops=2 * 2 * patches * 3 * shape["patch"] ** 2 * shape["features"])  # fwd + weight grad
-    benchmark(run)
+    check_then_benchmark(benchmark, step, "patch_projection", "conv2d", impl, shape["tol"], shape["device"])
 
 
 @pytest.mark.benchmark

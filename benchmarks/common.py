@@ -79,6 +79,23 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 
 
 @functools.lru_cache(maxsize=None)
+def check_then_benchmark(benchmark, step: Callable[[str], tuple], fast: str, reference: str, impl: str,
+                         tol: float, device: torch.device | str) -> None:
+    """A pytest-benchmark case: ``step(fast)`` and ``step(reference)`` (each a tuple of outputs and gradients) must
+    agree within ``tol`` (absolute tolerance scaled by the reference's largest value), then ``step(impl)`` is timed,
+    synchronised on CUDA."""
+    for a, b in zip(step(fast), step(reference), strict=True):
+        scale = max(1.0, float(b.detach().abs().max()))
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+    def run():
+        out = step(impl)
+        synchronize(device)
+        return out
+
+    benchmark(run)
+
+
 def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second).
 
