@@ -7,6 +7,8 @@
   elementwise work of a one-position step, one kernel each (the paged runner's decode and latent steps).
 - `layer_grads`: those three with their backward, for training (the latent block and the language model's
   passes), and the vision tower's LayerNorm with its layer-scaled residual add, forward and backward.
+- `one_query_attention`: the training latent passes' attention (one query per row over a cached prefix and the
+  passes' own keys, GQA groups together), forward and backward; its reference imports without Triton.
 
 Kernels, their custom ops and their references only: the host-side policy (block pool, prefix hashes, the
 runner) lives in `engine/model/paged/`, and nothing here imports `engine`.

@@ -26,8 +26,16 @@ NaN); the block never makes one (a pass's own key is always real).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton's wheels are Linux-only: elsewhere the reference still imports (the engine's
+    triton = tl = None  # reference layer ops call it), and the kernels say why they cannot run
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
 
 __all__ = ["one_query_attention", "one_query_attention_reference"]
 
@@ -50,14 +58,14 @@ def one_query_attention_reference(q, prefix_k, prefix_v, new_k, new_v, blocked, 
     return o.view(batch, kv, groups, dim)
 
 
-@triton.jit
+@_jit
 def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     if DOT_FP32:  # the interpreter's bf16 products are wrong (triton 3.6): products in fp32 there
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-@triton.jit
+@_jit
 def _group_offsets(groups, dim, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """A program's query-group rows and head dimensions, and which of them are real."""
     offs_g = tl.arange(0, BLOCK_G)
@@ -65,13 +73,13 @@ def _group_offsets(groups, dim, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     return offs_g, offs_d, (offs_g[:, None] < groups) & (offs_d[None, :] < dim)
 
 
-@triton.jit
+@_jit
 def _group_tile(ptr, b, h, offs_g, offs_d, keep, s_b, s_h, s_g):
     """The (G, D) tile of one row's KV-head query group of a (B, KV, G, D) tensor (0 outside ``keep``)."""
     return tl.load(ptr + b * s_b + h * s_h + offs_g[:, None] * s_g + offs_d[None, :], mask=keep, other=0.0)
 
 
-@triton.jit
+@_jit
 def _load_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n):
     """Rows n of the joined keys (or values): the prefix's below prefix_len, the new ones after; 0 past the end."""
     in_prefix = n < prefix_len
@@ -85,7 +93,7 @@ def _load_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b
     return tl.where(in_prefix[:, None], from_prefix, from_new)
 
 
-@triton.jit
+@_jit
 def _one_query_attention_kernel(
     q_ptr, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, o_ptr, lse_ptr,
     kv_heads, groups, dim, prefix_len, keys, scale,
@@ -121,7 +129,7 @@ def _one_query_attention_kernel(
     tl.store(lse_ptr + pid * BLOCK_G + offs_g, lse)
 
 
-@triton.jit
+@_jit
 def _store_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, value,
                 sp_b, sp_h, sp_n, sn_b, sn_h, sn_n):  # fmt: skip
     """Stores rows n of a joined-keys gradient to the prefix's gradient or the new keys' gradient."""
@@ -136,7 +144,7 @@ def _store_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, val
              mask=in_new[:, None] & d_ok)  # fmt: skip
 
 
-@triton.jit
+@_jit
 def _one_query_attention_backward_kernel(
     q_ptr, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, o_ptr, do_ptr, lse_ptr,
     dq_ptr, dpk_ptr, dpv_ptr, dnk_ptr, dnv_ptr,
@@ -244,6 +252,8 @@ class _OneQueryAttention(torch.autograd.Function):
 def one_query_attention(q, prefix_k, prefix_v, new_k, new_v, blocked, scale):
     """See the module docstring. Shapes are checked; the last dimension of each tensor must be contiguous (copied
     where it is not)."""
+    if triton is None:
+        raise RuntimeError("one_query_attention needs Triton, which is not installed here (its reference needs none)")
     if q.dim() != 4:
         raise ValueError(f"q must be (B, KV, G, D), got {tuple(q.shape)}")
     batch, kv, _, dim = q.shape
