@@ -94,6 +94,20 @@ def _load_keys(prefix_ptr, new_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b
 
 
 @_jit
+def _key_block(
+    q, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, b, h, start, offs_d, prefix_len, keys, dim, scale,
+    sp_b, sp_h, sp_n, sn_b, sn_h, sn_n, sm_b, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """One step of a program's walk over the joined keys, the same forward and backward: the key positions n, their
+    keys and values, which of them the row may see, and the scaled scores q k^T (G, N) in fp32."""
+    n = start + tl.arange(0, BLOCK_N)
+    k = _load_keys(pk_ptr, nk_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
+    v = _load_keys(pv_ptr, nv_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
+    allowed = tl.load(blocked_ptr + b * sm_b + n, mask=n < keys, other=1) == 0
+    return n, k, v, allowed, _dot(q, tl.trans(k), PRECISION, DOT_FP32) * scale
+
+
+@_jit
 def _one_query_attention_kernel(
     q_ptr, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, o_ptr, lse_ptr,
     kv_heads, groups, dim, prefix_len, keys, scale,
@@ -108,12 +122,11 @@ def _one_query_attention_kernel(
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     for start in range(0, keys, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        k = _load_keys(pk_ptr, nk_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
-        v = _load_keys(pv_ptr, nv_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
-        blocked = tl.load(blocked_ptr + b * sm_b + n, mask=n < keys, other=1)
-        s = _dot(q, tl.trans(k), PRECISION, DOT_FP32) * scale
-        s = tl.where((blocked == 0)[None, :], s, float("-inf"))
+        n, k, v, allowed, s = _key_block(
+            q, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, b, h, start, offs_d, prefix_len, keys, dim, scale,
+            sp_b, sp_h, sp_n, sn_b, sn_h, sn_n, sm_b, BLOCK_N, PRECISION, DOT_FP32,
+        )  # fmt: skip
+        s = tl.where(allowed[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp(-inf - 0) = 0, no NaN
         p = tl.exp(s - m_safe[:, None])
@@ -163,12 +176,11 @@ def _one_query_attention_backward_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O): the softmax backward's term
     dq = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     for start in range(0, keys, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        k = _load_keys(pk_ptr, nk_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
-        v = _load_keys(pv_ptr, nv_ptr, b, h, n, offs_d, prefix_len, keys, dim, sp_b, sp_h, sp_n, sn_b, sn_h, sn_n)
-        blocked = tl.load(blocked_ptr + b * sm_b + n, mask=n < keys, other=1)
-        s = _dot(q, tl.trans(k), PRECISION, DOT_FP32) * scale
-        p = tl.where((blocked == 0)[None, :], tl.exp(s - lse[:, None]), 0.0)  # (G, N) fp32
+        n, k, v, allowed, s = _key_block(
+            q, pk_ptr, pv_ptr, nk_ptr, nv_ptr, blocked_ptr, b, h, start, offs_d, prefix_len, keys, dim, scale,
+            sp_b, sp_h, sp_n, sn_b, sn_h, sn_n, sm_b, BLOCK_N, PRECISION, DOT_FP32,
+        )  # fmt: skip
+        p = tl.where(allowed[None, :], tl.exp(s - lse[:, None]), 0.0)  # (G, N) fp32
         p_in = p.to(v.dtype)
         dv = _dot(tl.trans(p_in), do, PRECISION, DOT_FP32)  # (N, D)
         dp = _dot(do, tl.trans(v), PRECISION, DOT_FP32)  # (G, N)
