@@ -132,9 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
-                   " four keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false (ZeRO-3's per-module "
-                   "gathers), grad_checks=multi_tensor (DeepSpeed's step with multi-tensor checks: auto steps on the device where it "
-                   "can), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
+                   " five keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
+                   "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), grad_checks=multi_tensor (DeepSpeed's step "
+                   "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
                    "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
                    "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
@@ -528,10 +528,11 @@ class Bench:
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         zero_settings = parse_zero_settings(cfg.zero_settings)
-        # four keys are the trainer's, not DeepSpeed's: one gather of the language model per call or ZeRO-3's
-        # per-module gathers, the multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision
+        # five keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
+        # per call or ZeRO-3's per-module gathers, the multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision
         # layers, the training layers' ops
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
+        vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
         checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))
@@ -539,6 +540,7 @@ class Bench:
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
+            zero3_leaf_vision_tower=vision_leaf,
             zero_grad_checks=checks, compile_vision_layers=compile_vision, layer_ops=layer_ops,
             deepspeed={"zero_optimization": zero_settings},
         )

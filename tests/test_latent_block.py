@@ -7,6 +7,8 @@ The graph-replay tests run where CUDA is available (benchmarks/gpu/model.sh runs
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -222,7 +224,7 @@ def test_cuda_graph_block_matches_transformers_passes(tiny):
         torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=0)
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
-    assert sum(b.captures for (graphed, _), b in model._latent_blocks.items() if graphed) == 1
+    assert sum(b.captures for (graphed, *_), b in model._latent_blocks.items() if graphed) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -240,10 +242,11 @@ def test_cuda_graph_backward_after_another_replay_raises(tiny):
         first.backward()
 
 
-@pytest.mark.parametrize("final_columns", [0, 3])
-def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, final_columns):
-    """What the CUDA graphs capture: the block on aliases of the parameters; its gradients, in `wrt` order,
-    must be the parameters' own gradients (a wrong name-to-parameter map would swap them)."""
+@pytest.mark.parametrize("final_columns,staged", [(0, False), (3, False), (3, True)])
+def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, final_columns, staged):
+    """What the CUDA graphs capture: the block on aliases of the parameters (of their staged copies with `staged`);
+    its gradients, in `wrt` order, must be the parameters' own gradients (a wrong name-to-parameter map would swap
+    them)."""
     from engine.model.latent_block import LatentBlock, latent_block
 
     lm = tiny_model.language_model
@@ -266,12 +269,80 @@ def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, fi
     outputs = latent_block(lm, *inputs, final_columns=final_columns)
     cotangents = [torch.randn(o.shape, generator=g) for o in outputs]
     expected = torch.autograd.grad(outputs, [inputs[0], inputs[1], inputs[5], *params], cotangents)
-    run, wrt = block.graph_body(params, inputs, final_columns)
+    read = [p.detach().clone() for p in params] if staged else None
+    run, wrt = block.graph_body(params, inputs, final_columns, read)
     got = torch.autograd.grad(run(), wrt, cotangents)
     assert len(got) == len(expected) == 3 + len(params)
     for i, (a, b) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
-    assert all(w.data_ptr() == p.data_ptr() for w, p in zip(wrt[3:], params))  # aliases share the storage
+    storage = read if staged else params
+    assert all(w.data_ptr() == t.data_ptr() for w, t in zip(wrt[3:], storage))  # aliases share the storage
+    if staged:  # the staged copies, not the parameters, are what the block reads
+        with torch.no_grad():
+            for t in read:
+                t.mul_(0.5)
+        changed = torch.autograd.grad(run(), wrt, cotangents)
+        assert any(not torch.allclose(a, b) for a, b in zip(changed, got))
+
+
+def test_staged_weights_keep_their_addresses_and_follow_the_parameters(tiny_model):
+    """ZeRO-3 gathers the weights into fresh memory at every call: the staged copies stay where the graphs read
+    them and take the values of the parameters as they are at each call; a change of shape re-allocates them."""
+    from engine.model.latent_block import LatentBlock
+
+    lm = copy.deepcopy(tiny_model.language_model)
+    block = LatentBlock(lm, use_cuda_graphs=False, staged_weights=True)
+    params = block._params()
+    first = block._stage(params)
+    addresses = [t.data_ptr() for t in first]
+    assert all(t.data_ptr() != p.data_ptr() and torch.equal(t, p) for t, p in zip(first, params))
+    with torch.no_grad():
+        for p in params:  # re-created elsewhere with new values, as a gather after an optimizer step would
+            p.data = p.data * 1.5 + 0.25
+    second = block._stage(params)
+    assert [t.data_ptr() for t in second] == addresses
+    assert all(torch.equal(t, p) for t, p in zip(second, params))
+    params[0].data = params[0].data[:1].clone()  # another shape: new buffers
+    third = block._stage(params)
+    assert third[0].shape == params[0].shape and torch.equal(third[0], params[0])
+    block.release()
+    assert block._staged is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("layer_ops", ["reference", "fused"])
+def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_ops):
+    """The graphed block with staged weights, its parameters re-created at new addresses with new values before
+    every call (what ZeRO-3's gathers and an optimizer step do), equals the eager block, from one capture."""
+    from engine import load_model
+    from engine.model.latent_block import LatentBlock
+
+    lm = load_model("tiny", seed=0)[0].cuda().train().language_model
+    fused = layer_ops == "fused"
+    graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, fused_ops=fused, bucket=8, final_bucket=4)
+    eager = LatentBlock(lm, use_cuda_graphs=False, fused_ops=fused, bucket=8, final_bucket=4)
+    params = graphed._params()
+    for step in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.data = (p.data * (1.0 - 0.01 * step)).clone()
+        prev, embeds, is_latent, positions, allowed, prefix_kv = latent_block_inputs(lm, columns=6, seed=step)
+        is_latent[:, 4:] = False  # of the final chunk's columns only the first can hold a thought
+        inputs = (prev, embeds, is_latent, positions, allowed, prefix_kv)
+        args = [t.cuda().detach().requires_grad_(t.requires_grad) for t in inputs]
+        cotangent = torch.randn(3, 6, lm.config.hidden_size, generator=torch.Generator().manual_seed(step)).cuda()
+        results = []
+        for block in (eager, graphed):
+            hidden, latent_kv = block(*args, final_columns=3)
+            grads = torch.autograd.grad((hidden * cotangent).sum() + latent_kv.square().sum(),
+                                        [args[0], args[1], args[5], *params])
+            results.append((hidden, latent_kv, grads))
+        (h0, kv0, g0), (h1, kv1, g1) = results
+        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kv1, kv0, atol=1e-5, rtol=1e-4)
+        for i, (a, b) in enumerate(zip(g1, g0)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"gradient {i} at step {step}: {m}")
+    assert graphed.captures == 1
 
 
 def test_a_copied_model_gets_its_own_block(tiny_model, tiny_tok):

@@ -47,7 +47,7 @@ def test_overrides_need_key_value():
         ({"only_eval": True}, "load_model_path"),
         ({"overlong": "truncate"}, "overlong"),
         ({"latent_passes": "graphs"}, "latent_passes must be"),
-        ({"latent_passes": "cuda_graph", "zero_stage": 3}, "zero_stage <= 2"),
+        ({"latent_passes": "cuda_graph", "zero_stage": 3, "zero3_leaf_language_model": False}, "zero3_leaf_language_model=true"),
         ({"latent_passes": "static", "zero_stage": 3, "zero3_leaf_language_model": False}, "zero3_leaf_language_model"),
         ({"latent_prefix_bucket": 0}, "latent_prefix_bucket must be >= 1"),
         ({"layer_ops": "triton"}, "layer_ops must be auto, fused or reference, got 'triton'"),

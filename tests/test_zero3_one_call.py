@@ -11,6 +11,7 @@ import torch
 
 from engine.data.random_batch import synthetic_batch
 from engine.model import fast_paths
+from engine.model.vision_layers import vision_layers
 from engine.training.distributed import init_distributed
 
 pytestmark = pytest.mark.distributed
@@ -34,9 +35,16 @@ def _fetch_counter(monkeypatch, modules):
     return counts
 
 
-@pytest.mark.parametrize("latent_passes,layer_ops", [("static", "reference"), ("transformers", "reference"), ("static", "fused")])
-def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent_passes, layer_ops):
-    """With fused layer ops (interpreted) the prefix and final passes run through the layer stack inside the call."""
+@pytest.mark.parametrize(
+    "latent_passes,layer_ops,vision_leaf,image_tokens",
+    [("static", "reference", True, 16), ("transformers", "reference", False, 16), ("static", "fused", False, 16),
+     ("static", "reference", True, 0)],
+)
+def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent_passes, layer_ops, vision_leaf,
+                                                       image_tokens):
+    """With fused layer ops (interpreted) the prefix and final passes run through the layer stack inside the call;
+    with the vision tower as a leaf too, it is gathered once forward and once backward, its layers never alone.
+    Without images the language model's call has no input that needs a gradient of its own."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed("cpu")
     import deepspeed
@@ -44,8 +52,10 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
     model, tok, _ = tiny
     reference = copy.deepcopy(model).train()
     zero3 = copy.deepcopy(model).train()
-    batch = synthetic_batch(model, tok, batch_size=3, n_latents=4, question_len=9, answer_len=5, image_tokens=16)
+    batch = synthetic_batch(model, tok, batch_size=3, n_latents=4, question_len=9, answer_len=5,
+                            image_tokens=image_tokens)
     zero3.set_language_model_leaf(True)
+    zero3.set_vision_tower_leaf(vision_leaf)
     zero3.set_latent_passes(latent_passes)
     zero3.set_layer_ops(layer_ops)
     config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3},
@@ -55,7 +65,21 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
     stack = fast_paths.stack_passes(zero3, torch.device("cpu"), torch.float32).choice
     assert stack == ("layer_stack" if layer_ops == "fused" else "transformers")
     lm = zero3.language_model
-    counts = _fetch_counter(monkeypatch, {"language_model": lm, "layer 0": lm.layers[0], "lm_head": zero3.base.lm_head})
+    tower = zero3.base.model.vision_tower
+    counts = _fetch_counter(monkeypatch, {"language_model": lm, "layer 0": lm.layers[0], "lm_head": zero3.base.lm_head,
+                                          "vision tower": tower, "vision layer 0": vision_layers(zero3)[0]})
+    # a leaf's gradients are reduced in its full backward hook: each must be there by then (an early hook would
+    # reduce zeros in their place, a hook that never fires would not reduce them at all)
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    reduced = {}
+    original_reduce = DeepSpeedZeroOptimizer_Stage3.reduce_ready_partitions_and_remove_grads
+
+    def reduce(self, param):
+        reduced[id(param)] = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        return original_reduce(self, param)
+
+    monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "reduce_ready_partitions_and_remove_grads", reduce)
     blocks = []
     if latent_passes == "static":
         from engine.model.latent_block import LatentBlock
@@ -71,8 +95,13 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
     expected.backward()
 
     assert torch.allclose(loss, expected, atol=1e-6), (loss.item(), expected.item())
+    tower_calls = 1 if image_tokens else 0
+    vision_layer_calls = 0 if vision_leaf or not image_tokens else 1
     assert counts == {("language_model", "forward"): 1, ("language_model", "backward"): 1, ("layer 0", "forward"): 0,
-                      ("layer 0", "backward"): 0, ("lm_head", "forward"): 1, ("lm_head", "backward"): 1}, counts
+                      ("layer 0", "backward"): 0, ("lm_head", "forward"): 1, ("lm_head", "backward"): 1,
+                      ("vision tower", "forward"): tower_calls, ("vision tower", "backward"): tower_calls,
+                      ("vision layer 0", "forward"): vision_layer_calls,
+                      ("vision layer 0", "backward"): vision_layer_calls}, counts
     assert len(blocks) == (1 if latent_passes == "static" else 0), "the latent block must run inside the call"
     from deepspeed.utils import safe_get_full_grad
 
@@ -83,3 +112,6 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
         worst = max(worst, (safe_get_full_grad(p).float() - q.grad).abs().max().item())
         checked += 1
     assert checked > 10 and worst < 1e-5, f"max gradient difference {worst:.3g} over {checked} parameters"
+    for module in (lm, tower) if vision_leaf and image_tokens else (lm,):
+        missing = [name for name, p in module.named_parameters() if p.requires_grad and not reduced.get(id(p))]
+        assert not missing, f"reduced without their gradient, or not at all: {missing[:5]} ({len(missing)})"

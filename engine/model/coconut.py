@@ -15,6 +15,7 @@ thought and every cached K/V back into the vision tower.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -64,6 +65,27 @@ def call_as_forward(module: nn.Module, fn: Callable, *tensors: torch.Tensor):
         return module(*tensors)
     finally:
         del module.forward
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+@contextlib.contextmanager
+def plain_calls(module: nn.Module):
+    """Inside ``call_as_forward(module, ...)``: a call of ``module`` (by code that calls it, e.g. transformers' own
+    forward one level up) runs its class forward without hooks, the call being already inside its hooks."""
+    saved = {name: getattr(module, name) for name in _HOOK_DICTS}
+    forward = module.__dict__.pop("forward", None)
+    for name in _HOOK_DICTS:
+        setattr(module, name, type(saved[name])())
+    try:
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(module, name, hooks)
+        if forward is not None:
+            module.forward = forward
 
 
 def _ce_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -135,7 +157,7 @@ class MultimodalCoconut(nn.Module):
         # How the one-position latent passes of an aligned batch run (set_latent_passes); the block object holds
         # captured CUDA graphs, so it is created on first use and kept outside the module tree.
         self._latent_passes_mode = "auto"
-        self._latent_blocks: dict[tuple[bool, bool], object] = {}  # by (CUDA graphs, fused ops)
+        self._latent_blocks: dict[tuple[bool, bool, bool], object] = {}  # by (CUDA graphs, fused ops, staged)
         self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
         self.layer_ops_mode = "auto"  # training forwards' layer ops: see set_layer_ops
         self.activation_checkpointing = False  # set_activation_checkpointing
@@ -196,8 +218,9 @@ class MultimodalCoconut(nn.Module):
         - "static": the passes as one static-shape block over the model's own modules, run eagerly (any device;
           what the CUDA graphs capture, so that CPU tests can compare it with "transformers");
         - "cuda_graph": that block captured in CUDA graphs, forward and backward, per shape bucket;
-        - "auto" (default): "cuda_graph" for training on CUDA (gradients on, no autocast) when the parameters are
-          not partitioned (ZeRO-3 gathers them per module, which a graph cannot replay), else "transformers".
+        - "auto" (default): "cuda_graph" for training on CUDA (gradients on, no autocast) unless DeepSpeed ZeRO-3
+          gathers the parameters per module, which a graph cannot replay ("transformers" then); under ZeRO-3 with the
+          language model as one leaf module the graphs read staged copies of the gathered weights.
         Batches that are not aligned (latents in scattered columns) always take the "transformers" passes. When the
         caller does not ask for the cache (training), the block runs the final pass too, as one chunk.
         `prefix_bucket` / `final_bucket`: the block pads the prefix's cache and the final chunk up to a multiple of
@@ -261,18 +284,27 @@ class MultimodalCoconut(nn.Module):
         if mode == "transformers":
             return None
         graphed = mode == "cuda_graph"
+        # ZeRO-3 gathers the weights into fresh memory at every call: the graphs read staged copies of them
+        staged = graphed and fast_paths.is_partitioned(self.language_model.norm)
+        if staged and not self.language_model_in_one_call:
+            raise RuntimeError(
+                "latent_passes 'cuda_graph' under ZeRO-3 needs the language model as one leaf module "
+                "(set_language_model_leaf before deepspeed.initialize): per-module gathers cannot run in a graph"
+            )
         fused = fast_paths.layer_ops(self, self.layer_ops_mode, device, self.dtype).choice == "fused"
-        if (graphed, fused) not in self._latent_blocks:
+        key = (graphed, fused, staged)
+        if key not in self._latent_blocks:
             from engine.model.latent_block import LatentBlock
 
-            self._latent_blocks[(graphed, fused)] = LatentBlock(
+            self._latent_blocks[key] = LatentBlock(
                 self.language_model,
                 use_cuda_graphs=graphed,
                 bucket=self._latent_buckets[0],
                 final_bucket=self._latent_buckets[1],
                 fused_ops=fused,
+                staged_weights=staged,
             )
-        return self._latent_blocks[(graphed, fused)]
+        return self._latent_blocks[key]
 
     def _stack_pass_ops(self, device: torch.device):
         """The ops table of this forward's multi-position passes through the layer stack (`stack_pass`), or None
@@ -319,8 +351,11 @@ class MultimodalCoconut(nn.Module):
         groups = unique_tiles(pixel_values) if dedupe else None
         fused = fast_paths.vision_layers(self, pixel_values.device, self.dtype).choice == "fused"
         with profile_range("coconut/image_encode"), fused_vision_layers(self, fused):
-            pixels = pixel_values if groups is None else pixel_values[groups[0]]
-            features = self.base.model.get_image_features(pixel_values=pixels.to(self.dtype)).pooler_output
+            pixels = (pixel_values if groups is None else pixel_values[groups[0]]).to(self.dtype)
+            if self.vision_tower_in_one_call:
+                features = self._image_features_in_one_call(pixels)
+            else:
+                features = self.base.model.get_image_features(pixel_values=pixels).pooler_output
         if groups is not None:
             features = features[groups[1]]  # (tiles, tokens_per_tile, hidden) in the batch's order
         return features.reshape(-1, features.shape[-1])
@@ -422,6 +457,38 @@ class MultimodalCoconut(nn.Module):
 
         set_z3_leaf_module(self.language_model, enabled)
 
+    def set_vision_tower_leaf(self, enabled: bool = True) -> None:
+        """Under DeepSpeed ZeRO-3, treat the vision tower as one leaf module (call before deepspeed.initialize): its
+        parameters are gathered once when it is called and once for its backward, instead of around each of its
+        few hundred modules, whose Python hooks then cost more host time than the tower's kernels take (at the
+        1B geometry, ~150 ms per step forward and as much backward on two GPUs). Gathered, the tower holds all its
+        weights for the duration of its call (0.6 GB at InternViT-300M in bf16)."""
+        from deepspeed.utils import set_z3_leaf_module
+
+        set_z3_leaf_module(self.base.model.vision_tower, enabled)
+
+    @property
+    def vision_tower_in_one_call(self) -> bool:
+        """Whether the vision tower runs inside one call of its module (ZeRO-3 with the leaf set)."""
+        tower = self.base.model.vision_tower
+        return bool(getattr(tower, "_z3_leaf", False)) and fast_paths.is_partitioned(tower)
+
+    def _image_features_in_one_call(self, pixels: torch.Tensor) -> torch.Tensor:
+        """transformers' `get_image_features` inside one call of the vision tower (a ZeRO-3 leaf): the tower's
+        parameters gathered once around it. DeepSpeed reduces a leaf's gradients in a full backward hook, which
+        fires once the gradients of the call's tensor inputs are computed, and only if its outputs are tensors:
+        the call returns the features as a tuple, and takes, besides the pixels, a zero scalar that needs a
+        gradient and is added to them before anything else, so that the hook fires after the tower's first
+        product, never before its weights have their gradients (pixels need none)."""
+        tower = self.base.model.vision_tower
+        anchor = pixels.new_zeros((), requires_grad=torch.is_grad_enabled())
+
+        def forward(pixels, anchor):
+            with plain_calls(tower):
+                return (self.base.model.get_image_features(pixel_values=pixels + anchor).pooler_output,)
+
+        return call_as_forward(tower, forward, pixels, anchor)[0]
+
     @property
     def language_model_in_one_call(self) -> bool:
         """Whether the language model runs inside one call of its module (ZeRO-3 with the leaf set)."""
@@ -440,18 +507,28 @@ class MultimodalCoconut(nn.Module):
 
     def _passes_in_one_call(self, batch, cache, keep_inputs, need_cache):
         """The embeddings and `_passes` inside one call of the language model (`in_language_model_call`). The
-        call's input is the image features (its backward hooks then fire when their gradient is computed)."""
+        call's input is the image features: DeepSpeed reduces the leaf's gradients in a hook that fires once the
+        call's inputs have their gradients, i.e. after every weight of the call has its own. Without images a zero
+        scalar that needs a gradient, added to the embeddings, is that input (with no input needing one, the hook
+        would fire before the weights' gradients exist, and they would be lost; DESIGN.md, "ZeRO-3")."""
         result = {}
+        with_images = batch.image_features is not None
 
-        def forward(language_model, *features):
-            inside = dataclasses.replace(batch, image_features=features[0]) if features else batch
+        def forward(language_model, anchor):
+            inside = dataclasses.replace(batch, image_features=anchor) if with_images else batch
             embeds = self.base_embeddings(inside)  # the embedding weight is gathered inside the call
+            if not with_images:
+                embeds = embeds + anchor
             hidden, inputs, _ = self._passes(inside, cache, embeds, None, keep_inputs, need_cache, language_model)
             result["has_inputs"] = inputs is not None
             return (hidden, inputs) if inputs is not None else (hidden,)
 
-        features = () if batch.image_features is None else (batch.image_features,)
-        outputs = self.in_language_model_call(forward, *features)
+        if with_images:
+            anchor = batch.image_features
+        else:
+            device = batch.input_ids.device
+            anchor = torch.zeros((), dtype=self.dtype, device=device, requires_grad=torch.is_grad_enabled())
+        outputs = self.in_language_model_call(forward, anchor)
         return outputs[0], (outputs[1] if result["has_inputs"] else None), cache
 
     def _passes(self, batch, cache, embeds, inject, keep_inputs, need_cache, language_model):

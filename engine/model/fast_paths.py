@@ -138,8 +138,9 @@ def check_latent_passes_mode(model, mode: str) -> None:
 
 def latent_passes(model, mode: str, device: torch.device) -> Decision:
     """"cuda_graph", "static" or "transformers" for a forward on `device` ("auto": the CUDA-graphed block for
-    training on CUDA, with gradients on, no autocast and a supported layer stack; under ZeRO-3 the block eagerly
-    when the language model runs in one call (`MultimodalCoconut.set_language_model_leaf`), else transformers)."""
+    training on CUDA, with gradients on, no autocast and a supported layer stack; under ZeRO-3 too when the
+    language model runs in one call (`MultimodalCoconut.set_language_model_leaf`: the graphs then read staged
+    copies of its gathered weights), else transformers)."""
     if mode != "auto":
         return _decide("latent_passes", mode, "asked for")
     if model.activation_checkpointing and torch.is_grad_enabled():
@@ -154,8 +155,9 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     if reason is not None:
         return _decide("latent_passes", "transformers", reason)
     if is_partitioned(model.language_model.norm):
-        if model.language_model_in_one_call:  # gathered for the whole call, at addresses a graph cannot keep
-            return _decide("latent_passes", "static", "ZeRO-3 with the language model gathered once per call")
+        if model.language_model_in_one_call:  # gathered for the whole call, at addresses that change: staged
+            return _decide("latent_passes", "cuda_graph", "ZeRO-3 with the language model gathered once per call, "
+                           "the graphs reading staged copies of its weights")
         return _decide("latent_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3) per module")
     return _decide("latent_passes", "cuda_graph", "auto for training on CUDA")
 

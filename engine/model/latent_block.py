@@ -37,6 +37,13 @@ outputs and gradients are returned as copies, so nothing the caller keeps (``par
 autograd may otherwise take over from a returned tensor) aliases graph memory that the next replay overwrites;
 and a backward that runs after another replay of the same graph raises instead of reading overwritten
 activations.
+
+Under DeepSpeed ZeRO-3 the language model's parameters are gathered into fresh memory at every call of it (its
+leaf module, `MultimodalCoconut.set_language_model_leaf`), at addresses a graph cannot keep. With
+``staged_weights`` the graphs read copies of the weights in buffers of their own instead, refreshed from the
+gathered parameters before each forward replay (one multi-tensor copy: ~0.4 ms for the 1B geometry's 0.7 GB;
+the buffers cost that memory once more); the gradients still go to the gathered parameters, so ZeRO-3 reduces
+them as it reduces any other.
 """
 
 from __future__ import annotations
@@ -246,7 +253,9 @@ class LatentBlock:
     parameter list stay as they are. `bucket`: prefix lengths are padded up to a multiple of it. `max_graphs`:
     captured shapes kept (least recently used dropped first; each holds a parameter-gradient buffer).
     `fused_ops`: the layers' elementwise work through `engine.model.fused_ops.GradFusedOps` (what
-    `fast_paths.layer_ops` decides).
+    `fast_paths.layer_ops` decides). `staged_weights`: the graphs read copies of the weights, refreshed before
+    every forward replay, so that parameters re-created at new addresses at every call (ZeRO-3's gathers) keep
+    the graphs valid (see the module docstring).
     """
 
     def __init__(
@@ -258,6 +267,7 @@ class LatentBlock:
         final_bucket: int = 32,
         max_graphs: int = 6,
         fused_ops: bool = False,
+        staged_weights: bool = False,
     ):
         if bucket < 1 or final_bucket < 1 or max_graphs < 1:
             raise ValueError(
@@ -269,18 +279,23 @@ class LatentBlock:
         self.final_bucket = final_bucket
         self.max_graphs = max_graphs
         self.fused_ops = fused_ops
+        self.staged_weights = staged_weights
+        self._staged: list[torch.Tensor] | None = None  # the weights the graphs read, with `staged_weights`
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
         self.calls = 0
 
     def release(self) -> None:
-        """Drop every captured graph and its memory."""
+        """Drop every captured graph and its memory (the staged weights too)."""
         self._graphs.clear()
+        self._staged = None
+        self._param_fingerprint = None
 
     def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
         state = dict(self.__dict__)
         state["_graphs"] = OrderedDict()
+        state["_staged"] = None
         state["_param_fingerprint"] = None
         return state
 
@@ -332,7 +347,8 @@ class LatentBlock:
             )
             return hidden[:, :columns], latent_kv
         params = self._params()
-        fingerprint = tuple(p.data_ptr() for p in params)
+        read = self._stage(params) if self.staged_weights else params  # the tensors the graphs read
+        fingerprint = tuple(p.data_ptr() for p in read)
         if fingerprint != self._param_fingerprint:  # parameters moved or re-created: the graphs hold old addresses
             self._graphs.clear()
             self._param_fingerprint = fingerprint
@@ -341,12 +357,22 @@ class LatentBlock:
         if graphs is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
-            graphs = self._capture(params, batch, padded, num_columns, final_padded, column_embeds, prefix_kv)
+            graphs = self._capture(params, read, batch, padded, num_columns, final_padded, column_embeds, prefix_kv)
             self._graphs[key] = graphs
         self._graphs.move_to_end(key)
         return _GraphedBlockFunction.apply(
             graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *params
         )
+
+    def _stage(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The staged copies of `params`' values (allocated at the first call, and again if the parameters' shapes,
+        dtypes or devices change), refreshed now."""
+        layout = [(p.shape, p.dtype, p.device) for p in params]
+        if self._staged is None or [(t.shape, t.dtype, t.device) for t in self._staged] != layout:
+            self._staged = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._staged, [p.detach() for p in params])
+        return self._staged
 
     def run_columns(self, batch, cache, column_embeds, start: int, prev_last, keep_inputs: bool):
         """The block on a prepared batch (`MultimodalCoconut._passes`): its one-position columns from ``start`` and,
@@ -378,22 +404,24 @@ class LatentBlock:
         previous = torch.cat([prev_last[:, None], hidden[:, :-1]], dim=1)
         return hidden, feed_thoughts(column_embeds, column_is_latent, previous)
 
-    def graph_body(self, params, inputs, final_columns: int = 0):
-        """(run, wrt): what the graphs capture. `run()` computes the block on `inputs` with aliases of `params`;
-        `wrt` lists the tensors differentiated: prev, column_embeds, prefix_kv, then one alias per parameter.
+    def graph_body(self, params, inputs, final_columns: int = 0, read=None):
+        """(run, wrt): what the graphs capture. `run()` computes the block on `inputs` with aliases of `params`
+        (of `read`, the tensors holding their values, when given: the staged weights); `wrt` lists the tensors
+        differentiated: prev, column_embeds, prefix_kv, then one alias per parameter.
 
         The aliases share the parameters' storage but are fresh autograd leaves, first used on the warm-up
         stream. The parameters' own gradient accumulators were created by eager passes on the default stream,
         and the autograd engine would make the capturing stream wait on that stream, which invalidates the
         capture. The gradients the graphs return go to the real parameters.
         """
-        ids = {id(p) for p in params}
-        named = {name: p for name, p in self.lm.named_parameters() if id(p) in ids}
+        read = params if read is None else read
+        ids = {id(p): i for i, p in enumerate(params)}
+        named = {name: read[ids[id(p)]] for name, p in self.lm.named_parameters() if id(p) in ids}
         if len(named) != len(params):
             raise RuntimeError("the latent block's parameters are not all parameters of the language model")
-        aliases = {f"lm.{name}": p.detach().requires_grad_(True) for name, p in named.items()}
-        order = {id(p): f"lm.{name}" for name, p in named.items()}
-        wrt = [inputs[i] for i in _DIFFERENTIABLE] + [aliases[order[id(p)]] for p in params]
+        aliases = {f"lm.{name}": t.detach().requires_grad_(True) for name, t in named.items()}
+        order = {id(t): f"lm.{name}" for name, t in named.items()}
+        wrt = [inputs[i] for i in _DIFFERENTIABLE] + [aliases[order[id(t)]] for t in read]
         holder = _Holder(self.lm)
 
         def run():
@@ -403,7 +431,7 @@ class LatentBlock:
 
         return run, wrt
 
-    def _capture(self, params, batch, padded, num_columns, final_padded, column_embeds, prefix_kv) -> _Graphs:
+    def _capture(self, params, read, batch, padded, num_columns, final_padded, column_embeds, prefix_kv) -> _Graphs:
         device = column_embeds.device
         hidden_size = column_embeds.shape[-1]
         columns = num_columns + final_padded
@@ -420,7 +448,7 @@ class LatentBlock:
                 requires_grad=True,
             ),
         )
-        run, wrt = self.graph_body(params, inputs, final_padded)
+        run, wrt = self.graph_body(params, inputs, final_padded, read)
         torch.cuda.synchronize(device)
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))

@@ -100,8 +100,9 @@ class TrainConfig:
     max_tiles: int = 1
     num_workers: int = 0
     attn_implementation: str = "sdpa"
-    # how the one-position latent passes run (MultimodalCoconut.set_latent_passes): auto (CUDA graphs on GPU under
-    # ZeRO 0-2) | transformers | static | cuda_graph; the buckets trade captured graphs against padded work
+    # how the one-position latent passes run (MultimodalCoconut.set_latent_passes): auto (CUDA graphs on GPU; under
+    # ZeRO-3 with the language model as a leaf they read staged copies of its weights, 2 bytes per weight more in
+    # bf16) | transformers | static | cuda_graph; the buckets trade captured graphs against padded work
     latent_passes: str = "auto"
     latent_prefix_bucket: int = 128
     latent_final_bucket: int = 32
@@ -114,6 +115,9 @@ class TrainConfig:
     # ZeRO-3: the language model as one leaf module, gathered once per forward and once per backward whatever the
     # number of latent passes (MultimodalCoconut.set_language_model_leaf); false: gathered per module and per pass
     zero3_leaf_language_model: bool = True
+    # ZeRO-3: the vision tower as one leaf module, gathered once per forward and once per backward instead of per
+    # module (MultimodalCoconut.set_vision_tower_leaf); false: DeepSpeed's per-module gathers
+    zero3_leaf_vision_tower: bool = True
     # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
     # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
     activation_checkpointing: bool = False
@@ -177,10 +181,10 @@ class TrainConfig:
             )
         if self.layer_ops not in ("auto", "fused", "reference"):
             raise ConfigError(f"layer_ops must be auto, fused or reference, got {self.layer_ops!r}")
-        if self.zero_stage == 3 and self.latent_passes == "cuda_graph":
+        if self.zero_stage == 3 and self.latent_passes == "cuda_graph" and not self.zero3_leaf_language_model:
             raise ConfigError(
-                "latent_passes=cuda_graph needs zero_stage <= 2 (ZeRO-3 gathers the parameters at every call, at "
-                "addresses a captured graph cannot keep); use auto or static (the block eagerly, inside one gather)"
+                "latent_passes=cuda_graph with zero_stage=3 needs zero3_leaf_language_model=true (a graph cannot "
+                "replay ZeRO-3's per-module gathers; with the leaf it reads staged copies of the gathered weights)"
             )
         if self.activation_checkpointing and self.latent_passes in ("static", "cuda_graph"):
             raise ConfigError(

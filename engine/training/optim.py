@@ -145,12 +145,15 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None
 
 def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
     """`deepspeed.initialize` with `build_optimizer`'s optimizer, the warmup/decay schedule over `total_steps` and
-    `deepspeed_config`; under ZeRO-3 the language model first becomes one leaf module (`zero3_leaf_language_model`)."""
+    `deepspeed_config`; under ZeRO-3 the language model and the vision tower first become leaf modules
+    (`zero3_leaf_language_model`, `zero3_leaf_vision_tower`)."""
     # deepspeed picks its accelerator when imported: init_distributed sets DS_ACCELERATOR first, so import it late
     import deepspeed
 
     if config.zero_stage == 3 and config.zero3_leaf_language_model:
         model.set_language_model_leaf(True)  # before deepspeed.initialize registers ZeRO-3's module hooks
+    if config.zero_stage == 3 and config.zero3_leaf_vision_tower:
+        model.set_vision_tower_leaf(True)
     optimizer = build_optimizer(model, config)
     factor = lr_lambda_for(config, max(1, total_steps))
     engine, _, _, _ = deepspeed.initialize(
