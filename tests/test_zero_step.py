@@ -85,6 +85,49 @@ def test_norm_and_overflow_equal_deepspeed(zero_stage):
 
 
 @needs_checked_release
+def test_stage3_norm_equals_deepspeed():
+    """ZeRO-3: the multi-tensor norm of each group's gradient partitions is DeepSpeed's (fp64 rounding), -1 for a
+    NaN or an infinity, and the step's operators stop growing with the gradients."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    engine = engine_after_backward(3, "auto")
+    try:
+        opt = engine.optimizer
+        assert opt.get_grad_norm_direct.__func__ is zero_step._stage3_grad_norm
+        assert sum(len(opt.averaged_gradients[i]) for i in range(len(opt.fp16_groups))) > 10
+        for i in range(len(opt.fp16_groups)):
+            ours = opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.fp16_groups[i])
+            theirs = Stage3.get_grad_norm_direct(opt, opt.averaged_gradients[i], opt.fp16_groups[i])
+            assert float(ours) > 0
+            torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=0)
+        grads = opt.averaged_gradients[0]
+        target = grads[len(grads) // 2]
+        saved = target.clone()
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            target.view(-1)[0] = bad
+            assert float(opt.get_grad_norm_direct(grads, opt.fp16_groups[0])) == -1.0, bad
+            assert float(Stage3.get_grad_norm_direct(opt, grads, opt.fp16_groups[0])) == -1.0, bad
+        target.copy_(saved)
+        with CountOps() as ours:
+            opt.get_grad_norm_direct(grads, opt.fp16_groups[0])
+        with CountOps() as theirs:
+            Stage3.get_grad_norm_direct(opt, grads, opt.fp16_groups[0])
+        assert len(grads) > 10 and ours.count <= 12 < len(grads) <= theirs.count
+        assert zero_step.stage3_norm_unsupported(opt) is None
+        opt.model_parallel_group = object()
+        assert "model parallelism" in zero_step.use_stage3_multi_tensor_norm(opt)
+        opt.model_parallel_group = None
+        assert "not DeepSpeed's ZeRO-3" in zero_step.stage3_norm_unsupported(torch.optim.SGD([torch.zeros(1)], lr=1.0))
+    finally:
+        engine.destroy()
+    engine = engine_after_backward(3, "deepspeed")
+    try:
+        assert engine.optimizer.get_grad_norm_direct.__func__ is Stage3.get_grad_norm_direct
+    finally:
+        engine.destroy()
+
+
+@needs_checked_release
 def test_a_step_with_a_nan_gradient_is_skipped():
     """With overflow checking on (bf16's default), a NaN in one gradient skips the whole step: no weight moves."""
     engine = engine_after_backward(2, "auto")

@@ -167,13 +167,21 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
 
 
 def grad_checks(engine, mode: str) -> str:
-    """`zero_grad_checks` on a ZeRO-1/2 engine's optimizer (engine/training/zero_step.py), logged once with the
-    reason: auto gives it the step without host waits where the setup allows, else the multi-tensor checks;
-    multi_tensor the checks inside DeepSpeed's own step; deepspeed changes nothing. Returns the path taken:
-    "device", "multi_tensor" or "deepspeed"."""
-    from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks
+    """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
+    reason: auto gives a ZeRO-1/2 optimizer the step without host waits where the setup allows, else the
+    multi-tensor checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3, auto and multi_tensor:
+    the multi-tensor gradient norm); deepspeed changes nothing. Returns the path taken: "device", "multi_tensor" or
+    "deepspeed"."""
+    from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks, use_stage3_multi_tensor_norm
 
-    if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2):
+    if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
+        return "deepspeed"
+    if engine.zero_optimization_stage() == 3:
+        why = use_stage3_multi_tensor_norm(engine.optimizer)
+        if why is None:
+            log.info("gradient norm: multi-tensor (one pass over every gradient partition)")
+            return "multi_tensor"
+        log.info("gradient norm: DeepSpeed's per-gradient loop (%s)", why)
         return "deepspeed"
     if mode == "auto":
         why_not_device = use_device_step(engine.optimizer, engine)

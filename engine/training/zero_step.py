@@ -30,6 +30,9 @@ is done, the count goes into DeepSpeed's `skipped_steps` and the learning-rate s
 steps before the update (DeepSpeed does not advance it on a skipped step), so the rates are DeepSpeed's.
 `settle_skipped_steps(engine)` reads the device's count directly (the trainer calls it at log steps and at the end
 of an epoch). Unlike DeepSpeed's step with `compute_grad_norm` off in fp32, a non-finite step is always skipped.
+
+ZeRO-3's optimizer (`DeepSpeedZeroOptimizer_Stage3`) takes its gradient norm the same per-tensor way;
+`use_stage3_multi_tensor_norm` replaces that one method (its step is otherwise DeepSpeed's).
 """
 
 from __future__ import annotations
@@ -122,8 +125,9 @@ def _has_overflow(self):
 
 
 def multi_tensor_active(optimizer) -> bool:
-    """Whether `optimizer` runs the multi-tensor checks (`use_multi_tensor_grad_checks` took)."""
-    return getattr(getattr(optimizer, "get_grad_norm_direct", None), "__func__", None) is _grad_norm
+    """Whether `optimizer` runs the multi-tensor checks (`use_multi_tensor_grad_checks` or, under ZeRO-3,
+    `use_stage3_multi_tensor_norm` took)."""
+    return getattr(getattr(optimizer, "get_grad_norm_direct", None), "__func__", None) in (_grad_norm, _stage3_grad_norm)
 
 
 def use_multi_tensor_grad_checks(optimizer) -> str | None:
@@ -136,6 +140,61 @@ def use_multi_tensor_grad_checks(optimizer) -> str | None:
         optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct  # the non-L2 norms
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm, optimizer)
     optimizer.has_overflow_partitioned_grads_serial = types.MethodType(_has_overflow, optimizer)
+    return None
+
+
+def stage3_norm_unsupported(optimizer) -> str | None:
+    """Why the multi-tensor gradient norm cannot stand in for that of `optimizer` as DeepSpeed's ZeRO-3 optimizer,
+    or None when it can. (Its overflow check runs for fp16 only and stays DeepSpeed's.)"""
+    try:
+        import deepspeed
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return "deepspeed is not importable"
+    if not deepspeed_release_checked():
+        return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return f"{type(optimizer).__name__} is not DeepSpeed's ZeRO-3 optimizer"
+    for name in ("get_grad_norm_direct", "_get_param_partition_group", "_assert_same_partition_group",
+                 "_autoep_expert_parallel_group", "averaged_gradients", "fp16_groups"):
+        if not hasattr(optimizer, name):
+            return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
+    if getattr(optimizer, "offload_optimizer", False):
+        return "CPU offload takes the norm on the host"
+    if getattr(optimizer, "model_parallel_group", None) is not None:
+        return "model parallelism counts a parameter's norm on some ranks only"
+    return None
+
+
+def _stage3_grad_norm(self, gradients, params, norm_type=2):
+    """`DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct` for the L2 norm without model parallelism: this rank's
+    gradient partitions, each norm in fp64, squared and summed, then summed over the partition group; -1 when not
+    finite. DeepSpeed takes a fp64 copy and a norm per gradient (733 of each at the 1B geometry)."""
+    if float(norm_type) != 2.0 or self._autoep_expert_parallel_group(params) is not None:
+        return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
+    from deepspeed import comm as dist
+
+    self._assert_same_partition_group(params)
+    group = self._get_param_partition_group(params[0])
+    grads = [g.data for g in gradients]
+    if grads:
+        total = _norms(grads).pow(2).sum()
+    else:
+        total = torch.zeros((), dtype=NORM_DTYPE, device=self.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    total = total.pow(0.5)
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
+
+
+def use_stage3_multi_tensor_norm(optimizer) -> str | None:
+    """Give `optimizer` (DeepSpeed's ZeRO-3 optimizer) the multi-tensor gradient norm. Returns None when done, else
+    the reason it was left as it is."""
+    why = stage3_norm_unsupported(optimizer)
+    if why is not None:
+        return why
+    if not hasattr(optimizer, "_deepspeed_grad_norm_direct"):
+        optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct  # the non-L2 norms
+    optimizer.get_grad_norm_direct = types.MethodType(_stage3_grad_norm, optimizer)
     return None
 
 
