@@ -309,6 +309,28 @@ def test_staged_weights_keep_their_addresses_and_follow_the_parameters(tiny_mode
     assert block._staged is None
 
 
+def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch):
+    """Under ZeRO-3 each captured shape holds whole gradient buffers of the block's weights: `auto` graphs them
+    only while `MAX_GRAPHS` of them and the staged copy fit in a quarter of the device."""
+    import types
+
+    from engine.model import latent_block as lb
+
+    lm = tiny_model.language_model
+    weights = lb.block_weight_bytes(lm)
+    layers = [*lm.layers[: lm.config.num_hidden_layers], lm.norm]
+    assert weights == sum(p.numel() * p.element_size() for m in layers for p in m.parameters()) > 0
+    need = weights * (lb.MAX_GRAPHS + 1)
+    cuda = torch.device("cuda", 0)
+    for total, fits in ((need * 4, True), (need * 4 - 8, False)):
+        device = types.SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device, _d=device: _d)
+        reason = lb.staged_graphs_unsupported(lm, cuda)
+        assert (reason is None) == fits, reason
+    assert "GiB" in reason
+    assert lb.staged_graphs_unsupported(lm, torch.device("cpu")) is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("layer_ops", ["reference", "fused"])
 def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_ops):

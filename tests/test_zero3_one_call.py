@@ -36,15 +36,18 @@ def _fetch_counter(monkeypatch, modules):
 
 
 @pytest.mark.parametrize(
-    "latent_passes,layer_ops,vision_leaf,image_tokens",
-    [("static", "reference", True, 16), ("transformers", "reference", False, 16), ("static", "fused", False, 16),
-     ("static", "reference", True, 0)],
+    "latent_passes,layer_ops,vision_leaf,image_tokens,frozen_tower",
+    [("static", "reference", True, 16, False), ("transformers", "reference", False, 16, False),
+     ("static", "fused", False, 16, False), ("static", "reference", True, 0, False),
+     ("static", "fused", True, 16, False), ("static", "reference", True, 16, True)],
 )
 def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent_passes, layer_ops, vision_leaf,
-                                                       image_tokens):
+                                                       image_tokens, frozen_tower):
     """With fused layer ops (interpreted) the prefix and final passes run through the layer stack inside the call;
-    with the vision tower as a leaf too, it is gathered once forward and once backward, its layers never alone.
-    Without images the language model's call has no input that needs a gradient of its own."""
+    with the vision tower as a leaf too, it is gathered once forward and once backward, its layers never alone
+    (fused, its layers' weights are read inside that gather, never through ZeRO-3's getter). Without images, or
+    with a frozen tower (features without gradient), the language model's call has no input that needs a gradient
+    of its own. No parameter stays whole between calls (persistence threshold 0), so any stray read would gather."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed("cpu")
     import deepspeed
@@ -58,12 +61,18 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
     zero3.set_vision_tower_leaf(vision_leaf)
     zero3.set_latent_passes(latent_passes)
     zero3.set_layer_ops(layer_ops)
-    config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3},
+    for m in (zero3, reference) if frozen_tower else ():
+        m.base.model.vision_tower.requires_grad_(False)
+        m.base.model.multi_modal_projector.requires_grad_(False)
+    config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=zero3, optimizer=torch.optim.SGD(zero3.parameters(), lr=0.0), config=config)
+    trained = [p for p in zero3.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=zero3, optimizer=torch.optim.SGD(trained, lr=0.0), config=config)
     assert zero3.language_model_in_one_call
     stack = fast_paths.stack_passes(zero3, torch.device("cpu"), torch.float32).choice
     assert stack == ("layer_stack" if layer_ops == "fused" else "transformers")
+    vision = fast_paths.vision_layers(zero3, torch.device("cpu"), torch.float32).choice
+    assert vision == ("fused" if layer_ops == "fused" and vision_leaf else "modules")  # reads weights in the call
     lm = zero3.language_model
     tower = zero3.base.model.vision_tower
     counts = _fetch_counter(monkeypatch, {"language_model": lm, "layer 0": lm.layers[0], "lm_head": zero3.base.lm_head,
@@ -80,6 +89,18 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
         return original_reduce(self, param)
 
     monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "reduce_ready_partitions_and_remove_grads", reduce)
+    from deepspeed.runtime.zero import parameter_offload
+
+    stray = []  # gathers by ZeRO-3's parameter getter (a weight read outside its module's gather)
+    original_register = parameter_offload.register_external_parameter
+    monkeypatch.setattr(parameter_offload, "register_external_parameter",
+                        lambda module, param: stray.append(param.ds_id) or original_register(module, param))
+    import kernels.layer_grads
+
+    fused_norms = []  # the fused vision encoder's norms (imported from the kernel module at each call)
+    original_norm = kernels.layer_grads.layer_norm_grad
+    monkeypatch.setattr(kernels.layer_grads, "layer_norm_grad",
+                        lambda *a, **k: fused_norms.append(1) or original_norm(*a, **k))
     blocks = []
     if latent_passes == "static":
         from engine.model.latent_block import LatentBlock
@@ -103,6 +124,9 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
                       ("vision layer 0", "forward"): vision_layer_calls,
                       ("vision layer 0", "backward"): vision_layer_calls}, counts
     assert len(blocks) == (1 if latent_passes == "static" else 0), "the latent block must run inside the call"
+    if vision_leaf or not image_tokens:  # per module, transformers' patch embedding reads its child's weight itself
+        assert stray == [], f"{len(stray)} weights gathered by ZeRO-3's getter"
+    assert bool(fused_norms) == (vision == "fused" and image_tokens > 0)
     from deepspeed.utils import safe_get_full_grad
 
     worst, checked = 0.0, 0
@@ -112,6 +136,26 @@ def test_one_call_gathers_once_and_keeps_the_gradients(tiny, monkeypatch, latent
         worst = max(worst, (safe_get_full_grad(p).float() - q.grad).abs().max().item())
         checked += 1
     assert checked > 10 and worst < 1e-5, f"max gradient difference {worst:.3g} over {checked} parameters"
-    for module in (lm, tower) if vision_leaf and image_tokens else (lm,):
+    for module in (lm, tower) if vision_leaf and image_tokens and not frozen_tower else (lm,):
         missing = [name for name, p in module.named_parameters() if p.requires_grad and not reduced.get(id(p))]
         assert not missing, f"reduced without their gradient, or not at all: {missing[:5]} ({len(missing)})"
+
+
+def test_graphs_under_per_module_zero3_are_refused(tiny, monkeypatch):
+    """CUDA graphs cannot replay ZeRO-3's per-module gathers: without the language model as a leaf, a forward that
+    would run the graphed block says why instead."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed("cpu")
+    import deepspeed
+
+    model, tok, _ = tiny
+    zero3 = copy.deepcopy(model).train()
+    config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=zero3, optimizer=torch.optim.SGD(zero3.parameters(), lr=0.0), config=config)
+    assert not zero3.language_model_in_one_call
+    monkeypatch.setattr(fast_paths, "latent_passes", lambda *a: fast_paths.Decision("latent_passes", "cuda_graph", "test"))
+    batch = synthetic_batch(model, tok, batch_size=3, n_latents=4, question_len=9, answer_len=5, image_tokens=16)
+    with pytest.raises(RuntimeError, match="needs the language model as one leaf module"):
+        engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+               labels=batch.labels, return_logits=False)

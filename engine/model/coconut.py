@@ -74,18 +74,22 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 @contextlib.contextmanager
 def plain_calls(module: nn.Module):
     """Inside ``call_as_forward(module, ...)``: a call of ``module`` (by code that calls it, e.g. transformers' own
-    forward one level up) runs its class forward without hooks, the call being already inside its hooks."""
+    forward one level up) runs its class forward without the module's hooks, the call being already inside them
+    (global module hooks, `torch.nn.modules.module.register_module_forward_hook`, still run)."""
     saved = {name: getattr(module, name) for name in _HOOK_DICTS}
     forward = module.__dict__.pop("forward", None)
     for name in _HOOK_DICTS:
         setattr(module, name, type(saved[name])())
     try:
         yield
+        added = [name for name in _HOOK_DICTS if getattr(module, name)]
     finally:
         for name, hooks in saved.items():
             setattr(module, name, hooks)
         if forward is not None:
             module.forward = forward
+    if added:  # they went to the emptied dicts, which are gone now
+        raise RuntimeError(f"hooks were registered on {type(module).__name__} during its own call ({added})")
 
 
 def _ce_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -184,11 +188,12 @@ class MultimodalCoconut(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.base.lm_head.weight.device
+        return next(self.base.lm_head.parameters()).device  # iterated: see `dtype`
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.lm_head.weight.dtype
+        # iterated, not read as `.weight`: under ZeRO-3 that getter gathers the weight during a forward
+        return next(self.base.lm_head.parameters()).dtype
 
     def set_attention_backend(self, name: str) -> None:
         """'sdpa' (default), 'flash_attention_2' (when installed) or 'eager' (for debugging)."""
@@ -508,27 +513,29 @@ class MultimodalCoconut(nn.Module):
     def _passes_in_one_call(self, batch, cache, keep_inputs, need_cache):
         """The embeddings and `_passes` inside one call of the language model (`in_language_model_call`). The
         call's input is the image features: DeepSpeed reduces the leaf's gradients in a hook that fires once the
-        call's inputs have their gradients, i.e. after every weight of the call has its own. Without images a zero
-        scalar that needs a gradient, added to the embeddings, is that input (with no input needing one, the hook
-        would fire before the weights' gradients exist, and they would be lost; DESIGN.md, "ZeRO-3")."""
+        call's inputs have their gradients, i.e. after every weight of the call has its own. Without images, or
+        with features that need no gradient, a zero scalar that needs one, added to the embeddings, is that input
+        (with no input needing one, the hook would fire before the weights' gradients exist, and they would be
+        lost; DESIGN.md, "ZeRO-3")."""
         result = {}
-        with_images = batch.image_features is not None
+        features = batch.image_features
+        # the features are the call's input that needs a gradient, unless they need none (a frozen tower)
+        add_anchor = features is None or not features.requires_grad
 
-        def forward(language_model, anchor):
-            inside = dataclasses.replace(batch, image_features=anchor) if with_images else batch
+        def forward(language_model, *call_inputs):
+            inside = dataclasses.replace(batch, image_features=call_inputs[0]) if features is not None else batch
             embeds = self.base_embeddings(inside)  # the embedding weight is gathered inside the call
-            if not with_images:
-                embeds = embeds + anchor
+            if add_anchor:
+                embeds = embeds + call_inputs[-1]
             hidden, inputs, _ = self._passes(inside, cache, embeds, None, keep_inputs, need_cache, language_model)
             result["has_inputs"] = inputs is not None
             return (hidden, inputs) if inputs is not None else (hidden,)
 
-        if with_images:
-            anchor = batch.image_features
-        else:
+        call_inputs = [] if features is None else [features]
+        if add_anchor:
             device = batch.input_ids.device
-            anchor = torch.zeros((), dtype=self.dtype, device=device, requires_grad=torch.is_grad_enabled())
-        outputs = self.in_language_model_call(forward, anchor)
+            call_inputs.append(torch.zeros((), dtype=self.dtype, device=device, requires_grad=torch.is_grad_enabled()))
+        outputs = self.in_language_model_call(forward, *call_inputs)
         return outputs[0], (outputs[1] if result["has_inputs"] else None), cache
 
     def _passes(self, batch, cache, embeds, inject, keep_inputs, need_cache, language_model):

@@ -140,7 +140,8 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
     """"cuda_graph", "static" or "transformers" for a forward on `device` ("auto": the CUDA-graphed block for
     training on CUDA, with gradients on, no autocast and a supported layer stack; under ZeRO-3 too when the
     language model runs in one call (`MultimodalCoconut.set_language_model_leaf`: the graphs then read staged
-    copies of its gathered weights), else transformers)."""
+    copies of its gathered weights) and their buffers fit (`latent_block.staged_graphs_unsupported`; else the
+    block eagerly), else transformers)."""
     if mode != "auto":
         return _decide("latent_passes", mode, "asked for")
     if model.activation_checkpointing and torch.is_grad_enabled():
@@ -156,6 +157,11 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
         return _decide("latent_passes", "transformers", reason)
     if is_partitioned(model.language_model.norm):
         if model.language_model_in_one_call:  # gathered for the whole call, at addresses that change: staged
+            from engine.model.latent_block import staged_graphs_unsupported
+
+            reason = staged_graphs_unsupported(model.language_model, device)
+            if reason is not None:
+                return _decide("latent_passes", "static", f"ZeRO-3, the block eagerly in one gather: {reason}")
             return _decide("latent_passes", "cuda_graph", "ZeRO-3 with the language model gathered once per call, "
                            "the graphs reading staged copies of its weights")
         return _decide("latent_passes", "transformers", "parameters are partitioned (DeepSpeed ZeRO-3) per module")
@@ -242,7 +248,7 @@ def stack_passes(model, device: torch.device, dtype: torch.dtype) -> Decision:
 def vision_layers(model, device: torch.device, dtype: torch.dtype) -> Decision:
     """"fused" or "modules" for a forward's vision encoder layers: `engine.model.vision_layers` in training with
     the fused layer ops (whose self-check covers its kernel), where the layers allow it (InternViT layers with
-    LayerNorm and layer scale, not compiled, not partitioned by ZeRO-3)."""
+    LayerNorm and layer scale, not compiled, not partitioned by ZeRO-3 other than with the tower as one leaf)."""
     if not torch.is_grad_enabled():
         return _decide("vision_layers", "modules", "without gradients")
     if layer_ops(model, model.layer_ops_mode, device, dtype).choice != "fused":

@@ -246,6 +246,32 @@ class _Holder(nn.Module):
         return latent_block(self.lm, *inputs, final_columns=final_columns, fused_ops=fused_ops)
 
 
+MAX_GRAPHS = 6  # captured shapes a LatentBlock keeps by default
+STAGED_GRAPHS_MEMORY_SHARE = 0.25  # of the device's memory, at most, for the graphs' weight buffers under ZeRO-3
+
+
+def block_weight_bytes(language_model: nn.Module) -> int:
+    """Bytes of the weights the block reads and differentiates (the layers' and the final norm's), counted whole
+    also when DeepSpeed ZeRO-3 partitions them (``ds_numel``)."""
+    modules = [*language_model.layers[: language_model.config.num_hidden_layers], language_model.norm]
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+               for m in modules for p in m.parameters() if p.requires_grad)
+
+
+def staged_graphs_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
+    """Why the graphs with staged weights (ZeRO-3) should not run on `device` (None: they should). Each captured
+    shape holds a gradient buffer of every block weight, whole, and the staged copy is one more: at
+    `MAX_GRAPHS` shapes that is 7 copies of the block's weights (5 GB at the 1B geometry, 18 GB at 2B, 99 GB at
+    8B), which the memory ZeRO-3 frees must not pay for; above `STAGED_GRAPHS_MEMORY_SHARE` of the device the
+    block runs eagerly inside the gather instead."""
+    need = block_weight_bytes(language_model) * (MAX_GRAPHS + 1)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    if need > STAGED_GRAPHS_MEMORY_SHARE * total:
+        return (f"the graphs' weight buffers would take {need / 2**30:.1f} GiB, over "
+                f"{STAGED_GRAPHS_MEMORY_SHARE:.0%} of the device's {total / 2**30:.0f} GiB")
+    return None
+
+
 class LatentBlock:
     """Runs `latent_block` for a language model, eagerly or from CUDA graphs (see the module docstring).
 
@@ -265,7 +291,7 @@ class LatentBlock:
         use_cuda_graphs: bool,
         bucket: int = 128,
         final_bucket: int = 32,
-        max_graphs: int = 6,
+        max_graphs: int = MAX_GRAPHS,
         fused_ops: bool = False,
         staged_weights: bool = False,
     ):

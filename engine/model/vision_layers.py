@@ -71,9 +71,18 @@ def vision_encoder_forward(encoder: nn.Module, hidden_states: torch.Tensor):
     return BaseModelOutput(last_hidden_state=x)
 
 
-def _layer_unsupported(layer: nn.Module, norm_type) -> str | None:
-    if any(hasattr(p, "ds_id") for p in layer.parameters()):  # first: reading a norm's weight could gather it
-        return "its parameters are partitioned by ZeRO-3 (the norms' weights are read outside their modules)"
+def _own_parameter(module: nn.Module, name: str):
+    """``module``'s parameter `name` or None, without DeepSpeed ZeRO-3's getter, which gathers a partitioned weight
+    when read during a forward (iterating the parameters does not)."""
+    return dict(module.named_parameters(recurse=False)).get(name)
+
+
+def _layer_unsupported(layer: nn.Module, norm_type, gathered_with_tower: bool = False) -> str | None:
+    # Partitioned per module, the fused encoder would read the norms' weights outside their modules' gathers. With
+    # the tower a ZeRO-3 leaf its whole call and its backward run with every weight gathered; the checks below read
+    # no weight's values (and no weight through ZeRO-3's getter), so they can run before the call.
+    if not gathered_with_tower and any(hasattr(p, "ds_id") for p in layer.parameters()):
+        return "its parameters are partitioned by ZeRO-3 per module (the norms' weights are read outside their modules)"
     if "forward" in layer.__dict__:
         return f"its forward is replaced on the instance ({layer.__dict__['forward']!r}): the fused encoder bypasses it"
     if getattr(layer, "gradient_checkpointing", False):
@@ -82,10 +91,10 @@ def _layer_unsupported(layer: nn.Module, norm_type) -> str | None:
         norm = getattr(layer, name, None)
         if not isinstance(norm, nn.LayerNorm):
             return f"{name} is {type(norm).__name__}, not nn.LayerNorm (vision norm_type {norm_type!r})"
-        if len(norm.normalized_shape) != 1 or norm.weight is None:
+        if len(norm.normalized_shape) != 1 or _own_parameter(norm, "weight") is None:
             return f"{name} must normalize the last dimension with a weight, got {norm}"
     for name in ("lambda_1", "lambda_2"):
-        if not isinstance(getattr(layer, name, None), nn.Parameter):
+        if not isinstance(_own_parameter(layer, name), nn.Parameter):
             return f"{name} is not a parameter (layer scale switched off)"
     for name in ("attention", "mlp", "dropout"):
         if not isinstance(getattr(layer, name, None), nn.Module):
@@ -115,8 +124,9 @@ def fused_vision_layers_unsupported(model) -> str | None:
     if forward is not None and not _is_fused_forward(forward, encoder):
         return f"the encoder's forward is already replaced on the instance ({forward!r})"
     norm_type = getattr(getattr(model.base.model.vision_tower, "config", None), "norm_type", None)
+    gathered = bool(getattr(model, "vision_tower_in_one_call", False))
     for i, layer in enumerate(layers):
-        reason = _layer_unsupported(layer, norm_type)
+        reason = _layer_unsupported(layer, norm_type, gathered_with_tower=gathered)
         if reason is not None:
             return f"vision layer {i}: {reason}"
     return None
