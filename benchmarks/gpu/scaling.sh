@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Training-step scaling over the GPUs of one host (torchrun, NCCL), DeepSpeed ZeRO-2 and ZeRO-3, 6 latents and none.
-#   1B geometry: the one-GPU ZeRO-2 run on GPU 0 is the baseline; 2 (and on four GPUs, 4) ranks are compared with it.
+#   1B geometry: the one-GPU run on GPU 0 (ZeRO-2 and ZeRO-3) is the baseline of each stage; 2 (and on four GPUs, 4)
+#   ranks are compared with it. ZeRO-3 against ZeRO-2 on the same GPUs: the samples/s of their rows in one table.
 #   8B geometry: it does not fit one H200 (benchmarks/gpu/train_scale.sh), so 2 ranks on GPUs 0,1 are its baseline
 #   and 4 ranks are compared with them (the 2->4 efficiency target); the batch sweep finds the one that fills memory.
 # Usage: benchmarks/gpu/scaling.sh OUT N_GPUS PART      (each PART fits one 10-minute device command)
-#   nvidia-h200-x2:  scaling.sh OUT 2 1b    # 1 -> 2 GPUs, 1B                        (at most 5.5 min)
+#   nvidia-h200-x2:  scaling.sh OUT 2 1b    # 1 -> 2 GPUs, 1B                        (at most 7 min)
 #                    scaling.sh OUT 2 8b    # 8B on 2 GPUs                           (at most 9 min)
-#   nvidia-h200-x4:  scaling.sh OUT 4 1b    # 1 -> 2 -> 4 GPUs, 1B                   (at most 9 min)
+#   nvidia-h200-x4:  scaling.sh OUT 4 1b    # 1 -> 2 -> 4 GPUs, 1B                   (at most 10 min)
 #                    scaling.sh OUT 4 8b    # 8B on 2 GPUs (baseline), then 4        (at most 9 min)
 # Plot (where matplotlib is): python -m benchmarks.plot_results OUT/*/train_step.json --out OUT/plots
 set -uo pipefail
@@ -26,7 +27,7 @@ COMMON="--device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-token
 case "$PART" in
 1b)
   M1="--model internvl3-1b-geometry $COMMON --stages 0,3 --batch-size 16,64 --warmup 3 --steps 6"
-  step ts_1b_1gpu 120 env CUDA_VISIBLE_DEVICES=0 python -m benchmarks.bench_train_step $M1 --zero-stages 2 --time-budget-s 90 \
+  step ts_1b_1gpu 200 env CUDA_VISIBLE_DEVICES=0 python -m benchmarks.bench_train_step $M1 --zero-stages 2,3 --time-budget-s 180 \
     --out "$OUT/ts_1b_1gpu"
   step ts_1b_2gpu 210 env CUDA_VISIBLE_DEVICES=0,1 $RUN2 $TRAIN $M1 --zero-stages 2,3 --baseline "$OUT/ts_1b_1gpu" \
     --time-budget-s 170 --out "$OUT/ts_1b_2gpu"
