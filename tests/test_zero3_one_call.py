@@ -159,3 +159,34 @@ def test_graphs_under_per_module_zero3_are_refused(tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="needs the language model as one leaf module"):
         engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                labels=batch.labels, return_logits=False)
+
+
+def test_plain_calls_run_the_class_forward_inside_the_modules_own_call():
+    """`plain_calls`: inside `call_as_forward(module, fn)`, code that calls the module itself reaches its class
+    forward once, without its hooks (which wrap the outer call only); the hooks and forward are back afterwards,
+    and a hook registered on the module during its own call is refused rather than dropped."""
+    from engine.model.coconut import call_as_forward, plain_calls
+
+    lin = torch.nn.Linear(3, 3)
+    seen = []
+    lin.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    lin.register_forward_hook(lambda m, args, out: seen.append("post"))
+    x = torch.randn(2, 3)
+
+    def fn(inp):
+        with plain_calls(lin):
+            return (lin(inp) * 2,)
+
+    (out,) = call_as_forward(lin, fn, x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, lin.weight, lin.bias) * 2)
+    assert seen == ["pre", "post"]  # once, around the outer call
+    assert "forward" not in lin.__dict__ and len(lin._forward_pre_hooks) == 1 and len(lin._forward_hooks) == 1
+
+    def registers(inp):
+        with plain_calls(lin):
+            lin.register_forward_hook(lambda m, args, out: None)
+            return (lin(inp),)
+
+    with pytest.raises(RuntimeError, match="registered on Linear during its own call"):
+        call_as_forward(lin, registers, x)
+    assert "forward" not in lin.__dict__ and len(lin._forward_hooks) == 1
