@@ -60,21 +60,35 @@ def deepspeed_release_checked() -> bool:
     return release in CHECKED_DEEPSPEED
 
 
-def multi_tensor_unsupported(optimizer) -> str | None:
-    """Why the multi-tensor checks cannot stand in for `optimizer`'s own, or None when they can."""
+def _not_the_checked_class(optimizer, module: str, name: str, label: str, members: tuple[str, ...]) -> str | None:
+    """Why `optimizer` is not DeepSpeed's `module.name` (`label`) of a checked release with `members`, or None."""
     try:
+        import importlib
+
         import deepspeed
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        return "deepspeed is not importable"
+
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pragma: no cover - deepspeed is a dependency
+        return f"deepspeed's {module}.{name} is not importable"
     if not deepspeed_release_checked():
         return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
-        return f"{type(optimizer).__name__} is not DeepSpeed's ZeRO-1/2 optimizer"
-    for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "averaged_gradients",
-                 "bit16_groups", "dp_process_group", "_model_parallel_all_reduce"):
-        if not hasattr(optimizer, name):
-            return f"this deepspeed's ZeRO optimizer has no {name!r}"
+    if not isinstance(optimizer, cls):
+        return f"{type(optimizer).__name__} is not DeepSpeed's {label} optimizer"
+    for member in members:
+        if not hasattr(optimizer, member):
+            return f"this deepspeed's {label} optimizer has no {member!r}"
+    return None
+
+
+def multi_tensor_unsupported(optimizer) -> str | None:
+    """Why the multi-tensor checks cannot stand in for `optimizer`'s own, or None when they can."""
+    why = _not_the_checked_class(
+        optimizer, "deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "ZeRO-1/2",
+        ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "averaged_gradients", "bit16_groups",
+         "dp_process_group", "_model_parallel_all_reduce"),
+    )
+    if why is not None:
+        return why
     if getattr(optimizer, "cpu_offload", False):
         return "CPU offload checks gradients on the host"
     if getattr(optimizer, "mpu", None) is not None:
@@ -146,19 +160,13 @@ def use_multi_tensor_grad_checks(optimizer) -> str | None:
 def stage3_norm_unsupported(optimizer) -> str | None:
     """Why the multi-tensor gradient norm cannot stand in for that of `optimizer` as DeepSpeed's ZeRO-3 optimizer,
     or None when it can. (Its overflow check runs for fp16 only and stays DeepSpeed's.)"""
-    try:
-        import deepspeed
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        return "deepspeed is not importable"
-    if not deepspeed_release_checked():
-        return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
-        return f"{type(optimizer).__name__} is not DeepSpeed's ZeRO-3 optimizer"
-    for name in ("get_grad_norm_direct", "_get_param_partition_group", "_assert_same_partition_group",
-                 "_autoep_expert_parallel_group", "averaged_gradients", "fp16_groups"):
-        if not hasattr(optimizer, name):
-            return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
+    why = _not_the_checked_class(
+        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
+        ("get_grad_norm_direct", "_get_param_partition_group", "_assert_same_partition_group",
+         "_autoep_expert_parallel_group", "averaged_gradients", "fp16_groups"),
+    )
+    if why is not None:
+        return why
     if getattr(optimizer, "offload_optimizer", False):
         return "CPU offload takes the norm on the host"
     if getattr(optimizer, "model_parallel_group", None) is not None:
