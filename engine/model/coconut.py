@@ -475,8 +475,7 @@ class MultimodalCoconut(nn.Module):
     @property
     def vision_tower_in_one_call(self) -> bool:
         """Whether the vision tower runs inside one call of its module (ZeRO-3 with the leaf set)."""
-        tower = self.base.model.vision_tower
-        return bool(getattr(tower, "_z3_leaf", False)) and fast_paths.is_partitioned(tower)
+        return fast_paths.gathered_per_call(self.base.model.vision_tower)
 
     def _image_features_in_one_call(self, pixels: torch.Tensor) -> torch.Tensor:
         """transformers' `get_image_features` inside one call of the vision tower (a ZeRO-3 leaf): the tower's
@@ -497,8 +496,7 @@ class MultimodalCoconut(nn.Module):
     @property
     def language_model_in_one_call(self) -> bool:
         """Whether the language model runs inside one call of its module (ZeRO-3 with the leaf set)."""
-        lm = self.language_model
-        return bool(getattr(lm, "_z3_leaf", False)) and fast_paths.is_partitioned(lm)
+        return fast_paths.gathered_per_call(self.language_model)
 
     def in_language_model_call(self, fn: Callable, *tensors: torch.Tensor):
         """``fn(language_model, *tensors)`` -> a tuple of tensors, inside one call of the language model module when

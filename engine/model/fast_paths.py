@@ -69,6 +69,12 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def gathered_per_call(module: nn.Module) -> bool:
+    """Whether ZeRO-3 gathers the module's parameters once around each call of it: a leaf module
+    (`deepspeed.utils.set_z3_leaf_module`) whose parameters are partitioned."""
+    return bool(getattr(module, "_z3_leaf", False)) and is_partitioned(module)
+
+
 # ---------------------------------------------------------------------------------------------- injection
 
 
@@ -159,7 +165,11 @@ def latent_passes(model, mode: str, device: torch.device) -> Decision:
         if model.language_model_in_one_call:  # gathered for the whole call, at addresses that change: staged
             from engine.model.latent_block import staged_graphs_unsupported
 
-            reason = staged_graphs_unsupported(model.language_model, device)
+            if not hasattr(model, "_staged_graphs_reasons"):  # weight sizes and devices do not change: once each
+                model._staged_graphs_reasons = {}
+            if str(device) not in model._staged_graphs_reasons:
+                model._staged_graphs_reasons[str(device)] = staged_graphs_unsupported(model.language_model, device)
+            reason = model._staged_graphs_reasons[str(device)]
             if reason is not None:
                 return _decide("latent_passes", "static", f"ZeRO-3, the block eagerly in one gather: {reason}")
             return _decide("latent_passes", "cuda_graph", "ZeRO-3 with the language model gathered once per call, "

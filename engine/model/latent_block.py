@@ -250,12 +250,15 @@ MAX_GRAPHS = 6  # captured shapes a LatentBlock keeps by default
 STAGED_GRAPHS_MEMORY_SHARE = 0.25  # of the device's memory, at most, for the graphs' weight buffers under ZeRO-3
 
 
-def block_weight_bytes(language_model: nn.Module) -> int:
-    """Bytes of the weights the block reads and differentiates (the layers' and the final norm's), counted whole
-    also when DeepSpeed ZeRO-3 partitions them (``ds_numel``)."""
+def block_parameters(language_model: nn.Module) -> list[nn.Parameter]:
+    """The weights the block reads and differentiates: the layers' and the final norm's that need a gradient."""
     modules = [*language_model.layers[: language_model.config.num_hidden_layers], language_model.norm]
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
-               for m in modules for p in m.parameters() if p.requires_grad)
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def block_weight_bytes(language_model: nn.Module) -> int:
+    """Bytes of `block_parameters`, counted whole also when DeepSpeed ZeRO-3 partitions them (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in block_parameters(language_model))
 
 
 def staged_graphs_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
@@ -326,9 +329,7 @@ class LatentBlock:
         return state
 
     def _params(self) -> list[nn.Parameter]:
-        config = self.lm.config
-        modules = [*self.lm.layers[: config.num_hidden_layers], self.lm.norm]
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
+        return block_parameters(self.lm)
 
     def __call__(
         self,
