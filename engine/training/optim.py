@@ -170,13 +170,24 @@ def grad_checks(engine, mode: str) -> str:
     """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
     reason: auto gives a ZeRO-1/2 optimizer the step without host waits where the setup allows, else the
     multi-tensor checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3, auto and multi_tensor:
-    the multi-tensor gradient norm); deepspeed changes nothing. Returns the path taken: "device", "multi_tensor" or
+    the multi-tensor gradient norm and engine/training/zero3_gathers.py's coalesced gathers);
+    deepspeed changes nothing. Returns the path taken: "device", "multi_tensor" or
     "deepspeed"."""
+    from engine.training.zero3_gathers import (
+        restore_deepspeed_copy_out,
+        use_coalesced_persistent_gather,
+        use_split_copy_out,
+    )
     from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks, use_stage3_multi_tensor_norm
 
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
+        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out is process-wide)
         return "deepspeed"
     if engine.zero_optimization_stage() == 3:
+        why_gather, why_copy = use_coalesced_persistent_gather(engine.optimizer), use_split_copy_out()
+        log.info("ZeRO-3 gathers: persistent parameters after the step %s; coalesced gathers copied out %s",
+                 "in one collective" if why_gather is None else f"one collective each ({why_gather})",
+                 "in one kernel" if why_copy is None else f"one kernel per parameter ({why_copy})")
         why = use_stage3_multi_tensor_norm(engine.optimizer)
         if why is None:
             log.info("gradient norm: multi-tensor (one pass over every gradient partition)")

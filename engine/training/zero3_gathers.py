@@ -1,0 +1,168 @@
+"""ZeRO-3's parameter gathers with fewer host operations, the same bytes.
+
+At the InternVL3-1B geometry on two H200s the ZeRO-3 step is host-bound where DeepSpeed (0.19) handles parameters
+one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced"):
+
+- Persistent parameters (below `stage3_param_persistence_threshold` elements: biases, norms, small projections)
+  stay whole on every rank, but the optimizer updates only this rank's partition of each; after the step DeepSpeed
+  gathers them back with one collective per parameter (513 at the 1B geometry, ~70 ms per step).
+  `use_coalesced_persistent_gather(optimizer)` gathers them first through DeepSpeed's own coalesced all-gather (one
+  flat collective, the one that fetches a module's parameters), which leaves DeepSpeed's loop nothing to do.
+- That coalesced all-gather lands every rank's partitions in one flat buffer, rank-major ([rank 0: p1, p2, ...]
+  [rank 1: p1, p2, ...]); DeepSpeed then copies each parameter out with a `torch.cat` of its pieces, one kernel
+  and its host work per parameter (~1,000 per gather of the language model and the vision tower, twice a step).
+  `use_split_copy_out()` copies the whole bucket out with one `torch.split_with_sizes_copy` over the (ranks,
+  elements) view, as PyTorch's FSDP2 does; each parameter still gets a buffer of its own (freed when DeepSpeed
+  releases it).
+
+Both fall back to DeepSpeed's code for what they were not written for (ZeRO++ secondary or quantized partitions,
+offloaded optimizers or parameters) and apply to the checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`);
+tests/test_distributed.py compares both with DeepSpeed's gathers on two ranks, bit for bit.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from engine.training.zero_step import _not_the_checked_class, deepspeed_release_checked
+
+
+def persistent_gather_unsupported(optimizer) -> str | None:
+    """Why the coalesced gather cannot stand in for the per-parameter gather of `optimizer`'s persistent parameters
+    after its step (DeepSpeed's ZeRO-3 optimizer), or None when it can."""
+    why = _not_the_checked_class(
+        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
+        ("_post_step", "persistent_parameters"),
+    )
+    if why is not None:
+        return why
+    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "offload_param", False):
+        return "offloaded partitions are gathered by DeepSpeed's swap-aware loop"
+    return None
+
+
+def _plain(param) -> bool:
+    """Whether `param`'s partition is a plain one: not ZeRO++'s secondary (hpZ) or quantized partitions, which
+    DeepSpeed's own code handles."""
+    return getattr(param, "ds_secondary_tensor", None) is None and not hasattr(param.ds_tensor, "ds_quant_scale")
+
+
+def gather_persistent_parameters(params) -> int:
+    """Gather every partitioned plain parameter of `params` whole with DeepSpeed's coalesced all-gather: one
+    collective per dtype (DeepSpeed sorts each by id, so every rank sends the same layout). Returns how many."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    buckets: dict = {}
+    for p in params:
+        if p.ds_status == ZeroParamStatus.NOT_AVAILABLE and _plain(p):
+            buckets.setdefault(p.ds_tensor.dtype, []).append(p)
+    for bucket in buckets.values():
+        bucket[0].all_gather_coalesced(bucket).wait()
+    return sum(len(bucket) for bucket in buckets.values())
+
+
+def _post_step_coalesced(self, timer_names):
+    """DeepSpeed's `_post_step` with its persistent parameters gathered in one collective first (its own loop then
+    finds them available and gathers nothing)."""
+    gather_persistent_parameters(self.persistent_parameters)
+    return self._deepspeed_post_step(timer_names)
+
+
+def use_coalesced_persistent_gather(optimizer) -> str | None:
+    """Gather `optimizer`'s persistent parameters after its step in one coalesced collective (DeepSpeed's ZeRO-3
+    optimizer). Returns None when done, else the reason it was left as it is."""
+    why = persistent_gather_unsupported(optimizer)
+    if why is not None:
+        return why
+    if not hasattr(optimizer, "_deepspeed_post_step"):
+        optimizer._deepspeed_post_step = optimizer._post_step
+    optimizer._post_step = types.MethodType(_post_step_coalesced, optimizer)
+    return None
+
+
+_DEEPSPEED_WAIT = {}  # the replaced AllGatherCoalescedHandle.wait, kept to fall back on and to restore
+
+
+def _contiguous_ranks(handle) -> torch.Tensor | None:
+    """The handle's flat buffer as a (ranks, elements per rank) view when its partitions lie back to back in one
+    buffer (how DeepSpeed's coalesced gather lays them out), else None."""
+    parts = handle.partitions
+    first = parts[0]
+    step = first.numel() * first.element_size()
+    if any(p.numel() != first.numel() or p.dtype != first.dtype or not p.is_contiguous()
+           or p.data_ptr() != first.data_ptr() + i * step for i, p in enumerate(parts)):
+        return None
+    return first.as_strided((len(parts), first.numel()), (first.numel(), 1))
+
+
+def _split_copy_wait(self, handle_dependency=True) -> None:
+    """`AllGatherCoalescedHandle.wait` with one copy-out kernel for the whole bucket; DeepSpeed's own wait for
+    what it was not written for."""
+    if self.complete:
+        return None
+    deepspeed_wait = _DEEPSPEED_WAIT["wait"]
+    if self.quantization or self.use_secondary_tensor or self.world_size < 2:
+        return deepspeed_wait(self, handle_dependency)
+    ranks = _contiguous_ranks(self)
+    sizes = [p.ds_tensor.ds_numel for p in self.params]
+    if ranks is None or sum(sizes) != ranks.shape[1]:
+        return deepspeed_wait(self, handle_dependency)
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    self.allgather_handle.wait()
+    # each parameter's buffer holds its pieces from every rank in rank order: (ranks, partition) row-major is the
+    # parameter's flattened values (and the padding of the last rank's piece, cut off below)
+    whole = [torch.empty(ranks.shape[0] * size, dtype=ranks.dtype, device=ranks.device) for size in sizes]
+    torch.split_with_sizes_copy(ranks, sizes, dim=1, out=[w.view(ranks.shape[0], size) for w, size in zip(whole, sizes)])
+    for param, values in zip(self.params, whole):
+        if param.ds_status != ZeroParamStatus.INFLIGHT:
+            raise RuntimeError(f"expected param {param.ds_summary()} to be inflight")
+        param.data = values.narrow(0, 0, param.ds_numel).view(param.ds_shape).to(param.ds_tensor.dtype)
+        param.ds_status = ZeroParamStatus.AVAILABLE
+    accelerator = get_accelerator()
+    if not accelerator.is_synchronized_device():
+        if handle_dependency:
+            ranks.record_stream(accelerator.current_stream())
+        else:  # the caller orders the streams; DeepSpeed keeps the flat buffer alive until then
+            type(self).data_buffer.append(self.partitions)
+    self.complete = True
+    return None
+
+
+def split_copy_unsupported() -> str | None:
+    """Why the one-kernel copy-out cannot stand in for DeepSpeed's, or None when it can."""
+    if not deepspeed_release_checked():
+        import deepspeed
+
+        return f"deepspeed {deepspeed.__version__}: the copy-out was checked against 0.19 only"
+    from deepspeed.runtime.zero import partition_parameters
+
+    handle = getattr(partition_parameters, "AllGatherCoalescedHandle", None)
+    if handle is None or not hasattr(handle, "wait") or not hasattr(handle, "data_buffer"):
+        return "this deepspeed has no AllGatherCoalescedHandle.wait to replace"
+    return None
+
+
+def use_split_copy_out() -> str | None:
+    """Copy every coalesced ZeRO-3 gather out in one kernel (process-wide: DeepSpeed's handle class). Returns None
+    when done, else the reason it was left as it is."""
+    why = split_copy_unsupported()
+    if why is not None:
+        return why
+    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+
+    if "wait" not in _DEEPSPEED_WAIT:
+        _DEEPSPEED_WAIT["wait"] = AllGatherCoalescedHandle.wait
+    AllGatherCoalescedHandle.wait = _split_copy_wait
+    return None
+
+
+def restore_deepspeed_copy_out() -> None:
+    """Undo `use_split_copy_out` (DeepSpeed's per-parameter copy-out again)."""
+    if "wait" in _DEEPSPEED_WAIT:
+        from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+
+        AllGatherCoalescedHandle.wait = _DEEPSPEED_WAIT["wait"]
