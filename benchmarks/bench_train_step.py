@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
                    " five keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
                    "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), grad_checks=multi_tensor (DeepSpeed's step "
-                   "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed (DeepSpeed's per-gradient norm and overflow loops), "
+                   "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
+                   "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
                    "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
                    "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
