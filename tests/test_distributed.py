@@ -113,13 +113,19 @@ def test_shutdown_destroys_the_process_group_and_is_idempotent(tmp_path):
 
 
 ZERO3_GATHERS_WORKER = """
+import os
+import sys
 import torch
 import deepspeed
 import deepspeed.comm as dist
 from engine.training import zero3_gathers
 from engine.training.distributed import shutdown_distributed
 
-deepspeed.init_distributed(dist_backend="gloo")
+cuda = sys.argv[1] == "cuda"  # cuda: NCCL, the gathers on DeepSpeed's side streams; else gloo on the CPU
+if cuda:
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 rank = dist.get_rank()
 # threshold 20: the first layers' weights and biases (odd sizes: padded partitions) are partitioned and fetched
 # module by module through the coalesced all-gather; the last layers' (4, 12 and 3 elements) are persistent, whole
@@ -127,12 +133,14 @@ rank = dist.get_rank()
 config = {"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 20,
                                 "stage3_prefetch_bucket_size": 0}}
+if sys.argv[2] == "bfloat16":
+    config["bf16"] = {"enabled": True}
 
 
 def engine(ours):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 23), torch.nn.LayerNorm(23), torch.nn.GELU(),
-                                torch.nn.Linear(23, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+                                torch.nn.Linear(23, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).to(device)
     eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.05),
                                    config=config)
     if ours:
@@ -156,10 +164,11 @@ split_copy = torch.split_with_sizes_copy
 torch.split_with_sizes_copy = lambda *a, **k: copies.append(len(k["out"])) or split_copy(*a, **k)
 torch.manual_seed(1 + rank)  # each rank its own batches
 for step in range(3):
-    x, y = torch.randn(3, 7), torch.randn(3, 3)
+    x, y = torch.randn(3, 7, device=device), torch.randn(3, 3, device=device)
     for eng in (ours, theirs):
         use(eng is ours)
-        eng.backward(torch.nn.functional.mse_loss(eng(x), y))
+        out = eng(x.to(next(eng.module.parameters()).dtype))
+        eng.backward(torch.nn.functional.mse_loss(out.float(), y))
         eng.step()
     use(False)
     for (name, a), b in zip(ours.module.named_parameters(), theirs.module.parameters()):
@@ -178,19 +187,31 @@ shutdown_distributed()  # a process group left to the interpreter's exit can abo
 """
 
 
-def test_zero3_coalesced_gathers_match_deepspeed(tmp_path):
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", "float32"),
+    pytest.param("cuda", "float32", marks=pytest.mark.gpu),
+    pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu),
+])
+def test_zero3_coalesced_gathers_match_deepspeed(tmp_path, device, dtype):
     """ZeRO-3 over two ranks (engine/training/zero3_gathers.py): the persistent parameters gathered after each step
     by one coalesced collective, and every coalesced gather copied out in one kernel, give exactly the parameters of
-    DeepSpeed's per-parameter gathers and copies."""
+    DeepSpeed's per-parameter gathers and copies (on CUDA: NCCL, DeepSpeed's side streams, bf16 too)."""
+    import torch
+
     from engine.training.zero_step import deepspeed_release_checked
 
     if not deepspeed_release_checked():
         pytest.skip("the coalesced gathers apply to checked DeepSpeed releases only")
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
     script = tmp_path / "worker.py"
     script.write_text(ZERO3_GATHERS_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29800 + os.getpid() % 1000), str(script)],
+                           "--master_port", str(29800 + os.getpid() % 1000), str(script), device, dtype],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
