@@ -15,9 +15,12 @@ one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced
   elements) view, as PyTorch's FSDP2 does; each parameter still gets a buffer of its own (freed when DeepSpeed
   releases it).
 
-Both fall back to DeepSpeed's code for what they were not written for (ZeRO++ secondary or quantized partitions,
-offloaded optimizers or parameters) and apply to the checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`);
-tests/test_distributed.py compares both with DeepSpeed's gathers on two ranks, bit for bit.
+Both leave to DeepSpeed's code what they were not written for: the persistent gather ZeRO++'s secondary or
+quantized partitions, parameters gathered in an autocast dtype, and offloaded optimizers or parameters; the copy-out
+quantized and secondary partitions (an offloaded partition is copied to the device before the collective, so the
+flat buffer is the same). Both apply to the checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`).
+tests/test_distributed.py compares both with DeepSpeed's gathers on two ranks, bit for bit (CPU, and CUDA where
+two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (three ranks, odd sizes, dtypes).
 """
 
 from __future__ import annotations
@@ -44,9 +47,13 @@ def persistent_gather_unsupported(optimizer) -> str | None:
 
 
 def _plain(param) -> bool:
-    """Whether `param`'s partition is a plain one: not ZeRO++'s secondary (hpZ) or quantized partitions, which
-    DeepSpeed's own code handles."""
-    return getattr(param, "ds_secondary_tensor", None) is None and not hasattr(param.ds_tensor, "ds_quant_scale")
+    """Whether `param`'s partition is a plain one, which DeepSpeed's post-step loop gathers as the coalesced gather
+    does: not ZeRO++'s secondary (hpZ) or quantized partitions, and gathered in its own dtype (under torch autocast
+    the coalesced gather would send some in the autocast dtype, where DeepSpeed's loop sends them whole)."""
+    from deepspeed.runtime.zero.partition_parameters import get_allgather_dtype
+
+    return (getattr(param, "ds_secondary_tensor", None) is None and not hasattr(param.ds_tensor, "ds_quant_scale")
+            and get_allgather_dtype(param, param.ds_tensor) == param.ds_tensor.dtype)
 
 
 def gather_persistent_parameters(params) -> int:
@@ -117,10 +124,11 @@ def _split_copy_wait(self, handle_dependency=True) -> None:
     # parameter's flattened values (and the padding of the last rank's piece, cut off below)
     whole = [torch.empty(ranks.shape[0] * size, dtype=ranks.dtype, device=ranks.device) for size in sizes]
     torch.split_with_sizes_copy(ranks, sizes, dim=1, out=[w.view(ranks.shape[0], size) for w, size in zip(whole, sizes)])
-    for param, values in zip(self.params, whole):
+    for i, param in enumerate(self.params):
         if param.ds_status != ZeroParamStatus.INFLIGHT:
             raise RuntimeError(f"expected param {param.ds_summary()} to be inflight")
-        param.data = values.narrow(0, 0, param.ds_numel).view(param.ds_shape).to(param.ds_tensor.dtype)
+        param.data = whole[i].narrow(0, 0, param.ds_numel).view(param.ds_shape).to(param.ds_tensor.dtype)
+        whole[i] = None  # a buffer converted to the parameter's dtype is freed now, as DeepSpeed's cat output is
         param.ds_status = ZeroParamStatus.AVAILABLE
     accelerator = get_accelerator()
     if not accelerator.is_synchronized_device():
@@ -153,10 +161,12 @@ def use_split_copy_out() -> str | None:
     if why is not None:
         return why
     from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+    from deepspeed.utils.nvtx import instrument_w_nvtx
 
     if "wait" not in _DEEPSPEED_WAIT:
         _DEEPSPEED_WAIT["wait"] = AllGatherCoalescedHandle.wait
-    AllGatherCoalescedHandle.wait = _split_copy_wait
+        _DEEPSPEED_WAIT["ours"] = instrument_w_nvtx(_split_copy_wait)  # DeepSpeed's NVTX range, as its wait has
+    AllGatherCoalescedHandle.wait = _DEEPSPEED_WAIT["ours"]
     return None
 
 

@@ -1,0 +1,121 @@
+"""engine/training/zero3_gathers.py's one-kernel copy-out on hand-built coalesced buckets: the parameters equal those of
+DeepSpeed's per-parameter copy-out for three ranks, odd sizes, a parameter smaller than the rank count and a
+gather dtype other than the parameters'; what it was not written for goes to DeepSpeed's own. One process, CPU (the
+two-rank comparison of real gathers is in tests/test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.training import zero3_gathers
+from engine.training.zero_step import deepspeed_release_checked
+
+pytestmark = pytest.mark.skipif(not deepspeed_release_checked(),
+                                reason="the copy-out applies to checked DeepSpeed releases only")
+
+WORLD = 3
+SHAPES = [(5,), (1,), (3, 3), (2, 2), (7,)]  # 1 element: two ranks hold only padding; 9 and 7: padded last pieces
+
+
+class _Gather:  # the collective, already done: DeepSpeed's wait only waits on it
+    def wait(self):
+        pass
+
+
+def bucket(gather_dtype: torch.dtype, param_dtype: torch.dtype, seed: int = 0):
+    """A coalesced bucket after its all-gather: parameters INFLIGHT and the flat rank-major buffer filled with each
+    rank's pieces (padding marked with a value no parameter holds), laid out as DeepSpeed's `_all_gather_dtype`."""
+    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle, ZeroParamStatus
+
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randn(shape, generator=gen).to(param_dtype) for shape in SHAPES]
+    pieces = [-(-t.numel() // WORLD) for t in full]  # ceil: DeepSpeed's partition size
+    per_rank = sum(pieces)
+    flat = torch.full((WORLD * per_rank,), 1e4, dtype=gather_dtype)
+    params = []
+    offset = 0
+    for t, piece in zip(full, pieces):
+        values = t.reshape(-1).to(gather_dtype)
+        for rank in range(WORLD):
+            part = values[rank * piece:(rank + 1) * piece]
+            flat[rank * per_rank + offset:rank * per_rank + offset + part.numel()] = part
+        p = torch.nn.Parameter(torch.empty(0, dtype=param_dtype), requires_grad=False)
+        p.ds_tensor = torch.empty(piece, dtype=param_dtype)
+        p.ds_tensor.ds_numel = piece
+        p.ds_numel, p.ds_shape, p.ds_status = t.numel(), t.shape, ZeroParamStatus.INFLIGHT
+        p.ds_summary = lambda: "test parameter"
+        params.append(p)
+        offset += piece
+    partitions = [flat.narrow(0, rank * per_rank, per_rank) for rank in range(WORLD)]
+    handle = AllGatherCoalescedHandle(allgather_handle=_Gather(), params=params, partitions=partitions,
+                                      world_size=WORLD)
+    return handle, params, full
+
+
+@pytest.fixture
+def ours():
+    assert zero3_gathers.use_split_copy_out() is None
+    yield
+    zero3_gathers.restore_deepspeed_copy_out()
+
+
+@pytest.mark.parametrize("gather_dtype,param_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+])
+def test_copy_out_equals_deepspeeds(ours, gather_dtype, param_dtype):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    handle, params, full = bucket(gather_dtype, param_dtype)
+    theirs_handle, theirs, _ = bucket(gather_dtype, param_dtype)
+    copies = []
+    split_copy = torch.split_with_sizes_copy
+    try:
+        torch.split_with_sizes_copy = lambda *a, **k: copies.append(len(k["out"])) or split_copy(*a, **k)
+        handle.wait()
+    finally:
+        torch.split_with_sizes_copy = split_copy
+    zero3_gathers._DEEPSPEED_WAIT["wait"](theirs_handle)
+    assert copies == [len(SHAPES)]  # one copy-out for the bucket
+    for p, q, t in zip(params, theirs, full):
+        assert p.ds_status == ZeroParamStatus.AVAILABLE
+        assert p.dtype == q.dtype == param_dtype and p.shape == q.shape == t.shape
+        assert p.is_contiguous()
+        assert torch.equal(p.data, q.data)
+        assert torch.equal(p.data, t.to(gather_dtype).to(param_dtype))  # the values, not the padding
+    # each parameter its own storage: DeepSpeed frees them one at a time
+    assert len({p.data.untyped_storage().data_ptr() for p in params}) == len(params)
+    handle.wait()  # a second wait does nothing
+    assert torch.equal(params[0].data, theirs[0].data)
+
+
+@pytest.mark.parametrize("case", ["quantized", "secondary", "one rank", "scattered partitions", "sizes"])
+def test_what_it_was_not_written_for_goes_to_deepspeeds_wait(ours, case, monkeypatch):
+    handle, params, _ = bucket(torch.float32, torch.float32)
+    if case == "quantized":
+        handle.quantization = object()
+    elif case == "secondary":
+        handle.use_secondary_tensor = True
+    elif case == "one rank":
+        handle.world_size = 1
+    elif case == "scattered partitions":  # not one buffer, back to back
+        handle.partitions = [part.clone() for part in handle.partitions]
+    else:
+        params[0].ds_tensor.ds_numel += 1
+    calls = []
+    monkeypatch.setitem(zero3_gathers._DEEPSPEED_WAIT, "wait", lambda h, dep=True: calls.append((h, dep)))
+    handle.wait(handle_dependency=False)
+    assert calls == [(handle, False)]
+
+
+def test_restore_gives_deepspeeds_wait_back():
+    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+
+    zero3_gathers.restore_deepspeed_copy_out()  # an earlier ZeRO-3 engine of this process may have installed it
+    original = AllGatherCoalescedHandle.wait
+    assert original.__module__.startswith("deepspeed")
+    assert zero3_gathers.use_split_copy_out() is None
+    assert AllGatherCoalescedHandle.wait is not original
+    assert zero3_gathers.use_split_copy_out() is None  # twice: still one wrapper, DeepSpeed's kept
+    zero3_gathers.restore_deepspeed_copy_out()
+    assert AllGatherCoalescedHandle.wait is original
