@@ -9,7 +9,7 @@
 #                    scaling.sh OUT 2 8b    # 8B on 2 GPUs                           (at most 9 min)
 #   nvidia-h200-x4:  scaling.sh OUT 4 1b    # 1 -> 2 -> 4 GPUs, 1B                   (at most 10 min)
 #                    scaling.sh OUT 4 8b    # 8B on 2 GPUs (baseline), then 4        (at most 9 min)
-# Plot (where matplotlib is): python -m benchmarks.plot_results OUT/*/train_step.json --out OUT/plots
+# Ends with the plot of samples/s against GPUs (OUT/plots, where matplotlib is; else the command to make it elsewhere)
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 N=${2:?usage: $0 OUT_DIR N_GPUS 1b|8b}
@@ -53,3 +53,10 @@ case "$PART" in
   exit 2
   ;;
 esac
+
+# samples/s against GPUs for every part measured so far under OUT (both parts go into one figure when both ran)
+if python -c "import matplotlib" >/dev/null 2>&1; then
+  python -m benchmarks.plot_results "$OUT"/ts_*/train_step.json --out "$OUT/plots" 2>&1 | tail -n 2
+else
+  echo "matplotlib is not installed here: plot elsewhere with python -m benchmarks.plot_results $OUT/ts_*/train_step.json --out PLOTS"
+fi
