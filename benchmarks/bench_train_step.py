@@ -839,6 +839,25 @@ def add_loss_diffs(rows: list[dict]) -> None:
             r["loss_diff"] = r["loss"] - same[0]["loss"]
 
 
+def add_zero3_ratios(rows: list[dict]) -> None:
+    """`zero3_vs_zero2`: a ZeRO-3 row's samples/s over those of the ZeRO-2 row of this run with the same GPUs,
+    per-rank batch, latents, optimizer and Liger variant (the one with the same ZeRO settings label, else the
+    default's): ZeRO-3's cost on the same GPUs, measured in one process."""
+    def key(r):
+        return r["world_size"], r["batch_size"], r["n_latents"], r["optimizer"], r["liger"]
+
+    zero2 = {}
+    for r in rows:
+        if r["zero_stage"] == 2 and r.get("samples_per_s") is not None:
+            zero2.setdefault((key(r), r["zero_settings"]), r)
+    for r in rows:
+        if r["zero_stage"] != 3 or r.get("samples_per_s") is None:
+            continue
+        ref = zero2.get((key(r), r["zero_settings"])) or zero2.get((key(r), "default"))
+        if ref is not None:
+            r["zero3_vs_zero2"] = r["samples_per_s"] / ref["samples_per_s"]
+
+
 def timing_of(samples: list[float]) -> Timing:
     """Median and p10/p90 exactly as `benchmarks.common.time_fn` computes them."""
     import statistics
@@ -906,7 +925,7 @@ COLUMNS = [
     ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
     ("mfu", "MFU"), ("mfu_matmul", "MFU (matmul)"), ("speedup_vs_baseline", "× baseline"),
     ("baseline_zero_stage", "baseline ZeRO"), ("scaling_efficiency", "scaling eff."),
-    ("phase_data_ms", "data ms"), ("phase_forward_ms", "fwd ms"), ("phase_backward_ms", "bwd ms"),
+    ("zero3_vs_zero2", "× ZeRO-2"), ("phase_data_ms", "data ms"), ("phase_forward_ms", "fwd ms"), ("phase_backward_ms", "bwd ms"),
     ("phase_backward_host_ms", "bwd host ms"), ("phase_optimizer_ms", "opt ms"),
     ("phase_optimizer_host_ms", "opt host ms"), ("optimizer_share", "opt share"),
     ("host_syncs_per_step", "syncs/step"), ("grad_hooks", "grad hooks"), ("grad_checks", "grad checks"),
@@ -946,7 +965,7 @@ def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[
         if key in OPTIONAL_KEYS and all(r.get(key, OPTIONAL_KEYS[key]) == OPTIONAL_KEYS[key] for r in rows):
             continue
         optional = key.startswith("phase_") or key in ("optimizer_share", "host_syncs_per_step", "probe_loss_diff",
-                                                       "loss_diff")
+                                                       "loss_diff", "zero3_vs_zero2")
         if optional and all(r.get(key) is None for r in rows):
             continue
         keep.append((key, title))
@@ -1018,6 +1037,7 @@ def main(argv=None) -> int:
                 add_scaling(row, baseline)
         payload["rows"].append(row)
         add_loss_diffs(payload["rows"])
+        add_zero3_ratios(payload["rows"])
         if env.is_main:
             if row["status"] != "ok":
                 log.warning("%s: %s (%s)", cfg.label(), row["status"], row.get("error"))

@@ -146,6 +146,15 @@ def test_ranks_merge_into_global_throughput_and_mfu():
     assert row["speedup_vs_baseline"] == pytest.approx(8 / 0.110 / 50.0)
     assert row["scaling_efficiency"] == pytest.approx(row["speedup_vs_baseline"] / 2) and row["baseline_zero_stage"] == 2
 
+    # ZeRO-3 against the ZeRO-2 row of the same GPUs, batch, latents and variant (same settings label, else default)
+    base = dict(world_size=2, batch_size=4, n_latents=6, optimizer="adamw_fused", liger="none", zero_settings="default")
+    rows = [dict(base, zero_stage=2, samples_per_s=100.0), dict(base, zero_stage=2, samples_per_s=60.0, batch_size=8),
+            dict(base, zero_stage=3, samples_per_s=80.0), dict(base, zero_stage=3, samples_per_s=45.0, batch_size=8),
+            dict(base, zero_stage=3, samples_per_s=70.0, zero_settings="overlap_comm=false"),
+            dict(base, zero_stage=3, samples_per_s=70.0, world_size=1), dict(base, zero_stage=3, status="oom")]
+    bench_train_step.add_zero3_ratios(rows)
+    assert [r.get("zero3_vs_zero2") for r in rows] == [None, None, 0.8, 0.75, 0.7, None, None]
+
     ranks[1]["status"] = {"status": "oom", "error": "CUDA out of memory"}
     row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
     assert row["status"] == "oom" and row["failed_ranks"] == [1] and "median_ms" not in row
