@@ -132,8 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
-                   " five keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
-                   "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), grad_checks=multi_tensor (DeepSpeed's step "
+                   " six keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
+                   "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_flat_leaf_reduction=true (each "
+                   "ZeRO-3 leaf's gradients reduced together), grad_checks=multi_tensor (DeepSpeed's step "
                    "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
                    "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
@@ -529,11 +530,12 @@ class Bench:
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         zero_settings = parse_zero_settings(cfg.zero_settings)
-        # five keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
-        # per call or ZeRO-3's per-module gathers, the multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision
-        # layers, the training layers' ops
+        # six keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
+        # per call or ZeRO-3's per-module gathers, a leaf's gradients reduced together or per parameter, the
+        # multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision layers, the training layers' ops
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
+        flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", False))
         checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))
@@ -541,7 +543,7 @@ class Bench:
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
-            zero3_leaf_vision_tower=vision_leaf,
+            zero3_leaf_vision_tower=vision_leaf, zero3_flat_leaf_reduction=flat_reduction,
             zero_grad_checks=checks, compile_vision_layers=compile_vision, layer_ops=layer_ops,
             deepspeed={"zero_optimization": zero_settings},
         )

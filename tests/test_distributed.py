@@ -70,26 +70,29 @@ def test_two_process_zero2_through_deepspeed_launcher(tmp_path):
     FINAL_WEIGHTS[2] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
 
 
-def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path):
+@pytest.mark.parametrize("flat", [False, True], ids=["per_parameter_reduction", "flat_leaf_reduction"])
+def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path, flat):
     # uniform_prob mixes latent counts per sample, so the ranks' batches need different numbers of passes: ZeRO-3's
     # gathers must still match (one gather of the language model per call, whatever the passes), or the run hangs.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 1000), str(RECIPE)]
-    for s in _settings(tmp_path, 3):
+           "--master_port", str(29700 + os.getpid() % 1000 + 50 * flat), str(RECIPE)]
+    for s in _settings(tmp_path, 3) + [f"zero3_flat_leaf_reduction={str(flat).lower()}"]:
         cmd += ["--set", s]
-    _launch(cmd, tmp_path)
-    FINAL_WEIGHTS[3] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
+    output = _launch(cmd, tmp_path)
+    assert ("ZeRO-3 leaf gradients: reduced together per leaf" in output) is flat
+    FINAL_WEIGHTS["3 flat" if flat else 3] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
 
 
-def test_zero3_through_the_latent_block_ends_where_zero2_ends():
-    if set(FINAL_WEIGHTS) != {2, 3}:
+@pytest.mark.parametrize("run", [3, "3 flat"])
+def test_zero3_through_the_latent_block_ends_where_zero2_ends(run):
+    if not {2, run} <= set(FINAL_WEIGHTS):
         pytest.skip("needs both two-process runs above (run the module as a whole)")
-    (zero2, zero2_epoch1), (zero3, _) = FINAL_WEIGHTS[2], FINAL_WEIGHTS[3]
+    (zero2, zero2_epoch1), (zero3, _) = FINAL_WEIGHTS[2], FINAL_WEIGHTS[run]
     assert zero2.keys() == zero3.keys()
     worst = max((zero2[k].float() - zero3[k].float()).abs().max().item() for k in zero2)
     moved = max((zero2[k].float() - zero2_epoch1[k].float()).abs().max().item() for k in zero2)
     assert moved > 1e-3, f"the second epoch must move the parameters for this comparison to mean anything ({moved:.3g})"
-    assert worst <= 1e-4, f"ZeRO-3 and ZeRO-2 parameters differ by up to {worst:.3g}"
+    assert worst <= 1e-4, f"ZeRO-3 ({run}) and ZeRO-2 parameters differ by up to {worst:.3g}"
 
 
 def test_shutdown_destroys_the_process_group_and_is_idempotent(tmp_path):
@@ -214,4 +217,102 @@ def test_zero3_coalesced_gathers_match_deepspeed(tmp_path, device, dtype):
                            "--master_port", str(29800 + os.getpid() % 1000), str(script), device, dtype],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
+
+
+FLAT_REDUCTION_WORKER = """
+import os
+import sys
+import torch
+import deepspeed
+import deepspeed.comm as dist
+from deepspeed.utils import set_z3_leaf_modules
+from engine.training import zero3_gathers
+from engine.training.distributed import shutdown_distributed
+
+cuda = sys.argv[1] == "cuda"  # cuda: NCCL, the reduction on DeepSpeed's side stream; else gloo on the CPU
+if cuda:
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+rank = dist.get_rank()
+
+
+class Block(torch.nn.Module):  # a ZeRO-3 leaf: its gradients are reduced in its backward hook
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.unused = torch.nn.Linear(3, 3)  # no gradient in this step: DeepSpeed zero-fills it
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.fc(x)))
+
+
+# a small bucket size splits a leaf's reduction into several buckets; odd widths pad the partitions
+config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 150}}
+if sys.argv[2] == "bfloat16":  # bf16 gradients reduced, fp32 partitions accumulated
+    config["bf16"] = {"enabled": True}
+
+
+def engine(flat):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 11), Block(11), Block(11), torch.nn.Linear(11, 3)).to(device)
+    set_z3_leaf_modules(model, [Block])
+    eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.05),
+                                   config=config)
+    if flat:
+        assert zero3_gathers.use_flat_leaf_reduction(eng.optimizer) is None
+    return eng
+
+
+ours, theirs = engine(True), engine(False)
+reduced = []
+bucket = zero3_gathers._reduce_bucket
+zero3_gathers._reduce_bucket = lambda self, params, dtype: reduced.append(len(params)) or bucket(self, params, dtype)
+torch.manual_seed(1 + rank)
+for step in range(6):  # three optimizer steps of two micro-batches: copies, then adds into the gradient buffers
+    x, y = torch.randn(2, 5, device=device), torch.randn(2, 3, device=device)
+    for eng in (ours, theirs):
+        out = eng(x.to(next(eng.module.parameters()).dtype))
+        eng.backward(torch.nn.functional.mse_loss(out.float(), y))
+        eng.step()
+    for (name, a), b in zip(ours.module.named_parameters(), theirs.module.parameters()):
+        with deepspeed.zero.GatheredParameters([a, b]):
+            assert torch.equal(a.data, b.data), (step, name)
+assert len(reduced) >= 6 * 2 and max(reduced) < 6, reduced  # every leaf, every backward, in several buckets
+print("rank", rank, "ok")
+shutdown_distributed()
+"""
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", "float32"),
+    pytest.param("cuda", "float32", marks=pytest.mark.gpu),
+    pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu),
+])
+def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
+    """ZeRO-3 over two ranks: a leaf module's gradients reduced together (engine/training/zero3_gathers.py) give
+    exactly the parameters of DeepSpeed's per-parameter reduction, with gradient accumulation, buckets split by
+    reduce_bucket_size, padded partitions and a parameter without a gradient (on CUDA: NCCL, DeepSpeed's reduction
+    stream, bf16 too)."""
+    import torch
+
+    from engine.training.zero_step import deepspeed_release_checked
+
+    if not deepspeed_release_checked():
+        pytest.skip("the flat reduction applies to checked DeepSpeed releases only")
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    script = tmp_path / "worker.py"
+    script.write_text(FLAT_REDUCTION_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29850 + os.getpid() % 1000), str(script), device, dtype],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\\n{proc.stdout[-3000:]}\\n{proc.stderr[-5000:]}"
     assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]

@@ -122,6 +122,10 @@ class TrainConfig:
     # ZeRO-3: the vision tower as one leaf module, gathered once per forward and once per backward instead of per
     # module (MultimodalCoconut.set_vision_tower_leaf); false: DeepSpeed's per-module gathers
     zero3_leaf_vision_tower: bool = True
+    # ZeRO-3: each leaf module's gradients reduced together when its backward is done (one layout kernel, one
+    # reduce-scatter and multi-tensor adds per bucket, engine/training/zero3_gathers.py) instead of DeepSpeed's
+    # per-parameter loop; the same parameters bit for bit (tests/test_distributed.py). Off until measured on GPUs
+    zero3_flat_leaf_reduction: bool = False
     # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
     # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
     activation_checkpointing: bool = False

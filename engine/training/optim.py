@@ -146,7 +146,8 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None
 def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
     """`deepspeed.initialize` with `build_optimizer`'s optimizer, the warmup/decay schedule over `total_steps` and
     `deepspeed_config`; under ZeRO-3 the language model and the vision tower first become leaf modules
-    (`zero3_leaf_language_model`, `zero3_leaf_vision_tower`)."""
+    (`zero3_leaf_language_model`, `zero3_leaf_vision_tower`), whose gradients `zero3_flat_leaf_reduction` reduces
+    together."""
     # deepspeed picks its accelerator when imported: init_distributed sets DS_ACCELERATOR first, so import it late
     import deepspeed
 
@@ -163,6 +164,12 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
         config=deepspeed_config(config, use_bf16),
     )
     grad_checks(engine, config.zero_grad_checks)
+    if config.zero_stage == 3 and config.zero3_flat_leaf_reduction:
+        from engine.training.zero3_gathers import use_flat_leaf_reduction
+
+        why = use_flat_leaf_reduction(engine.optimizer)
+        log.info("ZeRO-3 leaf gradients: %s", "reduced together per leaf" if why is None
+                 else f"DeepSpeed's per-parameter reduction ({why})")
     return engine
 
 
