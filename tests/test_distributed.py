@@ -316,3 +316,20 @@ def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\\n{proc.stdout[-3000:]}\\n{proc.stderr[-5000:]}"
     assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
+
+
+def test_zero3_host_cost_harness_runs_both_paths(tmp_path):
+    """benchmarks/zero3_host_cost.py on two CPU ranks: a row per path, every phase timed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29900 + os.getpid() % 90), "-m", "benchmarks.zero3_host_cost",
+                           "--blocks", "3", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rows = json.loads((tmp_path / "zero3_host_cost.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["deepspeed", "engine"]
+    for r in rows:
+        assert r["ranks"] == 2 and r["tensors"] == 16
+        assert all(r[f"{phase}_ms"] > 0 for phase in ("forward", "backward", "step")), r
+    assert "| engine |" in (tmp_path / "zero3_host_cost.md").read_text()
