@@ -244,16 +244,19 @@ class Block(torch.nn.Module):  # a ZeRO-3 leaf: its gradients are reduced in its
         self.fc = torch.nn.Linear(width, width)
         self.norm = torch.nn.LayerNorm(width)
         self.unused = torch.nn.Linear(3, 3)  # no gradient in this step: DeepSpeed zero-fills it
+        self.scale = torch.nn.Parameter(torch.ones(1))  # one element: the second rank's partition holds no data
 
     def forward(self, x):
-        return torch.tanh(self.norm(self.fc(x)))
+        return torch.tanh(self.norm(self.fc(x))) * self.scale
 
 
 # a small bucket size splits a leaf's reduction into several buckets; odd widths pad the partitions
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 150}}
-if sys.argv[2] == "bfloat16":  # bf16 gradients reduced, fp32 partitions accumulated
+if sys.argv[2].startswith("bfloat16"):  # bf16 gradients reduced, fp32 partitions accumulated
     config["bf16"] = {"enabled": True}
+if sys.argv[2].endswith("fp32-reduction"):  # bf16 gradients converted to fp32 before the reduce-scatter
+    config["communication_data_type"] = "fp32"
 
 
 def engine(flat):
@@ -289,14 +292,16 @@ shutdown_distributed()
 
 @pytest.mark.parametrize("device,dtype", [
     ("cpu", "float32"),
+    ("cpu", "bfloat16-fp32-reduction"),
     pytest.param("cuda", "float32", marks=pytest.mark.gpu),
     pytest.param("cuda", "bfloat16", marks=pytest.mark.gpu),
 ])
 def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
     """ZeRO-3 over two ranks: a leaf module's gradients reduced together (engine/training/zero3_gathers.py) give
     exactly the parameters of DeepSpeed's per-parameter reduction, with gradient accumulation, buckets split by
-    reduce_bucket_size, padded partitions and a parameter without a gradient (on CUDA: NCCL, DeepSpeed's reduction
-    stream, bf16 too)."""
+    reduce_bucket_size, padded partitions, a rank holding no data of a parameter and a parameter without a gradient;
+    bf16 gradients reduced in fp32 (on CUDA: NCCL, DeepSpeed's reduction stream, bf16 too). Two ranks: the sums of
+    two values are the same in any order, so the comparison is exact (with more ranks it would need a tolerance)."""
     import torch
 
     from engine.training.zero_step import deepspeed_release_checked

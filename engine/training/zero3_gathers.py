@@ -215,6 +215,8 @@ def flat_reduction_unsupported(optimizer) -> str | None:
         return "a gradient pre-divide factor"
     if not getattr(optimizer, "reduce_scatter", True):
         return "reduce_scatter=false reduces by all-reduce"
+    if getattr(optimizer, "enable_sanity_checks", False):
+        return "sanity checks compare each bucket's parameter ids across ranks"
     return None
 
 
@@ -289,7 +291,7 @@ def _reduce_bucket(self, params, comm_dtype) -> None:
                 raise RuntimeError(f"{p.grad.numel()} != {p.ds_numel} Cannot reduce scatter gradients whose size "
                                    "is not same as the params")
             g = p.grad.reshape(-1)
-            grads.append(g if comm_dtype == self.dtype else g.to(comm_dtype))
+            grads.append(g if g.dtype == comm_dtype else g.to(comm_dtype))
         # rank-major: [rank 0: p1's chunk, p2's chunk, ...][rank 1: ...], each chunk ceil(numel / world), padded
         flat = torch._chunk_cat(grads, dim=0, num_chunks=world)
         flat.div_(world)  # pre-divide, as DeepSpeed's reduce_scatter_coalesced
