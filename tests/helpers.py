@@ -1,4 +1,5 @@
-"""Builders for hand-made batches: image span, question, latents, tail, with any padding."""
+"""Builders for hand-made batches: image span, question, latents, tail, with any padding; a free port for the
+tests' launchers."""
 
 from __future__ import annotations
 
@@ -118,3 +119,13 @@ class CountProducts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.products += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
         return func(*args, **(kwargs or {}))
+
+
+def free_port() -> str:
+    """A port nothing listens on now, for a launcher's rendezvous: each launch gets its own, so one launch's store
+    still closing cannot refuse the next (parametrized launches follow each other within a second)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

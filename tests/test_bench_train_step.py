@@ -15,6 +15,7 @@ import torch
 
 import benchmarks.common
 from benchmarks import bench_train_step
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def test_two_process_zero3_through_torchrun(tmp_path):
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29900 + os.getpid() % 500), "-m", "benchmarks.bench_train_step",
+           "--master_port", free_port(), "-m", "benchmarks.bench_train_step",
            "--smoke", "--zero-stages", "3", "--stages", "0,2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_coconut.py"
 
@@ -34,7 +36,7 @@ def _settings(tmp_path, zero_stage):
 
 def _launch(cmd, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
-               PYTHONPATH=str(ROOT), MASTER_PORT=str(29500 + os.getpid() % 1000))
+               PYTHONPATH=str(ROOT), MASTER_PORT=free_port())
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     history = json.loads((tmp_path / "dist" / "history.json").read_text())
@@ -62,7 +64,7 @@ def test_two_process_zero2_through_deepspeed_launcher(tmp_path):
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     if launcher is None:
         pytest.skip("the deepspeed launcher is not installed")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000), str(RECIPE)]
+    cmd = [launcher, "--num_gpus", "2", "--master_port", free_port(), str(RECIPE)]
     for s in _settings(tmp_path, 2):
         cmd += ["--set", s]
     output = _launch(cmd, tmp_path)
@@ -75,7 +77,7 @@ def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path, flat):
     # uniform_prob mixes latent counts per sample, so the ranks' batches need different numbers of passes: ZeRO-3's
     # gathers must still match (one gather of the language model per call, whatever the passes), or the run hangs.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 1000 + 50 * flat), str(RECIPE)]
+           "--master_port", free_port(), str(RECIPE)]
     for s in _settings(tmp_path, 3) + [f"zero3_flat_leaf_reduction={str(flat).lower()}"]:
         cmd += ["--set", s]
     output = _launch(cmd, tmp_path)
@@ -214,7 +216,7 @@ def test_zero3_coalesced_gathers_match_deepspeed(tmp_path, device, dtype):
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29800 + os.getpid() % 1000), str(script), device, dtype],
+                           "--master_port", free_port(), str(script), device, dtype],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
@@ -317,7 +319,7 @@ def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29850 + os.getpid() % 1000), str(script), device, dtype],
+                           "--master_port", free_port(), str(script), device, dtype],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\\n{proc.stdout[-3000:]}\\n{proc.stderr[-5000:]}"
     assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
@@ -328,7 +330,7 @@ def test_zero3_host_cost_harness_runs_both_paths(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29900 + os.getpid() % 90), "-m", "benchmarks.zero3_host_cost",
+                           "--master_port", free_port(), "-m", "benchmarks.zero3_host_cost",
                            "--blocks", "3", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

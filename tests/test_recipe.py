@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_coconut.py"
 sys.path.insert(0, str(RECIPE.parent))
@@ -54,7 +56,7 @@ def test_two_ranks_print_a_config_error_once(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     env.pop("COCONUT_DEBUG", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29800 + os.getpid() % 1000), str(RECIPE),
+           "--master_port", free_port(), str(RECIPE),
            "--set", f"save_path={tmp_path}", "--set", "device=cpu", "--set", "synthetic={n_train: 4, hopz: 2}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
