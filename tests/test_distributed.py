@@ -117,7 +117,8 @@ def test_shutdown_destroys_the_process_group_and_is_idempotent(tmp_path):
 
 
 
-ZERO3_GATHERS_WORKER = """
+# the two-rank workers' start: argv is (device, dtype); cuda: NCCL and DeepSpeed's side streams, else gloo on the CPU
+WORKER_PREAMBLE = """
 import os
 import sys
 import torch
@@ -126,12 +127,45 @@ import deepspeed.comm as dist
 from engine.training import zero3_gathers
 from engine.training.distributed import shutdown_distributed
 
-cuda = sys.argv[1] == "cuda"  # cuda: NCCL, the gathers on DeepSpeed's side streams; else gloo on the CPU
+cuda = sys.argv[1] == "cuda"
 if cuda:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 rank = dist.get_rank()
+"""
+
+
+def _torchrun(args: list[str], cwd, *, cpu: bool) -> str:
+    """Two ranks through torchrun (on a free port), the project on the path; the output of a run that must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", free_port(), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def _run_worker(tmp_path, worker: str, device: str, dtype: str) -> None:
+    """`WORKER_PREAMBLE` + `worker` on two ranks of `device`; each rank must print its "ok"."""
+    import torch
+
+    from engine.training.zero_step import deepspeed_release_checked
+
+    if not deepspeed_release_checked():
+        pytest.skip("the ZeRO-3 replacements apply to checked DeepSpeed releases only")
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_PREAMBLE + worker)
+    stdout = _torchrun([str(script), device, dtype], tmp_path, cpu=device == "cpu")
+    assert stdout.count(" ok") == 2, stdout[-2000:]
+
+
+ZERO3_GATHERS_WORKER = """
 # threshold 20: the first layers' weights and biases (odd sizes: padded partitions) are partitioned and fetched
 # module by module through the coalesced all-gather; the last layers' (4, 12 and 3 elements) are persistent, whole
 # on each rank and re-gathered from the updated partitions after every step
@@ -201,43 +235,11 @@ def test_zero3_coalesced_gathers_match_deepspeed(tmp_path, device, dtype):
     """ZeRO-3 over two ranks (engine/training/zero3_gathers.py): the persistent parameters gathered after each step
     by one coalesced collective, and every coalesced gather copied out in one kernel, give exactly the parameters of
     DeepSpeed's per-parameter gathers and copies (on CUDA: NCCL, DeepSpeed's side streams, bf16 too)."""
-    import torch
-
-    from engine.training.zero_step import deepspeed_release_checked
-
-    if not deepspeed_release_checked():
-        pytest.skip("the coalesced gathers apply to checked DeepSpeed releases only")
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA GPUs")
-    script = tmp_path / "worker.py"
-    script.write_text(ZERO3_GATHERS_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", free_port(), str(script), device, dtype],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
+    _run_worker(tmp_path, ZERO3_GATHERS_WORKER, device, dtype)
 
 
 FLAT_REDUCTION_WORKER = """
-import os
-import sys
-import torch
-import deepspeed
-import deepspeed.comm as dist
 from deepspeed.utils import set_z3_leaf_modules
-from engine.training import zero3_gathers
-from engine.training.distributed import shutdown_distributed
-
-cuda = sys.argv[1] == "cuda"  # cuda: NCCL, the reduction on DeepSpeed's side stream; else gloo on the CPU
-if cuda:
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-rank = dist.get_rank()
 
 
 class Block(torch.nn.Module):  # a ZeRO-3 leaf: its gradients are reduced in its backward hook
@@ -304,36 +306,13 @@ def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
     reduce_bucket_size, padded partitions, a rank holding no data of a parameter and a parameter without a gradient;
     bf16 gradients reduced in fp32 (on CUDA: NCCL, DeepSpeed's reduction stream, bf16 too). Two ranks: the sums of
     two values are the same in any order, so the comparison is exact (with more ranks it would need a tolerance)."""
-    import torch
-
-    from engine.training.zero_step import deepspeed_release_checked
-
-    if not deepspeed_release_checked():
-        pytest.skip("the flat reduction applies to checked DeepSpeed releases only")
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA GPUs")
-    script = tmp_path / "worker.py"
-    script.write_text(FLAT_REDUCTION_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", free_port(), str(script), device, dtype],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\\n{proc.stdout[-3000:]}\\n{proc.stderr[-5000:]}"
-    assert proc.stdout.count(" ok") == 2, proc.stdout[-2000:]
+    _run_worker(tmp_path, FLAT_REDUCTION_WORKER, device, dtype)
 
 
 def test_zero3_host_cost_harness_runs_both_paths(tmp_path):
     """benchmarks/zero3_host_cost.py on two CPU ranks: a row per path, every phase timed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", free_port(), "-m", "benchmarks.zero3_host_cost",
-                           "--blocks", "3", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    _torchrun(["-m", "benchmarks.zero3_host_cost", "--blocks", "3", "--warmup", "1", "--steps", "2",
+               "--out", str(tmp_path)], ROOT, cpu=True)
     rows = json.loads((tmp_path / "zero3_host_cost.json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["deepspeed", "engine"]
     for r in rows:
