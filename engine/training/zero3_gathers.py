@@ -25,11 +25,9 @@ two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (t
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from engine.training.zero_step import _not_the_checked_class, deepspeed_release_checked
+from engine.training.zero_step import _not_the_checked_class, deepspeed_release_checked, replace_method
 
 
 def persistent_gather_unsupported(optimizer) -> str | None:
@@ -83,9 +81,7 @@ def use_coalesced_persistent_gather(optimizer) -> str | None:
     why = persistent_gather_unsupported(optimizer)
     if why is not None:
         return why
-    if not hasattr(optimizer, "_deepspeed_post_step"):
-        optimizer._deepspeed_post_step = optimizer._post_step
-    optimizer._post_step = types.MethodType(_post_step_coalesced, optimizer)
+    replace_method(optimizer, "_post_step", _post_step_coalesced)
     return None
 
 
@@ -234,7 +230,7 @@ def _collect_or_reduce(self, param):
     if _flat_eligible(self, param):
         getattr(self, _PENDING).append(param)
         return None
-    return self._deepspeed_reduce_ready(param)
+    return self._deepspeed_reduce_ready_partitions_and_remove_grads(param)
 
 
 def _reduce_pending(self) -> None:
@@ -274,7 +270,7 @@ def _reduce_bucket(self, params, comm_dtype) -> None:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if self._gradient_averaging_world_size(params, world) != world:  # MoE experts: DeepSpeed's own scaling
         for p in params:
-            self._deepspeed_reduce_ready(p)
+            self._deepspeed_reduce_ready_partitions_and_remove_grads(p)
         return
     while self.param_reduce_events and self.param_reduce_events[0].query():
         self.param_reduce_events.popleft()
@@ -327,12 +323,12 @@ def _reduce_bucket(self, params, comm_dtype) -> None:
 
 def _reduce_then_update(self, current_expected_count):
     _reduce_pending(self)
-    return self._deepspeed_update_hook_state(current_expected_count)
+    return self._deepspeed_update_hook_state_and_maybe_run_epilogue(current_expected_count)
 
 
 def _reduce_then_epilogue(self):
     _reduce_pending(self)
-    return self._deepspeed_epilogue()
+    return self._deepspeed_independent_gradient_partition_epilogue()
 
 
 def use_flat_leaf_reduction(optimizer) -> str | None:
@@ -341,12 +337,8 @@ def use_flat_leaf_reduction(optimizer) -> str | None:
     why = flat_reduction_unsupported(optimizer)
     if why is not None:
         return why
-    if not hasattr(optimizer, "_deepspeed_reduce_ready"):
-        optimizer._deepspeed_reduce_ready = optimizer.reduce_ready_partitions_and_remove_grads
-        optimizer._deepspeed_update_hook_state = optimizer.update_hook_state_and_maybe_run_epilogue
-        optimizer._deepspeed_epilogue = optimizer.independent_gradient_partition_epilogue
     setattr(optimizer, _PENDING, [])
-    optimizer.reduce_ready_partitions_and_remove_grads = types.MethodType(_collect_or_reduce, optimizer)
-    optimizer.update_hook_state_and_maybe_run_epilogue = types.MethodType(_reduce_then_update, optimizer)
-    optimizer.independent_gradient_partition_epilogue = types.MethodType(_reduce_then_epilogue, optimizer)
+    replace_method(optimizer, "reduce_ready_partitions_and_remove_grads", _collect_or_reduce)
+    replace_method(optimizer, "update_hook_state_and_maybe_run_epilogue", _reduce_then_update)
+    replace_method(optimizer, "independent_gradient_partition_epilogue", _reduce_then_epilogue)
     return None

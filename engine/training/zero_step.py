@@ -80,6 +80,15 @@ def _not_the_checked_class(optimizer, module: str, name: str, label: str, member
     return None
 
 
+def replace_method(optimizer, name: str, function) -> None:
+    """Bind `function` as `optimizer.<name>`, keeping DeepSpeed's own as `optimizer._deepspeed_<name>` for what the
+    replacement hands back to it (kept once: installing again does not take the replacement for DeepSpeed's)."""
+    original = f"_deepspeed_{name.lstrip('_')}"
+    if not hasattr(optimizer, original):
+        setattr(optimizer, original, getattr(optimizer, name))
+    setattr(optimizer, name, types.MethodType(function, optimizer))
+
+
 def multi_tensor_unsupported(optimizer) -> str | None:
     """Why the multi-tensor checks cannot stand in for `optimizer`'s own, or None when they can."""
     why = _not_the_checked_class(
@@ -123,7 +132,7 @@ def _grad_norm(self, gradients, params, norm_type=2):
     """`DeepSpeedZeroOptimizer.get_grad_norm_direct` for the L2 norm: the same gradients (padding skipped, one per
     parameter), the same reductions over ranks, the same -1 for a non-finite norm."""
     if float(norm_type) != 2.0:
-        return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
+        return self._deepspeed_get_grad_norm_direct(gradients, params, norm_type)
     grads = [g.data for g, _ in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)]
     total = _summed_squares(self, grads).pow(0.5)
     return total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's -1 for an invalid norm, no host tensor
@@ -150,10 +159,8 @@ def use_multi_tensor_grad_checks(optimizer) -> str | None:
     why = multi_tensor_unsupported(optimizer)
     if why is not None:
         return why
-    if not hasattr(optimizer, "_deepspeed_grad_norm_direct"):
-        optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct  # the non-L2 norms
-    optimizer.get_grad_norm_direct = types.MethodType(_grad_norm, optimizer)
-    optimizer.has_overflow_partitioned_grads_serial = types.MethodType(_has_overflow, optimizer)
+    replace_method(optimizer, "get_grad_norm_direct", _grad_norm)
+    replace_method(optimizer, "has_overflow_partitioned_grads_serial", _has_overflow)
     return None
 
 
@@ -179,7 +186,7 @@ def _stage3_grad_norm(self, gradients, params, norm_type=2):
     gradient partitions, each norm in fp64, squared and summed, then summed over the partition group; -1 when not
     finite. DeepSpeed takes a fp64 copy and a norm per gradient (733 of each at the 1B geometry)."""
     if float(norm_type) != 2.0 or self._autoep_expert_parallel_group(params) is not None:
-        return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
+        return self._deepspeed_get_grad_norm_direct(gradients, params, norm_type)
     from deepspeed import comm as dist
 
     self._assert_same_partition_group(params)
@@ -200,9 +207,7 @@ def use_stage3_multi_tensor_norm(optimizer) -> str | None:
     why = stage3_norm_unsupported(optimizer)
     if why is not None:
         return why
-    if not hasattr(optimizer, "_deepspeed_grad_norm_direct"):
-        optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct  # the non-L2 norms
-    optimizer.get_grad_norm_direct = types.MethodType(_stage3_grad_norm, optimizer)
+    replace_method(optimizer, "get_grad_norm_direct", _stage3_grad_norm)
     return None
 
 
@@ -370,7 +375,7 @@ def use_device_step(optimizer, engine=None) -> str | None:
     optimizer._skips_host, optimizer._skips_event = None, None  # its copy in host memory, and the copy's event
     optimizer._skips_settled = 0  # how many of them the engine's count and the schedule already reflect
     optimizer._device_step_engine = weakref.ref(engine) if engine is not None else None
-    optimizer.step = types.MethodType(_device_step, optimizer)
+    replace_method(optimizer, "step", _device_step)
     return None
 
 
