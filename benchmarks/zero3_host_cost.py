@@ -105,13 +105,13 @@ def time_path(path: str, args, rank: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU ranks: deepspeed picks its accelerator when imported
     import deepspeed
     import deepspeed.comm as dist
 
     from benchmarks.common import markdown_table, write_results
     from engine.training.distributed import shutdown_distributed
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
