@@ -183,9 +183,6 @@ def restore_deepspeed_copy_out() -> None:
 # `torch._chunk_cat` per bucket (DeepSpeed's interleaved, padded layout) and the partitions added to their buffers by
 # multi-tensor kernels.
 
-_PENDING = "_flat_leaf_pending"
-
-
 def flat_reduction_unsupported(optimizer) -> str | None:
     """Why the flat reduction cannot stand in for DeepSpeed's per-parameter reduction of `optimizer`'s leaf modules,
     or None when it can."""
@@ -216,28 +213,23 @@ def flat_reduction_unsupported(optimizer) -> str | None:
     return None
 
 
-def _flat_eligible(self, param) -> bool:
-    from deepspeed.utils import z3_leaf_parameter
-
-    return z3_leaf_parameter(param) and getattr(param, "ds_grad_is_ready", True)
-
-
 def _collect_or_reduce(self, param):
     """DeepSpeed's `reduce_ready_partitions_and_remove_grads` for parameters outside leaf modules; a leaf's are
     collected, reduced together when its hook is done."""
+    from deepspeed.utils import z3_leaf_parameter
+
     if self._coalesce_grad_reduction:
         return None
-    if _flat_eligible(self, param):
-        getattr(self, _PENDING).append(param)
+    if z3_leaf_parameter(param) and getattr(param, "ds_grad_is_ready", True):
+        self._flat_leaf_pending.append(param)
         return None
     return self._deepspeed_reduce_ready_partitions_and_remove_grads(param)
 
 
 def _reduce_pending(self) -> None:
-    pending = getattr(self, _PENDING)
+    pending, self._flat_leaf_pending = self._flat_leaf_pending, []
     if not pending:
         return
-    setattr(self, _PENDING, [])
     groups: dict = {}
     for p in pending:  # one flat reduction per (communication dtype, partition group), in DeepSpeed's id order
         groups.setdefault((self.get_param_comm_dtype(p), id(self._get_param_partition_group(p))), []).append(p)
@@ -299,8 +291,8 @@ def _reduce_bucket(self, params, comm_dtype) -> None:
         grad_partition = self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         for p in params:
             chunk = math.ceil(p.ds_numel / world)
-            real = min(chunk, p.ds_numel - rank * chunk)
-            if p.partition_numel() * rank < p.ds_numel and real > 0:
+            real = min(chunk, p.ds_numel - rank * chunk)  # none on a rank past the parameter's end
+            if real > 0:
                 buffers.append(grad_partition[p.ds_id].narrow(0, 0, real))
                 parts.append(mine.narrow(0, offset, real))
                 self._offload_boundary_param_ids.add(p.ds_id)
@@ -337,7 +329,7 @@ def use_flat_leaf_reduction(optimizer) -> str | None:
     why = flat_reduction_unsupported(optimizer)
     if why is not None:
         return why
-    setattr(optimizer, _PENDING, [])
+    optimizer._flat_leaf_pending = []  # a leaf's parameters as its hook hands them over
     replace_method(optimizer, "reduce_ready_partitions_and_remove_grads", _collect_or_reduce)
     replace_method(optimizer, "update_hook_state_and_maybe_run_epilogue", _reduce_then_update)
     replace_method(optimizer, "independent_gradient_partition_epilogue", _reduce_then_epilogue)
