@@ -133,6 +133,11 @@ if cuda:
 deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 rank = dist.get_rank()
+
+
+def report_ok():  # a file per rank: the ranks' stdout lines can interleave mid-line
+    with open(f"ok.rank{rank}", "w") as f:
+        f.write("ok")
 """
 
 
@@ -150,7 +155,7 @@ def _torchrun(args: list[str], cwd, *, cpu: bool) -> str:
 
 
 def _run_worker(tmp_path, worker: str, device: str, dtype: str) -> None:
-    """`WORKER_PREAMBLE` + `worker` on two ranks of `device`; each rank must print its "ok"."""
+    """`WORKER_PREAMBLE` + `worker` on two ranks of `device`; each rank must reach its `report_ok()`."""
     import torch
 
     from engine.training.zero_step import deepspeed_release_checked
@@ -162,7 +167,8 @@ def _run_worker(tmp_path, worker: str, device: str, dtype: str) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER_PREAMBLE + worker)
     stdout = _torchrun([str(script), device, dtype], tmp_path, cpu=device == "cpu")
-    assert stdout.count(" ok") == 2, stdout[-2000:]
+    reached = sorted(p.name for p in tmp_path.glob("ok.rank*"))
+    assert reached == ["ok.rank0", "ok.rank1"], (reached, stdout[-2000:])
 
 
 ZERO3_GATHERS_WORKER = """
@@ -221,7 +227,7 @@ for step in range(3):
 # with two parameters each (forward and backward) and the persistent gather copied out in one kernel each
 assert gathered == [3, 3, 3], gathered
 assert copies.count(2) >= 3 * 4 and copies.count(3) == 3, copies
-print("rank", rank, "ok")
+report_ok()
 shutdown_distributed()  # a process group left to the interpreter's exit can abort it
 """
 
@@ -289,7 +295,7 @@ for step in range(6):  # three optimizer steps of two micro-batches: copies, the
         with deepspeed.zero.GatheredParameters([a, b]):
             assert torch.equal(a.data, b.data), (step, name)
 assert len(reduced) >= 6 * 2 and max(reduced) < 6, reduced  # every leaf, every backward, in several buckets
-print("rank", rank, "ok")
+report_ok()
 shutdown_distributed()
 """
 
