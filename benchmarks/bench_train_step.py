@@ -1065,8 +1065,9 @@ if __name__ == "__main__":
     logging.captureWarnings(True)
     from engine.training.distributed import shutdown_distributed
 
+    code = None
     try:
         code = main()
     finally:  # a process group left to exit-time destruction can abort the process after a good run
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=code is not None)
     sys.exit(code)

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    ended_well = False
     try:
         main()
+        ended_well = True
     finally:  # the process ends here: its process group goes first (a script's main, not a library call)
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=ended_well)

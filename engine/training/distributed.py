@@ -76,10 +76,14 @@ def init_distributed(device: str = "auto", local_rank: int | None = None, cpu_sh
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
     """Destroy the process group before the process exits: a gloo group left to static destruction can abort a
-    rank at exit ("terminate called without an active exception") after the run itself succeeded."""
+    rank at exit ("terminate called without an active exception") after the run itself succeeded. With
+    ``wait_for_peers`` (a run that ended well on every rank) a barrier comes first, so that no rank tears its
+    connections down while a peer still talks on them; after an error a peer may never arrive, so none."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait_for_peers and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
