@@ -1,8 +1,10 @@
-"""Host cost of ZeRO-3's per-parameter work, DeepSpeed's own against engine/training/zero3_gathers.py, on CPU ranks.
+"""Host cost of ZeRO-3's per-parameter work, DeepSpeed's own against the engine's (engine/training/zero3_gathers.py,
+and the step of engine/training/zero_step.py), on CPU ranks.
 
 Under ZeRO-3 the forward gathers a leaf module's parameters (one collective, then a copy-out per parameter), the
 backward reduces its gradients (a bucket copy, a reduce-scatter share and a partition copy per parameter) and the
-step re-gathers the persistent parameters (one collective each). On a GPU that work is host time; here, with many
+step reads the gradient norm on the host, then re-gathers the persistent parameters (one collective each). Both
+paths step with torch's fused AdamW. On a GPU that work is host time; here, with many
 small parameters and tiny tensors, each phase's time is almost all that host work, so the per-parameter cost of each
 path can be read off without a GPU. A figure here is a CPU figure: what it saves on a GPU is measured with
 benchmarks/bench_train_step.py (`--zero-settings zero3_flat_leaf_reduction=true`, `grad_checks=deepspeed`).
@@ -62,6 +64,7 @@ def build(path: str, args):
     from deepspeed.utils import set_z3_leaf_modules
 
     from engine.training import zero3_gathers
+    from engine.training.zero_step import use_device_step
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(args.width, args.width), Stack(args.blocks, args.width),
@@ -69,11 +72,12 @@ def build(path: str, args):
     set_z3_leaf_modules(model, [Stack])
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.width * args.width - 1}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                                       config=config)
     if path == "engine":
         for why in (zero3_gathers.use_coalesced_persistent_gather(engine.optimizer), zero3_gathers.use_split_copy_out(),
-                    zero3_gathers.use_flat_leaf_reduction(engine.optimizer)):
+                    zero3_gathers.use_flat_leaf_reduction(engine.optimizer), zero3_gathers.use_batched_release(engine.optimizer),
+                    use_device_step(engine.optimizer, engine)):
             assert why is None, why
     else:
         zero3_gathers.restore_deepspeed_copy_out()
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
         write_results(args.out, "zero3_host_cost", payload, table,
                       header="# ZeRO-3 host cost per phase, CPU ranks (gloo), median of the slowest rank")
         print(table, flush=True)
-    shutdown_distributed()
+    shutdown_distributed(wait_for_peers=True)
     return 0
 
 

@@ -28,7 +28,8 @@ def _settings(tmp_path, zero_stage):
         "latent_passes=static",  # the latent block, eagerly: under ZeRO-3 inside one gather of the language model
         "lr=1e-3",  # enough for the second epoch to move the parameters measurably
         # ZeRO-2 steps on the device (torch's fused AdamW: overflow and clip factor never read on the host) across two
-        # ranks' partitions; ZeRO-3 keeps DeepSpeed's own step: the two runs end at the same parameters
+        # ranks' partitions; ZeRO-3 with DeepSpeed's own step, and (with the flat reduction) on the device: all runs
+        # end at the same parameters
         *(["optimizer=adamw_fused"] if zero_stage == 2 else []),
         "max_grad_norm=0.05",  # every step clips: the clip factor over both ranks' partitions is compared too
     ]
@@ -80,8 +81,11 @@ def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path, flat):
            "--master_port", free_port(), str(RECIPE)]
     for s in _settings(tmp_path, 3) + [f"zero3_flat_leaf_reduction={str(flat).lower()}"]:
         cmd += ["--set", s]
+    if flat:
+        cmd += ["--set", "optimizer=adamw_fused"]  # the step without host reads, across the two ranks' partitions
     output = _launch(cmd, tmp_path)
     assert ("ZeRO-3 leaf gradients: reduced together per leaf" in output) is flat
+    assert ("optimizer step: the gradient norm, clipping and the skip of a non-finite step on the device" in output) is flat
     FINAL_WEIGHTS["3 flat" if flat else 3] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
 
 
@@ -106,7 +110,7 @@ def test_shutdown_destroys_the_process_group_and_is_idempotent(tmp_path):
         "shutdown_distributed()\n"  # no group yet: nothing to do
         f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
         "assert dist.is_initialized()\n"
-        "shutdown_distributed()\n"
+        "shutdown_distributed(wait_for_peers=True)\n"  # one rank: no barrier to wait in
         "assert not dist.is_initialized()\n"
         "shutdown_distributed()\n"
         "print('ok')\n"
@@ -190,7 +194,12 @@ def engine(ours):
                                    config=config)
     if ours:
         assert zero3_gathers.use_coalesced_persistent_gather(eng.optimizer) is None
+        assert zero3_gathers.use_batched_release(eng.optimizer) is None
     return eng
+
+
+def available_count(eng):  # the coordinator's count of gathered elements, which the release must keep right
+    return getattr(eng.optimizer.parameter_offload.get_param_coordinator(), zero3_gathers._COORDINATOR_AVAILABLE)
 
 
 def use(ours):
@@ -202,6 +211,9 @@ def use(ours):
 
 ours, theirs = engine(True), engine(False)
 assert len(ours.optimizer.persistent_parameters) == 3, len(ours.optimizer.persistent_parameters)
+released = {True: [], False: []}  # per step: elements whole before the step's release, after it, coordinator's count
+handed_back = []  # the batched release must not hand this plain setup to DeepSpeed's
+ours.optimizer._deepspeed_partition_all_parameters = lambda: handed_back.append(1)
 gathered, copies = [], []
 count_gathered = zero3_gathers.gather_persistent_parameters
 zero3_gathers.gather_persistent_parameters = lambda params: gathered.append(count_gathered(params)) or gathered[-1]
@@ -214,7 +226,12 @@ for step in range(3):
         use(eng is ours)
         out = eng(x.to(next(eng.module.parameters()).dtype))
         eng.backward(torch.nn.functional.mse_loss(out.float(), y))
+        release = eng.optimizer._partition_all_parameters
+        whole_before = sum(p.numel() for p in eng.module.parameters())  # released: a 0-element placeholder each
+        eng.optimizer._partition_all_parameters = lambda: release() or released[eng is ours].append(
+            (whole_before, sum(p.numel() for p in eng.module.parameters()), available_count(eng)))
         eng.step()
+        eng.optimizer._partition_all_parameters = release
     use(False)
     for (name, a), b in zip(ours.module.named_parameters(), theirs.module.parameters()):
         assert a.ds_persist == b.ds_persist, name
@@ -226,9 +243,13 @@ for step in range(3):
 # every persistent parameter, every step, through the coalesced gather; the fetches of the two partitioned modules
 # with two parameters each (forward and backward) and the persistent gather copied out in one kernel each
 assert gathered == [3, 3, 3], gathered
+# from the second step on the persistent parameters (19 elements) are whole when the step starts; both releases leave
+# nothing whole and the coordinator's count the same
+assert released[True] == released[False] == [(0, 0, 0), (19, 0, 0), (19, 0, 0)], released
+assert not handed_back
 assert copies.count(2) >= 3 * 4 and copies.count(3) == 3, copies
 report_ok()
-shutdown_distributed()  # a process group left to the interpreter's exit can abort it
+shutdown_distributed(wait_for_peers=True)  # a process group left to the interpreter's exit can abort it
 """
 
 
@@ -296,7 +317,7 @@ for step in range(6):  # three optimizer steps of two micro-batches: copies, the
             assert torch.equal(a.data, b.data), (step, name)
 assert len(reduced) >= 6 * 2 and max(reduced) < 6, reduced  # every leaf, every backward, in several buckets
 report_ok()
-shutdown_distributed()
+shutdown_distributed(wait_for_peers=True)
 """
 
 

@@ -78,8 +78,8 @@ def deepspeed_engine(cfg, device="cpu"):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
     )
     path = grad_checks(engine, cfg.zero_grad_checks)  # as build_engine does
-    if cfg.zero_stage in (1, 2):  # auto must take the device step (fused AdamW) or the multi-tensor checks here, or
-        # the tests would not cover them
+    if cfg.zero_stage in (1, 2, 3):  # auto must take the device step (fused AdamW) or the multi-tensor checks here,
+        # or the tests would not cover them
         checked = deepspeed_release_checked() and cfg.zero_grad_checks != "deepspeed"
         fused = cfg.zero_grad_checks == "auto" and resolve_optimizer(cfg.optimizer, device) == "adamw_fused"
         assert path == ("deepspeed" if not checked else "device" if fused else "multi_tensor")
@@ -103,17 +103,18 @@ def reference():
     return params
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
-@pytest.mark.parametrize("optimizer,checks", [
-    ("adamw", "auto"), ("adamw_foreach", "auto"), ("adamw_fused", "auto"), ("adamw_fused", "multi_tensor"),
-    ("adamw_fused", "deepspeed"),
-    pytest.param("deepspeed_fused_adam", "auto",
-                 marks=pytest.mark.skipif(not CUDA, reason="DeepSpeed FusedAdam is CUDA-only")),
+@pytest.mark.parametrize("zero_stage,optimizer,checks", [
+    *((stage, optimizer, checks) for stage in (1, 2) for optimizer, checks in (
+        ("adamw", "auto"), ("adamw_foreach", "auto"), ("adamw_fused", "auto"), ("adamw_fused", "multi_tensor"),
+        ("adamw_fused", "deepspeed"))),
+    *(pytest.param(stage, "deepspeed_fused_adam", "auto",
+                   marks=pytest.mark.skipif(not CUDA, reason="DeepSpeed FusedAdam is CUDA-only")) for stage in (1, 2)),
+    (3, "adamw_fused", "auto"), (3, "adamw_fused", "multi_tensor"),
 ])
 def test_every_optimizer_trains_to_the_plain_adamw_parameters(reference, optimizer, checks, zero_stage):
     """... with the gradient norm of the clipping (max_grad_norm 0.05: every step clips) from the multi-tensor
     checks, from DeepSpeed's own loops, and (auto with the fused AdamW) clipped inside the fused kernel by the
-    device step."""
+    device step (ZeRO-3's too)."""
     device = "cuda" if optimizer == "deepspeed_fused_adam" else "cpu"
     cfg = train_config(optimizer=optimizer, zero_stage=zero_stage, device=device, zero_grad_checks=checks)
     engine, model, tok = deepspeed_engine(cfg, device)

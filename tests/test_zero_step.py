@@ -44,7 +44,8 @@ def engine_after_backward(zero_stage: int, checks: str, text_layers: int = 1):
 
 
 def all_grads(opt) -> list[torch.Tensor]:
-    return [g for i in range(len(opt.bit16_groups)) for g in opt.averaged_gradients[i] if g is not None]
+    groups = opt.fp16_groups if zero_step._is_stage3(opt) else opt.bit16_groups
+    return [g for i in range(len(groups)) for g in opt.averaged_gradients[i] if g is not None]
 
 
 @needs_checked_release
@@ -249,14 +250,15 @@ def run_steps(engine, model, batch, nan_at=()):
 
 @needs_checked_release
 @pytest.mark.parametrize("zero_stage,device", [
-    (1, "cpu"), (2, "cpu"),
-    pytest.param(2, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    (1, "cpu"), (2, "cpu"), (3, "cpu"),
+    *(pytest.param(stage, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+      for stage in (2, 3)),
 ])
 def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device):
     """The step that leaves the overflow and the clip factor on the device trains to DeepSpeed's weights (its step
     with the multi-tensor checks: the same norm), skips a NaN step the same way (weights, moments, step count) and
-    takes the schedule back when the skip is settled, and reads nothing on the host where DeepSpeed's reads several
-    times per step."""
+    takes the schedule back when the skip is settled, and reads nothing on the host where DeepSpeed's reads at
+    least once per step (ZeRO-1/2: the overflow and the norm, three times)."""
     results = {}
     for checks in ("multi_tensor", "auto"):
         engine, model, batch = fused_engine(zero_stage, checks, device)
@@ -268,7 +270,8 @@ def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, devic
             engine.destroy()
     (ds_params, ds_steps, ds_lr, ds_reads), (params, steps, lr, reads) = results["multi_tensor"], results["auto"]
     assert reads == [0, 0, 0, 0]
-    assert min(ds_reads) >= 1 and max(ds_reads) >= 3  # DeepSpeed: the overflow .item(), the norm checked twice
+    assert min(ds_reads) >= 1 and max(ds_reads) >= (1 if zero_stage == 3 else 3)  # the norm checked (ZeRO-1/2:
+    # the overflow .item() too, the norm twice)
     assert steps == ds_steps == [3.0] * len(steps)  # four steps, one skipped
     assert lr == ds_lr
     start = dict(fresh_model(overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})[0]
@@ -314,5 +317,34 @@ def test_device_step_refuses_other_setups(monkeypatch):
         opt.dtype, opt.check_grad_overflow = torch.bfloat16, False
         assert "non-finite" in zero_step.device_step_unsupported(opt)
         assert zero_step.settle_skipped_steps(engine) == 0  # not stepping on the device: nothing to settle
+    finally:
+        engine.destroy()
+
+
+def test_stage3_device_step_refuses_other_setups(monkeypatch):
+    monkeypatch.setattr(zero_step, "deepspeed_release_checked", lambda: True)
+    engine = engine_after_backward(3, "auto")  # the CPU's auto optimizer: torch's foreach AdamW, DeepSpeed's step
+    try:
+        opt = engine.optimizer
+        assert not zero_step.device_step_active(opt)
+        assert "not torch's fused Adam/AdamW" in zero_step.device_step_unsupported(opt)
+        for group in opt.optimizer.param_groups:
+            group["fused"] = True
+        assert zero_step.device_step_unsupported(opt) is None
+        for attribute, value, reason in (("dynamic_loss_scale", True, "dynamic loss scale"),
+                                         ("torch_autocast_gradscaler", object(), "GradScaler"),
+                                         ("zenflow", True, "ZenFlow"), ("use_muon", True, "Muon"),
+                                         ("offload_optimizer", True, "CPU offload"), ("swap_optimizer", True, "offload"),
+                                         ("offload_param", True, "offload")):
+            saved = getattr(opt, attribute)
+            setattr(opt, attribute, value)
+            assert reason in zero_step.device_step_unsupported(opt), attribute
+            setattr(opt, attribute, saved)
+        saved = opt.fp16_partitioned_groups_flat[0]
+        opt.fp16_partitioned_groups_flat[0] = None
+        assert "swapped out" in zero_step.device_step_unsupported(opt)
+        opt.fp16_partitioned_groups_flat[0] = saved
+        assert zero_step.use_device_step(opt) is None and zero_step.device_step_active(opt)
+        assert opt.get_grad_norm_direct.__func__ is zero_step._stage3_grad_norm  # the norm the step combines
     finally:
         engine.destroy()

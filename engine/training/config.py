@@ -89,11 +89,11 @@ class TrainConfig:
     # auto (adamw_fused on CUDA, adamw_foreach elsewhere) | adamw_fused | adamw_foreach | adamw (torch's per-tensor
     # loop) | deepspeed_fused_adam (DeepSpeed's CUDA extension, built with nvcc on first use)
     optimizer: str = "auto"
-    # the gradient norm, overflow check and clipping of a ZeRO-1/2 step (engine/training/zero_step.py): auto (where
+    # the gradient norm, overflow check and clipping of a ZeRO step (engine/training/zero_step.py): auto (where
     # the setup allows, on the device with no host wait, the fused AdamW skipping a non-finite step; else
     # multi_tensor) | multi_tensor (one pass over all gradients inside DeepSpeed's step) | deepspeed (its loops);
-    # under ZeRO-3, auto and multi_tensor give DeepSpeed's step the multi-tensor gradient norm and its parameter
-    # gathers one collective and one copy-out per bucket (engine/training/zero3_gathers.py)
+    # under ZeRO-3, auto and multi_tensor also release the persistent parameters in one pass and give the
+    # parameter gathers one collective and one copy-out per bucket (engine/training/zero3_gathers.py)
     zero_grad_checks: str = "auto"
     # Liger-Kernel's Triton kernels (optional package): false | true (all) | a list of fused_linear_cross_entropy,
     # rms_norm, swiglu, rope. The fused loss needs zero_stage <= 2; rope replaces transformers' Qwen2 rotary

@@ -175,13 +175,13 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
 
 def grad_checks(engine, mode: str) -> str:
     """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
-    reason: auto gives a ZeRO-1/2 optimizer the step without host waits where the setup allows, else the
-    multi-tensor checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3, auto and multi_tensor:
-    the multi-tensor gradient norm and engine/training/zero3_gathers.py's coalesced gathers);
-    deepspeed changes nothing. Returns the path taken: "device", "multi_tensor" or
-    "deepspeed"."""
+    reason: auto gives the optimizer the step without host waits where the setup allows, else the multi-tensor
+    checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3 the multi-tensor gradient norm; both
+    modes add engine/training/zero3_gathers.py's release and gathers there); deepspeed changes nothing. Returns the
+    path taken: "device", "multi_tensor" or "deepspeed"."""
     from engine.training.zero3_gathers import (
         restore_deepspeed_copy_out,
+        use_batched_release,
         use_coalesced_persistent_gather,
         use_split_copy_out,
     )
@@ -192,9 +192,19 @@ def grad_checks(engine, mode: str) -> str:
         return "deepspeed"
     if engine.zero_optimization_stage() == 3:
         why_gather, why_copy = use_coalesced_persistent_gather(engine.optimizer), use_split_copy_out()
-        log.info("ZeRO-3 gathers: persistent parameters after the step %s; coalesced gathers copied out %s",
+        why_release = use_batched_release(engine.optimizer)
+        log.info("ZeRO-3 gathers: persistent parameters released before the step %s and gathered after it %s; "
+                 "coalesced gathers copied out %s",
+                 "in one pass" if why_release is None else f"one by one ({why_release})",
                  "in one collective" if why_gather is None else f"one collective each ({why_gather})",
                  "in one kernel" if why_copy is None else f"one kernel per parameter ({why_copy})")
+        if mode == "auto":
+            why_not_device = use_device_step(engine.optimizer, engine)
+            if why_not_device is None:
+                log.info("optimizer step: the gradient norm, clipping and the skip of a non-finite step on the "
+                         "device, no host wait")
+                return "device"
+            log.info("optimizer step: DeepSpeed's (not on the device: %s)", why_not_device)
         why = use_stage3_multi_tensor_norm(engine.optimizer)
         if why is None:
             log.info("gradient norm: multi-tensor (one pass over every gradient partition)")

@@ -32,7 +32,11 @@ steps before the update (DeepSpeed does not advance it on a skipped step), so th
 of an epoch). Unlike DeepSpeed's step with `compute_grad_norm` off in fp32, a non-finite step is always skipped.
 
 ZeRO-3's optimizer (`DeepSpeedZeroOptimizer_Stage3`) takes its gradient norm the same per-tensor way;
-`use_stage3_multi_tensor_norm` replaces that one method (its step is otherwise DeepSpeed's).
+`use_stage3_multi_tensor_norm` replaces that one method. Its step reads the norm on the host (is it finite?) before
+it updates anything, so the host waits there for the whole backward on the device, and its per-parameter Python
+after that point (dropping the gradients, re-pointing the partitions, the persistent parameters' gather) runs while
+the device idles. `use_device_step` gives it `_stage3_device_step`: the same sub-group loop with the norm, the clip
+factor and the skip left on the device as above, so the host queues the step behind the backward.
 """
 
 from __future__ import annotations
@@ -211,11 +215,9 @@ def use_stage3_multi_tensor_norm(optimizer) -> str | None:
     return None
 
 
-def device_step_unsupported(optimizer) -> str | None:
-    """Why `_device_step` cannot stand in for `optimizer.step`, or None when it can."""
-    why = multi_tensor_unsupported(optimizer)
-    if why is not None:
-        return why
+def _host_driven_step(optimizer) -> str | None:
+    """Why the step of `optimizer` (either ZeRO optimizer) needs the host's answers, or None: the inner optimizer
+    must be torch's fused Adam/AdamW, and nothing may update on the host from the overflow."""
     inner = getattr(optimizer, "optimizer", None)
     if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in inner.param_groups):
         return (f"{type(inner).__name__} is not torch's fused Adam/AdamW (the kernel that skips and rescales an update "
@@ -226,8 +228,20 @@ def device_step_unsupported(optimizer) -> str | None:
         return "ZenFlow steps on the CPU"
     if getattr(optimizer, "dynamic_loss_scale", False):
         return "a dynamic loss scale is updated on the host from the overflow"
-    if getattr(optimizer, "groups_lacking_loss_scale", None) or any(g.get("use_muon") for g in inner.param_groups):
+    if (getattr(optimizer, "groups_lacking_loss_scale", None) or getattr(optimizer, "use_muon", False)
+            or any(g.get("use_muon") for g in inner.param_groups)):
         return "Muon updates are staged and committed on the host"
+    return None
+
+
+def device_step_unsupported(optimizer) -> str | None:
+    """Why `_device_step` (ZeRO-1/2) or `_stage3_device_step` (ZeRO-3) cannot stand in for `optimizer.step`, or None
+    when it can."""
+    if _is_stage3(optimizer):
+        return _stage3_device_step_unsupported(optimizer)
+    why = multi_tensor_unsupported(optimizer) or _host_driven_step(optimizer)
+    if why is not None:
+        return why
     if getattr(optimizer, "dtype", None) == torch.bfloat16 and not getattr(optimizer, "check_grad_overflow", True):
         return "bf16 without the overflow check applies steps with non-finite gradients"
     for name in ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
@@ -279,15 +293,9 @@ def _device_step(self, closure=None):
         self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
     self._device_skipped_steps.add_(found_inf)
     _stage_skip_count(self)
-    scale = float(self.loss_scale)
-    if self.clip_grad > 0.0:  # DeepSpeed's unscale_and_clip_grads: grads / (max(1, (norm/scale + 1e-6) / clip) * scale)
-        clip = ((torch.where(finite, total, 0.0) / scale) + 1e-6) / self.clip_grad
-        grad_scale = (torch.clamp(clip, min=1.0) * scale).float().reshape(())
-    elif scale != 1.0:
-        grad_scale = torch.full((), scale, dtype=torch.float32, device=found_inf.device)
-    else:
-        grad_scale = None
-    self._global_grad_norm = torch.where(finite, total / scale, float("inf")) if self.compute_grad_norm else None
+    grad_scale = _clip_scale(self, total, finite)
+    self._global_grad_norm = (torch.where(finite, total / float(self.loss_scale), float("inf"))
+                              if self.compute_grad_norm else None)
 
     inner = self.optimizer
     for i, partition_id in enumerate(partition_ids):
@@ -309,9 +317,82 @@ def _device_step(self, closure=None):
         self._update_model_bit16_weights(i)
 
 
+def _is_stage3(optimizer) -> bool:
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return False
+    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def _stage3_device_step_unsupported(optimizer) -> str | None:
+    why = stage3_norm_unsupported(optimizer) or _host_driven_step(optimizer)
+    if why is not None:
+        return why
+    if getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "offload_param", False):
+        return "NVMe/CPU offload swaps partitions in and out on the host"
+    if any(flat is None for flat in getattr(optimizer, "fp16_partitioned_groups_flat", [None])):
+        return "a parameter partition is swapped out"
+    for name in ("_pre_step", "_partition_all_parameters", "_get_norm_groups", "_prepare_fp32_grad_for_sub_group",
+                 "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters", "_release_sub_group", "_post_step",
+                 "fp32_partitioned_groups_flat", "loss_scale", "clip_grad"):
+        if not hasattr(optimizer, name):
+            return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
+    return None
+
+
+@torch.no_grad()
+def _stage3_device_step(self, closure=None):
+    """`DeepSpeedZeroOptimizer_Stage3.step` (deepspeed 0.19) without offload, Muon, ZenFlow or a dynamic loss scale,
+    with the overflow and the clip factor left on the device for the fused Adam kernel (the module docstring).
+    DeepSpeed reads the norm on the host to decide whether to step at all; here every sub-group steps and the kernel
+    skips a non-finite step. The norm is DeepSpeed's: the same per-group norms, combined the same way."""
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+
+    self._pre_step()
+    self._partition_all_parameters()
+    self.overflow = False  # not known on the host: a non-finite step is skipped by the kernel (found_inf)
+    _absorb_copied_skips(self)
+    # the multi-tensor norm of each group (`_stage3_grad_norm`, -1 where not finite), combined: inf where any is not
+    total = combine_grad_norm_groups(self._get_norm_groups())
+    finite = torch.isfinite(total)  # an fp16 overflow makes the norm non-finite too: DeepSpeed's skip either way
+    found_inf = (~finite).float().reshape(())
+    if self._device_skipped_steps is None:
+        self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    self._device_skipped_steps.add_(found_inf)
+    _stage_skip_count(self)
+    grad_scale = _clip_scale(self, total, finite)
+    self._global_grad_norm = torch.where(finite, total / float(self.loss_scale), float("inf"))
+
+    self.zero_grad(set_to_none=True)  # the epilogue has copied every gradient into the partition buffers
+    inner, timer_names = self.optimizer, set()
+    for sub_group_id in range(len(self.fp16_groups)):
+        self._prepare_fp32_grad_for_sub_group(sub_group_id)
+        inner.grad_scale, inner.found_inf = grad_scale, found_inf  # read by torch's fused Adam (GradScaler's hook)
+        try:
+            self._optimizer_step(sub_group_id)
+        finally:
+            del inner.grad_scale, inner.found_inf
+        self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+        self._release_sub_group(sub_group_id, timer_names)
+    self._post_step(timer_names)
+
+
+def _clip_scale(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor | None:
+    """What the fused Adam kernel divides the gradients by: DeepSpeed's `unscale_and_clip_grads` factor,
+    max(1, (norm/scale + 1e-6) / clip) * scale, as a device tensor (None where it is 1)."""
+    scale = float(self.loss_scale)
+    if self.clip_grad > 0.0:
+        clip = ((torch.where(finite, total, 0.0) / scale) + 1e-6) / self.clip_grad
+        return (torch.clamp(clip, min=1.0) * scale).float().reshape(())
+    if scale != 1.0:
+        return torch.full((), scale, dtype=torch.float32, device=total.device)
+    return None
+
+
 def device_step_active(optimizer) -> bool:
-    """Whether `optimizer` steps with `_device_step` (`use_device_step` took)."""
-    return getattr(getattr(optimizer, "step", None), "__func__", None) is _device_step
+    """Whether `optimizer` steps with `_device_step` or `_stage3_device_step` (`use_device_step` took)."""
+    return getattr(getattr(optimizer, "step", None), "__func__", None) in (_device_step, _stage3_device_step)
 
 
 def _stage_skip_count(optimizer) -> None:
@@ -364,18 +445,22 @@ def _apply_skips(optimizer, total: int) -> int:
 
 
 def use_device_step(optimizer, engine=None) -> str | None:
-    """Give `optimizer` (DeepSpeed's ZeRO-1/2 optimizer, ``engine.optimizer``) the multi-tensor checks and the step
+    """Give `optimizer` (DeepSpeed's ZeRO optimizer, ``engine.optimizer``) the multi-tensor checks and the step
     without host waits. ``engine``: the DeepSpeed engine whose skipped-step count and schedule the skips correct
     (held weakly). Returns None when done, else the reason it was left as it is."""
     why = device_step_unsupported(optimizer)
     if why is not None:
         return why
-    use_multi_tensor_grad_checks(optimizer)
+    stage3 = _is_stage3(optimizer)
+    if stage3:
+        use_stage3_multi_tensor_norm(optimizer)
+    else:
+        use_multi_tensor_grad_checks(optimizer)
     optimizer._device_skipped_steps = None  # running count on the device
     optimizer._skips_host, optimizer._skips_event = None, None  # its copy in host memory, and the copy's event
     optimizer._skips_settled = 0  # how many of them the engine's count and the schedule already reflect
     optimizer._device_step_engine = weakref.ref(engine) if engine is not None else None
-    replace_method(optimizer, "step", _device_step)
+    replace_method(optimizer, "step", _stage3_device_step if stage3 else _device_step)
     return None
 
 
