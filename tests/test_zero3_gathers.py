@@ -1,7 +1,8 @@
 """engine/training/zero3_gathers.py's one-kernel copy-out on hand-built coalesced buckets: the parameters equal those of
 DeepSpeed's per-parameter copy-out for three ranks, odd sizes, a parameter smaller than the rank count and a
-gather dtype other than the parameters'; what it was not written for goes to DeepSpeed's own. One process, CPU (the
-two-rank comparison of real gathers is in tests/test_distributed.py)."""
+gather dtype other than the parameters'; what it was not written for goes to DeepSpeed's own. The step's release in
+one pass on a one-rank engine. One process, CPU (the two-rank comparison of real gathers and releases is in
+tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,41 @@ def test_restore_gives_deepspeeds_wait_back():
     assert zero3_gathers.use_split_copy_out() is None  # twice: still one wrapper, DeepSpeed's kept
     zero3_gathers.restore_deepspeed_copy_out()
     assert AllGatherCoalescedHandle.wait is original
+
+
+def test_release_in_one_pass_equals_deepspeeds_and_hands_back_what_it_was_not_written_for(monkeypatch):
+    """The step's release (`use_batched_release`) on a one-rank ZeRO-3 engine: the parameters still whole end
+    released as DeepSpeed's release leaves them; a gather the coordinator still holds, or a parameter in flight,
+    goes to DeepSpeed's release instead; installing it is refused where it does not apply."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from tests.test_zero_step import engine_after_backward
+
+    engine = engine_after_backward(3, "auto")  # one rank: every parameter persistent-whole or released
+    try:
+        opt = engine.optimizer
+        params = list(engine.module.parameters())
+        assert zero3_gathers.use_batched_release(opt) is None
+        handed_back = []
+        monkeypatch.setattr(opt, "_deepspeed_partition_all_parameters", lambda: handed_back.append(1))
+        whole = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        assert whole, "the persistent parameters are whole after the backward"
+        opt._partition_all_parameters()
+        assert not handed_back
+        assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in params)
+        coordinator = opt.parameter_offload.get_param_coordinator()
+        registry = getattr(coordinator, zero3_gathers._COORDINATOR_INFLIGHT)
+        registry.data[params[0]] = object()  # a finished prefetch the coordinator has not waited on
+        opt._partition_all_parameters()
+        assert handed_back == [1]
+        del registry.data[params[0]]
+        params[1].ds_status = ZeroParamStatus.INFLIGHT
+        opt._partition_all_parameters()
+        assert handed_back == [1, 1]
+        params[1].ds_status = ZeroParamStatus.NOT_AVAILABLE
+        opt.zero_hpz_partition_size = 2
+        assert "ZeRO++" in zero3_gathers.use_batched_release(opt)
+        opt.zero_hpz_partition_size = 1
+        assert "not DeepSpeed's ZeRO-3" in zero3_gathers.use_batched_release(torch.optim.SGD([torch.zeros(1)], lr=1.0))
+    finally:
+        engine.destroy()

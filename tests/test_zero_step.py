@@ -219,11 +219,16 @@ class CountHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fused_engine(zero_stage: int, checks: str, device: str = "cpu"):
-    """An fp32 engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
+PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}},
+              "fp16": {"fp16": {"enabled": True, "loss_scale": 128}}}  # a static scale: the clip factor divides it out
+
+
+def fused_engine(zero_stage: int, checks: str, device: str = "cpu", precision: str = "fp32"):
+    """An engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
     schedule, so that a wrong clip factor or a wrongly advanced schedule changes the weights."""
     cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks, optimizer="adamw_fused", device=device,
-                       model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})
+                       model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+                       deepspeed=PRECISIONS[precision])
     engine, model, tok = deepspeed_engine(cfg, device)
     engine.optimizer.check_grad_overflow = True  # what bf16 sets: a non-finite gradient skips the step
     return engine, model, batch_for(model, tok, device)
@@ -231,10 +236,10 @@ def fused_engine(zero_stage: int, checks: str, device: str = "cpu"):
 
 def run_steps(engine, model, batch, nan_at=()):
     """Steps of the same batch; a NaN in one gradient at the steps in `nan_at`; `settle_skipped_steps` only at the
-    end. Returns the parameters, the Adam step counts, the learning rate and the host reads of each
-    `engine.step()`."""
+    end. Returns the parameters (ZeRO-3: its fp32 partitions too), the Adam step counts, the learning rate, the host
+    reads of each `engine.step()` and the global gradient norm the engine reports after each."""
     ids, mask, labels, pv = batch
-    reads = []
+    reads, norms = [], []
     for step in range(4):
         engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
         if step in nan_at:
@@ -242,43 +247,56 @@ def run_steps(engine, model, batch, nan_at=()):
         with CountHostReads() as counter:
             engine.step()
         reads.append(counter.reads)
+        norm = engine.get_global_grad_norm()
+        norms.append(None if norm is None else float(norm))
     zero_step.settle_skipped_steps(engine)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i, flat in enumerate(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])):
+        params[f"fp32 partition {i}"] = flat.detach().clone()
     steps = sorted(float(s["step"]) for s in engine.optimizer.optimizer.state.values())
-    return params, steps, engine.get_lr()[0], reads
+    return params, steps, engine.get_lr()[0], reads, norms
 
 
 @needs_checked_release
-@pytest.mark.parametrize("zero_stage,device", [
-    (1, "cpu"), (2, "cpu"), (3, "cpu"),
-    *(pytest.param(stage, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+@pytest.mark.parametrize("zero_stage,device,precision", [
+    (1, "cpu", "fp32"), (2, "cpu", "fp32"), (3, "cpu", "fp32"), (3, "cpu", "bf16"), (3, "cpu", "fp16"),
+    *(pytest.param(stage, "cuda", "fp32",
+                   marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
       for stage in (2, 3)),
 ])
-def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device):
+def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device, precision):
     """The step that leaves the overflow and the clip factor on the device trains to DeepSpeed's weights (its step
-    with the multi-tensor checks: the same norm), skips a NaN step the same way (weights, moments, step count) and
-    takes the schedule back when the skip is settled, and reads nothing on the host where DeepSpeed's reads at
-    least once per step (ZeRO-1/2: the overflow and the norm, three times)."""
+    with the multi-tensor checks: the same norm), reports DeepSpeed's global gradient norm, skips a NaN step the
+    same way (weights, moments, step count) and takes the schedule back when the skip is settled, and reads nothing
+    on the host where DeepSpeed's reads at least once per step (ZeRO-1/2: the overflow and the norm, three times).
+    ZeRO-3 also in bf16 and in fp16 with a static loss scale (the norm and the clip factor carry the scale)."""
     results = {}
     for checks in ("multi_tensor", "auto"):
-        engine, model, batch = fused_engine(zero_stage, checks, device)
+        engine, model, batch = fused_engine(zero_stage, checks, device, precision)
         try:
             assert zero_step.device_step_active(engine.optimizer) is (checks == "auto")
             results[checks] = run_steps(engine, model, batch, nan_at=(1,))
             assert engine.skipped_steps == 1, checks
         finally:
             engine.destroy()
-    (ds_params, ds_steps, ds_lr, ds_reads), (params, steps, lr, reads) = results["multi_tensor"], results["auto"]
+    (ds_params, ds_steps, ds_lr, ds_reads, ds_norms), (params, steps, lr, reads, norms) = (results["multi_tensor"],
+                                                                                         results["auto"])
     assert reads == [0, 0, 0, 0]
+    assert norms[1] == ds_norms[1] == float("inf")  # the skipped step
+    for ours, theirs in zip(norms[::2] + norms[3:], ds_norms[::2] + ds_norms[3:]):
+        assert theirs > 0 and ours == pytest.approx(theirs, rel=1e-6), (norms, ds_norms)
     assert min(ds_reads) >= 1 and max(ds_reads) >= (1 if zero_stage == 3 else 3)  # the norm checked (ZeRO-1/2:
     # the overflow .item() too, the norm twice)
     assert steps == ds_steps == [3.0] * len(steps)  # four steps, one skipped
     assert lr == ds_lr
     start = dict(fresh_model(overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64})[0]
                  .named_parameters())
-    assert sum(not torch.equal(start[n], p.cpu()) for n, p in params.items()) > len(params) // 2  # training moved them
+    assert sum(not torch.equal(start[n], params[n].cpu().to(start[n].dtype)) for n in start) > len(start) // 2  # training
+    # moved them
     for name, value in ds_params.items():  # the kernel divides by the clip factor where DeepSpeed multiplies by
-        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        # its reciprocal: ~1 ulp in the fp32 weights, which a 16-bit copy can round one 16-bit ulp apart
+        tolerance = dict(rtol=1e-5, atol=1e-6) if value.dtype == torch.float32 else {}
+        torch.testing.assert_close(params[name], value, **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 @needs_checked_release

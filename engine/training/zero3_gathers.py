@@ -91,6 +91,7 @@ def use_coalesced_persistent_gather(optimizer) -> str | None:
 
 
 _COORDINATOR_AVAILABLE = "_PartitionedParameterCoordinator__n_available_params"  # its count of gathered elements
+_COORDINATOR_INFLIGHT = "_PartitionedParameterCoordinator__inflight_param_registry"  # gathers it has not waited on
 
 
 def _release_all_parameters(self) -> None:
@@ -98,7 +99,8 @@ def _release_all_parameters(self) -> None:
     are checked released) in one pass: per parameter a status check, and for the few still whole (the persistent
     ones) DeepSpeed's `free_param` work inline, where its release builds debug strings and looks up the rank several
     times per parameter (~60% of the step's host time on CPU ranks at 736 tensors). What it was not written for goes
-    to DeepSpeed's: a gather in flight, a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
+    to DeepSpeed's: a gather in flight or one the coordinator still holds (a prefetch finished through another
+    module's fetch), a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -106,9 +108,10 @@ def _release_all_parameters(self) -> None:
 
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
-    params = list(iter_params(offload.module, recurse=True))
+    params = list(dict.fromkeys(iter_params(offload.module, recurse=True)))  # an external parameter can be listed twice
     whole = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
-    if (not hasattr(coordinator, _COORDINATOR_AVAILABLE)
+    if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
+            or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
             or any(p.ds_status != ZeroParamStatus.AVAILABLE or p.ds_tensor is None
                    or getattr(p, "ds_secondary_tensor", None) is not None
                    or getattr(p.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme for p in whole)):

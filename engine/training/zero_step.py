@@ -33,10 +33,11 @@ of an epoch). Unlike DeepSpeed's step with `compute_grad_norm` off in fp32, a no
 
 ZeRO-3's optimizer (`DeepSpeedZeroOptimizer_Stage3`) takes its gradient norm the same per-tensor way;
 `use_stage3_multi_tensor_norm` replaces that one method. Its step reads the norm on the host (is it finite?) before
-it updates anything, so the host waits there for the whole backward on the device, and its per-parameter Python
-after that point (dropping the gradients, re-pointing the partitions, the persistent parameters' gather) runs while
-the device idles. `use_device_step` gives it `_stage3_device_step`: the same sub-group loop with the norm, the clip
-factor and the skip left on the device as above, so the host queues the step behind the backward.
+it updates anything: the host waits there for the norm kernels and their all-reduce (the backward's reductions it
+has already waited for at the end of the backward), and the step's per-parameter Python after that point (dropping
+the gradients, re-pointing the partitions, the persistent parameters' gather) runs while the device idles.
+`use_device_step` gives it `_stage3_device_step`: the same sub-group loop with the norm, the clip factor and the skip
+left on the device as above, so the host queues the update without waiting.
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ def _stage3_device_step_unsupported(optimizer) -> str | None:
         return "a parameter partition is swapped out"
     for name in ("_pre_step", "_partition_all_parameters", "_get_norm_groups", "_prepare_fp32_grad_for_sub_group",
                  "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters", "_release_sub_group", "_post_step",
-                 "fp32_partitioned_groups_flat", "loss_scale", "clip_grad"):
+                 "fp32_partitioned_groups_flat", "loss_scale", "clip_grad", "n_caching_allocator_flushes"):
         if not hasattr(optimizer, name):
             return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
     return None
@@ -376,6 +377,21 @@ def _stage3_device_step(self, closure=None):
         self._reassign_or_swap_out_partitioned_parameters(sub_group_id)
         self._release_sub_group(sub_group_id, timer_names)
     self._post_step(timer_names)
+    _warn_of_allocator_flushes(self)
+
+
+def _warn_of_allocator_flushes(self) -> None:
+    """DeepSpeed's warning at the end of its ZeRO-3 step when the caching allocator had to flush (memory pressure)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
+
+    retries = get_accelerator().memory_stats().get("num_alloc_retries") or 0
+    if retries > self.n_caching_allocator_flushes:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            logger.warning("%d pytorch allocator cache flushes since the last step: memory pressure, which slows the "
+                           "steps down (a smaller batch or smaller buckets relieve it)",
+                           retries - self.n_caching_allocator_flushes)
+        self.n_caching_allocator_flushes = retries
 
 
 def _clip_scale(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor | None:
