@@ -1,5 +1,5 @@
 """Host cost of ZeRO-3's per-parameter work, DeepSpeed's own against the engine's (engine/training/zero3_gathers.py,
-and the step of engine/training/zero_step.py), on CPU ranks.
+engine/training/zero3_linear.py and the step of engine/training/zero_step.py), on CPU ranks.
 
 Under ZeRO-3 the forward gathers a leaf module's parameters (one collective, then a copy-out per parameter), the
 backward reduces its gradients (a bucket copy, a reduce-scatter share and a partition copy per parameter) and the
@@ -63,7 +63,7 @@ def build(path: str, args):
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    from engine.training import zero3_gathers
+    from engine.training import zero3_gathers, zero3_linear
     from engine.training.zero_step import use_device_step
 
     torch.manual_seed(0)
@@ -77,10 +77,11 @@ def build(path: str, args):
     if path == "engine":
         for why in (zero3_gathers.use_coalesced_persistent_gather(engine.optimizer), zero3_gathers.use_split_copy_out(),
                     zero3_gathers.use_flat_leaf_reduction(engine.optimizer), zero3_gathers.use_batched_release(engine.optimizer),
-                    use_device_step(engine.optimizer, engine)):
+                    use_device_step(engine.optimizer, engine), zero3_linear.use_memory_efficient_linear()):
             assert why is None, why
     else:
         zero3_gathers.restore_deepspeed_copy_out()
+        zero3_linear.restore_deepspeed_linear()
     return engine
 
 

@@ -185,10 +185,12 @@ def grad_checks(engine, mode: str) -> str:
         use_coalesced_persistent_gather,
         use_split_copy_out,
     )
+    from engine.training.zero3_linear import restore_deepspeed_linear, use_memory_efficient_linear
     from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks, use_stage3_multi_tensor_norm
 
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
-        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out is process-wide)
+        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out and the linear are process-wide)
+        restore_deepspeed_linear()
         return "deepspeed"
     if engine.zero_optimization_stage() == 3:
         why_gather, why_copy = use_coalesced_persistent_gather(engine.optimizer), use_split_copy_out()
@@ -198,6 +200,9 @@ def grad_checks(engine, mode: str) -> str:
                  "in one pass" if why_release is None else f"one by one ({why_release})",
                  "in one collective" if why_gather is None else f"one collective each ({why_gather})",
                  "in one kernel" if why_copy is None else f"one kernel per parameter ({why_copy})")
+        why_linear = use_memory_efficient_linear()
+        log.info("ZeRO-3 linear layers: %s", "torch's linear forward in DeepSpeed's memory-efficient function, no "
+                 "argument binding per call" if why_linear is None else f"as DeepSpeed has them ({why_linear})")
         if mode == "auto":
             why_not_device = use_device_step(engine.optimizer, engine)
             if why_not_device is None:

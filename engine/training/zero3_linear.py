@@ -1,0 +1,102 @@
+"""ZeRO-3's memory-efficient linear layer without its per-call argument binding.
+
+Under ZeRO-3 DeepSpeed (0.19) replaces `torch.nn.functional.linear` process-wide with `zero3_linear_wrap`
+(`zero_optimization.memory_efficient_linear`, on by default): an autograd function that saves the weight parameter
+itself for the backward, not a view of its gathered storage, so the storage goes when ZeRO-3 releases the
+parameter after the forward and the backward reads it re-gathered. torch's own linear saves the transposed weight,
+a view that would keep every gathered weight alive from the forward to the backward.
+
+That function is written in the split style (`forward` without a context, then `setup_context`), for which
+`torch.autograd.Function.apply` binds the call's arguments to the forward's signature through `inspect.signature` at
+every call; its forward also adds the bias as a kernel of its own after a plain product. Both cost host time per
+linear call (~20% of a ZeRO-3 forward's host time on CPU ranks in benchmarks/zero3_host_cost.py), and a latent
+forward makes hundreds of such calls.
+
+`MemoryEfficientLinear` keeps DeepSpeed's contract and its backward (inherited, so the gradients are computed by
+DeepSpeed's own code, autocast state and the re-gather of a released weight included) and changes the forward:
+the context-style forward (no argument binding) computes torch's own linear (the bias fused into the product, as
+ZeRO-1/2 compute it). `use_memory_efficient_linear()` installs it where DeepSpeed's wrap is installed;
+`restore_deepspeed_linear()` undoes it. tests/test_zero3_linear.py compares it with DeepSpeed's function and
+torch's linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TORCH_LINEAR = torch._C._nn.linear  # torch's own, whatever `torch.nn.functional.linear` is replaced by
+_REPLACED = {}  # DeepSpeed's wrap, kept to restore
+
+
+def _deepspeed_function():
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
+
+    return LinearFunctionForZeroStage3
+
+
+def _make_function():
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.linear import _get_autocast_dtype, _is_autocast_enabled
+
+    class MemoryEfficientLinear(_deepspeed_function()):
+        """DeepSpeed's `LinearFunctionForZeroStage3` with a context-style forward computing torch's linear."""
+
+        generate_vmap_rule = False  # the split style's vmap rule; this forward takes the context itself
+        setup_context = torch.autograd.Function.setup_context  # not defined: `apply` binds no arguments
+
+        @staticmethod
+        def forward(ctx, input, weight, bias=None):
+            device_type = get_accelerator().device_name()
+            ctx._dtype = _get_autocast_dtype(device_type)  # read by DeepSpeed's backward, as its setup_context sets
+            ctx._fwd_used_autocast = _is_autocast_enabled(device_type)
+            ctx.save_for_backward(input, weight, bias)  # the parameter itself: released storage is not kept
+            return _TORCH_LINEAR(input, weight, bias)
+
+    return MemoryEfficientLinear
+
+
+_FUNCTION = {}
+
+
+def memory_efficient_linear(input, weight, bias=None):
+    """`torch.nn.functional.linear` for ZeRO-3 (the module docstring)."""
+    if "function" not in _FUNCTION:
+        _FUNCTION["function"] = _make_function()
+    return _FUNCTION["function"].apply(input, weight, bias)
+
+
+def linear_unsupported() -> str | None:
+    """Why `memory_efficient_linear` cannot stand in for DeepSpeed's wrap now, or None when it can."""
+    from engine.training.zero_step import deepspeed_release_checked
+
+    try:
+        from deepspeed.runtime.zero.linear import _get_autocast_dtype, _is_autocast_enabled, zero3_linear_wrap  # noqa: F401
+    except ImportError:
+        return "this deepspeed has no ZeRO-3 linear wrap to stand in for"
+    if not deepspeed_release_checked():
+        import deepspeed
+
+        return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
+    if torch.nn.functional.linear is memory_efficient_linear:
+        return None
+    if torch.nn.functional.linear is not zero3_linear_wrap:
+        return "torch.nn.functional.linear is not DeepSpeed's ZeRO-3 wrap (memory_efficient_linear off, or replaced)"
+    return None
+
+
+def use_memory_efficient_linear() -> str | None:
+    """Replace DeepSpeed's ZeRO-3 `torch.nn.functional.linear` (process-wide, as DeepSpeed installs it) with
+    `memory_efficient_linear`. Returns None when done, else the reason it was left as it is."""
+    why = linear_unsupported()
+    if why is not None:
+        return why
+    if torch.nn.functional.linear is not memory_efficient_linear:
+        _REPLACED["linear"] = torch.nn.functional.linear
+        torch.nn.functional.linear = memory_efficient_linear
+    return None
+
+
+def restore_deepspeed_linear() -> None:
+    """Undo `use_memory_efficient_linear` (DeepSpeed's wrap again)."""
+    if torch.nn.functional.linear is memory_efficient_linear and "linear" in _REPLACED:
+        torch.nn.functional.linear = _REPLACED["linear"]
