@@ -212,6 +212,17 @@ def use(ours):
 ours, theirs = engine(True), engine(False)
 assert len(ours.optimizer.persistent_parameters) == 3, len(ours.optimizer.persistent_parameters)
 released = {True: [], False: []}  # per step: elements whole before the step's release, after it, coordinator's count
+states = {True: [], False: []}  # after each forward and backward: every parameter's status and size, the count
+
+
+def state(eng):
+    return [(p.ds_status.name, p.numel()) for p in eng.module.parameters()], available_count(eng)
+
+
+freed = []  # the per-parameter release of our engine's coordinator: parameters it released plainly
+free_whole = zero3_gathers._free_whole
+zero3_gathers._free_whole = lambda coordinator, params, free_data=True: freed.append(len(params)) or free_whole(
+    coordinator, params, free_data)
 handed_back = []  # the batched release must not hand this plain setup to DeepSpeed's
 ours.optimizer._deepspeed_partition_all_parameters = lambda: handed_back.append(1)
 gathered, copies = [], []
@@ -225,7 +236,9 @@ for step in range(3):
     for eng in (ours, theirs):
         use(eng is ours)
         out = eng(x.to(next(eng.module.parameters()).dtype))
+        states[eng is ours].append(state(eng))  # each module's parameters released after its forward ...
         eng.backward(torch.nn.functional.mse_loss(out.float(), y))
+        states[eng is ours].append(state(eng))  # ... and after its backward, as DeepSpeed's release leaves them
         release = eng.optimizer._partition_all_parameters
         whole_before = sum(p.numel() for p in eng.module.parameters())  # released: a 0-element placeholder each
         eng.optimizer._partition_all_parameters = lambda: release() or released[eng is ours].append(
@@ -247,6 +260,8 @@ assert gathered == [3, 3, 3], gathered
 # nothing whole and the coordinator's count the same
 assert released[True] == released[False] == [(0, 0, 0), (19, 0, 0), (19, 0, 0)], released
 assert not handed_back
+assert states[True] == states[False], states
+assert sum(freed) > 3 * 4, freed  # the partitioned modules' parameters after every forward and backward, plainly
 assert copies.count(2) >= 3 * 4 and copies.count(3) == 3, copies
 report_ok()
 shutdown_distributed(wait_for_peers=True)  # a process group left to the interpreter's exit can abort it

@@ -152,6 +152,19 @@ def test_release_in_one_pass_equals_deepspeeds_and_hands_back_what_it_was_not_wr
         opt._partition_all_parameters()
         assert handed_back == [1, 1]
         params[1].ds_status = ZeroParamStatus.NOT_AVAILABLE
+        # each module's release: a plain parameter freed here, any other handed to DeepSpeed's
+        release = getattr(coordinator, zero3_gathers._COORDINATOR_RELEASE)
+        assert release.__func__ is zero3_gathers._release_param
+        to_deepspeed = []
+        monkeypatch.setattr(coordinator, "_deepspeed_release_param", lambda p, free_data=True: to_deepspeed.append(p))
+        whole = params[0]
+        whole.data, whole.ds_status = torch.zeros(whole.ds_shape), ZeroParamStatus.AVAILABLE
+        monkeypatch.setattr(zero3_gathers, "_plainly_releasable", lambda p: False)
+        release(whole)
+        assert to_deepspeed == [whole] and whole.ds_status == ZeroParamStatus.AVAILABLE
+        monkeypatch.undo()
+        release(whole)
+        assert whole.ds_status == ZeroParamStatus.NOT_AVAILABLE and whole.numel() == 0
         opt.zero_hpz_partition_size = 2
         assert "ZeRO++" in zero3_gathers.use_batched_release(opt)
         opt.zero_hpz_partition_size = 1

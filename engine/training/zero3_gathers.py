@@ -15,10 +15,11 @@ one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced
   elements) view, as PyTorch's FSDP2 does; each parameter still gets a buffer of its own (freed when DeepSpeed
   releases it).
 
-- Before its step DeepSpeed releases every parameter still whole (the persistent ones) through its general release
-  path, which builds debug strings and looks up the rank several times per parameter whether or not it logs.
-  `use_batched_release(optimizer)` releases them in one pass with the same effect (statuses, freed storage, the
-  coordinator's count).
+- DeepSpeed releases parameters (after each module's forward and backward, and all still whole before its step)
+  through a general path that builds debug strings and looks up the rank several times per parameter whether or
+  not it logs. `use_batched_release(optimizer)` does the same work without that (statuses, freed storage, the
+  coordinator's count): the step's release in one pass, and each module's through a plain per-parameter release
+  on its coordinator.
 
 Both leave to DeepSpeed's code what they were not written for: the persistent gather ZeRO++'s secondary or
 quantized partitions, parameters gathered in an autocast dtype, and offloaded optimizers or parameters; the copy-out
@@ -29,6 +30,8 @@ two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (t
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -94,15 +97,46 @@ _COORDINATOR_AVAILABLE = "_PartitionedParameterCoordinator__n_available_params" 
 _COORDINATOR_INFLIGHT = "_PartitionedParameterCoordinator__inflight_param_registry"  # gathers it has not waited on
 
 
+_COORDINATOR_RELEASE = "_PartitionedParameterCoordinator__release_param"  # its release of one parameter
+
+
+def _plainly_releasable(p) -> bool:
+    """Whether DeepSpeed's release of whole `p` is only `free_param` and the status: partitioned once already, no
+    ZeRO++ secondary partition, not on NVMe."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    return (p.ds_tensor is not None and getattr(p, "ds_secondary_tensor", None) is None
+            and getattr(p.ds_tensor, "final_location", None) != OffloadDeviceEnum.nvme)
+
+
+def _free_whole(coordinator, params, free_data: bool = True) -> None:
+    """What DeepSpeed's release does to whole, plainly releasable `params` (`__release_param` -> `partition` ->
+    `free_param`): the storage freed once the kernels queued on it have run, the status NOT_AVAILABLE, the
+    coordinator's count of gathered elements lowered; without the debug strings and rank look-ups it makes per
+    parameter whether or not it logs."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    accelerator = get_accelerator()
+    record = free_data and not accelerator.is_synchronized_device()
+    released = 0
+    for p in params:
+        if free_data:
+            if record and accelerator.on_accelerator(p.data):
+                p.data.record_stream(accelerator.current_stream())
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        released += p.ds_numel
+    setattr(coordinator, _COORDINATOR_AVAILABLE, getattr(coordinator, _COORDINATOR_AVAILABLE) - released)
+
+
 def _release_all_parameters(self) -> None:
     """DeepSpeed's `_partition_all_parameters` (the step's start: every parameter still whole is released, then all
-    are checked released) in one pass: per parameter a status check, and for the few still whole (the persistent
-    ones) DeepSpeed's `free_param` work inline, where its release builds debug strings and looks up the rank several
-    times per parameter (~60% of the step's host time on CPU ranks at 736 tensors). What it was not written for goes
-    to DeepSpeed's: a gather in flight or one the coordinator still holds (a prefetch finished through another
-    module's fetch), a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    are checked released) in one pass: per parameter a status check, and `_free_whole` for the few still whole (the
+    persistent ones), where DeepSpeed's release builds debug strings and looks up the rank several times per
+    parameter (~60% of the step's host time on CPU ranks at 736 tensors). What it was not written for goes to
+    DeepSpeed's: a gather in flight or one the coordinator still holds (a prefetch finished through another module's
+    fetch), a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
@@ -112,28 +146,31 @@ def _release_all_parameters(self) -> None:
     whole = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
             or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
-            or any(p.ds_status != ZeroParamStatus.AVAILABLE or p.ds_tensor is None
-                   or getattr(p, "ds_secondary_tensor", None) is not None
-                   or getattr(p.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme for p in whole)):
+            or any(p.ds_status != ZeroParamStatus.AVAILABLE or not _plainly_releasable(p) for p in whole)):
         return self._deepspeed_partition_all_parameters()
     for p in params:  # DeepSpeed clears these for every parameter (a hook that never fired must not pin one)
         if p.ds_active_sub_modules:
             p.ds_active_sub_modules.clear()
-    accelerator = get_accelerator()
-    record = not accelerator.is_synchronized_device()
-    released = 0
-    for p in whole:
-        if record and accelerator.on_accelerator(p.data):  # not freed before the kernels queued on it have run
-            p.data.record_stream(accelerator.current_stream())
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
-        released += p.ds_numel
-    setattr(coordinator, _COORDINATOR_AVAILABLE, getattr(coordinator, _COORDINATOR_AVAILABLE) - released)
+    _free_whole(coordinator, whole)
+
+
+def _release_param(coordinator, param, free_data: bool = True) -> None:
+    """The coordinator's `__release_param` (called per parameter when a module's forward or backward is done):
+    `_free_whole` for a plainly releasable parameter, DeepSpeed's own otherwise."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.AVAILABLE or param.ds_active_sub_modules:
+        return None  # DeepSpeed releases nothing here either
+    if not _plainly_releasable(param):
+        return coordinator._deepspeed_release_param(param, free_data)
+    _free_whole(coordinator, (param,), free_data)
 
 
 def use_batched_release(optimizer) -> str | None:
-    """Release `optimizer`'s parameters at the start of its step in one pass (`_release_all_parameters`; DeepSpeed's
-    ZeRO-3 optimizer). Returns None when done, else the reason it was left as it is."""
+    """Release `optimizer`'s parameters at the start of its step in one pass (`_release_all_parameters`), and each
+    module's parameters after its forward and backward without DeepSpeed's per-parameter debug work
+    (`_release_param` on its parameter coordinator; DeepSpeed's ZeRO-3 optimizer). Returns None when done, else the
+    reason it was left as it is."""
     why = _not_the_checked_class(
         optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
         ("_partition_all_parameters", "parameter_offload"),
@@ -144,7 +181,13 @@ def use_batched_release(optimizer) -> str | None:
         return "offloaded parameters are released by DeepSpeed's swap-aware code"
     if getattr(optimizer, "zero_hpz_partition_size", 1) > 1:
         return "ZeRO++'s secondary partitions are kept by DeepSpeed's release"
+    coordinator = optimizer.parameter_offload.get_param_coordinator()
+    if not hasattr(coordinator, _COORDINATOR_AVAILABLE) or not hasattr(coordinator, _COORDINATOR_RELEASE):
+        return "this deepspeed's parameter coordinator has no per-parameter release or count to keep"
     replace_method(optimizer, "_partition_all_parameters", _release_all_parameters)
+    if not hasattr(coordinator, "_deepspeed_release_param"):
+        coordinator._deepspeed_release_param = getattr(coordinator, _COORDINATOR_RELEASE)
+    setattr(coordinator, _COORDINATOR_RELEASE, types.MethodType(_release_param, coordinator))
     return None
 
 
