@@ -136,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_flat_leaf_reduction=true (each "
                    "ZeRO-3 leaf's gradients reduced together), grad_checks=multi_tensor (DeepSpeed's step "
                    "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
-                   "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers), "
+                   "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers and "
+                   "releases and its linear), "
                    "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
                    "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
                    "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
