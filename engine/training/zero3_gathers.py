@@ -100,13 +100,26 @@ _COORDINATOR_INFLIGHT = "_PartitionedParameterCoordinator__inflight_param_regist
 _COORDINATOR_RELEASE = "_PartitionedParameterCoordinator__release_param"  # its release of one parameter
 
 
+_DS = {}  # DeepSpeed's names the per-parameter release uses, imported once (it runs for every parameter)
+
+
+def _ds() -> dict:
+    if not _DS:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        _DS.update(accelerator=get_accelerator, nvme=OffloadDeviceEnum.nvme, available=ZeroParamStatus.AVAILABLE,
+                   released=ZeroParamStatus.NOT_AVAILABLE)
+    return _DS
+
+
 def _plainly_releasable(p) -> bool:
     """Whether DeepSpeed's release of whole `p` is only `free_param` and the status: partitioned once already, no
-    ZeRO++ secondary partition, not on NVMe."""
-    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-
+    ZeRO++ secondary partition (nor a parameter group that would make one), not on NVMe."""
     return (p.ds_tensor is not None and getattr(p, "ds_secondary_tensor", None) is None
-            and getattr(p.ds_tensor, "final_location", None) != OffloadDeviceEnum.nvme)
+            and getattr(p, "ds_zero_param_process_group", None) is None
+            and getattr(p.ds_tensor, "final_location", None) != _ds()["nvme"])
 
 
 def _free_whole(coordinator, params, free_data: bool = True) -> None:
@@ -114,10 +127,8 @@ def _free_whole(coordinator, params, free_data: bool = True) -> None:
     `free_param`): the storage freed once the kernels queued on it have run, the status NOT_AVAILABLE, the
     coordinator's count of gathered elements lowered; without the debug strings and rank look-ups it makes per
     parameter whether or not it logs."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    accelerator = get_accelerator()
+    ds = _ds()
+    accelerator, released_status = ds["accelerator"](), ds["released"]
     record = free_data and not accelerator.is_synchronized_device()
     released = 0
     for p in params:
@@ -125,7 +136,7 @@ def _free_whole(coordinator, params, free_data: bool = True) -> None:
             if record and accelerator.on_accelerator(p.data):
                 p.data.record_stream(accelerator.current_stream())
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        p.ds_status = released_status
         released += p.ds_numel
     setattr(coordinator, _COORDINATOR_AVAILABLE, getattr(coordinator, _COORDINATOR_AVAILABLE) - released)
 
@@ -157,9 +168,7 @@ def _release_all_parameters(self) -> None:
 def _release_param(coordinator, param, free_data: bool = True) -> None:
     """The coordinator's `__release_param` (called per parameter when a module's forward or backward is done):
     `_free_whole` for a plainly releasable parameter, DeepSpeed's own otherwise."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if param.ds_status != ZeroParamStatus.AVAILABLE or param.ds_active_sub_modules:
+    if param.ds_status != _ds()["available"] or param.ds_active_sub_modules:
         return None  # DeepSpeed releases nothing here either
     if not _plainly_releasable(param):
         return coordinator._deepspeed_release_param(param, free_data)

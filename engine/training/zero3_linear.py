@@ -17,7 +17,8 @@ DeepSpeed's own code, autocast state and the re-gather of a released weight incl
 the context-style forward (no argument binding) computes torch's own linear (the bias fused into the product, as
 ZeRO-1/2 compute it). `use_memory_efficient_linear()` installs it where DeepSpeed's wrap is installed;
 `restore_deepspeed_linear()` undoes it. tests/test_zero3_linear.py compares it with DeepSpeed's function and
-torch's linear.
+torch's linear. Not supported, unlike DeepSpeed's split-style function: `torch.func` transforms (grad, vmap, jacrev)
+through it; `zero_grad_checks=deepspeed` keeps DeepSpeed's for them.
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def _make_function():
             ctx._dtype = _get_autocast_dtype(device_type)  # read by DeepSpeed's backward, as its setup_context sets
             ctx._fwd_used_autocast = _is_autocast_enabled(device_type)
             ctx.save_for_backward(input, weight, bias)  # the parameter itself: released storage is not kept
-            return _TORCH_LINEAR(input, weight, bias)
+            # detached: autocast caches its casts of leaves that need a gradient until the region ends, which would
+            # keep every gathered weight (and the values it had then) past its release
+            out = _TORCH_LINEAR(input, weight.detach(), None if bias is None else bias.detach())
+            # torch's linear can return a view (3-d input, with bias): a custom function's view output could not be
+            # modified in place afterwards, where DeepSpeed's output and torch's linear can
+            return out.detach() if out._is_view() else out
 
     return MemoryEfficientLinear
 
@@ -90,6 +96,8 @@ def use_memory_efficient_linear() -> str | None:
     why = linear_unsupported()
     if why is not None:
         return why
+    if "function" not in _FUNCTION:  # built here, not at a first call that torch.compile might be tracing
+        _FUNCTION["function"] = _make_function()
     if torch.nn.functional.linear is not memory_efficient_linear:
         _REPLACED["linear"] = torch.nn.functional.linear
         torch.nn.functional.linear = memory_efficient_linear
