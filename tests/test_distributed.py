@@ -85,7 +85,7 @@ def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path, flat):
         cmd += ["--set", "optimizer=adamw_fused"]  # the step without host reads, across the two ranks' partitions
     output = _launch(cmd, tmp_path)
     assert ("ZeRO-3 leaf gradients: reduced together per leaf" in output) is flat
-    assert ("optimizer step: the gradient norm, clipping and the skip of a non-finite step on the device" in output) is flat
+    assert ("optimizer step: gradient checks and clipping on the device" in output) is flat
     FINAL_WEIGHTS["3 flat" if flat else 3] = _exported_weights(tmp_path), _exported_weights(tmp_path, "epoch_001")
 
 

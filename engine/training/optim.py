@@ -177,8 +177,8 @@ def grad_checks(engine, mode: str) -> str:
     """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
     reason: auto gives the optimizer the step without host waits where the setup allows, else the multi-tensor
     checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3 the multi-tensor gradient norm; both
-    modes add engine/training/zero3_gathers.py's release and gathers there); deepspeed changes nothing. Returns the
-    path taken: "device", "multi_tensor" or "deepspeed"."""
+    modes add engine/training/zero3_gathers.py's releases and gathers and zero3_linear.py there); deepspeed changes
+    nothing. Returns the path taken: "device", "multi_tensor" or "deepspeed"."""
     from engine.training.zero3_gathers import (
         restore_deepspeed_copy_out,
         use_batched_release,
@@ -203,12 +203,14 @@ def grad_checks(engine, mode: str) -> str:
         why_linear = use_memory_efficient_linear()
         log.info("ZeRO-3 linear layers: %s", "torch's linear forward in DeepSpeed's memory-efficient function, no "
                  "argument binding per call" if why_linear is None else f"as DeepSpeed has them ({why_linear})")
+    if mode == "auto":
+        why_not_device = use_device_step(engine.optimizer, engine)
+        if why_not_device is None:
+            log.info("optimizer step: gradient checks and clipping on the device, no host wait (the fused Adam "
+                     "kernel skips a non-finite step)")
+            return "device"
+    if engine.zero_optimization_stage() == 3:
         if mode == "auto":
-            why_not_device = use_device_step(engine.optimizer, engine)
-            if why_not_device is None:
-                log.info("optimizer step: the gradient norm, clipping and the skip of a non-finite step on the "
-                         "device, no host wait")
-                return "device"
             log.info("optimizer step: DeepSpeed's (not on the device: %s)", why_not_device)
         why = use_stage3_multi_tensor_norm(engine.optimizer)
         if why is None:
@@ -216,12 +218,6 @@ def grad_checks(engine, mode: str) -> str:
             return "multi_tensor"
         log.info("gradient norm: DeepSpeed's per-gradient loop (%s)", why)
         return "deepspeed"
-    if mode == "auto":
-        why_not_device = use_device_step(engine.optimizer, engine)
-        if why_not_device is None:
-            log.info("optimizer step: gradient checks and clipping on the device, no host wait (the fused Adam "
-                     "kernel skips a non-finite step)")
-            return "device"
     why = use_multi_tensor_grad_checks(engine.optimizer)
     if why is None:
         if mode == "auto":

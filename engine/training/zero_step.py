@@ -287,14 +287,8 @@ def _device_step(self, closure=None):
         self._release_preflattened_grad_buffers(i)
         self.averaged_gradients[i] = None
         self.all_grad_tensors[i] = None
-    total = _summed_squares(self, grads).sqrt()
-    finite = torch.isfinite(total)  # False exactly when some rank's gradient holds a NaN or an infinity
-    found_inf = (~finite).float().reshape(())
-    if self._device_skipped_steps is None:
-        self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
-    self._device_skipped_steps.add_(found_inf)
-    _stage_skip_count(self)
-    grad_scale = _clip_scale(self, total, finite)
+    total = _summed_squares(self, grads).sqrt()  # not finite exactly when some rank's gradient holds a NaN or an inf
+    finite, found_inf, grad_scale = _skip_flag_and_clip_scale(self, total)
     self._global_grad_norm = (torch.where(finite, total / float(self.loss_scale), float("inf"))
                               if self.compute_grad_norm else None)
 
@@ -355,14 +349,8 @@ def _stage3_device_step(self, closure=None):
     self.overflow = False  # not known on the host: a non-finite step is skipped by the kernel (found_inf)
     _absorb_copied_skips(self)
     # the multi-tensor norm of each group (`_stage3_grad_norm`, -1 where not finite), combined: inf where any is not
-    total = combine_grad_norm_groups(self._get_norm_groups())
-    finite = torch.isfinite(total)  # an fp16 overflow makes the norm non-finite too: DeepSpeed's skip either way
-    found_inf = (~finite).float().reshape(())
-    if self._device_skipped_steps is None:
-        self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
-    self._device_skipped_steps.add_(found_inf)
-    _stage_skip_count(self)
-    grad_scale = _clip_scale(self, total, finite)
+    total = combine_grad_norm_groups(self._get_norm_groups())  # an fp16 overflow makes it non-finite too
+    finite, found_inf, grad_scale = _skip_flag_and_clip_scale(self, total)
     self._global_grad_norm = torch.where(finite, total / float(self.loss_scale), float("inf"))
 
     self.zero_grad(set_to_none=True)  # the epilogue has copied every gradient into the partition buffers
@@ -392,6 +380,18 @@ def _warn_of_allocator_flushes(self) -> None:
                            "steps down (a smaller batch or smaller buckets relieve it)",
                            retries - self.n_caching_allocator_flushes)
         self.n_caching_allocator_flushes = retries
+
+
+def _skip_flag_and_clip_scale(self, total: torch.Tensor):
+    """From the global gradient norm ``total``: whether it is finite, the fused Adam kernel's skip flag (counted on
+    the device and copied to the host without waiting) and the clip factor it divides by."""
+    finite = torch.isfinite(total)
+    found_inf = (~finite).float().reshape(())
+    if self._device_skipped_steps is None:
+        self._device_skipped_steps = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    self._device_skipped_steps.add_(found_inf)
+    _stage_skip_count(self)
+    return finite, found_inf, _clip_scale(self, total, finite)
 
 
 def _clip_scale(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor | None:
