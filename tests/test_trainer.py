@@ -578,10 +578,14 @@ class _NanGradientEngine:
         return self._engine.backward(loss * float("nan") if self._calls == self._nan_at else loss)
 
 
-@pytest.mark.parametrize("optimizer", ["auto", "adamw_fused"])  # DeepSpeed's step with the multi-tensor checks; the
-# device step, whose skips reach the host at log steps and at the end of the epoch
-def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_path, monkeypatch, caplog, optimizer):
+@pytest.mark.parametrize("optimizer,zero_stage", [("auto", 2), ("adamw_fused", 2), ("adamw_fused", 3)])  # DeepSpeed's
+# step with the multi-tensor checks; the device step (ZeRO-2 and ZeRO-3), whose skips reach the host at log steps and
+# at the end of the epoch
+def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_path, monkeypatch, caplog, optimizer,
+                                                                         zero_stage):
     import logging
+
+    import deepspeed
 
     from engine.training.zero_step import device_step_active
 
@@ -591,17 +595,23 @@ def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_pat
     # 12 samples in steps of 2: the NaN gradients at the second epoch's second step
     monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: _NanGradientEngine(real_build(*a, **k), 8))
     trainer = Trainer(make_config(tmp_path, num_epochs=2, batch_size_training=2, log_every_steps=3,
-                                  optimizer=optimizer))
+                                  optimizer=optimizer, zero_stage=zero_stage))
     trainer.setup()
     trainer.prepare_training()
     assert device_step_active(trainer.engine.optimizer) is (optimizer == "adamw_fused")
+
+    def weights():  # whole, under ZeRO-3 too
+        params = dict(trainer.model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage == 3):
+            return {n: p.detach().clone() for n, p in params.items()}
+
     assert trainer.train_epoch(0, 0)["train_skipped_steps"] == 0
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    before = weights()
     with caplog.at_level(logging.WARNING, logger="coconut.train"):
         stats = trainer.train_epoch(1, 0)
     assert stats["train_skipped_steps"] == 1 and stats["train_loss"] > 0
     assert trainer.engine._engine.skipped_steps == 1  # DeepSpeed's own count, which its checkpoints save
     assert "epoch 2: 1 of 6 optimizer steps skipped for non-finite gradients" in caplog.text
-    after = dict(trainer.model.named_parameters())
-    assert all(torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing
-    assert any(not torch.equal(before[n], p.detach()) for n, p in after.items())  # the others trained
+    after = weights()
+    assert all(p.numel() > 0 and torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing
+    assert any(not torch.equal(before[n], p) for n, p in after.items())  # the others trained
