@@ -14,19 +14,20 @@ one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced
   `use_split_copy_out()` copies the whole bucket out with one `torch.split_with_sizes_copy` over the (ranks,
   elements) view, as PyTorch's FSDP2 does; each parameter still gets a buffer of its own (freed when DeepSpeed
   releases it).
-
 - DeepSpeed releases parameters (after each module's forward and backward, and all still whole before its step)
   through a general path that builds debug strings and looks up the rank several times per parameter whether or
   not it logs. `use_batched_release(optimizer)` does the same work without that (statuses, freed storage, the
   coordinator's count): the step's release in one pass, and each module's through a plain per-parameter release
   on its coordinator.
 
-Both leave to DeepSpeed's code what they were not written for: the persistent gather ZeRO++'s secondary or
+Each leaves to DeepSpeed's code what it was not written for: the persistent gather ZeRO++'s secondary or
 quantized partitions, parameters gathered in an autocast dtype, and offloaded optimizers or parameters; the copy-out
 quantized and secondary partitions (an offloaded partition is copied to the device before the collective, so the
-flat buffer is the same). Both apply to the checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`).
-tests/test_distributed.py compares both with DeepSpeed's gathers on two ranks, bit for bit (CPU, and CUDA where
-two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (three ranks, odd sizes, dtypes).
+flat buffer is the same); the releases a gather in flight, ZeRO++, NVMe and parameter offload. All apply to the
+checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`).
+tests/test_distributed.py compares them with DeepSpeed's gathers and releases on two ranks, bit for bit (CPU, and
+CUDA where two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (three ranks, odd sizes,
+dtypes) and the releases' hand-over on one rank.
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ import types
 
 import torch
 
-from engine.training.zero_step import _not_the_checked_class, deepspeed_release_checked, replace_method
+from engine.training.zero_step import deepspeed_release_checked, not_the_checked_stage3, replace_method
 
 
 def persistent_gather_unsupported(optimizer) -> str | None:
     """Why the coalesced gather cannot stand in for the per-parameter gather of `optimizer`'s persistent parameters
     after its step (DeepSpeed's ZeRO-3 optimizer), or None when it can."""
-    why = _not_the_checked_class(
-        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
-        ("_post_step", "persistent_parameters"),
-    )
+    why = not_the_checked_stage3(optimizer, ("_post_step", "persistent_parameters"))
     if why is not None:
         return why
     if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "offload_param", False):
@@ -95,10 +93,7 @@ def use_coalesced_persistent_gather(optimizer) -> str | None:
 
 _COORDINATOR_AVAILABLE = "_PartitionedParameterCoordinator__n_available_params"  # its count of gathered elements
 _COORDINATOR_INFLIGHT = "_PartitionedParameterCoordinator__inflight_param_registry"  # gathers it has not waited on
-
-
 _COORDINATOR_RELEASE = "_PartitionedParameterCoordinator__release_param"  # its release of one parameter
-
 
 _DS = {}  # DeepSpeed's names the per-parameter release uses, imported once (it runs for every parameter)
 
@@ -148,16 +143,16 @@ def _release_all_parameters(self) -> None:
     parameter (~60% of the step's host time on CPU ranks at 736 tensors). What it was not written for goes to
     DeepSpeed's: a gather in flight or one the coordinator still holds (a prefetch finished through another module's
     fetch), a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
+    ds = _ds()
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
     params = list(dict.fromkeys(iter_params(offload.module, recurse=True)))  # an external parameter can be listed twice
-    whole = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    whole = [p for p in params if p.ds_status != ds["released"]]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
             or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
-            or any(p.ds_status != ZeroParamStatus.AVAILABLE or not _plainly_releasable(p) for p in whole)):
+            or any(p.ds_status != ds["available"] or not _plainly_releasable(p) for p in whole)):
         return self._deepspeed_partition_all_parameters()
     for p in params:  # DeepSpeed clears these for every parameter (a hook that never fired must not pin one)
         if p.ds_active_sub_modules:
@@ -180,10 +175,7 @@ def use_batched_release(optimizer) -> str | None:
     module's parameters after its forward and backward without DeepSpeed's per-parameter debug work
     (`_release_param` on its parameter coordinator; DeepSpeed's ZeRO-3 optimizer). Returns None when done, else the
     reason it was left as it is."""
-    why = _not_the_checked_class(
-        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
-        ("_partition_all_parameters", "parameter_offload"),
-    )
+    why = not_the_checked_stage3(optimizer, ("_partition_all_parameters", "parameter_offload"))
     if why is not None:
         return why
     if getattr(optimizer, "offload_param", False):
@@ -301,8 +293,8 @@ def restore_deepspeed_copy_out() -> None:
 def flat_reduction_unsupported(optimizer) -> str | None:
     """Why the flat reduction cannot stand in for DeepSpeed's per-parameter reduction of `optimizer`'s leaf modules,
     or None when it can."""
-    why = _not_the_checked_class(
-        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
+    why = not_the_checked_stage3(
+        optimizer,
         ("reduce_ready_partitions_and_remove_grads", "update_hook_state_and_maybe_run_epilogue",
          "independent_gradient_partition_epilogue", "reduce_and_partition_stream", "param_reduce_events",
          "max_param_reduce_events", "micro_step_id", "gradient_accumulation_dtype", "reduce_bucket_size",

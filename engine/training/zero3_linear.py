@@ -23,23 +23,21 @@ through it; `zero_grad_checks=deepspeed` keeps DeepSpeed's for them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _TORCH_LINEAR = torch._C._nn.linear  # torch's own, whatever `torch.nn.functional.linear` is replaced by
 _REPLACED = {}  # DeepSpeed's wrap, kept to restore
 
 
-def _deepspeed_function():
-    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
-
-    return LinearFunctionForZeroStage3
-
-
-def _make_function():
+@functools.cache
+def _function():
+    """The autograd function, made once (DeepSpeed's class is imported late: it picks its accelerator at import)."""
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero.linear import _get_autocast_dtype, _is_autocast_enabled
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3, _get_autocast_dtype, _is_autocast_enabled
 
-    class MemoryEfficientLinear(_deepspeed_function()):
+    class MemoryEfficientLinear(LinearFunctionForZeroStage3):
         """DeepSpeed's `LinearFunctionForZeroStage3` with a context-style forward computing torch's linear."""
 
         generate_vmap_rule = False  # the split style's vmap rule; this forward takes the context itself
@@ -61,14 +59,9 @@ def _make_function():
     return MemoryEfficientLinear
 
 
-_FUNCTION = {}
-
-
 def memory_efficient_linear(input, weight, bias=None):
     """`torch.nn.functional.linear` for ZeRO-3 (the module docstring)."""
-    if "function" not in _FUNCTION:
-        _FUNCTION["function"] = _make_function()
-    return _FUNCTION["function"].apply(input, weight, bias)
+    return _function().apply(input, weight, bias)
 
 
 def linear_unsupported() -> str | None:
@@ -76,7 +69,11 @@ def linear_unsupported() -> str | None:
     from engine.training.zero_step import deepspeed_release_checked
 
     try:
-        from deepspeed.runtime.zero.linear import _get_autocast_dtype, _is_autocast_enabled, zero3_linear_wrap  # noqa: F401
+        from deepspeed.runtime.zero.linear import (  # noqa: F401 (the names the function needs)
+            _get_autocast_dtype,
+            _is_autocast_enabled,
+            zero3_linear_wrap,
+        )
     except ImportError:
         return "this deepspeed has no ZeRO-3 linear wrap to stand in for"
     if not deepspeed_release_checked():
@@ -96,8 +93,7 @@ def use_memory_efficient_linear() -> str | None:
     why = linear_unsupported()
     if why is not None:
         return why
-    if "function" not in _FUNCTION:  # built here, not at a first call that torch.compile might be tracing
-        _FUNCTION["function"] = _make_function()
+    _function()  # made here, not at a first call that torch.compile might be tracing
     if torch.nn.functional.linear is not memory_efficient_linear:
         _REPLACED["linear"] = torch.nn.functional.linear
         torch.nn.functional.linear = memory_efficient_linear

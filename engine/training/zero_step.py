@@ -85,6 +85,12 @@ def _not_the_checked_class(optimizer, module: str, name: str, label: str, member
     return None
 
 
+def not_the_checked_stage3(optimizer, members: tuple[str, ...]) -> str | None:
+    """Why `optimizer` is not DeepSpeed's ZeRO-3 optimizer of a checked release with `members`, or None."""
+    return _not_the_checked_class(optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
+                                  members)
+
+
 def replace_method(optimizer, name: str, function) -> None:
     """Bind `function` as `optimizer.<name>`, keeping DeepSpeed's own as `optimizer._deepspeed_<name>` for what the
     replacement hands back to it (kept once: installing again does not take the replacement for DeepSpeed's)."""
@@ -172,11 +178,9 @@ def use_multi_tensor_grad_checks(optimizer) -> str | None:
 def stage3_norm_unsupported(optimizer) -> str | None:
     """Why the multi-tensor gradient norm cannot stand in for that of `optimizer` as DeepSpeed's ZeRO-3 optimizer,
     or None when it can. (Its overflow check runs for fp16 only and stays DeepSpeed's.)"""
-    why = _not_the_checked_class(
-        optimizer, "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "ZeRO-3",
-        ("get_grad_norm_direct", "_get_param_partition_group", "_assert_same_partition_group",
-         "_autoep_expert_parallel_group", "averaged_gradients", "fp16_groups"),
-    )
+    why = not_the_checked_stage3(optimizer, ("get_grad_norm_direct", "_get_param_partition_group",
+                                             "_assert_same_partition_group", "_autoep_expert_parallel_group",
+                                             "averaged_gradients", "fp16_groups"))
     if why is not None:
         return why
     if getattr(optimizer, "offload_optimizer", False):
