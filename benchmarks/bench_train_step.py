@@ -607,9 +607,11 @@ class Bench:
         return failed[0] if failed else None
 
     def release(self) -> None:
+        from engine.training.optim import destroy_engine
+
         if self.engine is not None:
             try:
-                self.engine.destroy()
+                destroy_engine(self.engine)
             except Exception:  # noqa: BLE001 - best effort; the references go anyway
                 pass
         self.engine = self.model = None

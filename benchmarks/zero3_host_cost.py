@@ -88,6 +88,8 @@ def build(path: str, args):
 def time_path(path: str, args, rank: int) -> dict:
     import deepspeed.comm as dist
 
+    from engine.training.optim import destroy_engine
+
     engine = build(path, args)
     torch.manual_seed(1 + rank)
     phases = {"forward": [], "backward": [], "step": []}
@@ -104,7 +106,7 @@ def time_path(path: str, args, rank: int) -> dict:
         if i >= args.warmup:
             for name, ms in zip(phases, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)):
                 phases[name].append(ms)
-    engine.destroy()
+    destroy_engine(engine)
     return {name: statistics.median(values) for name, values in phases.items()}
 
 

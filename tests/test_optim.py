@@ -14,8 +14,10 @@ from engine.training.distributed import init_distributed
 from engine.training.zero_step import deepspeed_release_checked
 from engine.training.optim import (
     ZERO_DEFAULTS,
+    build_engine,
     build_optimizer,
     deepspeed_config,
+    destroy_engine,
     grad_checks,
     lr_lambda_for,
     param_groups,
@@ -126,7 +128,7 @@ def test_every_optimizer_trains_to_the_plain_adamw_parameters(reference, optimiz
             assert inner.defaults["foreach"] is (optimizer == "adamw_foreach")
         got = train(engine, model, tok, device)
     finally:
-        engine.destroy()
+        destroy_engine(engine)
     for name, value in reference.items():
         torch.testing.assert_close(got[name].cpu(), value, rtol=0, atol=2e-5, msg=lambda m: f"{optimizer} {name}: {m}")
 
@@ -179,7 +181,7 @@ def test_deepspeed_takes_the_stage_settings(zero_stage):
         params = train(engine, model, tok, steps=1)
         assert all(torch.isfinite(p).all() for p in params.values())
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 def test_reset_optimizer_state_with_the_fused_optimizer():
@@ -195,7 +197,29 @@ def test_reset_optimizer_state_with_the_fused_optimizer():
         assert [float(s["step"]) for s in inner.state.values()] == [1.0] * len(steps)
         assert all(torch.isfinite(p).all() for p in params.values())
     finally:
-        engine.destroy()
+        destroy_engine(engine)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_destroyed_engine_lets_the_model_go(zero_stage):
+    """After `destroy_engine` nothing holds the model or the engine: DeepSpeed's ZeRO-3 keeps both past its own
+    `destroy()` (its module stack and a class-wide cache), so a process building engines one after another (the
+    training-step benchmark) ran out of GPU memory."""
+    import gc
+    import weakref
+
+    init_distributed("cpu")
+    model, tok = fresh_model()
+    engine = build_engine(model, train_config(zero_stage=zero_stage), STEPS, use_bf16=False)
+    ids, mask, labels, pv = batch_for(model, tok)
+    for _ in range(2):  # the second step runs on ZeRO-3's completed trace, where the cache fills
+        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+        engine.step()
+    model_ref, engine_ref = weakref.ref(model), weakref.ref(engine)
+    destroy_engine(engine)
+    del engine, model
+    gc.collect()
+    assert model_ref() is None and engine_ref() is None
 
 
 def test_optimizer_choice_validation():

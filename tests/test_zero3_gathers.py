@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.training import zero3_gathers
+from engine.training.optim import destroy_engine
 from engine.training.zero_step import deepspeed_release_checked
 
 pytestmark = pytest.mark.skipif(not deepspeed_release_checked(),
@@ -170,4 +171,4 @@ def test_release_in_one_pass_equals_deepspeeds_and_hands_back_what_it_was_not_wr
         opt.zero_hpz_partition_size = 1
         assert "not DeepSpeed's ZeRO-3" in zero3_gathers.use_batched_release(torch.optim.SGD([torch.zeros(1)], lr=1.0))
     finally:
-        engine.destroy()
+        destroy_engine(engine)

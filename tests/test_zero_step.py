@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.training.config import ConfigError
-from engine.training.optim import grad_checks
+from engine.training.optim import destroy_engine, grad_checks
 from engine.training import zero_step
 from engine.training.zero_step import deepspeed_release_checked, multi_tensor_unsupported, use_multi_tensor_grad_checks
 from tests.test_optim import batch_for, deepspeed_engine, fresh_model, train_config
@@ -82,7 +82,7 @@ def test_norm_and_overflow_equal_deepspeed(zero_stage):
         assert not bool(opt.has_overflow_partitioned_grads_serial())
         assert not bool(ZeroOpt.has_overflow_partitioned_grads_serial(opt))
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 @needs_checked_release
@@ -120,12 +120,12 @@ def test_stage3_norm_equals_deepspeed():
         opt.model_parallel_group = None
         assert "not DeepSpeed's ZeRO-3" in zero_step.stage3_norm_unsupported(torch.optim.SGD([torch.zeros(1)], lr=1.0))
     finally:
-        engine.destroy()
+        destroy_engine(engine)
     engine = engine_after_backward(3, "deepspeed")
     try:
         assert engine.optimizer.get_grad_norm_direct.__func__ is Stage3.get_grad_norm_direct
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 @needs_checked_release
@@ -145,7 +145,7 @@ def test_a_step_with_a_nan_gradient_is_skipped():
         assert norm_calls == []  # the overflow check found it: the (also invalid) norm was never needed
         assert all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 def step_ops(checks: str, text_layers: int) -> tuple[int, int]:
@@ -157,7 +157,7 @@ def step_ops(checks: str, text_layers: int) -> tuple[int, int]:
             engine.step()
         return counter.count, n_grads
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 @needs_checked_release
@@ -187,7 +187,7 @@ def test_unsupported_setups_keep_deepspeeds_checks(monkeypatch):
         monkeypatch.setattr(zero_step, "deepspeed_release_checked", lambda: False)
         assert "checked against 0.19 only" in multi_tensor_unsupported(opt)
     finally:
-        engine.destroy()
+        destroy_engine(engine)
     monkeypatch.undo()
     import deepspeed
 
@@ -202,7 +202,7 @@ def test_unsupported_setups_keep_deepspeeds_checks(monkeypatch):
         assert engine.optimizer.get_grad_norm_direct.__func__ is ZeroOpt.get_grad_norm_direct
         assert grad_checks(engine, "deepspeed") == "deepspeed"
     finally:
-        engine.destroy()
+        destroy_engine(engine)
     with pytest.raises(ConfigError, match="zero_grad_checks"):
         train_config(zero_grad_checks="fast")
 
@@ -278,7 +278,7 @@ def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, devic
             results[checks] = run_steps(engine, model, batch, nan_at=(1,))
             assert engine.skipped_steps == 1, checks
         finally:
-            engine.destroy()
+            destroy_engine(engine)
     (ds_params, ds_steps, ds_lr, ds_reads, ds_norms), (params, steps, lr, reads, norms) = (results["multi_tensor"],
                                                                                          results["auto"])
     assert reads == [0, 0, 0, 0]
@@ -311,7 +311,7 @@ def test_skips_settled_late_leave_the_schedule_where_deepspeed_has_it():
             run_steps(engine, model, batch, nan_at=(0, 2))
             lrs[checks] = (engine.get_lr()[0], engine.lr_scheduler.last_epoch, engine.skipped_steps)
         finally:
-            engine.destroy()
+            destroy_engine(engine)
     assert lrs["auto"] == lrs["multi_tensor"]
     assert lrs["auto"][2] == 2
 
@@ -338,7 +338,7 @@ def test_device_step_refuses_other_setups(monkeypatch):
         assert "non-finite" in zero_step.device_step_unsupported(opt)
         assert zero_step.settle_skipped_steps(engine) == 0  # not stepping on the device: nothing to settle
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 def test_stage3_device_step_refuses_other_setups(monkeypatch):
@@ -367,4 +367,4 @@ def test_stage3_device_step_refuses_other_setups(monkeypatch):
         assert zero_step.use_device_step(opt) is None and zero_step.device_step_active(opt)
         assert opt.get_grad_norm_direct.__func__ is zero_step._stage3_grad_norm  # the norm the step combines
     finally:
-        engine.destroy()
+        destroy_engine(engine)

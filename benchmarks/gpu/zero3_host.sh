@@ -6,7 +6,7 @@
 #   grad_checks=multi_tensor             the same with DeepSpeed's step
 #   grad_checks=deepspeed                DeepSpeed's own throughout
 #   zero3_flat_leaf_reduction=true       the default plus the leaves' gradients reduced together (off by default)
-# Usage: benchmarks/gpu/zero3_host.sh OUT                                      (at most 9 min)
+# Usage: benchmarks/gpu/zero3_host.sh OUT                                      (at most 11 min)
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ source "$(dirname "$0")/lib.sh"
 RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
 
 step tests 150 python -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_zero_step.py -k cuda
-step zero3_ab 360 $RUN2 -m benchmarks.bench_train_step $B1 --batch-size 64 --optimizers adamw_fused --matmul-size 0 \
+step zero3_ab 480 $RUN2 -m benchmarks.bench_train_step $B1 --batch-size 64 --optimizers adamw_fused --matmul-size 0 \
   --stages 0,3 --zero-stages 3,2 --warmup 3 --steps 6 --phases --phase-steps 2 --zero-settings default \
   --zero-settings grad_checks=multi_tensor --zero-settings grad_checks=deepspeed \
-  --zero-settings zero3_flat_leaf_reduction=true --time-budget-s 320 --out "$OUT/zero3_ab"
+  --zero-settings zero3_flat_leaf_reduction=true --time-budget-s 400 --out "$OUT/zero3_ab"

@@ -173,6 +173,34 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
     return engine
 
 
+def destroy_engine(engine) -> None:
+    """`engine.destroy()`, plus the two references DeepSpeed 0.19's ZeRO-3 keeps to the model past it: the module
+    its set-up puts at the bottom of `parameter_offload.FWD_MODULE_STACK` (never popped), and the class-wide
+    `lru_cache` of the coordinator's `__params_to_release`, keyed by (coordinator, module, step). Without them the
+    model, its optimizer state and its CUDA graphs' pools outlive the engine: a process that builds engines one after
+    another (the benchmarks, the tests) runs out of memory."""
+    try:
+        engine.destroy()
+    finally:
+        if engine.zero_optimization_stage() == 3:
+            _drop_stage3_module_references(engine.module)
+
+
+def _drop_stage3_module_references(module) -> None:
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    # the cache sits under DeepSpeed's nvtx wrapper (no functools.wraps): found in its closure; emptying it costs the
+    # engines still alive one recomputation per (module, step)
+    method = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in (getattr(method, "__closure__", None) or ()):
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
 def grad_checks(engine, mode: str) -> str:
     """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
     reason: auto gives the optimizer the step without host waits where the setup allows, else the multi-tensor
