@@ -205,8 +205,10 @@ def grad_checks(engine, mode: str) -> str:
     """`zero_grad_checks` on a ZeRO engine's optimizer (engine/training/zero_step.py), logged once with the
     reason: auto gives the optimizer the step without host waits where the setup allows, else the multi-tensor
     checks; multi_tensor the checks inside DeepSpeed's own step (under ZeRO-3 the multi-tensor gradient norm; both
-    modes add engine/training/zero3_gathers.py's releases and gathers and zero3_linear.py there); deepspeed changes
-    nothing. Returns the path taken: "device", "multi_tensor" or "deepspeed"."""
+    modes add engine/training/zero3_gathers.py's releases and gathers and zero3_linear.py there, and on CUDA
+    accelerator_streams.py's stream calls); deepspeed changes nothing. Returns the path taken: "device",
+    "multi_tensor" or "deepspeed"."""
+    from engine.training.accelerator_streams import restore_deepspeed_streams, use_fast_streams
     from engine.training.zero3_gathers import (
         restore_deepspeed_copy_out,
         use_batched_release,
@@ -219,7 +221,11 @@ def grad_checks(engine, mode: str) -> str:
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
         restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out and the linear are process-wide)
         restore_deepspeed_linear()
+        restore_deepspeed_streams()
         return "deepspeed"
+    why_streams = use_fast_streams()
+    if why_streams is None:
+        log.info("stream calls: the current device asked directly, not through torch's device look-up per call")
     if engine.zero_optimization_stage() == 3:
         why_gather, why_copy = use_coalesced_persistent_gather(engine.optimizer), use_split_copy_out()
         why_release = use_batched_release(engine.optimizer)

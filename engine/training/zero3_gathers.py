@@ -125,11 +125,12 @@ def _free_whole(coordinator, params, free_data: bool = True) -> None:
     ds = _ds()
     accelerator, released_status = ds["accelerator"](), ds["released"]
     record = free_data and not accelerator.is_synchronized_device()
+    stream = accelerator.current_stream() if record else None  # looked up once, not per parameter
     released = 0
     for p in params:
         if free_data:
             if record and accelerator.on_accelerator(p.data):
-                p.data.record_stream(accelerator.current_stream())
+                p.data.record_stream(stream)
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         p.ds_status = released_status
         released += p.ds_numel
@@ -148,7 +149,10 @@ def _release_all_parameters(self) -> None:
     ds = _ds()
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
-    params = list(dict.fromkeys(iter_params(offload.module, recurse=True)))  # an external parameter can be listed twice
+    params = self.__dict__.get("_all_parameters_listed")
+    if params is None:  # listed once per engine (the module is fixed by then): the walk over ~2,000 modules per step
+        # cost more host time than the release; an external parameter can be listed twice
+        params = self._all_parameters_listed = list(dict.fromkeys(iter_params(offload.module, recurse=True)))
     whole = [p for p in params if p.ds_status != ds["released"]]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
             or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
