@@ -31,8 +31,10 @@ Only rank 0 writes ``train_step.json`` (settings, environment, command, world si
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
 import os
+import pstats
 import sys
 import time
 import warnings
@@ -151,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-phase", choices=PHASES, default=None,
                    help="one more step per configuration with this phase under torch.profiler: its top operators by "
                         "self device and host time and its kernel launches, logged and kept in the JSON (rank 0)")
+    p.add_argument("--profile-tool", choices=("torch", "python"), default="torch",
+                   help="for --profile-phase: torch.profiler (operators, kernels, the device timeline) or cProfile "
+                        "(the Python functions that spend the host's time: DeepSpeed's per-parameter hooks, ...)")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
     p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
@@ -408,12 +413,15 @@ class SyncCounter:
 class PhaseProfiler:
     """torch.profiler around one phase of one step (started at the previous phase's mark, stopped at its own): the
     phase's operators by self device time and by self host time, its launches from the host and the kernels the
-    device ran. Where the optimizer phase's time goes is the question this answers (`--profile-phase optimizer`)."""
+    device ran. Where the optimizer phase's time goes is the question this answers (`--profile-phase optimizer`).
+    With `tool="python"`, cProfile instead: the phase's Python functions by self and by cumulative time, for a
+    host-bound phase whose time is spread over many small calls (cProfile's own cost inflates them: compare
+    functions with each other, not with the unprofiled phase)."""
 
     LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
-    def __init__(self, device: torch.device, phase: str):
-        self.device, self.phase = device, phase
+    def __init__(self, device: torch.device, phase: str, tool: str = "torch"):
+        self.device, self.phase, self.tool = device, phase, tool
         self.start_after = PHASES[PHASES.index(phase) - 1] if PHASES.index(phase) else None
         self.prof = None
         self.running = False
@@ -425,9 +433,13 @@ class PhaseProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         synchronize(self.device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self.prof = profile(activities=activities)
-        self.prof.__enter__()
+        if self.tool == "python":
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+        else:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
         self.running = True
         self.t0 = time.perf_counter()
 
@@ -435,7 +447,10 @@ class PhaseProfiler:
         """Stop the profiler if it runs (also when the step raised half-way)."""
         if self.running:
             self.running = False
-            self.prof.__exit__(None, None, None)
+            if self.tool == "python":
+                self.prof.disable()
+            else:
+                self.prof.__exit__(None, None, None)
 
     def mark(self, phase: str) -> None:
         if phase == self.start_after:
@@ -445,12 +460,28 @@ class PhaseProfiler:
             self.wall_ms = (time.perf_counter() - self.t0) * 1e3
             self.stop()
 
+    def python_summary(self, top: int) -> dict:
+        """cProfile's functions of the phase: calls, self and cumulative ms, the top `top` by each."""
+        stats = pstats.Stats(self.prof).stats
+        rows = [dict(function=(name if file == "~" else f"{_short_path(file)}:{line}({name})")[:120], calls=calls,
+                     self_ms=self_s * 1e3,
+                     cumulative_ms=cumulative_s * 1e3)
+                for (file, line, name), (_, calls, self_s, cumulative_s, _) in stats.items()]
+        return {
+            "tool": "python", "phase": self.phase, "wall_ms": self.wall_ms,
+            "function_calls": sum(r["calls"] for r in rows),
+            "by_self": sorted(rows, key=lambda r: -r["self_ms"])[:top],
+            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top],
+        }
+
     def summary(self, top: int = 25) -> dict:
         """The profiled phase's operators (self times: nested calls are not counted twice; the phase's own
         `train/...` range left out), the kernel launches issued by the host (a CUDA graph launch counts once) and
         the kernels the device ran (a graph's included; memory copies, sets and annotation spans are not kernels)."""
         if self.wall_ms is None:
             raise RuntimeError(f"the {self.phase} phase was not profiled to its end")
+        if self.tool == "python":
+            return self.python_summary(top)
         events = self.prof.key_averages()
 
         def device_ms(e) -> float:
@@ -478,8 +509,25 @@ class PhaseProfiler:
         }
 
 
+def _short_path(path: str) -> str:
+    """A profiled function's file relative to site-packages or the repository, as people name it."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    return path[len(root):] if path.startswith(root) else path
+
+
 def profile_table(prof: dict) -> str:
-    """The profiled phase as markdown: totals, then the top operators by self device and by self host time."""
+    """The profiled phase as markdown: totals, then the top operators by self device and by self host time (or,
+    under cProfile, the top functions by self and by cumulative time)."""
+    if prof.get("tool") == "python":
+        columns = [("function", "function"), ("calls", "calls"), ("self_ms", "self ms"), ("cumulative_ms", "cumulative ms")]
+        lines = [f"{prof['phase']} phase under cProfile: {prof['wall_ms']:.1f} ms wall (profiled), "
+                 f"{prof['function_calls']} function calls"]
+        for key, title in (("by_self", "self time"), ("by_cumulative", "cumulative time")):
+            lines.append(f"Top functions by {title}:\n\n" + markdown_table(prof[key], columns))
+        return "\n\n".join(lines)
     lines = [f"{prof['phase']} phase under torch.profiler: {prof['wall_ms']:.1f} ms wall, host (self, all operators) "
              f"{prof['host_ms']:.1f} ms" + ("" if prof["kernel_ms"] is None else
                                             f", {prof['host_launches']} launches from the host, "
@@ -697,8 +745,8 @@ class Bench:
         return {"ms": ms, "host_ms": host, "syncs": syncs}
 
     def profile_phase(self, step, phase: str) -> dict:
-        """One more step with `phase` under torch.profiler (`PhaseProfiler`)."""
-        profiler = PhaseProfiler(self.device, phase)
+        """One more step with `phase` under torch.profiler or cProfile (`PhaseProfiler`)."""
+        profiler = PhaseProfiler(self.device, phase, self.args.profile_tool)
         try:
             step(profiler)
         finally:

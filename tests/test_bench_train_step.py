@@ -254,9 +254,28 @@ def test_profiled_phase_holds_only_that_phase(tmp_path):
         bench_train_step.parse_args(["--smoke", "--profile-phase", "everything"])
 
 
-def test_a_step_that_fails_under_the_profiler_stops_it():
+def test_python_profile_of_a_phase_holds_only_that_phase(tmp_path):
+    """--profile-tool python: the optimizer phase's Python functions under cProfile; DeepSpeed's step is in them,
+    the model's forward and the backward's hooks are not, and the logged table names them."""
+    rc = bench_train_step.main(["--smoke", "--stages", "1", "--warmup", "0", "--steps", "1", "--profile-phase",
+                                "optimizer", "--profile-tool", "python", "--out", str(tmp_path)])
+    assert rc == 0
+    prof = json.loads((tmp_path / "train_step.json").read_text())["rows"][0]["profile_rank0"]
+    assert prof["tool"] == "python" and prof["phase"] == "optimizer" and prof["wall_ms"] > 0
+    names = [r["function"] for r in prof["by_cumulative"]]
+    assert any(n.startswith("deepspeed/runtime/") and "(step)" in n for n in names), names
+    everything = [r["function"] for r in prof["by_self"] + prof["by_cumulative"]]
+    assert not any("engine/model/coconut.py" in n or "backward" in n.lower() for n in everything), everything
+    assert all(r["cumulative_ms"] >= r["self_ms"] >= 0 and r["calls"] > 0 for r in prof["by_self"])
+    table = bench_train_step.profile_table(prof)  # as logged
+    assert "optimizer phase under cProfile" in table and names[0] in table
+
+
+@pytest.mark.parametrize("tool", ["torch", "python"])
+def test_a_step_that_fails_under_the_profiler_stops_it(tool):
     """`Bench.profile_phase` stops the profiler when the profiled step raises half-way (the sweep goes on with the
     next configuration unprofiled), and an unfinished phase has no summary."""
+    import sys
     from types import SimpleNamespace
 
     def failing_step(clock):
@@ -265,11 +284,12 @@ def test_a_step_that_fails_under_the_profiler_stops_it():
         torch.ones(3).sum()
         raise RuntimeError("the optimizer failed")
 
-    bench = SimpleNamespace(device=torch.device("cpu"))
+    bench = SimpleNamespace(device=torch.device("cpu"), args=SimpleNamespace(profile_tool=tool))
     with pytest.raises(RuntimeError, match="the optimizer failed"):
         bench_train_step.Bench.profile_phase(bench, failing_step, "optimizer")
     assert not torch.autograd.profiler._is_profiler_enabled
-    unfinished = bench_train_step.PhaseProfiler(torch.device("cpu"), "data")  # starts at once
+    assert sys.getprofile() is None  # cProfile disabled again
+    unfinished = bench_train_step.PhaseProfiler(torch.device("cpu"), "data", tool)  # starts at once
     unfinished.stop()
     with pytest.raises(RuntimeError, match="not profiled to its end"):
         unfinished.summary()

@@ -124,7 +124,8 @@ class TrainConfig:
     zero3_leaf_vision_tower: bool = True
     # ZeRO-3: each leaf module's gradients reduced together when its backward is done (one layout kernel, one
     # reduce-scatter and multi-tensor adds per bucket, engine/training/zero3_gathers.py) instead of DeepSpeed's
-    # per-parameter loop; the same parameters bit for bit (tests/test_distributed.py). Off until measured on GPUs
+    # per-parameter loop; the same parameters bit for bit (tests/test_distributed.py). Off: 3-5% slower per step
+    # than DeepSpeed's loop on two H200s (benchmarks/RESULTS.md)
     zero3_flat_leaf_reduction: bool = False
     # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
     # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
