@@ -1,7 +1,8 @@
 """engine/training/accelerator_streams.py: DeepSpeed's stream calls without torch's per-call device look-up.
 
-On a GPU the equivalents are compared with torch's own (the current stream, the stream context: nested, left by an
-exception, a stream of another device, None); everywhere the install rules are checked on a stand-in accelerator.
+On a GPU the equivalents are compared with torch's own (the current stream; the stream context over one scenario of
+nested, failing, reused and None contexts, one object entered inside itself, a stream of another device or of
+another class); everywhere the install rules are checked on a stand-in accelerator.
 """
 
 from __future__ import annotations
@@ -70,28 +71,65 @@ def test_current_stream_equals_torchs():
             assert accelerator_streams._current_stream(torch.cuda.current_device()) == stream
 
 
+def run_scenario(context, outer, inner) -> list[int]:
+    """The current stream's id at each point of nested, failing and reused contexts made by `context`."""
+    seen = [torch.cuda.current_stream().stream_id]
+    with context(outer):
+        seen.append(torch.cuda.current_stream().stream_id)
+        with context(inner):
+            seen.append(torch.cuda.current_stream().stream_id)
+        seen.append(torch.cuda.current_stream().stream_id)
+    seen.append(torch.cuda.current_stream().stream_id)
+    try:
+        with context(inner):
+            seen.append(torch.cuda.current_stream().stream_id)
+            raise ValueError("left by an exception")
+    except ValueError:
+        pass
+    seen.append(torch.cuda.current_stream().stream_id)
+    reused = context(outer)
+    for _ in range(2):
+        with reused:
+            seen.append(torch.cuda.current_stream().stream_id)
+        seen.append(torch.cuda.current_stream().stream_id)
+    with context(None):
+        seen.append(torch.cuda.current_stream().stream_id)
+    return seen
+
+
 @cuda
 def test_stream_context_equals_torchs():
     outer, inner = torch.cuda.Stream(), torch.cuda.Stream()
+    expected = run_scenario(torch.cuda.stream, outer, inner)
+    assert len(set(expected)) == 3  # the scenario does move between three streams
+    assert run_scenario(CurrentDeviceStream, outer, inner) == expected
+    # work queued inside runs on the stream entered
+    with CurrentDeviceStream(inner):
+        x = torch.ones(1 << 20, device="cuda") * 2
+    torch.cuda.current_stream().wait_stream(inner)
+    assert float(x.sum()) == 2 * (1 << 20)
+    # one object entered inside itself restores each level (torch's context keeps one saved stream, so it cannot)
     start = torch.cuda.current_stream()
-    with CurrentDeviceStream(outer):
-        assert torch.cuda.current_stream() == outer
+    context = CurrentDeviceStream(outer)
+    with context:
         with CurrentDeviceStream(inner):
+            with context:
+                assert torch.cuda.current_stream() == outer
             assert torch.cuda.current_stream() == inner
-            x = torch.ones(1 << 20, device="cuda") * 2  # queued on `inner`
         assert torch.cuda.current_stream() == outer
-        outer.wait_stream(inner)
-        assert float(x.sum()) == 2 * (1 << 20)
     assert torch.cuda.current_stream() == start
-    with pytest.raises(ValueError):
-        with CurrentDeviceStream(inner):
-            raise ValueError("left by an exception")
-    assert torch.cuda.current_stream() == start
-    context = CurrentDeviceStream(outer)  # reusable, as torch's
-    for _ in range(2):
-        with context:
-            assert torch.cuda.current_stream() == outer
-        assert torch.cuda.current_stream() == start
+
+
+@cuda
+def test_a_stream_that_is_not_torch_cuda_stream_goes_to_torchs_context():
+    generic = torch.Stream(device="cuda")  # torch's device-generic stream, not a torch.cuda.Stream
+    assert not isinstance(generic, torch.cuda.Stream)
+    start = torch.cuda.current_stream()
+    context = CurrentDeviceStream(generic)
+    with context:
+        assert torch.cuda.current_stream().stream_id == generic.stream_id
+        assert isinstance(context.saved[-1], torch.cuda.StreamContext)
+    assert torch.cuda.current_stream() == start and not context.saved
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -111,6 +149,8 @@ def test_the_trainer_installs_them_and_deepspeed_mode_restores():
     from engine.training.optim import destroy_engine, grad_checks
     from tests.test_optim import deepspeed_engine, train_config
 
+    accelerator_streams.restore_deepspeed_streams()  # the install is process-wide: start without it
+    assert accelerator_streams.fast_streams_unsupported() is None
     engine, _, _ = deepspeed_engine(train_config(zero_stage=2, device="cuda"), device="cuda")
     try:
         assert accelerator_streams.fast_streams_active()
@@ -121,3 +161,4 @@ def test_the_trainer_installs_them_and_deepspeed_mode_restores():
         assert accelerator_streams.fast_streams_active()
     finally:
         destroy_engine(engine)
+        accelerator_streams.restore_deepspeed_streams()

@@ -202,24 +202,36 @@ def test_reset_optimizer_state_with_the_fused_optimizer():
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_destroyed_engine_lets_the_model_go(zero_stage):
-    """After `destroy_engine` nothing holds the model or the engine: DeepSpeed's ZeRO-3 keeps both past its own
-    `destroy()` (its module stack and a class-wide cache), so a process building engines one after another (the
-    training-step benchmark) ran out of GPU memory."""
+    """After `destroy_engine` nothing holds the model or the engine, also after a forward that failed half-way:
+    DeepSpeed's ZeRO-3 keeps both past its own `destroy()` (its module stack and a class-wide cache), so a process
+    building engines one after another (the training-step benchmark) ran out of GPU memory."""
     import gc
     import weakref
 
     init_distributed("cpu")
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    stack_before = list(FWD_MODULE_STACK)  # other tests' engines may have left theirs
     model, tok = fresh_model()
     engine = build_engine(model, train_config(zero_stage=zero_stage), STEPS, use_bf16=False)
     ids, mask, labels, pv = batch_for(model, tok)
     for _ in range(2):  # the second step runs on ZeRO-3's completed trace, where the cache fills
         engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
         engine.step()
+    if zero_stage == 3:  # a forward that raises inside the language model's call leaves that call on ZeRO-3's stack
+
+        def fail(module, args):
+            raise RuntimeError("a forward that fails half-way")
+
+        model.get_submodule("base.model.language_model.layers.0").register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="half-way"):
+            engine(ids, mask, pv, labels=labels, return_logits=False)
     model_ref, engine_ref = weakref.ref(model), weakref.ref(engine)
     destroy_engine(engine)
     del engine, model
     gc.collect()
     assert model_ref() is None and engine_ref() is None
+    assert FWD_MODULE_STACK == stack_before  # nothing of the destroyed engine left for the next one to register on
 
 
 def test_optimizer_choice_validation():

@@ -23,14 +23,14 @@ _INSTALLED = ("current_stream", "stream")  # instance attributes over the accele
 
 class CurrentDeviceStream:
     """`torch.cuda.stream(s)` for a stream of the current device without torch's device look-ups; a stream of
-    another device goes to torch's `StreamContext`, and None is a no-op, as there."""
+    another device (or not a `torch.cuda.Stream`) goes to torch's `StreamContext`, and None is a no-op, as there.
+    What each entry replaced is kept on a stack, so one object entered inside itself restores each level in turn."""
 
-    __slots__ = ("stream", "previous", "fallback")
+    __slots__ = ("stream", "saved")
 
     def __init__(self, stream):
         self.stream = stream
-        self.previous = None
-        self.fallback = None
+        self.saved = []  # per entry: the previous stream, or torch's context that was entered
 
     def __enter__(self):
         stream = self.stream
@@ -38,19 +38,20 @@ class CurrentDeviceStream:
             return None
         device = torch.cuda.current_device()
         if not isinstance(stream, torch.cuda.Stream) or stream.device_index != device:
-            self.fallback = torch.cuda.StreamContext(stream)
-            return self.fallback.__enter__()
-        self.previous = torch.cuda.current_stream(device)
+            context = torch.cuda.StreamContext(stream)
+            self.saved.append(context)
+            return context.__enter__()
+        self.saved.append(torch.cuda.current_stream(device))
         torch.cuda.set_stream(stream)
         return None
 
     def __exit__(self, exc_type, exc, traceback):
-        if self.fallback is not None:
-            fallback, self.fallback = self.fallback, None
-            return fallback.__exit__(exc_type, exc, traceback)
-        if self.previous is not None:
-            previous, self.previous = self.previous, None
-            torch.cuda.set_stream(previous)
+        if self.stream is None or not self.saved:
+            return None
+        saved = self.saved.pop()
+        if isinstance(saved, torch.cuda.StreamContext):
+            return saved.__exit__(exc_type, exc, traceback)
+        torch.cuda.set_stream(saved)
         return None
 
 

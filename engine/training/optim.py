@@ -176,7 +176,8 @@ def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):
 def destroy_engine(engine) -> None:
     """`engine.destroy()`, plus the two references DeepSpeed 0.19's ZeRO-3 keeps to the model past it: the module
     its set-up puts at the bottom of `parameter_offload.FWD_MODULE_STACK` (never popped), and the class-wide
-    `lru_cache` of the coordinator's `__params_to_release`, keyed by (coordinator, module, step). Without them the
+    `lru_cache` of the coordinator's `__params_to_release`, keyed by (coordinator, module, step); a forward that raised
+    half-way also leaves the submodules it had entered on that stack. Without them the
     model, its optimizer state and its CUDA graphs' pools outlive the engine: a process that builds engines one after
     another (the benchmarks, the tests) runs out of memory."""
     try:
@@ -191,8 +192,9 @@ def _drop_stage3_module_references(module) -> None:
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
-    if isinstance(stack, list):
-        stack[:] = [m for m in stack if m is not module]
+    if isinstance(stack, list):  # the root, and the submodules a forward that raised half-way left on it
+        owned = {id(m) for m in module.modules()}
+        stack[:] = [m for m in stack if id(m) not in owned]
     # the cache sits under DeepSpeed's nvtx wrapper (no functools.wraps): found in its closure; emptying it costs the
     # engines still alive one recomputation per (module, step)
     method = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)

@@ -32,6 +32,7 @@ dtypes) and the releases' hand-over on one rank.
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import torch
@@ -144,15 +145,16 @@ def _release_all_parameters(self) -> None:
     parameter (~60% of the step's host time on CPU ranks at 736 tensors). What it was not written for goes to
     DeepSpeed's: a gather in flight or one the coordinator still holds (a prefetch finished through another module's
     fetch), a parameter never partitioned, ZeRO++'s secondary partitions, NVMe."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
-
     ds = _ds()
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
-    params = self.__dict__.get("_all_parameters_listed")
-    if params is None:  # listed once per engine (the module is fixed by then): the walk over ~2,000 modules per step
-        # cost more host time than the release; an external parameter can be listed twice
-        params = self._all_parameters_listed = list(dict.fromkeys(iter_params(offload.module, recurse=True)))
+    module_params = self.__dict__.get("_module_parameters_listed")
+    if module_params is None:  # walked once per engine (its modules are fixed by then): the walk over ~2,000 modules
+        # per step cost more host time than the release
+        module_params = self._module_parameters_listed = [p for _, p in offload.module.named_parameters(recurse=True)]
+    # DeepSpeed's list (`iter_params(module, recurse=True)`): the root's external parameters are registered by its
+    # forwards, so they are read at every call; one can also be a module parameter, hence the dedup
+    params = list(dict.fromkeys(itertools.chain(module_params, (p for _, p in offload.module.ds_external_parameters()))))
     whole = [p for p in params if p.ds_status != ds["released"]]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
             or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
