@@ -1,13 +1,14 @@
 """Host cost of ZeRO-3's per-parameter work, DeepSpeed's own against the engine's (engine/training/zero3_gathers.py,
 engine/training/zero3_linear.py and the step of engine/training/zero_step.py), on CPU ranks.
 
-Under ZeRO-3 the forward gathers a leaf module's parameters (one collective, then a copy-out per parameter), the
-backward reduces its gradients (a bucket copy, a reduce-scatter share and a partition copy per parameter) and the
-step reads the gradient norm on the host, then re-gathers the persistent parameters (one collective each). Both
-paths step with torch's fused AdamW. On a GPU that work is host time; here, with many
-small parameters and tiny tensors, each phase's time is almost all that host work, so the per-parameter cost of each
-path can be read off without a GPU. A figure here is a CPU figure: what it saves on a GPU is measured with
-benchmarks/bench_train_step.py (`--zero-settings zero3_flat_leaf_reduction=true`, `grad_checks=deepspeed`).
+Under ZeRO-3 the forward gathers a leaf module's parameters (one collective, then a copy-out per parameter; DeepSpeed
+lists them by a walk over the leaf's modules at each hook), the backward reduces its gradients (a bucket copy, a
+reduce-scatter share and a partition copy per parameter) and the step reads the gradient norm on the host, then
+re-gathers the persistent parameters (one collective each). Both paths step with torch's fused AdamW. On a GPU that
+work is host time; here, with many small parameters and tiny tensors, each phase's time is almost all that host
+work, so the per-parameter cost of each path can be read off without a GPU. A figure here is a CPU figure: what it
+saves on a GPU is measured with benchmarks/bench_train_step.py (`--zero-settings zero3_flat_leaf_reduction=true`,
+`grad_checks=deepspeed`).
 
     torchrun --nproc_per_node 2 -m benchmarks.zero3_host_cost --blocks 100 --steps 10 --out bench_results/zero3_host
 
@@ -77,10 +78,12 @@ def build(path: str, args):
     if path == "engine":
         for why in (zero3_gathers.use_coalesced_persistent_gather(engine.optimizer), zero3_gathers.use_split_copy_out(),
                     zero3_gathers.use_flat_leaf_reduction(engine.optimizer), zero3_gathers.use_batched_release(engine.optimizer),
-                    use_device_step(engine.optimizer, engine), zero3_linear.use_memory_efficient_linear()):
+                    use_device_step(engine.optimizer, engine), zero3_linear.use_memory_efficient_linear(),
+                    zero3_gathers.use_listed_parameters()):
             assert why is None, why
     else:
         zero3_gathers.restore_deepspeed_copy_out()
+        zero3_gathers.restore_deepspeed_parameter_walks()
         zero3_linear.restore_deepspeed_linear()
     return engine
 

@@ -1,8 +1,8 @@
 """engine/training/zero3_gathers.py's one-kernel copy-out on hand-built coalesced buckets: the parameters equal those of
 DeepSpeed's per-parameter copy-out for three ranks, odd sizes, a parameter smaller than the rank count and a
 gather dtype other than the parameters'; what it was not written for goes to DeepSpeed's own. The step's release in
-one pass on a one-rank engine. One process, CPU (the two-rank comparison of real gathers and releases is in
-tests/test_distributed.py)."""
+one pass on a one-rank engine; the parameter lists made once against DeepSpeed's walks. One process, CPU (the
+two-rank comparison of real gathers and releases is in tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,84 @@ def test_release_in_one_pass_equals_deepspeeds_and_hands_back_what_it_was_not_wr
         assert "not DeepSpeed's ZeRO-3" in zero3_gathers.use_batched_release(torch.optim.SGD([torch.zeros(1)], lr=1.0))
     finally:
         destroy_engine(engine)
+
+
+def leaf_engine():
+    """A one-rank ZeRO-3 engine built as the trainer builds it: the language model and the vision tower as leaves."""
+    from engine.training.distributed import init_distributed
+    from engine.training.optim import build_engine
+    from tests.test_optim import fresh_model, train_config
+
+    init_distributed("cpu")
+    model, tok = fresh_model()
+    return build_engine(model, train_config(zero_stage=3), 4, use_bf16=False), model, tok
+
+
+def test_listed_parameters_equal_deepspeeds_walks():
+    """Every module's listed parameters are DeepSpeed's `iter_params`, recursive or not, before and after external
+    parameters are registered on the root and on a leaf (read anew at every call, as DeepSpeed reads them)."""
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    engine, model, _ = leaf_engine()
+    try:
+        assert partitioned_param_coordinator.iter_params is zero3_gathers.iter_params_listed
+        assert parameter_offload.iter_params is zero3_gathers.iter_params_listed
+        walk = zero3_gathers._DEEPSPEED_ITER_PARAMS["deepspeed.runtime.zero.partitioned_param_coordinator"]
+        leaf = model.get_submodule("base.model.language_model")
+
+        def check():
+            for module in model.modules():
+                for recurse in (False, True):
+                    ours, theirs = list(zero3_gathers.iter_params_listed(module, recurse)), list(walk(module, recurse))
+                    assert len(ours) == len(theirs) and all(a is b for a, b in zip(ours, theirs)), (module, recurse)
+
+        check()
+        assert len(zero3_gathers.listed_parameters(model)) == len(list(model.parameters()))
+        # external parameters: one that is another module's (the tied case) and one of no module
+        deepspeed.zero.register_external_parameter(leaf, next(model.get_submodule("base.model.vision_tower").parameters()))
+        deepspeed.zero.register_external_parameter(model, next(leaf.parameters()))
+        check()
+        assert len(list(zero3_gathers.iter_params_listed(leaf, True))) == len(list(leaf.parameters())) + 1
+    finally:
+        destroy_engine(engine)
+
+
+def test_listed_parameters_install_and_restore(monkeypatch):
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    zero3_gathers.restore_deepspeed_parameter_walks()
+    original = partitioned_param_coordinator.iter_params
+    assert zero3_gathers.use_listed_parameters() is None
+    assert zero3_gathers.use_listed_parameters() is None  # twice: DeepSpeed's kept, not ours
+    assert partitioned_param_coordinator.iter_params is parameter_offload.iter_params is zero3_gathers.iter_params_listed
+    zero3_gathers.restore_deepspeed_parameter_walks()
+    assert partitioned_param_coordinator.iter_params is parameter_offload.iter_params is original
+    monkeypatch.setattr(zero3_gathers, "deepspeed_release_checked", lambda: False)
+    assert "checked against 0.19 only" in zero3_gathers.use_listed_parameters()
+    assert partitioned_param_coordinator.iter_params is original
+
+
+def test_training_with_listed_parameters_equals_deepspeeds_walks():
+    """Two steps of a leaf engine with the listed parameters and two with DeepSpeed's walks: the same weights, bit
+    for bit (the lists change which Python walks, not what is gathered, released or reduced)."""
+    import deepspeed
+
+    from tests.test_optim import batch_for
+
+    weights = []
+    for listed in (True, False):
+        engine, model, tok = leaf_engine()
+        try:
+            if not listed:
+                zero3_gathers.restore_deepspeed_parameter_walks()
+            ids, mask, labels, pv = batch_for(model, tok)
+            for _ in range(2):
+                engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+                engine.step()
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                weights.append([p.detach().clone() for p in model.parameters()])
+        finally:
+            destroy_engine(engine)
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert zero3_gathers.use_listed_parameters() is None  # as the trainer leaves it

@@ -213,15 +213,18 @@ def grad_checks(engine, mode: str) -> str:
     from engine.training.accelerator_streams import restore_deepspeed_streams, use_fast_streams
     from engine.training.zero3_gathers import (
         restore_deepspeed_copy_out,
+        restore_deepspeed_parameter_walks,
         use_batched_release,
         use_coalesced_persistent_gather,
+        use_listed_parameters,
         use_split_copy_out,
     )
     from engine.training.zero3_linear import restore_deepspeed_linear, use_memory_efficient_linear
     from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks, use_stage3_multi_tensor_norm
 
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
-        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out and the linear are process-wide)
+        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out, the parameter walks, the linear and
+        restore_deepspeed_parameter_walks()  # the stream calls are process-wide)
         restore_deepspeed_linear()
         restore_deepspeed_streams()
         return "deepspeed"
@@ -230,12 +233,13 @@ def grad_checks(engine, mode: str) -> str:
         log.info("stream calls: the current device asked directly, not through torch's device look-up per call")
     if engine.zero_optimization_stage() == 3:
         why_gather, why_copy = use_coalesced_persistent_gather(engine.optimizer), use_split_copy_out()
-        why_release = use_batched_release(engine.optimizer)
+        why_release, why_listed = use_batched_release(engine.optimizer), use_listed_parameters()
         log.info("ZeRO-3 gathers: persistent parameters released before the step %s and gathered after it %s; "
-                 "coalesced gathers copied out %s",
+                 "coalesced gathers copied out %s; each module's parameters listed %s",
                  "in one pass" if why_release is None else f"one by one ({why_release})",
                  "in one collective" if why_gather is None else f"one collective each ({why_gather})",
-                 "in one kernel" if why_copy is None else f"one kernel per parameter ({why_copy})")
+                 "in one kernel" if why_copy is None else f"one kernel per parameter ({why_copy})",
+                 "once" if why_listed is None else f"by a walk at every hook ({why_listed})")
         why_linear = use_memory_efficient_linear()
         log.info("ZeRO-3 linear layers: %s", "torch's linear forward in DeepSpeed's memory-efficient function, no "
                  "argument binding per call" if why_linear is None else f"as DeepSpeed has them ({why_linear})")

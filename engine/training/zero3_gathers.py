@@ -19,6 +19,9 @@ one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced
   not it logs. `use_batched_release(optimizer)` does the same work without that (statuses, freed storage, the
   coordinator's count): the step's release in one pass, and each module's through a plain per-parameter release
   on its coordinator.
+- DeepSpeed lists a module's parameters by walking its submodules at each hook, fetch and release: for a leaf module
+  (the language model, the vision tower) a walk over a few hundred modules, several times per forward and backward.
+  `use_listed_parameters()` walks each module once.
 
 Each leaves to DeepSpeed's code what it was not written for: the persistent gather ZeRO++'s secondary or
 quantized partitions, parameters gathered in an autocast dtype, and offloaded optimizers or parameters; the copy-out
@@ -27,7 +30,8 @@ flat buffer is the same); the releases a gather in flight, ZeRO++, NVMe and para
 checked DeepSpeed releases only (`zero_step.CHECKED_DEEPSPEED`).
 tests/test_distributed.py compares them with DeepSpeed's gathers and releases on two ranks, bit for bit (CPU, and
 CUDA where two GPUs are); tests/test_zero3_gathers.py the copy-out on hand-built buckets (three ranks, odd sizes,
-dtypes) and the releases' hand-over on one rank.
+dtypes), the releases' hand-over on one rank, and the parameter lists with DeepSpeed's walks (every module, external
+parameters, two steps of training bit for bit).
 """
 
 from __future__ import annotations
@@ -148,13 +152,9 @@ def _release_all_parameters(self) -> None:
     ds = _ds()
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
-    module_params = self.__dict__.get("_module_parameters_listed")
-    if module_params is None:  # walked once per engine (its modules are fixed by then): the walk over ~2,000 modules
-        # per step cost more host time than the release
-        module_params = self._module_parameters_listed = [p for _, p in offload.module.named_parameters(recurse=True)]
-    # DeepSpeed's list (`iter_params(module, recurse=True)`): the root's external parameters are registered by its
-    # forwards, so they are read at every call; one can also be a module parameter, hence the dedup
-    params = list(dict.fromkeys(itertools.chain(module_params, (p for _, p in offload.module.ds_external_parameters()))))
+    # DeepSpeed's list, the module walked once (the walk over ~2,000 modules per step cost more host time than the
+    # release); an external parameter can also be a module parameter, hence the dedup
+    params = list(dict.fromkeys(iter_params_listed(offload.module, recurse=True)))
     whole = [p for p in params if p.ds_status != ds["released"]]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
             or len(getattr(coordinator, _COORDINATOR_INFLIGHT)) > 0
@@ -285,6 +285,72 @@ def restore_deepspeed_copy_out() -> None:
         from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
 
         AllGatherCoalescedHandle.wait = _DEEPSPEED_WAIT["wait"]
+
+
+# ---------------------------------------------------------------------- the leaves' parameter lists
+# DeepSpeed lists a module's parameters with `iter_params(module, recurse)` at each of its hooks, fetches and
+# releases; for a leaf module (the language model, the vision tower) that is a recursive walk over its few hundred
+# submodules, several times per forward and per backward. `use_listed_parameters()` gives the two DeepSpeed modules
+# that call it a version that walks each module once: the module's own parameters (recursively) are fixed once
+# ZeRO-3 has partitioned them (a parameter added later would not be partitioned either), while its external
+# parameters, which DeepSpeed registers during forwards, are read at every call as DeepSpeed reads them.
+
+_ITER_PARAMS_USERS = ("deepspeed.runtime.zero.partitioned_param_coordinator", "deepspeed.runtime.zero.parameter_offload")
+_DEEPSPEED_ITER_PARAMS = {}  # module name -> DeepSpeed's iter_params there, kept to restore
+_LISTED = "_zero3_parameters_listed"  # the module attribute that holds the list (it goes with the module: a weak
+# mapping would not let it go, as DeepSpeed's parameters refer back to their modules)
+
+
+def listed_parameters(module) -> list:
+    """`module`'s parameters, recursively, in `named_parameters` order: walked once per module."""
+    listed = module.__dict__.get(_LISTED)
+    if listed is None:
+        listed = module.__dict__[_LISTED] = [p for _, p in module.named_parameters(recurse=True)]
+    return listed
+
+
+def iter_params_listed(module, recurse=False):
+    """DeepSpeed's `iter_params(module, recurse)`: the module's parameters (recursively: `listed_parameters`), then
+    its external ones."""
+    own = listed_parameters(module) if recurse else (p for _, p in module.named_parameters(recurse=False))
+    return itertools.chain(own, (p for _, p in module.ds_external_parameters()))
+
+
+def listed_parameters_unsupported() -> str | None:
+    """Why DeepSpeed's parameter walks stay, or None when the listed ones can stand in."""
+    if not deepspeed_release_checked():
+        import deepspeed
+
+        return f"deepspeed {deepspeed.__version__}: the parameter lists were checked against 0.19 only"
+    import importlib
+
+    for name in _ITER_PARAMS_USERS:
+        if not callable(getattr(importlib.import_module(name), "iter_params", None)):
+            return f"{name} has no iter_params to replace"
+    return None
+
+
+def use_listed_parameters() -> str | None:
+    """Walk each module's parameters once (process-wide: the two DeepSpeed modules' `iter_params`). Returns None
+    when done, else the reason it was left as it is."""
+    why = listed_parameters_unsupported()
+    if why is not None:
+        return why
+    import importlib
+
+    for name in _ITER_PARAMS_USERS:
+        module = importlib.import_module(name)
+        _DEEPSPEED_ITER_PARAMS.setdefault(name, module.iter_params)
+        module.iter_params = iter_params_listed
+    return None
+
+
+def restore_deepspeed_parameter_walks() -> None:
+    """Undo `use_listed_parameters` (DeepSpeed's walk at every call again)."""
+    import importlib
+
+    for name, original in _DEEPSPEED_ITER_PARAMS.items():
+        importlib.import_module(name).iter_params = original
 
 
 # ---------------------------------------------------------------------- the leaves' gradient reduction
