@@ -152,8 +152,8 @@ def _release_all_parameters(self) -> None:
     ds = _ds()
     offload = self.parameter_offload
     coordinator = offload.get_param_coordinator()
-    # DeepSpeed's list, the module walked once (the walk over ~2,000 modules per step cost more host time than the
-    # release); an external parameter can also be a module parameter, hence the dedup
+    # DeepSpeed's list, the module walked once (a walk over the model's ~700 modules per step, where the release
+    # itself touches ~500 parameters); an external parameter can also be a module parameter, hence the dedup
     params = list(dict.fromkeys(iter_params_listed(offload.module, recurse=True)))
     whole = [p for p in params if p.ds_status != ds["released"]]
     if (not hasattr(coordinator, _COORDINATOR_AVAILABLE) or getattr(coordinator, _COORDINATOR_INFLIGHT, None) is None
