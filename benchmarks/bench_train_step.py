@@ -464,8 +464,7 @@ class PhaseProfiler:
         """cProfile's functions of the phase: calls, self and cumulative ms, the top `top` by each."""
         stats = pstats.Stats(self.prof).stats
         rows = [dict(function=(name if file == "~" else f"{_short_path(file)}:{line}({name})")[:120], calls=calls,
-                     self_ms=self_s * 1e3,
-                     cumulative_ms=cumulative_s * 1e3)
+                     self_ms=self_s * 1e3, cumulative_ms=cumulative_s * 1e3)
                 for (file, line, name), (_, calls, self_s, cumulative_s, _) in stats.items()]
         return {
             "tool": "python", "phase": self.phase, "wall_ms": self.wall_ms,

@@ -223,8 +223,10 @@ def grad_checks(engine, mode: str) -> str:
     from engine.training.zero_step import use_device_step, use_multi_tensor_grad_checks, use_stage3_multi_tensor_norm
 
     if mode == "deepspeed" or engine.zero_optimization_stage() not in (1, 2, 3):
-        restore_deepspeed_copy_out()  # DeepSpeed's own everywhere (the copy-out, the parameter walks, the linear and
-        restore_deepspeed_parameter_walks()  # the stream calls are process-wide)
+        # DeepSpeed's own everywhere (the copy-out, the parameter walks, the linear and the stream calls are
+        # process-wide)
+        restore_deepspeed_copy_out()
+        restore_deepspeed_parameter_walks()
         restore_deepspeed_linear()
         restore_deepspeed_streams()
         return "deepspeed"

@@ -37,7 +37,6 @@ parameters, two steps of training bit for bit).
 from __future__ import annotations
 
 import itertools
-import types
 
 import torch
 
@@ -192,9 +191,7 @@ def use_batched_release(optimizer) -> str | None:
     if not hasattr(coordinator, _COORDINATOR_AVAILABLE) or not hasattr(coordinator, _COORDINATOR_RELEASE):
         return "this deepspeed's parameter coordinator has no per-parameter release or count to keep"
     replace_method(optimizer, "_partition_all_parameters", _release_all_parameters)
-    if not hasattr(coordinator, "_deepspeed_release_param"):
-        coordinator._deepspeed_release_param = getattr(coordinator, _COORDINATOR_RELEASE)
-    setattr(coordinator, _COORDINATOR_RELEASE, types.MethodType(_release_param, coordinator))
+    replace_method(coordinator, _COORDINATOR_RELEASE, _release_param, kept_as="_deepspeed_release_param")
     return None
 
 

@@ -91,13 +91,14 @@ def not_the_checked_stage3(optimizer, members: tuple[str, ...]) -> str | None:
                                   members)
 
 
-def replace_method(optimizer, name: str, function) -> None:
-    """Bind `function` as `optimizer.<name>`, keeping DeepSpeed's own as `optimizer._deepspeed_<name>` for what the
-    replacement hands back to it (kept once: installing again does not take the replacement for DeepSpeed's)."""
-    original = f"_deepspeed_{name.lstrip('_')}"
-    if not hasattr(optimizer, original):
-        setattr(optimizer, original, getattr(optimizer, name))
-    setattr(optimizer, name, types.MethodType(function, optimizer))
+def replace_method(owner, name: str, function, kept_as: str | None = None) -> None:
+    """Bind `function` as `owner.<name>` (a DeepSpeed optimizer or coordinator), keeping DeepSpeed's own as
+    `owner.<kept_as>` (default `_deepspeed_<name>`) for what the replacement hands back to it (kept once: installing
+    again does not take the replacement for DeepSpeed's)."""
+    original = kept_as or f"_deepspeed_{name.lstrip('_')}"
+    if not hasattr(owner, original):
+        setattr(owner, original, getattr(owner, name))
+    setattr(owner, name, types.MethodType(function, owner))
 
 
 def multi_tensor_unsupported(optimizer) -> str | None:
