@@ -11,6 +11,8 @@ saves on a GPU is measured with benchmarks/bench_train_step.py (`--zero-settings
 `grad_checks=deepspeed`).
 
     torchrun --nproc_per_node 2 -m benchmarks.zero3_host_cost --blocks 100 --steps 10 --out bench_results/zero3_host
+    torchrun --nproc_per_node 2 -m benchmarks.zero3_host_cost --blocks 183 --steps 12 --paths engine_walks,engine \
+        --rounds 3                                     # one replacement alone: the parameter lists against the walks
 
 Each rank builds the same model: a leaf module of `--blocks` blocks (a 16x16 linear layer and a LayerNorm: four
 tensors each) between two small linear layers, with `stage3_param_persistence_threshold` between the blocks' sizes
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-PATHS = ("deepspeed", "engine")
+PATHS = ("deepspeed", "engine", "engine_walks")  # engine_walks: the engine's path with DeepSpeed's parameter walks
 
 
 class Block(torch.nn.Module):
@@ -56,8 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=16, help="features per block")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--paths", default="deepspeed,engine",
+                   help=f"comma-separated, timed in this order: {', '.join(PATHS)}")
+    p.add_argument("--rounds", type=int, default=1, help="times through --paths, alternating (one row per path and round)")
     p.add_argument("--out", default="bench_results/zero3_host")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.paths = [x for x in args.paths.split(",") if x]
+    unknown = sorted(set(args.paths) - set(PATHS))
+    if unknown or not args.paths:
+        p.error(f"--paths: {', '.join(unknown) or 'none given'}; choose from {', '.join(PATHS)}")
+    return args
 
 
 def build(path: str, args):
@@ -75,12 +85,14 @@ def build(path: str, args):
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.width * args.width - 1}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                                       config=config)
-    if path == "engine":
+    if path in ("engine", "engine_walks"):
         for why in (zero3_gathers.use_coalesced_persistent_gather(engine.optimizer), zero3_gathers.use_split_copy_out(),
                     zero3_gathers.use_flat_leaf_reduction(engine.optimizer), zero3_gathers.use_batched_release(engine.optimizer),
                     use_device_step(engine.optimizer, engine), zero3_linear.use_memory_efficient_linear(),
                     zero3_gathers.use_listed_parameters()):
             assert why is None, why
+        if path == "engine_walks":
+            zero3_gathers.restore_deepspeed_parameter_walks()
     else:
         zero3_gathers.restore_deepspeed_copy_out()
         zero3_gathers.restore_deepspeed_parameter_walks()
@@ -127,17 +139,17 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors = 4 + 4 * args.blocks
     rows = []
-    for path in PATHS:
+    for round_, path in ((r, path) for r in range(args.rounds) for path in args.paths):
         medians = time_path(path, args, rank)
         slowest = [None] * world
         torch.distributed.all_gather_object(slowest, medians)
-        row = {"path": path, "ranks": world, "tensors": tensors}
+        row = {"path": path, "round": round_ + 1, "ranks": world, "tensors": tensors}
         for name in medians:
             row[f"{name}_ms"] = max(r[name] for r in slowest)
             row[f"{name}_us_per_tensor"] = row[f"{name}_ms"] * 1e3 / tensors
         rows.append(row)
     if rank == 0:
-        columns = [("path", "path"), ("ranks", "ranks"), ("tensors", "tensors"), ("forward_ms", "forward ms"),
+        columns = [("path", "path"), ("round", "round"), ("ranks", "ranks"), ("tensors", "tensors"), ("forward_ms", "forward ms"),
                    ("backward_ms", "backward ms"), ("step_ms", "step ms"), ("forward_us_per_tensor", "fwd µs/tensor"),
                    ("backward_us_per_tensor", "bwd µs/tensor"), ("step_us_per_tensor", "step µs/tensor")]
         payload = {"benchmark": "zero3_host_cost", "settings": vars(args), "torch": torch.__version__,

@@ -351,12 +351,19 @@ def test_zero3_flat_leaf_reduction_matches_deepspeed(tmp_path, device, dtype):
     _run_worker(tmp_path, FLAT_REDUCTION_WORKER, device, dtype)
 
 
-def test_zero3_host_cost_harness_runs_both_paths(tmp_path):
-    """benchmarks/zero3_host_cost.py on two CPU ranks: a row per path, every phase timed."""
-    _torchrun(["-m", "benchmarks.zero3_host_cost", "--blocks", "3", "--warmup", "1", "--steps", "2",
-               "--out", str(tmp_path)], ROOT, cpu=True)
+def test_zero3_host_cost_harness_runs_every_path(tmp_path):
+    """benchmarks/zero3_host_cost.py on two CPU ranks: a row per path and round, in the order asked, every phase
+    timed; an unknown path is refused."""
+    from benchmarks import zero3_host_cost
+
+    assert zero3_host_cost.parse_args([]).paths == ["deepspeed", "engine"]
+    with pytest.raises(SystemExit):
+        zero3_host_cost.parse_args(["--paths", "engine,fast"])
+    _torchrun(["-m", "benchmarks.zero3_host_cost", "--blocks", "3", "--warmup", "1", "--steps", "2", "--paths",
+               "deepspeed,engine_walks,engine", "--rounds", "2", "--out", str(tmp_path)], ROOT, cpu=True)
     rows = json.loads((tmp_path / "zero3_host_cost.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["deepspeed", "engine"]
+    assert [(r["path"], r["round"]) for r in rows] == [(p, n) for n in (1, 2)
+                                                       for p in ("deepspeed", "engine_walks", "engine")]
     for r in rows:
         assert r["ranks"] == 2 and r["tensors"] == 16
         assert all(r[f"{phase}_ms"] > 0 for phase in ("forward", "backward", "step")), r
