@@ -532,6 +532,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     merged = runner.merged is not None
     label = "paged runner step" + (
         ", decode fusions" + (" + merged projections" if merged else "") + (" + padded lm_head" if runner.head else "")
+        + (" + split-K o/down" if runner.ops().split_k is not None else "")
         if fused
         else ", transformers modules"
     )
@@ -712,9 +713,10 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         return (weight_bytes + per_token * mean_positions) / (bandwidth * 1e9) * 1e3
 
     # -- the paged runner's one-position step, every row holding `context` positions (random K/V): the default
-    #    (on CUDA: decode fusions and merged projections), the fusions with separate projections, and the
-    #    transformers modules, for the difference each makes (on the CPU dry run the default is the modules)
-    variants = [{}, {"merged_projections": False}, {"fused_ops": False}] if geo.cuda else [{}]
+    #    (on CUDA: decode fusions, merged projections, split-K o/down products), the default without the split-K
+    #    products, the fusions with separate projections, and the transformers modules, for the difference each
+    #    makes (on the CPU dry run the default is the modules)
+    variants = [{}, {"split_k_products": False}, {"merged_projections": False}, {"fused_ops": False}] if geo.cuda else [{}]
     attention = report.get("decode_attention") or {}
     best = attention.get("best_any_page_size")
     if best and best is not attention.get("default"):  # the step with the attention sweep's fastest settings

@@ -55,20 +55,31 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     hidden,
+    splits,
+    stride_xs,
     stride_x,
     stride_r,
     stride_s,
     stride_o,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    PARTIALS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     keep = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
-    if HAS_RESIDUAL:
+    if PARTIALS:  # fp32 partial products (`kernels.decode_linear`): summed in split order, rounded once as a product
         r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
+        total = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for split in range(splits):
+            total += tl.load(x_ptr + split * stride_xs + row * stride_x + cols, mask=keep, other=0.0)
+        x = total.to(r.dtype)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
+    if HAS_RESIDUAL:
+        if not PARTIALS:
+            r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
         s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)  # residual + x, rounded like the PyTorch add
         tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
         x = s
@@ -214,17 +225,25 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``."""
-    x = _rows(x, "x")
-    n, hidden = x.shape
+    """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``.
+    With ``residual``, ``x`` may also be (splits, N, H) fp32 partial products (`kernels.decode_linear`): the sum
+    over splits, rounded to the residual's dtype, is then the ``x`` added."""
+    partials = residual is not None and x.dim() == 3
+    if partials:
+        if x.dtype != torch.float32:
+            raise ValueError(f"partial products must be float32, got {x.dtype}")
+        x = x if x.stride(-1) == 1 else x.contiguous()
+    else:
+        x = _rows(x, "x")
+    n, hidden = x.shape[-2:]
     if weight.shape != (hidden,):
         raise ValueError(f"weight must be ({hidden},), got {tuple(weight.shape)}")
     if residual is not None:
         residual = _rows(residual, "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if residual.shape != x.shape[-2:] or (residual.dtype != x.dtype and not partials):
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    out = torch.empty_like(x)
-    summed = torch.empty_like(x) if residual is not None else out
+    out = torch.empty_like(residual if partials else x)
+    summed = torch.empty_like(out) if residual is not None else out
     if n:
         _rms_norm_kernel[(n,)](
             x,
@@ -233,12 +252,15 @@ def rms_norm(
             weight,
             out,
             hidden,
-            x.stride(0),
+            x.shape[0] if partials else 1,
+            x.stride(0) if partials else 0,
+            x.stride(-2),
             (residual if residual is not None else x).stride(0),
             summed.stride(0),
             out.stride(0),
             float(eps),
             HAS_RESIDUAL=residual is not None,
+            PARTIALS=partials,
             BLOCK_H=triton.next_power_of_2(hidden),
         )
     return out if residual is None else (out, summed)
@@ -247,7 +269,9 @@ def rms_norm(
 def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """transformers' Qwen2RMSNorm, after an optional residual add."""
+    """transformers' Qwen2RMSNorm, after an optional residual add (of partial products summed, as `rms_norm`)."""
+    if residual is not None and x.dim() == 3:
+        x = x.sum(0).to(residual.dtype)
     summed = x if residual is None else residual + x
     xf = summed.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -186,3 +186,27 @@ def test_attention_backends_harness_runs_and_agrees(tmp_path):
             assert "error" in row or row["max_diff_vs_first"] < 1e-5
         else:
             assert row["fwd_bwd_ms"] > 0 and row["max_diff_vs_first"] < 1e-5, row
+
+
+def test_decode_linear_smoke(tmp_path, monkeypatch):
+    """The split-K report on CPU: every product and batch has its cuBLAS-path row and checked kernel rows, the
+    products an RMSNorm consumes their norm rows; a setting whose result is wrong is reported as an error."""
+    import kernels.decode_linear as decode_linear
+    from benchmarks import bench_decode_linear
+
+    assert bench_decode_linear.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_decode_linear.json").read_text())
+    rows = report["rows"]
+    assert not [r for r in rows if "error" in r]
+    for product in ("qkv", "o", "gate_up", "down"):
+        for batch in (1, 3):
+            impls = {r["impl"] for r in rows if r["product"] == product and r["batch"] == batch}
+            assert {"cublas", "split-K partials"} <= impls
+            assert ("split-K partials + rms_norm" in impls) == (product in ("o", "down"))
+    assert all(r["max_rel_err"] is not None for r in rows if r["impl"].startswith("split-K"))
+
+    real = decode_linear.decode_linear_partials
+    monkeypatch.setattr(decode_linear, "decode_linear_partials", lambda x, w, c: real(x, w, c) * 1.5)
+    assert bench_decode_linear.main(["--smoke", "--products", "o", "--out", str(tmp_path / "wrong")]) == 0
+    wrong = json.loads((tmp_path / "wrong" / "bench_decode_linear.json").read_text())["rows"]
+    assert [r for r in wrong if "error" in r and "relative error" in r["error"]], "a wrong product must be reported"

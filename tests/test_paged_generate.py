@@ -100,6 +100,38 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     assert runner.cache.num_used_blocks == 0, "every block must be back in the pool after generate"
 
 
+@pytest.mark.parametrize("split_k", [True, False])
+def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
+    """The o and down products as split-K partial sums added by the next norm (several splits forced on the tiny
+    model, whose default would be one): the same greedy tokens and logits as the dynamic cache; off, the modules
+    run."""
+    from engine.model.fused_ops import SplitKProducts
+    from kernels.decode_linear import DecodeLinearConfig
+
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    record_logits["dynamic"].clear()
+    dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
+    runner = PagedRunner(model, block_size=4, fused_ops=True, split_k_products=split_k)
+    ops = runner.ops()
+    assert (ops.split_k is not None) == split_k
+    calls = []
+    if split_k:
+        ops.split_k = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3, num_stages=2))
+        original = ops.split_k.__call__
+        ops.split_k = type("Counted", (), {"__call__": lambda self, *a: calls.append(a[1].shape) or original(*a)})()
+    paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
+    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
+    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
+        err = (a - b).abs().max().item()
+        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+    layers = model.language_model.config.num_hidden_layers
+    if split_k:  # two products per layer and step; the prompt's chunks (more rows than a step) too, as None
+        assert len(calls) >= 2 * layers * 4 and len(calls) % (2 * layers) == 0
+    else:
+        assert not calls
+
+
 def test_merged_projections_follow_weight_updates(tiny):
     """The runner is cached across calls (evaluation during training): weights updated in place between two
     generate calls must reach the merged q/k/v and gate/up copies, in the same buffers (the graphs' addresses)."""

@@ -308,6 +308,21 @@ def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) ->
     return _decide("merged_projections", "on", "asked for")
 
 
+def split_k_products(layers: list[nn.Module], requested: bool, fused: bool) -> Decision:
+    """Whether the fused layers' o and down products of one-position steps are split-K partial sums that the next
+    norm adds (`engine.model.fused_ops.SplitKProducts`; plain bias-free nn.Linear projections without hooks)."""
+    if not requested:
+        return _decide("split_k_products", "off", "asked for")
+    if not fused:
+        return _decide("split_k_products", "off", "the layers do not use the fused ops")
+    from engine.model.fused_ops import split_k_unsupported
+
+    reason = split_k_unsupported(layers)
+    if reason is not None:
+        return _decide("split_k_products", "off", reason)
+    return _decide("split_k_products", "on", "asked for")
+
+
 def padded_lm_head(lm_head: nn.Module) -> Decision:
     """Whether the lm_head's products use its weight padded to a vocabulary width that cuBLAS's Hopper kernels take:
     the paged runner's steps (with their weight copies, `engine.model.fused_ops.PaddedVocabProjection`) and, on

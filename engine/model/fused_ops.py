@@ -3,8 +3,9 @@
 A decode step of a small model is a few hundred tiny kernels, and transformers' RMSNorm alone is eight of them.
 `FusedOps` does each RMSNorm with the residual add before it in one kernel, the rotary embedding of q and k in
 one (with the K/V cache write, in the paged attention), the SwiGLU product in one (`kernels.decode_fusions`,
-rounding as the modules do), and with `MergedProjections` one matrix product for q/k/v and one for gate/up per
-layer instead of five. No autograd: inference only.
+rounding as the modules do), with `MergedProjections` one matrix product for q/k/v and one for gate/up per
+layer instead of five, and with `SplitKProducts` the o and down products split over their reduction
+(`kernels.decode_linear`), summed by the next RMSNorm. No autograd: inference only.
 
 `GradFusedOps` is the training counterpart (the latent block and a training forward's other passes,
 `engine.model.stack_pass`): the same three fusions with their backward (`kernels.layer_grads`) and the latent
@@ -21,6 +22,12 @@ from torch import nn
 from engine.model.layers import ReferenceOps, decoder_layers
 from engine.model.shared_weight import SharedWeight
 from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
+from kernels.decode_linear import (
+    MAX_BLOCK_M,
+    DecodeLinearConfig,
+    decode_linear_config,
+    decode_linear_partials,
+)
 from kernels.layer_grads import rms_norm_grad, rotary_qk_grad, silu_mul_grad
 from kernels.one_query_attention import one_query_attention
 
@@ -218,17 +225,62 @@ class PaddedVocabProjection:
         return F.linear(hidden, self.weight, self.bias)[..., : self.vocab]
 
 
+def split_k_unsupported(layers: list[nn.Module]) -> str | None:
+    """Why `SplitKProducts` cannot stand in for these layers' o and down products (None when it can)."""
+    for index, layer in enumerate(layers):
+        for name, module in (("o_proj", getattr(layer.self_attn, "o_proj", None)),
+                             ("down_proj", getattr(layer.mlp, "down_proj", None))):  # fmt: skip
+            if type(module) is not nn.Linear:
+                return f"layer {index} {name} is a {type(module).__name__}, not a plain torch.nn.Linear"
+            if module.bias is not None:
+                return f"layer {index} {name} has a bias"
+            if _has_hooks(module):
+                return f"layer {index} {name} has forward hooks, which its product would bypass"
+    return None
+
+
+class SplitKProducts:
+    """The o and down products of a step of at most `MAX_BLOCK_M` rows as split-K partial sums
+    (`kernels.decode_linear`), which the next RMSNorm sums into the residual stream (`FusedOps.add_norm`): at
+    decode sizes a GEMM library gives these narrow outputs (the hidden size wide) a handful of tiles and leaves most
+    SMs idle. ``config`` fixes the launch settings (tests); None takes `decode_linear_config` per shape."""
+
+    def __init__(self, device: torch.device, config: DecodeLinearConfig | None = None):
+        device = torch.device(device)
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        self.config = config
+        self.configs: dict[tuple, DecodeLinearConfig] = {}
+
+    def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """(splits, rows, out) fp32 partial products of ``x`` (rows, in), or None where the module should run."""
+        if x.dim() != 2 or x.shape[0] > MAX_BLOCK_M or x.dtype != module.weight.dtype:
+            return None
+        key = (x.shape[0], *module.weight.shape)
+        config = self.config or self.configs.get(key)
+        if config is None:
+            config = self.configs[key] = decode_linear_config(x.shape[0], *module.weight.shape, self.sm_count)
+        return decode_linear_partials(x, module.weight, config)
+
+
 class FusedOps(ReferenceOps):
     """`ReferenceOps` with `kernels.decode_fusions` and, when ``merged`` is given (one `MergedProjections` per
-    layer), merged projections. Inputs are (N, H) rows. The kernels round as the modules do; a merged product may
-    use another GEMM algorithm than the separate ones (on GPU not bit-identical then: equal to bf16 rounding)."""
+    layer), merged projections; with ``split_k``, the o and down products as split-K partial sums that the next
+    norm adds (a pending sublayer output is then (splits, N, H) fp32). Inputs are (N, H) rows. The kernels round
+    as the modules do; a merged or split product may use another summation order than the separate ones (on GPU
+    not bit-identical then: equal to bf16 rounding)."""
 
     name = "fused"
     fuses_cache_write = True  # the paged attention stores k/v inside the rotary kernel (`rotary_kv_write`)
 
-    def __init__(self, language_model: nn.Module, merged: list[MergedProjections] | None = None):
+    def __init__(self, language_model: nn.Module, merged: list[MergedProjections] | None = None,
+                 split_k: SplitKProducts | None = None):  # fmt: skip
         super().__init__(language_model)
         self.merged = merged
+        self.split_k = split_k
+
+    def o_proj(self, index, attn, o):
+        partials = self.split_k(attn.o_proj, o) if self.split_k is not None else None
+        return attn.o_proj(o) if partials is None else partials
 
     def add_norm(self, norm, x, pending):
         if pending is None:
@@ -249,7 +301,9 @@ class FusedOps(ReferenceOps):
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         else:
             gate, up = F.linear(h, self.merged[index].gate_up_weight).split(self.merged[index].gate_up_sizes, -1)
-        return mlp.down_proj(silu_mul(gate, up))
+        product = silu_mul(gate, up)
+        partials = self.split_k(mlp.down_proj, product) if self.split_k is not None else None
+        return mlp.down_proj(product) if partials is None else partials
 
 
 class GradFusedOps(ReferenceOps):

@@ -52,7 +52,8 @@ class PagedRunner:
     decides it (`fast_paths.decode_ops`: on CUDA after a self-check). merged_projections: with the fused ops, one
     matrix product for q/k/v and one for gate/up per layer (a copy of those weights, refreshed at every generate
     call; and the lm_head with its vocabulary padded to a multiple of 64, `fused_ops.PaddedVocabProjection`, when it
-    is not one already). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
+    is not one already). split_k_products: with the fused ops, each layer's o and down products of a step of at most
+    64 rows as split-K partial sums, summed by the next RMSNorm (`fused_ops.SplitKProducts`). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults). max_graph_batch:
     the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
@@ -72,6 +73,7 @@ class PagedRunner:
         sync_interval: int = 4,
         fused_ops: bool | None = None,
         merged_projections: bool = True,
+        split_k_products: bool = True,
         attention_options: dict | None = None,
     ):
         if block_size < 1:
@@ -101,6 +103,7 @@ class PagedRunner:
         self.attention_options = dict(attention_options or {})
         self.fused_ops = fused_ops
         self.merged_projections = merged_projections
+        self.split_k_products = split_k_products
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
@@ -152,9 +155,10 @@ class PagedRunner:
         if self._ops is None or self._ops_key != key:
             fused = fast_paths.decode_ops(self.lm, self.fused_ops, self.device, self.dtype).choice == "fused"
             if fused:
-                from engine.model.fused_ops import FusedOps
+                from engine.model.fused_ops import FusedOps, SplitKProducts
 
-                self._ops = FusedOps(self.lm)
+                split_k = fast_paths.split_k_products(self.layers, self.split_k_products, True).choice == "on"
+                self._ops = FusedOps(self.lm, split_k=SplitKProducts(self.device) if split_k else None)
             else:
                 self._ops = ReferenceOps(self.lm)
             self._ops_key = key

@@ -1,0 +1,183 @@
+"""Matrix products of a one-position step: a few rows (decode rows, latent rows) times a large weight.
+
+At decode sizes (M <= 64 rows) ``x @ weight.T`` reads the weight once and does little else: its time should be
+the weight's bytes over the memory bandwidth. A GEMM library tiles the output, and an output of a few rows and
+~900 columns (the InternVL3-1B attention's output projection, the MLP's down projection) is only 7-14 tiles of
+128 columns: 7-14 of the H200's 132 SMs stream the whole weight while the rest idle. These kernels split the
+reduction (K) over programs too, so that about one program per SM streams its share of the weight, and leave the
+partial sums in fp32 for the kernel that consumes the product: the RMSNorm that adds it to the residual stream
+(`kernels.decode_fusions.rms_norm` takes them as its ``x``) sums them there in a fixed order, so the split costs
+no extra launch and stays deterministic.
+
+Public entry points (one name across kernels, tests and benchmarks), with their PyTorch reference:
+
+- `decode_linear_partials(x, weight, config)`: (splits, M, N) fp32 partial products of x (M, K) and weight (N, K);
+  their sum over the first dimension is ``x @ weight.T``;
+- `decode_linear(x, weight, bias=None, config=None)`: ``F.linear(x, weight, bias)`` in ``x``'s dtype (the partial
+  sums summed by torch when ``config.splits > 1``);
+- `decode_linear_reference(x, weight, bias=None)`: the same with ``F.linear``;
+- `decode_linear_config(rows, out_features, in_features, sm_count)`: the launch settings the runner uses.
+
+Products are accumulated in fp32 from the operands' dtype (fp32 operands in full fp32, not TF32), rounded once to
+the output dtype: the same as cuBLAS up to the summation order. No autograd: inference only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+__all__ = [
+    "DecodeLinearConfig",
+    "decode_linear",
+    "decode_linear_config",
+    "decode_linear_partials",
+    "decode_linear_reference",
+]
+
+MAX_BLOCK_M = 64  # rows per program; more rows take more programs along M
+
+
+@dataclass(frozen=True)
+class DecodeLinearConfig:
+    """Launch settings: output columns per program, reduction step, reduction splits, warps, pipeline depth."""
+
+    block_n: int = 64
+    block_k: int = 128
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"DecodeLinearConfig.{name} must be a power of two >= 16, got {value}")
+        if self.splits < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"DecodeLinearConfig needs splits, num_warps and num_stages >= 1, got {self}")
+
+
+def decode_linear_config(rows: int, out_features: int, in_features: int, sm_count: int) -> DecodeLinearConfig:
+    """The settings for an (rows, in_features) x (out_features, in_features)^T product on a device of ``sm_count``
+    SMs: tiles of 64 columns and 128-wide reduction steps, pipelined 5 deep, and as many reduction splits as leave
+    about one program per SM (at most one split per step). From the sweep at the InternVL3-1B geometry on an H200
+    (`benchmarks.bench_decode_linear`, benchmarks/RESULTS.md): within 0-12% of the sweep's best for the o and down
+    products at batch 1-64; 256-wide steps do not fit shared memory 5 deep."""
+    block_n, block_k = 64, 128
+    tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, MAX_BLOCK_M)
+    steps = triton.cdiv(in_features, block_k)
+    splits = max(1, min(sm_count // max(tiles, 1), steps))
+    return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits, num_stages=5)
+
+
+# ----------------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _decode_linear_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    rows,
+    out_features,
+    in_features,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_os,
+    stride_om,
+    IEEE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, in_features)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+    row_ok = rm[:, None] < rows
+    col_ok = rn[:, None] < out_features
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk[None, :]
+        k_ok = k < k_end
+        x = tl.load(x_rows + k, mask=row_ok & k_ok, other=0.0)
+        w = tl.load(w_rows + k, mask=col_ok & k_ok, other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 products are wrong (triton 3.6): products in fp32 there
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    out = out_ptr + split.to(tl.int64) * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, acc, mask=row_ok & (rn[None, :] < out_features))
+
+
+# ----------------------------------------------------------------------------------------------------- wrappers
+
+
+def _interpreted() -> bool:
+    """Whether the kernel was built for the Triton interpreter (TRITON_INTERPRET=1 when it was decorated)."""
+    return type(_decode_linear_kernel).__name__ == "InterpretedFunction"
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"decode_linear: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"decode_linear: x and weight must share a float16/bfloat16/float32 dtype, got {x.dtype} and {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"decode_linear: x is on {x.device}, weight on {weight.device}")
+    # the kernel reads rows with unit column stride (a split view of a merged product keeps it)
+    return (x if x.stride(1) == 1 else x.contiguous()), (weight if weight.stride(1) == 1 else weight.contiguous())
+
+
+def decode_linear_partials(x: torch.Tensor, weight: torch.Tensor, config: DecodeLinearConfig) -> torch.Tensor:
+    """(splits, M, N) fp32 partial products of x (M, K) and weight (N, K): their sum over dim 0 is x @ weight.T.
+    Splits past the reduction's length are zeros."""
+    x, weight = _check(x, weight)
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    steps = max(triton.cdiv(in_features, config.block_k), 1)
+    splits = config.splits
+    k_per_split = triton.cdiv(steps, splits) * config.block_k  # each split a whole number of reduction steps
+    # every program stores its tile, a split past the reduction's end (or K == 0) its zeros: no zeroing needed
+    out = torch.empty(splits, rows, out_features, device=x.device, dtype=torch.float32)
+    if rows and out_features:
+        block_m = min(max(triton.next_power_of_2(rows), 16), MAX_BLOCK_M)
+        grid = (triton.cdiv(out_features, config.block_n), splits, triton.cdiv(rows, block_m))
+        _decode_linear_kernel[grid](
+            x, weight, out, rows, out_features, in_features, k_per_split,
+            x.stride(0), weight.stride(0), out.stride(0), out.stride(1), IEEE=x.dtype == torch.float32, DOT_FP32=_interpreted(), BLOCK_M=block_m,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+    return out
+
+
+def decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: DecodeLinearConfig | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x (M, K) through `decode_linear_partials`, in x's dtype."""
+    config = config or DecodeLinearConfig()
+    partials = decode_linear_partials(x, weight, config)
+    out = partials[0] if config.splits == 1 else partials.sum(0)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the module computes."""
+    return F.linear(x, weight, bias)

@@ -1,0 +1,186 @@
+"""The decode step's split-K products (`kernels/decode_linear.py`) and their consumer, `rms_norm` on partial sums,
+against PyTorch, on awkward shapes (Triton interpreter on CPU; the GPU cases need CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.decode_fusions import rms_norm, rms_norm_reference
+from kernels.decode_linear import (
+    MAX_BLOCK_M,
+    DecodeLinearConfig,
+    decode_linear,
+    decode_linear_config,
+    decode_linear_partials,
+    decode_linear_reference,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _operands(rows, out_features, in_features, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g).to(dtype).to(device)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype).to(device)
+    b = torch.randn(out_features, generator=g).to(dtype).to(device)
+    return x, w, b
+
+
+@pytest.mark.parametrize(
+    "rows,out_features,in_features,config",
+    [
+        (1, 33, 70, DecodeLinearConfig(block_n=16, block_k=16, splits=1, num_stages=2)),
+        (5, 15, 130, DecodeLinearConfig(block_n=16, block_k=32, splits=3, num_stages=2)),
+        (17, 40, 7, DecodeLinearConfig(block_n=32, block_k=16, splits=2, num_stages=2)),  # a split past the end
+        (MAX_BLOCK_M + 6, 17, 48, DecodeLinearConfig(block_n=16, block_k=16, splits=5, num_stages=2)),  # two M tiles
+        (3, 24, 0, DecodeLinearConfig(block_n=16, block_k=16, splits=2, num_stages=2)),  # an empty reduction
+    ],
+)
+def test_partials_sum_to_the_product(rows, out_features, in_features, config):
+    x, w, _ = _operands(rows, out_features, in_features)
+    partials = decode_linear_partials(x, w, config)
+    assert partials.shape == (config.splits, rows, out_features) and partials.dtype == torch.float32
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(partials.double().sum(0), want, atol=1e-4, rtol=1e-5)
+    steps = -(-in_features // config.block_k)
+    if config.splits > 1 and steps >= config.splits:  # every split holds a share: dropping one would show
+        assert all(partials[s].abs().max() > 0 for s in range(config.splits))
+
+
+def test_strided_inputs_and_a_split_view():
+    """A column slice of a merged product (unit column stride, wide row stride) and a transposed weight."""
+    x, w, _ = _operands(6, 20, 80)
+    wide = torch.randn(6, 200)
+    wide[:, 50:130] = x
+    config = DecodeLinearConfig(block_n=16, block_k=16, splits=3, num_stages=2)
+    got = decode_linear_partials(wide[:, 50:130], w.T.contiguous().T, config).sum(0)
+    torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_linear_matches_the_module_with_bias(dtype):
+    x, w, b = _operands(9, 50, 96, dtype)
+    config = DecodeLinearConfig(block_n=16, block_k=32, splits=2, num_stages=2)
+    got, want = decode_linear(x, w, b, config), decode_linear_reference(x.float(), w.float(), b.float())
+    assert got.dtype == dtype and got.shape == (9, 50)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)  # 16-bit output rounding
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_rms_norm_adds_summed_partials(dtype, splits):
+    """The consumer: norm(residual + sum of partials rounded as a product), and the new residual stream."""
+    x, w, _ = _operands(7, 48, 160, dtype, seed=1)
+    residual = torch.randn(7, 48).to(dtype)
+    norm_weight = (torch.rand(48) + 0.5).to(dtype)
+    partials = decode_linear_partials(x, w, DecodeLinearConfig(block_n=16, block_k=16, splits=splits, num_stages=2))
+    out, summed = rms_norm(partials, norm_weight, 1e-6, residual=residual)
+    want_out, want_summed = rms_norm_reference(partials, norm_weight, 1e-6, residual=residual)
+    assert out.dtype == dtype and summed.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(summed.float(), want_summed.float(), **tol)
+    torch.testing.assert_close(out.float(), want_out.float(), **tol)
+    plain_out, plain_summed = rms_norm_reference(F.linear(x, w), norm_weight, 1e-6, residual=residual)
+    torch.testing.assert_close(summed.float(), plain_summed.float(), **tol)  # what the module path computes
+    torch.testing.assert_close(out.float(), plain_out.float(), **tol)
+
+
+def test_rms_norm_refuses_16_bit_partials_and_mismatched_rows():
+    residual = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="float32"):
+        rms_norm(torch.randn(2, 3, 8).half(), torch.ones(8), 1e-6, residual=residual.half())
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(torch.randn(2, 4, 8), torch.ones(8), 1e-6, residual=residual)
+
+
+def test_bad_operands_are_named():
+    x, w, _ = _operands(2, 8, 16)
+    with pytest.raises(ValueError, match=r"x must be \(M, K\)"):
+        decode_linear_partials(x, w[:, :8], DecodeLinearConfig())
+    with pytest.raises(ValueError, match="dtype"):
+        decode_linear_partials(x.double(), w.double(), DecodeLinearConfig())
+    with pytest.raises(ValueError, match="share"):
+        decode_linear_partials(x.half(), w, DecodeLinearConfig())
+    with pytest.raises(ValueError, match="power of two"):
+        DecodeLinearConfig(block_n=24)
+    with pytest.raises(ValueError, match="splits"):
+        DecodeLinearConfig(splits=0)
+
+
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 896, 4864), (64, 896, 896), (64, 9728, 896),
+                                                          (8, 3584, 18944), (100, 50, 30), (1, 1, 1)])  # fmt: skip
+@pytest.mark.parametrize("sm_count", [1, 78, 132])
+def test_the_default_settings_fill_the_device_without_empty_splits(rows, out_features, in_features, sm_count):
+    config = decode_linear_config(rows, out_features, in_features, sm_count)
+    tiles = -(-out_features // config.block_n) * -(-rows // MAX_BLOCK_M)
+    steps = -(-in_features // config.block_k)
+    assert 1 <= config.splits <= steps, "no split without a reduction step of its own"
+    assert config.splits == 1 or tiles * config.splits <= sm_count, "no more programs than SMs from splitting"
+    if 2 * tiles <= sm_count and steps >= 2:
+        assert config.splits >= 2, "a narrow output leaves SMs idle without splits"
+
+
+def test_split_k_products_take_steps_and_leave_prompts_to_the_module():
+    from engine.model.fused_ops import SplitKProducts, split_k_unsupported
+
+    products = SplitKProducts(torch.device("cpu"), DecodeLinearConfig(block_n=16, block_k=16, splits=2, num_stages=2))
+    linear = nn.Linear(32, 24, bias=False)
+    x = torch.randn(5, 32)
+    step = products(linear, x)
+    assert step is not None and step.shape == (2, 5, 24)
+    torch.testing.assert_close(step.sum(0), linear(x).detach(), atol=1e-5, rtol=1e-5)
+    assert products(linear, torch.randn(MAX_BLOCK_M + 1, 32)) is None, "a prompt chunk: the module's GEMM"
+    assert products(linear, torch.randn(2, 3, 32)) is None
+    assert products(linear, torch.randn(5, 32).double()) is None
+
+    class Layer(nn.Module):
+        def __init__(self, bias=False):
+            super().__init__()
+            self.self_attn, self.mlp = nn.Module(), nn.Module()
+            self.self_attn.o_proj = nn.Linear(8, 8, bias=bias)
+            self.mlp.down_proj = nn.Linear(16, 8, bias=False)
+
+    assert split_k_unsupported([Layer(), Layer()]) is None
+    assert "has a bias" in split_k_unsupported([Layer(), Layer(bias=True)])
+    hooked = Layer()
+    hooked.mlp.down_proj.register_forward_hook(lambda *a: None)
+    assert "hooks" in split_k_unsupported([hooked])
+    wrapped = Layer()
+    wrapped.mlp.down_proj = nn.Sequential(nn.Linear(16, 8))
+    assert "Sequential" in split_k_unsupported([wrapped])
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("shape", [(896, 4864), (896, 896), (1152, 896), (9728, 896), (3584, 18944)])
+def test_gpu_default_settings_match_cublas(rows, shape):
+    out_features, in_features = shape
+    x, w, _ = _operands(rows, out_features, in_features, torch.bfloat16, "cuda")
+    w = w * in_features**-0.5
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    config = decode_linear_config(rows, out_features, in_features, sm_count)
+    got = decode_linear_partials(x, w, config).sum(0)
+    want = F.linear(x.float(), w.float())
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp32 sums of bf16 products: summation order only
+
+
+@needs_cuda
+def test_gpu_graph_replay_recomputes_from_new_inputs():
+    x, w, _ = _operands(64, 896, 4864, torch.bfloat16, "cuda")
+    residual = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.ones(896, device="cuda", dtype=torch.bfloat16)
+    config = decode_linear_config(64, 896, 4864, torch.cuda.get_device_properties(0).multi_processor_count)
+    step = lambda: rms_norm(decode_linear_partials(x, w, config), norm_weight, 1e-6, residual=residual)  # noqa: E731
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, summed = step()
+    x.normal_()
+    graph.replay()
+    want_out, want_summed = rms_norm_reference(F.linear(x, w), norm_weight, 1e-6, residual=residual)
+    torch.testing.assert_close(summed.float(), want_summed.float(), atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=5e-2, rtol=2e-2)
