@@ -186,7 +186,8 @@ def measure_product(name, shape, batch, s: Settings, bandwidth: float, smoke: bo
         best["label"] = (best["label"] + " best").strip()
     if name in ADD_NORM_PRODUCTS:
         default = next(iter(configs))
-        fused = rms_norm(decode_linear_partials(x, weights[0], default), norm_weight, 1e-6, residual=residual)
+        fused = rms_norm(decode_linear_partials(x, weights[0], default), norm_weight, 1e-6, residual=residual,
+                         partial_sums=True)
         plain = rms_norm(want, norm_weight, 1e-6, residual=residual)
         try:
             err = max(_close(a, b, s.dtype) for a, b in zip(fused, plain))
@@ -197,7 +198,8 @@ def measure_product(name, shape, batch, s: Settings, bandwidth: float, smoke: bo
         row("cublas + rms_norm", timed(lambda: [rms_norm(F.linear(x, w), norm_weight, 1e-6, residual=residual)
                                                 for w in weights]))  # fmt: skip
         row("split-K partials + rms_norm", timed(lambda: [rms_norm(decode_linear_partials(x, w, default), norm_weight,
-                                                                   1e-6, residual=residual) for w in weights]),
+                                                                   1e-6, residual=residual, partial_sums=True)
+                                                          for w in weights]),
             default, "default", err)  # fmt: skip
 
 

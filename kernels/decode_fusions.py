@@ -223,15 +223,20 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    partial_sums: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``.
-    With ``residual``, ``x`` may also be (splits, N, H) fp32 partial products (`kernels.decode_linear`): the sum
-    over splits, rounded to the residual's dtype, is then the ``x`` added."""
-    partials = residual is not None and x.dim() == 3
+    ``partial_sums`` (with ``residual``): ``x`` is (splits, N, H) fp32 partial products (`kernels.decode_linear`),
+    and their sum over splits, rounded to the residual's dtype, is the ``x`` added."""
+    partials = partial_sums
     if partials:
-        if x.dtype != torch.float32:
-            raise ValueError(f"partial products must be float32, got {x.dtype}")
+        if residual is None or x.dim() != 3 or x.dtype != torch.float32:
+            raise ValueError(f"partial sums must be (splits, N, H) float32 with a residual, got {tuple(x.shape)} "
+                             f"{x.dtype}{'' if residual is not None else ' without one'}")  # fmt: skip
         x = x if x.stride(-1) == 1 else x.contiguous()
     else:
         x = _rows(x, "x")
@@ -267,10 +272,14 @@ def rms_norm(
 
 
 def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    partial_sums: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """transformers' Qwen2RMSNorm, after an optional residual add (of partial products summed, as `rms_norm`)."""
-    if residual is not None and x.dim() == 3:
+    if partial_sums:
         x = x.sum(0).to(residual.dtype)
     summed = x if residual is None else residual + x
     xf = summed.float()

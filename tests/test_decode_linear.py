@@ -78,8 +78,8 @@ def test_rms_norm_adds_summed_partials(dtype, splits):
     residual = torch.randn(7, 48).to(dtype)
     norm_weight = (torch.rand(48) + 0.5).to(dtype)
     partials = decode_linear_partials(x, w, DecodeLinearConfig(block_n=16, block_k=16, splits=splits, num_stages=2))
-    out, summed = rms_norm(partials, norm_weight, 1e-6, residual=residual)
-    want_out, want_summed = rms_norm_reference(partials, norm_weight, 1e-6, residual=residual)
+    out, summed = rms_norm(partials, norm_weight, 1e-6, residual=residual, partial_sums=True)
+    want_out, want_summed = rms_norm_reference(partials, norm_weight, 1e-6, residual=residual, partial_sums=True)
     assert out.dtype == dtype and summed.dtype == dtype
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
     torch.testing.assert_close(summed.float(), want_summed.float(), **tol)
@@ -89,12 +89,16 @@ def test_rms_norm_adds_summed_partials(dtype, splits):
     torch.testing.assert_close(out.float(), plain_out.float(), **tol)
 
 
-def test_rms_norm_refuses_16_bit_partials_and_mismatched_rows():
+def test_rms_norm_takes_partial_sums_only_when_told():
     residual = torch.randn(3, 8)
     with pytest.raises(ValueError, match="float32"):
-        rms_norm(torch.randn(2, 3, 8).half(), torch.ones(8), 1e-6, residual=residual.half())
+        rms_norm(torch.randn(2, 3, 8).half(), torch.ones(8).half(), 1e-6, residual=residual.half(), partial_sums=True)
+    with pytest.raises(ValueError, match="without one"):
+        rms_norm(torch.randn(2, 3, 8), torch.ones(8), 1e-6, partial_sums=True)
     with pytest.raises(ValueError, match="residual"):
-        rms_norm(torch.randn(2, 4, 8), torch.ones(8), 1e-6, residual=residual)
+        rms_norm(torch.randn(2, 4, 8), torch.ones(8), 1e-6, residual=residual, partial_sums=True)
+    with pytest.raises(ValueError, match=r"\(rows, width\)"):  # 3-D without the flag: not taken for partial sums
+        rms_norm(torch.randn(2, 3, 8), torch.ones(8), 1e-6, residual=residual)
 
 
 def test_bad_operands_are_named():
@@ -174,7 +178,7 @@ def test_gpu_graph_replay_recomputes_from_new_inputs():
     residual = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.ones(896, device="cuda", dtype=torch.bfloat16)
     config = decode_linear_config(64, 896, 4864, torch.cuda.get_device_properties(0).multi_processor_count)
-    step = lambda: rms_norm(decode_linear_partials(x, w, config), norm_weight, 1e-6, residual=residual)  # noqa: E731
+    step = lambda: rms_norm(decode_linear_partials(x, w, config), norm_weight, 1e-6, residual=residual, partial_sums=True)  # noqa: E731
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -285,7 +285,8 @@ class FusedOps(ReferenceOps):
     def add_norm(self, norm, x, pending):
         if pending is None:
             return rms_norm(x, norm.weight, norm.variance_epsilon), x
-        return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x)
+        # a (splits, N, H) pending output: the split-K partial sums of an o or down product
+        return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x, partial_sums=pending.dim() == 3)
 
     def qkv(self, index, attn, h):
         if self.merged is None:
