@@ -55,7 +55,6 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     hidden,
-    splits,
     stride_xs,
     stride_x,
     stride_r,
@@ -64,6 +63,7 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     PARTIALS: tl.constexpr,
+    SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -72,7 +72,7 @@ def _rms_norm_kernel(
     if PARTIALS:  # fp32 partial products (`kernels.decode_linear`): summed in split order, rounded once as a product
         r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
         total = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for split in range(splits):
+        for split in tl.static_range(SPLITS):  # unrolled: every split's load in flight at once
             total += tl.load(x_ptr + split * stride_xs + row * stride_x + cols, mask=keep, other=0.0)
         x = total.to(r.dtype)
     else:
@@ -257,7 +257,6 @@ def rms_norm(
             weight,
             out,
             hidden,
-            x.shape[0] if partials else 1,
             x.stride(0) if partials else 0,
             x.stride(-2),
             (residual if residual is not None else x).stride(0),
@@ -266,6 +265,7 @@ def rms_norm(
             float(eps),
             HAS_RESIDUAL=residual is not None,
             PARTIALS=partials,
+            SPLITS=x.shape[0] if partials else 1,
             BLOCK_H=triton.next_power_of_2(hidden),
         )
     return out if residual is None else (out, summed)

@@ -200,10 +200,12 @@ def test_decode_linear_smoke(tmp_path, monkeypatch):
     assert not [r for r in rows if "error" in r]
     for product in ("qkv", "o", "gate_up", "down"):
         for batch in (1, 3):
-            impls = {r["impl"] for r in rows if r["product"] == product and r["batch"] == batch}
-            assert {"cublas", "split-K partials"} <= impls
-            assert ("split-K partials + rms_norm" in impls) == (product in ("o", "down"))
+            these = [r for r in rows if r["product"] == product and r["batch"] == batch]
+            assert {r["impl"] for r in these} == {"cublas", "split-K partials"}
+            assert all(("us_with_norm" in r) == (product in ("o", "down")) for r in these)
+            assert sum("best" in r["label"] for r in these) == 1
     assert all(r["max_rel_err"] is not None for r in rows if r["impl"].startswith("split-K"))
+    assert all(r["norm_max_rel_err"] is not None for r in rows if r["impl"].startswith("split-K") and "us_with_norm" in r)
 
     real = decode_linear.decode_linear_partials
     monkeypatch.setattr(decode_linear, "decode_linear_partials", lambda x, w, c: real(x, w, c) * 1.5)
