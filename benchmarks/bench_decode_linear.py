@@ -81,15 +81,18 @@ class Settings:
     repeats: int
     sweep: bool
     sm_count: int
+    shared_bytes: int = 227 * 1024  # per program (`kernels.paged_kv.shared_memory_bytes`)
 
 
-def sweep_configs(rows: int, out_features: int, in_features: int, sm_count: int, smoke: bool):
+def sweep_configs(rows: int, out_features: int, in_features: int, s: "Settings", smoke: bool):
     """The default settings first, then tiles of 32-128 columns with 128-wide steps 5 deep (the earlier sweeps'
     winners: 256-wide steps do not fit 5 deep, 64-wide ones and 3-deep pipelines were never faster), and 1-4, 6
     splits or enough to fill the SMs once or twice over."""
     from kernels.decode_linear import MAX_BLOCK_M, DecodeLinearConfig, decode_linear_config
 
-    default = decode_linear_config(rows, out_features, in_features, sm_count)
+    sm_count = s.sm_count
+    element_size = torch.tensor([], dtype=s.dtype).element_size()
+    default = decode_linear_config(rows, out_features, in_features, sm_count, element_size, s.shared_bytes)
     configs = {default: "default"}
     if smoke:
         configs[DecodeLinearConfig(block_n=16, block_k=16, splits=2, num_stages=2)] = ""
@@ -170,7 +173,7 @@ def measure_product(name, shape, batch, s: Settings, bandwidth: float, smoke: bo
     if with_norm:
         cublas["us_with_norm"] = timed(lambda: [rms_norm(F.linear(x, w), norm_weight, 1e-6, residual=residual)
                                                 for w in weights])  # fmt: skip
-    configs = sweep_configs(batch, out_features, in_features, s.sm_count, smoke)
+    configs = sweep_configs(batch, out_features, in_features, s, smoke)
     if not s.sweep:
         configs = dict([next(iter(configs.items()))])
     best = None
@@ -229,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, dtype = "cuda", torch.bfloat16
         shapes = projections(args.geometry)
+        from kernels.paged_kv import shared_memory_bytes
+
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        settings = Settings(device, dtype, layers_of(args.geometry), args.batches, args.repeats, not args.no_sweep, sm_count)
+        settings = Settings(device, dtype, layers_of(args.geometry), args.batches, args.repeats, not args.no_sweep,
+                            sm_count, shared_memory_bytes(torch.device(device)))  # fmt: skip
     wanted = [p for p in args.products.split(",") if p]
     unknown = sorted(set(wanted) - set(shapes))
     if unknown:

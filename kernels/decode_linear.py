@@ -16,7 +16,8 @@ Public entry points (one name across kernels, tests and benchmarks), with their 
 - `decode_linear(x, weight, bias=None, config=None)`: ``F.linear(x, weight, bias)`` in ``x``'s dtype (the partial
   sums summed by torch when ``config.splits > 1``);
 - `decode_linear_reference(x, weight, bias=None)`: the same with ``F.linear``;
-- `decode_linear_config(rows, out_features, in_features, sm_count)`: the launch settings the runner uses.
+- `decode_linear_config(rows, out_features, in_features, sm_count, element_size, shared_bytes)`: the launch
+  settings the runner uses.
 
 Products are accumulated in fp32 from the operands' dtype (fp32 operands in full fp32, not TF32), rounded once to
 the output dtype: the same as cuBLAS up to the summation order. No autograd: inference only.
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.paged_kv import HOPPER_SHARED_BYTES, MAX_PIPELINE_STAGES, SHARED_HEADROOM_BYTES
 
 __all__ = [
     "DecodeLinearConfig",
@@ -61,17 +64,29 @@ class DecodeLinearConfig:
             raise ValueError(f"DecodeLinearConfig needs splits, num_warps and num_stages >= 1, got {self}")
 
 
-def decode_linear_config(rows: int, out_features: int, in_features: int, sm_count: int) -> DecodeLinearConfig:
-    """The settings for an (rows, in_features) x (out_features, in_features)^T product on a device of ``sm_count``
-    SMs: tiles of 64 columns and 128-wide reduction steps, pipelined 5 deep, and as many reduction splits as leave
-    about one program per SM (at most one split per step). From the sweep at the InternVL3-1B geometry on an H200
-    (`benchmarks.bench_decode_linear`, benchmarks/RESULTS.md): within 0-12% of the sweep's best for the o and down
-    products at batch 1-64; 256-wide steps do not fit shared memory 5 deep."""
+def decode_linear_config(
+    rows: int,
+    out_features: int,
+    in_features: int,
+    sm_count: int,
+    element_size: int = 2,
+    shared_bytes: int = HOPPER_SHARED_BYTES,
+) -> DecodeLinearConfig:
+    """The settings for an (rows, in_features) x (out_features, in_features)^T product of ``element_size``-byte
+    operands on a device of ``sm_count`` SMs and ``shared_bytes`` of shared memory per program: tiles of 64 columns
+    and 128-wide reduction steps, pipelined as deep as the shared memory holds (at most 5: 16-bit operands; 3 for
+    fp32), and as many reduction splits as leave about one program per SM (at most one split per step). From the
+    sweeps at the InternVL3-1B, -2B and -8B geometries on an H200 (`benchmarks.bench_decode_linear`,
+    benchmarks/RESULTS.md): with the norm that sums the splits, 9% under cuBLAS + norm on average over the o and down
+    products at batch 1-64, at worst 7% over it (fewer splits win some shapes, no simple rule wins more)."""
     block_n, block_k = 64, 128
+    block_m = min(max(triton.next_power_of_2(max(rows, 1)), 16), MAX_BLOCK_M)
     tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, MAX_BLOCK_M)
     steps = triton.cdiv(in_features, block_k)
     splits = max(1, min(sm_count // max(tiles, 1), steps))
-    return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits, num_stages=5)
+    stage_bytes = (block_m + block_n) * block_k * element_size  # an x tile and a weight tile per stage
+    stages = max(1, min(MAX_PIPELINE_STAGES, (shared_bytes - SHARED_HEADROOM_BYTES) // stage_bytes))
+    return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------------------------------- kernel

@@ -344,7 +344,8 @@ HOPPER_SHARED_BYTES = 227 * 1024
 MAX_PIPELINE_STAGES = 5  # the depth the H200 sweeps found fastest at the 1B, 2B and 8B geometries
 
 
-def _shared_bytes(device: torch.device) -> int:
+def shared_memory_bytes(device: torch.device) -> int:
+    """The shared memory a program may use on ``device`` (its opt-in limit; off the GPU the H100/H200's)."""
     if device.type != "cuda":
         return HOPPER_SHARED_BYTES
     props = torch.cuda.get_device_properties(device)
@@ -355,7 +356,7 @@ def pipeline_stages(block_n: int, head_dim: int, element_size: int, device: torc
     """Pipeline depth of the decode loop for a tile: as many tiles as the device's shared memory holds (less
     `SHARED_HEADROOM_BYTES`), at most `MAX_PIPELINE_STAGES`, at least 1."""
     tile = block_n * max(16, triton.next_power_of_2(head_dim)) * element_size
-    budget = _shared_bytes(torch.device(device)) - SHARED_HEADROOM_BYTES
+    budget = shared_memory_bytes(torch.device(device)) - SHARED_HEADROOM_BYTES
     return int(max(1, min(MAX_PIPELINE_STAGES, budget // tile)))
 
 

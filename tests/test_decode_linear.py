@@ -117,9 +117,16 @@ def test_bad_operands_are_named():
 
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 896, 4864), (64, 896, 896), (64, 9728, 896),
                                                           (8, 3584, 18944), (100, 50, 30), (1, 1, 1)])  # fmt: skip
-@pytest.mark.parametrize("sm_count", [1, 78, 132])
-def test_the_default_settings_fill_the_device_without_empty_splits(rows, out_features, in_features, sm_count):
-    config = decode_linear_config(rows, out_features, in_features, sm_count)
+@pytest.mark.parametrize("sm_count,element_size,shared_bytes", [(1, 2, 227 << 10), (78, 4, 99 << 10), (132, 2, 227 << 10),
+                                                              (132, 4, 227 << 10)])  # fmt: skip
+def test_the_default_settings_fill_the_device_without_empty_splits(rows, out_features, in_features, sm_count,
+                                                                   element_size, shared_bytes):  # fmt: skip
+    from kernels.paged_kv import SHARED_HEADROOM_BYTES
+
+    config = decode_linear_config(rows, out_features, in_features, sm_count, element_size, shared_bytes)
+    block_m = min(max(1 << (max(rows, 1) - 1).bit_length(), 16), MAX_BLOCK_M)
+    stage = (block_m + config.block_n) * config.block_k * element_size
+    assert config.num_stages == 1 or config.num_stages * stage <= shared_bytes - SHARED_HEADROOM_BYTES, "fits"
     tiles = -(-out_features // config.block_n) * -(-rows // MAX_BLOCK_M)
     steps = -(-in_features // config.block_k)
     assert 1 <= config.splits <= steps, "no split without a reduction step of its own"
@@ -170,6 +177,24 @@ def test_gpu_default_settings_match_cublas(rows, shape):
     got = decode_linear_partials(x, w, config).sum(0)
     want = F.linear(x.float(), w.float())
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp32 sums of bf16 products: summation order only
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 64, 100])
+def test_gpu_default_settings_compile_for_every_dtype(dtype, rows):
+    """The depth follows the shared memory: fp32 tiles twice the bytes still compile (fp32 products in full fp32)."""
+    from kernels.paged_kv import shared_memory_bytes
+
+    x, w, _ = _operands(rows, 896, 4864, dtype, "cuda", seed=4)
+    w = w * 4864**-0.5
+    props = torch.cuda.get_device_properties(0)
+    config = decode_linear_config(rows, 896, 4864, props.multi_processor_count, x.element_size(),
+                                  shared_memory_bytes(torch.device("cuda")))  # fmt: skip
+    got = decode_linear_partials(x, w, config).sum(0)
+    want = F.linear(x.double(), w.double()).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @needs_cuda

@@ -151,7 +151,7 @@ def test_launch_defaults_follow_the_geometry_and_the_shared_memory(monkeypatch):
         tile = block_n * max(16, 1 << (head_dim - 1).bit_length()) * size
         assert 2 <= stages <= 5 and stages * tile <= budget, (head_dim, size, programs)
     # a GPU with less shared memory (99 KB per block, as sm_86/89 parts) gets shallower pipelines or smaller tiles
-    monkeypatch.setattr(paged_kv, "_shared_bytes", lambda device: 99 * 1024)
+    monkeypatch.setattr(paged_kv, "shared_memory_bytes", lambda device: 99 * 1024)
     assert pipeline_stages(128, 128, 2, "cpu") == 2 and default_block_n(128, 4, 1, "cpu") == 64
     assert choose_num_splits(64, 2, 1300, "cpu") == 1
     assert not programmatic_launch_supported("cpu")

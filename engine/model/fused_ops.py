@@ -30,6 +30,7 @@ from kernels.decode_linear import (
 )
 from kernels.layer_grads import rms_norm_grad, rotary_qk_grad, silu_mul_grad
 from kernels.one_query_attention import one_query_attention
+from kernels.paged_kv import shared_memory_bytes
 
 _QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -248,6 +249,7 @@ class SplitKProducts:
     def __init__(self, device: torch.device, config: DecodeLinearConfig | None = None):
         device = torch.device(device)
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        self.shared_bytes = shared_memory_bytes(device)
         self.config = config
         self.configs: dict[tuple, DecodeLinearConfig] = {}
 
@@ -258,7 +260,9 @@ class SplitKProducts:
         key = (x.shape[0], *module.weight.shape)
         config = self.config or self.configs.get(key)
         if config is None:
-            config = self.configs[key] = decode_linear_config(x.shape[0], *module.weight.shape, self.sm_count)
+            config = self.configs[key] = decode_linear_config(
+                x.shape[0], *module.weight.shape, self.sm_count, x.element_size(), self.shared_bytes
+            )
         return decode_linear_partials(x, module.weight, config)
 
 
