@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_kv import _check_cache, paged_kv_write_reference
+from kernels.paged_kv import _check_cache, paged_kv_write_reference, programmatic_launch_supported
 
 __all__ = [
     "decode_fusions_self_check",
@@ -64,8 +64,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PARTIALS: tl.constexpr,
     SPLITS: tl.constexpr,
+    PROGRAMMATIC_LAUNCH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    if PROGRAMMATIC_LAUNCH:  # launched while the previous kernel finishes: its writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     keep = cols < hidden
@@ -228,10 +231,13 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     partial_sums: bool = False,
+    programmatic_launch: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``.
     ``partial_sums`` (with ``residual``): ``x`` is (splits, N, H) fp32 partial products (`kernels.decode_linear`),
-    and their sum over splits, rounded to the residual's dtype, is the ``x`` added."""
+    and their sum over splits, rounded to the residual's dtype, is the ``x`` added. ``programmatic_launch``: launch
+    while the previous kernel finishes (None: with partial sums, where the device supports it: the split-K kernel
+    before it lets it launch early)."""
     partials = partial_sums
     if partials:
         if residual is None or x.dim() != 3 or x.dtype != torch.float32:
@@ -247,6 +253,8 @@ def rms_norm(
         residual = _rows(residual, "residual")
         if residual.shape != x.shape[-2:] or (residual.dtype != x.dtype and not partials):
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    if programmatic_launch is None:
+        programmatic_launch = partials and programmatic_launch_supported(x.device)
     out = torch.empty_like(residual if partials else x)
     summed = torch.empty_like(out) if residual is not None else out
     if n:
@@ -266,7 +274,9 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             PARTIALS=partials,
             SPLITS=x.shape[0] if partials else 1,
+            PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
             BLOCK_H=triton.next_power_of_2(hidden),
+            **({"launch_pdl": True} if programmatic_launch else {}),
         )
     return out if residual is None else (out, summed)
 

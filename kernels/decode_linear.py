@@ -32,7 +32,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.paged_kv import HOPPER_SHARED_BYTES, MAX_PIPELINE_STAGES, SHARED_HEADROOM_BYTES
+from kernels.paged_kv import (
+    HOPPER_SHARED_BYTES,
+    MAX_PIPELINE_STAGES,
+    SHARED_HEADROOM_BYTES,
+    programmatic_launch_supported,
+)
 
 __all__ = [
     "DecodeLinearConfig",
@@ -107,11 +112,16 @@ def _decode_linear_kernel(
     stride_om,
     IEEE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PROGRAMMATIC_LAUNCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out."""
+    """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out.
+    PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): launched while the previous kernel finishes, it waits
+    for that kernel's writes (its x) before any load, and lets the next kernel (the norm) launch before it stores."""
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -136,6 +146,8 @@ def _decode_linear_kernel(
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch; it waits for our stores
     out = out_ptr + split.to(tl.int64) * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out, acc, mask=row_ok & (rn[None, :] < out_features))
 
@@ -159,9 +171,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (x if x.stride(1) == 1 else x.contiguous()), (weight if weight.stride(1) == 1 else weight.contiguous())
 
 
-def decode_linear_partials(x: torch.Tensor, weight: torch.Tensor, config: DecodeLinearConfig) -> torch.Tensor:
+def decode_linear_partials(
+    x: torch.Tensor, weight: torch.Tensor, config: DecodeLinearConfig, programmatic_launch: bool | None = None
+) -> torch.Tensor:
     """(splits, M, N) fp32 partial products of x (M, K) and weight (N, K): their sum over dim 0 is x @ weight.T.
-    Splits past the reduction's length are zeros."""
+    Splits past the reduction's length are zeros. ``programmatic_launch``: launch while the previous kernel
+    finishes (None: where `kernels.paged_kv.programmatic_launch_supported`)."""
     x, weight = _check(x, weight)
     rows, in_features = x.shape
     out_features = weight.shape[0]
@@ -170,13 +185,17 @@ def decode_linear_partials(x: torch.Tensor, weight: torch.Tensor, config: Decode
     k_per_split = triton.cdiv(steps, splits) * config.block_k  # each split a whole number of reduction steps
     # every program stores its tile, a split past the reduction's end (or K == 0) its zeros: no zeroing needed
     out = torch.empty(splits, rows, out_features, device=x.device, dtype=torch.float32)
+    if programmatic_launch is None:
+        programmatic_launch = programmatic_launch_supported(x.device)
     if rows and out_features:
         block_m = min(max(triton.next_power_of_2(rows), 16), MAX_BLOCK_M)
         grid = (triton.cdiv(out_features, config.block_n), splits, triton.cdiv(rows, block_m))
         _decode_linear_kernel[grid](
             x, weight, out, rows, out_features, in_features, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0), out.stride(1), IEEE=x.dtype == torch.float32, DOT_FP32=_interpreted(), BLOCK_M=block_m,
+            x.stride(0), weight.stride(0), out.stride(0), out.stride(1), IEEE=x.dtype == torch.float32,
+            DOT_FP32=_interpreted(), PROGRAMMATIC_LAUNCH=bool(programmatic_launch), BLOCK_M=block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            **({"launch_pdl": True} if programmatic_launch else {}),
         )  # fmt: skip
     return out
 

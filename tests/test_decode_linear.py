@@ -198,6 +198,39 @@ def test_gpu_default_settings_compile_for_every_dtype(dtype, rows):
 
 
 @needs_cuda
+def test_gpu_programmatic_launch_changes_nothing():
+    """The split-K kernel and the norm launched while their predecessor finishes wait for its writes: a chain of
+    product -> norm -> product (the second reading the first norm's output) equals the chain launched plainly, bit
+    for bit, eagerly and replayed from a graph."""
+    from kernels.paged_kv import programmatic_launch_supported
+
+    if not programmatic_launch_supported("cuda"):
+        pytest.skip("programmatic launch needs Hopper or later")
+    x, w, _ = _operands(64, 896, 896, torch.bfloat16, "cuda", seed=5)
+    w = w * 896**-0.5
+    residual = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.ones(896, device="cuda", dtype=torch.bfloat16)
+    config = decode_linear_config(64, 896, 896, torch.cuda.get_device_properties(0).multi_processor_count)
+
+    def chain(pdl):
+        h, s = rms_norm(decode_linear_partials(x, w, config, programmatic_launch=pdl), norm_weight, 1e-6,
+                        residual=residual, partial_sums=True, programmatic_launch=pdl)  # fmt: skip
+        return rms_norm(decode_linear_partials(h, w, config, programmatic_launch=pdl), norm_weight, 1e-6,
+                        residual=s, partial_sums=True, programmatic_launch=pdl)  # fmt: skip
+
+    want = chain(False)
+    for a, b in zip(chain(True), want):
+        assert torch.equal(a, b)
+    chain(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    graph.replay()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
 def test_gpu_graph_replay_recomputes_from_new_inputs():
     x, w, _ = _operands(64, 896, 4864, torch.bfloat16, "cuda")
     residual = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
