@@ -41,6 +41,7 @@ from kernels.paged_kv import (
 
 __all__ = [
     "DecodeLinearConfig",
+    "decode_linear_self_check",
     "decode_linear",
     "decode_linear_config",
     "decode_linear_partials",
@@ -89,6 +90,7 @@ def decode_linear_config(
     tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, MAX_BLOCK_M)
     steps = triton.cdiv(in_features, block_k)
     splits = max(1, min(sm_count // max(tiles, 1), steps))
+    splits = triton.cdiv(steps, triton.cdiv(steps, splits))  # whole steps per split leave no split empty
     stage_bytes = (block_m + block_n) * block_k * element_size  # an x tile and a weight tile per stage
     stages = max(1, min(MAX_PIPELINE_STAGES, (shared_bytes - SHARED_HEADROOM_BYTES) // stage_bytes))
     return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits, num_stages=stages)
@@ -215,3 +217,26 @@ def decode_linear(
 def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What the module computes."""
     return F.linear(x, weight, bias)
+
+
+def decode_linear_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Run the kernel once on small inputs on ``device`` (several splits, a split past the end, bias), and its
+    consumer `rms_norm(..., partial_sums=True)`, against their references: None when all agree, else why not (a
+    compile error on this Triton, a wrong result). Callers that switch the split products on by default check first."""
+    from kernels.decode_fusions import rms_norm, rms_norm_reference
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    config = DecodeLinearConfig(block_n=16, block_k=16, splits=4, num_stages=2)
+    x, w, b, residual, norm_weight = r(5, 40), r(24, 40), r(24), r(5, 24), r(24)
+    try:
+        torch.testing.assert_close(decode_linear(x, w, b, config).float(), decode_linear_reference(x, w, b).float(), **tol)
+        partials = decode_linear_partials(x, w, config)
+        got = rms_norm(partials, norm_weight, 1e-6, residual=residual, partial_sums=True)
+        want = rms_norm_reference(partials, norm_weight, 1e-6, residual=residual, partial_sums=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the split products here
+        return f"decode_linear: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

@@ -51,7 +51,8 @@ def test_partials_sum_to_the_product(rows, out_features, in_features, config):
 
 
 def test_strided_inputs_and_a_split_view():
-    """A column slice of a merged product (unit column stride, wide row stride) and a transposed weight."""
+    """A column slice of a merged product (unit column stride, wide row stride, read in place) and a weight of
+    non-unit column stride (copied first)."""
     x, w, _ = _operands(6, 20, 80)
     wide = torch.randn(6, 200)
     wide[:, 50:130] = x
@@ -130,9 +131,21 @@ def test_the_default_settings_fill_the_device_without_empty_splits(rows, out_fea
     tiles = -(-out_features // config.block_n) * -(-rows // MAX_BLOCK_M)
     steps = -(-in_features // config.block_k)
     assert 1 <= config.splits <= steps, "no split without a reduction step of its own"
+    per_split = -(-steps // config.splits)
+    assert (config.splits - 1) * per_split < steps, "the last split has steps of its own: none is all zeros"
     assert config.splits == 1 or tiles * config.splits <= sm_count, "no more programs than SMs from splitting"
     if 2 * tiles <= sm_count and steps >= 2:
         assert config.splits >= 2, "a narrow output leaves SMs idle without splits"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_passes_here_and_fails_on_a_wrong_kernel(dtype, monkeypatch):
+    import kernels.decode_linear as decode_linear
+
+    assert decode_linear.decode_linear_self_check("cpu", dtype) is None
+    real = decode_linear.decode_linear_partials
+    monkeypatch.setattr(decode_linear, "decode_linear_partials", lambda x, w, c, **k: real(x, w, c, **k)[:1].repeat(c.splits, 1, 1))
+    assert "decode_linear" in decode_linear.decode_linear_self_check("cpu", dtype)
 
 
 def test_split_k_products_take_steps_and_leave_prompts_to_the_module():

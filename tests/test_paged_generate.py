@@ -103,8 +103,8 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
 @pytest.mark.parametrize("split_k", [True, False])
 def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
     """The o and down products as split-K partial sums added by the next norm (several splits forced on the tiny
-    model, whose default would be one): the same greedy tokens and logits as the dynamic cache; off, the modules
-    run."""
+    model, whose default would be one): the same greedy tokens and logits as the dynamic cache, with every step's
+    product returned as partial sums; off, the modules run."""
     from engine.model.fused_ops import SplitKProducts
     from kernels.decode_linear import DecodeLinearConfig
 
@@ -115,21 +115,52 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
     runner = PagedRunner(model, block_size=4, fused_ops=True, split_k_products=split_k)
     ops = runner.ops()
     assert (ops.split_k is not None) == split_k
-    calls = []
+    returned = []
     if split_k:
-        ops.split_k = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3, num_stages=2))
-        original = ops.split_k.__call__
-        ops.split_k = type("Counted", (), {"__call__": lambda self, *a: calls.append(a[1].shape) or original(*a)})()
+        forced = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3, num_stages=2))
+
+        class Recorded:  # the forced products, with what each call returned
+            def __call__(self, module, x):
+                out = forced(module, x)
+                returned.append((x.shape[0], None if out is None else (tuple(out.shape), out.dtype)))
+                return out
+
+        ops.split_k = Recorded()
     paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
     assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
     for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
         err = (a - b).abs().max().item()
         assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
     layers = model.language_model.config.num_hidden_layers
-    if split_k:  # two products per layer and step; the prompt's chunks (more rows than a step) too, as None
-        assert len(calls) >= 2 * layers * 4 and len(calls) % (2 * layers) == 0
+    steps = [(rows, out) for rows, out in returned if rows <= 64]
+    if split_k:  # two products per layer and step, each as (3, rows, hidden) fp32 partial sums
+        assert len(steps) >= 2 * layers * 4 and len(steps) % (2 * layers) == 0
+        hidden = model.language_model.config.hidden_size
+        assert all(out == ((3, rows, hidden), torch.float32) for rows, out in steps), steps[:4]
     else:
-        assert not calls
+        assert not returned
+
+
+def test_split_k_products_follow_the_option_and_the_modules(tiny):
+    """Decided again at every call: a hook added to a down product, or the option switched off, sends the products
+    back to the modules (and drops the graphs that held the split ones); the tokens stay those of the modules."""
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    want = model.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=-1)
+    runner = PagedRunner(model, block_size=4, fused_ops=True)
+    run = lambda: runner.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=-1, pad_token_id=model.pad_token_id)  # noqa: E731
+    assert torch.equal(run(), want) and runner.ops().split_k is not None
+    down = model.language_model.layers[0].mlp.down_proj
+    seen = []
+    handle = down.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        assert torch.equal(run(), want)
+        assert runner.ops().split_k is None and seen, "a hooked product runs its module, and its hook sees it"
+    finally:
+        handle.remove()
+    assert torch.equal(run(), want) and runner.ops().split_k is not None, "the hook gone, the split products return"
+    runner.split_k_products = False
+    assert torch.equal(run(), want) and runner.ops().split_k is None
 
 
 def test_merged_projections_follow_weight_updates(tiny):

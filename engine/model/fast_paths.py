@@ -308,9 +308,11 @@ def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) ->
     return _decide("merged_projections", "on", "asked for")
 
 
-def split_k_products(layers: list[nn.Module], requested: bool, fused: bool) -> Decision:
+def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, device: torch.device,
+                     dtype: torch.dtype) -> Decision:  # fmt: skip
     """Whether the fused layers' o and down products of one-position steps are split-K partial sums that the next
-    norm adds (`engine.model.fused_ops.SplitKProducts`; plain bias-free nn.Linear projections without hooks)."""
+    norm adds (`engine.model.fused_ops.SplitKProducts`; plain bias-free nn.Linear projections without hooks; on
+    CUDA once the kernels pass a self-check on this device and dtype)."""
     if not requested:
         return _decide("split_k_products", "off", "asked for")
     if not fused:
@@ -320,6 +322,12 @@ def split_k_products(layers: list[nn.Module], requested: bool, fused: bool) -> D
     reason = split_k_unsupported(layers)
     if reason is not None:
         return _decide("split_k_products", "off", reason)
+    if device.type == "cuda":
+        from kernels.decode_linear import decode_linear_self_check
+
+        if _after_self_check("split_k_products", "split-K products", decode_linear_self_check, device,
+                             dtype).choice != "fused":  # fmt: skip
+            return _decide("split_k_products", "off", f"self-check failed: {_self_checks[('split_k_products', str(device), dtype)]}")
     return _decide("split_k_products", "on", "asked for")
 
 

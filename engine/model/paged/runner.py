@@ -155,10 +155,9 @@ class PagedRunner:
         if self._ops is None or self._ops_key != key:
             fused = fast_paths.decode_ops(self.lm, self.fused_ops, self.device, self.dtype).choice == "fused"
             if fused:
-                from engine.model.fused_ops import FusedOps, SplitKProducts
+                from engine.model.fused_ops import FusedOps
 
-                split_k = fast_paths.split_k_products(self.layers, self.split_k_products, True).choice == "on"
-                self._ops = FusedOps(self.lm, split_k=SplitKProducts(self.device) if split_k else None)
+                self._ops = FusedOps(self.lm)  # its split products: `refresh_merged_projections`
             else:
                 self._ops = ReferenceOps(self.lm)
             self._ops_key = key
@@ -172,6 +171,8 @@ class PagedRunner:
         shape or identity."""
         ops = self.ops()
         fused = ops.name == "fused"
+        if fused:
+            self._refresh_split_k(ops)
         if not (fused and self.merged_projections):
             if self.merged is not None or self.head is not None:  # switched off since: the graphs read the copies
                 self.graphs.drop()
@@ -189,6 +190,16 @@ class PagedRunner:
         decision = fast_paths.merged_projections(self.layers, True, fused)  # modules may have been replaced since
         self.merged = [MergedProjections(layer) for layer in self.layers] if decision.choice == "on" else None
         ops.merged = self.merged
+
+    def _refresh_split_k(self, ops) -> None:
+        """Decide the split products again (the option or the layers' modules may have changed since: an adapter,
+        a hook), dropping the graphs when the decision changes."""
+        from engine.model.fused_ops import SplitKProducts
+
+        want = fast_paths.split_k_products(self.layers, self.split_k_products, True, self.device, self.dtype)
+        if (want.choice == "on") != (ops.split_k is not None):
+            self.graphs.drop()  # the graphs hold the other products
+            ops.split_k = SplitKProducts(self.device) if want.choice == "on" else None
 
     def _refresh_head(self) -> None:
         lm_head = self.model.base.lm_head
