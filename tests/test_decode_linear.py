@@ -177,6 +177,15 @@ def test_split_k_products_take_steps_and_leave_prompts_to_the_module():
     wrapped.mlp.down_proj = nn.Sequential(nn.Linear(16, 8))
     assert "Sequential" in split_k_unsupported([wrapped])
 
+    from engine.model import fast_paths
+
+    decide = lambda layers, requested=True, fused=True: fast_paths.split_k_products(  # noqa: E731
+        layers, requested, fused, torch.device("cpu"), torch.float32)
+    assert decide([Layer()]).choice == "on"
+    assert decide([Layer()], requested=False).reason == "asked for"
+    assert decide([Layer()], fused=False).reason == "the layers do not use the fused ops"
+    assert decide([hooked]).choice == "off" and "hooks" in decide([hooked]).reason
+
 
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 8, 64])

@@ -29,6 +29,7 @@ that cannot run is an error that carries that reason.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -294,18 +295,23 @@ def decode_ops(language_model: nn.Module, requested: bool | None, device: torch.
     return _after_self_check("decode_ops", "decode fusions", decode_fusions_self_check, device, dtype)
 
 
+def _fused_layers_refusal(path: str, requested: bool, fused: bool, reason: Callable[[], str | None]) -> Decision | None:
+    """The refusals every option of the fused layers shares: not asked for, no fused ops, or modules the option
+    cannot stand in for (``reason()``, asked last: it walks the layers). None: none of them applies."""
+    if not requested:
+        return _decide(path, "off", "asked for")
+    if not fused:
+        return _decide(path, "off", "the layers do not use the fused ops")
+    why = reason()
+    return None if why is None else _decide(path, "off", why)
+
+
 def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) -> Decision:
     """Whether the fused layers use merged q/k/v and gate/up products (plain nn.Linear projections only)."""
-    if not requested:
-        return _decide("merged_projections", "off", "asked for")
-    if not fused:
-        return _decide("merged_projections", "off", "the layers do not use the fused ops")
     from engine.model.fused_ops import merge_unsupported
 
-    reason = merge_unsupported(layers)
-    if reason is not None:
-        return _decide("merged_projections", "off", reason)
-    return _decide("merged_projections", "on", "asked for")
+    refused = _fused_layers_refusal("merged_projections", requested, fused, lambda: merge_unsupported(layers))
+    return refused or _decide("merged_projections", "on", "asked for")
 
 
 def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, device: torch.device,
@@ -313,21 +319,17 @@ def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, devi
     """Whether the fused layers' o and down products of one-position steps are split-K partial sums that the next
     norm adds (`engine.model.fused_ops.SplitKProducts`; plain bias-free nn.Linear projections without hooks; on
     CUDA once the kernels pass a self-check on this device and dtype)."""
-    if not requested:
-        return _decide("split_k_products", "off", "asked for")
-    if not fused:
-        return _decide("split_k_products", "off", "the layers do not use the fused ops")
     from engine.model.fused_ops import split_k_unsupported
 
-    reason = split_k_unsupported(layers)
-    if reason is not None:
-        return _decide("split_k_products", "off", reason)
+    refused = _fused_layers_refusal("split_k_products", requested, fused, lambda: split_k_unsupported(layers))
+    if refused is not None:
+        return refused
     if device.type == "cuda":
         from kernels.decode_linear import decode_linear_self_check
 
-        if _after_self_check("split_k_products", "split-K products", decode_linear_self_check, device,
-                             dtype).choice != "fused":  # fmt: skip
-            return _decide("split_k_products", "off", f"self-check failed: {_self_checks[('split_k_products', str(device), dtype)]}")
+        checked = _after_self_check("split_k_products", "split-K products", decode_linear_self_check, device, dtype)
+        if checked.choice != "fused":
+            return _decide("split_k_products", "off", checked.reason)
     return _decide("split_k_products", "on", "asked for")
 
 
