@@ -72,8 +72,10 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     keep = cols < hidden
-    if PARTIALS:  # fp32 partial products (`kernels.decode_linear`): summed in split order, rounded once as a product
+    if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
+    if PARTIALS:  # fp32 partial products (`kernels.decode_linear`, always with a residual): summed in split order,
+        # rounded once as a product
         total = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for split in tl.static_range(SPLITS):  # unrolled: every split's load in flight at once
             total += tl.load(x_ptr + split * stride_xs + row * stride_x + cols, mask=keep, other=0.0)
@@ -81,8 +83,6 @@ def _rms_norm_kernel(
     else:
         x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
     if HAS_RESIDUAL:
-        if not PARTIALS:
-            r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
         s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)  # residual + x, rounded like the PyTorch add
         tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
         x = s
@@ -238,8 +238,7 @@ def rms_norm(
     and their sum over splits, rounded to the residual's dtype, is the ``x`` added. ``programmatic_launch``: launch
     while the previous kernel finishes (None: with partial sums, where the device supports it: the split-K kernel
     before it lets it launch early)."""
-    partials = partial_sums
-    if partials:
+    if partial_sums:
         if residual is None or x.dim() != 3 or x.dtype != torch.float32:
             raise ValueError(f"partial sums must be (splits, N, H) float32 with a residual, got {tuple(x.shape)} "
                              f"{x.dtype}{'' if residual is not None else ' without one'}")  # fmt: skip
@@ -251,11 +250,11 @@ def rms_norm(
         raise ValueError(f"weight must be ({hidden},), got {tuple(weight.shape)}")
     if residual is not None:
         residual = _rows(residual, "residual")
-        if residual.shape != x.shape[-2:] or (residual.dtype != x.dtype and not partials):
+        if residual.shape != x.shape[-2:] or (residual.dtype != x.dtype and not partial_sums):
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
     if programmatic_launch is None:
-        programmatic_launch = partials and programmatic_launch_supported(x.device)
-    out = torch.empty_like(residual if partials else x)
+        programmatic_launch = partial_sums and programmatic_launch_supported(x.device)
+    out = torch.empty_like(residual if partial_sums else x)
     summed = torch.empty_like(out) if residual is not None else out
     if n:
         _rms_norm_kernel[(n,)](
@@ -265,15 +264,15 @@ def rms_norm(
             weight,
             out,
             hidden,
-            x.stride(0) if partials else 0,
+            x.stride(0) if partial_sums else 0,
             x.stride(-2),
             (residual if residual is not None else x).stride(0),
             summed.stride(0),
             out.stride(0),
             float(eps),
             HAS_RESIDUAL=residual is not None,
-            PARTIALS=partials,
-            SPLITS=x.shape[0] if partials else 1,
+            PARTIALS=partial_sums,
+            SPLITS=x.shape[0] if partial_sums else 1,
             PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
             BLOCK_H=triton.next_power_of_2(hidden),
             **({"launch_pdl": True} if programmatic_launch else {}),

@@ -32,12 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.paged_kv import (
-    HOPPER_SHARED_BYTES,
-    MAX_PIPELINE_STAGES,
-    SHARED_HEADROOM_BYTES,
-    programmatic_launch_supported,
-)
+from kernels.paged_kv import HOPPER_SHARED_BYTES, programmatic_launch_supported, stages_that_fit
 
 __all__ = [
     "DecodeLinearConfig",
@@ -49,6 +44,11 @@ __all__ = [
 ]
 
 MAX_BLOCK_M = 64  # rows per program; more rows take more programs along M
+
+
+def _block_m(rows: int) -> int:
+    """Rows per program: the rows rounded up to a power of two, at least 16 (`tl.dot`), at most `MAX_BLOCK_M`."""
+    return min(max(triton.next_power_of_2(max(rows, 1)), 16), MAX_BLOCK_M)
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,13 @@ def decode_linear_config(
     benchmarks/RESULTS.md): with the norm that sums the splits, 9% under cuBLAS + norm on average over the o and down
     products at batch 1-64, at worst 7% over it (fewer splits win some shapes, no simple rule wins more)."""
     block_n, block_k = 64, 128
-    block_m = min(max(triton.next_power_of_2(max(rows, 1)), 16), MAX_BLOCK_M)
     tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, MAX_BLOCK_M)
     steps = triton.cdiv(in_features, block_k)
     splits = max(1, min(sm_count // max(tiles, 1), steps))
     splits = triton.cdiv(steps, triton.cdiv(steps, splits))  # whole steps per split leave no split empty
-    stage_bytes = (block_m + block_n) * block_k * element_size  # an x tile and a weight tile per stage
-    stages = max(1, min(MAX_PIPELINE_STAGES, (shared_bytes - SHARED_HEADROOM_BYTES) // stage_bytes))
-    return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits, num_stages=stages)
+    stage_bytes = (_block_m(rows) + block_n) * block_k * element_size  # an x tile and a weight tile per stage
+    return DecodeLinearConfig(block_n=block_n, block_k=block_k, splits=splits,
+                              num_stages=stages_that_fit(stage_bytes, shared_bytes))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- kernel
@@ -190,7 +189,7 @@ def decode_linear_partials(
     if programmatic_launch is None:
         programmatic_launch = programmatic_launch_supported(x.device)
     if rows and out_features:
-        block_m = min(max(triton.next_power_of_2(rows), 16), MAX_BLOCK_M)
+        block_m = _block_m(rows)
         grid = (triton.cdiv(out_features, config.block_n), splits, triton.cdiv(rows, block_m))
         _decode_linear_kernel[grid](
             x, weight, out, rows, out_features, in_features, k_per_split,

@@ -352,12 +352,16 @@ def shared_memory_bytes(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
 
-def pipeline_stages(block_n: int, head_dim: int, element_size: int, device: torch.device | str) -> int:
-    """Pipeline depth of the decode loop for a tile: as many tiles as the device's shared memory holds (less
+def stages_that_fit(stage_bytes: int, shared_bytes: int) -> int:
+    """Pipeline depth for stages of ``stage_bytes`` each: as many as ``shared_bytes`` of shared memory hold (less
     `SHARED_HEADROOM_BYTES`), at most `MAX_PIPELINE_STAGES`, at least 1."""
+    return int(max(1, min(MAX_PIPELINE_STAGES, (shared_bytes - SHARED_HEADROOM_BYTES) // stage_bytes)))
+
+
+def pipeline_stages(block_n: int, head_dim: int, element_size: int, device: torch.device | str) -> int:
+    """Pipeline depth of the decode loop for a tile (`stages_that_fit` on the device's shared memory)."""
     tile = block_n * max(16, triton.next_power_of_2(head_dim)) * element_size
-    budget = shared_memory_bytes(torch.device(device)) - SHARED_HEADROOM_BYTES
-    return int(max(1, min(MAX_PIPELINE_STAGES, budget // tile)))
+    return stages_that_fit(tile, shared_memory_bytes(torch.device(device)))
 
 
 def default_block_n(head_dim: int, element_size: int, programs: int, device: torch.device | str) -> int:
