@@ -40,7 +40,7 @@ import itertools
 
 import torch
 
-from engine.training.zero_step import deepspeed_release_checked, not_the_checked_stage3, replace_method
+from engine.training.zero_step import not_the_checked_stage3, replace_method, unchecked_release
 
 
 def persistent_gather_unsupported(optimizer) -> str | None:
@@ -248,10 +248,9 @@ def _split_copy_wait(self, handle_dependency=True) -> None:
 
 def split_copy_unsupported() -> str | None:
     """Why the one-kernel copy-out cannot stand in for DeepSpeed's, or None when it can."""
-    if not deepspeed_release_checked():
-        import deepspeed
-
-        return f"deepspeed {deepspeed.__version__}: the copy-out was checked against 0.19 only"
+    unchecked = unchecked_release("the copy-out was")
+    if unchecked is not None:
+        return unchecked
     from deepspeed.runtime.zero import partition_parameters
 
     handle = getattr(partition_parameters, "AllGatherCoalescedHandle", None)
@@ -315,10 +314,9 @@ def iter_params_listed(module, recurse=False):
 
 def listed_parameters_unsupported() -> str | None:
     """Why DeepSpeed's parameter walks stay, or None when the listed ones can stand in."""
-    if not deepspeed_release_checked():
-        import deepspeed
-
-        return f"deepspeed {deepspeed.__version__}: the parameter lists were checked against 0.19 only"
+    unchecked = unchecked_release("the parameter lists were")
+    if unchecked is not None:
+        return unchecked
     import importlib
 
     for name in _ITER_PARAMS_USERS:

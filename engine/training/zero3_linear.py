@@ -66,7 +66,7 @@ def memory_efficient_linear(input, weight, bias=None):
 
 def linear_unsupported() -> str | None:
     """Why `memory_efficient_linear` cannot stand in for DeepSpeed's wrap now, or None when it can."""
-    from engine.training.zero_step import deepspeed_release_checked
+    from engine.training.zero_step import unchecked_release
 
     try:
         from deepspeed.runtime.zero.linear import (  # noqa: F401 (the names the function needs)
@@ -76,10 +76,9 @@ def linear_unsupported() -> str | None:
         )
     except ImportError:
         return "this deepspeed has no ZeRO-3 linear wrap to stand in for"
-    if not deepspeed_release_checked():
-        import deepspeed
-
-        return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
+    unchecked = unchecked_release("the replacement was")
+    if unchecked is not None:
+        return unchecked
     if torch.nn.functional.linear is memory_efficient_linear:
         return None
     if torch.nn.functional.linear is not zero3_linear_wrap:

@@ -65,18 +65,27 @@ def deepspeed_release_checked() -> bool:
     return release in CHECKED_DEEPSPEED
 
 
+def unchecked_release(what_was: str) -> str | None:
+    """Why a replacement of DeepSpeed's code stays off on this DeepSpeed release (``what_was``: "the replacement
+    was", "the parameter lists were"), or None on a release it was checked against (`deepspeed_release_checked`)."""
+    if deepspeed_release_checked():
+        return None
+    import deepspeed
+
+    return f"deepspeed {deepspeed.__version__}: {what_was} checked against 0.19 only"
+
+
 def _not_the_checked_class(optimizer, module: str, name: str, label: str, members: tuple[str, ...]) -> str | None:
     """Why `optimizer` is not DeepSpeed's `module.name` (`label`) of a checked release with `members`, or None."""
     try:
         import importlib
 
-        import deepspeed
-
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):  # pragma: no cover - deepspeed is a dependency
         return f"deepspeed's {module}.{name} is not importable"
-    if not deepspeed_release_checked():
-        return f"deepspeed {deepspeed.__version__}: the replacement was checked against 0.19 only"
+    unchecked = unchecked_release("the replacement was")
+    if unchecked is not None:
+        return unchecked
     if not isinstance(optimizer, cls):
         return f"{type(optimizer).__name__} is not DeepSpeed's {label} optimizer"
     for member in members:
