@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -518,6 +519,83 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
 
 
+_DEFAULT_STEP_LOGITS: dict = {}  # (model, batch, context) -> the default variant's eager step logits
+
+
+def _step_functions(runner, geo: "Geometry", batch: int, context: int):
+    """(graph step, eager step, bucket) of ``runner``'s one-position step for ``batch`` rows of ``context`` cached
+    positions of random K/V (seeded: every runner of a run holds the same K/V and tokens)."""
+    per_row = math.ceil((context + 1) / runner.block_size)
+    runner.ensure_cache(batch * per_row + batch)
+    cache = runner.cache
+    for b in range(batch):
+        cache.add_sequence(b)
+        cache.reserve(b, context + 1)
+    torch.manual_seed(0)
+    cache.key.normal_()
+    cache.value.normal_()
+    buf = runner.graphs.bucket(batch, runner.dtype, runner.device)
+    buf.block_tables.zero_()
+    buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
+    tables = buf.block_tables[:batch]
+    positions = torch.full((batch,), context, dtype=torch.long, device=geo.device)
+    active = torch.ones(batch, dtype=torch.bool, device=geo.device)
+    tokens = torch.randint(10, 400, (batch,), device=geo.device)
+
+    def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
+        return runner.one_position(buf, tables, positions, active, tokens=tokens)
+
+    def eager_step():
+        return runner.one_position(None, tables, positions, active, tokens=tokens)
+
+    return graph_step, eager_step, buf
+
+
+def measure_step_settings(model, geo: "Geometry", batch: int, context: int, timed, out: dict, rounds: int = 5) -> None:
+    """The default step against itself with one setting changed (the split-K products off), in ONE runner (the same
+    buffers and weight copies) and in alternating rounds: runners built in turn in one process measured the same
+    setting up to 25% apart on an H200 (benchmarks/RESULTS.md, 2026-11-30), more than settings change. Each
+    setting's graph is captured anew when it is switched to. On the CPU dry run the fused ops are forced on."""
+    from engine.model.paged.runner import PagedRunner
+
+    forced = {} if geo.cuda else {"fused_ops": True}
+    runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context), **forced)
+    try:
+        runner.refresh_merged_projections()
+        ops = runner.ops()
+        if getattr(ops, "split_k", None) is None:
+            out["settings_ab"] = {"skipped": "the runner's default step has no split products here"}
+            return
+        graph_step, _, buf = _step_functions(runner, geo, batch, context)
+
+        def use(split: bool):
+            runner.split_k_products = split
+            runner.refresh_merged_projections()
+            buf.graphs.clear()  # the step's kernels changed: the next call captures them (same static buffers)
+
+        settings = {"default": True, "without split products": False}
+        say(f"decode step settings in one runner, alternating ({rounds} rounds)")
+        times: dict = {name: [] for name in settings}
+        taken = {}  # whether each setting's step really ran the split products
+        for _ in range(rounds):
+            for name, split in settings.items():
+                use(split)
+                taken[name] = runner.ops().split_k is not None
+                graph_step()  # captures
+                times[name].append(timed(graph_step) * 1e3)
+        use(True)
+        median = {name: statistics.median(t) for name, t in times.items()}
+        out["settings_ab"] = dict(batch=batch, context=context, rounds=rounds, us=times, median_us=median,
+                                  split_products=taken,
+                                  x_default={name: median[name] / median["default"] for name in median})  # fmt: skip
+        for name, t in times.items():
+            say(f"  one runner, alternating rounds: {name}: median {median[name]:.0f} us "
+                f"({median[name] / median['default']:.3f}x the default; rounds {', '.join(f'{v:.0f}' for v in t)})")
+    finally:
+        runner.close()
+        free_memory(geo.device)
+
+
 def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, out, options: dict,
                         floor_ms: float | None = None) -> None:
     """The paged runner's one-position step at `context` cached positions per row: graph and eager rows.
@@ -526,6 +604,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     from engine.model.paged.runner import PagedRunner
 
     default = not options and batch == geo.batch
+    default_variant = not options  # the runner's defaults, at any batch: the other variants' logits are against it
     runner = PagedRunner(model, **{"block_size": geo.block_size, "max_model_len": max(4096, 2 * context), **options})
     runner.refresh_merged_projections()  # what generate does first: decides the ops table and merges
     fused = runner.ops().name == "fused"
@@ -541,24 +620,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     if batch != geo.batch:
         label += f", batch {batch}"
     try:
-        per_row = math.ceil((context + 1) / runner.block_size)
-        runner.ensure_cache(batch * per_row + batch)
-        cache = runner.cache
-        for b in range(batch):
-            cache.add_sequence(b)
-            cache.reserve(b, context + 1)
-        cache.key.normal_()
-        cache.value.normal_()
-        buf = runner.graphs.bucket(batch, runner.dtype, runner.device)
-        buf.block_tables.zero_()
-        buf.block_tables[:batch].copy_(cache.block_table(range(batch), runner.table_width))
-        tables = buf.block_tables[:batch]
-        positions = torch.full((batch,), context, dtype=torch.long, device=geo.device)
-        active = torch.ones(batch, dtype=torch.bool, device=geo.device)
-        tokens = torch.randint(10, 400, (batch,), device=geo.device)
-
-        def graph_step():  # static buffers filled, then the captured step replayed (eager on the CPU dry run)
-            return runner.one_position(buf, tables, positions, active, tokens=tokens)
+        graph_step, eager_step, buf = _step_functions(runner, geo, batch, context)
 
         runner.refresh_merged_projections()  # as generate does (the pool was rebuilt since)
         graph_step()  # captures
@@ -571,12 +633,20 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
             record(f"{label}, graph replay only", timed(graph.replay), floor_ms, mode="graph", fused=fused,
                    merged=merged, batch=batch)
 
-        def eager_step():
-            return runner.one_position(None, tables, positions, active, tokens=tokens)
-
         record(f"{label}, eager", timed(eager_step), floor_ms, mode="eager", fused=fused, merged=merged, batch=batch)
-        # the captured step computes what the eager step does
-        row["max_abs_diff_vs_eager"] = float((graph_step().float() - eager_step().float()).abs().max())
+        # the captured step computes what the eager step does; every variant what the default computes (up to
+        # the rounding of another summation order), the step's logits compared against the default's
+        logits = eager_step().float()
+        row["max_abs_diff_vs_eager"] = float((graph_step().float() - logits).abs().max())
+        key = (geo.model_spec, batch, context)
+        if default_variant:
+            _DEFAULT_STEP_LOGITS[key] = logits
+        elif key in _DEFAULT_STEP_LOGITS and _DEFAULT_STEP_LOGITS[key].shape == logits.shape:
+            reference = _DEFAULT_STEP_LOGITS[key]
+            row["max_abs_diff_vs_default"] = float((logits - reference).abs().max())
+            row["logits_scale"] = float(reference.abs().max())
+            say(f"  logits against the default variant: max |diff| {row['max_abs_diff_vs_default']:.3g} "
+                f"(largest |logit| {row['logits_scale']:.3g})")
         if default:
             out["kernel_breakdown"] = kernel_breakdown(eager_step, geo)
     except Exception as e:
@@ -715,7 +785,8 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     # -- the paged runner's one-position step, every row holding `context` positions (random K/V): the default
     #    (on CUDA: decode fusions, merged projections, split-K o/down products), the default without the split-K
     #    products, the fusions with separate projections, and the transformers modules, for the difference each
-    #    makes (on the CPU dry run the default is the modules)
+    #    makes (on the CPU dry run the default is the modules); `measure_step_settings` compares settings in one
+    #    runner, which is what to trust for differences of a few percent
     variants = [{}, {"split_k_products": False}, {"merged_projections": False}, {"fused_ops": False}] if geo.cuda else [{}]
     attention = report.get("decode_attention") or {}
     best = attention.get("best_any_page_size")
@@ -723,6 +794,10 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
         keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch")
         variants.append(dict(block_size=best.get("block_size", geo.block_size), num_splits=best.get("num_splits"),
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
+    try:  # first, while nothing else has run long on the device
+        measure_step_settings(model, geo, batch, context, timed, out, rounds=5 if geo.cuda else 2)
+    except Exception as e:  # noqa: BLE001
+        out["rows"].append(error_row("one runner, alternating settings", e))
     for options in variants:
         measure_runner_step(model, geo, batch, context, record, timed, out, options)
     measure_lm_head(model, geo, record, timed, out, bandwidth)

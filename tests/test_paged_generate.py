@@ -405,6 +405,10 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     assert {"fixed_us_per_layer", "us_per_token", "streaming_gbs"} <= set(fit) and math.isfinite(fit["us_per_token"])
     if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
+    settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
+    assert settings["split_products"] == {"default": True, "without split products": False}
+    assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())
+    assert settings["x_default"]["default"] == 1.0
     breakdown = step["kernel_breakdown"]
     assert breakdown["total_us_per_step"] > 0 and breakdown["top"]
     assert abs(sum(k["pct"] for k in breakdown["by_kind"]) - 100) < 1e-6
