@@ -552,7 +552,8 @@ def _step_functions(runner, geo: "Geometry", batch: int, context: int):
 
 
 def measure_step_settings(model, geo: "Geometry", batch: int, context: int, timed, out: dict, rounds: int = 5) -> None:
-    """The default step against itself with one setting changed (the split-K products off), in ONE runner (the same
+    """The default step against itself with one setting changed (the split-K products off; the rotary embedding
+    and cache write in their own kernel, not in the attention's), in ONE runner (the same
     buffers and weight copies) and in alternating rounds: runners built in turn in one process measured the same
     setting up to 25% apart on an H200 (benchmarks/RESULTS.md, 2026-11-30), more than settings change. Each
     setting's graph is captured anew when it is switched to. On the CPU dry run the fused ops are forced on."""
@@ -568,22 +569,24 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
             return
         graph_step, _, buf = _step_functions(runner, geo, batch, context)
 
-        def use(split: bool):
+        def use(split: bool, rotary_inside: bool):
             runner.split_k_products = split
+            runner.rotary_in_attention = rotary_inside
             runner.refresh_merged_projections()
             buf.graphs.clear()  # the step's kernels changed: the next call captures them (same static buffers)
 
-        settings = {"default": True, "without split products": False}
+        settings = {"default": (True, True), "without split products": (False, True),
+                    "rotary outside the attention": (True, False)}  # fmt: skip
         say(f"decode step settings in one runner, alternating ({rounds} rounds)")
         times: dict = {name: [] for name in settings}
         taken = {}  # whether each setting's step really ran the split products
         for _ in range(rounds):
-            for name, split in settings.items():
-                use(split)
+            for name, (split, rotary_inside) in settings.items():
+                use(split, rotary_inside)
                 taken[name] = runner.ops().split_k is not None
                 graph_step()  # captures
                 times[name].append(timed(graph_step) * 1e3)
-        use(True)
+        use(True, True)
         median = {name: statistics.median(t) for name, t in times.items()}
         out["settings_ab"] = dict(batch=batch, context=context, rounds=rounds, us=times, median_us=median,
                                   split_products=taken,

@@ -5,7 +5,9 @@ microseconds, and transformers' RMSNorm alone is eight of them (upcast, square, 
 downcast, weight), rotary embedding five per tensor, the residual add and the SwiGLU product one or two more.
 These kernels do each of those in one pass over the rows, with the same rounding as the PyTorch modules they
 replace (fp32 statistics, a downcast before the weight multiply, bf16 rounding between the rotary terms), so
-outputs match transformers' to within the last bit (exact in fp32 up to summation order).
+outputs match transformers' (bit for bit on an H200 in bf16, checked against the PyTorch references at the
+InternVL3 geometries; exact in fp32 up to summation order). The roundings between two products go through
+`kernels.paged_kv.round_to`, which the compiler cannot fold away as it did a ``.to(bf16).to(fp32)`` round trip.
 
 Public entry points (one name across kernels, tests and benchmarks), each with its PyTorch reference:
 
@@ -16,6 +18,9 @@ Public entry points (one name across kernels, tests and benchmarks), each with i
 - `rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)`: `rotary_qk`, with the rotated ``k`` and
   ``v`` stored straight into a paged cache at ``slots`` (`kernels.paged_kv` layout, slot -1 skipped) instead of
   into new tensors: one kernel for what `rotary_qk` + `paged_kv.paged_kv_write` do in two; returns the rotated q;
+- `rotary_paged_decode_attention(q, k, v, cos, sin, key_cache, value_cache, slots, block_tables, context_lens)`:
+  `rotary_kv_write` and the one-query paged attention after it (`kernels.paged_kv.paged_decode_attention`) in one
+  kernel, for one-position steps (each row's new token is its last context position);
 - `silu_mul(gate, up)`: ``silu(gate) * up`` (the SwiGLU product of the MLP).
 
 No autograd here: these serve inference (`engine.model.paged`); `kernels.layer_grads` gives the first three
@@ -29,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_kv import _check_cache, paged_kv_write_reference, programmatic_launch_supported
+from kernels.paged_kv import (
+    _check_cache,
+    decode_attention_launch,
+    paged_decode_attention_reference,
+    paged_kv_write_reference,
+    programmatic_launch_supported,
+    rotated,
+    round_to,
+)
 
 __all__ = [
     "decode_fusions_self_check",
@@ -37,6 +50,8 @@ __all__ = [
     "rms_norm_reference",
     "rotary_kv_write",
     "rotary_kv_write_reference",
+    "rotary_paged_decode_attention",
+    "rotary_paged_decode_attention_reference",
     "rotary_qk",
     "rotary_qk_reference",
     "silu_mul",
@@ -79,20 +94,21 @@ def _rms_norm_kernel(
         total = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for split in tl.static_range(SPLITS):  # unrolled: every split's load in flight at once
             total += tl.load(x_ptr + split * stride_xs + row * stride_x + cols, mask=keep, other=0.0)
-        x = total.to(r.dtype)
+        dtype: tl.constexpr = r.dtype
+        xf = round_to(total, dtype)
     else:
         x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0)
+        dtype: tl.constexpr = x.dtype
+        xf = x.to(tl.float32)
     if HAS_RESIDUAL:
-        s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)  # residual + x, rounded like the PyTorch add
-        tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
-        x = s
-    xf = x.to(tl.float32)
+        xf = round_to(r.to(tl.float32) + xf, dtype)  # residual + x, rounded like the PyTorch add
+        tl.store(sum_ptr + row * stride_s + cols, xf.to(dtype), mask=keep)
     variance = tl.sum(xf * xf, axis=0) / hidden
     # eps is fp64 under torch.compile (Python floats reach user kernels so): back to fp32 before the rsqrt; the
-    # downcast before the weight is transformers' rounding
-    normed = (xf * tl.math.rsqrt((variance + eps).to(tl.float32))).to(x.dtype)
+    # downcast before the weight is transformers' rounding (`round_to`: not folded away)
+    normed = round_to(xf * tl.math.rsqrt((variance + eps).to(tl.float32)), dtype)
     w = tl.load(weight_ptr + cols, mask=keep, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=keep)
+    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed).to(dtype), mask=keep)
 
 
 @triton.jit
@@ -105,10 +121,8 @@ def _rotate(x_ptr, out_ptr, cos, sin, sign, token, stride_t, stride_h, stride_ot
     base = x_ptr + token * stride_t + h * stride_h
     x = tl.load(base + d, mask=keep, other=0.0)
     partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
-    rot = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32) * sign
-    a = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)  # q * cos, rounded
-    b = (rot * sin).to(x.dtype).to(tl.float32)  # rotate_half(q) * sin, rounded
-    tl.store(out_ptr + token * stride_ot + h * stride_oh + d, (a + b).to(x.dtype), mask=keep)
+    rot = rotated(x, tl.load(base + partner, mask=keep, other=0.0), cos, sin, sign)
+    tl.store(out_ptr + token * stride_ot + h * stride_oh + d, rot, mask=keep)
 
 
 @triton.jit
@@ -212,8 +226,8 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, strid
     g = tl.load(gate_ptr + row * stride_g + cols, mask=keep, other=0.0)
     u = tl.load(up_ptr + row * stride_u + cols, mask=keep, other=0.0)
     gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu(gate), rounded like the activation module's output
-    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=keep)
+    act = round_to(gf / (1.0 + tl.exp(-gf)), g.dtype)  # silu(gate), rounded like the activation module's output
+    tl.store(out_ptr + row * stride_o + cols, (act * u.to(tl.float32)).to(g.dtype), mask=keep)
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -414,6 +428,48 @@ def rotary_kv_write(
     return q_out
 
 
+def rotary_paged_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    **attention_options,
+) -> torch.Tensor:
+    """`rotary_kv_write` then `kernels.paged_kv.paged_decode_attention`, in one kernel, for one-position steps: each
+    row's new token is its last context position (``context_lens[b] - 1``) and goes to ``slots[b]`` (-1: a padding
+    row, which must have context 0). The attention program of a (row, KV head) rotates q and the new k, takes the
+    new token's key and value from registers and the rest of the context from the cache, and one of its programs
+    stores the rotated k and v at the slot, as `rotary_kv_write` would. ``attention_options``: those of
+    `paged_decode_attention` (scale, num_splits, block_n, num_warps, num_stages, dot_in_cache_dtype,
+    programmatic_launch). Returns the attention output (B, q_heads, head_dim) in q's dtype."""
+    _check_cache(key_cache, value_cache)
+    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
+        raise ValueError(
+            f"rotary_paged_decode_attention shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache "
+            f"{tuple(key_cache.shape)}, slots {tuple(slots.shape)}"
+        )
+    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype or q.dtype != key_cache.dtype:
+        raise ValueError(f"q, k and v ({q.dtype}, {k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
+    q, k, cos, sin = _check_rotary(q, k, cos, sin)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return decode_attention_launch(q, key_cache, value_cache, block_tables, context_lens, (k, v, cos, sin, slots),
+                                   **attention_options)  # fmt: skip
+
+
+def rotary_paged_decode_attention_reference(q, k, v, cos, sin, key_cache, value_cache, slots, block_tables,
+                                            context_lens, scale=None) -> torch.Tensor:  # fmt: skip
+    """`rotary_kv_write_reference` (the caches written in place), then `paged_decode_attention_reference`."""
+    q_rot = rotary_kv_write_reference(q, k, v, cos, sin, key_cache, value_cache, slots)
+    return paged_decode_attention_reference(q_rot, key_cache, value_cache, block_tables, context_lens, scale=scale)
+
+
 def rotary_kv_write_reference(q, k, v, cos, sin, key_cache, value_cache, slots) -> torch.Tensor:
     """`rotary_qk_reference`, then `paged_kv_write_reference` of the rotated k and v."""
     q_rot, k_rot = rotary_qk_reference(q, k, cos, sin)
@@ -456,9 +512,9 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _cache_outputs(write):
     """For checks (the self-check, the suite): run ``write`` on copies of the caches; (q, key cache, value cache)."""
 
-    def run(q, k, v, cos, sin, key_cache, value_cache, slots):
+    def run(q, k, v, cos, sin, key_cache, value_cache, slots, **tables):
         key_cache, value_cache = key_cache.clone(), value_cache.clone()
-        return write(q, k, v, cos, sin, key_cache, value_cache, slots), key_cache, value_cache
+        return write(q, k, v, cos, sin, key_cache, value_cache, slots, **tables), key_cache, value_cache
 
     return run
 
@@ -478,6 +534,13 @@ def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) ->
         "rotary_kv_write": (_cache_outputs(rotary_kv_write), _cache_outputs(rotary_kv_write_reference),
                             (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(3, 4, 1, 8), r(3, 4, 1, 8)),
                             dict(slots=torch.tensor([4, -1, 0, 11, 7], device=device))),
+        # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
+        "rotary_paged_decode_attention": (
+            _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
+            (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(15, 4, 1, 8), r(15, 4, 1, 8)),
+            dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
+                 block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
+                 context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device))),
     }
     for name, (fused, reference, args, kwargs) in cases.items():
         try:

@@ -72,6 +72,30 @@ def _paged_kv_write_kernel(
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), as fp32. For bf16 by integer arithmetic: a
+    ``.to(bf16).to(fp32)`` round trip between two products can be folded away by the compiler (triton 3.6 did so in
+    some layouts, giving the unrounded sum; measured on an H200), which would not round as the PyTorch modules do."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rotated(x, partner, cos, sin, sign):
+    """``x * cos + rotate_half(x) * sin`` in x's dtype, each product rounded to it first (transformers' rounding);
+    ``partner`` is x at the rotate_half positions, ``sign`` its sign, ``cos``/``sin`` fp32. The one definition of
+    the rotary embedding's arithmetic for the decode kernels (`kernels.decode_fusions`, the attention's ROTARY
+    mode)."""
+    a = round_to(x.to(tl.float32) * cos, x.dtype)
+    b = round_to(partner.to(tl.float32) * sign * sin, x.dtype)
+    return (a + b).to(x.dtype)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     key_cache_ptr,
@@ -97,6 +121,16 @@ def _paged_decode_kernel(
     stride_mlh,
     stride_mls,
     block_size,
+    new_k_ptr,
+    new_v_ptr,
+    cos_ptr,
+    sin_ptr,
+    slots_ptr,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_ct,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -107,6 +141,7 @@ def _paged_decode_kernel(
     DOT_IN_CACHE_DTYPE: tl.constexpr,
     WIDEN_16BIT_DOTS: tl.constexpr,
     PROGRAMMATIC_LAUNCH: tl.constexpr,
+    ROTARY: tl.constexpr,
 ):
     """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split.
 
@@ -114,7 +149,12 @@ def _paged_decode_kernel(
     accumulation (as FlashAttention does): K/V tiles stay 16-bit in registers instead of being widened to fp32.
     WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32.
     PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): the kernel may be launched while the previous one is
-    still finishing; it waits for that one's completion before touching memory, and lets the next launch early."""
+    still finishing; it waits for that one's completion before touching memory, and lets the next launch early.
+    ROTARY (`kernels.decode_fusions.rotary_paged_decode_attention`): q is the projection's output before the rotary
+    embedding, and the row's new token (its last context position, slot ``slots[b]``) is not in the cache yet: its
+    k and v come from ``new_k``/``new_v``. The program rotates q and the new k as `rotary_kv_write` does (the same
+    roundings), attends over the cached positions before the new one, adds the new token's key and value from
+    registers, and the program of the last split stores the rotated k and v at the slot (slot -1: nothing)."""
     if PROGRAMMATIC_LAUNCH:
         tl.extra.cuda.gdc_wait()  # everything the previous kernels wrote (q, the new K/V) is visible after this
     b = tl.program_id(0).to(tl.int64)
@@ -133,6 +173,29 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + g.to(tl.int64)
     q_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    if ROTARY:  # q, and the new token's k and v, rotated and stored as `rotary_kv_write` does
+        cos = tl.load(cos_ptr + b * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+        half = HEAD_DIM // 2
+        partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
+        sign = tl.where(d < half, -1.0, 1.0)
+        q_partner = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + partner[None, :], mask=q_mask,
+                            other=0.0)  # fmt: skip
+        q = rotated(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
+        k_row = new_k_ptr + b * stride_kb + kv_head * stride_kh
+        new_k = rotated(tl.load(k_row + d, mask=d_mask, other=0.0), tl.load(k_row + partner, mask=d_mask, other=0.0),
+                         cos, sin, sign)  # fmt: skip
+        new_v = tl.load(new_v_ptr + b * stride_vb + kv_head * stride_vh + d, mask=d_mask, other=0.0)
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        safe = tl.maximum(slot, 0)
+        dst = (safe // block_size) * stride_cb + (safe % block_size) * stride_co + kv_head * stride_ch + d
+        stores = ((slot >= 0) & (split == NUM_SPLITS - 1)).to(tl.int32)  # one program per (row, KV head) stores
+        store_new = d_mask & ((d * 0 + stores) > 0)  # a block, not a scalar, in the mask
+        tl.store(key_cache_ptr + dst, new_k.to(key_cache_ptr.dtype.element_ty), mask=store_new)
+        tl.store(value_cache_ptr + dst, new_v.to(value_cache_ptr.dtype.element_ty), mask=store_new)
+        last = context - 1  # the new token's position: from registers, not from the cache
+        has_new = (context > 0) & (start <= last) & (last < end)
+        end = tl.minimum(end, last)
     if DOT_IN_CACHE_DTYPE:
         q = q.to(key_cache_ptr.dtype.element_ty)
     if WIDEN_16BIT_DOTS or not DOT_IN_CACHE_DTYPE:
@@ -168,6 +231,18 @@ def _paged_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+        m_i = m_new
+    if ROTARY:  # the new token: one more key, its score and value from registers
+        s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale_log2e
+        s_new = tl.where(has_new, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p_new = tl.exp2(s_new - m_use)
+        l_i = l_i * alpha + p_new
+        if DOT_IN_CACHE_DTYPE:  # the probability rounded to the cache dtype, as the loop's value product takes it
+            p_new = p_new.to(new_v.dtype).to(tl.float32)
+        acc = acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :]
         m_i = m_new
 
     if PROGRAMMATIC_LAUNCH:
@@ -426,6 +501,31 @@ def paged_decode_attention(
     (False: fp32 operands, slower). ``programmatic_launch``: launch while the previous kernel finishes (None: where
     `programmatic_launch_supported`). Returns (B, q_heads, head_dim) in q's dtype.
     """
+    return decode_attention_launch(
+        q, key_cache, value_cache, block_tables, context_lens, None, scale=scale, num_splits=num_splits,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dot_in_cache_dtype=dot_in_cache_dtype,
+        programmatic_launch=programmatic_launch,
+    )  # fmt: skip
+
+
+def decode_attention_launch(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rotary: tuple | None,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    dot_in_cache_dtype: bool = True,
+    programmatic_launch: bool | None = None,
+) -> torch.Tensor:
+    """`paged_decode_attention`'s launch; with ``rotary`` = (new k, new v, cos, sin, slots) the kernel's ROTARY
+    mode (`kernels.decode_fusions.rotary_paged_decode_attention`, which checks those inputs)."""
     q, group = _check_queries(q, key_cache, value_cache)
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
@@ -456,6 +556,12 @@ def paged_decode_attention(
         part_ml = torch.empty(batch, q_heads, num_splits, 2, device=q.device, dtype=torch.float32)
     else:
         part_out, part_ml = out, out  # unused
+    if rotary is None:  # unused pointers and strides
+        rotary_args = (q, q, q, q, context_lens, 0, 0, 0, 0, 0)
+    else:
+        new_k, new_v, cos, sin, slots = rotary
+        rotary_args = (new_k, new_v, cos, sin, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0),
+                       new_v.stride(1), cos.stride(0))  # fmt: skip
     po_strides = part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
     ml_strides = part_ml.stride()[:3] if num_splits > 1 else (0, 0, 0)
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
@@ -479,6 +585,7 @@ def paged_decode_attention(
         *po_strides,
         *ml_strides,
         block_size,
+        *rotary_args,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -489,6 +596,7 @@ def paged_decode_attention(
         DOT_IN_CACHE_DTYPE=bool(dot_in_cache_dtype and key_cache.dtype in (torch.bfloat16, torch.float16)),
         WIDEN_16BIT_DOTS=q.device.type != "cuda" or _INTERPRETED,
         PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
+        ROTARY=rotary is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **launch,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.decode_fusions import (
     rms_norm,
@@ -13,6 +15,7 @@ from kernels.decode_fusions import (
     silu_mul,
     silu_mul_reference,
 )
+from kernels.paged_kv import round_to
 
 # fp32: same math up to summation order. bf16: the interpreter truncates fp32 -> bf16 casts (the GPU rounds),
 # so a result may differ by one bf16 ulp of its magnitude.
@@ -153,3 +156,136 @@ def test_rotary_kv_write_names_bad_inputs():
         rotary_kv_write(q, k, k, cos, sin, cache, cache.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="cache's dtype"):
         rotary_kv_write(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("q_heads,k_heads,head_dim,block_size", [(4, 2, 16, 4), (6, 2, 24, 8), (3, 1, 32, 16)])
+def test_rotary_paged_decode_attention_is_the_write_then_the_attention(dtype, num_splits, q_heads, k_heads, head_dim,
+                                                                       block_size):  # fmt: skip
+    """One kernel for `rotary_kv_write` + `paged_decode_attention`: the same output and the same caches as the two,
+    on rows whose new token falls at a tile's start, inside one, in a split of its own, alone (context 1), and a
+    padding row (context 0, slot -1). q/k/v are strided views of one projection output; the cache holds stale
+    values at the new tokens' slots, which the kernel must not read."""
+    from kernels.decode_fusions import rotary_paged_decode_attention, rotary_paged_decode_attention_reference
+
+    lens = [17, 16, 1, 0, 33, 5]
+    rows = len(lens)
+    per_row = -(-max(lens) // block_size) + 1
+    num_blocks = rows * per_row + 2
+    g = torch.Generator().manual_seed(21)
+    tables = torch.randperm(num_blocks, generator=g)[: rows * per_row].view(rows, per_row).to(torch.int32)
+    context = torch.tensor(lens, dtype=torch.int32)
+    slots = torch.tensor([int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+                          for i, n in enumerate(lens)])  # fmt: skip
+    qkv = _randn(rows, q_heads + 2 * k_heads, head_dim, dtype=dtype, seed=22)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads : q_heads + k_heads], qkv[:, q_heads + k_heads :]
+    angle = _randn(rows, head_dim // 2, dtype=torch.float32, seed=23) * 3
+    cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)
+    key_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=24)  # stale at the slots
+    value_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=25)
+    ref_k, ref_v = key_cache.clone(), value_cache.clone()
+    want = rotary_paged_decode_attention_reference(q, k, v, cos, sin, ref_k, ref_v, slots, tables, context)
+    got = rotary_paged_decode_attention(q, k, v, cos, sin, key_cache, value_cache, slots, tables, context,
+                                        num_splits=num_splits, block_n=16)  # fmt: skip
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(key_cache.float(), ref_k.float(), **tol)
+    assert torch.equal(value_cache, ref_v), "v is copied, not computed"
+    assert torch.equal(got[3], torch.zeros_like(got[3])), "a padding row attends to nothing"
+    # the stale value at a slot is never read: poisoning the slots changes nothing
+    key_cache.view(-1, k_heads, head_dim)[slots[slots >= 0]] = float("nan")
+    value_cache.view(-1, k_heads, head_dim)[slots[slots >= 0]] = float("nan")
+    again = rotary_paged_decode_attention(q, k, v, cos, sin, key_cache, value_cache, slots, tables, context,
+                                          num_splits=num_splits, block_n=16)  # fmt: skip
+    assert torch.equal(again, got)
+
+
+def test_rotary_paged_decode_attention_names_bad_inputs():
+    from kernels.decode_fusions import rotary_paged_decode_attention
+
+    q, k = torch.zeros(2, 4, 8), torch.zeros(2, 2, 8)
+    cos = sin = torch.zeros(2, 8)
+    cache = torch.zeros(3, 4, 2, 8)
+    tables, lens = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="slots"):
+        rotary_paged_decode_attention(q, k, k, cos, sin, cache, cache.clone(), torch.zeros(3, dtype=torch.long), tables, lens)
+    with pytest.raises(ValueError, match="cache's dtype"):
+        rotary_paged_decode_attention(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), torch.zeros(2, dtype=torch.long),
+                                      tables, lens)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("q_heads,k_heads,head_dim", [(14, 2, 64), (12, 2, 128), (28, 4, 128)])  # 1B, 2B, 8B
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_gpu_rotary_paged_decode_attention_matches_the_two_kernels(q_heads, k_heads, head_dim, num_splits):
+    """On the GPU (bf16, the default launch: programmatic launch, the cache-dtype dots), at the InternVL3 geometries,
+    64 ragged rows and a padding row: the output and the caches of `rotary_kv_write` + `paged_decode_attention`
+    (up to bf16 rounding of another summation order), eagerly and replayed from a graph after the inputs changed."""
+    from kernels.decode_fusions import rotary_kv_write, rotary_paged_decode_attention
+    from kernels.paged_kv import paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(31)
+    block_size, rows = 16, 65
+    lens = torch.randint(1, 1400, (rows,), device="cuda", generator=g).to(torch.int32)
+    lens[7] = 0
+    per_row = -(-1400 // block_size)
+    num_blocks = rows * per_row
+    tables = torch.randperm(num_blocks, device="cuda", generator=g).view(rows, per_row).to(torch.int32)
+    last = (lens - 1).clamp(min=0).long()
+    slots = tables[torch.arange(rows, device="cuda"), last // block_size].long() * block_size + last % block_size
+    slots[lens == 0] = -1
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    qkv = r(rows, q_heads + 2 * k_heads, head_dim)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads : q_heads + k_heads], qkv[:, q_heads + k_heads :]
+    angle = torch.rand(rows, head_dim // 2, device="cuda", generator=g) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos().bfloat16(), torch.cat([angle, angle], -1).sin().bfloat16()
+    key_cache, value_cache = r(num_blocks, block_size, k_heads, head_dim), r(num_blocks, block_size, k_heads, head_dim)
+
+    def two_kernels():
+        kc, vc = key_cache.clone(), value_cache.clone()
+        q_rot = rotary_kv_write(q, k, v, cos, sin, kc, vc, slots)
+        return paged_decode_attention(q_rot, kc, vc, tables, lens, num_splits=num_splits), kc, vc
+
+    kc, vc = key_cache.clone(), value_cache.clone()
+
+    def one_kernel():
+        return rotary_paged_decode_attention(q, k, v, cos, sin, kc, vc, slots, tables, lens, num_splits=num_splits)
+
+    want, want_k, want_v = two_kernels()
+    got = one_kernel()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), "the same rotated k and v in the same slots"
+    assert torch.equal(got[7], torch.zeros_like(got[7]))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = one_kernel()
+    qkv.normal_()
+    kc.copy_(key_cache)
+    vc.copy_(value_cache)
+    graph.replay()
+    want, want_k, want_v = two_kernels()
+    torch.testing.assert_close(replayed.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@triton.jit
+def _round_to_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    keep = i < n
+    tl.store(out_ptr + i, round_to(tl.load(x_ptr + i, mask=keep, other=0.0), DTYPE), mask=keep)
+
+
+def test_round_to_rounds_to_nearest_even_as_torch():
+    """`round_to`'s integer rounding to bf16 gives what torch's cast gives, ties (to even) included; fp16 goes
+    through the cast."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(200, generator=g) * torch.logspace(-8, 8, 200)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x40490000 | 0x8000], dtype=torch.int64).to(torch.int32)
+    x = torch.cat([x, ties.view(torch.float32), torch.tensor([0.0, -0.0, 1.0])])
+    for dtype, tl_dtype in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
+        out = torch.empty_like(x)
+        _round_to_kernel[(1,)](x, out, x.numel(), DTYPE=tl_dtype, BLOCK=256)
+        want = x.to(dtype).float()
+        finite = torch.isfinite(want)
+        assert torch.equal(out[finite], want[finite]), dtype

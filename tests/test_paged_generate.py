@@ -100,6 +100,39 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     assert runner.cache.num_used_blocks == 0, "every block must be back in the pool after generate"
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, inside):
+    """The one-position steps' rotary embedding and cache write inside the attention kernel: the same greedy tokens
+    and logits as the dynamic cache; every decode step's layers take the one kernel (prompts keep the chunk
+    attention), and switched off, none does. Switching drops the captured steps."""
+    import engine.model.paged.runner as runner_module
+
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    record_logits["dynamic"].clear()
+    dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
+    calls = []
+    real = runner_module.rotary_paged_decode_attention
+    monkeypatch.setattr(runner_module, "rotary_paged_decode_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))  # fmt: skip
+    runner = PagedRunner(model, block_size=4, fused_ops=True, rotary_in_attention=inside)
+    paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
+    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
+    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
+        err = (a - b).abs().max().item()
+        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+    layers = model.language_model.config.num_hidden_layers
+    if inside:  # every layer of every one-position step (at least the 4 decode steps after the first token)
+        assert len(calls) >= 4 * layers and len(calls) % layers == 0, calls
+    else:
+        assert not calls
+    runner.graphs.bucket(1, runner.dtype, runner.device)  # a bucket, as a captured step leaves one
+    runner.rotary_in_attention = not inside
+    assert not runner.graphs.buckets, "the captured steps hold the other kernels: dropped"
+    runner.rotary_in_attention = not inside
+    assert runner.rotary_in_attention is (not inside)
+
+
 @pytest.mark.parametrize("split_k", [True, False])
 def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
     """The o and down products as split-K partial sums added by the next norm (several splits forced on the tiny
@@ -406,7 +439,8 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
-    assert settings["split_products"] == {"default": True, "without split products": False}
+    assert settings["split_products"] == {"default": True, "without split products": False,
+                                          "rotary outside the attention": True}  # fmt: skip
     assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())
     assert settings["x_default"]["default"] == 1.0
     breakdown = step["kernel_breakdown"]

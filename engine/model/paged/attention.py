@@ -20,16 +20,26 @@ from kernels.paged_kv import paged_kv_write
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# rotate_attend(q, k, v, cos, sin, key_cache, value_cache, slots) -> (N, q_heads, D): rotary, cache write and
+# attention in one kernel (`kernels.decode_fusions.rotary_paged_decode_attention`), for one-position steps
+RotateAttendFn = Callable[..., torch.Tensor]
+
+
 class PagedAttention:
     """``attention(index, q, k, v, cos, sin)`` over a `PagedKVCache`: q, k, v are (N, heads, head_dim) packed
-    tokens whose K/V go to ``slots`` (N,) (slot -1: written nowhere)."""
+    tokens whose K/V go to ``slots`` (N,) (slot -1: written nowhere). ``rotate_attend`` (one-position steps with the
+    fused ops): the rotary embedding, the cache write and the attention in one kernel instead of two."""
 
-    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, attend: AttendFn, ops):
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, attend: AttendFn, ops,
+                 rotate_attend: RotateAttendFn | None = None):  # fmt: skip
         self.cache, self.slots, self.attend, self.ops = cache, slots, attend, ops
+        self.rotate_attend = rotate_attend
 
     def __call__(self, index, q, k, v, cos, sin):
         key_cache, value_cache = self.cache.layer(index)
         if self.ops.fuses_cache_write and k.dtype == key_cache.dtype:
+            if self.rotate_attend is not None and q.dtype == key_cache.dtype:
+                return self.rotate_attend(q, k, v, cos, sin, key_cache, value_cache, self.slots)
             q = rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, self.slots)  # k, v straight to the cache
         else:  # also layers in another dtype than the cache: the write rounds k and v to it
             q, k = self.ops.rotary(q, k, cos, sin)

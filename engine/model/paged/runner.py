@@ -34,6 +34,7 @@ from engine.model.schedule import feed_thoughts
 from engine.utils.device import to_device
 from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
+from kernels.decode_fusions import rotary_paged_decode_attention
 from kernels.paged_chunk_attention import paged_chunk_attention
 from kernels.paged_kv import paged_decode_attention
 
@@ -53,7 +54,10 @@ class PagedRunner:
     matrix product for q/k/v and one for gate/up per layer (a copy of those weights, refreshed at every generate
     call; and the lm_head with its vocabulary padded to a multiple of 64, `fused_ops.PaddedVocabProjection`, when it
     is not one already). split_k_products: with the fused ops, each layer's o and down products of a step of at most
-    64 rows as split-K partial sums, summed by the next RMSNorm (`fused_ops.SplitKProducts`). attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
+    64 rows as split-K partial sums, summed by the next RMSNorm (`fused_ops.SplitKProducts`). rotary_in_attention:
+    with the fused ops, the one-position steps' rotary embedding and K/V cache write inside the attention kernel
+    (`kernels.decode_fusions.rotary_paged_decode_attention`: one kernel per layer instead of two).
+    attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults). max_graph_batch:
     the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
@@ -74,6 +78,7 @@ class PagedRunner:
         fused_ops: bool | None = None,
         merged_projections: bool = True,
         split_k_products: bool = True,
+        rotary_in_attention: bool = True,
         attention_options: dict | None = None,
     ):
         if block_size < 1:
@@ -104,6 +109,7 @@ class PagedRunner:
         self.fused_ops = fused_ops
         self.merged_projections = merged_projections
         self.split_k_products = split_k_products
+        self._rotary_in_attention = bool(rotary_in_attention)
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
@@ -122,6 +128,16 @@ class PagedRunner:
         # time_decode also decode_ms (device time of the decoding steps, the prompt excluded; one sync at the end).
         self.stats: dict[str, float] = {}
         self.time_decode = False
+
+    @property
+    def rotary_in_attention(self) -> bool:
+        return self._rotary_in_attention
+
+    @rotary_in_attention.setter
+    def rotary_in_attention(self, on: bool) -> None:
+        if bool(on) != self._rotary_in_attention:
+            self.graphs.drop()  # the captured steps hold the other kernels
+        self._rotary_in_attention = bool(on)
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "PagedRunner":
@@ -241,12 +257,15 @@ class PagedRunner:
         )
 
     # ------------------------------------------------------------------ the layers
-    def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
+                       rotate_attend=None) -> torch.Tensor:  # fmt: skip
         """x (N, H) input embeddings at ``positions`` (N,) -> (N, H) last hidden states (post-norm); the tokens'
-        K/V go to ``slots``; ``attend(q, key_cache, value_cache)`` is the paged attention kernel of the pass."""
+        K/V go to ``slots``; ``attend(q, key_cache, value_cache)`` is the paged attention kernel of the pass,
+        ``rotate_attend`` the one-position steps' kernel with the rotary embedding and the cache write inside."""
         ops = self.ops()
         cos, sin = self.rotary(x, positions)
-        return run_layers(self.lm, x, cos, sin, PagedAttention(self.cache, slots, attend, ops), ops, self.geometry)
+        attention = PagedAttention(self.cache, slots, attend, ops, rotate_attend)
+        return run_layers(self.lm, x, cos, sin, attention, ops, self.geometry)
 
     def _step_forward(self, x, positions, active, block_tables) -> torch.Tensor:
         """One position per row: (R, H) inputs -> (R, H) hidden. Inactive rows write nothing, read nothing."""
@@ -260,7 +279,13 @@ class PagedRunner:
                 num_splits=self.num_splits, **self.attention_options,
             )
 
-        return self.forward_tokens(x, positions, slots, attend)
+        def rotate_attend(q, k, v, cos, sin, key_cache, value_cache, slots):  # each row's new token: its last position
+            return rotary_paged_decode_attention(
+                q, k, v, cos, sin, key_cache, value_cache, slots, block_tables, context_lens,
+                scale=self.geometry.scale, num_splits=self.num_splits, **self.attention_options,
+            )
+
+        return self.forward_tokens(x, positions, slots, attend, rotate_attend if self.rotary_in_attention else None)
 
     # ------------------------------------------------------------------ one-position steps (eager or graph)
     def _graphs_enabled(self, batch: int) -> bool:
