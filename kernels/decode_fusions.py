@@ -367,6 +367,21 @@ def _launch_per_token(kernel, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tenso
     return q_out, k_out
 
 
+def _check_new_tokens(name, q, k, v, cos, sin, key_cache, value_cache, slots):
+    """The checks of the kernels that rotate new tokens and store their K/V at ``slots``; returns q, k, v, cos, sin
+    as the kernels take them (last dimensions contiguous)."""
+    _check_cache(key_cache, value_cache)
+    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
+        raise ValueError(
+            f"{name} shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(key_cache.shape)}, "
+            f"slots {tuple(slots.shape)}"
+        )
+    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype:
+        raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
+    q, k, cos, sin = _check_rotary(q, k, cos, sin)
+    return q, k, (v if v.stride(-1) == 1 else v.contiguous()), cos, sin
+
+
 def rotary_kv_write(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -381,17 +396,7 @@ def rotary_kv_write(
     stored at ``slots`` (N,) of the paged caches ([num_blocks, block_size, kv_heads, D], slot -1 skipped), in
     place. Returns the rotated q (new, contiguous). Inputs may be strided views (the last dimension contiguous);
     k and v must have the cache's dtype (the cast would round differently in the interpreter)."""
-    _check_cache(key_cache, value_cache)
-    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
-        raise ValueError(
-            f"rotary_kv_write shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(key_cache.shape)}, "
-            f"slots {tuple(slots.shape)}"
-        )
-    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype:
-        raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
-    q, k, cos, sin = _check_rotary(q, k, cos, sin)
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v, cos, sin = _check_new_tokens("rotary_kv_write", q, k, v, cos, sin, key_cache, value_cache, slots)
     n, q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if n:
@@ -448,17 +453,10 @@ def rotary_paged_decode_attention(
     stores the rotated k and v at the slot, as `rotary_kv_write` would. ``attention_options``: those of
     `paged_decode_attention` (scale, num_splits, block_n, num_warps, num_stages, dot_in_cache_dtype,
     programmatic_launch). Returns the attention output (B, q_heads, head_dim) in q's dtype."""
-    _check_cache(key_cache, value_cache)
-    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
-        raise ValueError(
-            f"rotary_paged_decode_attention shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache "
-            f"{tuple(key_cache.shape)}, slots {tuple(slots.shape)}"
-        )
-    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype or q.dtype != key_cache.dtype:
-        raise ValueError(f"q, k and v ({q.dtype}, {k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
-    q, k, cos, sin = _check_rotary(q, k, cos, sin)
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    if q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
+        raise ValueError(f"q ({q.dtype}) must have the cache's dtype ({key_cache.dtype})")
+    q, k, v, cos, sin = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache, value_cache,
+                                          slots)  # fmt: skip
     return decode_attention_launch(q, key_cache, value_cache, block_tables, context_lens, (k, v, cos, sin, slots),
                                    **attention_options)  # fmt: skip
 

@@ -284,8 +284,7 @@ def test_round_to_rounds_to_nearest_even_as_torch():
     ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x40490000 | 0x8000], dtype=torch.int64).to(torch.int32)
     x = torch.cat([x, ties.view(torch.float32), torch.tensor([0.0, -0.0, 1.0])])
     for dtype, tl_dtype in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
-        out = torch.empty_like(x)
-        _round_to_kernel[(1,)](x, out, x.numel(), DTYPE=tl_dtype, BLOCK=256)
-        want = x.to(dtype).float()
-        finite = torch.isfinite(want)
-        assert torch.equal(out[finite], want[finite]), dtype
+        values = x if dtype == torch.bfloat16 else x[x.abs() < 6e4]  # within fp16's range
+        out = torch.empty_like(values)
+        _round_to_kernel[(1,)](values, out, values.numel(), DTYPE=tl_dtype, BLOCK=256)
+        assert torch.equal(out, values.to(dtype).float()), dtype
