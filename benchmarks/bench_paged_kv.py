@@ -197,6 +197,70 @@ def test_write_gpu(benchmark, impl):
     benchmark(_sync_after(lambda: write(key, value, key_cache, value_cache, slots)))
 
 
+def rotary_step_case(case: "DecodeCase", seed: int = 0):
+    """The inputs of `rotary_paged_decode_attention` on a `DecodeCase` (layer 0): each row's last context position
+    is its new token, q/k/v views of one projection output, its slot from the row's table. Returns (args, kwargs)."""
+    g = torch.Generator().manual_seed(seed)
+    q_heads, head_dim, kv_heads = case.q.shape[2], case.head_dim, case.kv_heads
+    device, dtype = case.q.device, case.dtype
+    qkv = torch.randn(case.batch, q_heads + 2 * kv_heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads : q_heads + kv_heads], qkv[:, q_heads + kv_heads :]
+    angle = torch.rand(case.batch, head_dim // 2, generator=g) * 6
+    cos, sin = (t.to(device=device, dtype=dtype) for t in (torch.cat([angle, angle], -1).cos(),
+                                                           torch.cat([angle, angle], -1).sin()))  # fmt: skip
+    block_size = case.key.shape[2]
+    last = (case.context_lens.long() - 1).clamp(min=0)
+    rows = torch.arange(case.batch, device=device)
+    slots = case.tables[rows, last // block_size].long() * block_size + last % block_size
+    slots = torch.where(case.context_lens > 0, slots, -1)
+    return (q, k, v, cos, sin, case.key[0], case.value[0], slots, case.tables, case.context_lens), {}
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_rotary_paged_decode_attention_cpu_tiny(benchmark, impl):
+    """`rotary_paged_decode_attention` (the rotary embedding and the cache write inside the attention) against
+    `rotary_kv_write_reference` + `paged_decode_attention_reference`, on copies of the caches."""
+    from kernels.decode_fusions import rotary_paged_decode_attention, rotary_paged_decode_attention_reference
+
+    case = DecodeCase(batch=3, context=0, contexts=[5, 19, 1], q_heads=4, kv_heads=2, head_dim=16, block_size=4,
+                      dtype=torch.float32, device="cpu")  # fmt: skip
+    args, _ = rotary_step_case(case)
+    fns = {"fused": lambda *a: rotary_paged_decode_attention(*a, num_splits=2, block_n=16),
+           "reference": rotary_paged_decode_attention_reference}  # fmt: skip
+
+    def run(fn):
+        caches = args[5].clone(), args[6].clone()
+        return fn(*args[:5], *caches, *args[7:]), *caches
+
+    for got, want in zip(run(fns[impl]), run(rotary_paged_decode_attention_reference)):
+        assert torch.allclose(got, want, atol=1e-5)
+    benchmark(lambda: run(fns[impl]))
+
+
+@pytest.mark.benchmark
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", ["fused", "two_kernels"])
+def test_rotary_paged_decode_attention_gpu_geometry(benchmark, impl):
+    """The 1B geometry's step attention at batch 64: one kernel against `rotary_kv_write` + `paged_decode_attention`
+    (what the runner launches without the fusion); the caches are written in place, the same slots every call."""
+    from kernels.decode_fusions import rotary_kv_write, rotary_paged_decode_attention
+
+    case = DecodeCase(batch=BATCH, context=CONTEXT)
+    args, _ = rotary_step_case(case)
+    q, k, v, cos, sin, key_cache, value_cache, slots, tables, lens = args
+
+    def two_kernels():
+        return paged_decode_attention(rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots), key_cache,
+                                      value_cache, tables, lens)  # fmt: skip
+
+    fns = {"fused": lambda: rotary_paged_decode_attention(*args), "two_kernels": two_kernels}
+    err = (fns["fused"]().float() - two_kernels().float()).abs().max().item()
+    assert err < 2e-2, f"the fused kernel differs from the two by {err}"
+    benchmark(_sync_after(fns[impl]))
+
+
 # ------------------------------------------------------------------------------------------------- GPU report
 
 
