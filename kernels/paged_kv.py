@@ -9,7 +9,13 @@ Kernels (each with a pure-PyTorch reference of the same name plus ``_reference``
 
 - `paged_kv_write`: stores new K/V at slot indices; slot -1 (padding) is skipped.
 - `paged_decode_attention`: one query per row (latent steps and decoding), GQA, per-row context lengths, split-K
-  over the context (each split computes a partial softmax; a reduce kernel merges them with log-sum-exp).
+  over the context (each split computes a partial softmax; a reduce kernel merges them with log-sum-exp). Its
+  kernel also has a mode that first rotates q and the row's new token and stores the new K/V
+  (`decode_attention_launch` with ``rotary``; the public entry point and its reference are
+  `kernels.decode_fusions.rotary_paged_decode_attention`).
+
+Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16/fp16 the compiler cannot fold
+away) and `rotated` (the rotary embedding's arithmetic, rounded as transformers rounds it).
 
 The chunk (prefill) attention over the same layout is `kernels/paged_chunk_attention.py`.
 
