@@ -583,7 +583,7 @@ def geometry_prompts(model, tok, geo: Geometry, *, batch, context, n_latents, im
     return ids, torch.ones_like(ids), pictures[order].to(geo.device, geo.dtype)
 
 
-_DEFAULT_STEP_LOGITS: dict = {}  # (model, batch, context) -> the default variant's eager step logits
+_DEFAULT_STEP_LOGITS: dict = {}  # (model, batch, context, page size) -> the default variant's eager step logits
 
 
 def _step_functions(runner, geo: "Geometry", batch: int, context: int):
@@ -627,11 +627,7 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
     runner = PagedRunner(model, block_size=geo.block_size, max_model_len=max(4096, 2 * context), **forced)
     try:
         runner.refresh_merged_projections()
-        ops = runner.ops()
-        if getattr(ops, "split_k", None) is None:
-            out["settings_ab"] = {"skipped": "the runner's default step has no split products here"}
-            return
-        graph_step, _, buf = _step_functions(runner, geo, batch, context)
+        graph_step, eager_step, buf = _step_functions(runner, geo, batch, context)
 
         def use(split: bool, rotary_inside: bool):
             runner.split_k_products = split
@@ -643,21 +639,27 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
                     "rotary outside the attention": (True, False)}  # fmt: skip
         say(f"decode step settings in one runner, alternating ({rounds} rounds)")
         times: dict = {name: [] for name in settings}
-        taken = {}  # whether each setting's step really ran the split products
+        taken: dict = {}  # what each setting's step really ran: the split products, the rotary inside the attention
+        logits: dict = {}
         for _ in range(rounds):
             for name, (split, rotary_inside) in settings.items():
                 use(split, rotary_inside)
-                taken[name] = runner.ops().split_k is not None
+                taken[name] = dict(split_products=runner.ops().split_k is not None,
+                                   rotary_in_attention=runner.rotary_in_attention_taken)  # fmt: skip
+                if name not in logits:  # the same K/V and tokens: the settings' logits against the default's
+                    logits[name] = eager_step().float()
                 graph_step()  # captures
                 times[name].append(timed(graph_step) * 1e3)
         use(True, True)
         median = {name: statistics.median(t) for name, t in times.items()}
+        diff = {name: float((v - logits["default"]).abs().max()) for name, v in logits.items()}
         out["settings_ab"] = dict(batch=batch, context=context, rounds=rounds, us=times, median_us=median,
-                                  split_products=taken,
+                                  taken=taken, max_abs_logit_diff_vs_default=diff,
                                   x_default={name: median[name] / median["default"] for name in median})  # fmt: skip
         for name, t in times.items():
             say(f"  one runner, alternating rounds: {name}: median {median[name]:.0f} us "
-                f"({median[name] / median['default']:.3f}x the default; rounds {', '.join(f'{v:.0f}' for v in t)})")
+                f"({median[name] / median['default']:.3f}x the default; rounds {', '.join(f'{v:.0f}' for v in t)}; "
+                f"logits max |diff| {diff[name]:.3g} against the default's)")
     finally:
         runner.close()
         free_memory(geo.device)
@@ -705,7 +707,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
         # the rounding of another summation order), the step's logits compared against the default's
         logits = eager_step().float()
         row["max_abs_diff_vs_eager"] = float((graph_step().float() - logits).abs().max())
-        key = (geo.model_spec, batch, context)
+        key = (geo.model_spec, batch, context, runner.block_size)  # another page size places the K/V elsewhere
         if default_variant:
             _DEFAULT_STEP_LOGITS[key] = logits
         elif key in _DEFAULT_STEP_LOGITS and _DEFAULT_STEP_LOGITS[key].shape == logits.shape:

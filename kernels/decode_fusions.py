@@ -50,6 +50,7 @@ __all__ = [
     "rms_norm_reference",
     "rotary_kv_write",
     "rotary_kv_write_reference",
+    "rotary_attention_self_check",
     "rotary_paged_decode_attention",
     "rotary_paged_decode_attention_reference",
     "rotary_qk",
@@ -532,14 +533,30 @@ def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) ->
         "rotary_kv_write": (_cache_outputs(rotary_kv_write), _cache_outputs(rotary_kv_write_reference),
                             (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(3, 4, 1, 8), r(3, 4, 1, 8)),
                             dict(slots=torch.tensor([4, -1, 0, 11, 7], device=device))),
-        # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
-        "rotary_paged_decode_attention": (
-            _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
-            (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(15, 4, 1, 8), r(15, 4, 1, 8)),
-            dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
-                 block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
-                 context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device))),
     }
+    return _run_checks(cases, tol)
+
+
+def rotary_attention_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """`rotary_paged_decode_attention` once on small inputs on ``device`` against its reference: None when they
+    agree, else why not. Checked apart from the other fusions: a failure here keeps them."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    angle = torch.randn(5, 4, generator=g)
+    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
+    # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
+    cases = {"rotary_paged_decode_attention": (
+        _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
+        (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(15, 4, 1, 8), r(15, 4, 1, 8)),
+        dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
+             block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
+             context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device)))}  # fmt: skip
+    return _run_checks(cases, tol)
+
+
+def _run_checks(cases: dict, tol: dict) -> str | None:
+    """Each case's fused op against its reference: None when all agree, else the first failure."""
     for name, (fused, reference, args, kwargs) in cases.items():
         try:
             got, want = fused(*args, **kwargs), reference(*args, **kwargs)

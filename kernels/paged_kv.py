@@ -14,8 +14,8 @@ Kernels (each with a pure-PyTorch reference of the same name plus ``_reference``
   (`decode_attention_launch` with ``rotary``; the public entry point and its reference are
   `kernels.decode_fusions.rotary_paged_decode_attention`).
 
-Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16/fp16 the compiler cannot fold
-away) and `rotated` (the rotary embedding's arithmetic, rounded as transformers rounds it).
+Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16 the compiler cannot fold away)
+and `rotated` (the rotary embedding's arithmetic, rounded as transformers rounds it).
 
 The chunk (prefill) attention over the same layout is `kernels/paged_chunk_attention.py`.
 
@@ -81,11 +81,12 @@ def _paged_kv_write_kernel(
 def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` (to nearest, ties to even), as fp32. For bf16 by integer arithmetic: a
     ``.to(bf16).to(fp32)`` round trip between two products can be folded away by the compiler (triton 3.6 did so in
-    some layouts, giving the unrounded sum; measured on an H200), which would not round as the PyTorch modules do."""
+    some layouts, giving the unrounded sum; measured on an H200), which would not round as the PyTorch modules do.
+    NaN stays NaN. Other dtypes (fp16, fp32) take the cast round trip: not checked against folding."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN's bits would carry into inf or 0
     else:
         return x.to(dtype).to(tl.float32)
 
@@ -98,7 +99,7 @@ def rotated(x, partner, cos, sin, sign):
     mode)."""
     a = round_to(x.to(tl.float32) * cos, x.dtype)
     b = round_to(partner.to(tl.float32) * sign * sin, x.dtype)
-    return (a + b).to(x.dtype)
+    return round_to(a + b, x.dtype).to(x.dtype)  # exact: a later widening sees the rounded value either way
 
 
 @triton.jit
@@ -239,7 +240,7 @@ def _paged_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
         m_i = m_new
     if ROTARY:  # the new token: one more key, its score and value from registers
-        s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale_log2e
+        s_new = (tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale_log2e).to(tl.float32)
         s_new = tl.where(has_new, s_new, float("-inf"))
         m_new = tl.maximum(m_i, s_new)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -247,7 +248,7 @@ def _paged_decode_kernel(
         p_new = tl.exp2(s_new - m_use)
         l_i = l_i * alpha + p_new
         if DOT_IN_CACHE_DTYPE:  # the probability rounded to the cache dtype, as the loop's value product takes it
-            p_new = p_new.to(new_v.dtype).to(tl.float32)
+            p_new = round_to(p_new, new_v.dtype)
         acc = acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :]
         m_i = m_new
 

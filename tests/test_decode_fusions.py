@@ -117,6 +117,29 @@ def test_self_check_passes_here_and_names_a_failure(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_attention_self_check_passes_here_and_names_a_failure(dtype, monkeypatch):
+    """Its own check: a wrong fused attention fails it (naming it) and leaves the other fusions' check passing; the
+    runner's decision then keeps the rotary kernel outside the attention."""
+    import kernels.decode_fusions as fusions
+    from engine.model import fast_paths
+
+    assert fusions.rotary_attention_self_check("cpu", dtype) is None
+    real = fusions.rotary_paged_decode_attention
+    monkeypatch.setattr(fusions, "rotary_paged_decode_attention", lambda *a, **k: real(*a, **k) * 1.5)
+    reason = fusions.rotary_attention_self_check("cpu", dtype)
+    assert reason is not None and reason.startswith("rotary_paged_decode_attention")
+    assert fusions.decode_fusions_self_check("cpu", dtype) is None
+    cpu = torch.device("cpu")
+    assert fast_paths.rotary_in_attention(True, True, cpu, dtype).choice == "on"
+    assert fast_paths.rotary_in_attention(False, True, cpu, dtype).reason == "asked for"
+    assert fast_paths.rotary_in_attention(True, False, cpu, dtype).choice == "off"
+    monkeypatch.setattr(fast_paths, "_self_checks", {})  # what the CUDA decision runs, with the wrong kernel
+    decision = fast_paths._after_self_check("rotary_in_attention", "rotary inside the attention",
+                                            fusions.rotary_attention_self_check, cpu, dtype)  # fmt: skip
+    assert decision.choice == "reference" and "rotary_paged_decode_attention" in decision.reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "tokens,q_heads,k_heads,head_dim,block_size", [(1, 1, 1, 2, 1), (7, 14, 2, 64, 4), (5, 3, 3, 6, 16), (9, 7, 1, 34, 3)]
 )
@@ -277,8 +300,8 @@ def _round_to_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr
 
 
 def test_round_to_rounds_to_nearest_even_as_torch():
-    """`round_to`'s integer rounding to bf16 gives what torch's cast gives, ties (to even) included; fp16 goes
-    through the cast."""
+    """`round_to`'s integer rounding to bf16 gives what torch's cast gives, ties (to even) and NaN included; fp16
+    goes through the cast."""
     g = torch.Generator().manual_seed(41)
     x = torch.randn(200, generator=g) * torch.logspace(-8, 8, 200)
     ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x40490000 | 0x8000], dtype=torch.int64).to(torch.int32)
@@ -288,3 +311,9 @@ def test_round_to_rounds_to_nearest_even_as_torch():
         out = torch.empty_like(values)
         _round_to_kernel[(1,)](values, out, values.numel(), DTYPE=tl_dtype, BLOCK=256)
         assert torch.equal(out, values.to(dtype).float()), dtype
+    # NaNs whose bits would carry into inf or zero under the rounding (the GPU's canonical NaN is 0x7FFFFFFF)
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FFF8000, 0x7F800001, 0x7FC00000], dtype=torch.int64).to(torch.int32)
+    nans = nans.view(torch.float32)
+    out = torch.empty_like(nans)
+    _round_to_kernel[(1,)](nans, out, nans.numel(), DTYPE=tl.bfloat16, BLOCK=8)
+    assert torch.isnan(out).all(), out

@@ -128,9 +128,12 @@ def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, 
         assert not calls
     runner.graphs.bucket(1, runner.dtype, runner.device)  # a bucket, as a captured step leaves one
     runner.rotary_in_attention = not inside
+    runner.refresh_merged_projections()  # what the next generate call does first
     assert not runner.graphs.buckets, "the captured steps hold the other kernels: dropped"
-    runner.rotary_in_attention = not inside
-    assert runner.rotary_in_attention is (not inside)
+    runner.graphs.bucket(1, runner.dtype, runner.device)
+    runner.refresh_merged_projections()
+    assert runner.graphs.buckets, "the same decision again: the graphs stay"
+    assert runner.rotary_in_attention is (not inside) and runner.rotary_in_attention_taken is (not inside)
 
 
 @pytest.mark.parametrize("split_k", [True, False])
@@ -439,8 +442,11 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
-    assert settings["split_products"] == {"default": True, "without split products": False,
-                                          "rotary outside the attention": True}  # fmt: skip
+    assert settings["taken"] == {"default": dict(split_products=True, rotary_in_attention=True),
+                                 "without split products": dict(split_products=False, rotary_in_attention=True),
+                                 "rotary outside the attention": dict(split_products=True, rotary_in_attention=False)}
+    diff = settings["max_abs_logit_diff_vs_default"]  # fp32 dry run: the same logits up to summation order
+    assert diff["default"] == 0 and all(v < 1e-4 for v in diff.values()), diff
     assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())
     assert settings["x_default"]["default"] == 1.0
     breakdown = step["kernel_breakdown"]

@@ -333,6 +333,23 @@ def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, devi
     return _decide("split_k_products", "on", "asked for")
 
 
+def rotary_in_attention(requested: bool, fused: bool, device: torch.device, dtype: torch.dtype) -> Decision:
+    """Whether the fused layers' one-position steps rotate q and k and write the new K/V inside the paged attention
+    kernel (`kernels.decode_fusions.rotary_paged_decode_attention`; on CUDA once that kernel passes a self-check
+    of its own on this device and dtype, so that a failure there keeps the other fusions)."""
+    refused = _fused_layers_refusal("rotary_in_attention", requested, fused, lambda: None)
+    if refused is not None:
+        return refused
+    if device.type == "cuda":
+        from kernels.decode_fusions import rotary_attention_self_check
+
+        checked = _after_self_check("rotary_in_attention", "rotary inside the attention", rotary_attention_self_check,
+                                    device, dtype)  # fmt: skip
+        if checked.choice != "fused":
+            return _decide("rotary_in_attention", "off", checked.reason)
+    return _decide("rotary_in_attention", "on", "asked for")
+
+
 def padded_lm_head(lm_head: nn.Module) -> Decision:
     """Whether the lm_head's products use its weight padded to a vocabulary width that cuBLAS's Hopper kernels take:
     the paged runner's steps (with their weight copies, `engine.model.fused_ops.PaddedVocabProjection`) and, on

@@ -110,6 +110,7 @@ class PagedRunner:
         self.merged_projections = merged_projections
         self.split_k_products = split_k_products
         self._rotary_in_attention = bool(rotary_in_attention)
+        self._rotary_inside = False  # the decision for the current ops table (`refresh_merged_projections`)
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
         self.cache: PagedKVCache | None = None
@@ -133,10 +134,15 @@ class PagedRunner:
     def rotary_in_attention(self) -> bool:
         return self._rotary_in_attention
 
+    @property
+    def rotary_in_attention_taken(self) -> bool:
+        """Whether the one-position steps run the rotary embedding inside the attention now (the option, decided at
+        the last `refresh_merged_projections`: the fused ops and, on CUDA, the kernel's self-check)."""
+        return self._rotary_inside
+
     @rotary_in_attention.setter
     def rotary_in_attention(self, on: bool) -> None:
-        if bool(on) != self._rotary_in_attention:
-            self.graphs.drop()  # the captured steps hold the other kernels
+        """Taken at the next `refresh_merged_projections` (every generate call): decided there, graphs dropped."""
         self._rotary_in_attention = bool(on)
 
     # ------------------------------------------------------------------ lifetime
@@ -187,6 +193,10 @@ class PagedRunner:
         shape or identity."""
         ops = self.ops()
         fused = ops.name == "fused"
+        inside = fast_paths.rotary_in_attention(self._rotary_in_attention, fused, self.device, self.dtype).choice == "on"
+        if inside != self._rotary_inside:
+            self.graphs.drop()  # the captured steps hold the other kernels
+            self._rotary_inside = inside
         if fused:
             self._refresh_split_k(ops)
         if not (fused and self.merged_projections):
@@ -285,7 +295,7 @@ class PagedRunner:
                 scale=self.geometry.scale, num_splits=self.num_splits, **self.attention_options,
             )
 
-        return self.forward_tokens(x, positions, slots, attend, rotate_attend if self.rotary_in_attention else None)
+        return self.forward_tokens(x, positions, slots, attend, rotate_attend if self._rotary_inside else None)
 
     # ------------------------------------------------------------------ one-position steps (eager or graph)
     def _graphs_enabled(self, batch: int) -> bool:
