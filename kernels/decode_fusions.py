@@ -40,6 +40,7 @@ from kernels.paged_kv import (
     paged_decode_attention_reference,
     paged_kv_write_reference,
     programmatic_launch_supported,
+    rotary_tables,
     rotated,
     round_to,
 )
@@ -113,27 +114,17 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _rotate(x_ptr, out_ptr, cos, sin, sign, token, stride_t, stride_h, stride_ot, stride_oh, heads, head_dim, half,
+def _rotate(x_ptr, out_ptr, cos, sin, partner, sign, token, stride_t, stride_h, stride_ot, stride_oh, heads, head_dim,
             BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr, store_ok):  # fmt: skip
-    """Rotate the heads of one token; ``store_ok`` (0 or 1) gates loads and stores (a skipped cache slot)."""
+    """Rotate the heads of one token (its `rotary_tables`, (1, BLOCK_D) each); ``store_ok`` (0 or 1) gates loads
+    and stores (a skipped cache slot)."""
     h = tl.arange(0, BLOCK_HEADS)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     keep = (h < heads) & (d < head_dim) & ((h * 0 + store_ok) > 0)  # a block, not a scalar, in the mask
     base = x_ptr + token * stride_t + h * stride_h
     x = tl.load(base + d, mask=keep, other=0.0)
-    partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
     rot = rotated(x, tl.load(base + partner, mask=keep, other=0.0), cos, sin, sign)
     tl.store(out_ptr + token * stride_ot + h * stride_oh + d, rot, mask=keep)
-
-
-@triton.jit
-def _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D: tl.constexpr):
-    """One token's cos and sin (1, BLOCK_D) in fp32, and the sign rotate_half gives each half (-x2, x1)."""
-    d = tl.arange(0, BLOCK_D)[None, :]
-    in_dim = d < head_dim
-    cos = tl.load(cos_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
-    return cos, sin, tl.where(d < head_dim // 2, -1.0, 1.0)
 
 
 @triton.jit
@@ -161,12 +152,12 @@ def _rotary_qk_kernel(
     BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    cos, sin, sign = _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D)
-    half = head_dim // 2
-    _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
-            half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
-    _rotate(k_ptr, k_out_ptr, cos, sin, sign, token, stride_kt, stride_kh, stride_kot, stride_koh, k_heads, head_dim,
-            half, BLOCK_KH, BLOCK_D, 1)  # fmt: skip
+    cos, sin, partner, sign = rotary_tables(cos_ptr, sin_ptr, token, stride_ct, tl.arange(0, BLOCK_D)[None, :],
+                                            head_dim)  # fmt: skip
+    _rotate(q_ptr, q_out_ptr, cos, sin, partner, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads,
+            head_dim, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
+    _rotate(k_ptr, k_out_ptr, cos, sin, partner, sign, token, stride_kt, stride_kh, stride_kot, stride_koh, k_heads,
+            head_dim, BLOCK_KH, BLOCK_D, 1)  # fmt: skip
 
 
 @triton.jit
@@ -201,17 +192,17 @@ def _rotary_kv_write_kernel(
     BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    cos, sin, sign = _token_cos_sin(cos_ptr, sin_ptr, token, stride_ct, head_dim, BLOCK_D)
-    half = head_dim // 2
-    _rotate(q_ptr, q_out_ptr, cos, sin, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads, head_dim,
-            half, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
+    cos, sin, partner, sign = rotary_tables(cos_ptr, sin_ptr, token, stride_ct, tl.arange(0, BLOCK_D)[None, :],
+                                            head_dim)  # fmt: skip
+    _rotate(q_ptr, q_out_ptr, cos, sin, partner, sign, token, stride_qt, stride_qh, stride_qot, stride_qoh, q_heads,
+            head_dim, BLOCK_QH, BLOCK_D, 1)  # fmt: skip
     slot = tl.load(slots_ptr + token).to(tl.int64)
     store_ok = (slot >= 0).to(tl.int32)
     safe = tl.maximum(slot, 0)
     dst = (safe // block_size) * stride_cb + (safe % block_size) * stride_co  # the slot's row in the cache
     # the rotated k goes to the cache row (token stride 0: the destination is already that row)
-    _rotate(k_ptr, key_cache_ptr + dst, cos, sin, sign, token, stride_kt, stride_kh, 0, stride_ch, k_heads, head_dim,
-            half, BLOCK_KH, BLOCK_D, store_ok)  # fmt: skip
+    _rotate(k_ptr, key_cache_ptr + dst, cos, sin, partner, sign, token, stride_kt, stride_kh, 0, stride_ch, k_heads,
+            head_dim, BLOCK_KH, BLOCK_D, store_ok)  # fmt: skip
     h = tl.arange(0, BLOCK_KH)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     keep = (h < k_heads) & (d < head_dim) & ((h * 0 + store_ok) > 0)
@@ -521,11 +512,8 @@ def _cache_outputs(write):
 def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """Run each kernel once on small inputs on ``device`` against its reference: None when all agree, else why not
     (a compile error on this Triton, a wrong result). Callers that switch the fusions on by default check first."""
-    g = torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
+    r, cos, sin = _check_inputs(device, dtype)
     tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-    angle = torch.randn(5, 4, generator=g)
-    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
     cases = {
         "rms_norm": (rms_norm, rms_norm_reference, (r(5, 48), r(48), 1e-6), dict(residual=r(5, 48))),
         "rotary_qk": (rotary_qk, rotary_qk_reference, (r(5, 3, 8), r(5, 1, 8), cos, sin), {}),
@@ -540,11 +528,8 @@ def decode_fusions_self_check(device: torch.device | str, dtype: torch.dtype) ->
 def rotary_attention_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """`rotary_paged_decode_attention` once on small inputs on ``device`` against its reference: None when they
     agree, else why not. Checked apart from the other fusions: a failure here keeps them."""
-    g = torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-    angle = torch.randn(5, 4, generator=g)
-    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
+    r, cos, sin = _check_inputs(device, dtype)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)  # attention sums
     # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
     cases = {"rotary_paged_decode_attention": (
         _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
@@ -553,6 +538,15 @@ def rotary_attention_self_check(device: torch.device | str, dtype: torch.dtype) 
              block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
              context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device)))}  # fmt: skip
     return _run_checks(cases, tol)
+
+
+def _check_inputs(device, dtype):
+    """The self-checks' inputs: ``r(*shape)`` draws a seeded random tensor; rotary tables of 5 tokens of 8 dims."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
+    angle = torch.randn(5, 4, generator=g)
+    cos, sin = (t.to(dtype).to(device) for t in (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()))
+    return r, cos, sin
 
 
 def _run_checks(cases: dict, tol: dict) -> str | None:

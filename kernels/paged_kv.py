@@ -14,8 +14,8 @@ Kernels (each with a pure-PyTorch reference of the same name plus ``_reference``
   (`decode_attention_launch` with ``rotary``; the public entry point and its reference are
   `kernels.decode_fusions.rotary_paged_decode_attention`).
 
-Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16 the compiler cannot fold away)
-and `rotated` (the rotary embedding's arithmetic, rounded as transformers rounds it).
+Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16 the compiler cannot fold away),
+`rotary_tables` and `rotated` (the rotary embedding's tables and arithmetic, rounded as transformers rounds it).
 
 The chunk (prefill) attention over the same layout is `kernels/paged_chunk_attention.py`.
 
@@ -89,6 +89,17 @@ def round_to(x, dtype: tl.constexpr):
         return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN's bits would carry into inf or 0
     else:
         return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rotary_tables(cos_ptr, sin_ptr, row, stride_ct, d, head_dim):
+    """For dims ``d`` (a block of any shape) of row ``row``: cos and sin in fp32, and rotate_half's partner dims and
+    their signs (-x2, x1): what `rotated` takes. The one reading of the rotary tables for the decode kernels."""
+    in_dim = d < head_dim
+    cos = tl.load(cos_ptr + row * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row * stride_ct + d, mask=in_dim, other=0.0).to(tl.float32)
+    half = head_dim // 2
+    return cos, sin, tl.where(d < half, d + half, d - half), tl.where(d < half, -1.0, 1.0)
 
 
 @triton.jit
@@ -181,11 +192,7 @@ def _paged_decode_kernel(
     q_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
     if ROTARY:  # q, and the new token's k and v, rotated and stored as `rotary_kv_write` does
-        cos = tl.load(cos_ptr + b * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
-        half = HEAD_DIM // 2
-        partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
-        sign = tl.where(d < half, -1.0, 1.0)
+        cos, sin, partner, sign = rotary_tables(cos_ptr, sin_ptr, b, stride_ct, d, HEAD_DIM)
         q_partner = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + partner[None, :], mask=q_mask,
                             other=0.0)  # fmt: skip
         q = rotated(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
