@@ -199,7 +199,8 @@ def test_write_gpu(benchmark, impl):
 
 def rotary_step_case(case: "DecodeCase", seed: int = 0):
     """The inputs of `rotary_paged_decode_attention` on a `DecodeCase` (layer 0): each row's last context position
-    is its new token, q/k/v views of one projection output, its slot from the row's table. Returns (args, kwargs)."""
+    is its new token, q/k/v views of one projection output, its slot from the row's table: its positional
+    arguments."""
     g = torch.Generator().manual_seed(seed)
     q_heads, head_dim, kv_heads = case.q.shape[2], case.head_dim, case.kv_heads
     device, dtype = case.q.device, case.dtype
@@ -213,7 +214,7 @@ def rotary_step_case(case: "DecodeCase", seed: int = 0):
     rows = torch.arange(case.batch, device=device)
     slots = case.tables[rows, last // block_size].long() * block_size + last % block_size
     slots = torch.where(case.context_lens > 0, slots, -1)
-    return (q, k, v, cos, sin, case.key[0], case.value[0], slots, case.tables, case.context_lens), {}
+    return q, k, v, cos, sin, case.key[0], case.value[0], slots, case.tables, case.context_lens
 
 
 @pytest.mark.benchmark
@@ -225,7 +226,7 @@ def test_rotary_paged_decode_attention_cpu_tiny(benchmark, impl):
 
     case = DecodeCase(batch=3, context=0, contexts=[5, 19, 1], q_heads=4, kv_heads=2, head_dim=16, block_size=4,
                       dtype=torch.float32, device="cpu")  # fmt: skip
-    args, _ = rotary_step_case(case)
+    args = rotary_step_case(case)
     fns = {"fused": lambda *a: rotary_paged_decode_attention(*a, num_splits=2, block_n=16),
            "reference": rotary_paged_decode_attention_reference}  # fmt: skip
 
@@ -248,7 +249,7 @@ def test_rotary_paged_decode_attention_gpu_geometry(benchmark, impl):
     from kernels.decode_fusions import rotary_kv_write, rotary_paged_decode_attention
 
     case = DecodeCase(batch=BATCH, context=CONTEXT)
-    args, _ = rotary_step_case(case)
+    args = rotary_step_case(case)
     q, k, v, cos, sin, key_cache, value_cache, slots, tables, lens = args
 
     def two_kernels():
@@ -650,7 +651,6 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
                     logits[name] = eager_step().float()
                 graph_step()  # captures
                 times[name].append(timed(graph_step) * 1e3)
-        use(True, True)
         median = {name: statistics.median(t) for name, t in times.items()}
         diff = {name: float((v - logits["default"]).abs().max()) for name, v in logits.items()}
         out["settings_ab"] = dict(batch=batch, context=context, rounds=rounds, us=times, median_us=median,

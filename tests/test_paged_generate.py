@@ -65,6 +65,15 @@ def record_logits(monkeypatch):
     return seen
 
 
+def assert_same_tokens_and_logits(paged, dynamic, record_logits):
+    """Greedy generation (no row ending early) on the paged runner and the dynamic cache: the same tokens, and
+    every decode step's logits within 1e-4 (fp32)."""
+    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
+    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
+        err = (a - b).abs().max().item()
+        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+
+
 @pytest.mark.parametrize(
     "block_size,static_buffers,fused_ops,merged",
     [(4, False, False, False), (16, True, False, False), (1, False, False, False), (16, True, True, True),
@@ -117,10 +126,7 @@ def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, 
                         lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))  # fmt: skip
     runner = PagedRunner(model, block_size=4, fused_ops=True, rotary_in_attention=inside)
     paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
-    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
-    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
-        err = (a - b).abs().max().item()
-        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+    assert_same_tokens_and_logits(paged, dynamic, record_logits)
     layers = model.language_model.config.num_hidden_layers
     if inside:  # every layer of every one-position step (at least the 4 decode steps after the first token)
         assert len(calls) >= 4 * layers and len(calls) % layers == 0, calls
@@ -163,10 +169,7 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
 
         ops.split_k = Recorded()
     paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
-    assert torch.equal(paged, dynamic), f"paged {paged.tolist()} vs dynamic {dynamic.tolist()}"
-    for step, (a, b) in enumerate(zip(record_logits["paged"], record_logits["dynamic"])):
-        err = (a - b).abs().max().item()
-        assert err < 1e-4, f"decode step {step}: logits differ by {err:.3g}"
+    assert_same_tokens_and_logits(paged, dynamic, record_logits)
     layers = model.language_model.config.num_hidden_layers
     steps = [(rows, out) for rows, out in returned if rows <= 64]
     if split_k:  # two products per layer and step, each as (3, rows, hidden) fp32 partial sums

@@ -28,6 +28,7 @@ that cannot run is an error that carries that reason.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -314,6 +315,22 @@ def merged_projections(layers: list[nn.Module], requested: bool, fused: bool) ->
     return refused or _decide("merged_projections", "on", "asked for")
 
 
+def _checked_fused_layers_option(path: str, kernels: str, requested: bool, fused: bool,
+                                 reason: Callable[[], str | None], check: str, device: torch.device,
+                                 dtype: torch.dtype) -> Decision:  # fmt: skip
+    """"on" or "off" for an option of the fused layers that runs kernels of its own: `_fused_layers_refusal`, then
+    on CUDA the self-check ``check`` ("module.function", imported only then), once per device and dtype."""
+    refused = _fused_layers_refusal(path, requested, fused, reason)
+    if refused is not None:
+        return refused
+    if device.type == "cuda":
+        module, function = check.rsplit(".", 1)
+        checked = _after_self_check(path, kernels, getattr(importlib.import_module(module), function), device, dtype)
+        if checked.choice != "fused":
+            return _decide(path, "off", checked.reason)
+    return _decide(path, "on", "asked for")
+
+
 def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, device: torch.device,
                      dtype: torch.dtype) -> Decision:  # fmt: skip
     """Whether the fused layers' o and down products of one-position steps are split-K partial sums that the next
@@ -321,33 +338,17 @@ def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, devi
     CUDA once the kernels pass a self-check on this device and dtype)."""
     from engine.model.fused_ops import split_k_unsupported
 
-    refused = _fused_layers_refusal("split_k_products", requested, fused, lambda: split_k_unsupported(layers))
-    if refused is not None:
-        return refused
-    if device.type == "cuda":
-        from kernels.decode_linear import decode_linear_self_check
-
-        checked = _after_self_check("split_k_products", "split-K products", decode_linear_self_check, device, dtype)
-        if checked.choice != "fused":
-            return _decide("split_k_products", "off", checked.reason)
-    return _decide("split_k_products", "on", "asked for")
+    return _checked_fused_layers_option("split_k_products", "split-K products", requested, fused,
+                                        lambda: split_k_unsupported(layers), "kernels.decode_linear.decode_linear_self_check",
+                                        device, dtype)  # fmt: skip
 
 
 def rotary_in_attention(requested: bool, fused: bool, device: torch.device, dtype: torch.dtype) -> Decision:
     """Whether the fused layers' one-position steps rotate q and k and write the new K/V inside the paged attention
     kernel (`kernels.decode_fusions.rotary_paged_decode_attention`; on CUDA once that kernel passes a self-check
     of its own on this device and dtype, so that a failure there keeps the other fusions)."""
-    refused = _fused_layers_refusal("rotary_in_attention", requested, fused, lambda: None)
-    if refused is not None:
-        return refused
-    if device.type == "cuda":
-        from kernels.decode_fusions import rotary_attention_self_check
-
-        checked = _after_self_check("rotary_in_attention", "rotary inside the attention", rotary_attention_self_check,
-                                    device, dtype)  # fmt: skip
-        if checked.choice != "fused":
-            return _decide("rotary_in_attention", "off", checked.reason)
-    return _decide("rotary_in_attention", "on", "asked for")
+    return _checked_fused_layers_option("rotary_in_attention", "rotary inside the attention", requested, fused,
+                                        lambda: None, "kernels.decode_fusions.rotary_attention_self_check", device, dtype)  # fmt: skip
 
 
 def padded_lm_head(lm_head: nn.Module) -> Decision:

@@ -109,7 +109,7 @@ class PagedRunner:
         self.fused_ops = fused_ops
         self.merged_projections = merged_projections
         self.split_k_products = split_k_products
-        self._rotary_in_attention = bool(rotary_in_attention)
+        self.rotary_in_attention = rotary_in_attention
         self._rotary_inside = False  # the decision for the current ops table (`refresh_merged_projections`)
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
@@ -131,19 +131,11 @@ class PagedRunner:
         self.time_decode = False
 
     @property
-    def rotary_in_attention(self) -> bool:
-        return self._rotary_in_attention
-
-    @property
     def rotary_in_attention_taken(self) -> bool:
-        """Whether the one-position steps run the rotary embedding inside the attention now (the option, decided at
-        the last `refresh_merged_projections`: the fused ops and, on CUDA, the kernel's self-check)."""
+        """Whether the one-position steps run the rotary embedding inside the attention now: the option
+        ``rotary_in_attention``, decided at the last `refresh_merged_projections` (every generate call; the fused
+        ops and, on CUDA, the kernel's self-check)."""
         return self._rotary_inside
-
-    @rotary_in_attention.setter
-    def rotary_in_attention(self, on: bool) -> None:
-        """Taken at the next `refresh_merged_projections` (every generate call): decided there, graphs dropped."""
-        self._rotary_in_attention = bool(on)
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "PagedRunner":
@@ -193,7 +185,7 @@ class PagedRunner:
         shape or identity."""
         ops = self.ops()
         fused = ops.name == "fused"
-        inside = fast_paths.rotary_in_attention(self._rotary_in_attention, fused, self.device, self.dtype).choice == "on"
+        inside = fast_paths.rotary_in_attention(self.rotary_in_attention, fused, self.device, self.dtype).choice == "on"
         if inside != self._rotary_inside:
             self.graphs.drop()  # the captured steps hold the other kernels
             self._rotary_inside = inside
