@@ -134,8 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
-                   " six keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
-                   "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_flat_leaf_reduction=true (each "
+                   " seven keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
+                   "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_listed_parameters=false "
+                   "(DeepSpeed's walk over a module's submodules at every hook, fetch and release), "
+                   "zero3_flat_leaf_reduction=true (each "
                    "ZeRO-3 leaf's gradients reduced together), grad_checks=multi_tensor (DeepSpeed's step "
                    "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
                    "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers and "
@@ -216,6 +218,16 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- configurations
+def parameter_walks() -> str:
+    """How ZeRO-3's hooks list a module's parameters in this process: "listed" (walked once,
+    `engine.training.zero3_gathers.use_listed_parameters`) or "deepspeed" (DeepSpeed's walk at every call)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    from engine.training.zero3_gathers import iter_params_listed
+
+    return "listed" if partitioned_param_coordinator.iter_params is iter_params_listed else "deepspeed"
+
+
 def parse_zero_settings(spec: str) -> dict:
     """'default' -> {}; 'overlap_comm=false,reduce_bucket_size=5e8' -> {'overlap_comm': False, 'reduce_bucket_size':
     500000000} (values read as the trainer's --set values; whole floats become ints, as DeepSpeed wants)."""
@@ -578,15 +590,17 @@ class Bench:
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         zero_settings = parse_zero_settings(cfg.zero_settings)
-        # six keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
-        # per call or ZeRO-3's per-module gathers, a leaf's gradients reduced together or per parameter, the
-        # multi-tensor gradient checks or DeepSpeed's per-gradient loops, compiled vision layers, the training layers' ops
+        # seven keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
+        # per call or ZeRO-3's per-module gathers, each module's parameters listed once or walked at every hook, a
+        # leaf's gradients reduced together or per parameter, the multi-tensor gradient checks or DeepSpeed's
+        # per-gradient loops, compiled vision layers, the training layers' ops
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
         flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", False))
         checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))
+        listed = bool(zero_settings.pop("zero3_listed_parameters", True))
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
@@ -600,6 +614,10 @@ class Bench:
         self.sizes = model_sizes(model)
         configure_model(model, train_cfg)  # every variant sets all Liger pieces: rope is process-wide
         self.engine = build_engine(model, train_cfg, 10**6, self.use_bf16)
+        if not listed:  # DeepSpeed's parameter walk at every hook (process-wide; the next build installs ours again)
+            from engine.training.zero3_gathers import restore_deepspeed_parameter_walks
+
+            restore_deepspeed_parameter_walks()
         self.engine.train()
         self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
         self.variant = dict(
@@ -609,6 +627,7 @@ class Bench:
             zero_optimization=deepspeed_config(train_cfg, self.use_bf16)["zero_optimization"],
             grad_hooks=len(getattr(self.engine.optimizer, "_grad_acc_hooks", []) or []),
             trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
+            parameter_walks=parameter_walks(),
         )
         self.variant["probe_loss"] = self.probe_loss()
         if self.env.is_main:

@@ -29,8 +29,10 @@ the reference gradient):
 The kernels round where autograd through the modules rounds (the products ``g * weight``, ``g * sin``,
 ``g * up``, ``scale * x`` and ``ds * x`` in the input dtype; statistics, the silu derivative and the LayerNorm
 backward in fp32), so that bf16 gradients follow the modules' (the tests compare them within bf16 tolerances: the
-interpreter truncates where the GPU rounds) and fp32 gradients match to fp32 rounding. The norms' weight (and
-bias, and layer-scale) gradients are summed in fp32 per program, then over programs.
+interpreter truncates where the GPU rounds; on the GPU the elementwise ones are autograd's bit for bit) and fp32
+gradients match to fp32 rounding. Those roundings go through `kernels.paged_kv.round_to`: triton 3.6 folded the
+``.to(bf16).to(fp32)`` round trips they were written as before (the layer-scale product's, here). The norms'
+weight (and bias, and layer-scale) gradients are summed in fp32 per program, then over programs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_fusions import _launch_per_token, rms_norm, rotary_qk, silu_mul
+from kernels.paged_kv import round_to
 
 __all__ = [
     "layer_grads_self_check",
@@ -107,10 +110,10 @@ def _rms_norm_backward_kernel(
         s = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0)
         sf = s.to(tl.float32)
         rstd = tl.math.rsqrt((tl.sum(sf * sf, axis=1)[:, None] / hidden + eps).to(tl.float32))
-        normed = (sf * rstd).to(s.dtype).to(tl.float32)  # the forward's rounding before the weight
+        normed = round_to(sf * rstd, s.dtype)  # the forward's rounding before the weight
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-        dw += tl.where(mask, (g * normed).to(s.dtype).to(tl.float32), 0.0)  # g * normed, rounded as autograd's
-        dn = (g * w).to(s.dtype).to(tl.float32)  # the gradient of the rounded normed value
+        dw += tl.where(mask, round_to(g * normed, s.dtype), 0.0)  # g * normed, rounded as autograd's
+        dn = round_to(g * w, s.dtype)  # the gradient of the rounded normed value
         dot = tl.sum(dn * sf, axis=1)[:, None]
         dx = (rstd * dn - rstd * rstd * rstd * sf * (dot / hidden)).to(s.dtype)
         if HAS_SUM_GRAD:  # the residual stream's own gradient joins, one rounded add as autograd's accumulation
@@ -153,7 +156,7 @@ def _layer_norm_kernel(
     if HAS_RESIDUAL:
         xf = x.to(tl.float32)
         if HAS_SCALE:  # scale * x, rounded like the layer-scale product's output
-            xf = (tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32) * xf).to(x.dtype).to(tl.float32)
+            xf = round_to(tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32) * xf, x.dtype)
         r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
         s = (r.to(tl.float32) + xf).to(x.dtype)  # residual + scale * x, rounded like the PyTorch add
         tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
@@ -249,7 +252,7 @@ def _layer_norm_backward_kernel(
             dsf = ds.to(tl.float32)
             if DSCALE:  # ds * x rounded per element, then summed: autograd's broadcast-product gradient
                 xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dscale += tl.where(mask, (dsf * xf).to(s.dtype).to(tl.float32), 0.0)
+                dscale += tl.where(mask, round_to(dsf * xf, s.dtype), 0.0)
             if STORE_DX:
                 tl.store(dx_ptr + row * stride_dx + cols, (dsf * sc).to(s.dtype), mask=mask)
         else:
@@ -276,8 +279,8 @@ def _rotate_back(g_ptr, out_ptr, cos, sin_partner, partner, sign, token, stride_
     base = g_ptr + token * stride_t + h * stride_h
     g = tl.load(base + d, mask=keep, other=0.0)
     g_partner = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32)
-    a = (g.to(tl.float32) * cos).to(g.dtype).to(tl.float32)
-    b = (g_partner * sin_partner).to(g.dtype).to(tl.float32) * sign
+    a = round_to(g.to(tl.float32) * cos, g.dtype)
+    b = round_to(g_partner * sin_partner, g.dtype) * sign
     tl.store(out_ptr + token * stride_ot + h * stride_oh + d, (a + b).to(g.dtype), mask=keep)
 
 
@@ -332,8 +335,8 @@ def _silu_mul_backward_kernel(
     uf = tl.load(up_ptr + row * stride_up + cols, mask=keep, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_g + cols, mask=keep, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-gf))
-    act = (gf * sig).to(gate.dtype).to(tl.float32)  # silu(gate) as the forward rounded it
-    d_act = (g * uf).to(gate.dtype).to(tl.float32)
+    act = round_to(gf * sig, gate.dtype)  # silu(gate) as the forward rounded it
+    d_act = round_to(g * uf, gate.dtype)
     tl.store(d_up_ptr + row * stride_du + cols, (g * act).to(gate.dtype), mask=keep)
     tl.store(d_gate_ptr + row * stride_dg + cols, (d_act * sig * (1.0 + gf * (1.0 - sig))).to(gate.dtype), mask=keep)
 

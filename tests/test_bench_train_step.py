@@ -108,11 +108,17 @@ def test_two_process_zero3_through_torchrun(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", free_port(), "-m", "benchmarks.bench_train_step",
-           "--smoke", "--zero-stages", "3", "--stages", "0,2", "--out", str(out)]
+           "--smoke", "--zero-stages", "3", "--stages", "0,2", "--zero-settings", "default",
+           "--zero-settings", "zero3_listed_parameters=false", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     payload = json.loads((out / "train_step.json").read_text())
-    check_rows(payload, world_size=2, zero_stage=3, stages=[0, 2])
+    walks = {"default": "listed", "zero3_listed_parameters=false": "deepspeed"}
+    for setting, walk in walks.items():  # the trainer's parameter lists, and DeepSpeed's walks when asked
+        rows = [r for r in payload["rows"] if r["zero_settings"] == setting]
+        assert [r["parameter_walks"] for r in rows] == [walk, walk]
+        check_rows(dict(payload, rows=rows), world_size=2, zero_stage=3, stages=[0, 2])
+        assert all(abs(r["loss_diff"]) < 1e-5 for r in rows)  # the same steps with either walk
     assert payload["launcher"] == "torchrun" and payload["command"].startswith("torchrun --nproc_per_node 2 -m")
     assert sorted(p.name for p in out.iterdir()) == ["train_step.json", "train_step.md"]  # rank 0 alone writes
 

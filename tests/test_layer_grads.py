@@ -306,3 +306,82 @@ def test_layer_norm_grad_bad_inputs_name_the_problem():
         layer_norm_grad(x, w, None, 1e-6, residual=x.double())
     with pytest.raises(ValueError, match="needs a residual"):
         layer_norm_grad(x, w, None, 1e-6, scale=w)
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart two bf16 tensors are, element by element (as ordered integers)."""
+    def ordered(t):
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("q_heads,k_heads,head_dim", [(14, 2, 64), (12, 2, 128)])  # InternVL3-1B, -2B
+def test_gpu_rotary_qk_grad_rounds_as_autograd(q_heads, k_heads, head_dim):
+    """On the GPU in bf16 the rotary backward is elementwise products and one add, each rounded where autograd
+    rounds: bit for bit autograd's gradients. A rounding the compiler folded away (triton 3.6 did so to a
+    ``.to(bf16).to(fp32)`` round trip in the decode kernels) shows up here as thousands of differing values."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    tokens = 257
+    base = torch.randn(tokens, q_heads + k_heads, head_dim, device="cuda", generator=g).bfloat16()
+    angle = torch.rand(tokens, head_dim // 2, device="cuda", generator=g) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos().bfloat16(), torch.cat([angle, angle], -1).sin().bfloat16()
+    gq = torch.randn(tokens, q_heads, head_dim, device="cuda", generator=g).bfloat16()
+    gk = torch.randn(tokens, k_heads, head_dim, device="cuda", generator=g).bfloat16()
+    grads = []
+    for fn in (rotary_qk_grad, rotary_qk_reference):
+        q = base[:, :q_heads].clone().requires_grad_(True)
+        k = base[:, q_heads:].clone().requires_grad_(True)
+        out_q, out_k = fn(q, k, cos, sin)
+        grads.append(torch.autograd.grad((out_q, out_k), (q, k), (gq, gk)))
+    for name, got, want in zip(("q", "k"), *grads):
+        differing = int((got != want).sum())
+        assert differing == 0, f"d{name}: {differing} of {got.numel()} values differ from autograd's"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_silu_mul_grad_rounds_as_autograd():
+    """On the GPU in bf16: the gradient of ``up`` is one rounded product of the rounded activation, bit for bit
+    autograd's; the gate's goes through the sigmoid, whose fp32 exp and division may differ from torch's by an fp32
+    ulp: at most one bf16 step, and rarely (a folded rounding of ``g * up`` moves a large share of values)."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    shape = (64, 4864)  # the latent block's SwiGLU at the InternVL3-1B geometry
+    gate_base, up_base, grad = (torch.randn(*shape, device="cuda", generator=g).bfloat16() for _ in range(3))
+    grads = []
+    for fn in (silu_mul_grad, silu_mul_reference):
+        gate, up = gate_base.clone().requires_grad_(True), up_base.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(fn(gate, up), (gate, up), grad))
+    (d_gate, d_up), (want_gate, want_up) = grads
+    differing = int((d_up != want_up).sum())
+    assert differing == 0, f"d_up: {differing} of {d_up.numel()} values differ from autograd's"
+    ulps = _bf16_ulps(d_gate, want_gate)
+    assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 1e-2, (
+        f"d_gate: {int((ulps > 0).sum())} values differ, by up to {int(ulps.max())} bf16 steps"
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_layer_norm_grad_rounds_the_layer_scale_as_autograd():
+    """On the GPU in bf16, the vision layers' ``residual + scale * x``: the product rounded before the add, as the
+    modules round it, so the sum (an output of its own) is autograd's bit for bit. Triton 3.6 folded the
+    ``.to(bf16).to(fp32)`` round trip that rounded it before: 7.6% of the sums differed (an H200, 4,100 x 1,024).
+    The norm and the gradients go through reductions in another order: within bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    rows, hidden = 4100, 1024  # InternViT-300M's width
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=g).bfloat16()  # noqa: E731
+    x0, res0, scale0 = r(rows, hidden), r(rows, hidden), (0.1 * r(hidden).float()).bfloat16()
+    w0, b0, g_out, g_sum = (1 + 0.1 * r(hidden).float()).bfloat16(), r(hidden), r(rows, hidden), r(rows, hidden)
+    results = []
+    for fn in (layer_norm_grad, layer_norm_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (x0, res0, scale0, w0, b0)]
+        x, res, scale, w, b = leaves
+        out, summed = fn(x, w, b, 1e-6, residual=res, scale=scale)
+        results.append((out.detach(), summed.detach(), *torch.autograd.grad((out, summed), leaves, (g_out, g_sum))))
+    (out, summed, *grads), (want_out, want_sum, *want_grads) = results
+    differing = int((summed != want_sum).sum())
+    assert differing == 0, f"residual + scale * x: {differing} of {summed.numel()} values differ from autograd's"
+    torch.testing.assert_close(out.float(), want_out.float(), atol=3e-2, rtol=2e-2)
+    for name, got, want in zip(("x", "residual", "scale", "weight", "bias"), grads, want_grads):
+        torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=2e-2, msg=lambda m: f"d{name}: {m}")
