@@ -115,13 +115,13 @@ def _rms_norm_backward_kernel(
         dw += tl.where(mask, round_to(g * normed, s.dtype), 0.0)  # g * normed, rounded as autograd's
         dn = round_to(g * w, s.dtype)  # the gradient of the rounded normed value
         dot = tl.sum(dn * sf, axis=1)[:, None]
-        dx = (rstd * dn - rstd * rstd * rstd * sf * (dot / hidden)).to(s.dtype)
+        dx = round_to(rstd * dn - rstd * rstd * rstd * sf * (dot / hidden), s.dtype)
         if HAS_SUM_GRAD:  # the residual stream's own gradient joins, one rounded add as autograd's accumulation
             gs = tl.load(g_sum_ptr + row * stride_gs + cols, mask=mask, other=0.0)
-            dx = (dx.to(tl.float32) + gs.to(tl.float32)).to(s.dtype)
-        tl.store(dx_ptr + row * stride_dx + cols, dx, mask=mask)
+            dx = round_to(dx + gs.to(tl.float32), s.dtype)
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(s.dtype), mask=mask)
         if HAS_RESIDUAL:  # the same values, in the residual's own tensor (two leaves must not share a .grad)
-            tl.store(d_residual_ptr + row * stride_dr + cols, dx, mask=mask)
+            tl.store(d_residual_ptr + row * stride_dr + cols, dx.to(s.dtype), mask=mask)
     out = pid * hidden + tl.arange(0, BLOCK_H)
     tl.store(dw_partial_ptr + out, tl.sum(dw, axis=0), mask=tl.arange(0, BLOCK_H) < hidden)
 
@@ -158,10 +158,10 @@ def _layer_norm_kernel(
         if HAS_SCALE:  # scale * x, rounded like the layer-scale product's output
             xf = round_to(tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32) * xf, x.dtype)
         r = tl.load(residual_ptr + row * stride_r + cols, mask=keep, other=0.0)
-        s = (r.to(tl.float32) + xf).to(x.dtype)  # residual + scale * x, rounded like the PyTorch add
-        tl.store(sum_ptr + row * stride_s + cols, s, mask=keep)
-        x = s
-    xf = x.to(tl.float32)
+        xf = round_to(r.to(tl.float32) + xf, x.dtype)  # residual + scale * x, rounded like the PyTorch add
+        tl.store(sum_ptr + row * stride_s + cols, xf.to(x.dtype), mask=keep)
+    else:
+        xf = x.to(tl.float32)
     mean = tl.sum(xf, axis=0) / hidden
     centred = tl.where(keep, xf - mean, 0.0)
     # fp32 statistics, one rounding of the affine result (as F.layer_norm in bf16); eps may arrive as fp64
@@ -242,14 +242,14 @@ def _layer_norm_backward_kernel(
             dn = g * w
         c1 = tl.sum(dn, axis=1)[:, None] / hidden
         c2 = tl.sum(dn * normed, axis=1)[:, None] / hidden
-        ds = tl.where(mask, rstd * (dn - c1 - normed * c2), 0.0).to(s.dtype)  # the norm's input gradient, rounded
+        ds = round_to(tl.where(mask, rstd * (dn - c1 - normed * c2), 0.0), s.dtype)  # the norm's input gradient
         if HAS_SUM_GRAD:  # the sum's own gradient joins, one rounded add as autograd's accumulation
             gs = tl.load(g_sum_ptr + row * stride_gs + cols, mask=mask, other=0.0)
-            ds = (ds.to(tl.float32) + gs.to(tl.float32)).to(s.dtype)
+            ds = round_to(ds + gs.to(tl.float32), s.dtype)
         if STORE_DR:  # the residual's own tensor (two leaves must not share a .grad)
-            tl.store(d_residual_ptr + row * stride_dr + cols, ds, mask=mask)
+            tl.store(d_residual_ptr + row * stride_dr + cols, ds.to(s.dtype), mask=mask)
         if HAS_SCALE:
-            dsf = ds.to(tl.float32)
+            dsf = ds
             if DSCALE:  # ds * x rounded per element, then summed: autograd's broadcast-product gradient
                 xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
                 dscale += tl.where(mask, round_to(dsf * xf, s.dtype), 0.0)
@@ -257,7 +257,7 @@ def _layer_norm_backward_kernel(
                 tl.store(dx_ptr + row * stride_dx + cols, (dsf * sc).to(s.dtype), mask=mask)
         else:
             if STORE_DX:
-                tl.store(dx_ptr + row * stride_dx + cols, ds, mask=mask)
+                tl.store(dx_ptr + row * stride_dx + cols, ds.to(s.dtype), mask=mask)
     out = pid * hidden + tl.arange(0, BLOCK_H)
     in_cols = tl.arange(0, BLOCK_H) < hidden
     if DW:
