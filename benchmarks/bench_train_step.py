@@ -158,6 +158,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-tool", choices=("torch", "python"), default="torch",
                    help="for --profile-phase: torch.profiler (operators, kernels, the device timeline) or cProfile "
                         "(the Python functions that spend the host's time: DeepSpeed's per-parameter hooks, ...)")
+    p.add_argument("--alternate", type=str_list, default=None, metavar="NAME[,NAME...]|all",
+                   help="ZeRO-3 rows: after the timing, rounds of timed steps in the same engine alternating the "
+                   "trainer's process-wide ZeRO-3 replacements (all on) with each named one switched back to "
+                   f"DeepSpeed's own: {', '.join(REPLACEMENTS)} (engines built in turn differ by more than each saves)")
+    p.add_argument("--alternate-rounds", type=int, default=6, help="rounds for --alternate (the order reversed "
+                   "every other round)")
+    p.add_argument("--alternate-steps", type=int, default=5,
+                   help="timed steps per setting and round for --alternate, after one untimed step")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
     p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
@@ -199,6 +207,13 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     bad = [o for o in args.optimizers if o not in OPTIMIZERS]
     if bad:
         raise SystemExit(f"--optimizers: unknown {bad}; valid: {', '.join(OPTIMIZERS)}")
+    if args.alternate == ["all"]:
+        args.alternate = list(REPLACEMENTS)
+    unknown = sorted(set(args.alternate or ()) - set(REPLACEMENTS))
+    if unknown:
+        raise SystemExit(f"--alternate: unknown {unknown}; choose from {', '.join(REPLACEMENTS)} or all")
+    if args.alternate and (args.alternate_rounds < 1 or args.alternate_steps < 1):
+        raise SystemExit("--alternate-rounds and --alternate-steps must be >= 1")
     args.zero_settings = args.zero_settings or ["default"]
     for spec in args.zero_settings:
         parse_zero_settings(spec)  # fail now, not after an hour of other configurations
@@ -218,6 +233,28 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- configurations
+# The trainer's ZeRO-3 replacements that are process-wide and can be switched between two steps of one engine:
+# name -> (module, install, restore); install returns None when installed, else why not (`optim.grad_checks`)
+REPLACEMENTS = {
+    "listed_parameters": ("engine.training.zero3_gathers", "use_listed_parameters", "restore_deepspeed_parameter_walks"),
+    "split_copy_out": ("engine.training.zero3_gathers", "use_split_copy_out", "restore_deepspeed_copy_out"),
+    "memory_efficient_linear": ("engine.training.zero3_linear", "use_memory_efficient_linear", "restore_deepspeed_linear"),
+    "stream_calls": ("engine.training.accelerator_streams", "use_fast_streams", "restore_deepspeed_streams"),
+}
+
+
+def replacement(name: str, installed: bool) -> str | None:
+    """Install (or restore DeepSpeed's own for) one of `REPLACEMENTS`; returns why it could not be installed."""
+    import importlib
+
+    module, install, restore = REPLACEMENTS[name]
+    module = importlib.import_module(module)
+    if installed:
+        return getattr(module, install)()
+    getattr(module, restore)()
+    return None
+
+
 def parameter_walks() -> str:
     """How ZeRO-3's hooks list a module's parameters in this process: "listed" (walked once,
     `engine.training.zero3_gathers.use_listed_parameters`) or "deepspeed" (DeepSpeed's walk at every call)."""
@@ -762,6 +799,42 @@ class Bench:
             syncs = counter.counts
         return {"ms": ms, "host_ms": host, "syncs": syncs}
 
+    def alternate_replacements(self, step, cfg: "Config") -> dict:
+        """`--alternate`: timed steps of this engine in rounds, alternating the trainer's ZeRO-3 replacements (all
+        installed, as the trainer runs) with each of `args.alternate` switched back to DeepSpeed's own, the order
+        reversed every other round; one untimed step after each switch. Returns per setting the step times (ms, this
+        rank) or why it was not run. Every rank switches alike, so the collectives stay in lockstep."""
+        args = self.args
+        if cfg.zero_stage != 3 or self.variant["grad_checks"] == "deepspeed":
+            why = "ZeRO-3 rows with the trainer's replacements only"
+            return {"all": {"unavailable": why}}
+        settings = {"all": None}
+        for name in args.alternate:
+            why = replacement(name, True)
+            settings[f"{name} off"] = name if why is None else why
+        runnable = [k for k, v in settings.items() if k == "all" or v in REPLACEMENTS]
+        samples: dict[str, list[list[float]]] = {k: [] for k in runnable}
+
+        def switch(to: str) -> None:
+            for name in args.alternate:
+                if settings.get(f"{name} off") == name:
+                    replacement(name, to != f"{name} off")
+
+        for round_ in range(args.alternate_rounds):
+            for key in (runnable if round_ % 2 == 0 else runnable[::-1]):
+                switch(key)
+                step()
+                synchronize(self.device)
+                times = []
+                for _ in range(args.alternate_steps):
+                    t0 = time.perf_counter()
+                    step()
+                    synchronize(self.device)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                samples[key].append(times)
+        switch("all")
+        return {k: ({"rounds_ms": samples[k]} if k in samples else {"unavailable": settings[k]}) for k in settings}
+
     def profile_phase(self, step, phase: str) -> dict:
         """One more step with `phase` under torch.profiler or cProfile (`PhaseProfiler`)."""
         profiler = PhaseProfiler(self.device, phase, self.args.profile_tool)
@@ -807,6 +880,16 @@ class Bench:
                 status = {"status": "oom" if is_oom(e) else "error", "error": "profile: " + str(e).splitlines()[0][:300]}
                 del e
                 free_memory(self.device)
+        alternation = None
+        if status["status"] == "ok" and args.alternate:
+            try:
+                alternation = self.alternate_replacements(step, cfg)
+            except Exception as e:  # noqa: BLE001 - as for the phases
+                if not is_oom(e):
+                    log.exception("alternating the ZeRO-3 replacements failed")
+                status = {"status": "oom" if is_oom(e) else "error", "error": "alternate: " + str(e).splitlines()[0][:300]}
+                del e
+                free_memory(self.device)
         last_loss = float(losses[-1]) if losses else None
         settle_skipped_steps(self.engine)  # steps the device step skipped, into DeepSpeed's count read below
         mine = dict(
@@ -814,7 +897,7 @@ class Bench:
             peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
-            passes=local_passes, phases=phases, profile=profile,
+            passes=local_passes, phases=phases, profile=profile, alternation=alternation,
             skipped_steps=int(getattr(self.engine, "skipped_steps", 0)) - skipped_before,
         )
         del losses, step
@@ -868,7 +951,31 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
         row.update(merge_phases([r["phases"] for r in ranks]))
     if ranks[0].get("profile"):
         row["profile_rank0"] = ranks[0]["profile"]
+    if bad is None and all(r.get("alternation") for r in ranks):
+        row["alternate"] = merge_alternation([r["alternation"] for r in ranks])
     return row
+
+
+def merge_alternation(per_rank: list[dict]) -> dict:
+    """`--alternate` over ranks: each step's time is the slowest rank's; per setting the median, p10/p90 and each
+    round's median, and the median against the "all" setting's."""
+    import statistics
+
+    out: dict = {}
+    for key, first in per_rank[0].items():
+        if "rounds_ms" not in first:
+            out[key] = {"unavailable": first["unavailable"]}
+            continue
+        rounds = [[max(steps) for steps in zip(*(r[key]["rounds_ms"][i] for r in per_rank))]
+                  for i in range(len(first["rounds_ms"]))]
+        timing = timing_of([ms for one in rounds for ms in one])
+        out[key] = dict(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                        round_medians_ms=[statistics.median(one) for one in rounds], steps=timing.repeats)
+    base = out.get("all", {}).get("median_ms")
+    for value in out.values():
+        if base and "median_ms" in value:
+            value["vs_all"] = value["median_ms"] / base
+    return out
 
 
 def merge_phases(per_rank: list[dict]) -> dict:
@@ -1045,6 +1152,23 @@ def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[
 
 def report(payload: dict) -> str:
     parts = ["## All rows\n\n" + markdown_table(payload["rows"], columns_for(payload["rows"], COLUMNS))]
+    alternated = []
+    for r in payload["rows"]:
+        for key, value in (r.get("alternate") or {}).items():
+            label = f"ZeRO-{r['zero_stage']} {r['zero_settings']} batch {r['batch_size']} latents {r['n_latents']}"
+            if "median_ms" not in value:
+                alternated.append(dict(config=label, setting=key, median="not run: " + str(value["unavailable"])))
+                continue
+            alternated.append(dict(
+                config=label, setting=key, median=f"{value['median_ms']:.1f}",
+                spread=f"{value['p10_ms']:.1f}-{value['p90_ms']:.1f}", ratio=f"{value.get('vs_all', float('nan')):.3f}",
+                rounds=", ".join(f"{ms:.1f}" for ms in value["round_medians_ms"])))
+    if alternated:
+        parts.append("## ZeRO-3 replacements alternated in one engine (--alternate)\n\nSteps of the same engine in "
+                     "rounds, each setting in every round: all of the trainer's replacements, or one switched back "
+                     "to DeepSpeed's own; ms per step (the slowest rank's).\n\n" + markdown_table(alternated, [
+                         ("config", "config"), ("setting", "setting"), ("median", "median ms"),
+                         ("spread", "p10-p90 ms"), ("ratio", "× all"), ("rounds", "round medians ms")]))
     if payload.get("skipped_configs"):
         parts.append("Not run (time budget): " + "; ".join(payload["skipped_configs"]))
     return "\n\n".join(parts)

@@ -109,7 +109,8 @@ def test_two_process_zero3_through_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", free_port(), "-m", "benchmarks.bench_train_step",
            "--smoke", "--zero-stages", "3", "--stages", "0,2", "--zero-settings", "default",
-           "--zero-settings", "zero3_listed_parameters=false", "--out", str(out)]
+           "--zero-settings", "zero3_listed_parameters=false", "--alternate", "listed_parameters,split_copy_out",
+           "--alternate-rounds", "2", "--alternate-steps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     payload = json.loads((out / "train_step.json").read_text())
@@ -119,6 +120,15 @@ def test_two_process_zero3_through_torchrun(tmp_path):
         assert [r["parameter_walks"] for r in rows] == [walk, walk]
         check_rows(dict(payload, rows=rows), world_size=2, zero_stage=3, stages=[0, 2])
         assert all(abs(r["loss_diff"]) < 1e-5 for r in rows)  # the same steps with either walk
+    for r in payload["rows"]:  # every setting timed in both rounds of the same engine, against all replacements on
+        alternate = r["alternate"]
+        assert sorted(alternate) == ["all", "listed_parameters off", "split_copy_out off"], alternate
+        for setting in alternate.values():
+            assert len(setting["round_medians_ms"]) == 2 and setting["steps"] == 2
+            assert 0 < setting["p10_ms"] <= setting["median_ms"] <= setting["p90_ms"]
+        assert alternate["all"]["vs_all"] == 1.0
+    md = (out / "train_step.md").read_text()
+    assert "alternated in one engine" in md and "split_copy_out off" in md
     assert payload["launcher"] == "torchrun" and payload["command"].startswith("torchrun --nproc_per_node 2 -m")
     assert sorted(p.name for p in out.iterdir()) == ["train_step.json", "train_step.md"]  # rank 0 alone writes
 
@@ -212,6 +222,11 @@ def test_variant_flags_are_checked():
         bench_train_step.parse_args(["--smoke", "--zero-settings", "overlap_comm"])
     with pytest.raises(SystemExit, match="--liger: unknown"):
         bench_train_step.parse_args(["--smoke", "--liger", "rms_norm+flash"])
+    with pytest.raises(SystemExit, match="--alternate: unknown"):
+        bench_train_step.parse_args(["--smoke", "--alternate", "listed_parameters,walks"])
+    with pytest.raises(SystemExit, match="--alternate-rounds"):
+        bench_train_step.parse_args(["--smoke", "--alternate", "all", "--alternate-rounds", "0"])
+    assert bench_train_step.parse_args(["--smoke", "--alternate", "all"]).alternate == list(bench_train_step.REPLACEMENTS)
     assert bench_train_step.parse_zero_settings("reduce_bucket_size=2e8,overlap_comm=true") == {
         "reduce_bucket_size": 200_000_000, "overlap_comm": True}
     assert bench_train_step.parse_liger("all") == ("fused_linear_cross_entropy", "rms_norm", "swiglu", "rope")
