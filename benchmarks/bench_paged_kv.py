@@ -920,11 +920,19 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
                     per_step.append(runner.stats["decode_ms"] / runner.stats["decode_steps"])
                 record(name, sorted(per_step)[len(per_step) // 2], workload_floor_ms(lengths, new_tokens),
                        mode="generate", decode_steps=runner.stats["decode_steps"])
-            else:  # (t(1 + N new tokens) - t(1)) / N, host work included
-                one = time_fn(call(1), geo.device, warmup=min(1, geo.warmup), repeats=min(3, repeats)).median_ms
-                many = time_fn(call(1 + new_tokens), geo.device, warmup=0, repeats=min(3, repeats)).median_ms
-                record(name, (many - one) / new_tokens, workload_floor_ms(lengths, new_tokens), mode="generate",
-                       prompt_and_first_token_ms=one)
+            else:  # (t(1 + N new tokens) - t(1)) / N, host work included: the median over back-to-back pairs (a
+                # difference of two separately timed medians went negative under a loaded CPU), N at least 8
+                steps = max(new_tokens, 8)
+                call(1 + steps)()
+                pairs = []
+                for _ in range(max(3, min(5, repeats))):
+                    one = time_fn(call(1), geo.device, warmup=0, repeats=1).median_ms
+                    many = time_fn(call(1 + steps), geo.device, warmup=0, repeats=1).median_ms
+                    pairs.append((one, (many - one) / steps))
+                pairs.sort(key=lambda pair: pair[1])
+                one, per_step = pairs[len(pairs) // 2]
+                record(name, per_step, workload_floor_ms(lengths, steps), mode="generate",
+                       prompt_and_first_token_ms=one, per_step_pairs_ms=[p for _, p in pairs])
         except Exception as e:
             out["rows"].append(error_row(f"generate(kv_cache={kv_cache!r})", e))
         if runner is not None:

@@ -160,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the Python functions that spend the host's time: DeepSpeed's per-parameter hooks, ...)")
     p.add_argument("--alternate", type=str_list, default=None, metavar="NAME[,NAME...]|all",
                    help="ZeRO-3 rows: after the timing, rounds of timed steps in the same engine alternating the "
-                   "trainer's process-wide ZeRO-3 replacements (all on) with each named one switched back to "
+                   "row's process-wide ZeRO-3 replacements as built with each named one switched back to "
                    f"DeepSpeed's own: {', '.join(REPLACEMENTS)} (engines built in turn differ by more than each saves)")
     p.add_argument("--alternate-rounds", type=int, default=6, help="rounds for --alternate (the order reversed "
                    "every other round)")
@@ -253,6 +253,20 @@ def replacement(name: str, installed: bool) -> str | None:
         return getattr(module, install)()
     getattr(module, restore)()
     return None
+
+
+def replacements_active() -> dict[str, bool]:
+    """Which of `REPLACEMENTS` are installed in this process now."""
+    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+
+    from engine.training import accelerator_streams, zero3_gathers, zero3_linear
+
+    return {
+        "listed_parameters": parameter_walks() == "listed",
+        "split_copy_out": AllGatherCoalescedHandle.wait is zero3_gathers._DEEPSPEED_WAIT.get("ours"),
+        "memory_efficient_linear": torch.nn.functional.linear is zero3_linear.memory_efficient_linear,
+        "stream_calls": accelerator_streams.fast_streams_active(),
+    }
 
 
 def parameter_walks() -> str:
@@ -634,7 +648,7 @@ class Bench:
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
         flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", False))
-        checks = str(zero_settings.pop("grad_checks", "auto"))
+        checks = self.requested_grad_checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))
         listed = bool(zero_settings.pop("zero3_listed_parameters", True))
@@ -799,41 +813,57 @@ class Bench:
             syncs = counter.counts
         return {"ms": ms, "host_ms": host, "syncs": syncs}
 
-    def alternate_replacements(self, step, cfg: "Config") -> dict:
-        """`--alternate`: timed steps of this engine in rounds, alternating the trainer's ZeRO-3 replacements (all
-        installed, as the trainer runs) with each of `args.alternate` switched back to DeepSpeed's own, the order
-        reversed every other round; one untimed step after each switch. Returns per setting the step times (ms, this
-        rank) or why it was not run. Every rank switches alike, so the collectives stay in lockstep."""
+    def alternate_replacements(self, step, cfg: "Config", losses: list) -> dict:
+        """`--alternate`: timed steps of this engine in rounds, alternating the row's ZeRO-3 replacements as built
+        ("as built") with each of `args.alternate` switched back to DeepSpeed's own, the order reversed every other
+        round; one untimed step after each switch. A replacement the row runs without (its settings, or the trainer
+        could not install it) is not alternated, but its steps still run, as built and untimed: every ZeRO-3 row
+        trains the same steps, so the rows of one engine after it compare their losses after the same sequence.
+        Returns per setting the step times (ms, this rank) and which replacements were installed, and those
+        installed at the end: the row's own again, also after an error. The alternation's losses are dropped from the
+        row's. Every rank switches alike, so the collectives stay in lockstep."""
         args = self.args
-        if cfg.zero_stage != 3 or self.variant["grad_checks"] == "deepspeed":
-            why = "ZeRO-3 rows with the trainer's replacements only"
-            return {"all": {"unavailable": why}}
-        settings = {"all": None}
-        for name in args.alternate:
-            why = replacement(name, True)
-            settings[f"{name} off"] = name if why is None else why
-        runnable = [k for k, v in settings.items() if k == "all" or v in REPLACEMENTS]
-        samples: dict[str, list[list[float]]] = {k: [] for k in runnable}
+        if cfg.zero_stage != 3:
+            return {"settings": {"as built": {"unavailable": "ZeRO-3 rows only"}}}
+        keys = ["as built"] + [f"{name} off" for name in args.alternate]
+        if self.requested_grad_checks == "deepspeed":
+            built, settings = {}, dict.fromkeys(keys, "DeepSpeed's own throughout (grad_checks=deepspeed)")
+        else:
+            built = replacements_active()
+            settings = {"as built": None}
+            for name in args.alternate:
+                settings[f"{name} off"] = None if built[name] else "not installed in this row"
+        names = [name for name in args.alternate if built.get(name)]
+        samples: dict[str, list[list[float]]] = {key: [] for key, why in settings.items() if why is None}
+        active: dict[str, dict] = {}
 
         def switch(to: str) -> None:
-            for name in args.alternate:
-                if settings.get(f"{name} off") == name:
-                    replacement(name, to != f"{name} off")
+            for name in names:
+                replacement(name, to != f"{name} off")
 
-        for round_ in range(args.alternate_rounds):
-            for key in (runnable if round_ % 2 == 0 else runnable[::-1]):
-                switch(key)
-                step()
-                synchronize(self.device)
-                times = []
-                for _ in range(args.alternate_steps):
-                    t0 = time.perf_counter()
+        kept = len(losses)
+        try:
+            for round_ in range(args.alternate_rounds):
+                for key in (keys if round_ % 2 == 0 else keys[::-1]):
+                    switch(key if key in samples else "as built")
+                    if key in samples:
+                        active.setdefault(key, replacements_active())
                     step()
                     synchronize(self.device)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                samples[key].append(times)
-        switch("all")
-        return {k: ({"rounds_ms": samples[k]} if k in samples else {"unavailable": settings[k]}) for k in settings}
+                    times = []
+                    for _ in range(args.alternate_steps):
+                        t0 = time.perf_counter()
+                        step()
+                        synchronize(self.device)
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    if key in samples:
+                        samples[key].append(times)
+        finally:
+            switch("as built")
+            del losses[kept:]
+        out = {key: ({"rounds_ms": samples[key], "active": active[key]} if why is None else {"unavailable": why})
+               for key, why in settings.items()}
+        return {"settings": out, "active_after": replacements_active()}
 
     def profile_phase(self, step, phase: str) -> dict:
         """One more step with `phase` under torch.profiler or cProfile (`PhaseProfiler`)."""
@@ -883,11 +913,11 @@ class Bench:
         alternation = None
         if status["status"] == "ok" and args.alternate:
             try:
-                alternation = self.alternate_replacements(step, cfg)
-            except Exception as e:  # noqa: BLE001 - as for the phases
+                alternation = self.alternate_replacements(step, cfg, losses)
+            except Exception as e:  # noqa: BLE001 - the row's timing stands; the alternation records its error
                 if not is_oom(e):
                     log.exception("alternating the ZeRO-3 replacements failed")
-                status = {"status": "oom" if is_oom(e) else "error", "error": "alternate: " + str(e).splitlines()[0][:300]}
+                alternation = {"error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
                 del e
                 free_memory(self.device)
         last_loss = float(losses[-1]) if losses else None
@@ -958,24 +988,36 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
 
 def merge_alternation(per_rank: list[dict]) -> dict:
     """`--alternate` over ranks: each step's time is the slowest rank's; per setting the median, p10/p90 and each
-    round's median, and the median against the "all" setting's."""
+    round's median, the median against the "as built" setting's, and which replacements were installed (rank 0's).
+    A setting one rank did not run is not run; an error on any rank is the row's alternation error."""
     import statistics
 
-    out: dict = {}
-    for key, first in per_rank[0].items():
-        if "rounds_ms" not in first:
-            out[key] = {"unavailable": first["unavailable"]}
+    errors = [r["error"] for r in per_rank if "error" in r]
+    if errors:
+        return {"error": errors[0]}
+    keys = list(per_rank[0]["settings"])
+    if any(list(r["settings"]) != keys for r in per_rank):
+        return {"error": "the ranks alternated different settings"}
+    settings: dict = {}
+    for key in keys:
+        mine = [r["settings"][key] for r in per_rank]
+        missing = [m["unavailable"] for m in mine if "rounds_ms" not in m]
+        if missing:
+            settings[key] = {"unavailable": missing[0]}
             continue
-        rounds = [[max(steps) for steps in zip(*(r[key]["rounds_ms"][i] for r in per_rank))]
-                  for i in range(len(first["rounds_ms"]))]
+        shapes = {tuple(len(steps) for steps in m["rounds_ms"]) for m in mine}
+        if len(shapes) != 1:
+            return {"error": f"the ranks timed different numbers of steps for {key!r}"}
+        rounds = [[max(steps) for steps in zip(*(m["rounds_ms"][i] for m in mine))] for i in range(len(mine[0]["rounds_ms"]))]
         timing = timing_of([ms for one in rounds for ms in one])
-        out[key] = dict(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
-                        round_medians_ms=[statistics.median(one) for one in rounds], steps=timing.repeats)
-    base = out.get("all", {}).get("median_ms")
-    for value in out.values():
+        settings[key] = dict(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                             round_medians_ms=[statistics.median(one) for one in rounds], steps=timing.repeats,
+                             active=mine[0]["active"])
+    base = settings.get("as built", {}).get("median_ms")
+    for value in settings.values():
         if base and "median_ms" in value:
-            value["vs_all"] = value["median_ms"] / base
-    return out
+            value["vs_built"] = value["median_ms"] / base
+    return {"settings": settings, "active_after": per_rank[0].get("active_after")}
 
 
 def merge_phases(per_rank: list[dict]) -> dict:
@@ -1154,21 +1196,25 @@ def report(payload: dict) -> str:
     parts = ["## All rows\n\n" + markdown_table(payload["rows"], columns_for(payload["rows"], COLUMNS))]
     alternated = []
     for r in payload["rows"]:
-        for key, value in (r.get("alternate") or {}).items():
-            label = f"ZeRO-{r['zero_stage']} {r['zero_settings']} batch {r['batch_size']} latents {r['n_latents']}"
+        alternation = r.get("alternate") or {}
+        label = " ".join(str(v) for v in (f"ZeRO-{r['zero_stage']}", r["optimizer"], r["zero_settings"], r["liger"],
+                                          f"batch {r['batch_size']}", f"latents {r['n_latents']}"))
+        if "error" in alternation:
+            alternated.append(dict(config=label, setting="—", median="failed: " + alternation["error"]))
+        for key, value in alternation.get("settings", {}).items():
             if "median_ms" not in value:
                 alternated.append(dict(config=label, setting=key, median="not run: " + str(value["unavailable"])))
                 continue
             alternated.append(dict(
                 config=label, setting=key, median=f"{value['median_ms']:.1f}",
-                spread=f"{value['p10_ms']:.1f}-{value['p90_ms']:.1f}", ratio=f"{value.get('vs_all', float('nan')):.3f}",
+                spread=f"{value['p10_ms']:.1f}-{value['p90_ms']:.1f}", ratio=f"{value.get('vs_built', float('nan')):.3f}",
                 rounds=", ".join(f"{ms:.1f}" for ms in value["round_medians_ms"])))
     if alternated:
         parts.append("## ZeRO-3 replacements alternated in one engine (--alternate)\n\nSteps of the same engine in "
-                     "rounds, each setting in every round: all of the trainer's replacements, or one switched back "
+                     "rounds, each setting in every round: the row's replacements as built, or one switched back "
                      "to DeepSpeed's own; ms per step (the slowest rank's).\n\n" + markdown_table(alternated, [
                          ("config", "config"), ("setting", "setting"), ("median", "median ms"),
-                         ("spread", "p10-p90 ms"), ("ratio", "× all"), ("rounds", "round medians ms")]))
+                         ("spread", "p10-p90 ms"), ("ratio", "× as built"), ("rounds", "round medians ms")]))
     if payload.get("skipped_configs"):
         parts.append("Not run (time budget): " + "; ".join(payload["skipped_configs"]))
     return "\n\n".join(parts)

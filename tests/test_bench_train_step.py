@@ -120,13 +120,25 @@ def test_two_process_zero3_through_torchrun(tmp_path):
         assert [r["parameter_walks"] for r in rows] == [walk, walk]
         check_rows(dict(payload, rows=rows), world_size=2, zero_stage=3, stages=[0, 2])
         assert all(abs(r["loss_diff"]) < 1e-5 for r in rows)  # the same steps with either walk
-    for r in payload["rows"]:  # every setting timed in both rounds of the same engine, against all replacements on
-        alternate = r["alternate"]
-        assert sorted(alternate) == ["all", "listed_parameters off", "split_copy_out off"], alternate
-        for setting in alternate.values():
-            assert len(setting["round_medians_ms"]) == 2 and setting["steps"] == 2
-            assert 0 < setting["p10_ms"] <= setting["median_ms"] <= setting["p90_ms"]
-        assert alternate["all"]["vs_all"] == 1.0
+    # --alternate: each setting timed in both rounds of the same engine, with the replacements it names switched
+    # off and the others as the row was built; the row's own state again at the end
+    for r in payload["rows"]:
+        listed = r["zero_settings"] == "default"
+        alternate = r["alternate"]["settings"]
+        assert list(alternate) == ["as built", "listed_parameters off", "split_copy_out off"], alternate
+        built = alternate["as built"]["active"]
+        assert built["listed_parameters"] is listed and built["split_copy_out"] is True
+        assert r["alternate"]["active_after"] == built
+        timed = ["as built", "split_copy_out off"] + (["listed_parameters off"] if listed else [])
+        for key in timed:
+            assert len(alternate[key]["round_medians_ms"]) == 2 and alternate[key]["steps"] == 2
+            assert 0 < alternate[key]["p10_ms"] <= alternate[key]["median_ms"] <= alternate[key]["p90_ms"]
+            switched = {"listed_parameters": key != "listed_parameters off" and listed,
+                        "split_copy_out": key != "split_copy_out off"}
+            assert {k: alternate[key]["active"][k] for k in switched} == switched, key
+        if not listed:  # the row runs DeepSpeed's walks: nothing to switch off
+            assert alternate["listed_parameters off"] == {"unavailable": "not installed in this row"}
+        assert alternate["as built"]["vs_built"] == 1.0
     md = (out / "train_step.md").read_text()
     assert "alternated in one engine" in md and "split_copy_out off" in md
     assert payload["launcher"] == "torchrun" and payload["command"].startswith("torchrun --nproc_per_node 2 -m")

@@ -7,10 +7,7 @@
 #   grad_checks=multi_tensor             the same with DeepSpeed's step
 #   grad_checks=deepspeed                DeepSpeed's own throughout
 #   zero3_flat_leaf_reduction=true       the default plus the leaves' gradients reduced together (off: measured slower)
-#   zero3_listed_parameters=false        the default with DeepSpeed's walk over a module's submodules at every hook
-# then the process-wide replacements each switched off in turn inside one engine (--alternate all, batch 16 and 64,
-# 6 latents): engines built one after another differ by more than each of them saves.
-# Usage: benchmarks/gpu/zero3_host.sh OUT                                      (at most 16 min: two calls' worth)
+# Usage: benchmarks/gpu/zero3_host.sh OUT                                      (at most 10 min)
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
@@ -24,7 +21,4 @@ step tests 150 python -m pytest -q -p no:cacheprovider tests/test_distributed.py
 step zero3_ab 420 $RUN2 -m benchmarks.bench_train_step $B1 --batch-size 64 --optimizers adamw_fused --matmul-size 0 \
   --stages 0,3 --zero-stages 3,2 --warmup 3 --steps 6 --phases --phase-steps 2 --zero-settings default \
   --zero-settings grad_checks=multi_tensor --zero-settings grad_checks=deepspeed \
-  --zero-settings zero3_flat_leaf_reduction=true --zero-settings zero3_listed_parameters=false --time-budget-s 360 --out "$OUT/zero3_ab"
-step zero3_alternate 360 $RUN2 -m benchmarks.bench_train_step $B1 --batch-size 16,64 --optimizers adamw_fused \
-  --matmul-size 0 --stages 3 --zero-stages 3 --warmup 3 --steps 4 --alternate all --alternate-rounds 6 \
-  --alternate-steps 5 --out "$OUT/zero3_alternate"
+  --zero-settings zero3_flat_leaf_reduction=true --time-budget-s 360 --out "$OUT/zero3_ab"
