@@ -234,49 +234,46 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------- configurations
 # The trainer's ZeRO-3 replacements that are process-wide and can be switched between two steps of one engine:
-# name -> (module, install, restore); install returns None when installed, else why not (`optim.grad_checks`)
+# name -> (module, install, restore, active); install returns None when installed, else why not
+# (`optim.grad_checks`); active tells whether it is installed now
 REPLACEMENTS = {
-    "listed_parameters": ("engine.training.zero3_gathers", "use_listed_parameters", "restore_deepspeed_parameter_walks"),
-    "split_copy_out": ("engine.training.zero3_gathers", "use_split_copy_out", "restore_deepspeed_copy_out"),
-    "memory_efficient_linear": ("engine.training.zero3_linear", "use_memory_efficient_linear", "restore_deepspeed_linear"),
-    "stream_calls": ("engine.training.accelerator_streams", "use_fast_streams", "restore_deepspeed_streams"),
+    "listed_parameters": ("engine.training.zero3_gathers", "use_listed_parameters",
+                          "restore_deepspeed_parameter_walks", "listed_parameters_active"),
+    "split_copy_out": ("engine.training.zero3_gathers", "use_split_copy_out", "restore_deepspeed_copy_out",
+                       "split_copy_out_active"),
+    "memory_efficient_linear": ("engine.training.zero3_linear", "use_memory_efficient_linear",
+                                "restore_deepspeed_linear", "memory_efficient_linear_active"),
+    "stream_calls": ("engine.training.accelerator_streams", "use_fast_streams", "restore_deepspeed_streams",
+                     "fast_streams_active"),
 }
+
+
+def _replacement_function(name: str, role: int):
+    import importlib
+
+    module, *functions = REPLACEMENTS[name]
+    return getattr(importlib.import_module(module), functions[role])
 
 
 def replacement(name: str, installed: bool) -> str | None:
     """Install (or restore DeepSpeed's own for) one of `REPLACEMENTS`; returns why it could not be installed."""
-    import importlib
-
-    module, install, restore = REPLACEMENTS[name]
-    module = importlib.import_module(module)
     if installed:
-        return getattr(module, install)()
-    getattr(module, restore)()
+        return _replacement_function(name, 0)()
+    _replacement_function(name, 1)()
     return None
 
 
 def replacements_active() -> dict[str, bool]:
     """Which of `REPLACEMENTS` are installed in this process now."""
-    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
-
-    from engine.training import accelerator_streams, zero3_gathers, zero3_linear
-
-    return {
-        "listed_parameters": parameter_walks() == "listed",
-        "split_copy_out": AllGatherCoalescedHandle.wait is zero3_gathers._DEEPSPEED_WAIT.get("ours"),
-        "memory_efficient_linear": torch.nn.functional.linear is zero3_linear.memory_efficient_linear,
-        "stream_calls": accelerator_streams.fast_streams_active(),
-    }
+    return {name: bool(_replacement_function(name, 2)()) for name in REPLACEMENTS}
 
 
 def parameter_walks() -> str:
     """How ZeRO-3's hooks list a module's parameters in this process: "listed" (walked once,
     `engine.training.zero3_gathers.use_listed_parameters`) or "deepspeed" (DeepSpeed's walk at every call)."""
-    from deepspeed.runtime.zero import partitioned_param_coordinator
+    from engine.training.zero3_gathers import listed_parameters_active
 
-    from engine.training.zero3_gathers import iter_params_listed
-
-    return "listed" if partitioned_param_coordinator.iter_params is iter_params_listed else "deepspeed"
+    return "listed" if listed_parameters_active() else "deepspeed"
 
 
 def parse_zero_settings(spec: str) -> dict:
@@ -848,16 +845,9 @@ class Bench:
                     switch(key if key in samples else "as built")
                     if key in samples:
                         active.setdefault(key, replacements_active())
-                    step()
-                    synchronize(self.device)
-                    times = []
-                    for _ in range(args.alternate_steps):
-                        t0 = time.perf_counter()
-                        step()
-                        synchronize(self.device)
-                        times.append((time.perf_counter() - t0) * 1e3)
+                    timing = time_fn(step, self.device, warmup=1, repeats=args.alternate_steps)
                     if key in samples:
-                        samples[key].append(times)
+                        samples[key].append(list(timing.samples_ms))
         finally:
             switch("as built")
             del losses[kept:]

@@ -116,11 +116,12 @@ def test_restore_gives_deepspeeds_wait_back():
     zero3_gathers.restore_deepspeed_copy_out()  # an earlier ZeRO-3 engine of this process may have installed it
     original = AllGatherCoalescedHandle.wait
     assert original.__module__.startswith("deepspeed")
+    assert not zero3_gathers.split_copy_out_active()
     assert zero3_gathers.use_split_copy_out() is None
-    assert AllGatherCoalescedHandle.wait is not original
+    assert AllGatherCoalescedHandle.wait is not original and zero3_gathers.split_copy_out_active()
     assert zero3_gathers.use_split_copy_out() is None  # twice: still one wrapper, DeepSpeed's kept
     zero3_gathers.restore_deepspeed_copy_out()
-    assert AllGatherCoalescedHandle.wait is original
+    assert AllGatherCoalescedHandle.wait is original and not zero3_gathers.split_copy_out_active()
 
 
 def test_release_in_one_pass_equals_deepspeeds_and_hands_back_what_it_was_not_written_for(monkeypatch):
@@ -223,8 +224,12 @@ def test_listed_parameters_install_and_restore(monkeypatch):
     assert zero3_gathers.use_listed_parameters() is None
     assert zero3_gathers.use_listed_parameters() is None  # twice: DeepSpeed's kept, not ours
     assert partitioned_param_coordinator.iter_params is parameter_offload.iter_params is zero3_gathers.iter_params_listed
+    assert zero3_gathers.listed_parameters_active()
+    parameter_offload.iter_params = original  # in one of the two modules only: not installed (restored just below)
+    assert not zero3_gathers.listed_parameters_active()
     zero3_gathers.restore_deepspeed_parameter_walks()
     assert partitioned_param_coordinator.iter_params is parameter_offload.iter_params is original
+    assert not zero3_gathers.listed_parameters_active()
     monkeypatch.setattr(zero_step, "deepspeed_release_checked", lambda: False)  # the release check zero3_gathers asks
     assert "checked against 0.19 only" in zero3_gathers.use_listed_parameters()
     assert partitioned_param_coordinator.iter_params is original

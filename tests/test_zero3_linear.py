@@ -126,10 +126,12 @@ def test_installed_only_over_deepspeeds_wrap(monkeypatch):
     assert "not DeepSpeed's ZeRO-3 wrap" in zero3_linear.use_memory_efficient_linear()
     assert torch.nn.functional.linear is zero3_linear._TORCH_LINEAR
     monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    assert not zero3_linear.memory_efficient_linear_active()
     assert zero3_linear.use_memory_efficient_linear() is None
     assert torch.nn.functional.linear is zero3_linear.memory_efficient_linear
+    assert zero3_linear.memory_efficient_linear_active()
     assert zero3_linear.use_memory_efficient_linear() is None  # twice: still ours, DeepSpeed's kept to restore
     layer = torch.nn.Linear(7, 5)
     layer(torch.randn(2, 7)).sum().backward()  # nn.Linear goes through it
     zero3_linear.restore_deepspeed_linear()
-    assert torch.nn.functional.linear is zero3_linear_wrap
+    assert torch.nn.functional.linear is zero3_linear_wrap and not zero3_linear.memory_efficient_linear_active()

@@ -15,13 +15,9 @@ OUT=${1:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 N=${2:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 PART=${3:?usage: $0 OUT_DIR N_GPUS 1b|8b}
 mkdir -p "$OUT"
-# NVLink multicast stays off in NCCL, PyTorch and NVSHMEM (../shared/device/README.md); torchrun's workers inherit it
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STEP_TAIL=12
 source "$(dirname "$0")/lib.sh"
 TRAIN="-m benchmarks.bench_train_step"
-RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
-RUN4="python -m torch.distributed.run --nproc_per_node 4 --master_port 29504"
 COMMON="--device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256 --optimizers adamw_fused --matmul-size 0"
 
 case "$PART" in

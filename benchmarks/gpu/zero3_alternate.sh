@@ -8,10 +8,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STEP_TAIL=16
 source "$(dirname "$0")/lib.sh"
-RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29503"
 
 step zero3_alternate 540 $RUN2 -m benchmarks.bench_train_step $B1 --batch-size 16,64 --optimizers adamw_fused \
   --matmul-size 0 --stages 3 --zero-stages 3 --warmup 3 --steps 4 --alternate all --alternate-rounds 6 \

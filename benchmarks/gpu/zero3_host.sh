@@ -11,10 +11,8 @@
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STEP_TAIL=12
 source "$(dirname "$0")/lib.sh"
-RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
 
 step tests 150 python -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_zero_step.py \
   tests/test_zero3_gathers.py tests/test_accelerator_streams.py -k "cuda or stream"

@@ -275,6 +275,13 @@ def use_split_copy_out() -> str | None:
     return None
 
 
+def split_copy_out_active() -> bool:
+    """Whether `use_split_copy_out` is installed in this process now."""
+    from deepspeed.runtime.zero.partition_parameters import AllGatherCoalescedHandle
+
+    return "ours" in _DEEPSPEED_WAIT and AllGatherCoalescedHandle.wait is _DEEPSPEED_WAIT["ours"]
+
+
 def restore_deepspeed_copy_out() -> None:
     """Undo `use_split_copy_out` (DeepSpeed's per-parameter copy-out again)."""
     if "wait" in _DEEPSPEED_WAIT:
@@ -338,6 +345,13 @@ def use_listed_parameters() -> str | None:
         _DEEPSPEED_ITER_PARAMS.setdefault(name, module.iter_params)
         module.iter_params = iter_params_listed
     return None
+
+
+def listed_parameters_active() -> bool:
+    """Whether `use_listed_parameters` is installed in this process now (in both modules that walk)."""
+    import importlib
+
+    return all(importlib.import_module(name).iter_params is iter_params_listed for name in _ITER_PARAMS_USERS)
 
 
 def restore_deepspeed_parameter_walks() -> None:

@@ -99,6 +99,11 @@ def use_memory_efficient_linear() -> str | None:
     return None
 
 
+def memory_efficient_linear_active() -> bool:
+    """Whether `use_memory_efficient_linear` is installed in this process now."""
+    return torch.nn.functional.linear is memory_efficient_linear
+
+
 def restore_deepspeed_linear() -> None:
     """Undo `use_memory_efficient_linear` (DeepSpeed's wrap again)."""
     if torch.nn.functional.linear is memory_efficient_linear and "linear" in _REPLACED:
