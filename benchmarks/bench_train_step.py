@@ -873,6 +873,8 @@ class Bench:
         flops = batch_flops(self.sizes, batch, self.model.image_token_id)
         losses: list[torch.Tensor] = []
         step, local_passes = self.make_step(batch, losses)
+        # each row sizes its own latent graphs: an earlier row's shapes and measurements do not carry over
+        self.model.release_latent_graphs()
         reset_peak_memory(self.device)
         skipped_before = int(getattr(self.engine, "skipped_steps", 0))  # DeepSpeed's overflow-skipped steps
         if env.world_size > 1:
@@ -918,6 +920,7 @@ class Bench:
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
             passes=local_passes, phases=phases, profile=profile, alternation=alternation,
+            latent_block=self.model.latent_blocks_described(),
             skipped_steps=int(getattr(self.engine, "skipped_steps", 0)) - skipped_before,
         )
         del losses, step
@@ -952,6 +955,8 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
         model_tflop_per_step=flops["total"] / 1e12, flops_terms=flops,
         status="ok" if bad is None else bad["status"],
         skipped_steps=max(r.get("skipped_steps", 0) for r in ranks),  # non-finite gradients: the update was skipped
+        # how the latent passes ran: the graphs, eagerly, or eagerly because the graphs did not fit (per rank)
+        latent_block=" | ".join(dict.fromkeys(r.get("latent_block") or "-" for r in ranks)),
     )
     if bad is not None:
         row["error"] = bad.get("error")
@@ -1129,7 +1134,8 @@ def add_scaling(row: dict, baseline: list[dict]) -> None:
 COLUMNS = [
     ("zero_stage", "ZeRO"), ("optimizer_resolved", "optimizer"), ("zero_settings", "ZeRO settings"),
     ("liger", "Liger"), ("world_size", "GPUs"), ("stage_c", "stage×c"), ("n_latents", "latents"),
-    ("batch_size", "batch/rank"), ("seq_len", "T"), ("passes", "passes"), ("status", "status"),
+    ("batch_size", "batch/rank"), ("seq_len", "T"), ("passes", "passes"), ("latent_block", "latent block"),
+    ("status", "status"),
     ("skipped_steps", "skipped steps"),
     ("median_ms", "ms/step"), ("p10_ms", "p10"), ("p90_ms", "p90"), ("samples_per_s", "samples/s"),
     ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
@@ -1142,8 +1148,9 @@ COLUMNS = [
     ("loss", "loss"),
     ("probe_loss_diff", "Δ probe loss"), ("loss_diff", "Δ loss"),
 ]
-STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "loss", "baseline_zero_stage",
-                                                     "phase_backward_host_ms", "phase_optimizer_host_ms")]
+STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "latent_block", "loss",
+                                                     "baseline_zero_stage", "phase_backward_host_ms",
+                                                     "phase_optimizer_host_ms")]
 
 
 def header(payload: dict) -> str:

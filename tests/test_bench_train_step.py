@@ -156,11 +156,12 @@ def test_ranks_merge_into_global_throughput_and_mfu():
     ok = {"status": "ok"}
     ranks = [
         dict(status=ok, samples_ms=[100.0, 120.0, 90.0], peak_gib=30.0, tokens=1200, samples=4, seq_len=310,
-             flops=flops(4e13), loss=2.0, loss_finite=True, passes=7),
+             flops=flops(4e13), loss=2.0, loss_finite=True, passes=7, latent_block="graphs, 1 shape(s)"),
         dict(status=ok, samples_ms=[110.0, 100.0, 95.0], peak_gib=31.0, tokens=1300, samples=4, seq_len=330,
-             flops=flops(6e13), loss=2.1, loss_finite=True, passes=7),
+             flops=flops(6e13), loss=2.1, loss_finite=True, passes=7, latent_block="graphs, 1 shape(s)"),
     ]
     row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
+    assert row["latent_block"] == "graphs, 1 shape(s)"  # the ranks agree: said once
     assert row["median_ms"] == 110.0 and row["p10_ms"] == 95.0 and row["p90_ms"] == 120.0  # max per step: 110,120,95
     assert row["samples_per_s"] == pytest.approx(8 / 0.110) and row["tokens_per_s"] == pytest.approx(2500 / 0.110)
     assert row["peak_gib"] == 31.0 and row["peak_gib_per_rank"] == [30.0, 31.0] and row["seq_len"] == 330
@@ -185,8 +186,12 @@ def test_ranks_merge_into_global_throughput_and_mfu():
     assert [r.get("zero3_vs_zero2") for r in rows] == [None, None, 0.8, 0.75, 0.7, None, None]
 
     ranks[1]["status"] = {"status": "oom", "error": "CUDA out of memory"}
+    ranks[1]["latent_block"] = "eager: the graphs did not fit (batch 4, prefix bucket 384: CUDA out of memory)"
     row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
     assert row["status"] == "oom" and row["failed_ranks"] == [1] and "median_ms" not in row
+    assert row["latent_block"] == "graphs, 1 shape(s) | " + ranks[1]["latent_block"]  # each rank's, in rank order
+    ranks[0]["latent_block"] = ranks[1]["latent_block"] = ""  # no block ran: the transformers passes
+    assert bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)["latent_block"] == "-"
 
 
 def run_variants(tmp_path, optimizers: list[str], settings: list[str], liger: list[str]) -> list[dict]:

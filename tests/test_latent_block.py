@@ -247,7 +247,7 @@ def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, fi
     """What the CUDA graphs capture: the block on aliases of the parameters (of their staged copies with `staged`);
     its gradients, in `wrt` order, must be the parameters' own gradients (a wrong name-to-parameter map would swap
     them)."""
-    from engine.model.latent_block import LatentBlock, latent_block
+    from engine.model.latent_block import LatentBlock, backward_into_slots, latent_block
 
     lm = tiny_model.language_model
     config = lm.config
@@ -275,6 +275,12 @@ def test_graph_body_differentiates_the_parameters_through_aliases(tiny_model, fi
     assert len(got) == len(expected) == 3 + len(params)
     for i, (a, b) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
+    # what the captured backward runs: the weights' gradients left in the block's shared slots
+    slots = block.gradient_slots(read if staged else params)
+    into_slots = backward_into_slots(run(), cotangents, wrt[:3], wrt[3:], slots)
+    assert all(a is b for a, b in zip(into_slots[3:], slots))
+    for i, (a, b) in enumerate(zip(into_slots, expected)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i} through the slots: {m}")
     storage = read if staged else params
     assert all(w.data_ptr() == t.data_ptr() for w, t in zip(wrt[3:], storage))  # aliases share the storage
     if staged:  # the staged copies, not the parameters, are what the block reads
@@ -309,9 +315,144 @@ def test_staged_weights_keep_their_addresses_and_follow_the_parameters(tiny_mode
     assert block._staged is None
 
 
+def test_backward_into_slots_frees_each_gradient_once_it_is_in_its_slot():
+    """The captured backward's gradients of the weights: summed over every use of a weight, copied into its slot
+    and freed there and then (a gradient left on the weight would stay in the graph's memory for every captured
+    shape); an unused weight gets None and its slot is left as it was; the inputs' gradients are returned."""
+    from engine.model.latent_block import backward_into_slots
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g, requires_grad=True)
+    weights = [torch.randn(6, 6, generator=g, requires_grad=True) for _ in range(3)]
+    unused = torch.randn(5, generator=g, requires_grad=True)
+    held = []  # how many weights hold a gradient whenever one is computed
+
+    def forward():
+        h = x
+        for w in weights:
+            h = torch.tanh(h @ w) + h @ w.t()  # each weight used twice: its gradient is a sum
+        return (h, h.sum(-1))
+
+    outputs = forward()
+    cotangents = [torch.randn(o.shape, generator=g) for o in outputs]
+    expected = torch.autograd.grad(outputs, [x, *weights], cotangents)
+    for w in weights:
+        w.register_hook(lambda grad: held.append(sum(v.grad is not None for v in weights)) or grad)
+    slots = [torch.full_like(w, float("nan")) for w in weights] + [torch.full_like(unused, 7.0)]
+    got = backward_into_slots(forward(), cotangents, [x], [*weights, unused], slots)
+    assert len(got) == 1 + len(weights) + 1 and got[-1] is None
+    assert torch.equal(slots[-1], torch.full_like(unused, 7.0))
+    assert all(a is b for a, b in zip(got[1:-1], slots))
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
+    assert all(t.grad is None for t in (x, *weights, unused))
+    assert held and max(held) == 0  # no earlier weight still held its gradient when the next one was computed
+
+
+def test_graphs_that_do_not_fit_give_way_to_the_eager_block(tiny_model, monkeypatch, caplog):
+    """Capturing a shape runs out of memory (the graphs keep buffers the eager block does not): the call still
+    returns the eager block's result, with a warning, the graphs' buffers are dropped, and the block stays eager."""
+    from engine.model.latent_block import LatentBlock
+
+    lm = tiny_model.language_model
+    block = LatentBlock(lm, use_cuda_graphs=True, bucket=8, final_bucket=4)
+    eager = LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)
+    attempts = []
+
+    def out_of_memory(*args, **kwargs):
+        attempts.append(args)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(block, "_capture", out_of_memory)
+    inputs = latent_block_inputs(lm, columns=6)
+    with caplog.at_level("WARNING"):
+        got = block(*inputs, final_columns=3)
+    expected = eager(*inputs, final_columns=3)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(attempts) == 1 and not block.use_cuda_graphs
+    assert block._staged is None and block._gradient_slots is None and not block._graphs
+    assert "batch 3, prefix bucket 16" in block.graphs_unfit and "12.00 GiB" in block.graphs_unfit
+    assert "do not fit" in caplog.text
+    block(*inputs, final_columns=3)
+    assert len(attempts) == 1  # no second try
+
+
+def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_model, monkeypatch):
+    """With staged weights (ZeRO-3) the first calls run eagerly, so that the step's peak is known; a capture is
+    then kept only while that peak plus what the graphs keep (the staged weights and slots allocated for them,
+    their pools) fits in `GRAPHS_MEMORY_SHARE` of the device; otherwise the block runs eagerly from then on,
+    giving the eager result."""
+    import types
+
+    from engine.model import latent_block as lb
+
+    lm = tiny_model.language_model
+    block = lb.LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
+    total, pool = 10**9, 3 * 10**6
+    fake = types.SimpleNamespace(pool_reserved=pool, pool_allocated=5)
+    block._graphs = {"shape": fake}
+    limit = int(lb.GRAPHS_MEMORY_SHARE * total)
+    for peak, fresh, fits in ((limit - pool - 100, 100, True), (limit - pool - 100, 101, False)):
+        before = (0, peak, total)
+        if fits:
+            block._check_fit(before, fresh)
+        else:
+            with pytest.raises(lb.GraphsDoNotFit, match="exceed 95%"):
+                block._check_fit(before, fresh)
+    block._check_fit(None, 10**12)  # off CUDA: nothing to check
+    block._graphs.clear()
+
+    captures = []
+    monkeypatch.setattr(block, "_capture", lambda *args: captures.append(args) or fake)
+    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, limit - pool + 1, total))  # no room for the pool
+    inputs = latent_block_inputs(lm, columns=6)
+    expected = lb.LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)(*inputs, final_columns=3)
+    measuring = lb.EAGER_CALLS_BEFORE_STAGED_GRAPHS
+    assert measuring >= 1
+    for call in range(measuring + 2):
+        got = block(*inputs, final_columns=3)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert len(captures) == (0 if call < measuring else 1)  # the first calls measure; the next tries; no more
+    assert not block.use_cuda_graphs and not block._graphs and block._gradient_slots is None
+    assert "exceed 95%" in block.graphs_unfit
+
+    # The eager calls' activations stand for the pool before a first capture: too many, and no capture is tried
+    # nor are the staged weights and slots allocated.
+    block = lb.LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
+    captures.clear()
+    monkeypatch.setattr(block, "_capture", lambda *args: captures.append(args) or fake)
+    allocated = iter(range(0, 10**12, 10**8))  # every reading 100 MB more: each eager call keeps 100 MB
+    weights = sum(p.numel() * p.element_size() for p in block._params())
+    peak = limit - 2 * weights - 10**8 + 1
+    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (next(allocated), peak, total))
+    stages = []
+    monkeypatch.setattr(block, "_stage", lambda params: stages.append(params) or params)
+    for call in range(measuring + 1):
+        block(*inputs, final_columns=3)
+    assert block._eager_activation_bytes == 10**8
+    assert not captures and not stages and block._gradient_slots is None and not block.use_cuda_graphs
+    assert "exceed 95%" in block.graphs_unfit
+    assert block.describe().startswith("eager: the graphs did not fit (batch 3")
+
+    # Released, the block starts over: it measures again, then captures when the graphs fit.
+    block.release()
+    assert block.use_cuda_graphs and block.graphs_unfit is None and block.calls == 0
+    assert block.describe() == "graphs, none captured yet"
+    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, 0, total))
+    monkeypatch.setattr(lb, "_GraphedBlockFunction", types.SimpleNamespace(apply=lambda graphs, *args: "replayed"))
+    for call in range(measuring):
+        block(*inputs, final_columns=3)
+    assert not captures
+    assert block(*inputs, final_columns=3) == "replayed" and len(captures) == 1
+    assert block.describe() == "graphs, 1 shape(s)"
+
+
 def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch):
-    """Under ZeRO-3 each captured shape holds whole gradient buffers of the block's weights: `auto` graphs them
-    only while `MAX_GRAPHS` of them and the staged copy fit in a quarter of the device."""
+    """Under ZeRO-3 the graphs keep the staged weights and the gradient slots, two whole copies of the block's
+    weights, whatever the number of captured shapes: `auto` graphs them only while those fit in a quarter of the
+    device."""
     import types
 
     from engine.model import latent_block as lb
@@ -320,7 +461,7 @@ def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch
     weights = lb.block_weight_bytes(lm)
     layers = [*lm.layers[: lm.config.num_hidden_layers], lm.norm]
     assert weights == sum(p.numel() * p.element_size() for m in layers for p in m.parameters()) > 0
-    need = weights * (lb.MAX_GRAPHS + 1)
+    need = weights * 2
     cuda = torch.device("cuda", 0)
     for total, fits in ((need * 4, True), (need * 4 - 8, False)):
         device = types.SimpleNamespace(total_memory=total)
@@ -337,14 +478,14 @@ def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_op
     """The graphed block with staged weights, its parameters re-created at new addresses with new values before
     every call (what ZeRO-3's gathers and an optimizer step do), equals the eager block, from one capture."""
     from engine import load_model
-    from engine.model.latent_block import LatentBlock
+    from engine.model.latent_block import EAGER_CALLS_BEFORE_STAGED_GRAPHS, LatentBlock
 
     lm = load_model("tiny", seed=0)[0].cuda().train().language_model
     fused = layer_ops == "fused"
     graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, fused_ops=fused, bucket=8, final_bucket=4)
     eager = LatentBlock(lm, use_cuda_graphs=False, fused_ops=fused, bucket=8, final_bucket=4)
     params = graphed._params()
-    for step in range(3):
+    for step in range(EAGER_CALLS_BEFORE_STAGED_GRAPHS + 3):  # the first calls run eagerly
         with torch.no_grad():
             for p in params:
                 p.data = (p.data * (1.0 - 0.01 * step)).clone()
@@ -367,6 +508,81 @@ def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_op
     assert graphed.captures == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_shapes_share_the_gradient_slots(tiny):
+    """Two captured shapes leave the weights' gradients in the same slots, and each still equals the eager block."""
+    from engine import load_model
+    from engine.model.latent_block import LatentBlock
+
+    lm = load_model("tiny", seed=0)[0].cuda().train().language_model
+    graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
+    eager = LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)
+    params = graphed._params()
+    from engine.model.latent_block import EAGER_CALLS_BEFORE_STAGED_GRAPHS
+
+    # after the eager calls, the third replays the first shape after the second's
+    for step, batch_size in enumerate([3] * EAGER_CALLS_BEFORE_STAGED_GRAPHS + [3, 5, 3]):
+        prev, embeds, is_latent, positions, allowed, prefix_kv = latent_block_inputs(lm, columns=6, seed=step,
+                                                                                     batch=batch_size)
+        is_latent[:, 4:] = False
+        args = [t.cuda().detach().requires_grad_(t.requires_grad)
+                for t in (prev, embeds, is_latent, positions, allowed, prefix_kv)]
+        results = []
+        for block in (eager, graphed):
+            hidden, latent_kv = block(*args, final_columns=3)
+            results.append(torch.autograd.grad(hidden.square().sum() + latent_kv.square().sum(), [*params]))
+        for i, (a, b) in enumerate(zip(*results)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m: f"gradient {i}, call {step}: {m}")
+    assert graphed.captures == 2
+    slots = [t.data_ptr() for t in graphed._gradient_slots]
+    for graphs in graphed._graphs.values():
+        assert [g.data_ptr() for g in graphs.grad_inputs[3:]] == slots
+        assert graphs.pool_reserved >= graphs.pool_allocated > 0  # their activations' pool, measured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_captured_backward_into_slots_holds_one_gradient_at_a_time():
+    """Captured in a CUDA graph, the backward of eight 4 MB weights peaks at a few weights' worth of memory
+    beyond its slots (autograd.grad would hold all eight gradients at its end): the memory each captured shape
+    of the latent block keeps."""
+    from engine.model.latent_block import backward_into_slots
+
+    torch.manual_seed(0)
+    weights = [(torch.randn(1024, 1024, device="cuda") / 32).requires_grad_() for _ in range(8)]
+    x = torch.randn(4, 1024, device="cuda", requires_grad=True)
+    slots = [torch.empty_like(w) for w in weights]
+    one = weights[0].numel() * weights[0].element_size()
+
+    def forward():
+        h = x
+        for w in weights:
+            h = torch.tanh(h @ w)
+        return (h,)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        backward_into_slots(forward(), [torch.ones(4, 1024, device="cuda")], [x], weights, slots)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    expected = torch.autograd.grad(forward(), [x, *weights], [torch.full((4, 1024), 0.5, device="cuda")])
+    graph = torch.cuda.CUDAGraph()
+    cotangent = torch.full((4, 1024), 0.5, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.cuda.graph(graph):
+        got = backward_into_slots(forward(), [cotangent], [x], weights, slots)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 3 * one, f"the captured backward peaked at {peak / one:.1f} weights' worth"
+    for t in slots:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"gradient {i}: {m}")
+
+
 def test_a_copied_model_gets_its_own_block(tiny_model, tiny_tok):
     import copy
 
@@ -378,6 +594,23 @@ def test_a_copied_model_gets_its_own_block(tiny_model, tiny_tok):
         (block,) = twin._latent_blocks.values()
         assert block.lm is twin.language_model  # not the original's modules
         assert block._graphs == {}
+    finally:
+        tiny_model.set_latent_passes("auto")
+
+
+def test_the_model_says_how_its_latent_blocks_ran(tiny_model, tiny_tok):
+    """`latent_blocks_described`: each block called since it was built or released, eager here (static on CPU);
+    nothing once released, nor for the transformers passes."""
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok)
+    try:
+        tiny_model.set_latent_passes("static")
+        tiny_model(ids, mask, pv)
+        assert tiny_model.latent_blocks_described() == "eager"
+        tiny_model.release_latent_graphs()
+        assert tiny_model.latent_blocks_described() == ""
+        tiny_model.set_latent_passes("transformers")
+        tiny_model(ids, mask, pv)
+        assert tiny_model.latent_blocks_described() == ""
     finally:
         tiny_model.set_latent_passes("auto")
 

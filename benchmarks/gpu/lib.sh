@@ -16,7 +16,8 @@ RUN2="python -m torch.distributed.run --nproc_per_node 2 --master_port 29502"
 RUN4="python -m torch.distributed.run --nproc_per_node 4 --master_port 29504"
 # the training-step harness at the InternVL3-1B geometry, bf16, 6 latents at stage 3 (c_thought 2)
 B1="--model internvl3-1b-geometry --device cuda --dtype bfloat16 --c-thought 2 --text-len 64 --image-tokens 256"
-# few timed steps, then the synchronised phases; no matmul calibration
-FAST="--warmup 2 --steps 4 --phases --phase-steps 2 --matmul-size 0"
+# few timed steps, then the synchronised phases; no matmul calibration. Three untimed steps: under ZeRO-3 the
+# latent block runs its first two calls eagerly and captures its graphs at the third
+FAST="--warmup 3 --steps 4 --phases --phase-steps 2 --matmul-size 0"
 # DeepSpeed's own ZeRO-2 defaults, i.e. what deepspeed_config gave before the per-stage settings
 DS_DEFAULTS="overlap_comm=false,contiguous_gradients=true,reduce_bucket_size=5e8,allgather_bucket_size=5e8"

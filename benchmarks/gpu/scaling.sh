@@ -33,7 +33,7 @@ case "$PART" in
   fi
   ;;
 8b)
-  M8="--model internvl3-8b-geometry $COMMON --warmup 2 --steps 4"
+  M8="--model internvl3-8b-geometry $COMMON --warmup 3 --steps 4"  # ZeRO-3's latent graphs: at the third step
   if [ "$N" -ge 4 ]; then
     step ts_8b_2gpu 250 env CUDA_VISIBLE_DEVICES=0,1 $RUN2 $TRAIN $M8 --zero-stages 2,3 --stages 3 --batch-size 8 \
       --time-budget-s 200 --out "$OUT/ts_8b_2gpu"

@@ -277,9 +277,15 @@ class MultimodalCoconut(nn.Module):
         self.activation_checkpointing = bool(enabled)
 
     def release_latent_graphs(self) -> None:
-        """Drop the captured latent-pass graphs (and their memory pools); the next training forward recaptures."""
+        """Drop the captured latent-pass graphs (and their memory pools); the next training forwards measure and
+        recapture (`LatentBlock.release`)."""
         for block in self._latent_blocks.values():
             block.release()
+
+    def latent_blocks_described(self) -> str:
+        """How the latent blocks called since they were built or released ran (`LatentBlock.describe`), "; "-joined;
+        "" when none was called (the transformers passes, or no latents)."""
+        return "; ".join(block.describe() for block in self._latent_blocks.values() if block.calls)
 
     def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
         """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""

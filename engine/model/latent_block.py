@@ -44,6 +44,16 @@ leaf module, `MultimodalCoconut.set_language_model_leaf`), at addresses a graph 
 gathered parameters before each forward replay (one multi-tensor copy: ~0.4 ms for the 1B geometry's 0.7 GB;
 the buffers cost that memory once more); the gradients still go to the gathered parameters, so ZeRO-3 reduces
 them as it reduces any other.
+
+The weights' gradients leave every captured backward through one set of buffers shared by all captured shapes
+(`LatentBlock.gradient_slots`): each is copied there as soon as autograd has summed it over the passes, and freed,
+so a graph's memory pool holds a few layers' gradients at a time instead of all of them. One copy of the weights
+for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB).
+
+What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
+activations are freed by its backward. A capture that would not fit beside the step's peak (measured: with staged
+weights the block's first calls run eagerly), or that runs out of memory, leaves the block eager until it is
+released, with a warning (`LatentBlock.graphs_unfit` says why).
 """
 
 from __future__ import annotations
@@ -180,6 +190,8 @@ class _Graphs:
     forward_graph: torch.cuda.CUDAGraph
     backward_graph: torch.cuda.CUDAGraph
     replays: int = 0
+    pool_reserved: int = 0  # bytes the graphs' memory pool took from the device
+    pool_allocated: int = 0  # of which still allocated after the capture (outputs, gradients)
 
 
 _DIFFERENTIABLE = (0, 1, 5)  # prev, column_embeds, prefix_kv
@@ -235,6 +247,37 @@ class _GraphedBlockFunction(torch.autograd.Function):
         )
 
 
+def backward_into_slots(outputs, grad_outputs, inputs, weights, slots) -> tuple[torch.Tensor | None, ...]:
+    """Backward of `outputs` (cotangents `grad_outputs`) into the leaves `inputs` and `weights`. Returns the inputs'
+    gradients, then for each weight its slot (`slots[i]`, where its gradient is copied) or None when it has none.
+
+    Each weight's gradient is copied into its slot as soon as autograd has summed it over all its uses and then
+    freed, so a captured backward holds a few weights' gradients at a time, not all of them, and every captured
+    shape leaves its gradients in the same slots."""
+    filled: list[torch.Tensor | None] = [None] * len(weights)
+
+    def into_slot(index: int):
+        def hook(weight: torch.Tensor) -> None:
+            slots[index].copy_(weight.grad)
+            weight.grad = None
+            filled[index] = slots[index]
+
+        return hook
+
+    for t in (*inputs, *weights):
+        t.grad = None
+    handles = [w.register_post_accumulate_grad_hook(into_slot(i)) for i, w in enumerate(weights)]
+    try:
+        torch.autograd.backward(outputs, grad_outputs, inputs=[*inputs, *weights])
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return (*grads, *filled)
+
+
 class _Holder(nn.Module):
     """`latent_block` as a module over the language model, for `torch.func.functional_call` at capture only."""
 
@@ -248,6 +291,32 @@ class _Holder(nn.Module):
 
 MAX_GRAPHS = 6  # captured shapes a LatentBlock keeps by default
 STAGED_GRAPHS_MEMORY_SHARE = 0.25  # of the device's memory, at most, for the graphs' weight buffers under ZeRO-3
+GRAPHS_MEMORY_SHARE = 0.95  # of the device's memory, at most, for a step's peak with the graphs' buffers added
+# Calls run eagerly before the staged graphs (ZeRO-3) are captured. The first step's peak is not the run's: at the
+# 8B geometry on two H200s under ZeRO-3, batch 8, the first step peaked at 92.9 GiB and later ones at 106 GiB.
+EAGER_CALLS_BEFORE_STAGED_GRAPHS = 2
+
+
+def pool_bytes(pool, device: torch.device) -> tuple[int, int]:
+    """(reserved, allocated) bytes of the CUDA graph memory pool `pool` on `device`, from the allocator's segments
+    (differences of `torch.cuda.memory_reserved` mislead: under memory pressure the allocator frees cached blocks
+    of the default pool to grow the graph's)."""
+    segments = [s for s in torch.cuda.memory_snapshot()
+                if s["device"] == device.index and tuple(s["segment_pool_id"]) == tuple(pool)]
+    return sum(s["total_size"] for s in segments), sum(s["allocated_size"] for s in segments)
+
+
+class GraphsDoNotFit(RuntimeError):
+    """The captured graphs' buffers and the step's peak do not fit the device together."""
+
+
+def memory_in_use(device: torch.device) -> tuple[int, int, int] | None:
+    """(bytes allocated now, the most allocated since the peak was last reset, the device's total) on `device`;
+    None off CUDA (no limit checked)."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device), total
 
 
 def block_parameters(language_model: nn.Module) -> list[nn.Parameter]:
@@ -262,12 +331,12 @@ def block_weight_bytes(language_model: nn.Module) -> int:
 
 
 def staged_graphs_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
-    """Why the graphs with staged weights (ZeRO-3) should not run on `device` (None: they should). Each captured
-    shape holds a gradient buffer of every block weight, whole, and the staged copy is one more: at
-    `MAX_GRAPHS` shapes that is 7 copies of the block's weights (5 GB at the 1B geometry, 18 GB at 2B, 99 GB at
-    8B), which the memory ZeRO-3 frees must not pay for; above `STAGED_GRAPHS_MEMORY_SHARE` of the device the
-    block runs eagerly inside the gather instead."""
-    need = block_weight_bytes(language_model) * (MAX_GRAPHS + 1)
+    """Why the graphs with staged weights (ZeRO-3) should not run on `device` (None: they should). They keep two
+    whole copies of the block's weights, the staged values and the gradient slots (1.3 GiB at the 1B geometry,
+    4.8 GiB at 2B, 24 GiB at 8B), which the memory ZeRO-3 frees must not pay for; above
+    `STAGED_GRAPHS_MEMORY_SHARE` of the device the block runs eagerly inside the gather instead. (Whether they
+    fit beside a step's peak is measured at the capture: `LatentBlock._check_fit`.)"""
+    need = block_weight_bytes(language_model) * 2
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     if need > STAGED_GRAPHS_MEMORY_SHARE * total:
         return (f"the graphs' weight buffers would take {need / 2**30:.1f} GiB, over "
@@ -280,7 +349,7 @@ class LatentBlock:
 
     Not an nn.Module on purpose: it only refers to the language model's modules, so the model's state dict and
     parameter list stay as they are. `bucket`: prefix lengths are padded up to a multiple of it. `max_graphs`:
-    captured shapes kept (least recently used dropped first; each holds a parameter-gradient buffer).
+    captured shapes kept (least recently used dropped first; each holds its activations, all share the gradient slots).
     `fused_ops`: the layers' elementwise work through `engine.model.fused_ops.GradFusedOps` (what
     `fast_paths.layer_ops` decides). `staged_weights`: the graphs read copies of the weights, refreshed before
     every forward replay, so that parameters re-created at new addresses at every call (ZeRO-3's gathers) keep
@@ -304,27 +373,52 @@ class LatentBlock:
             )
         self.lm = language_model
         self.use_cuda_graphs = use_cuda_graphs
+        self._graphs_asked = use_cuda_graphs  # what `release` goes back to after the graphs gave way
         self.bucket = bucket
         self.final_bucket = final_bucket
         self.max_graphs = max_graphs
         self.fused_ops = fused_ops
         self.staged_weights = staged_weights
         self._staged: list[torch.Tensor] | None = None  # the weights the graphs read, with `staged_weights`
+        self._gradient_slots: list[torch.Tensor] | None = None  # where the captured backwards leave the weights' grads
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
+        self._measuring_calls = 0  # eager calls made before the staged graphs (`EAGER_CALLS_BEFORE_STAGED_GRAPHS`)
+        self._eager_activation_bytes = 0  # kept for the backward by those calls
+        self.graphs_unfit: str | None = None  # why the graphs gave way to the eager block (out of memory), if they did
         self.calls = 0
 
     def release(self) -> None:
-        """Drop every captured graph and its memory (the staged weights too)."""
+        """Drop every captured graph and its memory (the staged weights and the gradient slots too), and start over:
+        the next calls measure the step again and capture if the graphs fit (also after they once did not)."""
+        self._drop_graphs()
+        self.use_cuda_graphs = self._graphs_asked
+        self.graphs_unfit = None
+        self._measuring_calls = 0
+        self._eager_activation_bytes = 0
+        self.calls = 0
+
+    def _drop_graphs(self) -> None:
         self._graphs.clear()
         self._staged = None
+        self._gradient_slots = None
         self._param_fingerprint = None
+
+    def describe(self) -> str:
+        """How the block has run since it was built or released: "graphs, N shape(s)", "eager" or why the graphs
+        gave way to the eager block."""
+        if self.graphs_unfit is not None:
+            return f"eager: the graphs did not fit ({self.graphs_unfit})"
+        if not self.use_cuda_graphs:
+            return "eager"
+        return f"graphs, {len(self._graphs)} shape(s)" if self._graphs else "graphs, none captured yet"
 
     def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
         state = dict(self.__dict__)
         state["_graphs"] = OrderedDict()
         state["_staged"] = None
+        state["_gradient_slots"] = None
         state["_param_fingerprint"] = None
         return state
 
@@ -358,7 +452,8 @@ class LatentBlock:
         key_allowed = torch.zeros(batch, padded + num_columns + final_padded, dtype=torch.bool, device=device)
         key_allowed[:, :prefix_len] = attention_mask[:, :prefix_len].bool()
         key_allowed[:, padded : padded + columns] = attention_mask[:, prefix_len:].bool()
-        if not self.use_cuda_graphs:  # the same padding as the graphs, run eagerly
+
+        def eagerly():  # the same padding as the graphs
             extra = final_padded - final_columns
             pad = prefix_kv.new_zeros((*prefix_kv.shape[:-2], padded - prefix_len, prefix_kv.shape[-1]))
             hidden, latent_kv = latent_block(
@@ -373,23 +468,88 @@ class LatentBlock:
                 fused_ops=self.fused_ops,
             )
             return hidden[:, :columns], latent_kv
+
+        if not self.use_cuda_graphs:
+            return eagerly()
+        if self.staged_weights and self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS:
+            # Under ZeRO-3 a step's peak comes after the forward and the graphs keep two copies of the weights and
+            # their pool for good: the first steps run eagerly so that the peak the graphs are sized against
+            # (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the backward
+            # stand for the graphs' pool until one is captured.
+            self._measuring_calls += 1
+            before = memory_in_use(device)
+            outputs = eagerly()
+            if before is not None:
+                kept = memory_in_use(device)[0] - before[0]
+                self._eager_activation_bytes = max(self._eager_activation_bytes, kept)
+            return outputs
+        key = (batch, padded, num_columns, final_padded, column_embeds.dtype, prefix_kv.dtype, device)
+        try:
+            graphs = self._graphs_for(key, column_embeds, prefix_kv)
+        except (torch.OutOfMemoryError, GraphsDoNotFit) as e:  # left before going on: its traceback holds tensors
+            self.graphs_unfit = f"batch {batch}, prefix bucket {padded}: {str(e).splitlines()[0]}"
+            graphs = None
+        if graphs is None:  # the graphs' buffers do not fit: the block runs eagerly until `release`
+            self._drop_graphs()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.use_cuda_graphs = False
+            log.warning("the latent passes' CUDA graphs do not fit (%s); the block runs eagerly until it is released",
+                        self.graphs_unfit)
+            return eagerly()
+        return _GraphedBlockFunction.apply(
+            graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *self._params()
+        )
+
+    def _graphs_for(self, key: tuple, column_embeds: torch.Tensor, prefix_kv: torch.Tensor) -> _Graphs:
+        """The graphs of shape `key`, captured now if they are not kept (the staged weights refreshed first)."""
+        device = column_embeds.device
+        before = memory_in_use(device)  # before the staged weights and the slots exist
         params = self._params()
+        if not self._graphs and before is not None:  # a first capture: whether it can fit, before allocating
+            weights = sum(p.numel() * p.element_size() for p in params)
+            copies = (self.staged_weights and self._staged is None) + (self._gradient_slots is None)
+            self._check_fit(before, copies * weights, pools=self._eager_activation_bytes)
         read = self._stage(params) if self.staged_weights else params  # the tensors the graphs read
-        fingerprint = tuple(p.data_ptr() for p in read)
+        slots = self.gradient_slots(read)
+        fresh = memory_in_use(device)[0] - before[0] if before is not None else 0  # allocated for them just now
+        fingerprint = tuple(t.data_ptr() for t in (*read, *slots))
         if fingerprint != self._param_fingerprint:  # parameters moved or re-created: the graphs hold old addresses
             self._graphs.clear()
             self._param_fingerprint = fingerprint
-        key = (batch, padded, num_columns, final_padded, column_embeds.dtype, prefix_kv.dtype, device)
         graphs = self._graphs.get(key)
         if graphs is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
-            graphs = self._capture(params, read, batch, padded, num_columns, final_padded, column_embeds, prefix_kv)
+            batch, padded, num_columns, final_padded = key[:4]
+            graphs = self._capture(params, read, slots, batch, padded, num_columns, final_padded, column_embeds,
+                                   prefix_kv)
             self._graphs[key] = graphs
+            self._check_fit(before, fresh)
         self._graphs.move_to_end(key)
-        return _GraphedBlockFunction.apply(
-            graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *params
-        )
+        return graphs
+
+    def _check_fit(self, before: tuple[int, int, int] | None, fresh: int, pools: int | None = None) -> None:
+        """Raises `GraphsDoNotFit` when the most memory allocated so far (``before``: `memory_in_use` ahead of this
+        capture) plus what the graphs keep beyond it (``fresh``: the staged weights and slots allocated for it;
+        ``pools``: the graphs' memory pools, whole, by default those captured) exceeds `GRAPHS_MEMORY_SHARE` of the
+        device. Before a first capture the eager calls' activations stand for its pool. The graphs keep these for good,
+        where the eager block's activations are freed by its backward; at the 8B geometry on two H200s under ZeRO-3
+        (batch 8: an eager step peaks at 106 GiB, the graphs keep 24 GiB of weights and slots and a 15 GiB pool) the
+        step after the capture ran out of memory."""
+        if before is None:
+            return
+        _, peak, total = before
+        held = fresh + (sum(g.pool_reserved for g in self._graphs.values()) if pools is None else pools)
+        if pools is None:
+            log.info("the latent passes' graphs keep %.2f GiB beside a peak of %.1f GiB so far (of %.1f GiB)",
+                     held / 2**30, peak / 2**30, total / 2**30)
+        if peak + held > GRAPHS_MEMORY_SHARE * total:
+            raise GraphsDoNotFit(
+                f"the step's peak so far ({peak / 2**30:.1f} GiB) and what the graphs keep ({held / 2**30:.1f} GiB: "
+                f"staged weights, gradient slots, memory pools) exceed {GRAPHS_MEMORY_SHARE:.0%} of the device's "
+                f"{total / 2**30:.1f} GiB"
+            )
 
     def _stage(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The staged copies of `params`' values (allocated at the first call, and again if the parameters' shapes,
@@ -400,6 +560,15 @@ class LatentBlock:
         with torch.no_grad():
             torch._foreach_copy_(self._staged, [p.detach() for p in params])
         return self._staged
+
+    def gradient_slots(self, read: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One buffer like each tensor the graphs read, shared by every captured shape: where a captured backward
+        leaves the weights' gradients (allocated at the first call, and again if shapes, dtypes or devices
+        change)."""
+        layout = [(t.shape, t.dtype, t.device) for t in read]
+        if self._gradient_slots is None or [(t.shape, t.dtype, t.device) for t in self._gradient_slots] != layout:
+            self._gradient_slots = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in read]
+        return self._gradient_slots
 
     def run_columns(self, batch, cache, column_embeds, start: int, prev_last, keep_inputs: bool):
         """The block on a prepared batch (`MultimodalCoconut._passes`): its one-position columns from ``start`` and,
@@ -458,7 +627,7 @@ class LatentBlock:
 
         return run, wrt
 
-    def _capture(self, params, read, batch, padded, num_columns, final_padded, column_embeds, prefix_kv) -> _Graphs:
+    def _capture(self, params, read, slots, batch, padded, num_columns, final_padded, column_embeds, prefix_kv):
         device = column_embeds.device
         hidden_size = column_embeds.shape[-1]
         columns = num_columns + final_padded
@@ -479,10 +648,12 @@ class LatentBlock:
         torch.cuda.synchronize(device)
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
+        differentiated = len(_DIFFERENTIABLE)
         with torch.cuda.stream(stream):
             for _ in range(2):  # cuBLAS/SDPA algorithm choice and lazy init outside the capture
                 outputs = run()
-                torch.autograd.grad(outputs, wrt, grad_outputs=[torch.ones_like(o) for o in outputs], allow_unused=True)
+                backward_into_slots(outputs, [torch.ones_like(o) for o in outputs], wrt[:differentiated],
+                                    wrt[differentiated:], slots)
             del outputs
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
@@ -493,14 +664,17 @@ class LatentBlock:
             outputs = run()
         grad_outputs = tuple(torch.empty_like(o) for o in outputs)
         with torch.cuda.graph(backward_graph, pool=pool, capture_error_mode="thread_local"), torch.enable_grad():
-            grad_inputs = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
+            grad_inputs = backward_into_slots(outputs, grad_outputs, wrt[:differentiated], wrt[differentiated:], slots)
         self.captures += 1
+        pool_reserved, pool_allocated = pool_bytes(pool, device)
         log.info(
-            "captured the latent passes: batch %d, prefix bucket %d, %d one-position passes, final chunk bucket %d",
+            "captured the latent passes: batch %d, prefix bucket %d, %d one-position passes, final chunk bucket %d "
+            "(a %.2f GiB memory pool)",
             batch,
             padded,
             num_columns,
             final_padded,
+            pool_reserved / 2**30,
         )
         return _Graphs(
             inputs=inputs,
@@ -509,4 +683,6 @@ class LatentBlock:
             grad_inputs=tuple(grad_inputs),
             forward_graph=forward_graph,
             backward_graph=backward_graph,
+            pool_reserved=pool_reserved,
+            pool_allocated=pool_allocated,
         )
