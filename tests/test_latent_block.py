@@ -351,7 +351,7 @@ def test_backward_into_slots_frees_each_gradient_once_it_is_in_its_slot():
 
 def test_graphs_that_do_not_fit_give_way_to_the_eager_block(tiny_model, monkeypatch, caplog):
     """Capturing a shape runs out of memory (the graphs keep buffers the eager block does not): the call still
-    returns the eager block's result, with a warning, the graphs' buffers are dropped, and the block stays eager."""
+    returns the eager block's result, with a warning, the graphs' buffers are dropped, and the shape stays eager."""
     from engine.model.latent_block import LatentBlock
 
     lm = tiny_model.language_model
@@ -370,7 +370,7 @@ def test_graphs_that_do_not_fit_give_way_to_the_eager_block(tiny_model, monkeypa
     expected = eager(*inputs, final_columns=3)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert len(attempts) == 1 and not block.use_cuda_graphs
+    assert len(attempts) == 1 and len(block._eager_shapes) == 1
     assert block._staged is None and block._gradient_slots is None and not block._graphs
     assert "batch 3, prefix bucket 16" in block.graphs_unfit and "12.00 GiB" in block.graphs_unfit
     assert "do not fit" in caplog.text
@@ -379,10 +379,10 @@ def test_graphs_that_do_not_fit_give_way_to_the_eager_block(tiny_model, monkeypa
 
 
 def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_model, monkeypatch):
-    """With staged weights (ZeRO-3) the first calls run eagerly, so that the step's peak is known; a capture is
-    then kept only while that peak plus what the graphs keep (the staged weights and slots allocated for them,
-    their pools) fits in `GRAPHS_MEMORY_SHARE` of the device; otherwise the block runs eagerly from then on,
-    giving the eager result."""
+    """With staged weights (ZeRO-3) the first calls with gradients run eagerly, so that the step's peak is known; a
+    capture is then kept only while that peak plus what the graphs keep (the staged weights and slots allocated for
+    them, the new pool whole and the older pools' free blocks) fits in `GRAPHS_MEMORY_SHARE` of the device;
+    otherwise that shape runs eagerly, giving the eager result, and the shapes captured before stay."""
     import types
 
     from engine.model import latent_block as lb
@@ -390,33 +390,66 @@ def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_mod
     lm = tiny_model.language_model
     block = lb.LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
     total, pool = 10**9, 3 * 10**6
-    fake = types.SimpleNamespace(pool_reserved=pool, pool_allocated=5)
-    block._graphs = {"shape": fake}
     limit = int(lb.GRAPHS_MEMORY_SHARE * total)
-    for peak, fresh, fits in ((limit - pool - 100, 100, True), (limit - pool - 100, 101, False)):
-        before = (0, peak, total)
+    older = types.SimpleNamespace(pool_reserved=7 * 10**6, pool_allocated=5 * 10**6)
+    newest = types.SimpleNamespace(pool_reserved=pool, pool_allocated=5)
+    block._graphs.update(older=older, newest=newest)
+    counted = pool + 2 * 10**6  # the newest pool whole, the older one's free blocks
+    for peak, fresh, fits in ((limit - counted - 100, 100, True), (limit - counted - 100, 101, False)):
         if fits:
-            block._check_fit(before, fresh)
+            block._check_fit((0, peak, total), fresh)
         else:
             with pytest.raises(lb.GraphsDoNotFit, match="exceed 95%"):
-                block._check_fit(before, fresh)
+                block._check_fit((0, peak, total), fresh)
     block._check_fit(None, 10**12)  # off CUDA: nothing to check
     block._graphs.clear()
 
     captures = []
+    fake = types.SimpleNamespace(pool_reserved=pool, pool_allocated=5)
     monkeypatch.setattr(block, "_capture", lambda *args: captures.append(args) or fake)
     monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, limit - pool + 1, total))  # no room for the pool
     inputs = latent_block_inputs(lm, columns=6)
     expected = lb.LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)(*inputs, final_columns=3)
+    with torch.no_grad():  # a validation before training: measures nothing, captures nothing
+        block(*inputs, final_columns=3)
+    assert block._measuring_calls == 0 and not captures
     measuring = lb.EAGER_CALLS_BEFORE_STAGED_GRAPHS
     assert measuring >= 1
     for call in range(measuring + 2):
+        said = block.describe()
+        if call < measuring:
+            assert said == "eager, measuring the step before the graphs", said
+        elif call == measuring:
+            assert said == "graphs, none captured yet", said
+        else:
+            assert said.startswith("eager for 1 shape(s) whose graphs did not fit (batch 3, prefix bucket 16"), said
         got = block(*inputs, final_columns=3)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert len(captures) == (0 if call < measuring else 1)  # the first calls measure; the next tries; no more
-    assert not block.use_cuda_graphs and not block._graphs and block._gradient_slots is None
+    assert not block._graphs and block._gradient_slots is None and block._staged is None
     assert "exceed 95%" in block.graphs_unfit
+
+    # Released, the block starts over: it measures again, then captures the shapes that fit; one that does not
+    # fit runs eagerly beside them.
+    block.release()
+    assert block.graphs_unfit is None and block.calls == 0 and not block._eager_shapes
+    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, 0, total))
+    monkeypatch.setattr(lb, "_GraphedBlockFunction", types.SimpleNamespace(apply=lambda graphs, *args: "replayed"))
+    for call in range(measuring):
+        block(*inputs, final_columns=3)
+    assert not captures[1:]
+    assert block(*inputs, final_columns=3) == "replayed" and len(captures) == 2
+    assert block.describe() == "graphs, 1 shape(s)"
+    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, limit - pool + 1, total))
+    wider = latent_block_inputs(lm, columns=6, batch=5)
+    got = block(*wider, final_columns=3)
+    eager_wider = lb.LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)(*wider, final_columns=3)
+    for a, b in zip(got, eager_wider):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(captures) == 3 and len(block._graphs) == 1 and block._gradient_slots is not None
+    assert block(*inputs, final_columns=3) == "replayed"  # the first shape's graphs stayed
+    assert block.describe().startswith("graphs, 1 shape(s); eager for 1 shape(s) whose graphs did not fit (batch 5")
 
     # The eager calls' activations stand for the pool before a first capture: too many, and no capture is tried
     # nor are the staged weights and slots allocated.
@@ -432,21 +465,40 @@ def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_mod
     for call in range(measuring + 1):
         block(*inputs, final_columns=3)
     assert block._eager_activation_bytes == 10**8
-    assert not captures and not stages and block._gradient_slots is None and not block.use_cuda_graphs
+    assert not captures and not stages and block._gradient_slots is None and len(block._eager_shapes) == 1
     assert "exceed 95%" in block.graphs_unfit
-    assert block.describe().startswith("eager: the graphs did not fit (batch 3")
 
-    # Released, the block starts over: it measures again, then captures when the graphs fit.
-    block.release()
-    assert block.use_cuda_graphs and block.graphs_unfit is None and block.calls == 0
-    assert block.describe() == "graphs, none captured yet"
-    monkeypatch.setattr(lb, "memory_in_use", lambda _device: (0, 0, total))
-    monkeypatch.setattr(lb, "_GraphedBlockFunction", types.SimpleNamespace(apply=lambda graphs, *args: "replayed"))
-    for call in range(measuring):
-        block(*inputs, final_columns=3)
-    assert not captures
-    assert block(*inputs, final_columns=3) == "replayed" and len(captures) == 1
-    assert block.describe() == "graphs, 1 shape(s)"
+
+def test_the_graphed_function_hands_out_copies_of_the_shared_slots():
+    """Two replays of graphs that share the gradient slots in one autograd graph: the first backward's weight
+    gradients must survive the second replay until autograd sums them (handing out the slots themselves, the
+    second replay would overwrite the first's gradients before the sum)."""
+    import types
+
+    from engine.model.latent_block import _Graphs, _GraphedBlockFunction
+
+    weight = torch.ones(3, requires_grad=True)
+    slot = torch.zeros(3)
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def fake_graphs(value: float) -> _Graphs:
+        inputs = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
+                  torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
+        outputs = (torch.zeros(2, 1, 4), torch.zeros(1, 2, 2, 1, 1, 4))
+        return _Graphs(inputs=inputs, outputs=outputs, grad_outputs=tuple(torch.zeros_like(o) for o in outputs),
+                       grad_inputs=(None, None, None, slot), forward_graph=Replay(lambda: None),
+                       backward_graph=Replay(lambda: slot.fill_(value)))
+
+    args = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
+            torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
+    first = _GraphedBlockFunction.apply(fake_graphs(1.0), *args, weight)
+    second = _GraphedBlockFunction.apply(fake_graphs(10.0), *args, weight)
+    (first[0].sum() + second[0].sum()).backward()
+    assert torch.equal(weight.grad, torch.full((3,), 11.0)), weight.grad  # 10 + 1, not 1 + 1
+    del types
 
 
 def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch):
@@ -512,7 +564,7 @@ def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_op
 def test_captured_shapes_share_the_gradient_slots(tiny):
     """Two captured shapes leave the weights' gradients in the same slots, and each still equals the eager block."""
     from engine import load_model
-    from engine.model.latent_block import LatentBlock
+    from engine.model.latent_block import LatentBlock, block_weight_bytes
 
     lm = load_model("tiny", seed=0)[0].cuda().train().language_model
     graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
@@ -538,6 +590,9 @@ def test_captured_shapes_share_the_gradient_slots(tiny):
     for graphs in graphed._graphs.values():
         assert [g.data_ptr() for g in graphs.grad_inputs[3:]] == slots
         assert graphs.pool_reserved >= graphs.pool_allocated > 0  # their activations' pool, measured
+        # what the pool still holds (outputs, the inputs' gradients) is less than one copy of the weights, which
+        # each shape's graphs held before the slots
+        assert graphs.pool_allocated < block_weight_bytes(lm), (graphs.pool_allocated, block_weight_bytes(lm))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

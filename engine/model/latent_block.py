@@ -51,9 +51,9 @@ so a graph's memory pool holds a few layers' gradients at a time instead of all 
 for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB).
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
-activations are freed by its backward. A capture that would not fit beside the step's peak (measured: with staged
-weights the block's first calls run eagerly), or that runs out of memory, leaves the block eager until it is
-released, with a warning (`LatentBlock.graphs_unfit` says why).
+activations are freed by its backward. A shape whose capture would not fit beside the step's peak (measured: with
+staged weights the block's first calls with gradients run eagerly), or runs out of memory, runs eagerly until the
+block is released, with a warning (`LatentBlock.graphs_unfit` says why); the shapes captured before stay.
 """
 
 from __future__ import annotations
@@ -186,12 +186,17 @@ class _Graphs:
     inputs: tuple[torch.Tensor, ...]  # prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv
     outputs: tuple[torch.Tensor, torch.Tensor]
     grad_outputs: tuple[torch.Tensor, torch.Tensor]
-    grad_inputs: tuple[torch.Tensor | None, ...]  # prev, column_embeds, prefix_kv, then the parameters
+    # prev, column_embeds, prefix_kv, then the parameters' gradient slots (shared by every captured shape: valid
+    # only until the next backward replay of any shape, so the autograd function hands out copies)
+    grad_inputs: tuple[torch.Tensor | None, ...]
     forward_graph: torch.cuda.CUDAGraph
     backward_graph: torch.cuda.CUDAGraph
     replays: int = 0
     pool_reserved: int = 0  # bytes the graphs' memory pool took from the device
     pool_allocated: int = 0  # of which still allocated after the capture (outputs, gradients)
+    # the tensors the graphs read and write outside their pool (staged weights, slots): kept alive with them, also
+    # by a pending backward, when the block drops its own references
+    buffers: tuple[torch.Tensor, ...] = ()
 
 
 _DIFFERENTIABLE = (0, 1, 5)  # prev, column_embeds, prefix_kv
@@ -231,6 +236,7 @@ class _GraphedBlockFunction(torch.autograd.Function):
         graphs.grad_outputs[1].copy_(grad_latent_kv)
         graphs.backward_graph.replay()
         g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
+        # copies: the slots are every shape's, and another replay before autograd sums these would overwrite them
         present = [i for i, g in enumerate(g_params) if g is not None]
         copies = torch._foreach_mul([g_params[i] for i in present], 1.0) if present else []
         for i, copy in zip(present, copies):
@@ -292,8 +298,10 @@ class _Holder(nn.Module):
 MAX_GRAPHS = 6  # captured shapes a LatentBlock keeps by default
 STAGED_GRAPHS_MEMORY_SHARE = 0.25  # of the device's memory, at most, for the graphs' weight buffers under ZeRO-3
 GRAPHS_MEMORY_SHARE = 0.95  # of the device's memory, at most, for a step's peak with the graphs' buffers added
-# Calls run eagerly before the staged graphs (ZeRO-3) are captured. The first step's peak is not the run's: at the
-# 8B geometry on two H200s under ZeRO-3, batch 8, the first step peaked at 92.9 GiB and later ones at 106 GiB.
+# Calls with gradients run eagerly before the staged graphs (ZeRO-3) are captured: one per step without gradient
+# accumulation. The first step's peak is not the run's: at the 8B geometry on two H200s under ZeRO-3, batch 8, the
+# first step peaked at 92.9 GiB and later ones at 106 GiB. (With gradient accumulation both calls fall in the first
+# step, whose peak then stands for the run's; a capture that runs out of memory still gives way.)
 EAGER_CALLS_BEFORE_STAGED_GRAPHS = 2
 
 
@@ -373,7 +381,6 @@ class LatentBlock:
             )
         self.lm = language_model
         self.use_cuda_graphs = use_cuda_graphs
-        self._graphs_asked = use_cuda_graphs  # what `release` goes back to after the graphs gave way
         self.bucket = bucket
         self.final_bucket = final_bucket
         self.max_graphs = max_graphs
@@ -385,6 +392,7 @@ class LatentBlock:
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
         self._measuring_calls = 0  # eager calls made before the staged graphs (`EAGER_CALLS_BEFORE_STAGED_GRAPHS`)
+        self._eager_shapes: set[tuple] = set()  # shapes whose graphs did not fit: they run eagerly
         self._eager_activation_bytes = 0  # kept for the backward by those calls
         self.graphs_unfit: str | None = None  # why the graphs gave way to the eager block (out of memory), if they did
         self.calls = 0
@@ -393,7 +401,7 @@ class LatentBlock:
         """Drop every captured graph and its memory (the staged weights and the gradient slots too), and start over:
         the next calls measure the step again and capture if the graphs fit (also after they once did not)."""
         self._drop_graphs()
-        self.use_cuda_graphs = self._graphs_asked
+        self._eager_shapes.clear()
         self.graphs_unfit = None
         self._measuring_calls = 0
         self._eager_activation_bytes = 0
@@ -406,13 +414,17 @@ class LatentBlock:
         self._param_fingerprint = None
 
     def describe(self) -> str:
-        """How the block has run since it was built or released: "graphs, N shape(s)", "eager" or why the graphs
-        gave way to the eager block."""
-        if self.graphs_unfit is not None:
-            return f"eager: the graphs did not fit ({self.graphs_unfit})"
+        """How the block has run since it was built or released: "eager", "graphs, N shape(s)", the shapes that ran
+        eagerly because their graphs did not fit (and the last reason), or that it is still measuring."""
         if not self.use_cuda_graphs:
             return "eager"
-        return f"graphs, {len(self._graphs)} shape(s)" if self._graphs else "graphs, none captured yet"
+        said = [f"graphs, {len(self._graphs)} shape(s)"] if self._graphs else []
+        if self._eager_shapes:
+            said.append(f"eager for {len(self._eager_shapes)} shape(s) whose graphs did not fit ({self.graphs_unfit})")
+        if not said:
+            measuring = self.staged_weights and self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS
+            said.append("eager, measuring the step before the graphs" if measuring else "graphs, none captured yet")
+        return "; ".join(said)
 
     def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
         state = dict(self.__dict__)
@@ -471,12 +483,14 @@ class LatentBlock:
 
         if not self.use_cuda_graphs:
             return eagerly()
-        if self.staged_weights and self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS:
+        measuring = self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS or not torch.is_grad_enabled()
+        if self.staged_weights and not self._graphs and measuring:
             # Under ZeRO-3 a step's peak comes after the forward and the graphs keep two copies of the weights and
-            # their pool for good: the first steps run eagerly so that the peak the graphs are sized against
-            # (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the backward
-            # stand for the graphs' pool until one is captured.
-            self._measuring_calls += 1
+            # their pool for good: the first calls with gradients run eagerly so that the peak the graphs are sized
+            # against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the
+            # backward stand for the graphs' pool until one is captured. (A call without gradients, e.g. a
+            # validation, measures nothing, and captures nothing before training has.)
+            self._measuring_calls += torch.is_grad_enabled()
             before = memory_in_use(device)
             outputs = eagerly()
             if before is not None:
@@ -484,18 +498,24 @@ class LatentBlock:
                 self._eager_activation_bytes = max(self._eager_activation_bytes, kept)
             return outputs
         key = (batch, padded, num_columns, final_padded, column_embeds.dtype, prefix_kv.dtype, device)
+        if key in self._eager_shapes:
+            return eagerly()
         try:
             graphs = self._graphs_for(key, column_embeds, prefix_kv)
         except (torch.OutOfMemoryError, GraphsDoNotFit) as e:  # left before going on: its traceback holds tensors
-            self.graphs_unfit = f"batch {batch}, prefix bucket {padded}: {str(e).splitlines()[0]}"
+            self.graphs_unfit = f"batch {batch}, prefix bucket {padded}: {(str(e).splitlines() or [repr(e)])[0]}"
             graphs = None
-        if graphs is None:  # the graphs' buffers do not fit: the block runs eagerly until `release`
-            self._drop_graphs()
+        if graphs is None:  # this shape's graphs do not fit: it runs eagerly until `release`, the others stay
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the failed capture's warm-up may still use what is freed below
+            self._graphs.pop(key, None)
+            self._eager_shapes.add(key)
+            if not self._graphs:  # nothing reads the staged weights and slots any more
+                self._drop_graphs()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.use_cuda_graphs = False
-            log.warning("the latent passes' CUDA graphs do not fit (%s); the block runs eagerly until it is released",
-                        self.graphs_unfit)
+            log.warning("the latent passes' CUDA graphs do not fit (%s); this shape runs eagerly until the block is "
+                        "released", self.graphs_unfit)
             return eagerly()
         return _GraphedBlockFunction.apply(
             graphs, prev, column_embeds, column_is_latent, positions, key_allowed, prefix_kv, *self._params()
@@ -532,16 +552,24 @@ class LatentBlock:
     def _check_fit(self, before: tuple[int, int, int] | None, fresh: int, pools: int | None = None) -> None:
         """Raises `GraphsDoNotFit` when the most memory allocated so far (``before``: `memory_in_use` ahead of this
         capture) plus what the graphs keep beyond it (``fresh``: the staged weights and slots allocated for it;
-        ``pools``: the graphs' memory pools, whole, by default those captured) exceeds `GRAPHS_MEMORY_SHARE` of the
-        device. Before a first capture the eager calls' activations stand for its pool. The graphs keep these for good,
-        where the eager block's activations are freed by its backward; at the 8B geometry on two H200s under ZeRO-3
-        (batch 8: an eager step peaks at 106 GiB, the graphs keep 24 GiB of weights and slots and a 15 GiB pool) the
-        step after the capture ran out of memory."""
+        ``pools``: by default the newest graphs' pool, whole, and the free blocks of the older ones) exceeds
+        `GRAPHS_MEMORY_SHARE` of the device. Before a first capture the eager calls' activations stand for its pool.
+
+        The graphs keep these for good, where the eager block's activations are freed by its backward; at the 8B
+        geometry on two H200s under ZeRO-3 (batch 8: an eager step peaks at 106 GiB, the graphs keep 24 GiB of
+        weights and slots and a 15 GiB pool) the step after the capture ran out of memory. Without staged weights
+        the graphs are captured at the first call, against the peak of a partial step: the check then catches only
+        what is plainly too large, and a capture that runs out of memory gives way."""
         if before is None:
             return
         _, peak, total = before
-        held = fresh + (sum(g.pool_reserved for g in self._graphs.values()) if pools is None else pools)
-        if pools is None:
+        measured = pools is None
+        if measured:  # the newest pool whole; the older pools' free blocks (their allocated ones may be in the peak)
+            newest = next(reversed(self._graphs.values()))
+            older = [g for g in self._graphs.values() if g is not newest]
+            pools = newest.pool_reserved + sum(g.pool_reserved - g.pool_allocated for g in older)
+        held = fresh + pools
+        if measured:
             log.info("the latent passes' graphs keep %.2f GiB beside a peak of %.1f GiB so far (of %.1f GiB)",
                      held / 2**30, peak / 2**30, total / 2**30)
         if peak + held > GRAPHS_MEMORY_SHARE * total:
@@ -685,4 +713,5 @@ class LatentBlock:
             backward_graph=backward_graph,
             pool_reserved=pool_reserved,
             pool_allocated=pool_allocated,
+            buffers=(*read, *slots) if read is not params else tuple(slots),
         )
