@@ -413,8 +413,8 @@ def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_mod
     with torch.no_grad():  # a validation before training: measures nothing, captures nothing
         block(*inputs, final_columns=3)
     assert block._measuring_calls == 0 and not captures
-    measuring = lb.EAGER_CALLS_BEFORE_STAGED_GRAPHS
-    assert measuring >= 1
+    measuring = block.measuring_calls
+    assert measuring == lb.EAGER_STEPS_BEFORE_STAGED_GRAPHS >= 1  # one forward per step
     for call in range(measuring + 2):
         said = block.describe()
         if call < measuring:
@@ -530,14 +530,14 @@ def test_staged_graphs_follow_parameters_re_created_at_every_call(tiny, layer_op
     """The graphed block with staged weights, its parameters re-created at new addresses with new values before
     every call (what ZeRO-3's gathers and an optimizer step do), equals the eager block, from one capture."""
     from engine import load_model
-    from engine.model.latent_block import EAGER_CALLS_BEFORE_STAGED_GRAPHS, LatentBlock
+    from engine.model.latent_block import EAGER_STEPS_BEFORE_STAGED_GRAPHS, LatentBlock
 
     lm = load_model("tiny", seed=0)[0].cuda().train().language_model
     fused = layer_ops == "fused"
     graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, fused_ops=fused, bucket=8, final_bucket=4)
     eager = LatentBlock(lm, use_cuda_graphs=False, fused_ops=fused, bucket=8, final_bucket=4)
     params = graphed._params()
-    for step in range(EAGER_CALLS_BEFORE_STAGED_GRAPHS + 3):  # the first calls run eagerly
+    for step in range(EAGER_STEPS_BEFORE_STAGED_GRAPHS + 3):  # the first calls run eagerly
         with torch.no_grad():
             for p in params:
                 p.data = (p.data * (1.0 - 0.01 * step)).clone()
@@ -570,10 +570,10 @@ def test_captured_shapes_share_the_gradient_slots(tiny):
     graphed = LatentBlock(lm, use_cuda_graphs=True, staged_weights=True, bucket=8, final_bucket=4)
     eager = LatentBlock(lm, use_cuda_graphs=False, bucket=8, final_bucket=4)
     params = graphed._params()
-    from engine.model.latent_block import EAGER_CALLS_BEFORE_STAGED_GRAPHS
+    from engine.model.latent_block import EAGER_STEPS_BEFORE_STAGED_GRAPHS
 
     # after the eager calls, the third replays the first shape after the second's
-    for step, batch_size in enumerate([3] * EAGER_CALLS_BEFORE_STAGED_GRAPHS + [3, 5, 3]):
+    for step, batch_size in enumerate([3] * EAGER_STEPS_BEFORE_STAGED_GRAPHS + [3, 5, 3]):
         prev, embeds, is_latent, positions, allowed, prefix_kv = latent_block_inputs(lm, columns=6, seed=step,
                                                                                      batch=batch_size)
         is_latent[:, 4:] = False
@@ -666,6 +666,27 @@ def test_the_model_says_how_its_latent_blocks_ran(tiny_model, tiny_tok):
         tiny_model.set_latent_passes("transformers")
         tiny_model(ids, mask, pv)
         assert tiny_model.latent_blocks_described() == ""
+    finally:
+        tiny_model.set_latent_passes("auto")
+
+
+def test_gradient_accumulation_stretches_the_measuring_to_whole_steps(tiny_model, tiny_tok):
+    """The trainer's gradient accumulation reaches the block: the eager calls before staged graphs span as many
+    whole steps as without it (`forwards_per_step`), and a change rebuilds the blocks."""
+    from engine.model.latent_block import EAGER_STEPS_BEFORE_STAGED_GRAPHS
+    from engine.training.config import TrainConfig
+    from engine.training.model_setup import configure_model
+
+    ids, mask, pv = aligned_batch(tiny_model, tiny_tok)
+    try:
+        configure_model(tiny_model, TrainConfig(latent_passes="static", gradient_accumulation_steps=3))
+        tiny_model(ids, mask, pv)
+        (block,) = [b for b in tiny_model._latent_blocks.values() if b.calls]
+        assert block.measuring_calls == 3 * EAGER_STEPS_BEFORE_STAGED_GRAPHS
+        tiny_model.set_latent_passes("static", forwards_per_step=1)
+        assert not tiny_model._latent_blocks
+        with pytest.raises(ValueError, match="forwards_per_step"):
+            tiny_model.set_latent_passes("static", forwards_per_step=0)
     finally:
         tiny_model.set_latent_passes("auto")
 

@@ -162,7 +162,7 @@ class MultimodalCoconut(nn.Module):
         # captured CUDA graphs, so it is created on first use and kept outside the module tree.
         self._latent_passes_mode = "auto"
         self._latent_blocks: dict[tuple[bool, bool, bool], object] = {}  # by (CUDA graphs, fused ops, staged)
-        self._latent_buckets = (128, 32)  # (prefix, final chunk): see set_latent_passes
+        self._latent_buckets = (128, 32, 1)  # (prefix, final chunk, forwards per step): see set_latent_passes
         self.layer_ops_mode = "auto"  # training forwards' layer ops: see set_layer_ops
         self.activation_checkpointing = False  # set_activation_checkpointing
         # False: `<|latent|>` is an ordinary token whose own learned embedding fills every thought position (the
@@ -214,7 +214,8 @@ class MultimodalCoconut(nn.Module):
             raise ValueError(f"injection mode must be one of {fast_paths.INJECTION_MODES}, got {mode!r}")
         self._injection_mode = mode
 
-    def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32) -> None:
+    def set_latent_passes(self, mode: str, *, prefix_bucket: int = 128, final_bucket: int = 32,
+                          forwards_per_step: int = 1) -> None:
         """How the one-position latent passes of an aligned batch run (`engine/model/latent_block.py`).
 
         - "transformers": one pass per latent column with the transformers DynamicCache (any layout): a call of the
@@ -230,15 +231,18 @@ class MultimodalCoconut(nn.Module):
         caller does not ask for the cache (training), the block runs the final pass too, as one chunk.
         `prefix_bucket` / `final_bucket`: the block pads the prefix's cache and the final chunk up to a multiple of
         them, so that one graph serves every length in a bucket (padding is masked out or causally after every
-        real column; larger buckets mean fewer captures and more wasted work).
+        real column; larger buckets mean fewer captures and more wasted work). `forwards_per_step`: training
+        forwards per optimizer step (gradient accumulation): the graphs with staged weights are sized against a
+        whole step's peak, measured over the first steps' forwards, run eagerly.
         """
-        if prefix_bucket < 1 or final_bucket < 1:
-            raise ValueError(f"prefix_bucket and final_bucket must be >= 1, got {prefix_bucket} and {final_bucket}")
+        if min(prefix_bucket, final_bucket, forwards_per_step) < 1:
+            raise ValueError(f"prefix_bucket, final_bucket and forwards_per_step must be >= 1, got {prefix_bucket}, "
+                             f"{final_bucket} and {forwards_per_step}")
         fast_paths.check_latent_passes_mode(self, mode)
         self._latent_passes_mode = mode
-        if (prefix_bucket, final_bucket) != self._latent_buckets:
+        if (prefix_bucket, final_bucket, forwards_per_step) != self._latent_buckets:
             self._latent_blocks.clear()
-            self._latent_buckets = (prefix_bucket, final_bucket)
+            self._latent_buckets = (prefix_bucket, final_bucket, forwards_per_step)
 
     def set_layer_ops(self, mode: str) -> None:
         """The layers' elementwise work in training forwards: through the modules ("reference") or through Triton
@@ -314,6 +318,7 @@ class MultimodalCoconut(nn.Module):
                 final_bucket=self._latent_buckets[1],
                 fused_ops=fused,
                 staged_weights=staged,
+                forwards_per_step=self._latent_buckets[2],
             )
         return self._latent_blocks[key]
 

@@ -52,7 +52,7 @@ for the gradients, whatever the number of shapes (at the 8B geometry each copy i
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
 activations are freed by its backward. A shape whose capture would not fit beside the step's peak (measured: with
-staged weights the block's first calls with gradients run eagerly), or runs out of memory, runs eagerly until the
+staged weights the block's calls with gradients of the first steps run eagerly), or runs out of memory, runs eagerly until the
 block is released, with a warning (`LatentBlock.graphs_unfit` says why); the shapes captured before stay.
 """
 
@@ -298,11 +298,10 @@ class _Holder(nn.Module):
 MAX_GRAPHS = 6  # captured shapes a LatentBlock keeps by default
 STAGED_GRAPHS_MEMORY_SHARE = 0.25  # of the device's memory, at most, for the graphs' weight buffers under ZeRO-3
 GRAPHS_MEMORY_SHARE = 0.95  # of the device's memory, at most, for a step's peak with the graphs' buffers added
-# Calls with gradients run eagerly before the staged graphs (ZeRO-3) are captured: one per step without gradient
-# accumulation. The first step's peak is not the run's: at the 8B geometry on two H200s under ZeRO-3, batch 8, the
-# first step peaked at 92.9 GiB and later ones at 106 GiB. (With gradient accumulation both calls fall in the first
-# step, whose peak then stands for the run's; a capture that runs out of memory still gives way.)
-EAGER_CALLS_BEFORE_STAGED_GRAPHS = 2
+# Training steps whose calls (with gradients) run eagerly before the staged graphs (ZeRO-3) are captured. The first
+# step's peak is not the run's: at the 8B geometry on two H200s under ZeRO-3, batch 8, the first step peaked at
+# 92.9 GiB and later ones at 106 GiB.
+EAGER_STEPS_BEFORE_STAGED_GRAPHS = 2
 
 
 def pool_bytes(pool, device: torch.device) -> tuple[int, int]:
@@ -361,7 +360,8 @@ class LatentBlock:
     `fused_ops`: the layers' elementwise work through `engine.model.fused_ops.GradFusedOps` (what
     `fast_paths.layer_ops` decides). `staged_weights`: the graphs read copies of the weights, refreshed before
     every forward replay, so that parameters re-created at new addresses at every call (ZeRO-3's gathers) keep
-    the graphs valid (see the module docstring).
+    the graphs valid (see the module docstring). `forwards_per_step`: training forwards per optimizer step
+    (gradient accumulation), so that the eager calls before the staged graphs span whole steps.
     """
 
     def __init__(
@@ -374,10 +374,12 @@ class LatentBlock:
         max_graphs: int = MAX_GRAPHS,
         fused_ops: bool = False,
         staged_weights: bool = False,
+        forwards_per_step: int = 1,
     ):
-        if bucket < 1 or final_bucket < 1 or max_graphs < 1:
+        if min(bucket, final_bucket, max_graphs, forwards_per_step) < 1:
             raise ValueError(
-                f"bucket, final_bucket and max_graphs must be >= 1, got {bucket}, {final_bucket} and {max_graphs}"
+                f"bucket, final_bucket, max_graphs and forwards_per_step must be >= 1, got {bucket}, {final_bucket}, "
+                f"{max_graphs} and {forwards_per_step}"
             )
         self.lm = language_model
         self.use_cuda_graphs = use_cuda_graphs
@@ -391,7 +393,10 @@ class LatentBlock:
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
-        self._measuring_calls = 0  # eager calls made before the staged graphs (`EAGER_CALLS_BEFORE_STAGED_GRAPHS`)
+        # eager calls with gradients before the staged graphs: `EAGER_STEPS_BEFORE_STAGED_GRAPHS` steps of
+        # `forwards_per_step` forwards each (gradient accumulation)
+        self.measuring_calls = EAGER_STEPS_BEFORE_STAGED_GRAPHS * forwards_per_step
+        self._measuring_calls = 0  # made so far
         self._eager_shapes: set[tuple] = set()  # shapes whose graphs did not fit: they run eagerly
         self._eager_activation_bytes = 0  # kept for the backward by those calls
         self.graphs_unfit: str | None = None  # why the graphs gave way to the eager block (out of memory), if they did
@@ -422,7 +427,7 @@ class LatentBlock:
         if self._eager_shapes:
             said.append(f"eager for {len(self._eager_shapes)} shape(s) whose graphs did not fit ({self.graphs_unfit})")
         if not said:
-            measuring = self.staged_weights and self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS
+            measuring = self.staged_weights and self._measuring_calls < self.measuring_calls
             said.append("eager, measuring the step before the graphs" if measuring else "graphs, none captured yet")
         return "; ".join(said)
 
@@ -483,11 +488,11 @@ class LatentBlock:
 
         if not self.use_cuda_graphs:
             return eagerly()
-        measuring = self._measuring_calls < EAGER_CALLS_BEFORE_STAGED_GRAPHS or not torch.is_grad_enabled()
+        measuring = self._measuring_calls < self.measuring_calls or not torch.is_grad_enabled()
         if self.staged_weights and not self._graphs and measuring:
             # Under ZeRO-3 a step's peak comes after the forward and the graphs keep two copies of the weights and
-            # their pool for good: the first calls with gradients run eagerly so that the peak the graphs are sized
-            # against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the
+            # their pool for good: the first steps' calls with gradients run eagerly so that the peak the graphs
+            # are sized against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the
             # backward stand for the graphs' pool until one is captured. (A call without gradients, e.g. a
             # validation, measures nothing, and captures nothing before training has.)
             self._measuring_calls += torch.is_grad_enabled()

@@ -54,6 +54,7 @@ def configure_model(model, config: TrainConfig) -> None:
             config.latent_passes,
             prefix_bucket=config.latent_prefix_bucket,
             final_bucket=config.latent_final_bucket,
+            forwards_per_step=config.gradient_accumulation_steps,
         )
         model.set_layer_ops(config.layer_ops)
     except RuntimeError as e:
