@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,14 @@ def report_ok():  # a file per rank: the ranks' stdout lines can interleave mid-
 """
 
 
-def _torchrun(args: list[str], cwd, *, cpu: bool) -> str:
-    """Two ranks through torchrun (on a free port), the project on the path; the output of a run that must succeed."""
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(args: list[str], cwd, *, cpu: bool, finished=None) -> str:
+    """Two ranks through torchrun (on a free port), the project on the path; the output of a run that must succeed.
+    `finished()`: whether every rank reported its work done; then, and only then, a rank that aborted while the
+    process was torn down afterwards (a C++ thread of the CPU collectives destroyed while joinable, rare even after
+    `shutdown_distributed`) is a warning, not a failure: the work it checked was done."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     if cpu:
@@ -154,8 +161,26 @@ def _torchrun(args: list[str], cwd, *, cpu: bool) -> str:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", free_port(), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and finished is not None and finished() and TEARDOWN_ABORT in proc.stderr:
+        warnings.warn(f"a rank aborted at process teardown after finishing its work ({TEARDOWN_ABORT!r})")
+        return proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+def test_only_a_teardown_abort_after_finished_work_passes(monkeypatch):
+    """`_torchrun` lets through a failed exit only when every rank had finished and the abort was the teardown's."""
+    for returncode, stderr, finished, passes in ((-6, TEARDOWN_ABORT, True, True), (-6, TEARDOWN_ABORT, False, False),
+                                                 (1, "Traceback: AssertionError", True, False), (0, "", False, True)):
+        done = subprocess.CompletedProcess([], returncode, stdout="out", stderr=stderr)
+        monkeypatch.setattr(subprocess, "run", lambda *a, _done=done, **k: _done)
+        if passes:
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                assert _torchrun([], ".", cpu=True, finished=lambda _f=finished: _f) == "out"
+        else:
+            with pytest.raises(AssertionError, match="exit"):
+                _torchrun([], ".", cpu=True, finished=lambda _f=finished: _f)
 
 
 def _run_worker(tmp_path, worker: str, device: str, dtype: str) -> None:
@@ -170,9 +195,12 @@ def _run_worker(tmp_path, worker: str, device: str, dtype: str) -> None:
         pytest.skip("needs two CUDA GPUs")
     script = tmp_path / "worker.py"
     script.write_text(WORKER_PREAMBLE + worker)
-    stdout = _torchrun([str(script), device, dtype], tmp_path, cpu=device == "cpu")
-    reached = sorted(p.name for p in tmp_path.glob("ok.rank*"))
-    assert reached == ["ok.rank0", "ok.rank1"], (reached, stdout[-2000:])
+    def reached():
+        return sorted(p.name for p in tmp_path.glob("ok.rank*"))
+
+    stdout = _torchrun([str(script), device, dtype], tmp_path, cpu=device == "cpu",
+                       finished=lambda: reached() == ["ok.rank0", "ok.rank1"])
+    assert reached() == ["ok.rank0", "ok.rank1"], (reached(), stdout[-2000:])
 
 
 ZERO3_GATHERS_WORKER = """
