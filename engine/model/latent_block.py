@@ -52,8 +52,9 @@ for the gradients, whatever the number of shapes (at the 8B geometry each copy i
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
 activations are freed by its backward. A shape whose capture would not fit beside the step's peak (measured: with
-staged weights the block's calls with gradients of the first steps run eagerly), or runs out of memory, runs eagerly until the
-block is released, with a warning (`LatentBlock.graphs_unfit` says why); the shapes captured before stay.
+staged weights the block's calls with gradients of the first steps run eagerly), or runs out of memory, runs
+eagerly until the block is released, with a warning (`LatentBlock.graphs_unfit` says why); the shapes captured
+before stay.
 """
 
 from __future__ import annotations
@@ -313,6 +314,15 @@ def pool_bytes(pool, device: torch.device) -> tuple[int, int]:
     return sum(s["total_size"] for s in segments), sum(s["allocated_size"] for s in segments)
 
 
+def _buffers_like(buffers: list[torch.Tensor] | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`buffers` when they match `tensors` in shape, dtype and device one for one, else new contiguous ones that
+    do: the graphs' own buffers keep their addresses while the tensors they stand for keep their layout."""
+    layout = [(t.shape, t.dtype, t.device) for t in tensors]
+    if buffers is None or [(b.shape, b.dtype, b.device) for b in buffers] != layout:
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    return buffers
+
+
 class GraphsDoNotFit(RuntimeError):
     """The captured graphs' buffers and the step's peak do not fit the device together."""
 
@@ -399,7 +409,7 @@ class LatentBlock:
         self._measuring_calls = 0  # made so far
         self._eager_shapes: set[tuple] = set()  # shapes whose graphs did not fit: they run eagerly
         self._eager_activation_bytes = 0  # kept for the backward by those calls
-        self.graphs_unfit: str | None = None  # why the graphs gave way to the eager block (out of memory), if they did
+        self.graphs_unfit: str | None = None  # why a shape's graphs last gave way to the eager block, if they did
         self.calls = 0
 
     def release(self) -> None:
@@ -418,6 +428,12 @@ class LatentBlock:
         self._gradient_slots = None
         self._param_fingerprint = None
 
+    @property
+    def _measuring(self) -> bool:
+        """Whether the staged graphs still wait for the first steps' eager calls (`EAGER_STEPS_BEFORE_STAGED_GRAPHS`).
+        """
+        return self.staged_weights and self._measuring_calls < self.measuring_calls
+
     def describe(self) -> str:
         """How the block has run since it was built or released: "eager", "graphs, N shape(s)", the shapes that ran
         eagerly because their graphs did not fit (and the last reason), or that it is still measuring."""
@@ -427,8 +443,8 @@ class LatentBlock:
         if self._eager_shapes:
             said.append(f"eager for {len(self._eager_shapes)} shape(s) whose graphs did not fit ({self.graphs_unfit})")
         if not said:
-            measuring = self.staged_weights and self._measuring_calls < self.measuring_calls
-            said.append("eager, measuring the step before the graphs" if measuring else "graphs, none captured yet")
+            said.append("eager, measuring the step before the graphs" if self._measuring
+                        else "graphs, none captured yet")
         return "; ".join(said)
 
     def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
@@ -488,12 +504,11 @@ class LatentBlock:
 
         if not self.use_cuda_graphs:
             return eagerly()
-        measuring = self._measuring_calls < self.measuring_calls or not torch.is_grad_enabled()
-        if self.staged_weights and not self._graphs and measuring:
+        if self.staged_weights and not self._graphs and (self._measuring or not torch.is_grad_enabled()):
             # Under ZeRO-3 a step's peak comes after the forward and the graphs keep two copies of the weights and
             # their pool for good: the first steps' calls with gradients run eagerly so that the peak the graphs
-            # are sized against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for the
-            # backward stand for the graphs' pool until one is captured. (A call without gradients, e.g. a
+            # are sized against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for
+            # the backward stand for the graphs' pool until one is captured. (A call without gradients, e.g. a
             # validation, measures nothing, and captures nothing before training has.)
             self._measuring_calls += torch.is_grad_enabled()
             before = memory_in_use(device)
@@ -532,9 +547,8 @@ class LatentBlock:
         before = memory_in_use(device)  # before the staged weights and the slots exist
         params = self._params()
         if not self._graphs and before is not None:  # a first capture: whether it can fit, before allocating
-            weights = sum(p.numel() * p.element_size() for p in params)
             copies = (self.staged_weights and self._staged is None) + (self._gradient_slots is None)
-            self._check_fit(before, copies * weights, pools=self._eager_activation_bytes)
+            self._check_fit(before, copies * block_weight_bytes(self.lm), pools=self._eager_activation_bytes)
         read = self._stage(params) if self.staged_weights else params  # the tensors the graphs read
         slots = self.gradient_slots(read)
         fresh = memory_in_use(device)[0] - before[0] if before is not None else 0  # allocated for them just now
@@ -587,9 +601,7 @@ class LatentBlock:
     def _stage(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The staged copies of `params`' values (allocated at the first call, and again if the parameters' shapes,
         dtypes or devices change), refreshed now."""
-        layout = [(p.shape, p.dtype, p.device) for p in params]
-        if self._staged is None or [(t.shape, t.dtype, t.device) for t in self._staged] != layout:
-            self._staged = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        self._staged = _buffers_like(self._staged, params)
         with torch.no_grad():
             torch._foreach_copy_(self._staged, [p.detach() for p in params])
         return self._staged
@@ -598,9 +610,7 @@ class LatentBlock:
         """One buffer like each tensor the graphs read, shared by every captured shape: where a captured backward
         leaves the weights' gradients (allocated at the first call, and again if shapes, dtypes or devices
         change)."""
-        layout = [(t.shape, t.dtype, t.device) for t in read]
-        if self._gradient_slots is None or [(t.shape, t.dtype, t.device) for t in self._gradient_slots] != layout:
-            self._gradient_slots = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in read]
+        self._gradient_slots = _buffers_like(self._gradient_slots, read)
         return self._gradient_slots
 
     def run_columns(self, batch, cache, column_embeds, start: int, prev_last, keep_inputs: bool):
