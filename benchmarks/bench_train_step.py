@@ -52,6 +52,7 @@ from benchmarks.common import (
     guarded_time_fn,
     int_list,
     is_oom,
+    allocator_counts,
     markdown_table,
     peak_memory_gib,
     progress,
@@ -879,7 +880,11 @@ class Bench:
         skipped_before = int(getattr(self.engine, "skipped_steps", 0))  # DeepSpeed's overflow-skipped steps
         if env.world_size > 1:
             torch.distributed.barrier()
+        counts_before = allocator_counts(self.device)
         timing, status = guarded_time_fn(step, self.device, warmup=args.warmup, repeats=args.steps, log=log)
+        # memory pressure over the warmup and timed steps: each retry flushed the allocator's cache (a device sync)
+        allocator = None if counts_before is None else {
+            k: v - counts_before[k] for k, v in allocator_counts(self.device).items()}
         phases = None
         if status["status"] == "ok" and args.phases:
             try:
@@ -920,7 +925,7 @@ class Bench:
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
             passes=local_passes, phases=phases, profile=profile, alternation=alternation,
-            latent_block=self.model.latent_blocks_described(),
+            latent_block=self.model.latent_blocks_described(), allocator=allocator,
             skipped_steps=int(getattr(self.engine, "skipped_steps", 0)) - skipped_before,
         )
         del losses, step
@@ -958,6 +963,9 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
         # how the latent passes ran: the graphs, eagerly, or eagerly because the graphs did not fit (per rank)
         latent_block=" | ".join(dict.fromkeys(r.get("latent_block") or "-" for r in ranks)),
     )
+    if all(r.get("allocator") for r in ranks):  # the worst rank's, over the warmup and timed steps
+        row.update(alloc_retries=max(r["allocator"]["num_alloc_retries"] for r in ranks),
+                   driver_allocs=max(r["allocator"]["num_device_alloc"] for r in ranks))
     if bad is not None:
         row["error"] = bad.get("error")
         row["failed_ranks"] = [i for i, s in enumerate(statuses) if s["status"] != "ok"]
@@ -1138,7 +1146,8 @@ COLUMNS = [
     ("status", "status"),
     ("skipped_steps", "skipped steps"),
     ("median_ms", "ms/step"), ("p10_ms", "p10"), ("p90_ms", "p90"), ("samples_per_s", "samples/s"),
-    ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
+    ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB/GPU"), ("alloc_retries", "alloc retries"),
+    ("driver_allocs", "driver allocs"), ("achieved_tflops_per_gpu", "TFLOP/s/GPU"),
     ("mfu", "MFU"), ("mfu_matmul", "MFU (matmul)"), ("speedup_vs_baseline", "× baseline"),
     ("baseline_zero_stage", "baseline ZeRO"), ("scaling_efficiency", "scaling eff."),
     ("zero3_vs_zero2", "× ZeRO-2"), ("phase_data_ms", "data ms"), ("phase_forward_ms", "fwd ms"), ("phase_backward_ms", "bwd ms"),
@@ -1148,7 +1157,7 @@ COLUMNS = [
     ("loss", "loss"),
     ("probe_loss_diff", "Δ probe loss"), ("loss_diff", "Δ loss"),
 ]
-STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "latent_block", "loss",
+STDOUT_COLUMNS = [c for c in COLUMNS if c[0] not in ("p10_ms", "p90_ms", "passes", "latent_block", "loss", "driver_allocs",
                                                      "baseline_zero_stage", "phase_backward_host_ms",
                                                      "phase_optimizer_host_ms")]
 
@@ -1169,7 +1178,7 @@ BASELINE_KEYS = ("speedup_vs_baseline", "baseline_zero_stage", "scaling_efficien
 
 
 # shown when some row differs from this value
-OPTIONAL_KEYS = {"zero_settings": "default", "liger": "none", "skipped_steps": 0}
+OPTIONAL_KEYS = {"zero_settings": "default", "liger": "none", "skipped_steps": 0, "alloc_retries": 0}
 
 
 def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -1182,7 +1191,7 @@ def columns_for(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[
         if key in OPTIONAL_KEYS and all(r.get(key, OPTIONAL_KEYS[key]) == OPTIONAL_KEYS[key] for r in rows):
             continue
         optional = key.startswith("phase_") or key in ("optimizer_share", "host_syncs_per_step", "probe_loss_diff",
-                                                       "loss_diff", "zero3_vs_zero2")
+                                                       "loss_diff", "zero3_vs_zero2", "driver_allocs")
         if optional and all(r.get(key) is None for r in rows):
             continue
         keep.append((key, title))

@@ -115,6 +115,15 @@ def reset_peak_memory(device: torch.device | str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def allocator_counts(device: torch.device | str) -> dict[str, int] | None:
+    """The caching allocator's running counts that show memory pressure: retries (it freed its cache and asked the
+    driver again: a device sync each) and the driver allocations and frees behind them. None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {key: int(stats.get(key, 0)) for key in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+
 def peak_memory_gib(device: torch.device | str) -> float | None:
     """Peak allocated GPU memory since the last reset (None on CPU, where it is not tracked)."""
     if torch.device(device).type == "cuda":

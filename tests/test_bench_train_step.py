@@ -162,6 +162,11 @@ def test_ranks_merge_into_global_throughput_and_mfu():
     ]
     row = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
     assert row["latent_block"] == "graphs, 1 shape(s)"  # the ranks agree: said once
+    assert "alloc_retries" not in row  # CPU ranks: the allocator's counts are not tracked
+    ranks[0]["allocator"] = dict(num_alloc_retries=0, num_device_alloc=7, num_device_free=0)
+    ranks[1]["allocator"] = dict(num_alloc_retries=3, num_device_alloc=5, num_device_free=9)
+    counted = bench_train_step.merge_ranks(cfg, ranks, args, world_size=2)
+    assert counted["alloc_retries"] == 3 and counted["driver_allocs"] == 7  # the worst rank's count of each
     assert row["median_ms"] == 110.0 and row["p10_ms"] == 95.0 and row["p90_ms"] == 120.0  # max per step: 110,120,95
     assert row["samples_per_s"] == pytest.approx(8 / 0.110) and row["tokens_per_s"] == pytest.approx(2500 / 0.110)
     assert row["peak_gib"] == 31.0 and row["peak_gib_per_rank"] == [30.0, 31.0] and row["seq_len"] == 330

@@ -84,6 +84,9 @@ def test_two_process_zero3_through_torchrun_keeps_ranks_in_step(tmp_path, flat):
         cmd += ["--set", s]
     if flat:
         cmd += ["--set", "optimizer=adamw_fused"]  # the step without host reads, across the two ranks' partitions
+        # the block's fused ops (Triton, interpreted): inside the gathered leaf each weight's gradient is taken once
+        # over the passes (engine/model/shared_weight.py), its parameter released and gathered again in between
+        cmd += ["--set", "layer_ops=fused"]
     output = _launch(cmd, tmp_path)
     assert ("ZeRO-3 leaf gradients: reduced together per leaf" in output) is flat
     assert ("optimizer step: gradient checks and clipping on the device" in output) is flat

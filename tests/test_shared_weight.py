@@ -104,6 +104,41 @@ def test_a_shared_weight_is_freed_with_its_graph():
             gc.enable()
 
 
+def test_shared_weight_keeps_no_view_of_a_released_parameter():
+    """As under ZeRO-3 (a leaf module): the parameter's gathered storage is released after the forward and gathered
+    anew into fresh storage before the backward. Nothing the uses saved shares the first storage (a saved view
+    would keep a whole gathered weight alive from forward to backward), and the gradients equal autograd's through
+    plain products."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(6, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    big = torch.randn(shared_weight.STASH_ROWS + 1, 4, generator=g, dtype=torch.float64)
+    gathered = weight.data
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        shared = SharedWeight(weight, bias)
+        hidden = shared(x)
+        loss = (shared(big).square().mean() + hidden.square().sum())
+        del shared
+    assert saved, "the uses saved nothing: the check below would mean nothing"
+    assert not any(t.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for t in saved)
+    weight.data = torch.empty(0, dtype=torch.float64)  # released
+    weight.data = gathered.clone()  # gathered again: the same values, other storage
+    del gathered
+    got = torch.autograd.grad(loss, (x, weight, bias))
+    w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    want = torch.autograd.grad((F.linear(big, w, b).square().mean() + F.linear(x2, w, b).square().sum()), (x2, w, b))
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+
+
 def test_shared_weight_frozen_parameters_keep_nothing():
     """Where the weight needs no gradient, the uses keep no inputs for it, and the input's gradient is right."""
     g = torch.Generator().manual_seed(2)
@@ -163,5 +198,12 @@ def test_shared_weight_grads_are_refused_for_partitioned_or_wrapped_projections(
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused_ops.shared_weight_unsupported(layers) == "autocast is on (the products would cast the weights)"
-    layers[0].self_attn.o_proj.weight.ds_id = 3  # as DeepSpeed ZeRO-3 marks a partitioned parameter
-    assert fused_ops.shared_weight_unsupported(layers) == "ZeRO-3 partitions the weights"
+    # as DeepSpeed ZeRO-3 marks its parameters: partitioned (ds_id) and whether gathered now (ds_status)
+    status = lambda name: type("ZeroParamStatus", (), {"name": name})()  # noqa: E731
+    params = [p for layer in layers for p in layer.parameters()]
+    for index, p in enumerate(params):
+        p.ds_id, p.ds_status = index, status("AVAILABLE")
+    assert fused_ops.shared_weight_unsupported(layers) is None  # gathered whole around the block (a ZeRO-3 leaf)
+    params[-1].ds_status = status("NOT_AVAILABLE")
+    assert fused_ops.shared_weight_unsupported(layers) == (
+        "ZeRO-3 partitions the weights and they are not gathered around the block")

@@ -77,13 +77,20 @@ def _partitioned(layers: list[nn.Module]) -> bool:
     return any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters())  # DeepSpeed ZeRO-3's mark
 
 
+def _gathered(layers: list[nn.Module]) -> bool:
+    """Whether every parameter of `layers` that ZeRO-3 partitions is gathered whole now (DeepSpeed's status)."""
+    return all(getattr(getattr(p, "ds_status", None), "name", None) == "AVAILABLE"
+               for layer in layers for p in layer.parameters() if hasattr(p, "ds_id"))
+
+
 def shared_weight_unsupported(layers: list[nn.Module]) -> str | None:
     """Why the latent block's passes should not take each projection's weight gradient once over all of them
     (`engine.model.shared_weight`; None: they should). The products then read the modules' weights directly,
-    which ZeRO-3's partitioned weights forbid, a wrapped module (adapters, quantized) would not compute and a
-    module's forward hooks would not see; under autocast they would save the weights uncast."""
-    if _partitioned(layers):
-        return "ZeRO-3 partitions the weights"
+    which a wrapped module (adapters, quantized) would not compute and a module's forward hooks would not see;
+    under autocast they would save the weights uncast. ZeRO-3's partitioned weights they read only where the
+    language model is gathered whole around the block (a ZeRO-3 leaf module, gathered again for its backward)."""
+    if _partitioned(layers) and not _gathered(layers):
+        return "ZeRO-3 partitions the weights and they are not gathered around the block"
     device = next(layers[0].parameters()).device.type if layers else "cpu"
     if torch.is_autocast_enabled(device):
         return "autocast is on (the products would cast the weights)"

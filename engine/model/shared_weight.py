@@ -10,25 +10,32 @@ last. A use of many rows (the final chunk) does real work in its product: it add
 once, in place, rather than holding its output gradient (tens of MB a layer) to the end.
 
 The gradient is the same sum (in one fp32-accumulated product where autograd rounds each use's product to the
-weight's dtype and then each partial sum). Nothing else changes: each use's forward is `F.linear` and its input
+weight's dtype and then each partial sum). Nothing else changes: each use's forward is torch's linear and its input
 gradient the same product as autograd's.
+
+The uses keep the weight they were given (a parameter, or the merged copy), not a view of its storage, and read it
+again in backward, as DeepSpeed's ZeRO-3 linear does: under ZeRO-3 the parameter's gathered storage is released
+after the forward and gathered anew before the backward, and a saved view would keep the whole gathered weight alive
+in between.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+_TORCH_LINEAR = torch._C._nn.linear  # whatever `torch.nn.functional.linear` is replaced by
 STASH_ROWS = 256  # uses of at most this many rows keep (input, output gradient) for the one product at the end
 
 
 class _Uses:
     """What the uses of one shared weight leave for its gradient: the kept (input, output gradient) pairs of the
-    small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products.
-    Holds no reference to the weight or its alias, so the autograd nodes that hold it make no reference cycle
-    (which would keep each forward's merged weight copies alive until Python's cycle collector ran)."""
+    small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products;
+    and ``weight``, the tensor the uses' input gradients read in backward. That is the weight as given, never the
+    alias `_Gather` makes of it: the alias's node holds this object, so holding the alias would make a reference
+    cycle (which would keep each forward's merged weight copies alive until Python's cycle collector ran)."""
 
-    def __init__(self):
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
         self.kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.grad_weight: torch.Tensor | None = None
         self.grad_bias: torch.Tensor | None = None
@@ -73,7 +80,7 @@ class SharedWeight:
     bias gradients are summed as described in the module docstring. Build one per forward."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self._uses = _Uses()
+        self._uses = _Uses(weight)
         # aliases of weight and bias whose node runs after every use's backward (see _Gather)
         if bias is None:
             self.weight, self.bias = _Gather.apply(self._uses, weight), None
@@ -108,16 +115,19 @@ class _Gather(torch.autograd.Function):
 class _SharedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, uses: _Uses, x, weight, bias):
+        """``weight`` and ``bias``: the aliases (their gradients come from `_Gather`); the backward reads
+        ``uses.weight`` (the module docstring says why)."""
         ctx.uses = uses
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        ctx.save_for_backward(x)
+        # torch's own product: under ZeRO-3 `F.linear` is DeepSpeed's autograd function, needless here
+        return _TORCH_LINEAR(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_x = (rows @ weight).view(x.shape) if ctx.needs_input_grad[1] else None
+        grad_x = (rows @ ctx.uses.weight.detach()).view(x.shape) if ctx.needs_input_grad[1] else None
         need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         if need_weight or need_bias:
             ctx.uses.add(x.reshape(-1, x.shape[-1]), rows, need_weight, need_bias)
