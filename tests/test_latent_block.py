@@ -349,6 +349,71 @@ def test_backward_into_slots_frees_each_gradient_once_it_is_in_its_slot():
     assert held and max(held) == 0  # no earlier weight still held its gradient when the next one was computed
 
 
+@pytest.mark.parametrize("layer_ops", ["reference", "fused"])
+def test_staged_weights_take_the_gradients_in_place(tiny_model, layer_ops):
+    """With staged weights the gradient slots are the staged buffers: the captured backward overwrites each weight
+    with its gradient once autograd has summed it. On the block's real body (both op tables) every gradient must
+    equal the one computed with separate slots: a weight read again after its slot was written would change them
+    (or trip autograd's in-place check)."""
+    from engine.model.latent_block import LatentBlock, backward_into_slots
+
+    lm = copy.deepcopy(tiny_model.language_model)
+    inputs = latent_block_inputs(lm, columns=6)
+    block = LatentBlock(lm, use_cuda_graphs=False, staged_weights=True, fused_ops=layer_ops == "fused")
+    params = block._params()
+    read = block._stage(params)
+    slots = block.gradient_slots(read)
+    assert all(a is b for a, b in zip(slots, read))  # one copy of the weights in all
+    run, wrt = block.graph_body(params, inputs, final_columns=2, read=read)
+    outputs = run()
+    cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(5)) for o in outputs]
+    expected = torch.autograd.grad(outputs, wrt, cotangents)
+    weights = [t.clone() for t in read]
+    got = backward_into_slots(run(), cotangents, wrt[:3], wrt[3:], slots)
+    assert all(a is b for a, b in zip(got[3:], read))
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, i=i: f"gradient {i}: {m}")
+    assert any(not torch.equal(t, w) for t, w in zip(read, weights))  # the weights were overwritten
+    block._staging.holds_weights = False
+    block._stage(params)  # the next forward stages them again
+    assert all(torch.equal(t, p) for t, p in zip(read, params)) and block._staging.holds_weights
+
+
+def test_a_backward_after_another_stages_the_weights_again():
+    """Two shapes' forwards, then their backwards: the first backward leaves its gradients in the staged buffers
+    (they are the slots), so the second stages the weights again before its replay, from the parameters."""
+    from engine.model.latent_block import _Graphs, _GraphedBlockFunction, _StagedWeights
+
+    weight = torch.nn.Parameter(torch.full((3,), 2.0))
+    staged = _StagedWeights([torch.empty(3)])
+    staged.refresh([weight])
+    buffer = staged.buffers[0]
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def fake_graphs() -> _Graphs:  # its backward reads the staged weight, then leaves the gradient (twice it) there
+        inputs = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
+                  torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
+        outputs = (torch.zeros(2, 1, 4), torch.zeros(1, 2, 2, 1, 1, 4))
+        return _Graphs(inputs=inputs, outputs=outputs, grad_outputs=tuple(torch.zeros_like(o) for o in outputs),
+                       grad_inputs=(None, None, None, buffer), forward_graph=Replay(lambda: None),
+                       backward_graph=Replay(lambda: buffer.mul_(2.0)), staged=staged)
+
+    args = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
+            torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
+    first = _GraphedBlockFunction.apply(fake_graphs(), *args, weight)
+    second = _GraphedBlockFunction.apply(fake_graphs(), *args, weight)
+    second[0].sum().backward()
+    assert not staged.holds_weights
+    first[0].sum().backward()  # without staging again it would read the first backward's gradient (4), not 2
+    assert torch.equal(weight.grad, torch.full((3,), 8.0)), weight.grad  # 4 + 4
+    third = _GraphedBlockFunction.apply(fake_graphs(), *args, weight)  # a forward after a backward: staged again
+    assert staged.holds_weights and torch.equal(buffer, weight.detach())
+    del third
+
+
 def test_graphs_that_do_not_fit_give_way_to_the_eager_block(tiny_model, monkeypatch, caplog):
     """Capturing a shape runs out of memory (the graphs keep buffers the eager block does not): the call still
     returns the eager block's result, with a warning, the graphs' buffers are dropped, and the shape stays eager."""
@@ -458,7 +523,7 @@ def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_mod
     monkeypatch.setattr(block, "_capture", lambda *args: captures.append(args) or fake)
     allocated = iter(range(0, 10**12, 10**8))  # every reading 100 MB more: each eager call keeps 100 MB
     weights = sum(p.numel() * p.element_size() for p in block._params())
-    peak = limit - 2 * weights - 10**8 + 1
+    peak = limit - weights - 10**8 + 1  # one copy of the weights: the staged ones, also the slots
     monkeypatch.setattr(lb, "memory_in_use", lambda _device: (next(allocated), peak, total))
     stages = []
     monkeypatch.setattr(block, "_stage", lambda params: stages.append(params) or params)
@@ -502,9 +567,9 @@ def test_the_graphed_function_hands_out_copies_of_the_shared_slots():
 
 
 def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch):
-    """Under ZeRO-3 the graphs keep the staged weights and the gradient slots, two whole copies of the block's
-    weights, whatever the number of captured shapes: `auto` graphs them only while those fit in a quarter of the
-    device."""
+    """Under ZeRO-3 the graphs keep the staged weights, which are also the gradient slots: one whole copy of the
+    block's weights, whatever the number of captured shapes. `auto` graphs them only while it fits in a quarter of
+    the device."""
     import types
 
     from engine.model import latent_block as lb
@@ -513,7 +578,7 @@ def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch
     weights = lb.block_weight_bytes(lm)
     layers = [*lm.layers[: lm.config.num_hidden_layers], lm.norm]
     assert weights == sum(p.numel() * p.element_size() for m in layers for p in m.parameters()) > 0
-    need = weights * 2
+    need = weights
     cuda = torch.device("cuda", 0)
     for total, fits in ((need * 4, True), (need * 4 - 8, False)):
         device = types.SimpleNamespace(total_memory=total)
@@ -585,6 +650,22 @@ def test_captured_shapes_share_the_gradient_slots(tiny):
             results.append(torch.autograd.grad(hidden.square().sum() + latent_kv.square().sum(), [*params]))
         for i, (a, b) in enumerate(zip(*results)):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m: f"gradient {i}, call {step}: {m}")
+    assert graphed.captures == 2
+    assert all(a is b for a, b in zip(graphed._gradient_slots, graphed._staged))  # the staged weights take them
+    # both shapes' forwards, then one backward through both: the second backward to run finds the staged weights
+    # overwritten by the first's gradients and stages them again
+    results = []
+    for block in (eager, graphed):
+        loss = 0
+        for seed, batch_size in ((7, 3), (8, 5)):
+            inputs = latent_block_inputs(lm, columns=6, seed=seed, batch=batch_size)
+            inputs[2][:, 4:] = False
+            args = [t.cuda().detach().requires_grad_(t.requires_grad) for t in inputs]
+            hidden, latent_kv = block(*args, final_columns=3)
+            loss = loss + hidden.square().sum() + latent_kv.square().sum()
+        results.append(torch.autograd.grad(loss, [*params]))
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=lambda m: f"gradient {i}, two forwards: {m}")
     assert graphed.captures == 2
     slots = [t.data_ptr() for t in graphed._gradient_slots]
     for graphs in graphed._graphs.values():

@@ -52,6 +52,24 @@ def test_shared_weight_gradients_equal_autograds(bias, rows_big):
     assert products == uses + 1 + bool(rows_big), products
 
 
+@pytest.mark.parametrize("rows, kept", [(300, True), (400, False)])
+def test_a_big_use_of_a_wide_weight_is_kept_to_the_end(rows, kept):
+    """A use of more than `STASH_ROWS` rows is kept for the one product at the end while its input and output
+    gradient are smaller than the weight's gradient (1,024 x 600: up to 378 rows), else its product is added at
+    once; the gradients are autograd's either way."""
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(600, 1024, generator=g, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(rows, 1024, generator=g, dtype=torch.float64) for _ in range(2)]
+    assert shared_weight.kept_to_the_end(rows, 1024, 600) is kept
+    shared = SharedWeight(weight)
+    loss = sum(torch.tanh(shared(x)).sum() for x in xs)
+    with CountProducts() as counter:
+        (got,) = torch.autograd.grad(loss, weight)
+    (want,) = torch.autograd.grad(sum(torch.tanh(F.linear(x, weight)).sum() for x in xs), weight)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert counter.products == (1 if kept else 2), counter.products  # one weight product for both, or one each
+
+
 def test_shared_weight_backward_twice_and_other_uses():
     """A retained graph differentiated twice gives the same gradients (the kept uses are consumed each time); a
     use of the alias outside the shared products adds its own gradient."""

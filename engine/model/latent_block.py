@@ -48,7 +48,11 @@ them as it reduces any other.
 The weights' gradients leave every captured backward through one set of buffers shared by all captured shapes
 (`LatentBlock.gradient_slots`): each is copied there as soon as autograd has summed it over the passes, and freed,
 so a graph's memory pool holds a few layers' gradients at a time instead of all of them. One copy of the weights
-for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB).
+for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged weights the
+slots are the staged buffers themselves, so the graphs keep one copy of the weights in all: a backward reads a
+weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node that uses
+it), and every forward stages the weights anew. A backward whose staged weights another shape's backward has
+overwritten since its forward stages them again first (`_StagedWeights`).
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
 activations are freed by its backward. A shape whose capture would not fit beside the step's peak (measured: with
@@ -180,6 +184,21 @@ def latent_block(
     return torch.cat(hiddens, dim=1), latent_kv
 
 
+class _StagedWeights:
+    """The staged weights' buffers, which the captured backwards also use as the gradient slots, and whether they
+    hold the weights now (after a forward's staging) or a backward's gradients (after its replay)."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+        self.holds_weights = False
+
+    def refresh(self, params) -> None:
+        """Copy the parameters' values in (one multi-tensor copy)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.buffers, [p.detach() for p in params])
+        self.holds_weights = True
+
+
 @dataclass
 class _Graphs:
     """Static buffers and the forward/backward graphs of one (batch, prefix bucket, M, final bucket) shape."""
@@ -198,6 +217,8 @@ class _Graphs:
     # the tensors the graphs read and write outside their pool (staged weights, slots): kept alive with them, also
     # by a pending backward, when the block drops its own references
     buffers: tuple[torch.Tensor, ...] = ()
+    # with staged weights: their buffers, which are also the slots (every shape's), and what they hold now
+    staged: _StagedWeights | None = None
 
 
 _DIFFERENTIABLE = (0, 1, 5)  # prev, column_embeds, prefix_kv
@@ -216,9 +237,14 @@ class _GraphedBlockFunction(torch.autograd.Function):
         static[3][:, :columns].copy_(positions)
         static[4].copy_(key_allowed)
         static[5][..., : prefix_kv.shape[-2], :].copy_(prefix_kv)
+        if graphs.staged is not None and not graphs.staged.holds_weights:  # a capture's warm-up left gradients
+            graphs.staged.refresh(params)
         graphs.forward_graph.replay()
         graphs.replays += 1
         ctx.graphs, ctx.replay, ctx.prefix_len, ctx.columns = graphs, graphs.replays, prefix_kv.shape[-2], columns
+        # the parameters themselves (under ZeRO-3 gathered again for the backward), not their values: for staging
+        # the weights again in backward when another backward overwrote them with its gradients
+        ctx.params = params if graphs.staged is not None else None
         hidden, latent_kv = graphs.outputs
         return hidden[:, :columns].clone(), latent_kv.clone()
 
@@ -235,7 +261,12 @@ class _GraphedBlockFunction(torch.autograd.Function):
         graphs.grad_outputs[0][:, : ctx.columns].copy_(grad_hidden)
         graphs.grad_outputs[0][:, ctx.columns :].zero_()
         graphs.grad_outputs[1].copy_(grad_latent_kv)
+        staged = graphs.staged
+        if staged is not None and not staged.holds_weights:  # another backward left its gradients there
+            staged.refresh(ctx.params)
         graphs.backward_graph.replay()
+        if staged is not None:
+            staged.holds_weights = False  # they hold this backward's gradients now
         g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
         # copies: the slots are every shape's, and another replay before autograd sums these would overwrite them
         present = [i for i, g in enumerate(g_params) if g is not None]
@@ -348,12 +379,12 @@ def block_weight_bytes(language_model: nn.Module) -> int:
 
 
 def staged_graphs_unsupported(language_model: nn.Module, device: torch.device) -> str | None:
-    """Why the graphs with staged weights (ZeRO-3) should not run on `device` (None: they should). They keep two
-    whole copies of the block's weights, the staged values and the gradient slots (1.3 GiB at the 1B geometry,
-    4.8 GiB at 2B, 24 GiB at 8B), which the memory ZeRO-3 frees must not pay for; above
+    """Why the graphs with staged weights (ZeRO-3) should not run on `device` (None: they should). They keep a
+    whole copy of the block's weights, the staged values, which are also the gradient slots (0.65 GiB at the 1B
+    geometry, 2.4 GiB at 2B, 12 GiB at 8B), which the memory ZeRO-3 frees must not pay for; above
     `STAGED_GRAPHS_MEMORY_SHARE` of the device the block runs eagerly inside the gather instead. (Whether they
     fit beside a step's peak is measured at the capture: `LatentBlock._check_fit`.)"""
-    need = block_weight_bytes(language_model) * 2
+    need = block_weight_bytes(language_model)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     if need > STAGED_GRAPHS_MEMORY_SHARE * total:
         return (f"the graphs' weight buffers would take {need / 2**30:.1f} GiB, over "
@@ -399,6 +430,7 @@ class LatentBlock:
         self.fused_ops = fused_ops
         self.staged_weights = staged_weights
         self._staged: list[torch.Tensor] | None = None  # the weights the graphs read, with `staged_weights`
+        self._staging: _StagedWeights | None = None  # what `_staged` holds now (the slots are the same buffers)
         self._gradient_slots: list[torch.Tensor] | None = None  # where the captured backwards leave the weights' grads
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
@@ -425,6 +457,7 @@ class LatentBlock:
     def _drop_graphs(self) -> None:
         self._graphs.clear()
         self._staged = None
+        self._staging = None
         self._gradient_slots = None
         self._param_fingerprint = None
 
@@ -451,6 +484,7 @@ class LatentBlock:
         state = dict(self.__dict__)
         state["_graphs"] = OrderedDict()
         state["_staged"] = None
+        state["_staging"] = None
         state["_gradient_slots"] = None
         state["_param_fingerprint"] = None
         return state
@@ -505,8 +539,8 @@ class LatentBlock:
         if not self.use_cuda_graphs:
             return eagerly()
         if self.staged_weights and not self._graphs and (self._measuring or not torch.is_grad_enabled()):
-            # Under ZeRO-3 a step's peak comes after the forward and the graphs keep two copies of the weights and
-            # their pool for good: the first steps' calls with gradients run eagerly so that the peak the graphs
+            # Under ZeRO-3 a step's peak comes after the forward and the graphs keep a copy of the weights and their
+            # pool for good: the first steps' calls with gradients run eagerly so that the peak the graphs
             # are sized against (`_check_fit`) is a whole step's, and a later one's; the activations they keep for
             # the backward stand for the graphs' pool until one is captured. (A call without gradients, e.g. a
             # validation, measures nothing, and captures nothing before training has.)
@@ -547,7 +581,8 @@ class LatentBlock:
         before = memory_in_use(device)  # before the staged weights and the slots exist
         params = self._params()
         if not self._graphs and before is not None:  # a first capture: whether it can fit, before allocating
-            copies = (self.staged_weights and self._staged is None) + (self._gradient_slots is None)
+            # one copy of the weights: the staged ones (which are also the slots), or else the slots
+            copies = int((self._staged if self.staged_weights else self._gradient_slots) is None)
             self._check_fit(before, copies * block_weight_bytes(self.lm), pools=self._eager_activation_bytes)
         read = self._stage(params) if self.staged_weights else params  # the tensors the graphs read
         slots = self.gradient_slots(read)
@@ -575,8 +610,9 @@ class LatentBlock:
         `GRAPHS_MEMORY_SHARE` of the device. Before a first capture the eager calls' activations stand for its pool.
 
         The graphs keep these for good, where the eager block's activations are freed by its backward; at the 8B
-        geometry on two H200s under ZeRO-3 (batch 8: an eager step peaks at 106 GiB, the graphs keep 24 GiB of
-        weights and slots and a 15 GiB pool) the step after the capture ran out of memory. Without staged weights
+        geometry on two H200s under ZeRO-3 (batch 8: an eager step peaks at 106 GiB) graphs that kept 24 GiB of
+        weights and slots and a 15 GiB pool made the step after the capture run out of memory (they now keep 12 GiB
+        and a 3.4 GiB pool, and fit). Without staged weights
         the graphs are captured at the first call, against the peak of a partial step: the check then catches only
         what is plainly too large, and a capture that runs out of memory gives way."""
         if before is None:
@@ -601,16 +637,22 @@ class LatentBlock:
     def _stage(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The staged copies of `params`' values (allocated at the first call, and again if the parameters' shapes,
         dtypes or devices change), refreshed now."""
-        self._staged = _buffers_like(self._staged, params)
-        with torch.no_grad():
-            torch._foreach_copy_(self._staged, [p.detach() for p in params])
+        staged = _buffers_like(self._staged, params)
+        if self._staging is None or staged is not self._staged:
+            self._staging = _StagedWeights(staged)
+        self._staged = staged
+        self._staging.refresh(params)
         return self._staged
 
     def gradient_slots(self, read: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One buffer like each tensor the graphs read, shared by every captured shape: where a captured backward
-        leaves the weights' gradients (allocated at the first call, and again if shapes, dtypes or devices
+        """Where a captured backward leaves the weights' gradients, shared by every captured shape: with staged
+        weights the staged buffers `read` themselves (the module docstring says why that is safe), else one buffer
+        like each tensor the graphs read (allocated at the first call, and again if shapes, dtypes or devices
         change)."""
-        self._gradient_slots = _buffers_like(self._gradient_slots, read)
+        if self.staged_weights:
+            self._gradient_slots = read
+        else:
+            self._gradient_slots = _buffers_like(self._gradient_slots, read)
         return self._gradient_slots
 
     def run_columns(self, batch, cache, column_embeds, start: int, prev_last, keep_inputs: bool):
@@ -692,12 +734,17 @@ class LatentBlock:
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         differentiated = len(_DIFFERENTIABLE)
+        staged = self._staging if self.staged_weights else None
         with torch.cuda.stream(stream):
             for _ in range(2):  # cuBLAS/SDPA algorithm choice and lazy init outside the capture
+                if staged is not None:  # the staged weights are the slots: the last warm-up left gradients there
+                    staged.refresh(params)
                 outputs = run()
                 backward_into_slots(outputs, [torch.ones_like(o) for o in outputs], wrt[:differentiated],
                                     wrt[differentiated:], slots)
             del outputs
+        if staged is not None:
+            staged.holds_weights = False
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()
@@ -729,4 +776,5 @@ class LatentBlock:
             pool_reserved=pool_reserved,
             pool_allocated=pool_allocated,
             buffers=(*read, *slots) if read is not params else tuple(slots),
+            staged=self._staging if self.staged_weights else None,
         )

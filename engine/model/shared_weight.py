@@ -6,8 +6,12 @@ Autograd differentiates each use on its own: a product per use that writes a who
 sum them: ~10 kernels and ~0.6 GB of memory traffic per layer for six uses. `SharedWeight` keeps each small use's
 input and output gradient instead, and takes the weight's gradient as one product over all of them once every
 use's backward has run: its own autograd node (`_Gather`) lies downstream of every use, so the engine runs it
-last. A use of many rows (the final chunk) does real work in its product: it adds it into the same gradient at
-once, in place, rather than holding its output gradient (tens of MB a layer) to the end.
+last. A use of many rows (the final chunk) does real work in its product: where its input and output gradient
+together outweigh the weight's gradient, it adds its product into that gradient at once, in place, rather than
+holding its output gradient (tens of MB a layer) to the end (`kept_to_the_end`). Where they do not, it is kept too:
+summed at once, a wide weight's gradient would live from the first backward to the last use's, every layer's at
+the same time since the final chunk is differentiated first (at the 8B geometry, batch 8, a 512-row final chunk held
+12 GiB of gradients that way, in the CUDA graphs' memory pool).
 
 The gradient is the same sum (in one fp32-accumulated product where autograd rounds each use's product to the
 weight's dtype and then each partial sum). Nothing else changes: each use's forward is torch's linear and its input
@@ -27,6 +31,12 @@ _TORCH_LINEAR = torch._C._nn.linear  # whatever `torch.nn.functional.linear` is 
 STASH_ROWS = 256  # uses of at most this many rows keep (input, output gradient) for the one product at the end
 
 
+def kept_to_the_end(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a use of `rows` rows keeps its input and output gradient for the one product at the end (else it adds
+    its own product to the gradient at once): a few rows, or fewer elements than the gradient they stand for."""
+    return rows <= STASH_ROWS or rows * (in_features + out_features) <= in_features * out_features
+
+
 class _Uses:
     """What the uses of one shared weight leave for its gradient: the kept (input, output gradient) pairs of the
     small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products;
@@ -42,12 +52,12 @@ class _Uses:
         self.task: int | None = None  # the backward the summed products belong to
 
     def add(self, x: torch.Tensor, grad_output: torch.Tensor, weight: bool, bias: bool) -> None:
-        """One use's input and output gradient, both (rows, features): kept when few rows, else summed now."""
+        """One use's input and output gradient, both (rows, features): kept (`kept_to_the_end`), else summed now."""
         task = torch._C._current_graph_task_id()  # as torch.utils.checkpoint tells backward calls apart
         if self.task != task:  # an earlier backward that never reached the weight (autograd.grad of inputs only)
             self.grad_weight = self.grad_bias = None
             self.task = task
-        if x.shape[0] <= STASH_ROWS:
+        if kept_to_the_end(x.shape[0], x.shape[1], grad_output.shape[1]):
             self.kept.append((task, x, grad_output))
         else:
             self._accumulate(x, grad_output, weight, bias)

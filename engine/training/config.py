@@ -103,10 +103,10 @@ class TrainConfig:
     num_workers: int = 0
     attn_implementation: str = "sdpa"
     # how the one-position latent passes run (MultimodalCoconut.set_latent_passes): auto (CUDA graphs on GPU; under
-    # ZeRO-3 with the language model as a leaf they read staged copies of its weights and leave their gradients in
-    # shared slots: two copies of the decoder layers' weights, and the graphs' activations, kept for good. Where
-    # those do not fit beside the step's peak (measured over the first two steps, which run eagerly), e.g. the 8B
-    # geometry on two H200s, the block runs eagerly, with a warning) | transformers | static | cuda_graph;
+    # ZeRO-3 with the language model as a leaf they read staged copies of its weights, which also take their
+    # gradients: a copy of the decoder layers' weights, and the graphs' activations, kept for good. Where those do
+    # not fit beside the step's peak (measured over the first two steps, which run eagerly) the block runs eagerly,
+    # with a warning) | transformers | static | cuda_graph;
     # the buckets trade captured graphs against padded work
     latent_passes: str = "auto"
     latent_prefix_bucket: int = 128
