@@ -353,8 +353,8 @@ def test_backward_into_slots_frees_each_gradient_once_it_is_in_its_slot():
 def test_staged_weights_take_the_gradients_in_place(tiny_model, layer_ops):
     """With staged weights the gradient slots are the staged buffers: the captured backward overwrites each weight
     with its gradient once autograd has summed it. On the block's real body (both op tables) every gradient must
-    equal the one computed with separate slots: a weight read again after its slot was written would change them
-    (or trip autograd's in-place check)."""
+    equal the one computed with separate slots: a weight read again after its slot was written would change
+    them."""
     from engine.model.latent_block import LatentBlock, backward_into_slots
 
     lm = copy.deepcopy(tiny_model.language_model)

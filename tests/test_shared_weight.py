@@ -144,8 +144,10 @@ def test_shared_weight_keeps_no_view_of_a_released_parameter():
         hidden = shared(x)
         loss = (shared(big).square().mean() + hidden.square().sum())
         del shared
-    assert saved, "the uses saved nothing: the check below would mean nothing"
-    assert not any(t.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for t in saved)
+    assert any(t is weight for t in saved)  # the parameter itself, whose storage follows ZeRO-3's release
+    views = [t for t in saved if t is not weight]
+    assert views, "the uses saved nothing else: the check below would mean nothing"
+    assert not any(t.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for t in views)
     weight.data = torch.empty(0, dtype=torch.float64)  # released
     weight.data = gathered.clone()  # gathered again: the same values, other storage
     del gathered
@@ -155,6 +157,23 @@ def test_shared_weight_keeps_no_view_of_a_released_parameter():
     want = torch.autograd.grad((F.linear(big, w, b).square().mean() + F.linear(x2, w, b).square().sum()), (x2, w, b))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_a_merged_weight_is_freed_by_the_backward():
+    """A weight computed in the forward (the block's merged copies) goes with the saved tensors at the end of the
+    backward, while the loss, and so the graph, are still held (the trainer keeps them through its step)."""
+    import weakref
+
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(4, 4, generator=g, requires_grad=True)
+    merged = weight * 2.0
+    alive = weakref.ref(merged)
+    shared = SharedWeight(merged)
+    loss = shared(torch.tanh(shared(torch.randn(3, 4, generator=g)))).sum()
+    del merged, shared
+    assert alive() is not None  # saved for the backward
+    loss.backward()
+    assert alive() is None and loss.grad_fn is not None
 
 
 def test_shared_weight_frozen_parameters_keep_nothing():
@@ -182,7 +201,7 @@ def test_block_takes_each_weight_gradient_once(tiny_model, monkeypatch):
     results = {}
     for share in (True, False):
         if not share:
-            monkeypatch.setattr(fused_ops, "shared_weight_unsupported", lambda layers: "switched off for the comparison")
+            monkeypatch.setattr(fused_ops, "shared_weight_unsupported", lambda layers, lm=None: "switched off for the comparison")
         outputs = latent_block(lm, *inputs, fused_ops=True)
         cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in outputs]
         with CountProducts() as counter:
@@ -221,7 +240,11 @@ def test_shared_weight_grads_are_refused_for_partitioned_or_wrapped_projections(
     params = [p for layer in layers for p in layer.parameters()]
     for index, p in enumerate(params):
         p.ds_id, p.ds_status = index, status("AVAILABLE")
-    assert fused_ops.shared_weight_unsupported(layers) is None  # gathered whole around the block (a ZeRO-3 leaf)
+    refused = "ZeRO-3 partitions the weights and the language model is not gathered whole around the block"
+    lm = model.language_model
+    # gathered now, but each module fetched on its own (no leaf): nothing would gather them again for the backward
+    assert fused_ops.shared_weight_unsupported(layers, lm) == refused
+    lm._z3_leaf = True  # as deepspeed.utils.set_z3_leaf_modules marks it
+    assert fused_ops.shared_weight_unsupported(layers, lm) is None  # gathered whole around the block
     params[-1].ds_status = status("NOT_AVAILABLE")
-    assert fused_ops.shared_weight_unsupported(layers) == (
-        "ZeRO-3 partitions the weights and they are not gathered around the block")
+    assert fused_ops.shared_weight_unsupported(layers, lm) == refused

@@ -83,14 +83,15 @@ def _gathered(layers: list[nn.Module]) -> bool:
                for layer in layers for p in layer.parameters() if hasattr(p, "ds_id"))
 
 
-def shared_weight_unsupported(layers: list[nn.Module]) -> str | None:
+def shared_weight_unsupported(layers: list[nn.Module], language_model: nn.Module | None = None) -> str | None:
     """Why the latent block's passes should not take each projection's weight gradient once over all of them
     (`engine.model.shared_weight`; None: they should). The products then read the modules' weights directly,
     which a wrapped module (adapters, quantized) would not compute and a module's forward hooks would not see;
-    under autocast they would save the weights uncast. ZeRO-3's partitioned weights they read only where the
-    language model is gathered whole around the block (a ZeRO-3 leaf module, gathered again for its backward)."""
-    if _partitioned(layers) and not _gathered(layers):
-        return "ZeRO-3 partitions the weights and they are not gathered around the block"
+    under autocast they would save the weights uncast. ZeRO-3's partitioned weights they read only where
+    `language_model` is a ZeRO-3 leaf module gathered whole now: DeepSpeed then gathers it again for its backward,
+    where the modules' own fetches, which the products skip, would be the only ones otherwise."""
+    if _partitioned(layers) and not (getattr(language_model, "_z3_leaf", False) and _gathered(layers)):
+        return "ZeRO-3 partitions the weights and the language model is not gathered whole around the block"
     device = next(layers[0].parameters()).device.type if layers else "cpu"
     if torch.is_autocast_enabled(device):
         return "autocast is on (the products would cast the weights)"

@@ -50,8 +50,9 @@ The weights' gradients leave every captured backward through one set of buffers 
 so a graph's memory pool holds a few layers' gradients at a time instead of all of them. One copy of the weights
 for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged weights the
 slots are the staged buffers themselves, so the graphs keep one copy of the weights in all: a backward reads a
-weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node that uses
-it), and every forward stages the weights anew. A backward whose staged weights another shape's backward has
+weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node with a
+gradient edge to it, and the shared products, which read the weight without one, run before their `_Gather`
+node, which has one), and every forward stages the weights anew. A backward whose staged weights another shape's backward has
 overwritten since its forward stages them again first (`_StagedWeights`).
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
@@ -139,7 +140,7 @@ def latent_block(
         ops = GradFusedOps(
             lm,
             merge_projections=training_merge_unsupported(layers) is None,
-            share_weight_grads=shared_weight_unsupported(layers) is None,
+            share_weight_grads=shared_weight_unsupported(layers, lm) is None,
         )
     else:
         ops = ReferenceOps(lm)
@@ -740,11 +741,11 @@ class LatentBlock:
                 if staged is not None:  # the staged weights are the slots: the last warm-up left gradients there
                     staged.refresh(params)
                 outputs = run()
+                if staged is not None:  # from here they take gradients, also if this backward fails half-way
+                    staged.holds_weights = False
                 backward_into_slots(outputs, [torch.ones_like(o) for o in outputs], wrt[:differentiated],
                                     wrt[differentiated:], slots)
             del outputs
-        if staged is not None:
-            staged.holds_weights = False
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()

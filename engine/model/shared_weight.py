@@ -17,10 +17,10 @@ The gradient is the same sum (in one fp32-accumulated product where autograd rou
 weight's dtype and then each partial sum). Nothing else changes: each use's forward is torch's linear and its input
 gradient the same product as autograd's.
 
-The uses keep the weight they were given (a parameter, or the merged copy), not a view of its storage, and read it
-again in backward, as DeepSpeed's ZeRO-3 linear does: under ZeRO-3 the parameter's gathered storage is released
-after the forward and gathered anew before the backward, and a saved view would keep the whole gathered weight alive
-in between.
+The uses save the weight they were given (a parameter, or the merged copy), not the alias `_Gather` makes of it, as
+DeepSpeed's ZeRO-3 linear saves its parameter: a saved parameter is the parameter itself, so under ZeRO-3, which
+releases its gathered storage after the forward and gathers it anew before the backward, the backward reads the new
+storage, where a saved alias (a view) would keep the whole gathered weight alive in between.
 """
 
 from __future__ import annotations
@@ -39,13 +39,11 @@ def kept_to_the_end(rows: int, in_features: int, out_features: int) -> bool:
 
 class _Uses:
     """What the uses of one shared weight leave for its gradient: the kept (input, output gradient) pairs of the
-    small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products;
-    and ``weight``, the tensor the uses' input gradients read in backward. That is the weight as given, never the
-    alias `_Gather` makes of it: the alias's node holds this object, so holding the alias would make a reference
-    cycle (which would keep each forward's merged weight copies alive until Python's cycle collector ran)."""
+    small uses, tagged with the backward (autograd graph task) that made them, and the big uses' summed products.
+    Holds no reference to the weight or its alias, so the autograd nodes that hold it make no reference cycle
+    (which would keep each forward's merged weight copies alive until Python's cycle collector ran)."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self):
         self.kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.grad_weight: torch.Tensor | None = None
         self.grad_bias: torch.Tensor | None = None
@@ -90,7 +88,8 @@ class SharedWeight:
     bias gradients are summed as described in the module docstring. Build one per forward."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self._uses = _Uses(weight)
+        self._uses = _Uses()
+        self._given = [weight]  # what the uses save (the module docstring says why not the alias)
         # aliases of weight and bias whose node runs after every use's backward (see _Gather)
         if bias is None:
             self.weight, self.bias = _Gather.apply(self._uses, weight), None
@@ -99,7 +98,7 @@ class SharedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (*rows, in) @ weight.T + bias: (*rows, out)."""
-        return _SharedLinear.apply(self._uses, x, self.weight, self.bias)
+        return _SharedLinear.apply(self._uses, x, self.weight, self.bias, self._given)
 
 
 class _Gather(torch.autograd.Function):
@@ -124,21 +123,21 @@ class _Gather(torch.autograd.Function):
 
 class _SharedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, uses: _Uses, x, weight, bias):
-        """``weight`` and ``bias``: the aliases (their gradients come from `_Gather`); the backward reads
-        ``uses.weight`` (the module docstring says why)."""
+    def forward(ctx, uses: _Uses, x, weight, bias, given: list[torch.Tensor]):
+        """``weight`` and ``bias``: the aliases (their gradients come from `_Gather`); ``given[0]``: the weight as
+        given, which the backward reads (the module docstring says why), passed in a list so that it is no input."""
         ctx.uses = uses
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, given[0])
         # torch's own product: under ZeRO-3 `F.linear` is DeepSpeed's autograd function, needless here
         return _TORCH_LINEAR(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (x,) = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_x = (rows @ ctx.uses.weight.detach()).view(x.shape) if ctx.needs_input_grad[1] else None
+        grad_x = (rows @ weight.detach()).view(x.shape) if ctx.needs_input_grad[1] else None
         need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         if need_weight or need_bias:
             ctx.uses.add(x.reshape(-1, x.shape[-1]), rows, need_weight, need_bias)
-        return None, grad_x, None, None
+        return None, grad_x, None, None, None
