@@ -45,6 +45,7 @@ import torch
 
 from benchmarks.common import (
     Timing,
+    allocator_counts,
     command_line,
     dtype_name,
     environment_info,
@@ -52,7 +53,6 @@ from benchmarks.common import (
     guarded_time_fn,
     int_list,
     is_oom,
-    allocator_counts,
     markdown_table,
     peak_memory_gib,
     progress,

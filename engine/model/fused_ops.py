@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.fast_paths import gathered_per_call
 from engine.model.layers import ReferenceOps, decoder_layers
 from engine.model.shared_weight import SharedWeight
 from kernels.decode_fusions import rms_norm, rotary_qk, silu_mul
@@ -90,7 +91,8 @@ def shared_weight_unsupported(layers: list[nn.Module], language_model: nn.Module
     under autocast they would save the weights uncast. ZeRO-3's partitioned weights they read only where
     `language_model` is a ZeRO-3 leaf module gathered whole now: DeepSpeed then gathers it again for its backward,
     where the modules' own fetches, which the products skip, would be the only ones otherwise."""
-    if _partitioned(layers) and not (getattr(language_model, "_z3_leaf", False) and _gathered(layers)):
+    if _partitioned(layers) and not (language_model is not None and gathered_per_call(language_model)
+                                     and _gathered(layers)):
         return "ZeRO-3 partitions the weights and the language model is not gathered whole around the block"
     device = next(layers[0].parameters()).device.type if layers else "cpu"
     if torch.is_autocast_enabled(device):

@@ -199,6 +199,11 @@ class _StagedWeights:
             torch._foreach_copy_(self.buffers, [p.detach() for p in params])
         self.holds_weights = True
 
+    def hold_weights(self, params) -> None:
+        """`refresh` unless they hold the weights already (a backward or a capture's warm-up left gradients)."""
+        if not self.holds_weights:
+            self.refresh(params)
+
 
 @dataclass
 class _Graphs:
@@ -238,8 +243,8 @@ class _GraphedBlockFunction(torch.autograd.Function):
         static[3][:, :columns].copy_(positions)
         static[4].copy_(key_allowed)
         static[5][..., : prefix_kv.shape[-2], :].copy_(prefix_kv)
-        if graphs.staged is not None and not graphs.staged.holds_weights:  # a capture's warm-up left gradients
-            graphs.staged.refresh(params)
+        if graphs.staged is not None:
+            graphs.staged.hold_weights(params)
         graphs.forward_graph.replay()
         graphs.replays += 1
         ctx.graphs, ctx.replay, ctx.prefix_len, ctx.columns = graphs, graphs.replays, prefix_kv.shape[-2], columns
@@ -263,8 +268,8 @@ class _GraphedBlockFunction(torch.autograd.Function):
         graphs.grad_outputs[0][:, ctx.columns :].zero_()
         graphs.grad_outputs[1].copy_(grad_latent_kv)
         staged = graphs.staged
-        if staged is not None and not staged.holds_weights:  # another backward left its gradients there
-            staged.refresh(ctx.params)
+        if staged is not None:  # another shape's backward may have left its gradients there
+            staged.hold_weights(ctx.params)
         graphs.backward_graph.replay()
         if staged is not None:
             staged.holds_weights = False  # they hold this backward's gradients now
@@ -430,8 +435,8 @@ class LatentBlock:
         self.max_graphs = max_graphs
         self.fused_ops = fused_ops
         self.staged_weights = staged_weights
-        self._staged: list[torch.Tensor] | None = None  # the weights the graphs read, with `staged_weights`
-        self._staging: _StagedWeights | None = None  # what `_staged` holds now (the slots are the same buffers)
+        # with `staged_weights`: the weights the graphs read (`_staged`), which are also the slots
+        self._staging: _StagedWeights | None = None
         self._gradient_slots: list[torch.Tensor] | None = None  # where the captured backwards leave the weights' grads
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
@@ -457,7 +462,6 @@ class LatentBlock:
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
-        self._staged = None
         self._staging = None
         self._gradient_slots = None
         self._param_fingerprint = None
@@ -484,11 +488,14 @@ class LatentBlock:
     def __getstate__(self):  # a copied or pickled model recaptures: graphs hold this process's device addresses
         state = dict(self.__dict__)
         state["_graphs"] = OrderedDict()
-        state["_staged"] = None
         state["_staging"] = None
         state["_gradient_slots"] = None
         state["_param_fingerprint"] = None
         return state
+
+    @property
+    def _staged(self) -> list[torch.Tensor] | None:
+        return None if self._staging is None else self._staging.buffers
 
     def _params(self) -> list[nn.Parameter]:
         return block_parameters(self.lm)
@@ -638,12 +645,11 @@ class LatentBlock:
     def _stage(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The staged copies of `params`' values (allocated at the first call, and again if the parameters' shapes,
         dtypes or devices change), refreshed now."""
-        staged = _buffers_like(self._staged, params)
-        if self._staging is None or staged is not self._staged:
-            self._staging = _StagedWeights(staged)
-        self._staged = staged
+        buffers = _buffers_like(self._staged, params)
+        if buffers is not self._staged:
+            self._staging = _StagedWeights(buffers)
         self._staging.refresh(params)
-        return self._staged
+        return buffers
 
     def gradient_slots(self, read: list[torch.Tensor]) -> list[torch.Tensor]:
         """Where a captured backward leaves the weights' gradients, shared by every captured shape: with staged
