@@ -751,9 +751,11 @@ class Bench:
             seed=args.seed + 1000 * (self.env.rank + 1) + cfg.batch_size,
         )
 
-    def make_step(self, batch, losses: list):
+    def make_step(self, batch, losses: list, grad_norms: list | None = None):
         """One trainer micro-step (`Trainer.train_epoch`): the batch to the device, pass agreement, forward, backward,
-        optimizer step. `step(clock)` calls `clock.mark(phase)` after each phase (`PhaseClock`, `SyncCounter`)."""
+        optimizer step. `step(clock)` calls `clock.mark(phase)` after each phase (`PhaseClock`, `SyncCounter`).
+        Each step's loss goes to `losses` and the engine's global gradient norm to `grad_norms` (as they are: a
+        device tensor is read at the end of the row, not at each step)."""
         from engine.model.schedule import position_ids_from_mask
 
         engine, dev = self.engine, self.device
@@ -784,6 +786,9 @@ class Bench:
             if clock is not None:
                 clock.mark("optimizer")
             losses.append(loss.detach())
+            if grad_norms is not None:
+                norm = engine.get_global_grad_norm()
+                grad_norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
 
         return step, local_passes
 
@@ -873,7 +878,8 @@ class Bench:
         batch = self.make_batch(cfg)
         flops = batch_flops(self.sizes, batch, self.model.image_token_id)
         losses: list[torch.Tensor] = []
-        step, local_passes = self.make_step(batch, losses)
+        grad_norms: list = []  # per step, to compare two rows' training step by step (one batch, the same start)
+        step, local_passes = self.make_step(batch, losses, grad_norms)
         # each row sizes its own latent graphs: an earlier row's shapes and measurements do not carry over
         self.model.release_latent_graphs()
         reset_peak_memory(self.device)
@@ -917,6 +923,7 @@ class Bench:
                 alternation = {"error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
                 del e
                 free_memory(self.device)
+        del grad_norms[len(losses):]  # the alternation's steps, whose losses it dropped
         last_loss = float(losses[-1]) if losses else None
         settle_skipped_steps(self.engine)  # steps the device step skipped, into DeepSpeed's count read below
         mine = dict(
@@ -924,11 +931,13 @@ class Bench:
             peak_gib=peak_memory_gib(self.device), tokens=batch.num_tokens, samples=batch.batch_size,
             seq_len=batch.seq_len, flops=flops, loss=last_loss,
             loss_finite=all(bool(torch.isfinite(v)) for v in losses),
+            step_losses=[float(v) for v in losses],
+            step_grad_norms=[None if n is None else float(n) for n in grad_norms],
             passes=local_passes, phases=phases, profile=profile, alternation=alternation,
             latent_block=self.model.latent_blocks_described(), allocator=allocator,
             skipped_steps=int(getattr(self.engine, "skipped_steps", 0)) - skipped_before,
         )
-        del losses, step
+        del losses, grad_norms, step
         ranks = gather(mine, env)
         row = merge_ranks(cfg, ranks, args, env.world_size)
         row.update(self.variant)
@@ -979,6 +988,7 @@ def merge_ranks(cfg: Config, ranks: list[dict], args, world_size: int) -> dict:
             samples_per_s=samples / seconds, tokens_per_s=tokens / seconds,
             achieved_tflops_per_gpu=flops["total"] / seconds / world_size / 1e12,
             loss=ranks[0]["loss"], loss_finite=all(r["loss_finite"] for r in ranks),
+            step_losses=ranks[0].get("step_losses"), step_grad_norms=ranks[0].get("step_grad_norms"),
         )
     if bad is None and all(r.get("phases") for r in ranks):
         row.update(merge_phases([r["phases"] for r in ranks]))

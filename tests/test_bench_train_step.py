@@ -46,6 +46,9 @@ def check_rows(payload: dict, world_size: int, zero_stage: int, stages: list[int
         assert r["world_size"] == world_size and r["global_batch"] == world_size * BATCH
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["loss_finite"] and r["loss"] > 0
         assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        # every step's loss and global gradient norm (rank 0's), the last loss the row's
+        assert len(r["step_losses"]) == len(r["step_grad_norms"]) >= r["steps"]
+        assert r["step_losses"][-1] == r["loss"] and all(n > 0 for n in r["step_grad_norms"])
         # global throughput: samples/s = global batch / step time; tokens/s = samples/s x mean tokens per sample
         assert r["samples_per_s"] == pytest.approx(r["global_batch"] / (r["median_ms"] / 1e3), rel=1e-9)
         assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * r["mean_tokens_per_sample"], rel=1e-6)
@@ -234,6 +237,9 @@ def test_variants_phases_and_numerics(tmp_path):
         # same weights and batch: neither the optimizer nor the ZeRO settings change the forward; after the same
         # steps the losses agree to fp32 rounding
         assert r["probe_loss_diff"] == 0.0 and abs(r["loss_diff"]) < 1e-5
+        first = next(f for f in rows if f["n_latents"] == r["n_latents"] and f["batch_size"] == r["batch_size"])
+        assert r["step_losses"] == pytest.approx(first["step_losses"], abs=1e-5)  # step by step
+        assert r["step_grad_norms"] == pytest.approx(first["step_grad_norms"], rel=1e-5)
     assert "ZeRO settings" in (tmp_path / "train_step.md").read_text()
 
 

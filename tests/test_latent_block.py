@@ -382,27 +382,21 @@ def test_staged_weights_take_the_gradients_in_place(tiny_model, layer_ops):
 def test_a_backward_after_another_stages_the_weights_again():
     """Two shapes' forwards, then their backwards: the first backward leaves its gradients in the staged buffers
     (they are the slots), so the second stages the weights again before its replay, from the parameters."""
-    from engine.model.latent_block import _Graphs, _GraphedBlockFunction, _StagedWeights
+    from engine.model.latent_block import _Graphs, _GraphedBlockFunction, _LentGradients, _StagedWeights
 
     weight = torch.nn.Parameter(torch.full((3,), 2.0))
-    staged = _StagedWeights([torch.empty(3)])
+    staged = _StagedWeights([torch.empty(3)], _LentGradients())
     staged.refresh([weight])
     buffer = staged.buffers[0]
 
-    class Replay:
-        def __init__(self, fn):
-            self.replay = fn
-
     def fake_graphs() -> _Graphs:  # its backward reads the staged weight, then leaves the gradient (twice it) there
-        inputs = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
-                  torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
         outputs = (torch.zeros(2, 1, 4), torch.zeros(1, 2, 2, 1, 1, 4))
-        return _Graphs(inputs=inputs, outputs=outputs, grad_outputs=tuple(torch.zeros_like(o) for o in outputs),
-                       grad_inputs=(None, None, None, buffer), forward_graph=Replay(lambda: None),
-                       backward_graph=Replay(lambda: buffer.mul_(2.0)), staged=staged)
+        return _Graphs(inputs=tuple(t.clone() for t in _FAKE_ARGS), outputs=outputs,
+                       grad_outputs=tuple(torch.zeros_like(o) for o in outputs), grad_inputs=(None, None, None, buffer),
+                       forward_graph=_Replay(lambda: None), backward_graph=_Replay(lambda: buffer.mul_(2.0)),
+                       lent=staged.lent, staged=staged)
 
-    args = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
-            torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
+    args = _FAKE_ARGS
     first = _GraphedBlockFunction.apply(fake_graphs(), *args, weight)
     second = _GraphedBlockFunction.apply(fake_graphs(), *args, weight)
     second[0].sum().backward()
@@ -534,36 +528,94 @@ def test_graphs_that_would_not_fit_the_step_give_way_to_the_eager_block(tiny_mod
     assert "exceed 95%" in block.graphs_unfit
 
 
-def test_the_graphed_function_hands_out_copies_of_the_shared_slots():
-    """Two replays of graphs that share the gradient slots in one autograd graph: the first backward's weight
-    gradients must survive the second replay until autograd sums them (handing out the slots themselves, the
-    second replay would overwrite the first's gradients before the sum)."""
-    import types
+class _Replay:
+    def __init__(self, fn):
+        self.replay = fn
 
-    from engine.model.latent_block import _Graphs, _GraphedBlockFunction
 
-    weight = torch.ones(3, requires_grad=True)
-    slot = torch.zeros(3)
+_FAKE_ARGS = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
+              torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
 
-    class Replay:
-        def __init__(self, fn):
-            self.replay = fn
 
-    def fake_graphs(value: float) -> _Graphs:
-        inputs = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
-                  torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
-        outputs = (torch.zeros(2, 1, 4), torch.zeros(1, 2, 2, 1, 1, 4))
-        return _Graphs(inputs=inputs, outputs=outputs, grad_outputs=tuple(torch.zeros_like(o) for o in outputs),
-                       grad_inputs=(None, None, None, slot), forward_graph=Replay(lambda: None),
-                       backward_graph=Replay(lambda: slot.fill_(value)))
+def _fake_graphs(slot: torch.Tensor, lent, value: float, staged=None):
+    """Graphs whose backward leaves ``value`` in the shared gradient ``slot`` (lending through ``lent``)."""
+    from engine.model.latent_block import _Graphs
 
-    args = (torch.zeros(2, 4), torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool),
-            torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 2, 2, 1, 1, 4))
-    first = _GraphedBlockFunction.apply(fake_graphs(1.0), *args, weight)
-    second = _GraphedBlockFunction.apply(fake_graphs(10.0), *args, weight)
+    outputs = (torch.zeros(2, 1, 4), torch.zeros(1, 2, 2, 1, 1, 4))
+    return _Graphs(inputs=tuple(t.clone() for t in _FAKE_ARGS), outputs=outputs,
+                   grad_outputs=tuple(torch.zeros_like(o) for o in outputs), grad_inputs=(None, None, None, slot),
+                   forward_graph=_Replay(lambda: None), backward_graph=_Replay(lambda: slot.fill_(value)), lent=lent,
+                   staged=staged)
+
+
+def test_two_replays_in_one_backward_keep_each_ones_gradients():
+    """Two replays of graphs that share the gradient slot in one autograd graph: the first backward's weight
+    gradient must survive the second replay until autograd sums them (handing out the slot itself, the second
+    replay would overwrite the first's gradient before the sum)."""
+    from engine.model.latent_block import _GraphedBlockFunction, _LentGradients
+
+    weight, slot, lent = torch.ones(3, requires_grad=True), torch.zeros(3), _LentGradients()
+    first = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 1.0), *_FAKE_ARGS, weight)
+    second = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 10.0), *_FAKE_ARGS, weight)
     (first[0].sum() + second[0].sum()).backward()
     assert torch.equal(weight.grad, torch.full((3,), 11.0)), weight.grad  # 10 + 1, not 1 + 1
-    del types
+
+
+def test_lent_gradients_are_views_until_somebody_keeps_one():
+    """The weights' gradients leave the graphed backward as views of the shared slot, not copies: a gradient
+    autograd adds to another use's is never copied, and one kept past the next write of the slot (``param.grad``,
+    a ``torch.autograd.grad`` result) keeps its values while the slot takes the next replay's."""
+    from engine.model.latent_block import _GraphedBlockFunction, _LentGradients
+
+    slot, lent = torch.zeros(3), _LentGradients()
+    shares_slot = lambda t: t.untyped_storage().data_ptr() == slot.untyped_storage().data_ptr()  # noqa: E731
+
+    weight = torch.ones(3, requires_grad=True)  # another use after the block: autograd sums the two
+    hidden = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 5.0), *_FAKE_ARGS, weight)[0]
+    (hidden.sum() + (weight * 2.0).sum()).backward()
+    assert torch.equal(weight.grad, torch.full((3,), 7.0)) and not shares_slot(weight.grad)
+    lent_as_view = len(lent._held) == 1 and shares_slot(lent._held[0])  # lent, not copied
+    assert lent_as_view
+    assert lent.reclaim() == 0  # nobody holds it any more: nothing to copy
+
+    weight = torch.ones(3, requires_grad=True)  # the block's is the only use: autograd keeps it as .grad
+    _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 3.0), *_FAKE_ARGS, weight)[0].sum().backward()
+    output = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 4.0), *_FAKE_ARGS, weight)[0]
+    (captured,) = torch.autograd.grad(output.sum(), [weight])
+    assert torch.equal(weight.grad, torch.full((3,), 3.0)) and not shares_slot(weight.grad)
+    assert torch.equal(captured, torch.full((3,), 4.0)) and shares_slot(captured)  # still lent
+    _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 9.0), *_FAKE_ARGS, weight)[0].sum().backward()
+    assert torch.equal(slot, torch.full((3,), 9.0))
+    assert torch.equal(captured, torch.full((3,), 4.0)) and not shares_slot(captured)  # copied before the replay
+    assert torch.equal(weight.grad, torch.full((3,), 12.0))  # 3 + 9
+
+    for hook in ("post_accumulate", "accumulator"):  # DDP and DeepSpeed hook the accumulation; autograd then
+        # expects one more reference when it decides whether it may take the tensor over as .grad
+        weight = torch.ones(3, requires_grad=True)
+        if hook == "post_accumulate":
+            weight.register_post_accumulate_grad_hook(lambda p: None)
+        else:
+            accumulator = weight.view_as(weight).grad_fn.next_functions[0][0]
+            accumulator.register_hook(lambda *grads: None)
+        _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 2.0), *_FAKE_ARGS, weight)[0].sum().backward()
+        assert torch.equal(weight.grad, torch.full((3,), 2.0)) and not shares_slot(weight.grad), hook
+
+
+def test_staging_the_weights_copies_out_lent_gradients():
+    """With staged weights the slots are the staged buffers: a forward staging the weights again writes them, so
+    a gradient still held from the last backward is copied out first."""
+    from engine.model.latent_block import _GraphedBlockFunction, _LentGradients, _StagedWeights
+
+    weight = torch.nn.Parameter(torch.full((3,), 2.0))
+    lent = _LentGradients()
+    staged = _StagedWeights([torch.empty(3)], lent)
+    slot = staged.buffers[0]
+    output = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 6.0, staged), *_FAKE_ARGS, weight)[0]
+    (captured,) = torch.autograd.grad(output.sum(), [weight])
+    assert not staged.holds_weights and torch.equal(captured, torch.full((3,), 6.0))
+    _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 6.0, staged), *_FAKE_ARGS, weight)  # stages the weights
+    assert staged.holds_weights and torch.equal(slot, weight.detach())
+    assert torch.equal(captured, torch.full((3,), 6.0))
 
 
 def test_staged_graphs_are_kept_to_a_share_of_the_device(tiny_model, monkeypatch):

@@ -33,9 +33,8 @@ transformers does.
 included) or from two CUDA graphs per shape bucket: the forward and the backward (``autograd.grad`` with
 respect to the inputs and the parameters), captured as `torch.cuda.make_graphed_callables` does, with three
 differences that matter here: inputs shorter than the bucket are copied into the front of the static buffers;
-outputs and gradients are returned as copies, so nothing the caller keeps (``param.grad`` included, which
-autograd may otherwise take over from a returned tensor) aliases graph memory that the next replay overwrites;
-and a backward that runs after another replay of the same graph raises instead of reading overwritten
+outputs and the inputs' gradients are returned as copies, so nothing the caller keeps aliases graph memory that
+the next replay overwrites (the weights' gradients are views lent until then, `_LentGradients`); and a backward that runs after another replay of the same graph raises instead of reading overwritten
 activations.
 
 Under DeepSpeed ZeRO-3 the language model's parameters are gathered into fresh memory at every call of it (its
@@ -47,8 +46,9 @@ them as it reduces any other.
 
 The weights' gradients leave every captured backward through one set of buffers shared by all captured shapes
 (`LatentBlock.gradient_slots`): each is copied there as soon as autograd has summed it over the passes, and freed,
-so a graph's memory pool holds a few layers' gradients at a time instead of all of them. One copy of the weights
-for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged weights the
+so a graph's memory pool holds a few layers' gradients at a time instead of all of them; autograd gets views of
+the slots, copied only for whoever still holds one when the slots are next written (`_LentGradients`). One copy of
+the weights for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged weights the
 slots are the staged buffers themselves, so the graphs keep one copy of the weights in all: a backward reads a
 weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node with a
 gradient edge to it, and the shared products, which read the weight without one, run before their `_Gather`
@@ -65,6 +65,7 @@ before stay.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -185,16 +186,67 @@ def latent_block(
     return torch.cat(hiddens, dim=1), latent_kv
 
 
+def _python_refs(tensors: list[torch.Tensor], index: int) -> int:
+    """Python's reference count of ``tensors[index]``, always taken through this one function so that counts taken
+    at different times compare."""
+    return sys.getrefcount(tensors[index])
+
+
+class _LentGradients:
+    """The weights' gradients that captured backwards handed to autograd as views of the gradient slots, which
+    every captured shape shares, instead of copies (at the 8B geometry a copy of every weight at once is 14 GiB).
+
+    Autograd usually consumes them within that backward: it adds them to another use's gradient or copies them
+    into ``.grad`` (it cannot take over a tensor held here, as it takes over a sole reference). Whoever still holds
+    one when the slots are next written (another forward's pending backward, a ``torch.autograd.grad`` result)
+    gets its own copy first (`reclaim`): that holder's tensor is re-pointed at the copy, so it never sees a later
+    replay's values."""
+
+    def __init__(self):
+        self._held: list[torch.Tensor] = []
+        # each view held a second time: when autograd decides whether it may take a gradient over as .grad
+        # (torch's `is_tensor_stealable`), a Python object referenced once does not count as a holder; .grad would
+        # then live in the slot
+        self._held_again: list[torch.Tensor] = []
+        self._unclaimed_refs = 0  # Python's count for a lent view that only these lists hold
+
+    def lend(self, slots: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of ``slots`` (each a tensor of its own over the slot's memory) to return to autograd."""
+        start = len(self._held)
+        self._held.extend(s.new_empty(0).set_(s.untyped_storage(), s.storage_offset(), s.size(), s.stride())
+                          for s in slots)
+        self._held_again.extend(self._held[start:])
+        if len(self._held) > start:
+            self._unclaimed_refs = _python_refs(self._held, start)
+        return self._held[start:]
+
+    def reclaim(self) -> int:
+        """Before the slots are written: give every lent view that somebody still holds (autograd's buffers count
+        in the tensor's use count, Python holders in its reference count) a copy of its values, and forget them
+        all. Returns how many were copied."""
+        copied = 0
+        with torch.no_grad():
+            for index in range(len(self._held)):  # no loop variable: it would count as a holder
+                if self._held[index]._use_count() > 1 or _python_refs(self._held, index) > self._unclaimed_refs:
+                    self._held[index].set_(self._held[index].clone())
+                    copied += 1
+        self._held.clear()
+        self._held_again.clear()
+        return copied
+
+
 class _StagedWeights:
     """The staged weights' buffers, which the captured backwards also use as the gradient slots, and whether they
     hold the weights now (after a forward's staging) or a backward's gradients (after its replay)."""
 
-    def __init__(self, buffers: list[torch.Tensor]):
+    def __init__(self, buffers: list[torch.Tensor], lent: _LentGradients):
         self.buffers = buffers
+        self.lent = lent  # gradients lent from these buffers: copied out before the weights overwrite them
         self.holds_weights = False
 
     def refresh(self, params) -> None:
         """Copy the parameters' values in (one multi-tensor copy)."""
+        self.lent.reclaim()
         with torch.no_grad():
             torch._foreach_copy_(self.buffers, [p.detach() for p in params])
         self.holds_weights = True
@@ -213,10 +265,11 @@ class _Graphs:
     outputs: tuple[torch.Tensor, torch.Tensor]
     grad_outputs: tuple[torch.Tensor, torch.Tensor]
     # prev, column_embeds, prefix_kv, then the parameters' gradient slots (shared by every captured shape: valid
-    # only until the next backward replay of any shape, so the autograd function hands out copies)
+    # only until the next write of the slots, so the autograd function lends views of them through `lent`)
     grad_inputs: tuple[torch.Tensor | None, ...]
     forward_graph: torch.cuda.CUDAGraph
     backward_graph: torch.cuda.CUDAGraph
+    lent: _LentGradients  # the block's, shared by every captured shape as the slots are
     replays: int = 0
     pool_reserved: int = 0  # bytes the graphs' memory pool took from the device
     pool_allocated: int = 0  # of which still allocated after the capture (outputs, gradients)
@@ -270,15 +323,16 @@ class _GraphedBlockFunction(torch.autograd.Function):
         staged = graphs.staged
         if staged is not None:  # another shape's backward may have left its gradients there
             staged.hold_weights(ctx.params)
+        graphs.lent.reclaim()  # what an earlier backward lent and is still held: copied out before the replay
         graphs.backward_graph.replay()
         if staged is not None:
             staged.holds_weights = False  # they hold this backward's gradients now
         g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
-        # copies: the slots are every shape's, and another replay before autograd sums these would overwrite them
+        # views of the slots, not copies: the slots are every shape's, and a replay before autograd has consumed
+        # these copies out whatever is still held first (`_LentGradients`)
         present = [i for i, g in enumerate(g_params) if g is not None]
-        copies = torch._foreach_mul([g_params[i] for i in present], 1.0) if present else []
-        for i, copy in zip(present, copies):
-            g_params[i] = copy
+        for i, view in zip(present, graphs.lent.lend([g_params[i] for i in present])):
+            g_params[i] = view
         return (
             None,
             None if g_prev is None else g_prev.clone(),
@@ -438,6 +492,7 @@ class LatentBlock:
         # with `staged_weights`: the weights the graphs read (`_staged`), which are also the slots
         self._staging: _StagedWeights | None = None
         self._gradient_slots: list[torch.Tensor] | None = None  # where the captured backwards leave the weights' grads
+        self._lent = _LentGradients()  # views of the slots that backwards returned to autograd
         self._graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self._param_fingerprint: tuple | None = None
         self.captures = 0  # graphs captured so far (benchmarks report it)
@@ -464,6 +519,7 @@ class LatentBlock:
         self._graphs.clear()
         self._staging = None
         self._gradient_slots = None
+        self._lent = _LentGradients()  # the old views keep only the old slots, which nothing writes any more
         self._param_fingerprint = None
 
     @property
@@ -490,6 +546,7 @@ class LatentBlock:
         state["_graphs"] = OrderedDict()
         state["_staging"] = None
         state["_gradient_slots"] = None
+        state["_lent"] = _LentGradients()
         state["_param_fingerprint"] = None
         return state
 
@@ -647,7 +704,7 @@ class LatentBlock:
         dtypes or devices change), refreshed now."""
         buffers = _buffers_like(self._staged, params)
         if buffers is not self._staged:
-            self._staging = _StagedWeights(buffers)
+            self._staging = _StagedWeights(buffers, self._lent)
         self._staging.refresh(params)
         return buffers
 
@@ -742,6 +799,7 @@ class LatentBlock:
         stream.wait_stream(torch.cuda.current_stream(device))
         differentiated = len(_DIFFERENTIABLE)
         staged = self._staging if self.staged_weights else None
+        self._lent.reclaim()  # the warm-ups write the slots
         with torch.cuda.stream(stream):
             for _ in range(2):  # cuBLAS/SDPA algorithm choice and lazy init outside the capture
                 if staged is not None:  # the staged weights are the slots: the last warm-up left gradients there
@@ -780,6 +838,7 @@ class LatentBlock:
             grad_inputs=tuple(grad_inputs),
             forward_graph=forward_graph,
             backward_graph=backward_graph,
+            lent=self._lent,
             pool_reserved=pool_reserved,
             pool_allocated=pool_allocated,
             buffers=(*read, *slots) if read is not params else tuple(slots),
