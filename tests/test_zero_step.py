@@ -223,12 +223,18 @@ PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}},
               "fp16": {"fp16": {"enabled": True, "loss_scale": 128}}}  # a static scale: the clip factor divides it out
 
 
-def fused_engine(zero_stage: int, checks: str, device: str = "cpu", precision: str = "fp32"):
+def fused_engine(zero_stage: int, checks: str, device: str = "cpu", precision: str = "fp32",
+                 sub_group_size: int | None = None):
     """An engine with torch's fused AdamW, clipping at every step (max_grad_norm 0.05) and a warmup/linear
-    schedule, so that a wrong clip factor or a wrongly advanced schedule changes the weights."""
+    schedule, so that a wrong clip factor or a wrongly advanced schedule changes the weights. `sub_group_size`:
+    ZeRO-3's, to split the parameters into several sub-groups as a large model's are (DeepSpeed's default is 1e9
+    elements: an 8B model's parameters fall into several)."""
+    deepspeed = dict(PRECISIONS[precision])
+    if sub_group_size is not None:
+        deepspeed["zero_optimization"] = {"sub_group_size": sub_group_size}
     cfg = train_config(zero_stage=zero_stage, zero_grad_checks=checks, optimizer="adamw_fused", device=device,
                        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
-                       deepspeed=PRECISIONS[precision])
+                       deepspeed=deepspeed)
     engine, model, tok = deepspeed_engine(cfg, device)
     engine.optimizer.check_grad_overflow = True  # what bf16 sets: a non-finite gradient skips the step
     return engine, model, batch_for(model, tok, device)
@@ -258,18 +264,20 @@ def run_steps(engine, model, batch, nan_at=()):
 
 
 @needs_checked_release
-@pytest.mark.parametrize("zero_stage,device,precision", [
-    (1, "cpu", "fp32"), (2, "cpu", "fp32"), (3, "cpu", "fp32"), (3, "cpu", "bf16"), (3, "cpu", "fp16"),
-    *(pytest.param(stage, "cuda", "fp32",
+@pytest.mark.parametrize("zero_stage,device,precision,sub_group_size", [
+    (1, "cpu", "fp32", None), (2, "cpu", "fp32", None), (3, "cpu", "fp32", None), (3, "cpu", "bf16", None),
+    (3, "cpu", "fp16", None), (3, "cpu", "bf16", 2000),
+    *(pytest.param(stage, "cuda", "fp32", None,
                    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
       for stage in (2, 3)),
 ])
-def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device, precision):
+def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, device, precision, sub_group_size):
     """The step that leaves the overflow and the clip factor on the device trains to DeepSpeed's weights (its step
     with the multi-tensor checks: the same norm), reports DeepSpeed's global gradient norm, skips a NaN step the
     same way (weights, moments, step count) and takes the schedule back when the skip is settled, and reads nothing
     on the host where DeepSpeed's reads at least once per step (ZeRO-1/2: the overflow and the norm, three times).
-    ZeRO-3 also in bf16 and in fp16 with a static loss scale (the norm and the clip factor carry the scale)."""
+    ZeRO-3 also in bf16, in fp16 with a static loss scale (the norm and the clip factor carry the scale) and with its
+    parameters in several sub-groups (each stepped in turn, the norm combined over them)."""
     if device == "cpu" and precision == "fp16":
         from deepspeed.accelerator import get_accelerator
 
@@ -277,9 +285,11 @@ def test_device_step_equals_deepspeeds_step_without_host_reads(zero_stage, devic
             pytest.skip("DeepSpeed's CPU accelerator refuses fp16 on this CPU")
     results = {}
     for checks in ("multi_tensor", "auto"):
-        engine, model, batch = fused_engine(zero_stage, checks, device, precision)
+        engine, model, batch = fused_engine(zero_stage, checks, device, precision, sub_group_size)
         try:
             assert zero_step.device_step_active(engine.optimizer) is (checks == "auto")
+            if sub_group_size is not None:
+                assert len(engine.optimizer.fp16_groups) > 2  # several sub-groups
             results[checks] = run_steps(engine, model, batch, nan_at=(1,))
             assert engine.skipped_steps == 1, checks
         finally:
