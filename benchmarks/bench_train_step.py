@@ -126,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, metavar="JSON|DIR",
                    help="train_step.json of an earlier run (e.g. 1 GPU): adds speed-up and scaling efficiency")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the trainer's default)")
+    p.add_argument("--cuda-expandable-segments", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA's caching allocator with expandable segments, as the trainer sets it "
+                        "(cuda_expandable_segments; PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF in the environment wins)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
     p.add_argument("--seed", type=int, default=0, help="model seed; rank r's batches use seed + 1000·(r+1)")
     p.add_argument("--optimizers", type=str_list, default=None,
@@ -1243,7 +1246,7 @@ def main(argv=None) -> int:
 
     if args.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # steadier CPU timings; set OMP_NUM_THREADS to choose otherwise
-    env = init_distributed(args.device_type, args.local_rank)
+    env = init_distributed(args.device_type, args.local_rank, expandable_segments=args.cuda_expandable_segments)
     cuda = env.device.type == "cuda"
     if not env.is_main:
         log.setLevel(logging.WARNING)

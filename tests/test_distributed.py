@@ -400,3 +400,28 @@ def test_zero3_host_cost_harness_runs_every_path(tmp_path):
         assert r["ranks"] == 2 and r["tensors"] == 16
         assert all(r[f"{phase}_ms"] > 0 for phase in ("forward", "backward", "step")), r
     assert "| engine |" in (tmp_path / "zero3_host_cost.md").read_text()
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_told_otherwise(monkeypatch):
+    """On CUDA the run sets the caching allocator to expandable segments before CUDA starts; a setting in the
+    environment wins, the config can turn it off, and after CUDA has started nothing is set (torch reads the
+    settings once)."""
+    import torch
+
+    from engine.training import distributed
+
+    for name in distributed.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_ALLOCATOR_SET_HERE", [])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert "had started" in distributed.choose_cuda_allocator()
+    assert not any(os.environ.get(name) for name in distributed.ALLOCATOR_ENV)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert distributed.choose_cuda_allocator(expandable_segments=False) == "torch's defaults"
+    assert not any(os.environ.get(name) for name in distributed.ALLOCATOR_ENV)
+    assert distributed.choose_cuda_allocator() == distributed.EXPANDABLE_SEGMENTS
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert distributed.choose_cuda_allocator() == distributed.EXPANDABLE_SEGMENTS  # the same choice again
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    said = distributed.choose_cuda_allocator()
+    assert "PYTORCH_ALLOC_CONF=garbage_collection_threshold:0.6" in said and "environment" in said

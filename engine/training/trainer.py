@@ -91,8 +91,11 @@ class Trainer:
         self.config = config
         if config.wandb is not None:
             check_wandb_installed()
-        self.env: DistEnv = init_distributed(config.device, local_rank)
+        self.env: DistEnv = init_distributed(config.device, local_rank,
+                                             expandable_segments=config.cuda_expandable_segments)
         self.device = self.env.device
+        if self.device.type == "cuda" and self.env.is_main:
+            log.info("CUDA allocator: %s", self.env.cuda_allocator)
         self.run_dir = config.run_dir
         self.use_bf16 = bool(config.bf16 and self.device.type == "cuda")
         if config.bf16 and not self.use_bf16 and self.env.is_main:
