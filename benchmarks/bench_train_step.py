@@ -31,6 +31,7 @@ Only rank 0 writes ``train_step.json`` (settings, environment, command, world si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import logging
 import os
@@ -138,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero_optimization settings over the trainer's per-stage defaults (engine/training/optim.py); "
                    "repeat the flag to sweep, one configuration per value, e.g. --zero-settings default "
                    "--zero-settings overlap_comm=false --zero-settings reduce_bucket_size=5e8,allgather_bucket_size=5e8;"
-                   " seven keys are the trainer's, not DeepSpeed's: zero3_leaf_language_model=false and "
+                   " eight keys are not ZeRO's: zero3_leaf_language_model=false and "
                    "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_listed_parameters=false "
                    "(DeepSpeed's walk over a module's submodules at every hook, fetch and release), "
                    "zero3_flat_leaf_reduction=true (each "
@@ -146,9 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
                    "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers and "
                    "releases and its linear), "
-                   "compile_vision_layers=true (torch.compile of each vision encoder layer) and "
+                   "compile_vision_layers=true (torch.compile of each vision encoder layer), "
                    "layer_ops=reference|fused (the decoder layers' norms, rotary and SwiGLU in the latent block and the "
-                   "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels)")
+                   "passes, and the vision layers' LayerNorms: modules and transformers calls, or Triton kernels) and "
+                   "throughput_timer_synchronized=true (DeepSpeed's default: its throughput timer synchronises the "
+                   "device at every forward and step; the trainer's false does not)")
     p.add_argument("--liger", type=str_list, default=None,
                    help="Liger-Kernel variants, comma-separated: none, all, or pieces joined by '+' from "
                    f"{', '.join(LIGER_KERNELS)} (default none)")
@@ -462,16 +465,41 @@ class PhaseClock:
 
 
 class SyncCounter:
-    """Host synchronisations per phase, as CUDA's sync debug mode reports them (warnings), without adding any."""
+    """Host synchronisations per phase, without adding any: those CUDA's sync debug mode reports (warnings: an
+    operator that waits, e.g. `.item()`) and the explicit waits it does not see (`torch.cuda.synchronize`, a
+    stream's or an event's `synchronize`, e.g. DeepSpeed's throughput timer), counted while `counting()` is
+    active."""
+
+    WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize"))
 
     def __init__(self, caught: list):
         self.caught, self.seen = caught, 0
         self.counts: dict[str, int] = {}
+        self.explicit = 0
+
+    @contextlib.contextmanager
+    def counting(self):
+        originals = [(owner, name, getattr(owner, name)) for owner, name in self.WAITS]
+
+        def counted(original):
+            def wait(*args, **kwargs):
+                self.explicit += 1
+                return original(*args, **kwargs)
+
+            return wait
+
+        for owner, name, original in originals:
+            setattr(owner, name, counted(original))
+        try:
+            yield self
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
 
     def mark(self, phase: str) -> None:
         syncs = sum(1 for w in self.caught[self.seen:] if "synchroniz" in str(w.message))
-        self.counts[phase] = syncs
-        self.seen = len(self.caught)
+        self.counts[phase] = syncs + self.explicit
+        self.seen, self.explicit = len(self.caught), 0
 
 
 class PhaseProfiler:
@@ -642,10 +670,11 @@ class Bench:
         t0 = time.perf_counter()
         pieces = parse_liger(cfg.liger)
         zero_settings = parse_zero_settings(cfg.zero_settings)
-        # seven keys are the trainer's, not DeepSpeed's: one gather of the language model (and of the vision tower)
-        # per call or ZeRO-3's per-module gathers, each module's parameters listed once or walked at every hook, a
-        # leaf's gradients reduced together or per parameter, the multi-tensor gradient checks or DeepSpeed's
-        # per-gradient loops, compiled vision layers, the training layers' ops
+        # eight keys are not ZeRO's: one gather of the language model (and of the vision tower) per call or
+        # ZeRO-3's per-module gathers, each module's parameters listed once or walked at every hook, a leaf's
+        # gradients reduced together or per parameter, the multi-tensor gradient checks or DeepSpeed's per-gradient
+        # loops, compiled vision layers, the training layers' ops, DeepSpeed's throughput timer synchronising the
+        # device (its default) or not (the trainer's)
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
         flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", False))
@@ -653,13 +682,15 @@ class Bench:
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))
         listed = bool(zero_settings.pop("zero3_listed_parameters", True))
+        timer_synchronized = zero_settings.pop("throughput_timer_synchronized", None)  # DeepSpeed's own: true
         train_cfg = TrainConfig(  # first: an invalid combination (the fused loss under ZeRO-3) costs nothing
             model_id=str(self.args.model), zero_stage=cfg.zero_stage, batch_size_training=cfg.batch_size, bf16=self.use_bf16,
             lr=self.args.lr, seed=self.args.seed, device=self.args.device_type, attn_implementation=self.args.attn,
             optimizer=cfg.optimizer, liger_kernels=list(pieces), zero3_leaf_language_model=leaf,
             zero3_leaf_vision_tower=vision_leaf, zero3_flat_leaf_reduction=flat_reduction,
             zero_grad_checks=checks, compile_vision_layers=compile_vision, layer_ops=layer_ops,
-            deepspeed={"zero_optimization": zero_settings},
+            deepspeed={"zero_optimization": zero_settings, **({} if timer_synchronized is None else {
+                "timers": {"throughput": {"enabled": True, "synchronized": bool(timer_synchronized)}}})},
         )
         model, tok, _ = load_model(self.args.model, dtype=torch.float32, device=self.device, seed=self.args.seed,
                                    attn_implementation=self.args.attn)
@@ -813,7 +844,8 @@ class Bench:
                 counter = SyncCounter(caught)
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    step(counter)
+                    with counter.counting():
+                        step(counter)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs = counter.counts

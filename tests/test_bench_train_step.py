@@ -342,3 +342,30 @@ def test_a_step_that_fails_under_the_profiler_stops_it(tool):
     unfinished.stop()
     with pytest.raises(RuntimeError, match="not profiled to its end"):
         unfinished.summary()
+
+
+def test_sync_counter_counts_explicit_waits_too(monkeypatch):
+    """CUDA's sync debug mode warns of operators that wait (`.item()`), not of explicit waits; the counter counts
+    those (`torch.cuda.synchronize`, a stream's or an event's) while it is counting, per phase, and puts the
+    functions back afterwards."""
+    import warnings
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)  # no device here
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda self: None)
+    plain = torch.cuda.synchronize
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counter = bench_train_step.SyncCounter(caught)
+        with counter.counting():
+            assert torch.cuda.synchronize is not plain
+            torch.cuda.synchronize()
+            warnings.warn("called a synchronizing CUDA operation")  # what the debug mode warns
+            counter.mark("forward")
+            torch.cuda.synchronize()
+            torch.cuda.Event.synchronize(object())
+            counter.mark("optimizer")
+            counter.mark("data")
+    assert counter.counts == {"forward": 2, "optimizer": 2, "data": 0}
+    assert torch.cuda.synchronize is plain

@@ -144,6 +144,30 @@ def test_zero_settings_per_stage_and_overrides():
     assert deepspeed_config(train_config(zero_stage=0), use_bf16=False)["zero_optimization"] == {"stage": 0}
 
 
+@pytest.mark.parametrize("synchronized", [None, True])
+def test_steps_do_not_wait_for_the_device_in_deepspeeds_throughput_timer(monkeypatch, synchronized):
+    """DeepSpeed's throughput timer synchronises the device at each forward and step (from the third step) unless
+    told not to; the trainer's config tells it not to, and a user's override still wins."""
+    from deepspeed.accelerator import get_accelerator
+
+    overrides = {} if synchronized is None else {"timers": {"throughput": {"synchronized": synchronized}}}
+    cfg = train_config(zero_stage=2, deepspeed=overrides)
+    assert deepspeed_config(cfg, use_bf16=False)["timers"]["throughput"]["synchronized"] is bool(synchronized)
+    engine, model, tok = deepspeed_engine(cfg)
+    waits = []
+    accelerator = get_accelerator()
+    monkeypatch.setattr(accelerator, "synchronize", lambda *args, **kwargs: waits.append(args))
+    try:
+        ids, mask, labels, pv = batch_for(model, tok)
+        for _ in range(4):
+            engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+            engine.step()
+        in_steps = len(waits)
+    finally:
+        destroy_engine(engine)
+    assert (in_steps > 0) is bool(synchronized), in_steps
+
+
 def test_zero2_overlaps_its_reductions_only_on_several_ranks(monkeypatch):
     cfg = train_config(zero_stage=2)
     assert deepspeed_config(cfg, use_bf16=True, world_size=1)["zero_optimization"]["overlap_comm"] is False
