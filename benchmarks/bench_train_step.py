@@ -466,11 +466,11 @@ class PhaseClock:
 
 class SyncCounter:
     """Host synchronisations per phase, without adding any: those CUDA's sync debug mode reports (warnings: an
-    operator that waits, e.g. `.item()`) and the explicit waits it does not see (`torch.cuda.synchronize`, a
-    stream's or an event's `synchronize`, e.g. DeepSpeed's throughput timer), counted while `counting()` is
-    active."""
+    operator that waits, e.g. `.item()`, and a stream's `synchronize`) and the explicit waits it does not see
+    (`torch.cuda.synchronize`, e.g. DeepSpeed's throughput timer, and an event's `synchronize`), counted while
+    `counting()` is active."""
 
-    WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize"))
+    WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"))
 
     def __init__(self, caught: list):
         self.caught, self.seen = caught, 0

@@ -410,8 +410,10 @@ def test_cuda_allocator_gets_expandable_segments_unless_told_otherwise(monkeypat
 
     from engine.training import distributed
 
-    for name in distributed.ALLOCATOR_ENV:
-        monkeypatch.delenv(name, raising=False)
+    before = {name: os.environ.get(name) for name in distributed.ALLOCATOR_ENV}
+    for name in distributed.ALLOCATOR_ENV:  # set first, so that monkeypatch restores them afterwards
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setattr(distributed, "_ALLOCATOR_SET_HERE", [])
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert "had started" in distributed.choose_cuda_allocator()
@@ -425,3 +427,5 @@ def test_cuda_allocator_gets_expandable_segments_unless_told_otherwise(monkeypat
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.6")
     said = distributed.choose_cuda_allocator()
     assert "PYTORCH_ALLOC_CONF=garbage_collection_threshold:0.6" in said and "environment" in said
+    monkeypatch.undo()  # what the test set is gone again: the later tests run with the environment they had
+    assert {name: os.environ.get(name) for name in distributed.ALLOCATOR_ENV} == before

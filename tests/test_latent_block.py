@@ -562,32 +562,47 @@ def test_two_replays_in_one_backward_keep_each_ones_gradients():
 
 
 def test_lent_gradients_are_views_until_somebody_keeps_one():
-    """The weights' gradients leave the graphed backward as views of the shared slot, not copies: a gradient
-    autograd adds to another use's is never copied, and one kept past the next write of the slot (``param.grad``,
-    a ``torch.autograd.grad`` result) keeps its values while the slot takes the next replay's."""
+    """The weights' gradients that autograd only sums into ``.grad`` leave the graphed backward as views of the
+    shared slot, not copies, and are never copied when autograd consumes them in that backward; ``.grad`` never
+    lives in the slot, hooks or no hooks. Gradients somebody receives (`torch.autograd.grad`, a tensor hook, a
+    backward building a graph) leave as copies, so what they keep, views included, holds its values through the
+    next replay."""
     from engine.model.latent_block import _GraphedBlockFunction, _LentGradients
 
     slot, lent = torch.zeros(3), _LentGradients()
     shares_slot = lambda t: t.untyped_storage().data_ptr() == slot.untyped_storage().data_ptr()  # noqa: E731
+    block = lambda weight, value: _GraphedBlockFunction.apply(_fake_graphs(slot, lent, value), *_FAKE_ARGS,  # noqa: E731
+                                                              weight)[0]
 
     weight = torch.ones(3, requires_grad=True)  # another use after the block: autograd sums the two
-    hidden = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 5.0), *_FAKE_ARGS, weight)[0]
-    (hidden.sum() + (weight * 2.0).sum()).backward()
+    (block(weight, 5.0).sum() + (weight * 2.0).sum()).backward()
     assert torch.equal(weight.grad, torch.full((3,), 7.0)) and not shares_slot(weight.grad)
     lent_as_view = len(lent._held) == 1 and shares_slot(lent._held[0])  # lent, not copied
     assert lent_as_view
     assert lent.reclaim() == 0  # nobody holds it any more: nothing to copy
 
     weight = torch.ones(3, requires_grad=True)  # the block's is the only use: autograd keeps it as .grad
-    _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 3.0), *_FAKE_ARGS, weight)[0].sum().backward()
-    output = _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 4.0), *_FAKE_ARGS, weight)[0]
-    (captured,) = torch.autograd.grad(output.sum(), [weight])
+    block(weight, 3.0).sum().backward()
     assert torch.equal(weight.grad, torch.full((3,), 3.0)) and not shares_slot(weight.grad)
-    assert torch.equal(captured, torch.full((3,), 4.0)) and shares_slot(captured)  # still lent
-    _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 9.0), *_FAKE_ARGS, weight)[0].sum().backward()
-    assert torch.equal(slot, torch.full((3,), 9.0))
-    assert torch.equal(captured, torch.full((3,), 4.0)) and not shares_slot(captured)  # copied before the replay
+    (captured,) = torch.autograd.grad(block(weight, 4.0).sum(), [weight])
+    assert torch.equal(captured, torch.full((3,), 4.0)) and not shares_slot(captured)  # handed over: a copy
+    kept = captured[:2]
+    block(weight, 9.0).sum().backward()
+    assert torch.equal(slot, torch.full((3,), 9.0)) and torch.equal(kept, torch.full((2,), 4.0))
     assert torch.equal(weight.grad, torch.full((3,), 12.0))  # 3 + 9
+
+    hooked, seen = torch.ones(3, requires_grad=True), []
+    hooked.register_hook(lambda grad: seen.append(grad.view(-1)))
+    block(hooked, 6.0).sum().backward()
+    block(weight, 1.0).sum().backward()  # the slot takes another replay's values
+    assert torch.equal(seen[0], torch.full((3,), 6.0)) and torch.equal(hooked.grad, torch.full((3,), 6.0))
+
+    building = torch.ones(3, requires_grad=True)
+    output = block(building, 2.0)
+    (grad,) = torch.autograd.grad((output * output).sum(), [building], create_graph=True)
+    built = grad.detach()
+    block(weight, 7.0).sum().backward()
+    assert torch.equal(built, torch.full((3,), 2.0)) and not shares_slot(built)  # a graph-building backward's
 
     for hook in ("post_accumulate", "accumulator"):  # DDP and DeepSpeed hook the accumulation; autograd then
         # expects one more reference when it decides whether it may take the tensor over as .grad
@@ -597,8 +612,25 @@ def test_lent_gradients_are_views_until_somebody_keeps_one():
         else:
             accumulator = weight.view_as(weight).grad_fn.next_functions[0][0]
             accumulator.register_hook(lambda *grads: None)
-        _GraphedBlockFunction.apply(_fake_graphs(slot, lent, 2.0), *_FAKE_ARGS, weight)[0].sum().backward()
+        block(weight, 2.0).sum().backward()
         assert torch.equal(weight.grad, torch.full((3,), 2.0)) and not shares_slot(weight.grad), hook
+
+
+def test_held_views_are_found_after_many_rounds():
+    """The Python reference count that finds a held view is compared with that of a tensor held the same way, at
+    each reclaim: the check holds however often the interpreter has run (and specialised) it."""
+    from engine.model.latent_block import _LentGradients
+
+    slot, lent = torch.zeros(4), _LentGradients()
+    for round_ in range(50):
+        views = lent.lend([slot])
+        kept = views[0] if round_ % 7 == 3 else None
+        del views
+        slot.fill_(float(round_))
+        assert lent.reclaim() == (kept is not None), round_
+        if kept is not None:
+            slot.fill_(-1.0)
+            assert torch.equal(kept, torch.full((4,), float(round_))), round_
 
 
 def test_staging_the_weights_copies_out_lent_gradients():

@@ -196,11 +196,12 @@ class _LentGradients:
     """The weights' gradients that captured backwards handed to autograd as views of the gradient slots, which
     every captured shape shares, instead of copies (at the 8B geometry a copy of every weight at once is 14 GiB).
 
-    Autograd usually consumes them within that backward: it adds them to another use's gradient or copies them
-    into ``.grad`` (it cannot take over a tensor held here, as it takes over a sole reference). Whoever still holds
-    one when the slots are next written (another forward's pending backward, a ``torch.autograd.grad`` result)
-    gets its own copy first (`reclaim`): that holder's tensor is re-pointed at the copy, so it never sees a later
-    replay's values."""
+    Only gradients that autograd sums into ``.grad`` unseen are lent (`_summed_into_grad`; the others, e.g. a
+    ``torch.autograd.grad`` result, leave as copies). Autograd consumes them within that backward: it adds them to
+    another use's gradient or copies them into ``.grad`` (it cannot take over a tensor held here, as it takes over
+    a sole reference). One still held when the slots are next written (in autograd's buffers for the pending
+    backward of another forward) gets its own copy first (`reclaim`): the held tensor is re-pointed at the copy, so
+    it never sees a later replay's values."""
 
     def __init__(self):
         self._held: list[torch.Tensor] = []
@@ -208,7 +209,9 @@ class _LentGradients:
         # (torch's `is_tensor_stealable`), a Python object referenced once does not count as a holder; .grad would
         # then live in the slot
         self._held_again: list[torch.Tensor] = []
-        self._unclaimed_refs = 0  # Python's count for a lent view that only these lists hold
+        # a tensor nobody else sees, held as the views are: its reference count is that of a view nobody holds
+        self._unseen, self._unseen_again = [torch.empty(0)], []
+        self._unseen_again.append(self._unseen[0])
 
     def lend(self, slots: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of ``slots`` (each a tensor of its own over the slot's memory) to return to autograd."""
@@ -216,23 +219,40 @@ class _LentGradients:
         self._held.extend(s.new_empty(0).set_(s.untyped_storage(), s.storage_offset(), s.size(), s.stride())
                           for s in slots)
         self._held_again.extend(self._held[start:])
-        if len(self._held) > start:
-            self._unclaimed_refs = _python_refs(self._held, start)
         return self._held[start:]
 
     def reclaim(self) -> int:
         """Before the slots are written: give every lent view that somebody still holds (autograd's buffers count
         in the tensor's use count, Python holders in its reference count) a copy of its values, and forget them
-        all. Returns how many were copied."""
+        all. Returns how many were copied. Only the view itself is re-pointed: the backward lends only gradients
+        that autograd sums into ``.grad`` unseen (`_summed_into_grad`), so nobody can have taken a view of one."""
         copied = 0
+        unseen = _python_refs(self._unseen, 0)
         with torch.no_grad():
             for index in range(len(self._held)):  # no loop variable: it would count as a holder
-                if self._held[index]._use_count() > 1 or _python_refs(self._held, index) > self._unclaimed_refs:
+                if self._held[index]._use_count() > 1 or _python_refs(self._held, index) > unseen:
                     self._held[index].set_(self._held[index].clone())
                     copied += 1
         self._held.clear()
         self._held_again.clear()
         return copied
+
+
+def _summed_into_grad(params, indices: list[int], building_graph: bool) -> set[int]:
+    """Those of ``indices`` whose parameter's gradient this backward only sums into ``.grad``: its accumulator runs
+    (not under `torch.autograd.grad`, which returns it to the caller, nor a ``backward(inputs=...)`` without it), no
+    tensor hook sees the gradient first, and the backward builds no graph (``create_graph``, where autograd hands on
+    a detached alias). Only those may leave as views of the slots (`_LentGradients`); whoever receives the others
+    may keep them, or views of them, so they leave as copies. A parameter without gradient takes none."""
+    if building_graph:
+        return set()
+    from torch.autograd.graph import get_gradient_edge
+
+    try:
+        return {i for i in indices if not params[i].requires_grad or (
+            not params[i]._backward_hooks and torch._C._will_engine_execute_node(get_gradient_edge(params[i]).node))}
+    except RuntimeError:  # torch.autograd.grad with parameters among its inputs
+        return set()
 
 
 class _StagedWeights:
@@ -302,8 +322,9 @@ class _GraphedBlockFunction(torch.autograd.Function):
         graphs.replays += 1
         ctx.graphs, ctx.replay, ctx.prefix_len, ctx.columns = graphs, graphs.replays, prefix_kv.shape[-2], columns
         # the parameters themselves (under ZeRO-3 gathered again for the backward), not their values: for staging
-        # the weights again in backward when another backward overwrote them with its gradients
-        ctx.params = params if graphs.staged is not None else None
+        # the weights again in backward when another backward overwrote them with its gradients, and to see where
+        # their gradients go
+        ctx.params = params
         hidden, latent_kv = graphs.outputs
         return hidden[:, :columns].clone(), latent_kv.clone()
 
@@ -328,11 +349,16 @@ class _GraphedBlockFunction(torch.autograd.Function):
         if staged is not None:
             staged.holds_weights = False  # they hold this backward's gradients now
         g_prev, g_embeds, g_prefix, *g_params = graphs.grad_inputs
-        # views of the slots, not copies: the slots are every shape's, and a replay before autograd has consumed
-        # these copies out whatever is still held first (`_LentGradients`)
+        # the slots are every shape's: what autograd only sums into .grad leaves as views of them, and a later
+        # write of the slots copies out whatever is still held first (`_LentGradients`); the rest as copies
         present = [i for i, g in enumerate(g_params) if g is not None]
-        for i, view in zip(present, graphs.lent.lend([g_params[i] for i in present])):
+        lendable = _summed_into_grad(ctx.params, present, grad_hidden.requires_grad or grad_latent_kv.requires_grad)
+        lent = [i for i in present if i in lendable]
+        copied = [i for i in present if i not in lendable]
+        for i, view in zip(lent, graphs.lent.lend([g_params[i] for i in lent])):
             g_params[i] = view
+        for i, copy in zip(copied, torch._foreach_mul([g_params[i] for i in copied], 1.0) if copied else []):
+            g_params[i] = copy
         return (
             None,
             None if g_prev is None else g_prev.clone(),
@@ -519,7 +545,8 @@ class LatentBlock:
         self._graphs.clear()
         self._staging = None
         self._gradient_slots = None
-        self._lent = _LentGradients()  # the old views keep only the old slots, which nothing writes any more
+        # a pending backward of the dropped graphs writes the old slots, and reclaims through their own `lent`
+        self._lent = _LentGradients()
         self._param_fingerprint = None
 
     @property
@@ -794,12 +821,12 @@ class LatentBlock:
             ),
         )
         run, wrt = self.graph_body(params, inputs, final_padded, read)
+        self._lent.reclaim()  # the warm-ups write the slots: copies out first, on this stream, before it is waited on
         torch.cuda.synchronize(device)
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         differentiated = len(_DIFFERENTIABLE)
         staged = self._staging if self.staged_weights else None
-        self._lent.reclaim()  # the warm-ups write the slots
         with torch.cuda.stream(stream):
             for _ in range(2):  # cuBLAS/SDPA algorithm choice and lazy init outside the capture
                 if staged is not None:  # the staged weights are the slots: the last warm-up left gradients there
