@@ -153,8 +153,9 @@ def environment_info(device: torch.device | str) -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
         # the caching allocator's settings change step times near a full device (expandable segments)
-        info["cuda_allocator"] = (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-                                  or "default")
+        from engine.training.distributed import ALLOCATOR_ENV
+
+        info["cuda_allocator"] = next((os.environ[name] for name in ALLOCATOR_ENV if os.environ.get(name)), "default")
     else:
         info["device"] = f"CPU ({_cpu_name()}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads)"
     info["git"] = _git_revision()

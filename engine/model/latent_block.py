@@ -34,8 +34,8 @@ included) or from two CUDA graphs per shape bucket: the forward and the backward
 respect to the inputs and the parameters), captured as `torch.cuda.make_graphed_callables` does, with three
 differences that matter here: inputs shorter than the bucket are copied into the front of the static buffers;
 outputs and the inputs' gradients are returned as copies, so nothing the caller keeps aliases graph memory that
-the next replay overwrites (the weights' gradients are views lent until then, `_LentGradients`); and a backward that runs after another replay of the same graph raises instead of reading overwritten
-activations.
+the next replay overwrites (the weights' gradients are views lent until then, `_LentGradients`); and a backward
+that runs after another replay of the same graph raises instead of reading overwritten activations.
 
 Under DeepSpeed ZeRO-3 the language model's parameters are gathered into fresh memory at every call of it (its
 leaf module, `MultimodalCoconut.set_language_model_leaf`), at addresses a graph cannot keep. With
@@ -48,12 +48,12 @@ The weights' gradients leave every captured backward through one set of buffers 
 (`LatentBlock.gradient_slots`): each is copied there as soon as autograd has summed it over the passes, and freed,
 so a graph's memory pool holds a few layers' gradients at a time instead of all of them; autograd gets views of
 the slots, copied only for whoever still holds one when the slots are next written (`_LentGradients`). One copy of
-the weights for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged weights the
-slots are the staged buffers themselves, so the graphs keep one copy of the weights in all: a backward reads a
-weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node with a
-gradient edge to it, and the shared products, which read the weight without one, run before their `_Gather`
-node, which has one), and every forward stages the weights anew. A backward whose staged weights another shape's backward has
-overwritten since its forward stages them again first (`_StagedWeights`).
+the weights for the gradients, whatever the number of shapes (at the 8B geometry each copy is 12 GiB). With staged
+weights the slots are the staged buffers themselves, so the graphs keep one copy of the weights in all: a backward
+reads a weight only until autograd has summed its gradient (a leaf's gradient is accumulated after every node with
+a gradient edge to it, and the shared products, which read the weight without one, run before their `_Gather`
+node, which has one), and every forward stages the weights anew. A backward whose staged weights another shape's
+backward has overwritten since its forward stages them again first (`_StagedWeights`).
 
 What the graphs keep (staged weights, slots, their memory pools) they keep for good, where the eager block's
 activations are freed by its backward. A shape whose capture would not fit beside the step's peak (measured: with
@@ -194,7 +194,7 @@ def _python_refs(tensors: list[torch.Tensor], index: int) -> int:
 
 class _LentGradients:
     """The weights' gradients that captured backwards handed to autograd as views of the gradient slots, which
-    every captured shape shares, instead of copies (at the 8B geometry a copy of every weight at once is 14 GiB).
+    every captured shape shares, instead of copies (at the 8B geometry a copy of every weight at once is 12 GiB).
 
     Only gradients that autograd sums into ``.grad`` unseen are lent (`_summed_into_grad`; the others, e.g. a
     ``torch.autograd.grad`` result, leave as copies). Autograd consumes them within that backward: it adds them to
