@@ -791,8 +791,11 @@ class Bench:
         Each step's loss goes to `losses` and the engine's global gradient norm to `grad_norms` (as they are: a
         device tensor is read at the end of the row, not at each step)."""
         from engine.model.schedule import position_ids_from_mask
+        from engine.training.pacing import HostPacer
+        from engine.utils.device import to_device_keeping_host
 
         engine, dev = self.engine, self.device
+        pacer = HostPacer(dev, self.zero_stage)  # as the trainer's
         host = [batch.input_ids, batch.attention_mask, batch.labels, position_ids_from_mask(batch.attention_mask)]
         host += [] if batch.pixel_values is None else [batch.pixel_values]
         if dev.type == "cuda":
@@ -801,7 +804,8 @@ class Bench:
 
         def step(clock=None):
             with profile_range("train/data"):
-                ids, mask, labels, position_ids, *rest = [t.to(dev, non_blocking=True) for t in host]
+                ids, mask, labels, position_ids, *rest = [to_device_keeping_host(t, dev, non_blocking=True)
+                                                          for t in host]  # as the trainer's batch_to_device
             if clock is not None:
                 clock.mark("data")
             min_passes = self.min_passes(local_passes)
@@ -809,9 +813,11 @@ class Bench:
                 loss = engine(input_ids=ids, attention_mask=mask, pixel_values=rest[0] if rest else None,
                               labels=labels, position_ids=position_ids, return_logits=False,
                               min_passes=min_passes).loss
+            pacer.after_forward()
             if clock is not None:
                 clock.mark("forward")
             with profile_range("train/backward"):
+                pacer.before_backward()
                 engine.backward(loss)
             if clock is not None:
                 clock.mark("backward")

@@ -376,3 +376,85 @@ def test_lockstep_cuts_avoid_latents_and_keep_names():
     names = [padded.pass_name(i) for i in range(padded.num_passes)]
     assert names == ["coconut/prefix_pass", "coconut/lockstep_pass", "coconut/latent_pass_1",
                      "coconut/latent_pass_2", "coconut/lockstep_pass", "coconut/lockstep_pass"]
+
+
+def test_loss_and_schedule_read_the_batch_from_its_host_copy(tiny_model, tiny_tok):
+    """With the batch's host copies (what the trainer's `batch_to_device` keeps), the schedule reads the ids and mask
+    and the loss the labelled positions from them, not from the device tensors: device tensors poisoned after the
+    copy's record (no latents; no labels) give the host copies' schedule and loss. The forward with host copies
+    gives the plain batch's loss and gradients; a device tensor written after the copy is read itself again."""
+    from engine.model.schedule import build_schedule
+    from engine.utils.device import host_copy, host_values, remember_host_copy
+
+    ids, mask, pv = mixed_batch(tiny_model, tiny_tok, seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+
+    def with_host_copy(t, host=None):
+        device_tensor = t.clone()
+        remember_host_copy(device_tensor, t if host is None else host)
+        return device_tensor
+
+    def schedule(ids_, mask_):
+        return build_schedule(ids_, mask_, latent_id=tiny_model.latent_id, image_token_id=tiny_model.image_token_id,
+                              tokens_per_tile=tiny_model.tokens_per_tile, num_tiles=int(pv.shape[0]))
+
+    no_latents = ids.masked_fill(ids == tiny_model.latent_id, tiny_tok.pad_token_id)
+    assert schedule(no_latents, mask)[0].num_passes == 1
+    poisoned_ids = with_host_copy(no_latents, host=ids)
+    assert host_values(poisoned_ids) is not None and torch.equal(host_values(poisoned_ids), ids)
+    assert schedule(poisoned_ids, mask)[0] == schedule(ids, mask)[0] and schedule(ids, mask)[0].num_passes > 1
+
+    hidden = torch.randn(*ids.shape, 16, requires_grad=True)
+    head = tiny_model.base.lm_head
+    hidden_grads = []
+    for labels_ in (labels, with_host_copy(torch.full_like(labels, -100), host=labels)):
+        tiny_model.base.lm_head = torch.nn.Linear(16, head.out_features, bias=False)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(tiny_model.base.lm_head.weight)
+        try:
+            loss = tiny_model.lm_loss(hidden, labels_)
+            hidden.grad = None
+            loss.backward()
+            hidden_grads.append((loss.detach(), hidden.grad.clone()))
+        finally:
+            tiny_model.base.lm_head = head
+    torch.testing.assert_close(hidden_grads[1], hidden_grads[0], atol=0, rtol=0)
+    assert hidden_grads[0][1].abs().sum() > 0
+
+    def loss_and_grads(*batch):
+        tiny_model.zero_grad(set_to_none=True)
+        loss = tiny_model.compute_loss(*batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads(ids, mask, pv, labels)
+    loss, grads = loss_and_grads(with_host_copy(ids), with_host_copy(mask), pv, with_host_copy(labels))
+    torch.testing.assert_close(loss, plain_loss, atol=0, rtol=0)
+    assert len(grads) == len(plain_grads)
+    for ours, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+    written = with_host_copy(labels)
+    written[0, -1] = 7  # written after the copy: its host copy no longer stands for it
+    assert host_copy(written) is None
+    assert torch.equal(host_values(written), written)
+    assert host_copy(written[:, 1:]) is None  # a view has none
+    with pytest.raises(ValueError, match="host copy"):
+        remember_host_copy(ids.clone(), ids[:, 1:])
+
+
+def test_batch_to_device_keeps_host_copies_where_the_device_differs():
+    """`batch_to_device` keeps each tensor's host copy when it moves to another device (what the schedule and the
+    loss read), and none when the batch stays where it is."""
+    from engine.training.data import batch_to_device
+    from engine.utils.device import host_copy
+
+    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.full((2, 3), -100), "name": "row"}
+    same = batch_to_device(batch, torch.device("cpu"))
+    assert same["name"] == "row" and all(host_copy(same[k]) is None for k in ("input_ids", "labels"))
+    if torch.cuda.is_available():
+        moved = batch_to_device(batch, torch.device("cuda"), non_blocking=True)
+        for key in ("input_ids", "labels"):
+            assert host_copy(moved[key]) is batch[key] and moved[key].is_cuda

@@ -340,6 +340,43 @@ def test_train_steps_read_the_loss_on_the_host_only_at_log_steps(tmp_path, monke
         nan_run.run()
 
 
+def test_each_backward_is_queued_after_the_pacers_wait_for_its_forward(tmp_path, monkeypatch):
+    """Every micro-step marks the end of its forward and waits for it before the backward (`HostPacer`, which under
+    ZeRO-3 on CUDA keeps the backward's gather of the language model off the forward's memory); the pacer waits
+    only there, and only under ZeRO-3 on CUDA."""
+    import engine.training.trainer as trainer_module
+    from engine.training.pacing import HostPacer
+
+    assert HostPacer(torch.device("cuda"), 3).enabled
+    assert not HostPacer(torch.device("cuda"), 2).enabled and not HostPacer(torch.device("cpu"), 3).enabled
+    log = []
+
+    class RecordingPacer(HostPacer):
+        def after_forward(self):
+            log.append("forward done")
+
+        def before_backward(self):
+            log.append("wait")
+
+    class Recording(_LossWrapper):
+        def __call__(self, **kwargs):
+            log.append("forward")
+            return self._engine(**kwargs)
+
+        def backward(self, loss):
+            log.append("backward")
+            return self._engine.backward(loss)
+
+    real_build = trainer_module.build_engine
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *a, **k: Recording(real_build(*a, **k)))
+    monkeypatch.setattr(trainer_module, "HostPacer", RecordingPacer)
+    trainer = Trainer(make_config(tmp_path, num_epochs=1, batch_size_training=4, log_every_steps=3))
+    trainer.setup()
+    trainer.prepare_training()
+    trainer.train_epoch(0, 0)
+    assert log and log == ["forward", "forward done", "wait", "backward"] * (len(log) // 4)
+
+
 # ---------------------------------------------------------------------- run directory, resume, reliability
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory):

@@ -383,3 +383,55 @@ def test_stage3_device_step_refuses_other_setups(monkeypatch):
         assert opt.get_grad_norm_direct.__func__ is zero_step._stage3_grad_norm  # the norm the step combines
     finally:
         destroy_engine(engine)
+
+
+@needs_checked_release
+def test_stage3_epilogue_orders_the_device_not_the_host(monkeypatch):
+    """At the end of ZeRO-3's backward DeepSpeed waits on the host for its reduction stream; with the device step
+    the default stream waits for it on the device instead, and the epilogue hands the step the same gradient
+    partitions. A device that orders streams (here the CPU accelerator made to say so, its streams recorded)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # DeepSpeed's accelerator is chosen once per process
+        pytest.skip("the recording streams stand in for the CPU accelerator's; this process runs DeepSpeed on "
+                    f"{get_accelerator().device_name()} (the CUDA case of the equality test above runs the real streams)")
+    engine, model, (ids, mask, labels, pv) = fused_engine(3, "auto")
+    try:
+        opt = engine.optimizer
+        assert zero_step.device_step_active(opt)
+        assert opt.independent_gradient_partition_epilogue.__func__ is zero_step._stage3_epilogue_without_host_wait
+        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+        handed_over = [[g.clone() for g in group] for group in opt.averaged_gradients.values()]
+        assert sum(float(g.abs().sum()) for group in handed_over for g in group) > 0
+
+        calls = []
+
+        class RecordingStream:
+            def __init__(self, name):
+                self.name = name
+
+            def synchronize(self):
+                calls.append(f"the host waits for {self.name}")
+
+            def wait_stream(self, other):
+                calls.append(f"{self.name} waits for {other.name}")
+
+        accelerator = get_accelerator()
+        monkeypatch.setattr(accelerator, "resolves_data_dependency", lambda: False)
+        monkeypatch.setattr(accelerator, "current_stream", lambda device_index=None: RecordingStream("the default stream"))
+        monkeypatch.setattr(opt, "reduce_and_partition_stream", RecordingStream("the reduction stream"))
+        for epilogue, expected in ((opt.independent_gradient_partition_epilogue,
+                                    ["the default stream waits for the reduction stream"]),
+                                   (opt._deepspeed_independent_gradient_partition_epilogue,
+                                    ["the host waits for the reduction stream"])):
+            calls.clear()
+            for group in opt.averaged_gradients.values():
+                group.clear()
+            epilogue()
+            assert calls == expected
+            for ours, theirs in zip(opt.averaged_gradients.values(), handed_over):
+                assert len(ours) == len(theirs)
+                for a, b in zip(ours, theirs):
+                    assert torch.equal(a, b)
+    finally:
+        destroy_engine(engine)

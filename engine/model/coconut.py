@@ -35,6 +35,7 @@ from engine.model.stack_pass import stack_pass
 from engine.model.vision_layers import fused_vision_layers
 from engine.model.patch_embedding import use_patch_products
 from engine.model.tiles import unique_tiles
+from engine.utils.device import host_copy, to_device
 from engine.utils.profiling import profile_range
 from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
 
@@ -128,6 +129,22 @@ class PreparedBatch:
     # (B, T) int32: the row of image_features for each <IMG_CONTEXT> position, -1 elsewhere. Only the fused
     # injection reads it (set in prepare when that path is active, else on its first use).
     image_index: torch.Tensor | None = None
+
+
+def _labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a label (position t predicts labels[:, t + 1]) and those labels, in row-major
+    order. With the batch's host copy of the labels (`engine.utils.device.host_copy`) the positions are found on
+    the host and gathered by an index, so neither this forward nor its backward waits for the device to count
+    them, as a boolean mask's selection does; the same rows either way."""
+    host = host_copy(labels)
+    if host is None:
+        selected = labels[:, 1:] != IGNORE_INDEX
+        return hidden[:, :-1][selected], labels[:, 1:][selected]
+    positions = (host[:, 1:] != IGNORE_INDEX).nonzero()  # (N, 2): row, position
+    rows = positions[:, 0] * hidden.shape[1] + positions[:, 1]
+    index = to_device(rows, hidden.device)
+    targets = to_device(host[positions[:, 0], positions[:, 1] + 1], labels.device)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets
 
 
 class MultimodalCoconut(nn.Module):
@@ -437,8 +454,18 @@ class MultimodalCoconut(nn.Module):
             return inject(batch, 0, batch.input_ids.shape[1], None)  # one fused gather for the whole batch
         embeds = self.base.get_input_embeddings()(batch.input_ids)
         if batch.image_features is not None:
-            image_mask = (batch.input_ids == self.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(image_mask, batch.image_features.to(embeds.dtype))
+            features = batch.image_features.to(embeds.dtype)
+            host_ids = host_copy(batch.input_ids)
+            if host_ids is None:
+                image_mask = (batch.input_ids == self.image_token_id).unsqueeze(-1)
+                return embeds.masked_scatter(image_mask, features)
+            # the image positions from the batch's host copy: an index, where masked_scatter's backward counts the
+            # mask on the host (a wait for the device); the same rows in the same order
+            positions = (host_ids.flatten() == self.image_token_id).nonzero().flatten()
+            if positions.numel() != features.shape[0]:
+                raise ValueError(f"{features.shape[0]} image feature rows for {positions.numel()} <IMG_CONTEXT> tokens")
+            positions = to_device(positions, embeds.device)
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, positions, features).view_as(embeds)
         return embeds
 
     # ------------------------------------------------------------------ the passes
@@ -684,12 +711,11 @@ class MultimodalCoconut(nn.Module):
         recomputed in backward, so the peak stays at one chunk of logits.
         """
         targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
         if logits is not None:
+            selected = targets != IGNORE_INDEX
             flat = logits[:, :-1][selected]
             return F.cross_entropy(flat.float(), targets[selected]) if flat.numel() else logits.sum() * 0.0
-        h = hidden[:, :-1][selected]  # (N, H)
-        y = targets[selected]
+        h, y = _labelled_positions(hidden, labels)  # (N, H), (N,)
         head = self.base.lm_head
         if fast_paths.is_partitioned(head):
             # ZeRO-3: every chunk inside one call of the lm_head module, so that each rank issues one gather per

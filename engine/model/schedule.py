@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.utils.device import host_values
+
 
 class BatchLayoutError(ValueError):
     """A batch that the latent forward cannot run; the message names the row and the constraint."""
@@ -109,8 +111,8 @@ def build_schedule(
         raise BatchLayoutError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
         )
-    ids = input_ids.detach().to("cpu", non_blocking=False)
-    mask = attention_mask.detach().to("cpu").bool()
+    ids = host_values(input_ids)  # the batch's host copy where the trainer kept one: no wait for the device
+    mask = host_values(attention_mask).bool()
     batch, seq_len = ids.shape
     if seq_len == 0:
         raise BatchLayoutError("input_ids has no positions (seq_len 0)")

@@ -17,6 +17,7 @@ from engine.data.synthetic import ensure_synthetic
 from engine.training.config import ConfigError, TrainConfig
 from engine.training.distributed import DistEnv, all_gather_objects, run_on_main
 from engine.training.errors import TrainingError
+from engine.utils.device import to_device_keeping_host
 from engine.utils.logging import get_logger
 
 log = get_logger("train")
@@ -107,8 +108,11 @@ def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> i
 
 
 def batch_to_device(batch: dict, device: torch.device, *, non_blocking: bool = False) -> dict:
-    """A collated batch's tensors on `device` (other entries as they are)."""
-    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """A collated batch's tensors on `device` (other entries as they are), each remembering its host tensor, so that
+    the pass schedule and the loss read the ids, mask and labels there without waiting for the device
+    (`engine.utils.device.host_values`)."""
+    return {k: (to_device_keeping_host(v, device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
 
 
 def forward_batch(engine, batch: dict, min_passes: int):

@@ -37,6 +37,7 @@ from engine.training.config import ConfigError, TrainConfig
 from engine.training.distributed import DistEnv, Lockstep, all_reduce_mean, init_distributed
 from engine.training.errors import TrainingError
 from engine.training.model_setup import load_training_model, model_fingerprint
+from engine.training.pacing import HostPacer
 from engine.training.lr_schedule import restart_warmup
 from engine.training.optim import build_engine, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
@@ -104,6 +105,7 @@ class Trainer:
         self.run_directory = RunDirectory(self.run_dir, self.env)
         self.run_info = self.run_directory.start(config)
         self.lockstep = Lockstep.for_run(config.zero_stage, self.env)
+        self.pacer = HostPacer(self.device, config.zero_stage)  # ZeRO-3: the backward queued once the forward is done
         self.validator = Validator(config, self.env, self.lockstep)
         self.metrics = MetricsLogger(self.run_dir, enabled=False)  # opened by prepare_training
         self.history: list[dict] = []
@@ -263,7 +265,9 @@ class Trainer:
             with profile_range("train/forward"):
                 out = data.forward_batch(engine, batch, min_passes)
                 loss = out.loss
+            self.pacer.after_forward()
             with profile_range("train/backward"):
+                self.pacer.before_backward()
                 engine.backward(loss)
             with profile_range("train/optimizer"):
                 engine.step()

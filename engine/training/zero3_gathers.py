@@ -508,7 +508,7 @@ def _reduce_then_update(self, current_expected_count):
 
 def _reduce_then_epilogue(self):
     _reduce_pending(self)
-    return self._deepspeed_independent_gradient_partition_epilogue()
+    return self._epilogue_after_flat_reduction()
 
 
 def use_flat_leaf_reduction(optimizer) -> str | None:
@@ -520,5 +520,7 @@ def use_flat_leaf_reduction(optimizer) -> str | None:
     optimizer._flat_leaf_pending = []  # a leaf's parameters as its hook hands them over
     replace_method(optimizer, "reduce_ready_partitions_and_remove_grads", _collect_or_reduce)
     replace_method(optimizer, "update_hook_state_and_maybe_run_epilogue", _reduce_then_update)
-    replace_method(optimizer, "independent_gradient_partition_epilogue", _reduce_then_epilogue)
+    # the epilogue installed before (DeepSpeed's, or the device step's without a host wait) runs after the reduction
+    replace_method(optimizer, "independent_gradient_partition_epilogue", _reduce_then_epilogue,
+                   kept_as="_epilogue_after_flat_reduction")
     return None

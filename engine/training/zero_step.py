@@ -37,7 +37,10 @@ it updates anything: the host waits there for the norm kernels and their all-red
 has already waited for at the end of the backward), and the step's per-parameter Python after that point (dropping
 the gradients, re-pointing the partitions, the persistent parameters' gather) runs while the device idles.
 `use_device_step` gives it `_stage3_device_step`: the same sub-group loop with the norm, the clip factor and the skip
-left on the device as above, so the host queues the update without waiting.
+left on the device as above, so the host queues the update without waiting. It also gives ZeRO-3 the end of the
+backward without a host wait (`_stage3_epilogue_without_host_wait`): DeepSpeed synchronises the host with its
+reduction stream there, so the step's host work began only once the device had finished; now the default stream
+waits for the reduction on the device, and the step's host work overlaps the backward's tail.
 """
 
 from __future__ import annotations
@@ -382,6 +385,43 @@ def _stage3_device_step(self, closure=None):
     _warn_of_allocator_flushes(self)
 
 
+def _stage3_epilogue_unsupported(optimizer) -> str | None:
+    for name in ("ipg_buckets", "reduce_and_partition_stream", "params_already_reduced", "averaged_gradients",
+                 "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+                 "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "_epilogue_ran_this_backward"):
+        if not hasattr(optimizer, name):
+            return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
+    if getattr(optimizer, "offload_optimizer", False):
+        return "offloaded gradients are read on the host"
+    return None
+
+
+def _stage3_epilogue_without_host_wait(self):
+    """`DeepSpeedZeroOptimizer_Stage3.independent_gradient_partition_epilogue` (deepspeed 0.19) with the device, not
+    the host, waiting for the reduction stream: the last buckets reduced, and the default stream ordered after them
+    before anything reads the gradient partitions. DeepSpeed synchronises the host with that stream here, so the
+    step's host work (tens of milliseconds of per-parameter Python under ZeRO-3) started only once the device had
+    finished the backward, and the device idled through it; now it runs while the device finishes. Tensors the
+    reduction used were made on its stream or recorded there, so the allocator does not hand them out before it is
+    done, and the next backward's reductions wait for the default stream before they start."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.torch_autocast import sort_dtypes
+
+    for comm_dtype in sort_dtypes(self.ipg_buckets.keys()):
+        self._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads(comm_dtype)
+    accelerator = get_accelerator()
+    if not accelerator.resolves_data_dependency():
+        accelerator.current_stream().wait_stream(self.reduce_and_partition_stream)
+    for param_id in self.params_already_reduced.keys():
+        self.params_already_reduced[param_id] = False
+    partitions = self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+    for i, sub_group in enumerate(self.fp16_groups):
+        self.averaged_gradients[i] = [
+            partitions[param.ds_id] if param.requires_grad else torch.zeros_like(param.ds_tensor) for param in sub_group
+        ]
+    self._epilogue_ran_this_backward = True  # DeepSpeed's count of micro-steps advances at the next forward
+
+
 def _warn_of_allocator_flushes(self) -> None:
     """DeepSpeed's warning at the end of its ZeRO-3 step when the caching allocator had to flush (memory pressure)."""
     from deepspeed.accelerator import get_accelerator
@@ -484,6 +524,8 @@ def use_device_step(optimizer, engine=None) -> str | None:
     stage3 = _is_stage3(optimizer)
     if stage3:
         use_stage3_multi_tensor_norm(optimizer)
+        if _stage3_epilogue_unsupported(optimizer) is None:
+            replace_method(optimizer, "independent_gradient_partition_epilogue", _stage3_epilogue_without_host_wait)
     else:
         use_multi_tensor_grad_checks(optimizer)
     optimizer._device_skipped_steps = None  # running count on the device
