@@ -377,6 +377,22 @@ def test_each_backward_is_queued_after_the_pacers_wait_for_its_forward(tmp_path,
     assert log and log == ["forward", "forward done", "wait", "backward"] * (len(log) // 4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_pacer_waits_for_the_forwards_end_on_the_device():
+    """Under ZeRO-3 on CUDA, `before_backward` returns once the device has run everything queued before
+    `after_forward` (a long kernel here), and not before."""
+    from engine.training.pacing import HostPacer
+
+    pacer = HostPacer(torch.device("cuda"), 3)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of device time, queued before the mark
+    pacer.after_forward()
+    assert not torch.cuda.current_stream().query()  # the host is ahead of the device
+    pacer.before_backward()
+    assert torch.cuda.current_stream().query()
+    pacer.before_backward()  # nothing marked since: returns at once
+
+
 # ---------------------------------------------------------------------- run directory, resume, reliability
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory):

@@ -385,53 +385,75 @@ def test_stage3_device_step_refuses_other_setups(monkeypatch):
         destroy_engine(engine)
 
 
+class RecordingStream:
+    """A stream that records what is asked of it (`calls`): the host waiting for it, or it waiting for another."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def synchronize(self):
+        self.calls.append(f"the host waits for {self.name}")
+
+    def wait_stream(self, other):
+        self.calls.append(f"{self.name} waits for {getattr(other, 'name', other)}")
+
+
 @needs_checked_release
 def test_stage3_epilogue_orders_the_device_not_the_host(monkeypatch):
     """At the end of ZeRO-3's backward DeepSpeed waits on the host for its reduction stream; with the device step
-    the default stream waits for it on the device instead, and the epilogue hands the step the same gradient
-    partitions. A device that orders streams (here the CPU accelerator made to say so, its streams recorded)."""
+    the default stream waits for it on the device instead, after the last bucket is reduced, and the step gets the
+    same gradient partitions. A backward on a device that orders streams (the CPU accelerator made to say so, its
+    streams recorded), with the device step's epilogue and with DeepSpeed's."""
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu":  # DeepSpeed's accelerator is chosen once per process
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":  # DeepSpeed's accelerator is chosen once per process
         pytest.skip("the recording streams stand in for the CPU accelerator's; this process runs DeepSpeed on "
-                    f"{get_accelerator().device_name()} (the CUDA case of the equality test above runs the real streams)")
-    engine, model, (ids, mask, labels, pv) = fused_engine(3, "auto")
+                    f"{accelerator.device_name()} (the CUDA case of the equality test above runs the real streams)")
+    results = {}
+    for checks in ("auto", "multi_tensor"):
+        engine, model, (ids, mask, labels, pv) = fused_engine(3, checks)
+        try:
+            opt = engine.optimizer
+            ours = opt.independent_gradient_partition_epilogue.__func__ is zero_step._stage3_epilogue_without_host_wait
+            assert ours is (checks == "auto")
+            loss = engine(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=labels, return_logits=False).loss
+            calls = []
+            reduce_buckets = opt._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads
+            with monkeypatch.context() as m:
+                m.setattr(accelerator, "resolves_data_dependency", lambda: False)
+                m.setattr(accelerator, "current_stream", lambda device_index=None: RecordingStream("the default stream", calls))
+                m.setattr(opt, "reduce_and_partition_stream", RecordingStream("the reduction stream", calls))
+                m.setattr(opt, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+                          lambda *a, **k: calls.append("a bucket reduced") or reduce_buckets(*a, **k))
+                engine.backward(loss)
+            results[checks] = calls, [g.clone() for group in opt.averaged_gradients.values() for g in group]
+        finally:
+            destroy_engine(engine)
+    (calls, grads), (ds_calls, ds_grads) = results["auto"], results["multi_tensor"]
+    assert "the host waits for the reduction stream" in ds_calls
+    assert "the host waits for the reduction stream" not in calls
+    ends = [c for c in calls if c == "a bucket reduced" or "reduction stream" in c]
+    assert ends[-2:] == ["a bucket reduced", "the default stream waits for the reduction stream"], ends[-4:]
+    assert len(grads) == len(ds_grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    for ours, theirs in zip(grads, ds_grads):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+@needs_checked_release
+@pytest.mark.parametrize("flat_first", [False, True])
+def test_flat_leaf_reduction_runs_before_the_device_steps_epilogue_in_either_order(flat_first):
+    """The flat leaf reduction reduces what it collected and then calls the epilogue it found; installed before or
+    after the device step, that epilogue is the one without a host wait, and the public method the reduction's."""
+    from engine.training.zero3_gathers import _reduce_then_epilogue, use_flat_leaf_reduction
+
+    engine, model, _ = fused_engine(3, "multi_tensor")
     try:
         opt = engine.optimizer
-        assert zero_step.device_step_active(opt)
-        assert opt.independent_gradient_partition_epilogue.__func__ is zero_step._stage3_epilogue_without_host_wait
-        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
-        handed_over = [[g.clone() for g in group] for group in opt.averaged_gradients.values()]
-        assert sum(float(g.abs().sum()) for group in handed_over for g in group) > 0
-
-        calls = []
-
-        class RecordingStream:
-            def __init__(self, name):
-                self.name = name
-
-            def synchronize(self):
-                calls.append(f"the host waits for {self.name}")
-
-            def wait_stream(self, other):
-                calls.append(f"{self.name} waits for {other.name}")
-
-        accelerator = get_accelerator()
-        monkeypatch.setattr(accelerator, "resolves_data_dependency", lambda: False)
-        monkeypatch.setattr(accelerator, "current_stream", lambda device_index=None: RecordingStream("the default stream"))
-        monkeypatch.setattr(opt, "reduce_and_partition_stream", RecordingStream("the reduction stream"))
-        for epilogue, expected in ((opt.independent_gradient_partition_epilogue,
-                                    ["the default stream waits for the reduction stream"]),
-                                   (opt._deepspeed_independent_gradient_partition_epilogue,
-                                    ["the host waits for the reduction stream"])):
-            calls.clear()
-            for group in opt.averaged_gradients.values():
-                group.clear()
-            epilogue()
-            assert calls == expected
-            for ours, theirs in zip(opt.averaged_gradients.values(), handed_over):
-                assert len(ours) == len(theirs)
-                for a, b in zip(ours, theirs):
-                    assert torch.equal(a, b)
+        installs = [lambda: use_flat_leaf_reduction(opt), lambda: zero_step.use_device_step(opt, engine)]
+        for install in installs if flat_first else installs[::-1]:
+            assert install() is None
+        assert opt.independent_gradient_partition_epilogue.__func__ is _reduce_then_epilogue
+        assert opt._epilogue_after_flat_reduction.__func__ is zero_step._stage3_epilogue_without_host_wait
     finally:
         destroy_engine(engine)

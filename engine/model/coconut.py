@@ -136,6 +136,8 @@ def _labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     order. With the batch's host copy of the labels (`engine.utils.device.host_copy`) the positions are found on
     the host and gathered by an index, so neither this forward nor its backward waits for the device to count
     them, as a boolean mask's selection does; the same rows either way."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
     host = host_copy(labels)
     if host is None:
         selected = labels[:, 1:] != IGNORE_INDEX

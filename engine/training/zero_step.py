@@ -524,7 +524,13 @@ def use_device_step(optimizer, engine=None) -> str | None:
     stage3 = _is_stage3(optimizer)
     if stage3:
         use_stage3_multi_tensor_norm(optimizer)
-        if _stage3_epilogue_unsupported(optimizer) is None:
+        why_epilogue = _stage3_epilogue_unsupported(optimizer)
+        if why_epilogue is not None:
+            log.info("ZeRO-3 gradient epilogue: DeepSpeed's, the host waiting for the reduction (%s)", why_epilogue)
+        elif hasattr(optimizer, "_epilogue_after_flat_reduction"):  # the flat leaf reduction, installed first,
+            # reduces and then calls the epilogue it replaced: that one becomes this
+            optimizer._epilogue_after_flat_reduction = types.MethodType(_stage3_epilogue_without_host_wait, optimizer)
+        else:
             replace_method(optimizer, "independent_gradient_partition_epilogue", _stage3_epilogue_without_host_wait)
     else:
         use_multi_tensor_grad_checks(optimizer)

@@ -6,7 +6,8 @@ reads the token ids and the mask, the loss the positions that carry a label. Rea
 while the host builds what comes next. `to_device_keeping_host` remembers the host tensor a device tensor was copied
 from; `host_values` answers from it while the device tensor is unchanged since the copy (its version counter), and
 reads the device otherwise. Views, slices and tensors made on the device have no host copy: they are read back as
-before, with the same result.
+before, with the same result. So are tensors that DeepSpeed's ZeRO-3 hooks replace: they detach a module's
+positional inputs, so the trainer passes the batch by keyword.
 """
 
 from __future__ import annotations
