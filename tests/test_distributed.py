@@ -160,8 +160,9 @@ def _torchrun(args: list[str], cwd, *, cpu: bool, finished=None) -> str:
     `shutdown_distributed`) is a warning, not a failure: the work it checked was done."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    if cpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed picks its accelerator once per process from DS_ACCELERATOR, which an earlier CPU test in this process
+    # may have set (init_distributed does): GPU ranks must not inherit it
+    env["DS_ACCELERATOR"] = "cpu" if cpu else "cuda"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", free_port(), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -392,7 +393,8 @@ def test_zero3_host_cost_harness_runs_every_path(tmp_path):
     with pytest.raises(SystemExit):
         zero3_host_cost.parse_args(["--paths", "engine,fast"])
     _torchrun(["-m", "benchmarks.zero3_host_cost", "--blocks", "3", "--warmup", "1", "--steps", "2", "--paths",
-               "deepspeed,engine_walks,engine", "--rounds", "2", "--out", str(tmp_path)], ROOT, cpu=True)
+               "deepspeed,engine_walks,engine", "--rounds", "2", "--out", str(tmp_path)], ROOT, cpu=True,
+              finished=lambda: (tmp_path / "zero3_host_cost.json").exists())  # rank 0 writes it when all is done
     rows = json.loads((tmp_path / "zero3_host_cost.json").read_text())["rows"]
     assert [(r["path"], r["round"]) for r in rows] == [(p, n) for n in (1, 2)
                                                        for p in ("deepspeed", "engine_walks", "engine")]
