@@ -129,7 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the trainer's default)")
     p.add_argument("--cuda-expandable-segments", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA's caching allocator with expandable segments, as the trainer sets it "
-                        "(cuda_expandable_segments; PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF in the environment wins)")
+                        "(cuda_expandable_segments; PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF in the "
+                        "environment wins)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
     p.add_argument("--seed", type=int, default=0, help="model seed; rank r's batches use seed + 1000·(r+1)")
     p.add_argument("--optimizers", type=str_list, default=None,

@@ -201,7 +201,8 @@ def test_block_takes_each_weight_gradient_once(tiny_model, monkeypatch):
     results = {}
     for share in (True, False):
         if not share:
-            monkeypatch.setattr(fused_ops, "shared_weight_unsupported", lambda layers, lm=None: "switched off for the comparison")
+            monkeypatch.setattr(fused_ops, "shared_weight_unsupported",
+                                lambda layers, lm=None: "switched off for the comparison")
         outputs = latent_block(lm, *inputs, fused_ops=True)
         cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in outputs]
         with CountProducts() as counter:

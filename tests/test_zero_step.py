@@ -422,7 +422,8 @@ def test_stage3_epilogue_orders_the_device_not_the_host(monkeypatch):
             reduce_buckets = opt._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads
             with monkeypatch.context() as m:
                 m.setattr(accelerator, "resolves_data_dependency", lambda: False)
-                m.setattr(accelerator, "current_stream", lambda device_index=None: RecordingStream("the default stream", calls))
+                m.setattr(accelerator, "current_stream",
+                          lambda device_index=None: RecordingStream("the default stream", calls))
                 m.setattr(opt, "reduce_and_partition_stream", RecordingStream("the reduction stream", calls))
                 m.setattr(opt, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
                           lambda *a, **k: calls.append("a bucket reduced") or reduce_buckets(*a, **k))

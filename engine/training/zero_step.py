@@ -386,11 +386,14 @@ def _stage3_device_step(self, closure=None):
 
 
 def _stage3_epilogue_unsupported(optimizer) -> str | None:
-    for name in ("ipg_buckets", "reduce_and_partition_stream", "params_already_reduced", "averaged_gradients",
-                 "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
-                 "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "_epilogue_ran_this_backward"):
-        if not hasattr(optimizer, name):
-            return f"this deepspeed's ZeRO-3 optimizer has no {name!r}"
+    why = not_the_checked_stage3(
+        optimizer,
+        ("ipg_buckets", "reduce_and_partition_stream", "params_already_reduced", "averaged_gradients",
+         "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+         "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "_epilogue_ran_this_backward"),
+    )
+    if why is not None:
+        return why
     if getattr(optimizer, "offload_optimizer", False):
         return "offloaded gradients are read on the host"
     return None
