@@ -253,6 +253,8 @@ REPLACEMENTS = {
                                 "restore_deepspeed_linear", "memory_efficient_linear_active"),
     "stream_calls": ("engine.training.accelerator_streams", "use_fast_streams", "restore_deepspeed_streams",
                      "fast_streams_active"),
+    "flat_gradients": ("engine.training.zero_step", "use_flat_gradient_slices", "restore_per_gradient_loops",
+                       "flat_gradient_slices_active"),
 }
 
 

@@ -114,7 +114,7 @@ def test_two_process_zero3_through_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", free_port(), "-m", "benchmarks.bench_train_step",
            "--smoke", "--zero-stages", "3", "--stages", "0,2", "--zero-settings", "default",
-           "--zero-settings", "zero3_listed_parameters=false", "--alternate", "listed_parameters,split_copy_out",
+           "--zero-settings", "zero3_listed_parameters=false", "--alternate", "listed_parameters,split_copy_out,flat_gradients",
            "--alternate-rounds", "2", "--alternate-steps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
@@ -130,16 +130,16 @@ def test_two_process_zero3_through_torchrun(tmp_path):
     for r in payload["rows"]:
         listed = r["zero_settings"] == "default"
         alternate = r["alternate"]["settings"]
-        assert list(alternate) == ["as built", "listed_parameters off", "split_copy_out off"], alternate
+        assert list(alternate) == ["as built", "listed_parameters off", "split_copy_out off", "flat_gradients off"]
         built = alternate["as built"]["active"]
-        assert built["listed_parameters"] is listed and built["split_copy_out"] is True
+        assert built["listed_parameters"] is listed and built["split_copy_out"] is built["flat_gradients"] is True
         assert r["alternate"]["active_after"] == built
-        timed = ["as built", "split_copy_out off"] + (["listed_parameters off"] if listed else [])
+        timed = ["as built", "split_copy_out off", "flat_gradients off"] + (["listed_parameters off"] if listed else [])
         for key in timed:
             assert len(alternate[key]["round_medians_ms"]) == 2 and alternate[key]["steps"] == 2
             assert 0 < alternate[key]["p10_ms"] <= alternate[key]["median_ms"] <= alternate[key]["p90_ms"]
             switched = {"listed_parameters": key != "listed_parameters off" and listed,
-                        "split_copy_out": key != "split_copy_out off"}
+                        "split_copy_out": key != "split_copy_out off", "flat_gradients": key != "flat_gradients off"}
             assert {k: alternate[key]["active"][k] for k in switched} == switched, key
         if not listed:  # the row runs DeepSpeed's walks: nothing to switch off
             assert alternate["listed_parameters off"] == {"unavailable": "not installed in this row"}

@@ -91,6 +91,26 @@ def test_copy_out_equals_deepspeeds(ours, gather_dtype, param_dtype):
     assert torch.equal(params[0].data, theirs[0].data)
 
 
+@pytest.mark.parametrize("persistent", ["all", "all but one"])
+def test_persistent_bucket_shares_one_buffer_and_equals_deepspeeds(ours, persistent):
+    """Persistent parameters (released together at the step) are copied out into one buffer for the bucket; a
+    bucket with one parameter that is not persistent keeps a buffer per parameter. The values are DeepSpeed's."""
+    handle, params, full = bucket(torch.bfloat16, torch.bfloat16)
+    theirs_handle, theirs, _ = bucket(torch.bfloat16, torch.bfloat16)
+    for i, p in enumerate(params):
+        p.ds_persist = persistent == "all" or i != 2
+    handle.wait()
+    zero3_gathers._DEEPSPEED_WAIT["wait"](theirs_handle)
+    for p, q, t in zip(params, theirs, full):
+        assert p.shape == q.shape == t.shape and p.is_contiguous()
+        assert torch.equal(p.data, q.data) and torch.equal(p.data, t)
+    storages = {p.data.untyped_storage().data_ptr() for p in params}
+    assert len(storages) == (1 if persistent == "all" else len(params))
+    if persistent == "all":  # back to back, each parameter's padding after it, none overlapping another's values
+        ends = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
+        assert all(end <= start for (_, end), (start, _) in zip(ends, ends[1:]))
+
+
 @pytest.mark.parametrize("case", ["quantized", "secondary", "one rank", "scattered partitions", "sizes"])
 def test_what_it_was_not_written_for_goes_to_deepspeeds_wait(ours, case, monkeypatch):
     handle, params, _ = bucket(torch.float32, torch.float32)

@@ -458,3 +458,52 @@ def test_flat_leaf_reduction_runs_before_the_device_steps_epilogue_in_either_ord
         assert opt._epilogue_after_flat_reduction.__func__ is zero_step._stage3_epilogue_without_host_wait
     finally:
         destroy_engine(engine)
+
+
+@needs_checked_release
+@pytest.mark.parametrize("precision,sub_group_size", [("fp32", None), ("bf16", 2000)])
+def test_stage3_fp32_gradient_and_norm_read_one_slice_of_the_flat_buffer(precision, sub_group_size, monkeypatch):
+    """ZeRO-3's device step takes each sub-group's fp32 gradient as one slice of DeepSpeed's flat gradient buffer,
+    equal to DeepSpeed's concatenation of the partition views and a copy of it (not the buffer itself, even in
+    fp32); a sub-group whose gradients are not those views (a frozen parameter's zeros, say) goes to DeepSpeed's.
+    The gradient norm reads the same slice and gives DeepSpeed's. On DeepSpeed's accelerator of this process (it
+    is chosen once per process: CUDA on a GPU machine)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    device = "cuda" if get_accelerator().device_name() == "cuda" else "cpu"
+    engine, model, (ids, mask, labels, pv) = fused_engine(3, "auto", device, precision, sub_group_size)
+    try:
+        opt = engine.optimizer
+        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+        groups = range(len(opt.fp16_groups))
+        assert len(groups) >= (3 if sub_group_size else 1)
+        expected = {i: opt.flatten(opt.averaged_gradients[i]).to(opt.fp32_partitioned_groups_flat[i].dtype)
+                    for i in groups}
+        assert all(float(e.abs().sum()) > 0 for e in expected.values())
+        zero_step.restore_per_gradient_loops()  # the process-wide switch a benchmark alternates
+        try:
+            assert zero_step._flat_gradients(opt, 0, opt.averaged_gradients[0]) is None
+        finally:
+            zero_step.use_flat_gradient_slices()
+        assert zero_step.flat_gradient_slices_active()
+        calls = []
+        monkeypatch.setattr(opt, "_prepare_fp32_grad_for_sub_group", lambda i: calls.append(i))
+        last = groups[-1]
+        opt.averaged_gradients[last] = [g.clone() for g in opt.averaged_gradients[last]]  # not the buffer's views
+        for i in groups:  # the gradient norm takes the same slice, and gives DeepSpeed's per-gradient norm
+            assert (zero_step._flat_gradients(opt, i, opt.averaged_gradients[i]) is None) is (i == last)
+            ours = opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.fp16_groups[i])
+            theirs = Stage3.get_grad_norm_direct(opt, opt.averaged_gradients[i], opt.fp16_groups[i])
+            assert float(ours) > 0
+            torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=0)
+        for i in groups:
+            zero_step._prepare_fp32_grad(opt, i)
+        assert calls == [last]
+        for i in groups[:-1]:
+            grad = opt.fp32_partitioned_groups_flat[i].grad
+            torch.testing.assert_close(grad, expected[i], atol=0, rtol=0)
+            assert grad.untyped_storage().data_ptr() != opt.grad_partitions_flat_buffer.untyped_storage().data_ptr()
+            assert opt.averaged_gradients[i] is None
+    finally:
+        destroy_engine(engine)

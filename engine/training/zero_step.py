@@ -40,11 +40,14 @@ the gradients, re-pointing the partitions, the persistent parameters' gather) ru
 left on the device as above, so the host queues the update without waiting. It also gives ZeRO-3 the end of the
 backward without a host wait (`_stage3_epilogue_without_host_wait`): DeepSpeed synchronises the host with its
 reduction stream there, so the step's host work began only once the device had finished; now the default stream
-waits for the reduction on the device, and the step's host work overlaps the backward's tail.
+waits for the reduction on the device, and the step's host work overlaps the backward's tail. Its step takes each
+sub-group's fp32 gradient as one slice of DeepSpeed's flat gradient buffer (`_prepare_fp32_grad`) where DeepSpeed
+concatenates the partition views and records each on the stream, one Python iteration per parameter.
 """
 
 from __future__ import annotations
 
+import operator
 import types
 import weakref
 
@@ -206,14 +209,19 @@ def stage3_norm_unsupported(optimizer) -> str | None:
 def _stage3_grad_norm(self, gradients, params, norm_type=2):
     """`DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct` for the L2 norm without model parallelism: this rank's
     gradient partitions, each norm in fp64, squared and summed, then summed over the partition group; -1 when not
-    finite. DeepSpeed takes a fp64 copy and a norm per gradient (733 of each at the 1B geometry)."""
+    finite. DeepSpeed takes a fp64 copy and a norm per gradient (733 of each at the 1B geometry). Where the
+    gradients are DeepSpeed's partition views, back to back in its flat buffer, the norm is that slice's."""
     if float(norm_type) != 2.0 or self._autoep_expert_parallel_group(params) is not None:
         return self._deepspeed_get_grad_norm_direct(gradients, params, norm_type)
     from deepspeed import comm as dist
 
     self._assert_same_partition_group(params)
     group = self._get_param_partition_group(params[0])
-    grads = [g.data for g in gradients]
+    sub_group_id = next((i for i, g in enumerate(self.fp16_groups) if g is params), None)
+    flat = None if sub_group_id is None else _flat_gradients(self, sub_group_id, gradients)
+    # the partition views tile their slice of the flat buffer: the slice's norm is theirs (to fp64 rounding), in
+    # one tensor instead of a list of ~1,000
+    grads = [flat] if flat is not None else [g.data for g in gradients]
     if grads:
         total = _norms(grads).pow(2).sum()
     else:
@@ -373,7 +381,7 @@ def _stage3_device_step(self, closure=None):
     self.zero_grad(set_to_none=True)  # the epilogue has copied every gradient into the partition buffers
     inner, timer_names = self.optimizer, set()
     for sub_group_id in range(len(self.fp16_groups)):
-        self._prepare_fp32_grad_for_sub_group(sub_group_id)
+        _prepare_fp32_grad(self, sub_group_id)
         inner.grad_scale, inner.found_inf = grad_scale, found_inf  # read by torch's fused Adam (GradScaler's hook)
         try:
             self._optimizer_step(sub_group_id)
@@ -383,6 +391,81 @@ def _stage3_device_step(self, closure=None):
         self._release_sub_group(sub_group_id, timer_names)
     self._post_step(timer_names)
     _warn_of_allocator_flushes(self)
+
+
+_FLAT_GRADIENTS = {"on": True}  # process-wide, so that a benchmark can alternate it with DeepSpeed's loops
+
+
+def use_flat_gradient_slices() -> None:
+    """Let ZeRO-3's multi-tensor norm and device step read each sub-group's gradients as one slice of DeepSpeed's
+    flat gradient buffer (the default; `_flat_gradients`). Returns None: nothing to refuse."""
+    _FLAT_GRADIENTS["on"] = True
+
+
+def restore_per_gradient_loops() -> None:
+    """Undo `use_flat_gradient_slices`: the norm takes the gradient list, the step DeepSpeed's concatenation."""
+    _FLAT_GRADIENTS["on"] = False
+
+
+def flat_gradient_slices_active() -> bool:
+    """Whether `use_flat_gradient_slices` is in effect in this process now."""
+    return _FLAT_GRADIENTS["on"]
+
+
+def _grad_span(self, sub_group_id: int):
+    """The sub-group's gradient partitions as they lie in DeepSpeed's flat gradient buffer: (the partition views, in
+    the group's order; offset; elements) when they lie back to back there (how DeepSpeed lays them out), else None.
+    Found once per sub-group: the views are DeepSpeed's own and live as long as the optimizer."""
+    spans = self.__dict__.setdefault("_grad_spans", {})
+    if sub_group_id not in spans:
+        buffer = getattr(self, "grad_partitions_flat_buffer", None)
+        partitions = getattr(self, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+        span = None
+        if buffer is not None and partitions is not None and self.fp16_groups[sub_group_id]:
+            views = tuple(partitions.get(p.ds_id) for p in self.fp16_groups[sub_group_id])
+            base, size = buffer.data_ptr(), buffer.element_size()
+            start = (views[0].data_ptr() - base) // size if views[0] is not None else -1
+            offset = start
+            for view in views:
+                if (view is None or view.dtype != buffer.dtype or not view.is_contiguous()
+                        or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+                        or view.data_ptr() != base + offset * size):
+                    offset = None
+                    break
+                offset += view.numel()
+            if offset is not None and start >= 0:
+                span = (views, start, offset - start)
+        spans[sub_group_id] = span
+    return spans[sub_group_id]
+
+
+def _flat_gradients(self, sub_group_id: int, gradients) -> torch.Tensor | None:
+    """`gradients` (sub-group `sub_group_id`'s) as one slice of DeepSpeed's flat gradient buffer when they are its
+    partition views back to back there (`_grad_span`): their concatenation, without a copy. Else None."""
+    span = _grad_span(self, sub_group_id) if _FLAT_GRADIENTS["on"] else None
+    if (span is None or gradients is None or len(gradients) != len(span[0])
+            or not all(map(operator.is_, gradients, span[0]))):
+        return None
+    return self.grad_partitions_flat_buffer.narrow(0, span[1], span[2])
+
+
+def _prepare_fp32_grad(self, sub_group_id: int) -> None:
+    """DeepSpeed's `_prepare_fp32_grad_for_sub_group` (deepspeed 0.19, no offload) without its two loops over every
+    gradient when the sub-group's gradients are DeepSpeed's partition views, back to back in its flat buffer (the
+    epilogue puts them there): their concatenation is then one slice of that buffer, converted in one copy, and
+    DeepSpeed's `record_stream` on each view changes nothing (the buffer is never freed). Under ZeRO-3 at the
+    InternVL3-1B geometry those loops were ~1,250 Python iterations per step on the host's critical path. Anything
+    else (a frozen parameter's zeros, another layout) goes to DeepSpeed's."""
+    flat = _flat_gradients(self, sub_group_id, self.averaged_gradients[sub_group_id])
+    if flat is None:
+        return self._prepare_fp32_grad_for_sub_group(sub_group_id)
+    fp32_flat = self.fp32_partitioned_groups_flat[sub_group_id]
+    if flat.numel() != fp32_flat.numel():
+        raise RuntimeError(f"ZeRO-3 sub-group {sub_group_id}: its gradients hold {flat.numel()} elements, its fp32 "
+                           f"partition {fp32_flat.numel()}")
+    # a copy, as DeepSpeed's flatten makes one, even where the buffer already has the fp32 partition's dtype
+    fp32_flat.grad = flat.to(fp32_flat.dtype, copy=True)
+    self.averaged_gradients[sub_group_id] = None
 
 
 def _stage3_epilogue_unsupported(optimizer) -> str | None:
