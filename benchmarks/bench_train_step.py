@@ -143,8 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    " eight keys are not ZeRO's: zero3_leaf_language_model=false and "
                    "zero3_leaf_vision_tower=false (ZeRO-3's per-module gathers), zero3_listed_parameters=false "
                    "(DeepSpeed's walk over a module's submodules at every hook, fetch and release), "
-                   "zero3_flat_leaf_reduction=true (each "
-                   "ZeRO-3 leaf's gradients reduced together), grad_checks=multi_tensor (DeepSpeed's step "
+                   "zero3_flat_leaf_reduction=false (DeepSpeed's per-parameter reduction of each "
+                   "ZeRO-3 leaf's gradients), grad_checks=multi_tensor (DeepSpeed's step "
                    "with multi-tensor checks: auto steps on the device where it can), grad_checks=deepspeed "
                    "(DeepSpeed's per-gradient norm and overflow loops; under ZeRO-3 also its per-parameter gathers and "
                    "releases and its linear), "
@@ -680,7 +680,7 @@ class Bench:
         # device (its default) or not (the trainer's)
         leaf = bool(zero_settings.pop("zero3_leaf_language_model", True))
         vision_leaf = bool(zero_settings.pop("zero3_leaf_vision_tower", True))
-        flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", False))
+        flat_reduction = bool(zero_settings.pop("zero3_flat_leaf_reduction", True))
         checks = self.requested_grad_checks = str(zero_settings.pop("grad_checks", "auto"))
         compile_vision = bool(zero_settings.pop("compile_vision_layers", False))
         layer_ops = str(zero_settings.pop("layer_ops", "auto"))

@@ -7,7 +7,7 @@ reduce-scatter share and a partition copy per parameter) and the step reads the 
 re-gathers the persistent parameters (one collective each). Both paths step with torch's fused AdamW. On a GPU that
 work is host time; here, with many small parameters and tiny tensors, each phase's time is almost all that host
 work, so the per-parameter cost of each path can be read off without a GPU. A figure here is a CPU figure: what it
-saves on a GPU is measured with benchmarks/bench_train_step.py (`--zero-settings zero3_flat_leaf_reduction=true`,
+saves on a GPU is measured with benchmarks/bench_train_step.py (`--zero-settings zero3_flat_leaf_reduction=false`,
 `grad_checks=deepspeed`).
 
     torchrun --nproc_per_node 2 -m benchmarks.zero3_host_cost --blocks 100 --steps 10 --out bench_results/zero3_host

@@ -125,9 +125,10 @@ class TrainConfig:
     zero3_leaf_vision_tower: bool = True
     # ZeRO-3: each leaf module's gradients reduced together when its backward is done (one layout kernel, one
     # reduce-scatter and multi-tensor adds per bucket, engine/training/zero3_gathers.py) instead of DeepSpeed's
-    # per-parameter loop; the same parameters bit for bit (tests/test_distributed.py). Off: 3-5% slower per step
-    # than DeepSpeed's loop on two H200s (benchmarks/RESULTS.md)
-    zero3_flat_leaf_reduction: bool = False
+    # per-parameter loop; the same parameters bit for bit (tests/test_distributed.py). On two H200s at the 1B
+    # geometry: the backward 90-120 ms shorter at batch 16 (host-bound), level or 3% faster at batch 64
+    # (benchmarks/RESULTS.md); false: DeepSpeed's loop
+    zero3_flat_leaf_reduction: bool = True
     # checkpoint every decoder layer (only layer inputs kept for backward; the KV cache of the passes is kept):
     # less activation memory for one more forward of the layers; the latent passes then run as transformers calls
     activation_checkpointing: bool = False
