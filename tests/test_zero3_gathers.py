@@ -91,10 +91,14 @@ def test_copy_out_equals_deepspeeds(ours, gather_dtype, param_dtype):
     assert torch.equal(params[0].data, theirs[0].data)
 
 
-@pytest.mark.parametrize("persistent", ["all", "all but one"])
-def test_persistent_bucket_shares_one_buffer_and_equals_deepspeeds(ours, persistent):
-    """Persistent parameters (released together at the step) are copied out into one buffer for the bucket; a
-    bucket with one parameter that is not persistent keeps a buffer per parameter. The values are DeepSpeed's."""
+@pytest.mark.parametrize("persistent,after_step", [("all", True), ("all but one", True), ("all", False)])
+def test_persistent_gather_after_the_step_shares_one_buffer_and_equals_deepspeeds(ours, persistent, after_step,
+                                                                                  monkeypatch):
+    """The persistent parameters' gather after the step (released together at the next) is copied out into one
+    buffer for the bucket, each parameter's piece 16-byte aligned; a bucket with a parameter that is not persistent,
+    or persistent parameters gathered at any other time (a module's fetch, an export), keep a buffer per parameter.
+    The values are DeepSpeed's."""
+    monkeypatch.setitem(zero3_gathers._ONE_BUFFER, "persistent", after_step)
     handle, params, full = bucket(torch.bfloat16, torch.bfloat16)
     theirs_handle, theirs, _ = bucket(torch.bfloat16, torch.bfloat16)
     for i, p in enumerate(params):
@@ -105,8 +109,10 @@ def test_persistent_bucket_shares_one_buffer_and_equals_deepspeeds(ours, persist
         assert p.shape == q.shape == t.shape and p.is_contiguous()
         assert torch.equal(p.data, q.data) and torch.equal(p.data, t)
     storages = {p.data.untyped_storage().data_ptr() for p in params}
-    assert len(storages) == (1 if persistent == "all" else len(params))
-    if persistent == "all":  # back to back, each parameter's padding after it, none overlapping another's values
+    shared = persistent == "all" and after_step
+    assert len(storages) == (1 if shared else len(params))
+    if shared:  # each parameter's piece (its padding after it) aligned, none overlapping another's values
+        assert all(p.data_ptr() % zero3_gathers._ALIGN_BYTES == 0 for p in params)
         ends = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
         assert all(end <= start for (_, end), (start, _) in zip(ends, ends[1:]))
 

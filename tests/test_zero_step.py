@@ -5,6 +5,8 @@ CPU, fp32, one process (tests/test_optim.py trains through them against plain Ad
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -505,5 +507,35 @@ def test_stage3_fp32_gradient_and_norm_read_one_slice_of_the_flat_buffer(precisi
             torch.testing.assert_close(grad, expected[i], atol=0, rtol=0)
             assert grad.untyped_storage().data_ptr() != opt.grad_partitions_flat_buffer.untyped_storage().data_ptr()
             assert opt.averaged_gradients[i] is None
+    finally:
+        destroy_engine(engine)
+
+
+@needs_checked_release
+def test_stage3_flat_gradient_span_follows_a_replaced_buffer():
+    """DeepSpeed's `offload_states` / `reload_states` replace the flat gradient buffer and its partition views: the
+    slice is found again in the new buffer, and the span found before does not keep the old buffer alive."""
+    import gc
+
+    engine, model, (ids, mask, labels, pv) = fused_engine(3, "auto")
+    try:
+        opt = engine.optimizer
+        engine.backward(engine(ids, mask, pv, labels=labels, return_logits=False).loss)
+        assert zero_step._flat_gradients(opt, 0, opt.averaged_gradients[0]) is not None
+        partitions = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
+        old = opt.grad_partitions_flat_buffer
+        new = old.clone().add_(1.0)  # other values, so that a slice of the old buffer would not pass
+        for param_id, view in list(partitions.items()):
+            partitions[param_id] = new.narrow(0, (view.data_ptr() - old.data_ptr()) // old.element_size(), view.numel())
+        opt.grad_partitions_flat_buffer = new
+        for i, group in enumerate(opt.fp16_groups):
+            opt.averaged_gradients[i] = [partitions[p.ds_id] for p in group]
+        gone = weakref.ref(old)
+        del old, view
+        gc.collect()
+        assert gone() is None
+        flat = zero_step._flat_gradients(opt, 0, opt.averaged_gradients[0])
+        assert flat is not None and flat.untyped_storage().data_ptr() == new.untyped_storage().data_ptr()
+        assert torch.equal(flat, torch.cat([g.reshape(-1) for g in opt.averaged_gradients[0]]))
     finally:
         destroy_engine(engine)

@@ -13,7 +13,7 @@ one at a time (benchmarks/RESULTS.md, "ZeRO-3 on two GPUs: the gathers coalesced
   and its host work per parameter (~1,000 per gather of the language model and the vision tower, twice a step).
   `use_split_copy_out()` copies the whole bucket out with one `torch.split_with_sizes_copy` over the (ranks,
   elements) view, as PyTorch's FSDP2 does; each parameter still gets a buffer of its own (freed when DeepSpeed
-  releases it), except in a bucket of persistent parameters, which are released together (one buffer).
+  releases it), except the persistent parameters' gather after the step (released together: one buffer).
 - DeepSpeed releases parameters (after each module's forward and backward, and all still whole before its step)
   through a general path that builds debug strings and looks up the rank several times per parameter whether or
   not it logs. `use_batched_release(optimizer)` does the same work without that (statuses, freed storage, the
@@ -73,8 +73,12 @@ def gather_persistent_parameters(params) -> int:
     for p in params:
         if p.ds_status == ZeroParamStatus.NOT_AVAILABLE and _plain(p):
             buckets.setdefault(p.ds_tensor.dtype, []).append(p)
-    for bucket in buckets.values():
-        bucket[0].all_gather_coalesced(bucket).wait()
+    _ONE_BUFFER["persistent"] = True
+    try:
+        for bucket in buckets.values():
+            bucket[0].all_gather_coalesced(bucket).wait()
+    finally:
+        _ONE_BUFFER["persistent"] = False
     return sum(len(bucket) for bucket in buckets.values())
 
 
@@ -196,6 +200,10 @@ def use_batched_release(optimizer) -> str | None:
 
 
 _DEEPSPEED_WAIT = {}  # the replaced AllGatherCoalescedHandle.wait, kept to fall back on and to restore
+# set while `gather_persistent_parameters` waits on its gathers: their persistent parameters, gathered together
+# after the step and released together at the next, are copied out into one buffer
+_ONE_BUFFER = {"persistent": False}
+_ALIGN_BYTES = 16  # each parameter's piece of that buffer starts at a multiple (vectorised loads)
 
 
 def _contiguous_ranks(handle) -> torch.Tensor | None:
@@ -228,11 +236,15 @@ def _split_copy_wait(self, handle_dependency=True) -> None:
     self.allgather_handle.wait()
     # each parameter's buffer holds its pieces from every rank in rank order: (ranks, partition) row-major is the
     # parameter's flattened values (and the padding of the last rank's piece, cut off below)
-    if all(getattr(p, "ds_persist", False) for p in self.params):
-        # persistent parameters are released together, at the step, and gathered back together after it: one buffer
-        # for the bucket saves an allocation per parameter (~1,000 per step at the 1B geometry) and frees nothing late
-        flat = torch.empty(ranks.numel(), dtype=ranks.dtype, device=ranks.device)
-        whole = list(flat.split([ranks.shape[0] * size for size in sizes]))
+    if _ONE_BUFFER["persistent"] and all(getattr(p, "ds_persist", False) for p in self.params):
+        # the persistent parameters' gather after the step: released together at the next step, so one buffer for
+        # the bucket saves an allocation per parameter (~1,000 per step at the 1B geometry); a parameter released
+        # alone (a module's release before the trace is complete, an export's gather) keeps it until the last goes
+        lengths = [ranks.shape[0] * size for size in sizes]
+        align = max(1, _ALIGN_BYTES // ranks.element_size())
+        padded = [-(-n // align) * align for n in lengths]
+        flat = torch.empty(sum(padded), dtype=ranks.dtype, device=ranks.device)
+        whole = [piece.narrow(0, 0, n) for piece, n in zip(flat.split(padded), lengths)]
         del flat
     else:  # a buffer per parameter: DeepSpeed releases a module's parameters one at a time
         whole = [torch.empty(ranks.shape[0] * size, dtype=ranks.dtype, device=ranks.device) for size in sizes]

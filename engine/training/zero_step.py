@@ -413,30 +413,34 @@ def flat_gradient_slices_active() -> bool:
 
 
 def _grad_span(self, sub_group_id: int):
-    """The sub-group's gradient partitions as they lie in DeepSpeed's flat gradient buffer: (the partition views, in
-    the group's order; offset; elements) when they lie back to back there (how DeepSpeed lays them out), else None.
-    Found once per sub-group: the views are DeepSpeed's own and live as long as the optimizer."""
+    """The sub-group's gradient partitions as they lie in DeepSpeed's flat gradient buffer: (weak references to the
+    partition views, in the group's order; offset; elements) when they lie back to back there (how DeepSpeed lays
+    them out), else None. Found once per sub-group and buffer, and again when DeepSpeed replaces the buffer (its
+    `offload_states` / `reload_states` move it); held weakly, so that a buffer DeepSpeed lets go of is freed."""
+    buffer = getattr(self, "grad_partitions_flat_buffer", None)
+    partitions = getattr(self, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    if buffer is None or partitions is None:
+        return None
     spans = self.__dict__.setdefault("_grad_spans", {})
-    if sub_group_id not in spans:
-        buffer = getattr(self, "grad_partitions_flat_buffer", None)
-        partitions = getattr(self, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
-        span = None
-        if buffer is not None and partitions is not None and self.fp16_groups[sub_group_id]:
-            views = tuple(partitions.get(p.ds_id) for p in self.fp16_groups[sub_group_id])
-            base, size = buffer.data_ptr(), buffer.element_size()
-            start = (views[0].data_ptr() - base) // size if views[0] is not None else -1
-            offset = start
-            for view in views:
-                if (view is None or view.dtype != buffer.dtype or not view.is_contiguous()
-                        or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
-                        or view.data_ptr() != base + offset * size):
-                    offset = None
-                    break
-                offset += view.numel()
-            if offset is not None and start >= 0:
-                span = (views, start, offset - start)
-        spans[sub_group_id] = span
-    return spans[sub_group_id]
+    cached = spans.get(sub_group_id)
+    if cached is not None and cached[0]() is buffer:
+        return cached[1]
+    span = None
+    views = tuple(partitions.get(p.ds_id) for p in self.fp16_groups[sub_group_id])
+    if views and views[0] is not None:
+        base, size = buffer.data_ptr(), buffer.element_size()
+        start = offset = (views[0].data_ptr() - base) // size
+        for view in views:
+            if (view is None or view.dtype != buffer.dtype or not view.is_contiguous()
+                    or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+                    or view.data_ptr() != base + offset * size):
+                offset = None
+                break
+            offset += view.numel()
+        if offset is not None and start >= 0:
+            span = (tuple(weakref.ref(view) for view in views), start, offset - start)
+    spans[sub_group_id] = (weakref.ref(buffer), span)
+    return span
 
 
 def _flat_gradients(self, sub_group_id: int, gradients) -> torch.Tensor | None:
@@ -444,7 +448,7 @@ def _flat_gradients(self, sub_group_id: int, gradients) -> torch.Tensor | None:
     partition views back to back there (`_grad_span`): their concatenation, without a copy. Else None."""
     span = _grad_span(self, sub_group_id) if _FLAT_GRADIENTS["on"] else None
     if (span is None or gradients is None or len(gradients) != len(span[0])
-            or not all(map(operator.is_, gradients, span[0]))):
+            or not all(map(operator.is_, gradients, map(weakref.ref.__call__, span[0])))):
         return None
     return self.grad_partitions_flat_buffer.narrow(0, span[1], span[2])
 
