@@ -427,17 +427,17 @@ def _grad_span(self, sub_group_id: int):
         return cached[1]
     span = None
     views = tuple(partitions.get(p.ds_id) for p in self.fp16_groups[sub_group_id])
-    if views and views[0] is not None:
+    if views and views[0] is not None and views[0].data_ptr() >= buffer.data_ptr():
+        # every view in the buffer's storage, each starting where the one before ends
         base, size = buffer.data_ptr(), buffer.element_size()
         start = offset = (views[0].data_ptr() - base) // size
         for view in views:
             if (view is None or view.dtype != buffer.dtype or not view.is_contiguous()
                     or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
                     or view.data_ptr() != base + offset * size):
-                offset = None
                 break
             offset += view.numel()
-        if offset is not None and start >= 0:
+        else:
             span = (tuple(weakref.ref(view) for view in views), start, offset - start)
     spans[sub_group_id] = (weakref.ref(buffer), span)
     return span
