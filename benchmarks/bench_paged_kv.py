@@ -80,6 +80,9 @@ BATCH, CONTEXT, VISUAL = 64, 1300, 256
 # max |kernel - reference| allowed in the numerics section: fp32 summation order; 16-bit output rounding of O(1) values
 NUMERICS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 BLOCK_SIZE = 16
+# What the paged runner's step passes besides the launch settings: its context lengths are computed before its
+# layers, so no attention kernel follows their writer (each layer here follows the previous layer's attention)
+RUNNER_STEP_ATTENTION = dict(lengths_before_wait=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -446,6 +449,8 @@ def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repe
         return time_fn(fn, geo.device, warmup=geo.warmup, repeats=repeats)
 
     def layers_of(c, **kwargs):
+        kwargs = {**RUNNER_STEP_ATTENTION, **kwargs}  # as the runner's step launches it (unless a row says otherwise)
+
         def fn():
             for layer in range(geo.layers):
                 c.run(layer, **kwargs)
@@ -485,8 +490,9 @@ def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repe
         row = graph_row(label(cfg), **cfg)
         if row and (best is None or row["median_us"] < best["median_us"]):
             best = row
-    # the defaults one at a time: fp32 dot operands, no programmatic launch, more warps
-    for cfg in (dict(dot_in_cache_dtype=False), dict(programmatic_launch=False), dict(num_warps=8)):
+    # the defaults one at a time: fp32 dot operands, no programmatic launch, the lengths read after the wait, more warps
+    for cfg in (dict(dot_in_cache_dtype=False), dict(programmatic_launch=False), dict(lengths_before_wait=False),
+                dict(num_warps=8)):
         row = graph_row(label(cfg), **cfg)
         if row and (best is None or row["median_us"] < best["median_us"]):
             best = row
@@ -618,7 +624,8 @@ def _step_functions(runner, geo: "Geometry", batch: int, context: int):
 
 def measure_step_settings(model, geo: "Geometry", batch: int, context: int, timed, out: dict, rounds: int = 5) -> None:
     """The default step against itself with one setting changed (the split-K products off; the rotary embedding
-    and cache write in their own kernel, not in the attention's), in ONE runner (the same
+    and cache write in their own kernel, not in the attention's; the attention's context lengths read after its
+    programmatic-launch wait), in ONE runner (the same
     buffers and weight copies) and in alternating rounds: runners built in turn in one process measured the same
     setting up to 25% apart on an H200 (benchmarks/RESULTS.md, 2026-11-30), more than settings change. Each
     setting's graph is captured anew when it is switched to. On the CPU dry run the fused ops are forced on."""
@@ -630,23 +637,27 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
         runner.refresh_merged_projections()
         graph_step, eager_step, buf = _step_functions(runner, geo, batch, context)
 
-        def use(split: bool, rotary_inside: bool):
+        def use(split: bool, rotary_inside: bool, lengths_before_wait: bool):
             runner.split_k_products = split
             runner.rotary_in_attention = rotary_inside
-            runner.refresh_merged_projections()
-            buf.graphs.clear()  # the step's kernels changed: the next call captures them (same static buffers)
+            runner.attention_options["lengths_before_wait"] = lengths_before_wait
+            runner.refresh_merged_projections()  # drops the runner's buckets if the products changed
+            buf.graphs.clear()  # the step's kernels changed: the next call captures them (the same static buffers)
+            runner.graphs.drop_graphs()  # with a new memory pool
 
-        settings = {"default": (True, True), "without split products": (False, True),
-                    "rotary outside the attention": (True, False)}  # fmt: skip
+        settings = {"default": (True, True, True), "without split products": (False, True, True),
+                    "rotary outside the attention": (True, False, True),
+                    "attention's lengths read after its wait": (True, True, False)}  # fmt: skip
         say(f"decode step settings in one runner, alternating ({rounds} rounds)")
         times: dict = {name: [] for name in settings}
         taken: dict = {}  # what each setting's step really ran: the split products, the rotary inside the attention
         logits: dict = {}
         for _ in range(rounds):
-            for name, (split, rotary_inside) in settings.items():
-                use(split, rotary_inside)
+            for name, setting in settings.items():
+                use(*setting)
                 taken[name] = dict(split_products=runner.ops().split_k is not None,
-                                   rotary_in_attention=runner.rotary_in_attention_taken)  # fmt: skip
+                                   rotary_in_attention=runner.rotary_in_attention_taken,
+                                   lengths_before_wait=runner.attention_options["lengths_before_wait"])  # fmt: skip
                 if name not in logits:  # the same K/V and tokens: the settings' logits against the default's
                     logits[name] = eager_step().float()
                 graph_step()  # captures

@@ -444,7 +444,7 @@ def rotary_paged_decode_attention(
     new token's key and value from registers and the rest of the context from the cache, and one of its programs
     stores the rotated k and v at the slot, as `rotary_kv_write` would. ``attention_options``: those of
     `paged_decode_attention` (scale, num_splits, block_n, num_warps, num_stages, dot_in_cache_dtype,
-    programmatic_launch). Returns the attention output (B, q_heads, head_dim) in q's dtype."""
+    programmatic_launch, lengths_before_wait). Returns the attention output (B, q_heads, head_dim) in q's dtype."""
     if q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
         raise ValueError(f"q ({q.dtype}) must have the cache's dtype ({key_cache.dtype})")
     q, k, v, cos, sin = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache, value_cache,

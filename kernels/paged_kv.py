@@ -114,6 +114,15 @@ def rotated(x, partner, cos, sin, sign):
 
 
 @triton.jit
+def _split_range(context, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of a row's context that split ``split`` reads. Splits are balanced per row at run time, so a
+    fixed grid (a CUDA graph) serves any context length."""
+    per_split = tl.cdiv(tl.cdiv(context, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    return start, tl.minimum(start + per_split, context)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     key_cache_ptr,
@@ -160,6 +169,7 @@ def _paged_decode_kernel(
     WIDEN_16BIT_DOTS: tl.constexpr,
     PROGRAMMATIC_LAUNCH: tl.constexpr,
     ROTARY: tl.constexpr,
+    LENGTHS_BEFORE_WAIT: tl.constexpr,
 ):
     """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split.
 
@@ -167,22 +177,29 @@ def _paged_decode_kernel(
     accumulation (as FlashAttention does): K/V tiles stay 16-bit in registers instead of being widened to fp32.
     WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32.
     PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): the kernel may be launched while the previous one is
-    still finishing; it waits for that one's completion before touching memory, and lets the next launch early.
+    still finishing; it waits for that one's completion before touching memory, and lets the next kernel launch as
+    soon as it has waited (the next one waits in turn for this one's completion before touching memory).
+    LENGTHS_BEFORE_WAIT (with PROGRAMMATIC_LAUNCH; the caller's promise that the previous kernel does not write
+    the context lengths): the row's length is loaded before the wait, so that after it q's load does not queue
+    behind the length's.
     ROTARY (`kernels.decode_fusions.rotary_paged_decode_attention`): q is the projection's output before the rotary
     embedding, and the row's new token (its last context position, slot ``slots[b]``) is not in the cache yet: its
     k and v come from ``new_k``/``new_v``. The program rotates q and the new k as `rotary_kv_write` does (the same
     roundings), attends over the cached positions before the new one, adds the new token's key and value from
     registers, and the program of the last split stores the rotated k and v at the slot (slot -1: nothing)."""
-    if PROGRAMMATIC_LAUNCH:
-        tl.extra.cuda.gdc_wait()  # everything the previous kernels wrote (q, the new K/V) is visible after this
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    context = tl.load(context_lens_ptr + b)
-    # Splits are balanced per row at run time, so a fixed grid (a CUDA graph) serves any context length.
-    per_split = tl.cdiv(tl.cdiv(context, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, context)
+    if PROGRAMMATIC_LAUNCH and LENGTHS_BEFORE_WAIT:  # the length's load is under way while the kernel waits
+        context = tl.load(context_lens_ptr + b)
+        tl.extra.cuda.gdc_wait()  # everything the previous kernels wrote (q, the new K/V) is visible after this
+    else:
+        if PROGRAMMATIC_LAUNCH:
+            tl.extra.cuda.gdc_wait()
+        context = tl.load(context_lens_ptr + b)
+    start, end = _split_range(context, split, NUM_SPLITS, BLOCK_N)
+    if PROGRAMMATIC_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch; it waits for our completion itself
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -259,8 +276,6 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :]
         m_i = m_new
 
-    if PROGRAMMATIC_LAUNCH:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch; it waits for our stores
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no context (a padding row) gets zeros
@@ -502,6 +517,7 @@ def paged_decode_attention(
     num_stages: int | None = None,
     dot_in_cache_dtype: bool = True,
     programmatic_launch: bool | None = None,
+    lengths_before_wait: bool = False,
 ) -> torch.Tensor:
     """Attention of one query per row over that row's paged context.
 
@@ -513,12 +529,15 @@ def paged_decode_attention(
     `default_block_n`, `pipeline_stages`). ``dot_in_cache_dtype`` (16-bit caches): the score and value products in
     the cache's dtype with fp32 accumulation, q and the softmax probabilities rounded to it, as FlashAttention does
     (False: fp32 operands, slower). ``programmatic_launch``: launch while the previous kernel finishes (None: where
-    `programmatic_launch_supported`). Returns (B, q_heads, head_dim) in q's dtype.
+    `programmatic_launch_supported`). ``lengths_before_wait``: the caller's promise that the kernel launched just
+    before this one does not write ``context_lens`` (true of the paged runner's step, which computes them before
+    its layers): with programmatic launch the kernel then loads the row's length before it waits for that kernel.
+    Returns (B, q_heads, head_dim) in q's dtype.
     """
     return decode_attention_launch(
         q, key_cache, value_cache, block_tables, context_lens, None, scale=scale, num_splits=num_splits,
         block_n=block_n, num_warps=num_warps, num_stages=num_stages, dot_in_cache_dtype=dot_in_cache_dtype,
-        programmatic_launch=programmatic_launch,
+        programmatic_launch=programmatic_launch, lengths_before_wait=lengths_before_wait,
     )  # fmt: skip
 
 
@@ -537,6 +556,7 @@ def decode_attention_launch(
     num_stages: int | None = None,
     dot_in_cache_dtype: bool = True,
     programmatic_launch: bool | None = None,
+    lengths_before_wait: bool = False,
 ) -> torch.Tensor:
     """`paged_decode_attention`'s launch; with ``rotary`` = (new k, new v, cos, sin, slots) the kernel's ROTARY
     mode (`kernels.decode_fusions.rotary_paged_decode_attention`, which checks those inputs)."""
@@ -611,6 +631,7 @@ def decode_attention_launch(
         WIDEN_16BIT_DOTS=q.device.type != "cuda" or _INTERPRETED,
         PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
         ROTARY=rotary is not None,
+        LENGTHS_BEFORE_WAIT=bool(lengths_before_wait),
         num_warps=num_warps,
         num_stages=num_stages,
         **launch,

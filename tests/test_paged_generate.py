@@ -438,16 +438,19 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     pages = payload["decode_attention"]["best_by_page_size"]
     assert set(pages) == {"8"} and pages["8"]["block_size"] == 8  # the page-size sweep ran (JSON keys are strings)
     names = [r["name"] for r in payload["decode_attention"]["rows"]]
-    for ablation in ("dot_in_cache_dtype=False", "programmatic_launch=False"):
+    for ablation in ("dot_in_cache_dtype=False", "programmatic_launch=False", "lengths_before_wait=False"):
         assert any(ablation in n for n in names), f"the default without {ablation.split('=')[0]} must be timed"
     fit = payload["decode_attention"]["context_fit"]  # the fixed and streaming parts of the time (CPU: noise)
     assert {"fixed_us_per_layer", "us_per_token", "streaming_gbs"} <= set(fit) and math.isfinite(fit["us_per_token"])
     if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
-    assert settings["taken"] == {"default": dict(split_products=True, rotary_in_attention=True),
-                                 "without split products": dict(split_products=False, rotary_in_attention=True),
-                                 "rotary outside the attention": dict(split_products=True, rotary_in_attention=False)}
+    setting = lambda split, rotary, lengths: dict(split_products=split, rotary_in_attention=rotary,  # noqa: E731
+                                                 lengths_before_wait=lengths)
+    assert settings["taken"] == {"default": setting(True, True, True),
+                                 "without split products": setting(False, True, True),
+                                 "rotary outside the attention": setting(True, False, True),
+                                 "attention's lengths read after its wait": setting(True, True, False)}
     diff = settings["max_abs_logit_diff_vs_default"]  # fp32 dry run: the same logits up to summation order
     assert diff["default"] == 0 and all(v < 1e-4 for v in diff.values()), diff
     assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())
@@ -480,3 +483,21 @@ def test_gpu_report_fails_a_figure_below_its_floor(tmp_path, monkeypatch):
     flagged = [r for r in payload["decode_step"]["rows"] if "below the physical floor" in r.get("error", "")]
     assert flagged and all(r["name"] in payload["errors"] for r in flagged)
     assert any(r["name"].startswith("generate(kv_cache='paged')") for r in flagged), "the generate rows are checked"
+
+
+def test_step_graphs_drop_graphs_keeps_the_static_buffers():
+    """`StepGraphs.drop_graphs` (a step whose kernels changed): every bucket's graphs and the pool are forgotten, the
+    buckets and their static buffers (the addresses the next capture reads) kept; `drop` forgets the buckets too."""
+    from engine.model.paged.graphs import StepGraphs
+
+    graphs = StepGraphs(hidden=8, table_width=4)
+    small, large = graphs.bucket(3, torch.float32, torch.device("cpu")), graphs.bucket(9, torch.float32, "cpu")
+    small.graphs[True] = ("graph", torch.zeros(1))
+    large.graphs[False] = ("graph", torch.zeros(1))
+    graphs.pool = "a pool"
+    tables = small.block_tables
+    graphs.drop_graphs()
+    assert graphs.pool is None and not small.graphs and not large.graphs
+    assert graphs.bucket(3, torch.float32, "cpu") is small and small.block_tables is tables
+    graphs.drop()
+    assert graphs.bucket(3, torch.float32, "cpu") is not small

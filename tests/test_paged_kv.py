@@ -192,6 +192,88 @@ def test_defaults_match_the_explicit_settings_they_stand_for():
     assert not torch.equal(out, paged_decode_attention(*args, dot_in_cache_dtype=False))
 
 
+def test_lengths_before_wait_changes_no_value():
+    """The runner's promise (the lengths not written by the kernel just before) only moves the length's load before
+    the programmatic-launch wait: the same output, split or not (on the CPU the wait does not exist; the GPU test
+    below checks the compiled kernel)."""
+    key_cache, value_cache = random_pool(30, 16, 2, 64, torch.float32)
+    tables = random_tables(3, 10, 30)
+    lens = torch.tensor([150, 1, 0], dtype=torch.int32)
+    q = torch.randn(3, 14, 64, generator=torch.Generator().manual_seed(5))
+    args = (q, key_cache, value_cache, tables, lens)
+    for splits in (1, 3):
+        want = paged_decode_attention(*args, num_splits=splits, block_n=32)
+        assert torch.equal(paged_decode_attention(*args, num_splits=splits, block_n=32, lengths_before_wait=True), want)
+    assert_close(want, paged_decode_attention_reference(*args), torch.float32, "lengths before the wait vs reference")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float32, 64)])
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_gpu_lengths_before_wait_bit_identical(dtype, head_dim, num_splits, rotary):
+    """On the GPU with programmatic launch: the kernel that loads the lengths before its wait gives the same output
+    (and, with the rotary embedding inside, the same caches) bit for bit as the one that loads them after, eagerly
+    and replayed from a graph in which a kernel writing q runs just before it, after the lengths, tables and q
+    changed; and the replayed output is the reference's. Ragged rows and a padding row."""
+    from kernels.decode_fusions import rotary_paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    block_size, rows, q_heads, kv_heads, longest = 16, 65, 14, 2, 1400
+    per_row = -(-longest // block_size)
+    num_blocks = rows * per_row
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(dtype)  # noqa: E731
+    key_cache, value_cache = r(num_blocks, block_size, kv_heads, head_dim), r(num_blocks, block_size, kv_heads, head_dim)
+    source = r(rows, q_heads + 2 * kv_heads, head_dim)
+    lens = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(rows, per_row, dtype=torch.int32, device="cuda")
+    slots = torch.zeros(rows, dtype=torch.long, device="cuda")
+    angle = torch.rand(rows, head_dim // 2, device="cuda", generator=g) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)
+
+    def new_inputs():
+        lens.copy_(torch.randint(1, longest, (rows,), device="cuda", generator=g).to(torch.int32))
+        lens[3] = 0
+        tables.copy_(torch.randperm(num_blocks, device="cuda", generator=g).view(rows, per_row).to(torch.int32))
+        last = (lens - 1).clamp(min=0).long()
+        slots.copy_(tables[torch.arange(rows, device="cuda"), last // block_size].long() * block_size
+                    + last % block_size)  # fmt: skip
+        slots[lens == 0] = -1
+        source.normal_(generator=g)
+
+    def step(before_wait, caches):
+        qkv = source * 1  # a kernel writing q (and the new k, v) just before the attention, as the q/k/v product
+        q, k, v = qkv[:, :q_heads], qkv[:, q_heads : q_heads + kv_heads], qkv[:, q_heads + kv_heads :]
+        options = dict(num_splits=num_splits, lengths_before_wait=before_wait)
+        if rotary:
+            return rotary_paged_decode_attention(q, k, v, cos, sin, *caches, slots, tables, lens, **options)
+        return paged_decode_attention(q, *caches, tables, lens, **options)
+
+    new_inputs()
+    caches = {flag: (key_cache.clone(), value_cache.clone()) for flag in (False, True)}
+    outs = {flag: step(flag, caches[flag]) for flag in (False, True)}
+    assert torch.equal(outs[True], outs[False])
+    assert all(torch.equal(a, b) for a, b in zip(caches[True], caches[False]))
+    graphs = {}
+    for flag in (False, True):
+        for _ in range(2):  # compiled before capture
+            step(flag, caches[flag])
+        graphs[flag] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[flag]):
+            outs[flag] = step(flag, caches[flag])
+    new_inputs()
+    for flag in (False, True):
+        caches[flag][0].copy_(key_cache)
+        caches[flag][1].copy_(value_cache)
+        graphs[flag].replay()
+    torch.cuda.synchronize()
+    assert torch.equal(outs[True], outs[False])
+    assert all(torch.equal(a, b) for a, b in zip(caches[True], caches[False]))
+    if not rotary:  # against the reference on the replayed inputs
+        q = source[:, :q_heads]
+        assert_close(outs[True], paged_decode_attention_reference(q, *caches[True], tables, lens), dtype, "replayed")
+
+
 def test_decode_zero_context_rows_give_zeros():
     key_cache, value_cache = random_pool(4, 4, 2, 16, torch.float32)
     tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)

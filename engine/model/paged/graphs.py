@@ -53,6 +53,14 @@ class StepGraphs:
         self.buckets.clear()
         self.pool = None
 
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs and their memory pool, keep the buckets' static buffers: the next step of each
+        bucket captures anew at the same addresses. A new pool, since blocks the old graphs allocated may still be
+        held (buffers cached across calls), and PyTorch refuses to capture into a pool whose graphs are gone."""
+        for buf in self.buckets.values():
+            buf.graphs.clear()
+        self.pool = None
+
     def capture(self, buf: StepBuffers, with_logits: bool, step: Callable[[StepBuffers, bool], torch.Tensor]) -> None:
         """Capture ``step(buf, with_logits)`` (once per bucket and kind); nothing is written into the KV pool."""
         if with_logits in buf.graphs:

@@ -39,7 +39,8 @@ from kernels.paged_chunk_attention import paged_chunk_attention
 from kernels.paged_kv import paged_decode_attention
 
 log = get_logger("paged")
-ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch")
+ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch",
+                     "lengths_before_wait")
 
 
 class PagedRunner:
@@ -58,7 +59,8 @@ class PagedRunner:
     with the fused ops, the one-position steps' rotary embedding and K/V cache write inside the attention kernel
     (`kernels.decode_fusions.rotary_paged_decode_attention`: one kernel per layer instead of two).
     attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
-    num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults). max_graph_batch:
+    num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults;
+    lengths_before_wait, unset: True, since a step computes its context lengths before its layers). max_graph_batch:
     the largest batch bucket that gets graphs.
     sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
     """
@@ -275,17 +277,16 @@ class PagedRunner:
         blocks = block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
         slots = torch.where(active, blocks * self.block_size + positions % self.block_size, -1)
 
+        # the lengths are computed here, before the layers: no attention kernel follows their writer
+        options = dict(scale=self.geometry.scale, num_splits=self.num_splits, lengths_before_wait=True)
+        options.update(self.attention_options)
+
         def attend(q, key_cache, value_cache):
-            return paged_decode_attention(
-                q, key_cache, value_cache, block_tables, context_lens, scale=self.geometry.scale,
-                num_splits=self.num_splits, **self.attention_options,
-            )
+            return paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens, **options)
 
         def rotate_attend(q, k, v, cos, sin, key_cache, value_cache, slots):  # each row's new token: its last position
-            return rotary_paged_decode_attention(
-                q, k, v, cos, sin, key_cache, value_cache, slots, block_tables, context_lens,
-                scale=self.geometry.scale, num_splits=self.num_splits, **self.attention_options,
-            )
+            return rotary_paged_decode_attention(q, k, v, cos, sin, key_cache, value_cache, slots, block_tables,
+                                                 context_lens, **options)  # fmt: skip
 
         return self.forward_tokens(x, positions, slots, attend, rotate_attend if self._rotary_inside else None)
 
