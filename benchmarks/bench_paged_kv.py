@@ -64,6 +64,7 @@ from kernels.paged_kv import (  # noqa: E402
     paged_decode_attention_reference,
     paged_kv_write,
     paged_kv_write_reference,
+    programmatic_launch_supported,
 )
 
 RESULT_NAME = "bench_paged_kv"
@@ -655,9 +656,11 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
         for _ in range(rounds):
             for name, setting in settings.items():
                 use(*setting)
+                pdl = (programmatic_launch_supported(runner.device)
+                       and runner.attention_options.get("programmatic_launch") is not False)  # fmt: skip
                 taken[name] = dict(split_products=runner.ops().split_k is not None,
                                    rotary_in_attention=runner.rotary_in_attention_taken,
-                                   lengths_before_wait=runner.attention_options["lengths_before_wait"])  # fmt: skip
+                                   lengths_before_wait=pdl and runner.attention_options["lengths_before_wait"])  # fmt: skip
                 if name not in logits:  # the same K/V and tokens: the settings' logits against the default's
                     logits[name] = eager_step().float()
                 graph_step()  # captures
@@ -871,7 +874,7 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     attention = report.get("decode_attention") or {}
     best = attention.get("best_any_page_size")
     if best and best is not attention.get("default"):  # the step with the attention sweep's fastest settings
-        keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch")
+        keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch", "lengths_before_wait")
         variants.append(dict(block_size=best.get("block_size", geo.block_size), num_splits=best.get("num_splits"),
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
     try:  # first, while nothing else has run long on the device

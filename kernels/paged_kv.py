@@ -177,11 +177,14 @@ def _paged_decode_kernel(
     accumulation (as FlashAttention does): K/V tiles stay 16-bit in registers instead of being widened to fp32.
     WIDEN_16BIT_DOTS (the CPU interpreter, whose 16-bit dots are wrong): the same rounding, dots in fp32.
     PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): the kernel may be launched while the previous one is
-    still finishing; it waits for that one's completion before touching memory, and lets the next kernel launch as
-    soon as it has waited (the next one waits in turn for this one's completion before touching memory).
+    still finishing; it waits for that one's completion before touching memory, and lets the next kernel launch
+    (which waits in turn for this one's completion before touching memory): with one split as soon as it has
+    waited, so that the next one is resident by the time this one ends; with several, before its stores, where the
+    merge kernel's launch was measured.
     LENGTHS_BEFORE_WAIT (with PROGRAMMATIC_LAUNCH; the caller's promise that the previous kernel does not write
     the context lengths): the row's length is loaded before the wait, so that after it q's load does not queue
-    behind the length's.
+    behind the length's. The previous kernel is the only one that can still be running then: every kernel here
+    launched this way waits for its own predecessor before it lets its successor launch.
     ROTARY (`kernels.decode_fusions.rotary_paged_decode_attention`): q is the projection's output before the rotary
     embedding, and the row's new token (its last context position, slot ``slots[b]``) is not in the cache yet: its
     k and v come from ``new_k``/``new_v``. The program rotates q and the new k as `rotary_kv_write` does (the same
@@ -198,8 +201,8 @@ def _paged_decode_kernel(
             tl.extra.cuda.gdc_wait()
         context = tl.load(context_lens_ptr + b)
     start, end = _split_range(context, split, NUM_SPLITS, BLOCK_N)
-    if PROGRAMMATIC_LAUNCH:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch; it waits for our completion itself
+    if PROGRAMMATIC_LAUNCH and NUM_SPLITS == 1:  # the next kernel may launch; it waits for our completion itself
+        tl.extra.cuda.gdc_launch_dependents()
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -276,6 +279,8 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :]
         m_i = m_new
 
+    if PROGRAMMATIC_LAUNCH and NUM_SPLITS > 1:  # the merge kernel: launched before the stores, as measured
+        tl.extra.cuda.gdc_launch_dependents()
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no context (a padding row) gets zeros
@@ -531,8 +536,9 @@ def paged_decode_attention(
     (False: fp32 operands, slower). ``programmatic_launch``: launch while the previous kernel finishes (None: where
     `programmatic_launch_supported`). ``lengths_before_wait``: the caller's promise that the kernel launched just
     before this one does not write ``context_lens`` (true of the paged runner's step, which computes them before
-    its layers): with programmatic launch the kernel then loads the row's length before it waits for that kernel.
-    Returns (B, q_heads, head_dim) in q's dtype.
+    its layers; enough when every kernel launched with programmatic launch before it waits for its own predecessor
+    before it lets the next launch, as this project's do): with programmatic launch the kernel then loads the row's
+    length before it waits for that kernel. Returns (B, q_heads, head_dim) in q's dtype.
     """
     return decode_attention_launch(
         q, key_cache, value_cache, block_tables, context_lens, None, scale=scale, num_splits=num_splits,

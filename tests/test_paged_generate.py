@@ -142,6 +142,27 @@ def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, 
     assert runner.rotary_in_attention is (not inside) and runner.rotary_in_attention_taken is (not inside)
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_steps_promise_their_lengths_unless_told_otherwise(tiny, monkeypatch, inside):
+    """The one-position steps compute their context lengths before the layers, so every attention launch of a step
+    gets ``lengths_before_wait=True`` (with the rotary embedding inside the attention and without); the runner's
+    ``attention_options`` can turn it off. Prompt chunks take another kernel."""
+    import engine.model.paged.runner as runner_module
+
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:2])
+    seen = []
+    for name in ("paged_decode_attention", "rotary_paged_decode_attention"):
+        real = getattr(runner_module, name)
+        monkeypatch.setattr(runner_module, name,
+                            lambda *a, real=real, **k: seen.append(k.get("lengths_before_wait")) or real(*a, **k))
+    for options, want in (({}, True), ({"lengths_before_wait": False}, False)):
+        seen.clear()
+        runner = PagedRunner(model, block_size=4, fused_ops=True, rotary_in_attention=inside, attention_options=options)
+        runner.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=-1, pad_token_id=model.pad_token_id)
+        assert seen and all(v is want for v in seen), (options, seen)
+
+
 @pytest.mark.parametrize("split_k", [True, False])
 def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
     """The o and down products as split-K partial sums added by the next norm (several splits forced on the tiny
@@ -445,12 +466,13 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     if payload["decode_attention"]["best_any_page_size"]["name"] != payload["decode_attention"]["default"]["name"]:
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
-    setting = lambda split, rotary, lengths: dict(split_products=split, rotary_in_attention=rotary,  # noqa: E731
-                                                 lengths_before_wait=lengths)
-    assert settings["taken"] == {"default": setting(True, True, True),
-                                 "without split products": setting(False, True, True),
-                                 "rotary outside the attention": setting(True, False, True),
-                                 "attention's lengths read after its wait": setting(True, True, False)}
+    # the length before the wait takes effect with programmatic launch only: never on the CPU
+    setting = lambda split, rotary: dict(split_products=split, rotary_in_attention=rotary,  # noqa: E731
+                                         lengths_before_wait=False)
+    assert settings["taken"] == {"default": setting(True, True),
+                                 "without split products": setting(False, True),
+                                 "rotary outside the attention": setting(True, False),
+                                 "attention's lengths read after its wait": setting(True, True)}
     diff = settings["max_abs_logit_diff_vs_default"]  # fp32 dry run: the same logits up to summation order
     assert diff["default"] == 0 and all(v < 1e-4 for v in diff.values()), diff
     assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())

@@ -55,8 +55,8 @@ class StepGraphs:
 
     def drop_graphs(self) -> None:
         """Forget the captured graphs and their memory pool, keep the buckets' static buffers: the next step of each
-        bucket captures anew at the same addresses. A new pool, since blocks the old graphs allocated may still be
-        held (buffers cached across calls), and PyTorch refuses to capture into a pool whose graphs are gone."""
+        bucket captures anew at the same addresses. A new pool as `drop` takes one: a capture into the pool of
+        graphs already destroyed failed PyTorch's allocator check (`use_count > 0`) on an H200."""
         for buf in self.buckets.values():
             buf.graphs.clear()
         self.pool = None
