@@ -81,9 +81,6 @@ BATCH, CONTEXT, VISUAL = 64, 1300, 256
 # max |kernel - reference| allowed in the numerics section: fp32 summation order; 16-bit output rounding of O(1) values
 NUMERICS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 BLOCK_SIZE = 16
-# What the paged runner's step passes besides the launch settings: its context lengths are computed before its
-# layers, so no attention kernel follows their writer (each layer here follows the previous layer's attention)
-RUNNER_STEP_ATTENTION = dict(lengths_before_wait=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -449,8 +446,12 @@ def section_decode_attention(report: dict, geo: Geometry, bandwidth: float, repe
     def timed(fn):
         return time_fn(fn, geo.device, warmup=geo.warmup, repeats=repeats)
 
+    from engine.model.paged.runner import STEP_ATTENTION_DEFAULTS
+
     def layers_of(c, **kwargs):
-        kwargs = {**RUNNER_STEP_ATTENTION, **kwargs}  # as the runner's step launches it (unless a row says otherwise)
+        # as the runner's step launches it, unless a row says otherwise (each layer here follows the previous layer's
+        # attention, which writes no lengths)
+        kwargs = {**STEP_ATTENTION_DEFAULTS, **kwargs}
 
         def fn():
             for layer in range(geo.layers):
@@ -653,11 +654,12 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
         times: dict = {name: [] for name in settings}
         taken: dict = {}  # what each setting's step really ran: the split products, the rotary inside the attention
         logits: dict = {}
+        # the length before the wait takes effect with programmatic launch only
+        pdl = (programmatic_launch_supported(runner.device)
+               and runner.attention_options.get("programmatic_launch") is not False)  # fmt: skip
         for _ in range(rounds):
             for name, setting in settings.items():
                 use(*setting)
-                pdl = (programmatic_launch_supported(runner.device)
-                       and runner.attention_options.get("programmatic_launch") is not False)  # fmt: skip
                 taken[name] = dict(split_products=runner.ops().split_k is not None,
                                    rotary_in_attention=runner.rotary_in_attention_taken,
                                    lengths_before_wait=pdl and runner.attention_options["lengths_before_wait"])  # fmt: skip
@@ -874,7 +876,8 @@ def section_decode_step(report: dict, geo: Geometry, bandwidth: float, repeats: 
     attention = report.get("decode_attention") or {}
     best = attention.get("best_any_page_size")
     if best and best is not attention.get("default"):  # the step with the attention sweep's fastest settings
-        keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch", "lengths_before_wait")
+        keys = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch",
+                "lengths_before_wait")
         variants.append(dict(block_size=best.get("block_size", geo.block_size), num_splits=best.get("num_splits"),
                              attention_options={k: best[k] for k in keys if best.get(k) is not None}))
     try:  # first, while nothing else has run long on the device

@@ -193,13 +193,11 @@ def _paged_decode_kernel(
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    if PROGRAMMATIC_LAUNCH and LENGTHS_BEFORE_WAIT:  # the length's load is under way while the kernel waits
-        context = tl.load(context_lens_ptr + b)
+    if PROGRAMMATIC_LAUNCH and not LENGTHS_BEFORE_WAIT:
         tl.extra.cuda.gdc_wait()  # everything the previous kernels wrote (q, the new K/V) is visible after this
-    else:
-        if PROGRAMMATIC_LAUNCH:
-            tl.extra.cuda.gdc_wait()
-        context = tl.load(context_lens_ptr + b)
+    context = tl.load(context_lens_ptr + b)
+    if PROGRAMMATIC_LAUNCH and LENGTHS_BEFORE_WAIT:  # the length's load is under way while the kernel waits
+        tl.extra.cuda.gdc_wait()
     start, end = _split_range(context, split, NUM_SPLITS, BLOCK_N)
     if PROGRAMMATIC_LAUNCH and NUM_SPLITS == 1:  # the next kernel may launch; it waits for our completion itself
         tl.extra.cuda.gdc_launch_dependents()

@@ -225,7 +225,8 @@ def test_gpu_lengths_before_wait_bit_identical(dtype, head_dim, num_splits, rota
     per_row = -(-longest // block_size)
     num_blocks = rows * per_row
     r = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(dtype)  # noqa: E731
-    key_cache, value_cache = r(num_blocks, block_size, kv_heads, head_dim), r(num_blocks, block_size, kv_heads, head_dim)
+    pool_shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache, value_cache = r(*pool_shape), r(*pool_shape)
     source = r(rows, q_heads + 2 * kv_heads, head_dim)
     lens = torch.zeros(rows, dtype=torch.int32, device="cuda")
     tables = torch.zeros(rows, per_row, dtype=torch.int32, device="cuda")

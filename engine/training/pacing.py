@@ -7,8 +7,9 @@ after it, is gathered again for the backward, and the allocator does not hand th
 device has finished the forward that reads it (its stream's recorded use). A host that runs ahead allocates the
 second gather beside the first; at the 8B geometry on two H200s (116 GiB of 140) the caching allocator then ran
 short, flushed its cache and retried with the device synchronised: 4-12 retries per 20 steps and 6-20% slower,
-against none with the wait the loss used to make (benchmarks/RESULTS.md). `HostPacer` makes that one wait explicit under ZeRO-3: the
-backward is queued once the device has finished the forward, so each gather reuses the memory of the one before.
+against none with the wait the loss used to make (benchmarks/RESULTS.md). `HostPacer` makes that one wait explicit
+under ZeRO-3: the backward is queued once the device has finished the forward, so each gather reuses the memory of
+the one before.
 ZeRO-0/1/2 gather nothing and do not wait.
 """
 

@@ -41,6 +41,9 @@ from kernels.paged_kv import paged_decode_attention
 log = get_logger("paged")
 ATTENTION_OPTIONS = ("block_n", "num_warps", "num_stages", "dot_in_cache_dtype", "programmatic_launch",
                      "lengths_before_wait")
+# what a one-position step passes to its attention unless `attention_options` says otherwise: the step computes its
+# context lengths before its layers, so no attention kernel follows their writer
+STEP_ATTENTION_DEFAULTS = {"lengths_before_wait": True}
 
 
 class PagedRunner:
@@ -277,8 +280,7 @@ class PagedRunner:
         blocks = block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
         slots = torch.where(active, blocks * self.block_size + positions % self.block_size, -1)
 
-        # the lengths are computed here, before the layers: no attention kernel follows their writer
-        options = dict(scale=self.geometry.scale, num_splits=self.num_splits, lengths_before_wait=True)
+        options = dict(scale=self.geometry.scale, num_splits=self.num_splits, **STEP_ATTENTION_DEFAULTS)
         options.update(self.attention_options)
 
         def attend(q, key_cache, value_cache):
