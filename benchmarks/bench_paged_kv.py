@@ -626,8 +626,8 @@ def _step_functions(runner, geo: "Geometry", batch: int, context: int):
 
 def measure_step_settings(model, geo: "Geometry", batch: int, context: int, timed, out: dict, rounds: int = 5) -> None:
     """The default step against itself with one setting changed (the split-K products off; the rotary embedding
-    and cache write in their own kernel, not in the attention's; the attention's context lengths read after its
-    programmatic-launch wait), in ONE runner (the same
+    and cache write in their own kernel, not in the attention's; the q/k/v product whole, not as partial sums that
+    the attention adds up; the attention's context lengths read after its programmatic-launch wait), in ONE runner (the same
     buffers and weight copies) and in alternating rounds: runners built in turn in one process measured the same
     setting up to 25% apart on an H200 (benchmarks/RESULTS.md, 2026-11-30), more than settings change. Each
     setting's graph is captured anew when it is switched to. On the CPU dry run the fused ops are forced on."""
@@ -639,17 +639,19 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
         runner.refresh_merged_projections()
         graph_step, eager_step, buf = _step_functions(runner, geo, batch, context)
 
-        def use(split: bool, rotary_inside: bool, lengths_before_wait: bool):
+        def use(split: bool, rotary_inside: bool, split_qkv: bool, lengths_before_wait: bool):
             runner.split_k_products = split
             runner.rotary_in_attention = rotary_inside
+            runner.split_k_qkv = split_qkv
             runner.attention_options["lengths_before_wait"] = lengths_before_wait
             runner.refresh_merged_projections()  # drops the runner's buckets if the products changed
             buf.graphs.clear()  # the step's kernels changed: the next call captures them (the same static buffers)
             runner.graphs.drop_graphs()  # with a new memory pool
 
-        settings = {"default": (True, True, True), "without split products": (False, True, True),
-                    "rotary outside the attention": (True, False, True),
-                    "attention's lengths read after its wait": (True, True, False)}  # fmt: skip
+        settings = {"default": (True, True, True, True), "without split products": (False, True, False, True),
+                    "rotary outside the attention": (True, False, False, True),
+                    "q/k/v product whole": (True, True, False, True),
+                    "attention's lengths read after its wait": (True, True, True, False)}  # fmt: skip
         say(f"decode step settings in one runner, alternating ({rounds} rounds)")
         times: dict = {name: [] for name in settings}
         taken: dict = {}  # what each setting's step really ran: the split products, the rotary inside the attention
@@ -662,6 +664,7 @@ def measure_step_settings(model, geo: "Geometry", batch: int, context: int, time
                 use(*setting)
                 taken[name] = dict(split_products=runner.ops().split_k is not None,
                                    rotary_in_attention=runner.rotary_in_attention_taken,
+                                   split_qkv=runner.split_k_qkv_taken,
                                    lengths_before_wait=pdl and runner.attention_options["lengths_before_wait"])  # fmt: skip
                 if name not in logits:  # the same K/V and tokens: the settings' logits against the default's
                     logits[name] = eager_step().float()
@@ -697,6 +700,7 @@ def measure_runner_step(model, geo: "Geometry", batch, context, record, timed, o
     label = "paged runner step" + (
         ", decode fusions" + (" + merged projections" if merged else "") + (" + padded lm_head" if runner.head else "")
         + (" + split-K o/down" if runner.ops().split_k is not None else "")
+        + (" + split-K q/k/v summed in the attention" if runner.split_k_qkv_taken else "")
         if fused
         else ", transformers modules"
     )

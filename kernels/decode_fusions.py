@@ -20,7 +20,8 @@ Public entry points (one name across kernels, tests and benchmarks), each with i
   into new tensors: one kernel for what `rotary_qk` + `paged_kv.paged_kv_write` do in two; returns the rotated q;
 - `rotary_paged_decode_attention(q, k, v, cos, sin, key_cache, value_cache, slots, block_tables, context_lens)`:
   `rotary_kv_write` and the one-query paged attention after it (`kernels.paged_kv.paged_decode_attention`) in one
-  kernel, for one-position steps (each row's new token is its last context position);
+  kernel, for one-position steps (each row's new token is its last context position); q, k, v may also be the
+  q/k/v product's fp32 split-K partial sums (`kernels.decode_linear`), which the kernel sums as it reads them;
 - `silu_mul(gate, up)`: ``silu(gate) * up`` (the SwiGLU product of the MLP).
 
 No autograd here: these serve inference (`engine.model.paged`); `kernels.layer_grads` gives the first three
@@ -86,6 +87,7 @@ def _rms_norm_kernel(
 ):
     if PROGRAMMATIC_LAUNCH:  # launched while the previous kernel finishes: its writes are visible after the wait
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next product may launch now: it waits for our stores itself
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     keep = cols < hidden
@@ -211,7 +213,11 @@ def _rotary_kv_write_kernel(
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     PROGRAMMATIC_LAUNCH: tl.constexpr):  # fmt: skip
+    if PROGRAMMATIC_LAUNCH:  # as `_rms_norm_kernel`: wait for the product, then let the next product launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = cols < width
@@ -359,17 +365,34 @@ def _launch_per_token(kernel, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tenso
     return q_out, k_out
 
 
+def _check_partial_qkv(q, k, v) -> None:
+    """q, k, v as split-K partial sums: (splits, N, heads, D) float32, the same splits and rows."""
+    if (q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or v.shape != k.shape
+            or q.shape[0] < 1 or any(t.dtype != torch.float32 for t in (q, k, v))):  # fmt: skip
+        raise ValueError(
+            "partial sums of q, k, v must be (splits, N, heads, head_dim) float32 with the same splits and rows, "
+            f"got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+        )
+
+
 def _check_new_tokens(name, q, k, v, cos, sin, key_cache, value_cache, slots):
     """The checks of the kernels that rotate new tokens and store their K/V at ``slots``; returns q, k, v, cos, sin
-    as the kernels take them (last dimensions contiguous)."""
+    as the kernels take them (last dimensions contiguous). 4-D q, k, v are split-K partial sums
+    (`_check_partial_qkv` passed): one split is checked as the tokens' values, whatever its dtype."""
     _check_cache(key_cache, value_cache)
-    if v.shape != k.shape or key_cache.shape[2:] != k.shape[1:] or slots.shape != (k.shape[0],):
+    partial = q.dim() == 4
+    one_k, one_v = (k[0], v[0]) if partial else (k, v)
+    if one_v.shape != one_k.shape or key_cache.shape[2:] != one_k.shape[1:] or slots.shape != (one_k.shape[0],):
         raise ValueError(
             f"{name} shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(key_cache.shape)}, "
             f"slots {tuple(slots.shape)}"
         )
-    if k.dtype != key_cache.dtype or v.dtype != value_cache.dtype:
+    if not partial and (k.dtype != key_cache.dtype or v.dtype != value_cache.dtype):
         raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
+    if partial:  # the rotary checks on one split; the kernel reads every split with the same strides
+        _check_rotary(q[0], k[0], cos, sin)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return q, k, v, cos.contiguous(), sin.contiguous()
     q, k, cos, sin = _check_rotary(q, k, cos, sin)
     return q, k, (v if v.stride(-1) == 1 else v.contiguous()), cos, sin
 
@@ -444,8 +467,16 @@ def rotary_paged_decode_attention(
     new token's key and value from registers and the rest of the context from the cache, and one of its programs
     stores the rotated k and v at the slot, as `rotary_kv_write` would. ``attention_options``: those of
     `paged_decode_attention` (scale, num_splits, block_n, num_warps, num_stages, dot_in_cache_dtype,
-    programmatic_launch, lengths_before_wait). Returns the attention output (B, q_heads, head_dim) in q's dtype."""
-    if q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
+    programmatic_launch, lengths_before_wait). Returns the attention output (B, q_heads, head_dim) in the cache's
+    dtype.
+
+    q, k, v may instead be the q/k/v product's split-K partial sums (`kernels.decode_linear.decode_linear_partials`
+    with the bias, split into q, k, v columns): (splits, B, heads, head_dim) float32 each. Every program then sums
+    the values it reads in split order and rounds them to the cache's dtype, as the product would have: no kernel
+    between the product and the attention."""
+    if q.dim() == 4:
+        _check_partial_qkv(q, k, v)
+    elif q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
         raise ValueError(f"q ({q.dtype}) must have the cache's dtype ({key_cache.dtype})")
     q, k, v, cos, sin = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache, value_cache,
                                           slots)  # fmt: skip
@@ -455,7 +486,10 @@ def rotary_paged_decode_attention(
 
 def rotary_paged_decode_attention_reference(q, k, v, cos, sin, key_cache, value_cache, slots, block_tables,
                                             context_lens, scale=None) -> torch.Tensor:  # fmt: skip
-    """`rotary_kv_write_reference` (the caches written in place), then `paged_decode_attention_reference`."""
+    """`rotary_kv_write_reference` (the caches written in place), then `paged_decode_attention_reference`; partial
+    sums of q, k, v (4-D) summed and rounded to the cache's dtype first."""
+    if q.dim() == 4:
+        q, k, v = (t.sum(0).to(key_cache.dtype) for t in (q, k, v))
     q_rot = rotary_kv_write_reference(q, k, v, cos, sin, key_cache, value_cache, slots)
     return paged_decode_attention_reference(q_rot, key_cache, value_cache, block_tables, context_lens, scale=scale)
 
@@ -480,8 +514,10 @@ def rotary_qk_reference(
     return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for (N, I) inputs."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, programmatic_launch: bool | None = False) -> torch.Tensor:
+    """``silu(gate) * up`` for (N, I) inputs. ``programmatic_launch``: launch while the previous kernel finishes and
+    let the next one launch as soon as this one has waited (None: where the device supports it; the paged runner's
+    steps, whose next kernel is the split-K down product)."""
     gate, up = _rows(gate, "gate"), _rows(up, "up")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
@@ -489,9 +525,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n, width = gate.shape
     block = min(1024, triton.next_power_of_2(max(width, 1)))
     if n and width:
+        if programmatic_launch is None:
+            programmatic_launch = programmatic_launch_supported(gate.device)
         _silu_mul_kernel[(n, triton.cdiv(width, block))](
-            gate, up, out, width, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block
-        )
+            gate, up, out, width, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block,
+            PROGRAMMATIC_LAUNCH=bool(programmatic_launch), **({"launch_pdl": True} if programmatic_launch else {}),
+        )  # fmt: skip
     return out
 
 
@@ -531,12 +570,17 @@ def rotary_attention_self_check(device: torch.device | str, dtype: torch.dtype) 
     r, cos, sin = _check_inputs(device, dtype)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)  # attention sums
     # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
-    cases = {"rotary_paged_decode_attention": (
-        _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
-        (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, r(15, 4, 1, 8), r(15, 4, 1, 8)),
-        dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
-             block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
-             context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device)))}  # fmt: skip
+    tables = dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
+                  block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
+                  context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device))  # fmt: skip
+    caches = (r(15, 4, 1, 8), r(15, 4, 1, 8))
+    partials = r(2, 5, 5, 8).float()  # the q/k/v product's split-K partial sums: 3 q heads, 1 k, 1 v
+    fused, reference = _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference)
+    cases = {"rotary_paged_decode_attention": (fused, reference, (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, *caches),
+                                               tables),
+             "rotary_paged_decode_attention on partial sums": (
+                 fused, reference, (partials[:, :, :3], partials[:, :, 3:4], partials[:, :, 4:], cos, sin, *caches),
+                 tables)}  # fmt: skip
     return _run_checks(cases, tol)
 
 

@@ -11,8 +11,8 @@ no extra launch and stays deterministic.
 
 Public entry points (one name across kernels, tests and benchmarks), with their PyTorch reference:
 
-- `decode_linear_partials(x, weight, config)`: (splits, M, N) fp32 partial products of x (M, K) and weight (N, K);
-  their sum over the first dimension is ``x @ weight.T``;
+- `decode_linear_partials(x, weight, config, bias=None)`: (splits, M, N) fp32 partial products of x (M, K) and
+  weight (N, K); their sum over the first dimension is ``x @ weight.T`` (+ ``bias``, which the first split adds);
 - `decode_linear(x, weight, bias=None, config=None)`: ``F.linear(x, weight, bias)`` in ``x``'s dtype (the partial
   sums summed by torch when ``config.splits > 1``);
 - `decode_linear_reference(x, weight, bias=None)`: the same with ``F.linear``;
@@ -102,6 +102,7 @@ def decode_linear_config(
 def _decode_linear_kernel(
     x_ptr,
     w_ptr,
+    bias_ptr,
     out_ptr,
     rows,
     out_features,
@@ -111,6 +112,7 @@ def _decode_linear_kernel(
     stride_wn,
     stride_os,
     stride_om,
+    HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PROGRAMMATIC_LAUNCH: tl.constexpr,
@@ -118,7 +120,8 @@ def _decode_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out.
+    """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out; with
+    HAS_BIAS the first split's programs start from the bias, so that the splits sum to the biased product.
     PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): launched while the previous kernel finishes, it waits
     for that kernel's writes (its x) before any load, and lets the next kernel (the norm) launch before it stores."""
     if PROGRAMMATIC_LAUNCH:
@@ -136,6 +139,9 @@ def _decode_linear_kernel(
     row_ok = rm[:, None] < rows
     col_ok = rn[:, None] < out_features
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:  # the first split's programs only (a masked load elsewhere)
+        bias = tl.load(bias_ptr + rn, mask=(rn < out_features) & ((rn * 0 + split) == 0), other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + rk[None, :]
         k_ok = k < k_end
@@ -173,12 +179,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def decode_linear_partials(
-    x: torch.Tensor, weight: torch.Tensor, config: DecodeLinearConfig, programmatic_launch: bool | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    config: DecodeLinearConfig,
+    programmatic_launch: bool | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(splits, M, N) fp32 partial products of x (M, K) and weight (N, K): their sum over dim 0 is x @ weight.T.
-    Splits past the reduction's length are zeros. ``programmatic_launch``: launch while the previous kernel
-    finishes (None: where `kernels.paged_kv.programmatic_launch_supported`)."""
+    """(splits, M, N) fp32 partial products of x (M, K) and weight (N, K): their sum over dim 0 is x @ weight.T,
+    plus ``bias`` (N,) when given (the first split starts from it). Splits past the reduction's length are zeros
+    (or the bias). ``programmatic_launch``: launch while the previous kernel finishes (None: where
+    `kernels.paged_kv.programmatic_launch_supported`)."""
     x, weight = _check(x, weight)
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != weight.device):
+        raise ValueError(f"decode_linear: bias must be ({weight.shape[0]},) on {weight.device}, got "
+                         f"{tuple(bias.shape)} on {bias.device}")  # fmt: skip
     rows, in_features = x.shape
     out_features = weight.shape[0]
     steps = max(triton.cdiv(in_features, config.block_k), 1)
@@ -192,8 +206,9 @@ def decode_linear_partials(
         block_m = _block_m(rows)
         grid = (triton.cdiv(out_features, config.block_n), splits, triton.cdiv(rows, block_m))
         _decode_linear_kernel[grid](
-            x, weight, out, rows, out_features, in_features, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0), out.stride(1), IEEE=x.dtype == torch.float32,
+            x, weight, weight if bias is None else bias.contiguous(), out, rows, out_features, in_features,
+            k_per_split, x.stride(0), weight.stride(0), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            IEEE=x.dtype == torch.float32,
             DOT_FP32=_interpreted(), PROGRAMMATIC_LAUNCH=bool(programmatic_launch), BLOCK_M=block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **({"launch_pdl": True} if programmatic_launch else {}),
@@ -206,11 +221,8 @@ def decode_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (M, K) through `decode_linear_partials`, in x's dtype."""
     config = config or DecodeLinearConfig()
-    partials = decode_linear_partials(x, weight, config)
-    out = partials[0] if config.splits == 1 else partials.sum(0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    partials = decode_linear_partials(x, weight, config, bias=bias)
+    return (partials[0] if config.splits == 1 else partials.sum(0)).to(x.dtype)
 
 
 def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

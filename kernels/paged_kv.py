@@ -114,6 +114,20 @@ def rotated(x, partner, cos, sin, sign):
 
 
 @triton.jit
+def _operand(ptr, mask, stride_s, SPLITS: tl.constexpr, dtype: tl.constexpr):
+    """The values at ``ptr`` (a block of pointers): loaded as they are (SPLITS 0), or the sum of SPLITS fp32
+    partial products ``stride_s`` apart (`kernels.decode_linear`), in split order, rounded once to ``dtype`` as the
+    product's output would be (as `kernels.decode_fusions.rms_norm` sums them)."""
+    if SPLITS == 0:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        total = tl.load(ptr, mask=mask, other=0.0)
+        for split in tl.static_range(1, SPLITS):  # unrolled: every split's load in flight at once
+            total += tl.load(ptr + split * stride_s, mask=mask, other=0.0)
+        return round_to(total, dtype).to(dtype)
+
+
+@triton.jit
 def _split_range(context, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """[start, end) of a row's context that split ``split`` reads. Splits are balanced per row at run time, so a
     fixed grid (a CUDA graph) serves any context length."""
@@ -158,6 +172,9 @@ def _paged_decode_kernel(
     stride_vb,
     stride_vh,
     stride_ct,
+    stride_qs,
+    stride_ks,
+    stride_vs,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -170,6 +187,7 @@ def _paged_decode_kernel(
     PROGRAMMATIC_LAUNCH: tl.constexpr,
     ROTARY: tl.constexpr,
     LENGTHS_BEFORE_WAIT: tl.constexpr,
+    QKV_SPLITS: tl.constexpr,
 ):
     """One program: one row, one KV head (its GQA group of query heads as the dot's rows), one context split.
 
@@ -189,7 +207,10 @@ def _paged_decode_kernel(
     embedding, and the row's new token (its last context position, slot ``slots[b]``) is not in the cache yet: its
     k and v come from ``new_k``/``new_v``. The program rotates q and the new k as `rotary_kv_write` does (the same
     roundings), attends over the cached positions before the new one, adds the new token's key and value from
-    registers, and the program of the last split stores the rotated k and v at the slot (slot -1: nothing)."""
+    registers, and the program of the last split stores the rotated k and v at the slot (slot -1: nothing).
+    QKV_SPLITS (with ROTARY; 0: off): q, new_k and new_v are the q/k/v product's fp32 split-K partial sums
+    (`kernels.decode_linear`, the bias in the first split), QKV_SPLITS of them ``stride_qs``/``stride_ks``/``stride_vs``
+    apart: each program sums the values it reads and rounds them to the cache's dtype, as the product would have."""
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -208,16 +229,18 @@ def _paged_decode_kernel(
     d_mask = d < HEAD_DIM
     heads = kv_head * GROUP + g.to(tl.int64)
     q_mask = g_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
+    q = _operand(q_rows + d[None, :], q_mask, stride_qs, QKV_SPLITS, cache_dtype)
     if ROTARY:  # q, and the new token's k and v, rotated and stored as `rotary_kv_write` does
         cos, sin, partner, sign = rotary_tables(cos_ptr, sin_ptr, b, stride_ct, d, HEAD_DIM)
-        q_partner = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + partner[None, :], mask=q_mask,
-                            other=0.0)  # fmt: skip
+        q_partner = _operand(q_rows + partner[None, :], q_mask, stride_qs, QKV_SPLITS, cache_dtype)
         q = rotated(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
         k_row = new_k_ptr + b * stride_kb + kv_head * stride_kh
-        new_k = rotated(tl.load(k_row + d, mask=d_mask, other=0.0), tl.load(k_row + partner, mask=d_mask, other=0.0),
-                         cos, sin, sign)  # fmt: skip
-        new_v = tl.load(new_v_ptr + b * stride_vb + kv_head * stride_vh + d, mask=d_mask, other=0.0)
+        new_k = rotated(_operand(k_row + d, d_mask, stride_ks, QKV_SPLITS, cache_dtype),
+                        _operand(k_row + partner, d_mask, stride_ks, QKV_SPLITS, cache_dtype), cos, sin, sign)
+        new_v = _operand(new_v_ptr + b * stride_vb + kv_head * stride_vh + d, d_mask, stride_vs, QKV_SPLITS,
+                         cache_dtype)  # fmt: skip
         slot = tl.load(slots_ptr + b).to(tl.int64)
         safe = tl.maximum(slot, 0)
         dst = (safe // block_size) * stride_cb + (safe % block_size) * stride_co + kv_head * stride_ch + d
@@ -563,9 +586,19 @@ def decode_attention_launch(
     lengths_before_wait: bool = False,
 ) -> torch.Tensor:
     """`paged_decode_attention`'s launch; with ``rotary`` = (new k, new v, cos, sin, slots) the kernel's ROTARY
-    mode (`kernels.decode_fusions.rotary_paged_decode_attention`, which checks those inputs)."""
-    q, group = _check_queries(q, key_cache, value_cache)
-    batch, q_heads, head_dim = q.shape
+    mode (`kernels.decode_fusions.rotary_paged_decode_attention`, which checks those inputs). With ``rotary``, q
+    (splits, B, q_heads, head_dim) float32 and new k, v likewise are the q/k/v product's split-K partial sums
+    (the kernel's QKV_SPLITS mode); the output then has the cache's dtype."""
+    qkv_splits = 0
+    if q.dim() == 4 and rotary is not None:
+        qkv_splits = q.shape[0]
+        if qkv_splits < 1 or q.dtype != torch.float32 or q.stride(-1) != 1:
+            raise ValueError(f"partial sums of q must be (splits >= 1, B, q_heads, head_dim) float32 with a "
+                             f"contiguous last dimension, got {tuple(q.shape)} {q.dtype} strides {q.stride()}")  # fmt: skip
+        _, group = _check_queries(q[0], key_cache, value_cache)
+    else:
+        q, group = _check_queries(q, key_cache, value_cache)
+    batch, q_heads, head_dim = q.shape[-3:]
     _, block_size, kv_heads, _ = key_cache.shape
     if block_n is None:
         block_n = default_block_n(head_dim, key_cache.element_size(), batch * kv_heads, q.device)
@@ -585,7 +618,7 @@ def decode_attention_launch(
     if programmatic_launch is None:
         programmatic_launch = programmatic_launch_supported(q.device)
     launch = {"launch_pdl": True} if programmatic_launch else {}
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape[-3:], device=q.device, dtype=key_cache.dtype if qkv_splits else q.dtype)
     if batch == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -595,11 +628,12 @@ def decode_attention_launch(
     else:
         part_out, part_ml = out, out  # unused
     if rotary is None:  # unused pointers and strides
-        rotary_args = (q, q, q, q, context_lens, 0, 0, 0, 0, 0)
+        rotary_args = (q, q, q, q, context_lens, 0, 0, 0, 0, 0, 0, 0, 0)
     else:
         new_k, new_v, cos, sin, slots = rotary
-        rotary_args = (new_k, new_v, cos, sin, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0),
-                       new_v.stride(1), cos.stride(0))  # fmt: skip
+        rotary_args = (new_k, new_v, cos, sin, slots, new_k.stride(-3), new_k.stride(-2), new_v.stride(-3),
+                       new_v.stride(-2), cos.stride(0), q.stride(0) if qkv_splits else 0,
+                       new_k.stride(0) if qkv_splits else 0, new_v.stride(0) if qkv_splits else 0)  # fmt: skip
     po_strides = part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
     ml_strides = part_ml.stride()[:3] if num_splits > 1 else (0, 0, 0)
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
@@ -612,8 +646,8 @@ def decode_attention_launch(
         part_out,
         part_ml,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
+        q.stride(-3),
+        q.stride(-2),
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
@@ -636,6 +670,7 @@ def decode_attention_launch(
         PROGRAMMATIC_LAUNCH=bool(programmatic_launch),
         ROTARY=rotary is not None,
         LENGTHS_BEFORE_WAIT=bool(lengths_before_wait),
+        QKV_SPLITS=qkv_splits,
         num_warps=num_warps,
         num_stages=num_stages,
         **launch,

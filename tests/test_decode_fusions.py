@@ -224,6 +224,57 @@ def test_rotary_paged_decode_attention_is_the_write_then_the_attention(dtype, nu
     assert torch.equal(again, got)
 
 
+def _summed_in_split_order(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    total = partials[0].clone()
+    for split in partials[1:]:
+        total += split
+    return total.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qkv_splits,num_splits", [(1, 1), (3, 1), (5, 3)])
+def test_rotary_paged_decode_attention_sums_partial_products(dtype, qkv_splits, num_splits):
+    """q, k, v given as a q/k/v product's fp32 split-K partial sums (strided views of one (splits, rows, width)
+    tensor): the output and the caches are those of the same call on the sums rounded to the cache's dtype, bit
+    for bit, and the reference's up to the attention's rounding; a padding row stays zero."""
+    from kernels.decode_fusions import rotary_paged_decode_attention, rotary_paged_decode_attention_reference
+
+    q_heads, k_heads, head_dim, block_size = 6, 2, 24, 8
+    lens = [17, 16, 1, 0, 9]
+    rows = len(lens)
+    per_row = -(-max(lens) // block_size) + 1
+    num_blocks = rows * per_row + 1
+    tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(40))[: rows * per_row]
+    tables = tables.view(rows, per_row).to(torch.int32)
+    context = torch.tensor(lens, dtype=torch.int32)
+    slots = torch.tensor([int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+                          for i, n in enumerate(lens)])  # fmt: skip
+    partials = _randn(qkv_splits, rows, (q_heads + 2 * k_heads) * head_dim, dtype=torch.float32, seed=41)
+    heads = partials.unflatten(-1, (q_heads + 2 * k_heads, head_dim))
+    pq, pk, pv = heads[:, :, :q_heads], heads[:, :, q_heads : q_heads + k_heads], heads[:, :, q_heads + k_heads :]
+    q, k, v = (_summed_in_split_order(t, dtype) for t in (pq, pk, pv))
+    angle = _randn(rows, head_dim // 2, dtype=torch.float32, seed=42) * 3
+    cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)
+    key_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=43)
+    value_cache = _randn(num_blocks, block_size, k_heads, head_dim, dtype=dtype, seed=44)
+    caches = [(key_cache.clone(), value_cache.clone()) for _ in range(3)]
+    options = dict(num_splits=num_splits, block_n=16)
+    got = rotary_paged_decode_attention(pq, pk, pv, cos, sin, *caches[0], slots, tables, context, **options)
+    dense = rotary_paged_decode_attention(q, k, v, cos, sin, *caches[1], slots, tables, context, **options)
+    want = rotary_paged_decode_attention_reference(pq, pk, pv, cos, sin, *caches[2], slots, tables, context)
+    assert got.dtype == dtype and got.shape == (rows, q_heads, head_dim)
+    assert torch.equal(got, dense), "the summed partials are the dense operands"
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(caches[0][0].float(), caches[2][0].float(), **tol)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    if qkv_splits > 1:  # every split is read: dropping the last one changes the result
+        dropped = rotary_paged_decode_attention(pq[:-1], pk[:-1], pv[:-1], cos, sin, key_cache.clone(),
+                                                value_cache.clone(), slots, tables, context, **options)  # fmt: skip
+        assert not torch.equal(dropped, got)
+
+
 def test_rotary_paged_decode_attention_names_bad_inputs():
     from kernels.decode_fusions import rotary_paged_decode_attention
 
@@ -236,6 +287,18 @@ def test_rotary_paged_decode_attention_names_bad_inputs():
     with pytest.raises(ValueError, match="cache's dtype"):
         rotary_paged_decode_attention(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), torch.zeros(2, dtype=torch.long),
                                       tables, lens)  # fmt: skip
+    slots = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="partial sums"):  # partial sums of q, but not of k and v
+        rotary_paged_decode_attention(q[None], k, k, cos, sin, cache, cache.clone(), slots, tables, lens)
+    with pytest.raises(ValueError, match="partial sums"):  # 16-bit partial sums
+        rotary_paged_decode_attention(q[None].bfloat16(), k[None].bfloat16(), k[None].bfloat16(), cos, sin, cache,
+                                      cache.clone(), slots, tables, lens)  # fmt: skip
+    with pytest.raises(ValueError, match="partial sums"):  # different split counts
+        rotary_paged_decode_attention(q.expand(3, -1, -1, -1), k[None], k[None], cos, sin, cache, cache.clone(), slots,
+                                      tables, lens)  # fmt: skip
+    with pytest.raises(ValueError, match="slots"):  # the rows checked on one split
+        rotary_paged_decode_attention(q[None], k[None], k[None], cos, sin, cache, cache.clone(),
+                                      torch.zeros(3, dtype=torch.long), tables, lens)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -50,6 +50,18 @@ def test_partials_sum_to_the_product(rows, out_features, in_features, config):
         assert all(partials[s].abs().max() > 0 for s in range(config.splits))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_partials_with_a_bias_sum_to_the_biased_product(splits):
+    """The first split starts from the bias, the others do not: the sum is x @ w.T + b exactly once."""
+    x, w, b = _operands(5, 21, 96)
+    config = DecodeLinearConfig(block_n=16, block_k=32, splits=splits, num_stages=2)
+    partials = decode_linear_partials(x, w, config, bias=b)
+    torch.testing.assert_close(partials.sum(0), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(partials[1:], decode_linear_partials(x, w, config)[1:])  # the bias in split 0 only
+    with pytest.raises(ValueError, match=r"bias must be \(21,\)"):
+        decode_linear_partials(x, w, config, bias=b[:20])
+
+
 def test_strided_inputs_and_a_split_view():
     """A column slice of a merged product (unit column stride, wide row stride, read in place) and a weight of
     non-unit column stride (copied first)."""
@@ -268,3 +280,128 @@ def test_gpu_graph_replay_recomputes_from_new_inputs():
     want_out, want_summed = rms_norm_reference(F.linear(x, w), norm_weight, 1e-6, residual=residual)
     torch.testing.assert_close(summed.float(), want_summed.float(), atol=0.5, rtol=2e-2)
     torch.testing.assert_close(out.float(), want_out.float(), atol=5e-2, rtol=2e-2)
+
+
+def _paged_rows(rows, k_heads, head_dim, block_size=16, longest=1400, seed=6):
+    """A paged cache of ``rows`` ragged rows (the middle one a padding row when there are several), their tables, lengths and new tokens' slots, and
+    rotary tables: the inputs of a one-position step's attention on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lens = torch.randint(1, longest, (rows,), device="cuda", generator=g).to(torch.int32)
+    if rows > 1:
+        lens[rows // 2] = 0  # a padding row
+    per_row = -(-longest // block_size)
+    tables = torch.randperm(rows * per_row, device="cuda", generator=g).view(rows, per_row).to(torch.int32)
+    last = (lens - 1).clamp(min=0).long()
+    slots = tables[torch.arange(rows, device="cuda"), last // block_size].long() * block_size + last % block_size
+    slots[lens == 0] = -1
+    cache = lambda: torch.randn(rows * per_row, block_size, k_heads, head_dim, device="cuda", generator=g).bfloat16()  # noqa: E731
+    angle = torch.rand(rows, head_dim // 2, device="cuda", generator=g) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos().bfloat16(), torch.cat([angle, angle], -1).sin().bfloat16()
+    return dict(key_cache=cache(), value_cache=cache(), slots=slots, block_tables=tables, context_lens=lens), cos, sin
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("hidden,q_heads,k_heads,head_dim", [(896, 14, 2, 64), (1536, 12, 2, 128), (3584, 28, 4, 128)])
+def test_gpu_qkv_partial_sums_in_the_attention_match_the_product(rows, hidden, q_heads, k_heads, head_dim):
+    """The q/k/v product (with its bias) as split-K partial sums summed inside the rotary attention, at the
+    InternVL3 1B/2B/8B geometries and the runner's default settings: the output and the caches of cuBLAS's
+    product followed by the same attention on bf16 q/k/v, up to bf16 rounding of another summation order; eagerly
+    and replayed from a graph after x changed."""
+    from kernels.decode_fusions import rotary_paged_decode_attention
+
+    width = (q_heads + 2 * k_heads) * head_dim
+    x, w, b = _operands(rows, width, hidden, torch.bfloat16, "cuda", seed=7)
+    w = w * hidden**-0.5
+    paged, cos, sin = _paged_rows(rows, k_heads, head_dim)
+    sizes = [q_heads * head_dim, k_heads * head_dim, k_heads * head_dim]
+    # the runner's settings: 7 splits at 1B, 4 at 2B, 1 at 8B (72 column tiles already fill the SMs)
+    config = decode_linear_config(rows, width, hidden, torch.cuda.get_device_properties(0).multi_processor_count)
+
+    def attend(q, k, v, caches):
+        heads = lambda t, n: t.unflatten(-1, (n, head_dim))  # noqa: E731
+        return rotary_paged_decode_attention(heads(q, q_heads), heads(k, k_heads), heads(v, k_heads), cos, sin,
+                                             *caches, paged["slots"], paged["block_tables"], paged["context_lens"])  # fmt: skip
+
+    def dense():
+        caches = paged["key_cache"].clone(), paged["value_cache"].clone()
+        return attend(*F.linear(x, w, b).split(sizes, -1), caches), caches
+
+    caches = paged["key_cache"].clone(), paged["value_cache"].clone()
+    split = lambda: attend(*decode_linear_partials(x, w, config, bias=b).split(sizes, -1), caches)  # noqa: E731
+    for replay in (False, True):
+        if replay:
+            split()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = split()
+            x.normal_()
+            for cache, source in zip(caches, (paged["key_cache"], paged["value_cache"])):
+                cache.copy_(source)
+            graph.replay()
+        else:
+            got = split()
+        want, want_caches = dense()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+        for a, c in zip(caches, want_caches):
+            torch.testing.assert_close(a.float(), c.float(), atol=3e-2, rtol=3e-2)
+        if rows > 1:
+            assert torch.equal(got[rows // 2], torch.zeros_like(got[rows // 2]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 64])
+def test_gpu_layer_chain_with_programmatic_launch_is_the_plain_chain(rows):
+    """A whole layer of the runner's step at the 1B geometry, every kernel that can launched while its predecessor
+    finishes (the norms and SwiGLU letting the next product launch as soon as they have waited, the q/k/v partial
+    sums summed in the attention): bit for bit the same chain launched plainly, eagerly and replayed from a graph."""
+    from kernels.decode_fusions import rotary_paged_decode_attention, silu_mul
+    from kernels.paged_kv import programmatic_launch_supported
+
+    if not programmatic_launch_supported("cuda"):
+        pytest.skip("programmatic launch needs Hopper or later")
+    hidden, q_heads, k_heads, head_dim, inter = 896, 14, 2, 64, 4864
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator(device="cuda").manual_seed(8)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()  # noqa: E731
+    qkv_w, qkv_b = r((q_heads + 2 * k_heads) * head_dim, hidden, scale=hidden**-0.5), r((q_heads + 2 * k_heads) * head_dim)
+    o_w, gate_up_w = r(hidden, q_heads * head_dim, scale=hidden**-0.5), r(2 * inter, hidden, scale=hidden**-0.5)
+    down_w, norm_w = r(hidden, inter, scale=inter**-0.5), r(hidden).abs() + 0.5
+    x, residual = r(rows, hidden), r(rows, hidden)
+    paged, cos, sin = _paged_rows(rows, k_heads, head_dim, seed=9)
+    sizes = [q_heads * head_dim, k_heads * head_dim, k_heads * head_dim]
+    config = lambda n, k: decode_linear_config(rows, n, k, sm)  # noqa: E731
+
+    def layer(pdl, caches):
+        h, s = rms_norm(decode_linear_partials(x, down_w[:, :hidden], config(hidden, hidden), programmatic_launch=pdl),
+                        norm_w, 1e-6, residual=residual, partial_sums=True, programmatic_launch=pdl)  # fmt: skip
+        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in decode_linear_partials(
+            h, qkv_w, config(qkv_w.shape[0], hidden), programmatic_launch=pdl, bias=qkv_b).split(sizes, -1))
+        o = rotary_paged_decode_attention(q, k, v, cos, sin, *caches, paged["slots"], paged["block_tables"],
+                                          paged["context_lens"], programmatic_launch=pdl, lengths_before_wait=pdl)  # fmt: skip
+        h, s = rms_norm(decode_linear_partials(o.flatten(1), o_w, config(hidden, q_heads * head_dim),
+                                               programmatic_launch=pdl),
+                        norm_w, 1e-6, residual=s, partial_sums=True, programmatic_launch=pdl)  # fmt: skip
+        gate, up = F.linear(h, gate_up_w).split(inter, -1)
+        product = silu_mul(gate, up, programmatic_launch=pdl)
+        return rms_norm(decode_linear_partials(product, down_w, config(hidden, inter), programmatic_launch=pdl),
+                        norm_w, 1e-6, residual=s, partial_sums=True, programmatic_launch=pdl)  # fmt: skip
+
+    fresh = lambda: (paged["key_cache"].clone(), paged["value_cache"].clone())  # noqa: E731
+    want_caches = fresh()
+    want = layer(False, want_caches)
+    caches = fresh()
+    for a, b in zip(layer(True, caches), want):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[0], want_caches[0]) and torch.equal(caches[1], want_caches[1])
+    graph = torch.cuda.CUDAGraph()
+    caches = fresh()
+    with torch.cuda.graph(graph):
+        got = layer(True, caches)
+    for cache, source in zip(caches, (paged["key_cache"], paged["value_cache"])):
+        cache.copy_(source)
+    graph.replay()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[0], want_caches[0]) and torch.equal(caches[1], want_caches[1])

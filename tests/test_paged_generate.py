@@ -182,11 +182,14 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
     if split_k:
         forced = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3, num_stages=2))
 
-        class Recorded:  # the forced products, with what each call returned
+        class Recorded:  # the forced products, with what each o/down call returned
             def __call__(self, module, x):
                 out = forced(module, x)
                 returned.append((x.shape[0], None if out is None else (tuple(out.shape), out.dtype)))
                 return out
+
+            def product(self, x, weight, bias=None):  # the q/k/v product (`split_k_qkv`): not counted here
+                return forced.product(x, weight, bias)
 
         ops.split_k = Recorded()
     paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
@@ -199,6 +202,48 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
         assert all(out == ((3, rows, hidden), torch.float32) for rows, out in steps), steps[:4]
     else:
         assert not returned
+
+
+@pytest.mark.parametrize("split_qkv", [True, False])
+def test_split_k_qkv_keeps_the_tokens(tiny, record_logits, monkeypatch, split_qkv):
+    """The q/k/v product of every one-position step as split-K partial sums (three splits forced on the tiny
+    model), summed inside the attention kernel: the same greedy tokens and logits as the dynamic cache, every
+    step's attention given (3, rows, heads, head_dim) fp32 partial sums; off, the product's values. Prompt chunks
+    keep the product. Switching the option drops the captured steps."""
+    import engine.model.paged.runner as runner_module
+    from engine.model.fused_ops import SplitKProducts
+    from kernels.decode_linear import DecodeLinearConfig
+
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    record_logits["dynamic"].clear()
+    dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
+    given = []
+    real = runner_module.rotary_paged_decode_attention
+    monkeypatch.setattr(runner_module, "rotary_paged_decode_attention",
+                        lambda q, *a, **k: given.append((tuple(q.shape), q.dtype)) or real(q, *a, **k))  # fmt: skip
+    runner = PagedRunner(model, block_size=4, fused_ops=True, split_k_qkv=split_qkv)
+    runner.ops().split_k = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3,
+                                                                            num_stages=2))  # fmt: skip
+    paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
+    assert_same_tokens_and_logits(paged, dynamic, record_logits)
+    assert runner.split_k_qkv_taken is split_qkv
+    layers = model.language_model.config.num_hidden_layers
+    heads = model.language_model.config.num_attention_heads
+    assert len(given) >= 4 * layers and len(given) % layers == 0, len(given)
+    if split_qkv:
+        assert all(len(shape) == 4 and shape[0] == 3 and shape[2] == heads and dtype == torch.float32
+                   for shape, dtype in given), given[:3]  # fmt: skip
+    else:
+        assert all(len(shape) == 3 and dtype == model.dtype for shape, dtype in given), given[:3]
+    runner.graphs.bucket(1, runner.dtype, runner.device)  # a bucket, as a captured step leaves one
+    runner.split_k_qkv = not split_qkv
+    runner.refresh_merged_projections()
+    assert not runner.graphs.buckets, "the captured steps hold the other q/k/v product: dropped"
+    assert runner.split_k_qkv_taken is (not split_qkv)
+    runner.rotary_in_attention = False  # the partial sums need the one-kernel attention
+    runner.refresh_merged_projections()
+    assert not runner.split_k_qkv_taken
 
 
 def test_split_k_products_follow_the_option_and_the_modules(tiny):
@@ -467,12 +512,13 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
         assert any("attention {" in r["name"] for r in step["rows"]), "the step with the sweep's best attention config"
     settings = step["settings_ab"]  # the split products on and off in one runner, alternating (fused ops forced)
     # the length before the wait takes effect with programmatic launch only: never on the CPU
-    setting = lambda split, rotary: dict(split_products=split, rotary_in_attention=rotary,  # noqa: E731
-                                         lengths_before_wait=False)
-    assert settings["taken"] == {"default": setting(True, True),
-                                 "without split products": setting(False, True),
-                                 "rotary outside the attention": setting(True, False),
-                                 "attention's lengths read after its wait": setting(True, True)}
+    setting = lambda split, rotary, qkv: dict(split_products=split, rotary_in_attention=rotary,  # noqa: E731
+                                              split_qkv=qkv, lengths_before_wait=False)
+    assert settings["taken"] == {"default": setting(True, True, True),
+                                 "without split products": setting(False, True, False),
+                                 "rotary outside the attention": setting(True, False, False),
+                                 "q/k/v product whole": setting(True, True, False),
+                                 "attention's lengths read after its wait": setting(True, True, True)}
     diff = settings["max_abs_logit_diff_vs_default"]  # fp32 dry run: the same logits up to summation order
     assert diff["default"] == 0 and all(v < 1e-4 for v in diff.values()), diff
     assert all(len(t) == settings["rounds"] and all(v > 0 for v in t) for t in settings["us"].values())
@@ -523,3 +569,22 @@ def test_step_graphs_drop_graphs_keeps_the_static_buffers():
     assert graphs.bucket(3, torch.float32, "cpu") is small and small.block_tables is tables
     graphs.drop()
     assert graphs.bucket(3, torch.float32, "cpu") is not small
+
+
+def test_paged_attention_refuses_partial_sums_it_cannot_sum():
+    """Only the one-kernel attention sums the q/k/v product's partial sums: asking for them without it, or giving
+    them to an attention that was not told, is an error, not a wrong result."""
+    from engine.model.layers import ReferenceOps
+    from engine.model.paged.attention import PagedAttention
+    from engine.model.paged.cache import PagedKVCache
+
+    cache = PagedKVCache(num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=8, dtype=torch.float32,
+                         device=torch.device("cpu"))  # fmt: skip
+    slots = torch.tensor([0, 1])
+    attend = lambda q, kc, vc: q  # noqa: E731
+    with pytest.raises(ValueError, match="rotate_attend"):
+        PagedAttention(cache, slots, attend, ReferenceOps.__new__(ReferenceOps), sums_partial_qkv=True)
+    attention = PagedAttention(cache, slots, attend, ReferenceOps.__new__(ReferenceOps), rotate_attend=attend)
+    partial = torch.zeros(3, 2, 2, 8)
+    with pytest.raises(ValueError, match="does not sum them"):
+        attention(0, partial, partial[:, :, :1], partial[:, :, :1], torch.zeros(2, 8), torch.zeros(2, 8))

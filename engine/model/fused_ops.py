@@ -265,15 +265,20 @@ class SplitKProducts:
 
     def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
         """(splits, rows, out) fp32 partial products of ``x`` (rows, in), or None where the module should run."""
-        if x.dim() != 2 or x.shape[0] > MAX_BLOCK_M or x.dtype != module.weight.dtype:
+        return self.product(x, module.weight)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(splits, rows, out) fp32 partial products of ``x`` (rows, in) and ``weight`` (out, in) whose sum is the
+        biased product, or None where a step has too many rows (or another dtype) for them."""
+        if x.dim() != 2 or x.shape[0] > MAX_BLOCK_M or x.dtype != weight.dtype:
             return None
-        key = (x.shape[0], *module.weight.shape)
+        key = (x.shape[0], *weight.shape)
         config = self.config or self.configs.get(key)
         if config is None:
             config = self.configs[key] = decode_linear_config(
-                x.shape[0], *module.weight.shape, self.sm_count, x.element_size(), self.shared_bytes
+                x.shape[0], *weight.shape, self.sm_count, x.element_size(), self.shared_bytes
             )
-        return decode_linear_partials(x, module.weight, config)
+        return decode_linear_partials(x, weight, config, bias=bias)
 
 
 class FusedOps(ReferenceOps):
@@ -302,10 +307,17 @@ class FusedOps(ReferenceOps):
         # a (splits, N, H) pending output: the split-K partial sums of an o or down product
         return rms_norm(pending, norm.weight, norm.variance_epsilon, residual=x, partial_sums=pending.dim() == 3)
 
-    def qkv(self, index, attn, h):
+    def qkv(self, index, attn, h, partial_sums: bool = False):
+        """q, k, v of ``h``; with ``partial_sums`` (the caller's attention sums them: the paged runner's
+        one-position steps with the rotary embedding inside the attention) and the merged and split products on,
+        each as (splits, *tokens, width) fp32 split-K partial sums, the bias in the first split."""
         if self.merged is None:
             return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         m = self.merged[index]  # views into one product: the kernels read them strided, no copies
+        if partial_sums and self.split_k is not None:
+            partials = self.split_k.product(h, m.qkv_weight, m.qkv_bias)
+            if partials is not None:
+                return partials.split(m.qkv_sizes, -1)
         return F.linear(h, m.qkv_weight, m.qkv_bias).split(m.qkv_sizes, -1)
 
     def rotary(self, q, k, cos, sin):
@@ -316,7 +328,7 @@ class FusedOps(ReferenceOps):
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         else:
             gate, up = F.linear(h, self.merged[index].gate_up_weight).split(self.merged[index].gate_up_sizes, -1)
-        product = silu_mul(gate, up)
+        product = silu_mul(gate, up, programmatic_launch=None)  # the split-K down product launches as it runs
         partials = self.split_k(mlp.down_proj, product) if self.split_k is not None else None
         return mlp.down_proj(product) if partials is None else partials
 
@@ -384,7 +396,7 @@ class GradFusedOps(ReferenceOps):
             return super().rotary(q, k, cos, sin)
         return rotary_qk_grad(q, k, cos, sin)
 
-    def qkv(self, index, attn, h):
+    def qkv(self, index, attn, h, partial_sums=False):  # the products always (training keeps autograd)
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
         merged = self._merged_weights(("qkv", index), projections)
         if merged is None:

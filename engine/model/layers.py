@@ -10,7 +10,9 @@ the paths is passed in:
 - an **attention function** ``attention(layer_index, q, k, v, cos, sin) -> o``: it applies the rotary embedding
   (through the ops table), stores K/V where its path keeps them and attends. q is (*tokens, q_heads, head_dim),
   k and v (*tokens, kv_heads, head_dim), o (*tokens, q_heads, head_dim); ``tokens`` is (B, n) in the training
-  block and (N,) packed tokens in the paged runner.
+  block and (N,) packed tokens in the paged runner. An attention function with ``sums_partial_qkv = True`` (the
+  paged runner's one-position steps) may instead get q, k and v as the q/k/v product's fp32 split-K partial sums,
+  (splits, *tokens, heads, head_dim), when the ops table gives them (``ops.qkv(..., partial_sums=True)``).
 - an **ops table** for the rest of the layer's math: `ReferenceOps` calls the modules as transformers does (the
   spec); `engine.model.fused_ops.FusedOps` swaps in Triton kernels (RMSNorm with the residual add, rotary, SwiGLU)
   and merged q/k/v and gate/up products.
@@ -161,7 +163,7 @@ class LayerOps(Protocol):
 
     def add_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor, partial_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -185,7 +187,9 @@ class ReferenceOps:
             x = x + pending
         return norm(x), x
 
-    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, index: int, attn: nn.Module, h: torch.Tensor, partial_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three projections of ``h`` (*tokens, H). ``partial_sums``: the attention could take split-K partial
+        sums instead (an ops table may give them; this one gives the products)."""
         return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,16 +225,19 @@ def run_layers(
     continuous thought feeds back)."""
     g = geometry or layer_geometry(language_model)
     tokens = x.shape[:-1]
+    partial_qkv = bool(getattr(attention, "sums_partial_qkv", False))
     pending = None  # the last sublayer's output: the next norm adds it to the residual stream
     for index, layer in enumerate(language_model.layers[: g.num_layers]):
         attn = layer.self_attn
         h, x = ops.add_norm(layer.input_layernorm, x, pending)
-        q, k, v = ops.qkv(index, attn, h)
+        # an attention that sums split-K partial products (`attention.sums_partial_qkv`) may get q, k, v as
+        # (splits, *tokens, width) partial sums: the heads split off the last dimension either way
+        q, k, v = ops.qkv(index, attn, h, partial_sums=partial_qkv)
         o = attention(
             index,
-            q.view(*tokens, g.q_heads, g.head_dim),
-            k.view(*tokens, g.kv_heads, g.head_dim),
-            v.view(*tokens, g.kv_heads, g.head_dim),
+            q.unflatten(-1, (g.q_heads, g.head_dim)),
+            k.unflatten(-1, (g.kv_heads, g.head_dim)),
+            v.unflatten(-1, (g.kv_heads, g.head_dim)),
             cos,
             sin,
         )

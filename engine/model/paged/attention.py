@@ -28,15 +28,25 @@ RotateAttendFn = Callable[..., torch.Tensor]
 class PagedAttention:
     """``attention(index, q, k, v, cos, sin)`` over a `PagedKVCache`: q, k, v are (N, heads, head_dim) packed
     tokens whose K/V go to ``slots`` (N,) (slot -1: written nowhere). ``rotate_attend`` (one-position steps with the
-    fused ops): the rotary embedding, the cache write and the attention in one kernel instead of two."""
+    fused ops): the rotary embedding, the cache write and the attention in one kernel instead of two.
+    ``sums_partial_qkv`` (with ``rotate_attend``): q, k, v may come as the q/k/v product's split-K partial sums,
+    (splits, N, heads, head_dim) fp32, which that kernel sums (`engine.model.layers.run_layers` asks the ops table
+    for them)."""
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, attend: AttendFn, ops,
-                 rotate_attend: RotateAttendFn | None = None):  # fmt: skip
+                 rotate_attend: RotateAttendFn | None = None, sums_partial_qkv: bool = False):  # fmt: skip
+        if sums_partial_qkv and rotate_attend is None:
+            raise ValueError("sums_partial_qkv needs rotate_attend: only the one-kernel attention sums partial products")
         self.cache, self.slots, self.attend, self.ops = cache, slots, attend, ops
         self.rotate_attend = rotate_attend
+        self.sums_partial_qkv = sums_partial_qkv
 
     def __call__(self, index, q, k, v, cos, sin):
         key_cache, value_cache = self.cache.layer(index)
+        if q.dim() == 4:  # split-K partial sums (see the class docstring)
+            if not self.sums_partial_qkv:
+                raise ValueError(f"q {tuple(q.shape)}: partial sums given to an attention that does not sum them")
+            return self.rotate_attend(q, k, v, cos, sin, key_cache, value_cache, self.slots)
         if self.ops.fuses_cache_write and k.dtype == key_cache.dtype:
             if self.rotate_attend is not None and q.dtype == key_cache.dtype:
                 return self.rotate_attend(q, k, v, cos, sin, key_cache, value_cache, self.slots)

@@ -60,7 +60,10 @@ class PagedRunner:
     is not one already). split_k_products: with the fused ops, each layer's o and down products of a step of at most
     64 rows as split-K partial sums, summed by the next RMSNorm (`fused_ops.SplitKProducts`). rotary_in_attention:
     with the fused ops, the one-position steps' rotary embedding and K/V cache write inside the attention kernel
-    (`kernels.decode_fusions.rotary_paged_decode_attention`: one kernel per layer instead of two).
+    (`kernels.decode_fusions.rotary_paged_decode_attention`: one kernel per layer instead of two). split_k_qkv: with
+    the split-K products, the merged projections and the rotary embedding inside the attention, the one-position
+    steps' q/k/v product as split-K partial sums too, which the attention kernel sums as it reads q and the new K/V
+    (nothing between the product and the attention, which launches while the product finishes).
     attention_options: launch settings of `paged_decode_attention` for the one-position steps (block_n,
     num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults;
     lengths_before_wait, unset: True, since a step computes its context lengths before its layers). max_graph_batch:
@@ -84,6 +87,7 @@ class PagedRunner:
         merged_projections: bool = True,
         split_k_products: bool = True,
         rotary_in_attention: bool = True,
+        split_k_qkv: bool = True,
         attention_options: dict | None = None,
     ):
         if block_size < 1:
@@ -115,6 +119,8 @@ class PagedRunner:
         self.merged_projections = merged_projections
         self.split_k_products = split_k_products
         self.rotary_in_attention = rotary_in_attention
+        self.split_k_qkv = split_k_qkv
+        self._split_k_qkv_graphed = split_k_qkv  # the option the captured steps hold
         self._rotary_inside = False  # the decision for the current ops table (`refresh_merged_projections`)
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
@@ -141,6 +147,15 @@ class PagedRunner:
         ``rotary_in_attention``, decided at the last `refresh_merged_projections` (every generate call; the fused
         ops and, on CUDA, the kernel's self-check)."""
         return self._rotary_inside
+
+    @property
+    def split_k_qkv_taken(self) -> bool:
+        """Whether the one-position steps of at most `kernels.decode_linear.MAX_BLOCK_M` rows now give their
+        attention the q/k/v product as split-K partial sums: the option ``split_k_qkv`` with the split-K products,
+        the merged projections and the rotary embedding inside the attention all taken."""
+        ops = self._ops
+        return bool(self.split_k_qkv and self._rotary_inside and self.merged is not None
+                    and getattr(ops, "split_k", None) is not None)  # fmt: skip
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "PagedRunner":
@@ -190,6 +205,9 @@ class PagedRunner:
         shape or identity."""
         ops = self.ops()
         fused = ops.name == "fused"
+        if self.split_k_qkv != self._split_k_qkv_graphed:
+            self.graphs.drop()  # the captured steps hold the other q/k/v product
+            self._split_k_qkv_graphed = self.split_k_qkv
         inside = fast_paths.rotary_in_attention(self.rotary_in_attention, fused, self.device, self.dtype).choice == "on"
         if inside != self._rotary_inside:
             self.graphs.drop()  # the captured steps hold the other kernels
@@ -268,10 +286,12 @@ class PagedRunner:
                        rotate_attend=None) -> torch.Tensor:  # fmt: skip
         """x (N, H) input embeddings at ``positions`` (N,) -> (N, H) last hidden states (post-norm); the tokens'
         K/V go to ``slots``; ``attend(q, key_cache, value_cache)`` is the paged attention kernel of the pass,
-        ``rotate_attend`` the one-position steps' kernel with the rotary embedding and the cache write inside."""
+        ``rotate_attend`` the one-position steps' kernel with the rotary embedding and the cache write inside
+        (which also sums the q/k/v product's partial sums where `split_k_qkv_taken`)."""
         ops = self.ops()
         cos, sin = self.rotary(x, positions)
-        attention = PagedAttention(self.cache, slots, attend, ops, rotate_attend)
+        partial_qkv = rotate_attend is not None and self.split_k_qkv_taken and self.cache.key.dtype == x.dtype
+        attention = PagedAttention(self.cache, slots, attend, ops, rotate_attend, sums_partial_qkv=partial_qkv)
         return run_layers(self.lm, x, cos, sin, attention, ops, self.geometry)
 
     def _step_forward(self, x, positions, active, block_tables) -> torch.Tensor:
