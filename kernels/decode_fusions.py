@@ -48,6 +48,7 @@ from kernels.paged_kv import (
 
 __all__ = [
     "decode_fusions_self_check",
+    "partial_qkv_attention_self_check",
     "rms_norm",
     "rms_norm_reference",
     "rotary_kv_write",
@@ -248,8 +249,8 @@ def rms_norm(
     """RMSNorm of ``x`` (N, H) (see the module docstring); with ``residual``: ``(norm(residual + x), residual + x)``.
     ``partial_sums`` (with ``residual``): ``x`` is (splits, N, H) fp32 partial products (`kernels.decode_linear`),
     and their sum over splits, rounded to the residual's dtype, is the ``x`` added. ``programmatic_launch``: launch
-    while the previous kernel finishes (None: with partial sums, where the device supports it: the split-K kernel
-    before it lets it launch early)."""
+    while the previous kernel finishes, and let the next one launch as soon as this one has waited (None: with
+    partial sums, where the device supports it: the split-K kernel before it lets it launch early)."""
     if partial_sums:
         if residual is None or x.dim() != 3 or x.dtype != torch.float32:
             raise ValueError(f"partial sums must be (splits, N, H) float32 with a residual, got {tuple(x.shape)} "
@@ -476,6 +477,8 @@ def rotary_paged_decode_attention(
     between the product and the attention."""
     if q.dim() == 4:
         _check_partial_qkv(q, k, v)
+        if value_cache.dtype != key_cache.dtype:  # the sums of k and v are both rounded to the key cache's dtype
+            raise ValueError(f"the caches must share a dtype, got {key_cache.dtype} and {value_cache.dtype}")
     elif q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
         raise ValueError(f"q ({q.dtype}) must have the cache's dtype ({key_cache.dtype})")
     q, k, v, cos, sin = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache, value_cache,
@@ -568,20 +571,38 @@ def rotary_attention_self_check(device: torch.device | str, dtype: torch.dtype) 
     """`rotary_paged_decode_attention` once on small inputs on ``device`` against its reference: None when they
     agree, else why not. Checked apart from the other fusions: a failure here keeps them."""
     r, cos, sin = _check_inputs(device, dtype)
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)  # attention sums
-    # rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7
+    return _run_checks({"rotary_paged_decode_attention": _rotary_attention_case(r, cos, sin, device, partial=False)},
+                       _rotary_attention_tol(dtype))
+
+
+def partial_qkv_attention_self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """`rotary_paged_decode_attention` on the q/k/v product's split-K partial sums (the kernel's QKV_SPLITS mode)
+    once on small inputs on ``device`` against its reference: None when they agree, else why not. Checked apart
+    from the rest: a failure here keeps the attention on the product's values."""
+    r, cos, sin = _check_inputs(device, dtype)
+    return _run_checks({"rotary_paged_decode_attention on partial sums": _rotary_attention_case(r, cos, sin, device,
+                                                                                                partial=True)},
+                       _rotary_attention_tol(dtype))  # fmt: skip
+
+
+def _rotary_attention_tol(dtype: torch.dtype) -> dict:
+    return dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)  # attention sums
+
+
+def _rotary_attention_case(r, cos, sin, device, partial: bool) -> tuple:
+    """The self-checks' attention case: rows of their own blocks (3 each), new tokens at positions 4, -, 0, 11, 7;
+    q, k, v as they are or as 3 splits' partial sums (3 q heads, 1 k, 1 v; k and v with split strides of their
+    own)."""
     tables = dict(slots=torch.tensor([4, -1, 24, 47, 55], device=device),
                   block_tables=torch.arange(15, dtype=torch.int32, device=device).view(5, 3),
                   context_lens=torch.tensor([5, 0, 1, 12, 8], dtype=torch.int32, device=device))  # fmt: skip
-    caches = (r(15, 4, 1, 8), r(15, 4, 1, 8))
-    partials = r(2, 5, 5, 8).float()  # the q/k/v product's split-K partial sums: 3 q heads, 1 k, 1 v
-    fused, reference = _cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference)
-    cases = {"rotary_paged_decode_attention": (fused, reference, (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8), cos, sin, *caches),
-                                               tables),
-             "rotary_paged_decode_attention on partial sums": (
-                 fused, reference, (partials[:, :, :3], partials[:, :, 3:4], partials[:, :, 4:], cos, sin, *caches),
-                 tables)}  # fmt: skip
-    return _run_checks(cases, tol)
+    if partial:
+        partials = r(3, 5, 5, 8).float()
+        qkv = (partials[:, :, :3], partials[:, :, 3:4].contiguous(), partials[:, :, 4:])
+    else:
+        qkv = (r(5, 3, 8), r(5, 1, 8), r(5, 1, 8))
+    return (_cache_outputs(rotary_paged_decode_attention), _cache_outputs(rotary_paged_decode_attention_reference),
+            (*qkv, cos, sin, r(15, 4, 1, 8), r(15, 4, 1, 8)), tables)
 
 
 def _check_inputs(device, dtype):

@@ -123,7 +123,8 @@ def _decode_linear_kernel(
     """One program: BLOCK_N output columns of BLOCK_M rows over one split of the reduction, fp32 partials out; with
     HAS_BIAS the first split's programs start from the bias, so that the splits sum to the biased product.
     PROGRAMMATIC_LAUNCH (Hopper, launched with launch_pdl): launched while the previous kernel finishes, it waits
-    for that kernel's writes (its x) before any load, and lets the next kernel (the norm) launch before it stores."""
+    for that kernel's writes (its x) before any load, and lets the next kernel (the norm, or the attention that
+    sums q/k/v partial sums) launch before it stores."""
     if PROGRAMMATIC_LAUNCH:
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)

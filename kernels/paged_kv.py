@@ -12,7 +12,8 @@ Kernels (each with a pure-PyTorch reference of the same name plus ``_reference``
   over the context (each split computes a partial softmax; a reduce kernel merges them with log-sum-exp). Its
   kernel also has a mode that first rotates q and the row's new token and stores the new K/V
   (`decode_attention_launch` with ``rotary``; the public entry point and its reference are
-  `kernels.decode_fusions.rotary_paged_decode_attention`).
+  `kernels.decode_fusions.rotary_paged_decode_attention`), in which q and the new K/V may also be read as the
+  q/k/v product's fp32 split-K partial sums and summed (`kernels.decode_linear`).
 
 Jit helpers shared with `kernels.decode_fusions`: `round_to` (a rounding to bf16 the compiler cannot fold away),
 `rotary_tables` and `rotated` (the rotary embedding's tables and arithmetic, rounded as transformers rounds it).

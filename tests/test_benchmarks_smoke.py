@@ -208,7 +208,7 @@ def test_decode_linear_smoke(tmp_path, monkeypatch):
     assert all(r["norm_max_rel_err"] is not None for r in rows if r["impl"].startswith("split-K") and "us_with_norm" in r)
 
     real = decode_linear.decode_linear_partials
-    monkeypatch.setattr(decode_linear, "decode_linear_partials", lambda x, w, c: real(x, w, c) * 1.5)
+    monkeypatch.setattr(decode_linear, "decode_linear_partials", lambda x, w, c, *a, **k: real(x, w, c, *a, **k) * 1.5)
     assert bench_decode_linear.main(["--smoke", "--products", "o", "--out", str(tmp_path / "wrong")]) == 0
     wrong = json.loads((tmp_path / "wrong" / "bench_decode_linear.json").read_text())["rows"]
     assert [r for r in wrong if "error" in r and "relative error" in r["error"]], "a wrong product must be reported"

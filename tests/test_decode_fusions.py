@@ -252,6 +252,7 @@ def test_rotary_paged_decode_attention_sums_partial_products(dtype, qkv_splits, 
     partials = _randn(qkv_splits, rows, (q_heads + 2 * k_heads) * head_dim, dtype=torch.float32, seed=41)
     heads = partials.unflatten(-1, (q_heads + 2 * k_heads, head_dim))
     pq, pk, pv = heads[:, :, :q_heads], heads[:, :, q_heads : q_heads + k_heads], heads[:, :, q_heads + k_heads :]
+    pk = pk.contiguous()  # a split stride of its own: the kernel must not take q's for k
     q, k, v = (_summed_in_split_order(t, dtype) for t in (pq, pk, pv))
     angle = _randn(rows, head_dim // 2, dtype=torch.float32, seed=42) * 3
     cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)

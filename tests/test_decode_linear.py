@@ -57,7 +57,9 @@ def test_partials_with_a_bias_sum_to_the_biased_product(splits):
     config = DecodeLinearConfig(block_n=16, block_k=32, splits=splits, num_stages=2)
     partials = decode_linear_partials(x, w, config, bias=b)
     torch.testing.assert_close(partials.sum(0), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(partials[1:], decode_linear_partials(x, w, config)[1:])  # the bias in split 0 only
+    no_bias = decode_linear_partials(x, w, config)
+    torch.testing.assert_close(partials[0] - no_bias[0], b.expand_as(no_bias[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(partials[1:], no_bias[1:])  # the bias in split 0 only
     with pytest.raises(ValueError, match=r"bias must be \(21,\)"):
         decode_linear_partials(x, w, config, bias=b[:20])
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import engine.model.generation as generation
+from engine.model import fast_paths
 import engine.model.paged.runner as paged_runner
 from engine.model.layers import layer_stack_unsupported
 from engine.model.paged.cache import PoolExhaustedError
@@ -205,16 +206,23 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
 
 
 @pytest.mark.parametrize("split_qkv", [True, False])
-def test_split_k_qkv_keeps_the_tokens(tiny, record_logits, monkeypatch, split_qkv):
+def test_split_k_qkv_keeps_the_tokens(record_logits, monkeypatch, split_qkv):
     """The q/k/v product of every one-position step as split-K partial sums (three splits forced on the tiny
-    model), summed inside the attention kernel: the same greedy tokens and logits as the dynamic cache, every
+    model, its q/k/v biases random), summed inside the attention kernel: the same greedy tokens and logits as the dynamic cache, every
     step's attention given (3, rows, heads, head_dim) fp32 partial sums; off, the product's values. Prompt chunks
     keep the product. Switching the option drops the captured steps."""
     import engine.model.paged.runner as runner_module
     from engine.model.fused_ops import SplitKProducts
     from kernels.decode_linear import DecodeLinearConfig
 
-    model, tok, _ = tiny
+    from engine import load_model
+
+    model, tok, _ = load_model("tiny", seed=0)  # its own copy: the q/k/v biases made nonzero (the first split's)
+    model.eval()
+    with torch.no_grad():
+        for layer in model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(std=0.5)
     ids, mask, pixels, _ = shared_image_batch(model, tok)
     record_logits["dynamic"].clear()
     dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
@@ -244,6 +252,27 @@ def test_split_k_qkv_keeps_the_tokens(tiny, record_logits, monkeypatch, split_qk
     runner.rotary_in_attention = False  # the partial sums need the one-kernel attention
     runner.refresh_merged_projections()
     assert not runner.split_k_qkv_taken
+
+
+def test_split_k_qkv_decision_names_what_is_missing(monkeypatch):
+    """`fast_paths.split_k_qkv`: on with its three prerequisites, else off naming the first one missing; on CUDA a
+    failing self-check of its own turns it off (and only it)."""
+    cpu = torch.device("cpu")
+    decide = lambda *flags, requested=True: fast_paths.split_k_qkv(requested, *flags, cpu, torch.float32)  # noqa: E731
+    assert decide(True, True, True).choice == "on"
+    assert decide(True, True, True, requested=False).reason == "asked for"
+    assert "rotary" in decide(False, True, True).reason
+    assert "split-K" in decide(True, False, True).reason
+    assert "merged" in decide(True, True, False).reason
+    import kernels.decode_fusions as fusions
+
+    assert fusions.partial_qkv_attention_self_check(cpu, torch.float32) is None
+    assert fusions.partial_qkv_attention_self_check(cpu, torch.bfloat16) is None
+    real = fusions.rotary_paged_decode_attention
+    monkeypatch.setattr(fusions, "rotary_paged_decode_attention",
+                        lambda q, *a, **k: real(q, *a, **k) * (1.5 if q.dim() == 4 else 1.0))  # fmt: skip
+    assert fusions.partial_qkv_attention_self_check(cpu, torch.float32).startswith("rotary_paged_decode_attention on")
+    assert fusions.rotary_attention_self_check(cpu, torch.float32) is None, "the other check does not see it"
 
 
 def test_split_k_products_follow_the_option_and_the_modules(tiny):

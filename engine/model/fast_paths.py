@@ -335,7 +335,8 @@ def split_k_products(layers: list[nn.Module], requested: bool, fused: bool, devi
                      dtype: torch.dtype) -> Decision:  # fmt: skip
     """Whether the fused layers' o and down products of one-position steps are split-K partial sums that the next
     norm adds (`engine.model.fused_ops.SplitKProducts`; plain bias-free nn.Linear projections without hooks; on
-    CUDA once the kernels pass a self-check on this device and dtype)."""
+    CUDA once the kernels pass a self-check on this device and dtype). The q/k/v product's partial sums, which the
+    attention adds, are decided apart (`split_k_qkv`)."""
     from engine.model.fused_ops import split_k_unsupported
 
     return _checked_fused_layers_option("split_k_products", "split-K products", requested, fused,
@@ -349,6 +350,25 @@ def rotary_in_attention(requested: bool, fused: bool, device: torch.device, dtyp
     of its own on this device and dtype, so that a failure there keeps the other fusions)."""
     return _checked_fused_layers_option("rotary_in_attention", "rotary inside the attention", requested, fused,
                                         lambda: None, "kernels.decode_fusions.rotary_attention_self_check", device, dtype)  # fmt: skip
+
+
+def split_k_qkv(requested: bool, rotary_inside: bool, split_products: bool, merged: bool, device: torch.device,
+                dtype: torch.dtype) -> Decision:  # fmt: skip
+    """Whether the fused layers' one-position steps give the rotary attention their q/k/v product as split-K partial
+    sums, which it sums as it reads q and the new K/V (`engine.model.paged.runner.PagedRunner`'s ``split_k_qkv``):
+    with the rotary embedding inside the attention, the split-K products and the merged projections all on; on
+    CUDA once that mode passes a self-check of its own, so that a failure there keeps the other fusions."""
+
+    def missing() -> str | None:
+        for taken, what in ((rotary_inside, "the rotary embedding is not inside the attention"),
+                            (split_products, "the split-K products are off"),
+                            (merged, "the projections are not merged")):  # fmt: skip
+            if not taken:
+                return what
+        return None
+
+    return _checked_fused_layers_option("split_k_qkv", "q/k/v partial sums in the attention", requested, True, missing,
+                                        "kernels.decode_fusions.partial_qkv_attention_self_check", device, dtype)  # fmt: skip
 
 
 def padded_lm_head(lm_head: nn.Module) -> Decision:

@@ -5,7 +5,8 @@ A decode step of a small model is a few hundred tiny kernels, and transformers' 
 one (with the K/V cache write, in the paged attention), the SwiGLU product in one (`kernels.decode_fusions`,
 rounding as the modules do), with `MergedProjections` one matrix product for q/k/v and one for gate/up per
 layer instead of five, and with `SplitKProducts` the o and down products split over their reduction
-(`kernels.decode_linear`), summed by the next RMSNorm. No autograd: inference only.
+(`kernels.decode_linear`), summed by the next RMSNorm, and (when the paged attention asks for them) the merged
+q/k/v product too, summed by the attention. No autograd: inference only.
 
 `GradFusedOps` is the training counterpart (the latent block and a training forward's other passes,
 `engine.model.stack_pass`): the same three fusions with their backward (`kernels.layer_grads`) and the latent
@@ -254,7 +255,7 @@ class SplitKProducts:
     """The o and down products of a step of at most `MAX_BLOCK_M` rows as split-K partial sums
     (`kernels.decode_linear`), which the next RMSNorm sums into the residual stream (`FusedOps.add_norm`): at
     decode sizes a GEMM library gives these narrow outputs (the hidden size wide) a handful of tiles and leaves most
-    SMs idle. ``config`` fixes the launch settings (tests); None takes `decode_linear_config` per shape."""
+    SMs idle. `product` also serves the merged q/k/v product, whose partial sums the paged attention sums. ``config`` fixes the launch settings (tests); None takes `decode_linear_config` per shape."""
 
     def __init__(self, device: torch.device, config: DecodeLinearConfig | None = None):
         device = torch.device(device)
@@ -284,7 +285,8 @@ class SplitKProducts:
 class FusedOps(ReferenceOps):
     """`ReferenceOps` with `kernels.decode_fusions` and, when ``merged`` is given (one `MergedProjections` per
     layer), merged projections; with ``split_k``, the o and down products as split-K partial sums that the next
-    norm adds (a pending sublayer output is then (splits, N, H) fp32). Inputs are (N, H) rows. The kernels round
+    norm adds (a pending sublayer output is then (splits, N, H) fp32), and the merged q/k/v product as partial sums
+    when the attention sums them (`qkv` with ``partial_sums``). Inputs are (N, H) rows. The kernels round
     as the modules do; a merged or split product may use another summation order than the separate ones (on GPU
     not bit-identical then: equal to bf16 rounding)."""
 

@@ -120,7 +120,7 @@ class PagedRunner:
         self.split_k_products = split_k_products
         self.rotary_in_attention = rotary_in_attention
         self.split_k_qkv = split_k_qkv
-        self._split_k_qkv_graphed = split_k_qkv  # the option the captured steps hold
+        self._split_qkv = False  # the decision for the current ops table (`refresh_merged_projections`)
         self._rotary_inside = False  # the decision for the current ops table (`refresh_merged_projections`)
         if fused_ops:  # an explicit request that cannot run is an error now, not at the first call
             fast_paths.decode_ops(lm, True, self.device, self.dtype)
@@ -151,11 +151,10 @@ class PagedRunner:
     @property
     def split_k_qkv_taken(self) -> bool:
         """Whether the one-position steps of at most `kernels.decode_linear.MAX_BLOCK_M` rows now give their
-        attention the q/k/v product as split-K partial sums: the option ``split_k_qkv`` with the split-K products,
-        the merged projections and the rotary embedding inside the attention all taken."""
-        ops = self._ops
-        return bool(self.split_k_qkv and self._rotary_inside and self.merged is not None
-                    and getattr(ops, "split_k", None) is not None)  # fmt: skip
+        attention the q/k/v product as split-K partial sums, decided at the last `refresh_merged_projections`
+        (`fast_paths.split_k_qkv`: the option with the split-K products, the merged projections and the rotary
+        embedding inside the attention all taken; on CUDA the kernel's self-check)."""
+        return self._split_qkv
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "PagedRunner":
@@ -202,12 +201,21 @@ class PagedRunner:
     def refresh_merged_projections(self) -> None:
         """Bring the merged q/k/v and gate/up weights and the padded lm_head up to date with the modules (in place:
         the CUDA graphs keep their addresses), building them on first use or when the modules changed device, dtype,
-        shape or identity."""
+        shape or identity; decide the options of the fused layers again (dropping the graphs where a decision
+        changes)."""
+        self._refresh_products()
+        ops = self._ops
+        decision = fast_paths.split_k_qkv(
+            self.split_k_qkv, self._rotary_inside, getattr(ops, "split_k", None) is not None, self.merged is not None,
+            self.device, self.dtype,
+        )
+        if (decision.choice == "on") != self._split_qkv:
+            self.graphs.drop()  # the captured steps hold the other q/k/v product
+            self._split_qkv = decision.choice == "on"
+
+    def _refresh_products(self) -> None:
         ops = self.ops()
         fused = ops.name == "fused"
-        if self.split_k_qkv != self._split_k_qkv_graphed:
-            self.graphs.drop()  # the captured steps hold the other q/k/v product
-            self._split_k_qkv_graphed = self.split_k_qkv
         inside = fast_paths.rotary_in_attention(self.rotary_in_attention, fused, self.device, self.dtype).choice == "on"
         if inside != self._rotary_inside:
             self.graphs.drop()  # the captured steps hold the other kernels
