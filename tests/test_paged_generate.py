@@ -529,6 +529,8 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
     step = payload["decode_step"]
     assert step["agreement"]["all_tokens"] == 1.0, "fp32 paged and dynamic generation must agree"
     assert step["sharing"]["on"]["blocks_after_prompt"] < step["sharing"]["off"]["blocks_after_prompt"]
+    rounds = step["sharing"]["on"]["rounds_ms"], step["sharing"]["off"]["rounds_ms"]  # alternating rounds
+    assert len(rounds[0]) == len(rounds[1]) >= 5 and step["sharing"]["x_unshared"] > 0
     assert "## 3. Whole decode step" in (tmp_path / "bench_paged_kv.md").read_text()
     pages = payload["decode_attention"]["best_by_page_size"]
     assert set(pages) == {"8"} and pages["8"]["block_size"] == 8  # the page-size sweep ran (JSON keys are strings)
