@@ -110,21 +110,29 @@ def test_paged_matches_dynamic_greedy(tiny, record_logits, block_size, static_bu
     assert runner.cache.num_used_blocks == 0, "every block must be back in the pool after generate"
 
 
-@pytest.mark.parametrize("inside", [True, False])
-def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, inside):
-    """The one-position steps' rotary embedding and cache write inside the attention kernel: the same greedy tokens
-    and logits as the dynamic cache; every decode step's layers take the one kernel (prompts keep the chunk
-    attention), and switched off, none does. Switching drops the captured steps."""
+def _dynamic_tokens_and_attention_calls(model, tok, record_logits, monkeypatch, what):
+    """The shared-image batch, the dynamic cache's 5 greedy tokens for it (logits recorded), and a list that gets
+    ``what(q)`` for every later call of the runner's rotary attention."""
     import engine.model.paged.runner as runner_module
 
-    model, tok, _ = tiny
     ids, mask, pixels, _ = shared_image_batch(model, tok)
     record_logits["dynamic"].clear()
     dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
     calls = []
     real = runner_module.rotary_paged_decode_attention
     monkeypatch.setattr(runner_module, "rotary_paged_decode_attention",
-                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))  # fmt: skip
+                        lambda q, *a, **k: calls.append(what(q)) or real(q, *a, **k))  # fmt: skip
+    return (ids, mask, pixels), dynamic, calls
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_rotary_in_attention_keeps_the_tokens(tiny, record_logits, monkeypatch, inside):
+    """The one-position steps' rotary embedding and cache write inside the attention kernel: the same greedy tokens
+    and logits as the dynamic cache; every decode step's layers take the one kernel (prompts keep the chunk
+    attention), and switched off, none does. Switching drops the captured steps."""
+    model, tok, _ = tiny
+    (ids, mask, pixels), dynamic, calls = _dynamic_tokens_and_attention_calls(model, tok, record_logits, monkeypatch,
+                                                                             lambda q: q.shape[0])  # fmt: skip
     runner = PagedRunner(model, block_size=4, fused_ops=True, rotary_in_attention=inside)
     paged = runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1, pad_token_id=model.pad_token_id)
     assert_same_tokens_and_logits(paged, dynamic, record_logits)
@@ -208,14 +216,12 @@ def test_split_k_products_keep_the_tokens(tiny, record_logits, split_k):
 @pytest.mark.parametrize("split_qkv", [True, False])
 def test_split_k_qkv_keeps_the_tokens(record_logits, monkeypatch, split_qkv):
     """The q/k/v product of every one-position step as split-K partial sums (three splits forced on the tiny
-    model, its q/k/v biases random), summed inside the attention kernel: the same greedy tokens and logits as the dynamic cache, every
-    step's attention given (3, rows, heads, head_dim) fp32 partial sums; off, the product's values. Prompt chunks
-    keep the product. Switching the option drops the captured steps."""
-    import engine.model.paged.runner as runner_module
+    model, its q/k/v biases random), summed inside the attention kernel: the same greedy tokens and logits as the
+    dynamic cache, every step's attention given (3, rows, heads, head_dim) fp32 partial sums; off, the product's
+    values. Prompt chunks keep the product. Switching the option drops the captured steps."""
+    from engine import load_model
     from engine.model.fused_ops import SplitKProducts
     from kernels.decode_linear import DecodeLinearConfig
-
-    from engine import load_model
 
     model, tok, _ = load_model("tiny", seed=0)  # its own copy: the q/k/v biases made nonzero (the first split's)
     model.eval()
@@ -223,13 +229,8 @@ def test_split_k_qkv_keeps_the_tokens(record_logits, monkeypatch, split_qkv):
         for layer in model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(std=0.5)
-    ids, mask, pixels, _ = shared_image_batch(model, tok)
-    record_logits["dynamic"].clear()
-    dynamic = model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
-    given = []
-    real = runner_module.rotary_paged_decode_attention
-    monkeypatch.setattr(runner_module, "rotary_paged_decode_attention",
-                        lambda q, *a, **k: given.append((tuple(q.shape), q.dtype)) or real(q, *a, **k))  # fmt: skip
+    (ids, mask, pixels), dynamic, given = _dynamic_tokens_and_attention_calls(model, tok, record_logits, monkeypatch,
+                                                                             lambda q: (tuple(q.shape), q.dtype))  # fmt: skip
     runner = PagedRunner(model, block_size=4, fused_ops=True, split_k_qkv=split_qkv)
     runner.ops().split_k = SplitKProducts(runner.device, DecodeLinearConfig(block_n=16, block_k=16, splits=3,
                                                                             num_stages=2))  # fmt: skip
