@@ -391,9 +391,9 @@ def _check_new_tokens(name, q, k, v, cos, sin, key_cache, value_cache, slots):
     if not partial and (k.dtype != key_cache.dtype or v.dtype != value_cache.dtype):
         raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the cache's dtype ({key_cache.dtype})")
     if partial:  # the rotary checks on one split; the kernel reads every split with the same strides
-        _check_rotary(q[0], k[0], cos, sin)
+        _, _, cos, sin = _check_rotary(q[0], k[0], cos, sin)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return q, k, v, cos.contiguous(), sin.contiguous()
+        return q, k, v, cos, sin
     q, k, cos, sin = _check_rotary(q, k, cos, sin)
     return q, k, (v if v.stride(-1) == 1 else v.contiguous()), cos, sin
 

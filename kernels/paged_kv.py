@@ -590,12 +590,9 @@ def decode_attention_launch(
     mode (`kernels.decode_fusions.rotary_paged_decode_attention`, which checks those inputs). With ``rotary``, q
     (splits, B, q_heads, head_dim) float32 and new k, v likewise are the q/k/v product's split-K partial sums
     (the kernel's QKV_SPLITS mode); the output then has the cache's dtype."""
-    qkv_splits = 0
-    if q.dim() == 4 and rotary is not None:
-        qkv_splits = q.shape[0]
-        if qkv_splits < 1 or q.dtype != torch.float32 or q.stride(-1) != 1:
-            raise ValueError(f"partial sums of q must be (splits >= 1, B, q_heads, head_dim) float32 with a "
-                             f"contiguous last dimension, got {tuple(q.shape)} {q.dtype} strides {q.stride()}")  # fmt: skip
+    # partial sums: their dtype, splits and strides checked by `rotary_paged_decode_attention`; one split as q here
+    qkv_splits = q.shape[0] if rotary is not None and q.dim() == 4 else 0
+    if qkv_splits:
         _, group = _check_queries(q[0], key_cache, value_cache)
     else:
         q, group = _check_queries(q, key_cache, value_cache)

@@ -255,7 +255,8 @@ class SplitKProducts:
     """The o and down products of a step of at most `MAX_BLOCK_M` rows as split-K partial sums
     (`kernels.decode_linear`), which the next RMSNorm sums into the residual stream (`FusedOps.add_norm`): at
     decode sizes a GEMM library gives these narrow outputs (the hidden size wide) a handful of tiles and leaves most
-    SMs idle. `product` also serves the merged q/k/v product, whose partial sums the paged attention sums. ``config`` fixes the launch settings (tests); None takes `decode_linear_config` per shape."""
+    SMs idle. `product` also serves the merged q/k/v product, whose partial sums the paged attention sums.
+    ``config`` fixes the launch settings (tests); None takes `decode_linear_config` per shape."""
 
     def __init__(self, device: torch.device, config: DecodeLinearConfig | None = None):
         device = torch.device(device)
