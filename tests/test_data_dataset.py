@@ -159,6 +159,23 @@ def test_uniform_prob_is_deterministic_and_mixes_stages(tiny, image_file):
     assert len(set(always.sample_stages)) == 4
 
 
+def test_uniform_prob_mixes_from_its_first_stage(tiny, image_file):
+    """Stage 0 stays a plain chain of thought by default (`uniform_prob_from_stage` 1); 0 mixes it as the original
+    does; a later first stage leaves the stages before it unmixed."""
+    _, tok, proc = tiny
+    records = [make_record(image_file, i) for i in range(40)]
+
+    def stages(stage, **kwargs):
+        return set(CurriculumDataset(records, tok, proc, CurriculumConfig(uniform_prob=1.0, **kwargs), stage).sample_stages)
+
+    assert stages(0) == {0}
+    assert stages(1) == {0, 1, 2, 3}
+    assert stages(0, uniform_prob_from_stage=0) == {0, 1, 2, 3}
+    assert stages(1, uniform_prob_from_stage=2) == {1} and len(stages(2, uniform_prob_from_stage=2)) == 4
+    with pytest.raises(ValueError, match="uniform_prob_from_stage must be an integer >= 0"):
+        CurriculumConfig(uniform_prob_from_stage=-1)
+
+
 def test_overlong_drop_and_error(tiny, image_file, caplog):
     _, tok, proc = tiny
     long_question = "What colour is the cell? " * 20

@@ -42,6 +42,7 @@ def test_overrides_need_key_value():
         ({"cot": True, "no_cot": True}, "exclusive"),
         ({"c_thought": 0}, "c_thought must be >= 1"),
         ({"uniform_prob": 1.5}, "uniform_prob"),
+        ({"uniform_prob_from_stage": -1}, "uniform_prob_from_stage must be >= 0"),
         ({"zero_stage": 4}, "zero_stage"),
         ({"resume": 9, "num_epochs": 3}, "resume"),
         ({"only_eval": True}, "load_model_path"),

@@ -54,6 +54,10 @@ class CurriculumConfig:
       and keep `max_latent_stage * c_thought` thoughts.
     - `pad_latent_to_max`: keep the scheduled number of thoughts even for samples with fewer steps.
     - `uniform_prob`: probability that a training sample uses a random stage instead of the scheduled one.
+    - `uniform_prob_from_stage` (not in the original, which mixes from stage 0): the first scheduled stage whose
+      samples are mixed; earlier stages train as scheduled. 1 keeps stage 0 a plain chain of thought, so that
+      the model learns the task's steps before any sample asks for thoughts (measured: benchmarks/RESULTS.md,
+      "`make demo` on a 2-core CPU"); 0 mixes from the start as the original does.
     - `cot`: plain chain of thought (stage 0, no markers); `no_cot`: question -> answer (no steps, no markers).
     - `no_thoughts` (the paper's "w/o thought" ablation): the stages remove steps as usual but insert no
       thoughts and no markers in their place.
@@ -67,6 +71,7 @@ class CurriculumConfig:
     max_latent_stage: int = 3
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
+    uniform_prob_from_stage: int = 1
     cot: bool = False
     no_cot: bool = False
     no_thoughts: bool = False
@@ -82,6 +87,8 @@ class CurriculumConfig:
             raise ValueError(f"max_latent_stage must be an integer >= 0, got {self.max_latent_stage!r}")
         if not 0.0 <= float(self.uniform_prob) <= 1.0:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob!r}")
+        if not isinstance(self.uniform_prob_from_stage, int) or self.uniform_prob_from_stage < 0:
+            raise ValueError(f"uniform_prob_from_stage must be an integer >= 0, got {self.uniform_prob_from_stage!r}")
         modes = [name for name in ("cot", "no_cot", "no_thoughts") if getattr(self, name)]
         if len(modes) > 1:
             raise ValueError(f"cot, no_cot and no_thoughts are exclusive; set at most one, got {' and '.join(modes)}")
@@ -366,8 +373,10 @@ class CurriculumDataset(_ImageTextDataset):
 
     def stage_of(self, index: int, num_steps: int) -> int:
         """The stage sample `index` trains at: the scheduled one, or with probability `uniform_prob` one drawn
-        uniformly from 0..num_steps (as the original CoCoNuT), seeded by (seed, epoch, index) only."""
-        if self.config.cot or self.config.no_cot or self.config.uniform_prob <= 0.0:
+        uniformly from 0..num_steps (as the original CoCoNuT) once the scheduled stage is at least
+        `uniform_prob_from_stage`, seeded by (seed, epoch, index) only."""
+        config = self.config
+        if config.cot or config.no_cot or config.uniform_prob <= 0.0 or self.stage < config.uniform_prob_from_stage:
             return self.stage
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         if rng.random() < self.config.uniform_prob:

@@ -67,6 +67,9 @@ class TrainConfig:
     # a random stage (0..steps) for this share of the training samples. 0.3, not the original's 0.0: trained from
     # stage 1 on, the final stage (answer from thoughts alone) no longer starts cold (benchmarks/RESULTS.md)
     uniform_prob: float = 0.3
+    # the first scheduled stage whose samples are mixed: 1 keeps stage 0 a plain chain of thought (the original
+    # mixes from stage 0: set 0 for that)
+    uniform_prob_from_stage: int = 1
     max_length: int = 2048
 
     # ---- optimisation (original CoCoNuT names)
@@ -180,6 +183,8 @@ class TrainConfig:
             raise ConfigError(f"max_latent_stage must be >= 0, got {self.max_latent_stage}")
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise ConfigError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        if self.uniform_prob_from_stage < 0:
+            raise ConfigError(f"uniform_prob_from_stage must be >= 0, got {self.uniform_prob_from_stage}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.warmup_steps < 0:
@@ -318,7 +323,7 @@ RESUME_GUARDED_KEYS = {
     "data": ("train_path", "val_path", "synthetic", "seed", "max_tiles"),
     "model": ("model_id", "model_overrides", "load_model_path"),
     "curriculum": ("coconut", "cot", "no_cot", "c_thought", "epochs_per_stage", "max_latent_stage",
-                   "pad_latent_to_max", "uniform_prob", "max_length", "overlong"),
+                   "pad_latent_to_max", "uniform_prob", "uniform_prob_from_stage", "max_length", "overlong"),
 }
 # Keys of earlier versions, by their current names (a config that still uses one gets an error naming the new one).
 RENAMED_KEYS = {"latent_block_ops": "layer_ops"}

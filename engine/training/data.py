@@ -29,6 +29,7 @@ def curriculum_from_config(config: TrainConfig) -> CurriculumConfig:
         max_latent_stage=config.max_latent_stage,
         pad_latent_to_max=config.pad_latent_to_max,
         uniform_prob=config.uniform_prob,
+        uniform_prob_from_stage=config.uniform_prob_from_stage,
         cot=config.cot,
         no_cot=config.no_cot,
         no_thoughts=config.no_thoughts,
