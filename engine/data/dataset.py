@@ -379,7 +379,7 @@ class CurriculumDataset(_ImageTextDataset):
         if config.cot or config.no_cot or config.uniform_prob <= 0.0 or self.stage < config.uniform_prob_from_stage:
             return self.stage
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
-        if rng.random() < self.config.uniform_prob:
+        if rng.random() < config.uniform_prob:
             return rng.randint(0, num_steps)
         return self.stage
 
