@@ -67,6 +67,9 @@ def test_overrides_need_key_value():
         ({"allow_config_changes": ["c_thougt"]}, r"allow_config_changes names unknown key\(s\) \['c_thougt'\]"),
         ({"wandb": {"projekt": "x"}}, r"wandb: unknown key\(s\) \['projekt'\]; valid keys: project"),
         ({"wandb": {"mode": "cloud"}}, "wandb.mode must be one of online, offline, disabled"),
+        ({"name": "../../elsewhere"}, "name must be one folder name"),
+        ({"name": ".."}, "name must be one folder name"),
+        ({"name": ""}, "name must be one folder name"),
     ],
 )
 def test_invalid_values(values, needle):
@@ -81,6 +84,38 @@ def test_missing_or_bad_yaml_file(tmp_path):
     bad.write_text("lr: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML would keep the second value without a word."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 1.0e-3\nnum_epochs: 2\nlr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"(?s)key 'lr' is given twice \(first at line 1\).*line 3"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("synthetic:\n  hops: 2\n  hops: 3\n")
+    with pytest.raises(ConfigError, match="key 'hops' is given twice"):
+        load_config(nested)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "pairs, needle",
+    [
+        (["lr=[1"], r"--set 'lr=\[1': the value is not valid YAML"),
+        (["num_epochs=1", "num_epochs.x=2"], r"num_epochs was set to 1 by an earlier --set"),
+        (["synthetic=null", "synthetic.hops=3"], r"synthetic was set to None by an earlier --set"),
+    ],
+)
+def test_overrides_that_cannot_be_read_are_named(pairs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_overrides(pairs)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -99,3 +134,29 @@ def test_nan_and_inf_from_yaml_and_overrides(tmp_path):
     for raw in (".nan", ".inf", "-.inf"):
         with pytest.raises(ConfigError, match="lr must be"):
             load_config(None, [f"lr={raw}"])
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"gradient_accumulation_steps": 2}, "deepspeed.gradient_accumulation_steps is set by the trainer from "
+                                             "gradient_accumulation_steps"),
+        ({"train_micro_batch_size_per_gpu": 8}, "set by the trainer from batch_size_training"),
+        ({"scheduler": {"type": "WarmupLR"}}, "set by the trainer from lr_schedule"),
+        ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage is set by the trainer from zero_stage"),
+        ({"zero_optimization": 3}, "zero_optimization must be a mapping"),
+        ({"zero_optimization": {"contiguous_gradientz": True}}, "did you mean 'contiguous_gradients'"),
+        ({"zero_optimizaton": {"overlap_comm": False}}, "unknown key 'zero_optimizaton'; did you mean 'zero_optimization'"),
+    ],
+)
+def test_deepspeed_overrides_that_would_be_ignored_or_fight_the_trainer_are_named(overrides, needle):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"deepspeed": overrides})
+
+
+def test_deepspeed_overrides_the_trainer_leaves_open_pass():
+    pytest.importorskip("deepspeed")
+    ok = {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}, "bf16": {"enabled": True},
+          "flops_profiler": {"enabled": True}, "wall_clock_breakdown": True, "a_key_of_a_newer_deepspeed": 1}
+    assert config_from_dict({"deepspeed": ok}).deepspeed == ok

@@ -177,6 +177,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.name or self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\", "\0")):
+            raise ConfigError(f"name must be one folder name (the run directory is save_path/name), got {self.name!r}")
         if not isinstance(self.resume, bool) and not 0 <= self.resume < self.num_epochs:
             raise ConfigError(f"resume as an epoch must be in [0, num_epochs={self.num_epochs}), got {self.resume}")
         if self.max_latent_stage < 0:
@@ -221,6 +223,8 @@ class TrainConfig:
         if self.compile_vision_layers and self.zero_stage == 3:
             raise ConfigError("compile_vision_layers needs zero_stage <= 2: ZeRO-3 fetches and releases each module's "
                               "weights around its call, which a compiled region cannot trace through")
+        if self.deepspeed:
+            check_deepspeed_overrides(self.deepspeed)
         if self.zero_grad_checks not in ("auto", "multi_tensor", "deepspeed"):
             raise ConfigError(f"zero_grad_checks must be auto, multi_tensor or deepspeed, got {self.zero_grad_checks!r}")
         pieces = self.liger_pieces
@@ -342,8 +346,75 @@ def guarded_config_changes(saved: dict, current: dict, *, every_key: bool = Fals
 
 
 # ---------------------------------------------------------------------- YAML / overrides
+# DeepSpeed settings the trainer derives from its own keys: an override would make DeepSpeed count steps, clip or
+# schedule differently from the trainer (precision sections, bf16 and fp16, stay open to overrides)
+DEEPSPEED_KEYS_OF_THE_TRAINER = {
+    "train_micro_batch_size_per_gpu": "batch_size_training",
+    "train_batch_size": "batch_size_training (and gradient_accumulation_steps, world size)",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+    "optimizer": "optimizer, lr and weight_decay",
+    "scheduler": "lr_schedule, warmup_steps and min_lr_ratio",
+}
+# top-level sections of a DeepSpeed config (besides the scalar keys of `deepspeed.runtime.constants`), to tell a
+# misspelt key from one this list does not know
+DEEPSPEED_SECTIONS = ("zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
+                      "csv_monitor", "comet", "comms_logger", "aio", "compression_training", "data_efficiency",
+                      "autotuning", "elasticity", "nebula", "checkpoint", "data_types", "pipeline", "amp", "timers",
+                      "compile", "torch_autocast", "tensor_parallel", "weight_quantization", "hybrid_engine")  # fmt: skip
+
+
+def check_deepspeed_overrides(overrides: dict) -> None:
+    """ConfigError for a `deepspeed` override that the trainer sets from its own keys (naming that key), a
+    `zero_optimization` that DeepSpeed's own schema refuses, or a top-level key that is a near miss of a DeepSpeed
+    key (a misspelt key is otherwise ignored by DeepSpeed without a word). Keys this check does not know are
+    passed through."""
+    import difflib
+
+    for key, ours in DEEPSPEED_KEYS_OF_THE_TRAINER.items():
+        if key in overrides:
+            raise ConfigError(f"deepspeed.{key} is set by the trainer from {ours}; set that instead")
+    zero = overrides.get("zero_optimization")
+    if zero is not None and not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed.zero_optimization must be a mapping of ZeRO settings, got {zero!r}")
+    if zero and "stage" in zero:
+        raise ConfigError("deepspeed.zero_optimization.stage is set by the trainer from zero_stage; set that instead")
+    try:
+        import deepspeed.runtime.constants as constants
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except Exception:  # noqa: BLE001 - DeepSpeed missing or broken: the engine's build reports it
+        return
+    if zero:
+        fields = set(DeepSpeedZeroConfig.model_fields) | {
+            a.alias for a in DeepSpeedZeroConfig.model_fields.values() if a.alias
+        }
+        unknown = sorted(set(zero) - fields)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in unknown}
+            listed = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ConfigError(f"deepspeed.zero_optimization: unknown key(s) {listed}")
+    known = {v for n, v in vars(constants).items() if n.isupper() and isinstance(v, str)} | set(DEEPSPEED_SECTIONS)
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
+            if near:
+                raise ConfigError(f"deepspeed: unknown key {key!r}; did you mean {near[0]!r}?")
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`) and refuses a key given twice in
+    one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -400,11 +471,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        value = yaml.load(raw, Loader=_Loader) if raw != "" else None
+        try:
+            value = yaml.load(raw, Loader=_Loader) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote a "
+                              "string that starts with [ { or : as '\"...\"'") from e  # fmt: skip
         node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:  # dotted keys reach into dict-valued keys: synthetic.hops=4
+        for depth, part in enumerate(parts[:-1]):  # dotted keys reach into dict-valued keys: synthetic.hops=4
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {'.'.join(parts[: depth + 1])} was set to {node!r} by an earlier "
+                                  "--set, so it has no keys to set")  # fmt: skip
         node[parts[-1]] = value
     return out
 
@@ -427,9 +505,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.load(path.read_text(), Loader=_Loader) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
         where = str(path)
     if overrides:
         data = _merge(data, parse_overrides(overrides))

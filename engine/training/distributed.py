@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 def choose_device(preference: str = "auto") -> str:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        from engine.training.config import ConfigError  # a setting the user can fix: printed without a traceback
+
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA device (device=auto or cpu runs here)")
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference
