@@ -103,6 +103,31 @@ def test_bad_checkpoint_paths(tmp_path):
         load_model(empty)
 
 
+def test_damaged_weights_or_tokenizer_are_named_with_the_folder(tiny, tmp_path):
+    """A truncated weights file, weights of other sizes than config.json says, or a broken tokenizer.json: a
+    CheckpointError naming the folder (and what failed), not safetensors', torch's or tokenizers' traceback."""
+    from engine import load_model
+
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    weights = next(out.glob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    with pytest.raises(CheckpointError, match=r"export: the model cannot be loaded .*\((\w+Error)"):
+        load_model(out)
+    weights.write_bytes(good)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"export: the model cannot be loaded"):
+        load_model(out)
+    config["text_config"]["intermediate_size"] -= 8
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"export: the tokenizer cannot be loaded"):
+        load_model(out)
+
+
 def test_bad_spec_arguments():
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         load_model("tiny", attn_implementation="fast")
@@ -139,3 +164,24 @@ def test_kernels_package_does_not_confuse_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", "False"], out.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"text_layers": 0}, "text_layers must be an integer >= 1, got 0"),
+        ({"text_layers": "2"}, "text_layers must be an integer >= 1, got '2'"),
+        ({"text_heads": 3}, r"text_hidden_size \(64\) must be a multiple of text_heads \(3\)"),
+        ({"text_heads": 4, "text_kv_heads": 3}, r"text_heads \(4\) must be a multiple of text_kv_heads \(3\)"),
+        ({"text_hidden_size": 12, "text_heads": 4}, "text head width .* = 3 must be even"),
+        ({"image_size": 112, "patch_size": 13}, r"image_size \(112\) must be a multiple of patch_size \(13\)"),
+        ({"image_size": 84, "patch_size": 28}, "3 patches per side must be even"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false"),
+    ],
+)
+def test_tiny_model_sizes_that_cannot_be_built_are_named(overrides, needle):
+    """Found here, not as a transformers validation error or a shape mismatch in the first training step."""
+    from engine.model.loading import TinyModelConfig
+
+    with pytest.raises(ValueError, match=needle):
+        TinyModelConfig.from_overrides(overrides)

@@ -97,6 +97,28 @@ class TinyModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True  # False: a separate lm_head, as the InternVL3 checkpoints have
 
+    def __post_init__(self):
+        """Sizes the model can be built with, checked here rather than in transformers or the first forward."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "tie_word_embeddings":
+                if not isinstance(value, bool):
+                    raise ValueError(f"tiny model: tie_word_embeddings must be true or false, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"tiny model: {f.name} must be an integer >= 1, got {value!r}")
+        pairs = (("text_hidden_size", "text_heads"), ("text_heads", "text_kv_heads"),
+                 ("vision_hidden_size", "vision_heads"), ("image_size", "patch_size"))  # fmt: skip
+        for whole, part in pairs:
+            if getattr(self, whole) % getattr(self, part):
+                raise ValueError(f"tiny model: {whole} ({getattr(self, whole)}) must be a multiple of {part} "
+                                 f"({getattr(self, part)})")  # fmt: skip
+        if (self.text_hidden_size // self.text_heads) % 2:
+            raise ValueError(f"tiny model: the text head width text_hidden_size / text_heads = "
+                             f"{self.text_hidden_size // self.text_heads} must be even (rotary embedding)")  # fmt: skip
+        if (self.image_size // self.patch_size) % 2:
+            raise ValueError(f"tiny model: image_size / patch_size = {self.image_size // self.patch_size} patches per "
+                             "side must be even (the 2x2 pixel shuffle)")  # fmt: skip
+
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> "TinyModelConfig":
         overrides = dict(overrides or {})
@@ -310,6 +332,11 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
     return out_dir
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
 def load_model(
     spec: str | os.PathLike = "tiny",
     *,
@@ -340,10 +367,18 @@ def load_model(
     else:
         path = Path(spec_str).expanduser()
         _check_checkpoint_dir(path)
-        base = InternVLForConditionalGeneration.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:  # a truncated weights file or weights of other sizes than config.json says: named, not a deep traceback
+            base = InternVLForConditionalGeneration.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
+            )
+        except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+            raise CheckpointError(f"{path}: the model cannot be loaded from its config.json and weights "
+                                  f"({type(e).__name__}: {_first_line(e)})") from e  # fmt: skip
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its tokenizer files "
+                                  f"({type(e).__name__}: {_first_line(e)})") from e  # fmt: skip
         hf_processor = load_hf_image_processor(path)
         config = base.config
 

@@ -80,7 +80,12 @@ def model_fingerprint(model) -> str:
 def check_same_architecture(model, config: TrainConfig, path: Path) -> None:
     """`load_model_path` must hold the model that `model_id` describes (same sizes), else say what differs."""
     if config.model_id not in BUILTIN_SPECS:
-        expected = AutoConfig.from_pretrained(config.model_id, local_files_only=True)
+        try:
+            expected = AutoConfig.from_pretrained(config.model_id, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model_id {config.model_id!r} (the architecture load_model_path {path} is checked "
+                              f"against) is neither a built-in spec {BUILTIN_SPECS} nor a local model folder with a "
+                              f"config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e  # fmt: skip
     else:
         expected, _ = builtin_config(config.model_id, config.model_overrides or None)
     got = model.config
