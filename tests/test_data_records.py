@@ -50,6 +50,15 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
+def test_a_line_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(record(0)).encode() + b"\n" + b'{"id": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text"):
+        read_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(record(0)).encode() + b"\n")  # a byte-order mark is fine
+    assert [r["id"] for r in read_jsonl(path)] == ["q0"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl"):
         load_records(tmp_path / "nope.jsonl")

@@ -178,3 +178,42 @@ def test_score_matches_the_official_formulas_on_complete_predictions():
     result = aokvqa.score(annotations, preds, strict=True)
     assert result["mc_accuracy"] == pytest.approx(75.0)  # q1, q3, q4 of 4
     assert result["da_accuracy"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 3)  # q3 is difficult: not scored
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("direct_answers", "tennis", "direct_answers must be a list of strings"),  # would match per character
+        ("difficult_direct_answer", "false", "difficult_direct_answer must be true or false"),  # would drop q1
+        ("choices", "golf", "choices must be a non-empty list of strings"),  # would match substrings
+        ("choices", [], "choices must be a non-empty list of strings"),
+        ("correct_choice_idx", 9, "correct_choice_idx must be an index into its 4 choices"),
+        ("correct_choice_idx", "1", "correct_choice_idx must be an index"),
+        ("correct_choice_idx", True, "correct_choice_idx must be an index"),
+        ("question_id", ["q1"], "question_id must be a string"),
+    ],
+)
+def test_annotations_of_the_wrong_type_are_named_errors(tmp_path, capsys, field, value, message):
+    """A malformed annotation would be scored wrong without a word: it is an error naming the record and field."""
+    annotations = [dict(a) for a in ANNOTATIONS]
+    annotations[0][field] = value
+    rc = aokvqa.main(["--annotations", _write(tmp_path, "ann.json", annotations),
+                      "--predictions", _write(tmp_path, "p.json", {"q2": {"multiple_choice": "green"}})])
+    err = capsys.readouterr().err
+    assert rc == 2 and "record 0" in err and message in err and "Traceback" not in err
+
+
+def test_a_question_annotated_twice_is_an_error(tmp_path, capsys):
+    annotations = ANNOTATIONS + [dict(ANNOTATIONS[0], correct_choice_idx=0)]
+    rc = aokvqa.main(["--annotations", _write(tmp_path, "ann.json", annotations),
+                      "--predictions", _write(tmp_path, "p.json", {"q1": {"multiple_choice": "golf"}})])
+    err = capsys.readouterr().err
+    assert rc == 2 and "record 4: question_id 'q1' is annotated twice" in err
+
+
+def test_the_library_module_run_as_a_command_says_what_to_run(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "engine.eval.evaluate"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a command" in result.stderr and "engine.eval.aokvqa" in result.stderr

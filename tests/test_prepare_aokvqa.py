@@ -1,6 +1,7 @@
 """A-OKVQA preparation on a small fixture with the official field names and COCO image layout."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,24 @@ def test_duplicate_question_ids_name_both_entries(tmp_path):
     (aokvqa / "aokvqa_v1p0_train.json").write_text(json.dumps(entries))
     with pytest.raises(DataError, match=r"question_id 'trainq1' appears twice: entry 1 and entry 3"):
         prepare_aokvqa(aokvqa, coco, "train", tmp_path / "train.jsonl", progress=False)
+
+
+@pytest.mark.parametrize("image_id", [1000.7, True, -3, "12a"])
+def test_an_image_id_that_is_not_an_integer_is_named(tmp_path, image_id):
+    """int(1000.7) would point the record at image 1000 without a word."""
+    aokvqa, coco, entries = make_fixture(tmp_path)
+    entries[1]["image_id"] = image_id
+    (aokvqa / "aokvqa_v1p0_train.json").write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=rf"record 'trainq1': image_id {re.escape(repr(image_id))} is not a non-negative"):
+        prepare_aokvqa(aokvqa, coco, "train", tmp_path / "out.jsonl", progress=False)
+
+
+def test_cli_checks_limit_and_out_before_converting(tmp_path, capsys):
+    aokvqa, coco, _ = make_fixture(tmp_path)
+    base = ["--aokvqa-dir", str(aokvqa), "--coco-dir", str(coco), "--split", "train", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path / "o.jsonl"), "--limit", "0"])
+    assert exit_info.value.code == 2 and "--limit must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err

@@ -147,3 +147,43 @@ def test_answer_position_attention(tiny_model, tiny_tok):
     cols = (ids[0] == model.image_token_id).nonzero().flatten()
     want = result.attentions[1][0].mean(0)[ids.shape[1] + mark, cols]
     torch.testing.assert_close(torch.tensor(maps[0][1]), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--grid", "0"], "--grid must be >= 1"),
+        (["--stage", "-1"], "--stage must be >= 0"),
+        (["--n", "0"], "--n must be >= 1"),
+    ],
+)
+def test_cli_refuses_bad_arguments_by_name(tmp_path, capsys, extra, needle):
+    from engine.eval.thoughts import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), *extra])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_names_a_bad_model_folder_or_data_file_without_a_traceback(tmp_path, capsys, tiny):
+    from engine.eval.thoughts import main
+    from engine.model.loading import export_model
+
+    model, tok, proc = tiny
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text("{not json\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(not_a_model), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "empty" in err and "Traceback" not in err
+    export_model(model, tok, proc, tmp_path / "best")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "best"), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "d.jsonl:1" in err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "best"), "--data", str(data), "--out", str(tmp_path / "a_file")])
+    assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err

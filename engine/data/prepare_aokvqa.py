@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -87,10 +88,12 @@ def convert_entry(entry: dict, *, split: str, coco_dir: Path, source: Path, inde
     missing = [f for f in needed if f not in entry or (entry[f] is None and f != "difficult_direct_answer")]
     if missing:
         raise DataError(f"{source}: record {qid!r} (entry {index}) is missing field(s) {missing}")
-    try:
-        image = coco_image_path(coco_dir, split, entry["image_id"])
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{source}: record {qid!r}: image_id {entry['image_id']!r} is not an integer") from e
+    image_id = entry["image_id"]
+    if isinstance(image_id, str) and image_id.strip().isdigit():  # an id written as a string of digits is the id
+        image_id = int(image_id)
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 0:  # int(2.7) would be image 2
+        raise DataError(f"{source}: record {qid!r}: image_id {entry['image_id']!r} is not a non-negative integer")
+    image = coco_image_path(coco_dir, split, image_id)
     if not image.is_file():
         raise DataError(f"record {qid!r}: image not found: {image}")
 
@@ -136,6 +139,8 @@ def prepare_aokvqa(
     `limit` converts only the first N annotations; `verify_images` also decodes every image completely, on a
     pool of threads (slower than the default existence check).
     """
+    if Path(out).is_dir():
+        raise ValueError(f"out: {out} is a folder; give the .jsonl file to write")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if rationales not in RATIONALE_MODES:
@@ -196,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--verify-images", action="store_true", help="also decode every image completely")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if Path(args.out).is_dir():  # checked before the conversion, not when the records are written
+        parser.error(f"--out: {args.out} is a folder; give the .jsonl file to write")
     return prepare_aokvqa(
         args.aokvqa_dir,
         args.coco_dir,
@@ -212,5 +221,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    except DataError as e:  # exit status 2, as the trainer's for bad data
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -58,8 +58,35 @@ def load_annotations(path: str | Path) -> dict[str, dict]:
                 f"{path}: record {i} (question_id {rec.get('question_id')!r}) lacks {missing}; "
                 "the test split has no answers and cannot be scored"
             )
-        out[str(rec["question_id"])] = rec
+        problem = _annotation_problem(rec)
+        if problem:
+            raise ValueError(f"{path}: record {i} (question_id {rec['question_id']!r}): {problem}")
+        qid = str(rec["question_id"])
+        if qid in out:
+            raise ValueError(f"{path}: record {i}: question_id {rec['question_id']!r} is annotated twice")
+        out[qid] = rec
     return out
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _annotation_problem(rec: dict) -> str | None:
+    """What is wrong with the types of an annotation's scored fields (None when nothing): a string where a list
+    belongs would be matched character by character, a string "false" would count as difficult."""
+    if not isinstance(rec["question_id"], (str, int)) or isinstance(rec["question_id"], bool):
+        return f"question_id must be a string, got {type(rec['question_id']).__name__}"
+    choices, index = rec["choices"], rec["correct_choice_idx"]
+    if not _is_str_list(choices) or not choices:
+        return f"choices must be a non-empty list of strings, got {choices!r}"
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(choices):
+        return f"correct_choice_idx must be an index into its {len(choices)} choices, got {index!r}"
+    if not _is_str_list(rec["direct_answers"]):
+        return f"direct_answers must be a list of strings, got {rec['direct_answers']!r}"
+    if not isinstance(rec["difficult_direct_answer"], bool):
+        return f"difficult_direct_answer must be true or false, got {rec['difficult_direct_answer']!r}"
+    return None
 
 
 def load_predictions(path: str | Path) -> dict[str, dict]:

@@ -120,3 +120,13 @@ def official_predictions(scored: list[dict]) -> dict:
         str(s["id"]): {"multiple_choice": s.get("multiple_choice", s["prediction"]), "direct_answer": s["prediction"]}
         for s in scored
     }
+
+
+if __name__ == "__main__":  # a library module: say where evaluation is run from instead of exiting silently
+    import sys
+
+    print("error: engine.eval.evaluate is the library the trainer evaluates with, not a command. Evaluate a model "
+          "with\n  python recipes/train_coconut.py --config recipes/configs/aokvqa_eval.yaml --set "
+          "load_model_path=<model>\nand score official-format predictions with\n  python -m engine.eval.aokvqa "
+          "--annotations <aokvqa_v1p0_val.json> --predictions <predictions.json>", file=sys.stderr)  # fmt: skip
+    raise SystemExit(2)

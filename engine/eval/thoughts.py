@@ -543,10 +543,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-tiles", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for name in ("n", "top_k", "batch_size", "max_new_tokens", "max_tiles"):
-        if getattr(args, name) < 1:
+    for name in ("n", "top_k", "batch_size", "max_new_tokens", "max_tiles", "grid", "c_thought"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return run(args)
+    for name in ("stage", "max_latent_stage"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a file, not a folder")
+    from engine.data.images import ImageError
+    from engine.data.records import DataError
+    from engine.model.loading import CheckpointError
+
+    try:
+        return run(args)
+    except (CheckpointError, DataError, ImageError) as e:  # a bad model folder, data file or image: named, no traceback
+        parser.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":
