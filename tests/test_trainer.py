@@ -187,6 +187,25 @@ def test_only_eval_writes_official_predictions(finished_run, tmp_path):
     assert aokvqa.main(["--annotations", str(ann), "--predictions", str(preds)]) == 0
 
 
+def test_only_eval_checks_its_predictions_path_before_generating(finished_run, tmp_path):
+    _, result = finished_run
+    run = Path(result["run_dir"])
+    common = dict(only_eval=True, load_model_path=str(run / "best"), train_path=None,
+                  val_path=str(run / "data" / "val.jsonl"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"predictions_path: .* is a folder"):
+        Trainer(make_config(tmp_path, predictions_path=str(tmp_path), **common))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"predictions_path .*a_file is a file, not a folder"):
+        Trainer(make_config(tmp_path, predictions_path=str(tmp_path / "a_file" / "preds.json"), **common))
+
+
+def test_a_model_id_that_is_no_model_is_named_when_a_checkpoint_is_checked_against_it(finished_run, tmp_path):
+    _, result = finished_run
+    best = Path(result["run_dir"]) / "best"
+    with pytest.raises(ConfigError, match=r"model_id '.*no_such_folder' .* is neither a built-in spec"):
+        Trainer(make_config(tmp_path, load_model_path=str(best), model_id=str(tmp_path / "no_such_folder"))).run()
+
+
 def test_static_latent_block_trains_to_the_same_parameters(tmp_path):
     """The latent block (what CUDA graphs replay on GPU) inside the real trainer: same parameters as the
     transformers passes after the latent stages, and the aligned batches really took it."""
@@ -488,6 +507,50 @@ def test_resume_refuses_changed_curriculum_unless_allowed_and_keeps_config_histo
     assert json.loads((run / "config.json").read_text())["c_thought"] == 2
 
 
+@pytest.mark.parametrize("name", ["config.json", "run.json"])
+def test_resume_refuses_an_unreadable_saved_config_or_run_record(two_epoch_run, tmp_path, name):
+    """A damaged config.json would turn off the resume's config check, a damaged run.json would start a new run
+    id (and leave the old id's checkpoints unpruned): both are errors naming the file; the run is left as it was."""
+    run = copy_run(two_epoch_run, tmp_path)
+    changed = {"c_thought": 2} if name == "config.json" else {}  # a change the damaged file must not let through
+    for damaged in ("{bad", "[1, 2]"):
+        (run / name).write_text(damaged)
+        with pytest.raises(ConfigError, match=rf"{name}.*(cannot be read|not an object).*move it away"):
+            Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True, **changed))
+        assert (run / name).read_text() == damaged and not (run / "configs" / "002.json").exists()
+    if name == "run.json":
+        (run / name).write_text(json.dumps({"launches": []}))  # no run id
+        with pytest.raises(ConfigError, match="run.json has no run_id"):
+            Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True))
+
+
+def test_resume_without_the_saved_config_warns_that_its_check_is_skipped(two_epoch_run, tmp_path, caplog):
+    run = copy_run(two_epoch_run, tmp_path)
+    (run / "config.json").unlink()
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True))
+        trainer.setup()
+    assert "config.json is missing" in caplog.text and "skipped" in caplog.text
+    assert json.loads((run / "config.json").read_text())["num_epochs"] == 3  # this launch's config, written again
+    assert len(json.loads((run / "run.json").read_text())["launches"]) == 2  # the same run, a second launch
+
+
+def test_overwrite_deletes_nothing_when_the_inputs_fail_to_load(two_epoch_run, tmp_path):
+    """overwrite=true deletes an earlier run only once the new launch's data and model have loaded: a malformed
+    data file or a missing model leaves the earlier run intact."""
+    from engine.data.records import DataError
+
+    run = copy_run(two_epoch_run, tmp_path)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{not json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1"):
+        Trainer(make_config(tmp_path, overwrite=True, train_path=str(bad))).run()
+    with pytest.raises(Exception, match="no_such_model"):
+        Trainer(make_config(tmp_path, overwrite=True, model_id=str(tmp_path / "no_such_model"))).run()
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
 def test_metrics_have_one_row_per_step_after_a_crash_and_resume(two_epoch_run, tmp_path):
     run = copy_run(two_epoch_run, tmp_path)
     crashing = Trainer(make_config(tmp_path, num_epochs=3, keep_checkpoints=2, resume=True))
@@ -602,7 +665,7 @@ def test_temporaries_of_an_interrupted_write_are_removed_at_the_next_start(two_e
     legacy.mkdir()
     (run / "checkpoints" / ".tmp_epoch_003").mkdir()  # a checkpoint killed while DeepSpeed wrote it
     (run / ".metrics.jsonl.89abcdef.tmp").write_text("{")
-    Trainer(make_config(tmp_path, num_epochs=2, keep_checkpoints=2, resume=True))
+    Trainer(make_config(tmp_path, num_epochs=2, keep_checkpoints=2, resume=True)).setup()  # setup starts the run
     assert not export_tmp.exists() and not legacy.exists() and not (run / ".metrics.jsonl.89abcdef.tmp").exists()
     assert not (run / "checkpoints" / ".tmp_epoch_003").exists() and (run / "best" / "config.json").is_file()
 
@@ -668,3 +731,19 @@ def test_steps_skipped_for_non_finite_gradients_are_counted_and_reported(tmp_pat
     after = weights()
     assert all(p.numel() > 0 and torch.isfinite(p).all() for p in after.values())  # the NaN step changed nothing
     assert any(not torch.equal(before[n], p) for n, p in after.items())  # the others trained
+
+
+def test_an_unusable_save_path_is_a_config_error_before_anything_is_written(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=r"notes.txt is a file, not a folder"):
+        Trainer(make_config(tmp_path, save_path=str(a_file)))
+    with pytest.raises(ConfigError, match=r"notes.txt is a file, not a folder"):
+        Trainer(make_config(tmp_path, save_path=str(a_file / "deeper")))
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cuda was asked for but torch sees no CUDA device"):
+        Trainer(make_config(tmp_path, device="cuda"))

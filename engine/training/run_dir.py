@@ -11,15 +11,17 @@ outcome (or its error).
     data/                   the generated synthetic task (when no train_path is given)
 
 A fresh run refuses a directory that holds checkpoints or exports of an earlier run (continue it with
-`resume=true`, choose another `name`, or delete it with `overwrite=true`); a directory with no checkpoint or
-export is cleaned and reused. A resumed run keeps its run id; its config may differ from the saved one only
-outside the data, model and curriculum keys unless `allow_config_changes` names the key. Temporaries of an
-interrupted write are removed at the next start.
+`resume=true`, choose another `name`, or delete it with `overwrite=true`, which deletes only once the new
+launch's data and model have loaded); a directory with no checkpoint or export is cleaned and reused. A resumed
+run keeps its run id; its config may differ from the saved one only outside the data, model and curriculum keys
+unless `allow_config_changes` names the key; a config.json or run.json that is there but unreadable stops it (it
+would lose that check or the run id). Temporaries of an interrupted write are removed at the next start.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -64,6 +66,18 @@ class RunInfo:
     resumed: bool
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """ConfigError unless ``path``, or the nearest folder above it that exists, is a folder this process can
+    write (``what`` names the setting in the message)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"{what}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {path} is not writable")
+
+
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
@@ -81,22 +95,37 @@ class RunDirectory:
         self.info: RunInfo | None = None
 
     # ------------------------------------------------------------------ start
+    def check(self, config: TrainConfig) -> None:
+        """Whether this launch may use the directory (the refusals of `start`), writing and removing nothing: the
+        trainer checks first and starts only once its data and model have loaded, so that a launch that fails on
+        its inputs leaves an earlier run (which `overwrite=true` would delete) as it was."""
+        run_on_main(lambda: self._start(config, write=False), self.env)
+
     def start(self, config: TrainConfig) -> RunInfo:
         """Prepare the directory for this launch (see the module docstring); every rank gets the same RunInfo."""
         self.info = run_on_main(lambda: self._start(config), self.env)
         return self.info
 
-    def _start(self, config: TrainConfig) -> RunInfo:
-        cleaned = self._clean_interrupted_writes()
-        if cleaned:
-            log.info("removed %d temporaries of an interrupted write in %s: %s", len(cleaned), self.path,
-                     ", ".join(str(p.relative_to(self.path)) for p in cleaned))
+    def _start(self, config: TrainConfig, write: bool = True) -> RunInfo | None:
+        check_writable_folder(self.path, f"run directory {self.path} (save_path/name)")
+        if write:
+            cleaned = self._clean_interrupted_writes()
+            if cleaned:
+                log.info("removed %d temporaries of an interrupted write in %s: %s", len(cleaned), self.path,
+                         ", ".join(str(p.relative_to(self.path)) for p in cleaned))
         if config.only_eval:  # an evaluation writes its own files and leaves a training run's alone
+            if config.predictions_path:  # checked now, not once every answer has been generated
+                predictions = Path(config.predictions_path)
+                if predictions.is_dir():
+                    raise ConfigError(f"predictions_path: {predictions} is a folder; give the .json file to write")
+                check_writable_folder(predictions.parent, f"predictions_path {predictions}")
+            if not write:
+                return None
             atomic_write_json(self.path / "eval_config.json", config.to_dict())
             return RunInfo(run_id=new_run_id(), attempt=1, resumed=False)
         if config.resume is True:
-            return self._start_resumed(config)
-        return self._start_fresh(config)
+            return self._start_resumed(config, write)
+        return self._start_fresh(config, write)
 
     def _clean_interrupted_writes(self) -> list[Path]:
         if not self.path.is_dir():
@@ -133,7 +162,7 @@ class RunDirectory:
                 removed.append(entry.name)
         return removed
 
-    def _start_fresh(self, config: TrainConfig) -> RunInfo:
+    def _start_fresh(self, config: TrainConfig, write: bool) -> RunInfo | None:
         held = self.earlier_run_outputs()
         if held and not config.overwrite:
             shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
@@ -141,6 +170,8 @@ class RunDirectory:
                 f"run directory {self.path} already holds a run ({shown}). To continue it: --set resume=true; to keep "
                 f"it and start another: --set name=<another name>; to delete it and start over: --set overwrite=true"
             )
+        if not write:
+            return None
         removed = self._remove_training_outputs()
         if removed:
             why = "overwrite=true" if held else "it held no checkpoint or export"
@@ -151,10 +182,15 @@ class RunDirectory:
         self._record_launch(record, config, info, changes={})
         return info
 
-    def _start_resumed(self, config: TrainConfig) -> RunInfo:
+    def _start_resumed(self, config: TrainConfig, write: bool) -> RunInfo | None:
         if not checkpoint_tags(self.checkpoints):
             raise ConfigError(f"resume=true but {self.checkpoints} holds no checkpoint; start the run without resume")
-        saved = self._read_json(self.path / "config.json") or {}
+        saved = self._read_saved("config.json")
+        if saved is None:
+            if write:
+                log.warning("resume: %s is missing: the check that data, model and curriculum keys are unchanged is "
+                            "skipped", self.path / "config.json")  # fmt: skip
+            saved = {}
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:
@@ -164,8 +200,16 @@ class RunDirectory:
                 f"data, model or curriculum keys: {listed}. Use the saved values, or allow the change with "
                 f"--set allow_config_changes=[{','.join(blocked)}] (recorded in {self.path / 'run.json'})"
             )
-        record = self._read_json(self.path / "run.json")
-        if not isinstance(record, dict) or not record.get("run_id"):  # a run written before run.json existed
+        record = self._read_saved("run.json")
+        well_formed = record is None or (isinstance(record.get("run_id"), str)
+                                         and isinstance(record.get("launches", []), list))  # fmt: skip
+        if not well_formed:
+            raise ConfigError(f"resume: {self.path / 'run.json'} has no run_id or no list of launches; restore it, or "
+                              "move it away to resume under a new run id")  # fmt: skip
+        if not write:
+            return None
+        if record is None:  # a run written before run.json existed, or the file moved away
+            log.warning("resume: %s is missing: the run continues under a new run id", self.path / "run.json")
             record = {"run_id": new_run_id(), "created_at": _now(), "launches": []}
         info = RunInfo(run_id=record["run_id"], attempt=len(record.get("launches", [])) + 1, resumed=True)
         every_change = guarded_config_changes(saved, config.to_dict(), every_key=True)
@@ -188,12 +232,21 @@ class RunDirectory:
         record.setdefault("launches", []).append(launch)
         atomic_write_json(self.path / "run.json", record)
 
-    @staticmethod
-    def _read_json(path: Path):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+    def _read_saved(self, name: str) -> dict | None:
+        """A JSON object the run keeps (config.json, run.json): None when the file is missing. One that is there
+        but unreadable is an error naming it: a resume would otherwise lose its config check or its run id."""
+        path = self.path / name
+        if not path.exists():
             return None
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"resume: {path} cannot be read ({type(e).__name__}: {e}); restore it, or move it away "
+                              "to resume without it") from e  # fmt: skip
+        if not isinstance(value, dict):
+            raise ConfigError(f"resume: {path} holds a JSON {type(value).__name__}, not an object; restore it, or move "
+                              "it away to resume without it")  # fmt: skip
+        return value
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, engine, epoch: int, state: dict, *, keep: int) -> Path:

@@ -103,7 +103,8 @@ class Trainer:
             log.info("bf16 asked for but running on CPU: training in fp32")
         seed_everything(config.seed)
         self.run_directory = RunDirectory(self.run_dir, self.env)
-        self.run_info = self.run_directory.start(config)
+        self.run_directory.check(config)  # refusals now; the directory is changed once the inputs have loaded
+        self.run_info = None  # `setup` starts the run directory
         self.lockstep = Lockstep.for_run(config.zero_stage, self.env)
         self.pacer = HostPacer(self.device, config.zero_stage)  # ZeRO-3: the backward queued once the forward is done
         self.validator = Validator(config, self.env, self.lockstep)
@@ -133,6 +134,8 @@ class Trainer:
         # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do)
         self.final_stage = self.curriculum.final_stage(max_steps(self.train_records)) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
+        # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
+        self.run_info = self.run_directory.start(cfg)
         self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records)
         if self.env.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
