@@ -128,6 +128,19 @@ def test_damaged_weights_or_tokenizer_are_named_with_the_folder(tiny, tmp_path):
         load_model(out)
 
 
+def test_an_image_processor_of_another_tile_size_is_named(tiny, tmp_path):
+    """A preprocessor_config.json without its size (transformers assumes 384 pixels) would fail at the first
+    training image, blaming the image."""
+    from engine import load_model
+
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    (out / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"preprocessor_config.json: tiles of 384x384 pixels, but the model's "
+                                              r"vision tower takes 224x224"):  # fmt: skip
+        load_model(out)
+
+
 def test_bad_spec_arguments():
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         load_model("tiny", attn_implementation="fast")

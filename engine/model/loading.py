@@ -332,6 +332,19 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
     return out_dir
 
 
+def _check_processor_tile(hf_processor, config, path: Path) -> None:
+    """The image processor's tile must be the vision tower's input size: a preprocessor_config.json without its
+    size (transformers then assumes 384) would otherwise fail at the first image, blaming the image."""
+    from engine.data.images import tile_size_from_config
+
+    size = getattr(hf_processor, "size", None)
+    got = (getattr(size, "height", None), getattr(size, "width", None))
+    want = tile_size_from_config(config)
+    if got != (want, want):
+        raise CheckpointError(f"{path / 'preprocessor_config.json'}: tiles of {got[0]}x{got[1]} pixels, but the "
+                              f"model's vision tower takes {want}x{want} (config.json); fix its size")  # fmt: skip
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "no message"
@@ -381,6 +394,7 @@ def load_model(
                                   f"({type(e).__name__}: {_first_line(e)})") from e  # fmt: skip
         hf_processor = load_hf_image_processor(path)
         config = base.config
+        _check_processor_tile(hf_processor, config, path)
 
     latent_ids = add_latent_tokens(base, tokenizer, init_token=init_token)
     if tokenizer.pad_token_id is None:
