@@ -91,3 +91,47 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(c, logits.argmax(-1)), "top_p -> 0 must reduce to greedy"
     with pytest.raises(ValueError, match="temperature"):
         select_next_token(logits, do_sample=True, temperature=0.0)
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "paged"])
+def test_tiles_of_another_size_or_type_are_refused(tiny_model, tiny_tok, kv_cache):
+    """Tiles of another size give the vision tower another number of patches: more feature rows than image tokens
+    were silently cut to fit (the image of a row then ignored), fewer failed in the scatter or, in the fused
+    injection kernel, were read past their end."""
+    model = tiny_model
+    ids, mask, pv, tiles = prompts(model, tiny_tok)
+    size = pv.shape[-1]
+    for bad in (random_pixels(pv.shape[0], 2 * size, 3), random_pixels(pv.shape[0], size // 2, 3),
+                pv[:, :, :, : size // 2], pv.to(torch.uint8)):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"pixel_values must be .*\(total_tiles, 3, {size}, {size}\)|normalised"):
+            model.generate(ids, mask, bad, max_new_tokens=2, kv_cache=kv_cache)
+
+
+def test_prompt_ids_and_options_of_the_wrong_kind_are_refused(tiny_model, tiny_tok):
+    from engine.model.generation import GenerationOptions, generate
+
+    model = tiny_model
+    ids, mask, pv, _ = prompts(model, tiny_tok)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\)"):
+        model.generate(ids[0], mask[0], None, max_new_tokens=2)
+    out_of_range = ids.clone()
+    out_of_range[0, -1] = model.base.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        model.generate(out_of_range, mask, pv, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model.generate(ids, mask[:, 1:], pv, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        GenerationOptions(max_new_tokens=2.5)
+    with pytest.raises(TypeError, match="options must be a GenerationOptions"):
+        generate(model, ids, mask, pv, {"max_new_tokens": 2})
+
+
+@pytest.mark.parametrize("option", ["num_splits", "num_blocks", "max_model_len", "max_graph_batch"])
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+def test_paged_runner_sizes_out_of_range_are_refused(tiny_model, option, value):
+    """num_splits=0 launched an empty attention grid and decoded garbage; num_blocks=0 and max_model_len=0 quietly
+    meant 'automatic'."""
+    from engine.model.paged.runner import PagedRunner
+
+    with pytest.raises(ValueError, match=rf"{option} must be None or an integer >= 1"):
+        PagedRunner(tiny_model, **{option: value})

@@ -37,7 +37,7 @@ from engine.model.patch_embedding import use_patch_products
 from engine.model.tiles import unique_tiles
 from engine.utils.device import host_copy, to_device
 from engine.utils.profiling import profile_range
-from engine.vocab import IGNORE_INDEX, tokens_per_tile_from_config
+from engine.vocab import IGNORE_INDEX, tile_size_from_config, tokens_per_tile_from_config
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 
@@ -285,6 +285,8 @@ class MultimodalCoconut(nn.Module):
         reference), rms_norm, swiglu and rope (process-wide) for the language model; an empty list switches all off."""
         from engine.model.liger import apply_liger_kernels
 
+        if isinstance(pieces, str):  # "rms_norm" or "rms_norm,swiglu": the names, not their letters
+            pieces = [p.strip() for p in pieces.split(",") if p.strip()]
         self._liger_pieces = apply_liger_kernels(self.language_model, pieces)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -395,6 +397,17 @@ class MultimodalCoconut(nn.Module):
             features = features[groups[1]]  # (tiles, tokens_per_tile, hidden) in the batch's order
         return features.reshape(-1, features.shape[-1])
 
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """(tiles, 3, S, S) normalised floats with S the vision tower's input size. Tiles of another size give the
+        tower another number of patches: more feature rows than image tokens were silently cut to fit, fewer
+        failed in the scatter (or, in the fused injection kernel, were read past their end)."""
+        tile = tile_size_from_config(self.base.config)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, tile, tile):
+            raise ValueError(f"pixel_values must be (total_tiles, 3, {tile}, {tile}) for this model's {tile}-pixel "
+                             f"tiles (engine.data.images.ImageProcessor makes them), got {tuple(pixel_values.shape)}")  # fmt: skip
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be normalised floats (ImageProcessor), got {pixel_values.dtype}")
+
     def prepare(
         self,
         input_ids: torch.Tensor,
@@ -409,10 +422,8 @@ class MultimodalCoconut(nn.Module):
         distinct tile once with `dedupe_images`, as generation does)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if pixel_values is not None and pixel_values.dim() != 4:
-            raise ValueError(
-                f"pixel_values must be (total_tiles, 3, H, W) as in transformers, got shape {tuple(pixel_values.shape)}"
-            )
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
         feedback_id = self.latent_id if self.thought_feedback else -1  # -1: no position takes a thought
         schedule, tiles_per_row = build_schedule(
             input_ids,

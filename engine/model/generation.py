@@ -49,6 +49,8 @@ class GenerationOptions:
     step_sync: Callable[[bool], bool] | None = None
 
     def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.kv_cache not in KV_CACHES:
@@ -73,6 +75,19 @@ class GenerationOptions:
     @property
     def pad(self) -> int:
         return self.pad_token_id if self.pad_token_id is not None else 0
+
+
+def check_prompt_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """(B, T) integer token ids inside the embedding table (one host read per generate call: an id out of range
+    would otherwise fail deep in the embedding, or, in a fused kernel on the GPU, read past the table)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"input_ids hold ids in [{low}, {high}], outside the model's vocabulary of {vocab_size}")
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -124,9 +139,16 @@ def generate(
 ) -> torch.Tensor:
     """(B, n) new tokens for left-padded prompts; a row that ended early (its eos included) is padded with the pad
     id. ``runner``: the `PagedRunner` of a paged call (None: a runner is built for this call and released)."""
+    if options is not None and not isinstance(options, GenerationOptions):
+        raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__} (keywords such as "
+                        "max_new_tokens go to model.generate)")  # fmt: skip
     options = (options or GenerationOptions()).for_model(model)
+    check_prompt_ids(input_ids, model.base.get_input_embeddings().num_embeddings)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+                         f"{tuple(input_ids.shape)}")  # fmt: skip
     check_left_padded(attention_mask)
     # several questions about one image (or n samples of one prompt) encode the image once, unless the paged
     # runner was asked not to share prefixes (the unshared baseline computes everything)

@@ -87,7 +87,9 @@ def plan_prompt(
     if too_long:
         raise ValueError(
             f"rows {too_long} need more than max_model_len={max_model_len} positions (prompt + "
-            f"max_new_tokens={max_new_tokens}); create the PagedRunner with a larger max_model_len"
+            f"max_new_tokens={max_new_tokens}): generate fewer tokens, or give generate a runner made with a larger "
+            "max_model_len (PagedRunner(model, max_model_len=...); without one it is the model's "
+            "max_position_embeddings)"
         )
     first_latent = batch.schedule.starts[1] if batch.schedule.num_passes > 1 else width
     digests = image_keys(pixel_values, batch.tiles_per_row) if enable_prefix_sharing else [b""] * rows

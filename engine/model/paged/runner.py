@@ -97,6 +97,10 @@ class PagedRunner:
             raise ValueError(f"attention_options: unknown {sorted(unknown)}; valid: {sorted(ATTENTION_OPTIONS)}")
         if sync_interval < 1:
             raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
+        for name, value in (("num_blocks", num_blocks), ("max_model_len", max_model_len), ("num_splits", num_splits),
+                            ("max_graph_batch", max_graph_batch)):  # fmt: skip
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         lm = model.language_model
         reason = layer_stack_unsupported(lm)
         if reason is not None:
