@@ -237,8 +237,31 @@ def test_bad_image_is_named_not_skipped(tiny, tmp_path):
 
 def test_answerless_record_cannot_train(tiny, image_file):
     _, tok, proc = tiny
-    with pytest.raises(DataError, match="'r0'.*no answer"):
+    with pytest.raises(DataError, match="record 'r0': 'answer' is null but this split needs answers"):
         CurriculumDataset([make_record(image_file, answer=None)], tok, proc, CurriculumConfig(), 0)
+
+
+@pytest.mark.parametrize("dataset", ["CurriculumDataset", "QuestionDataset"])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"steps": "move right"}, "'steps' must be a list of strings"),  # would be one step per character
+        ({"steps": [1, 2]}, "'steps' must be a list of strings"),
+        ({"question": None}, "'question' must be a non-empty string"),
+        ({"answer": 7}, "'answer' must be a non-empty string"),
+    ],
+)
+def test_records_handed_to_a_dataset_are_checked_as_a_file_is(tiny, image_file, dataset, change, needle):
+    import engine.data.dataset as datasets
+
+    _, tok, proc = tiny
+    record = {**make_record(image_file), **change}
+    with pytest.raises(DataError, match=rf"{dataset} record 0: record 'r0': {needle}"):
+        getattr(datasets, dataset)([record], tok, proc, CurriculumConfig(), 1)
+    bare = make_record(image_file)
+    del bare["question"]
+    with pytest.raises(DataError, match=r"missing field\(s\) \['question'\]"):
+        getattr(datasets, dataset)([bare], tok, proc, CurriculumConfig(), 1)
 
 
 def test_question_dataset(tiny, image_file):

@@ -198,3 +198,35 @@ def test_tiny_model_sizes_that_cannot_be_built_are_named(overrides, needle):
 
     with pytest.raises(ValueError, match=needle):
         TinyModelConfig.from_overrides(overrides)
+
+
+def test_load_model_arguments_of_the_wrong_type_are_named_before_building():
+    from engine import load_model
+
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        load_model("tiny", dtype=torch.int64)
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        load_model("tiny", dtype="f32")
+    with pytest.raises(ValueError, match="max_tiles must be an integer, got '4'"):
+        load_model("tiny", max_tiles="4")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        load_model("tiny", seed="a")
+    model, _, _ = load_model("tiny", dtype="bfloat16")  # a dtype's name is taken as the dtype
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_image_processor_names_inputs_it_cannot_tile(tiny, tmp_path):
+    """Not a pathlib TypeError, an AttributeError on None, a folder called 'not found', or an empty image tiled."""
+    from PIL import Image
+
+    from engine.data.images import ImageError
+
+    _, _, proc = tiny
+    for bad in (None, torch.zeros(3, 8, 8)):
+        with pytest.raises(TypeError, match="takes a PIL image or an image file path"):
+            proc(bad)
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
+        proc(tmp_path)
+    with pytest.raises(ImageError, match="0x0 pixels: nothing to tile"):
+        proc(Image.new("RGB", (0, 0)))
+    assert proc(Image.new("L", (1, 1))).num_tiles == 1  # tiny, grey: converted and tiled

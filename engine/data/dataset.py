@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from engine.data.images import ImageError
-from engine.data.records import DataError
+from engine.data.records import DataError, validate_record
 from engine.utils.logging import get_logger
 from engine.vocab import (
     END_LATENT_TOKEN,
@@ -243,12 +243,17 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 class _ImageTextDataset(Dataset):
     """Shared by the two data sets: tile counts from image headers and lazy image loading."""
 
+    needs_answer = True  # the records' answers are trained on (QuestionDataset: generation needs none)
+
     def __init__(self, records: Sequence[dict], tokenizer, image_processor, config: CurriculumConfig, stage: int):
         if not isinstance(config, CurriculumConfig):
             raise TypeError(f"config must be a CurriculumConfig, got {type(config).__name__}")
         if stage < 0:
             raise ValueError(f"stage must be >= 0, got {stage}")
         self.records = list(records)
+        for index, record in enumerate(self.records):  # as load_records checks a file: a string of steps would be
+            # tokenised as one step per character, a missing field fail in a worker without the record's id
+            validate_record(record, f"{type(self).__name__} record {index}", need_answer=self.needs_answer)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = config
@@ -318,9 +323,6 @@ class CurriculumDataset(_ImageTextDataset):
         super().__init__(records, tokenizer, image_processor, config, stage)
         self.seed = int(seed)
         self.epoch = int(epoch)
-        for i, record in enumerate(self.records):
-            if record.get("answer") is None:
-                raise DataError(f"record {record.get('id')!r} (index {i}) has no answer; training needs one")
 
         # One batched tokenizer call for every piece of text.
         texts: list[str] = []
@@ -425,6 +427,8 @@ class QuestionDataset(_ImageTextDataset):
     thoughts. `__getitem__(i)` returns `{"input_ids": (T,) long, "pixel_values": (tiles, 3, H, W) or None,
     "num_latents": int, "record": dict, "index": int}`.
     """
+
+    needs_answer = False
 
     def __init__(self, records: Sequence[dict], tokenizer, image_processor, config: CurriculumConfig, stage: int):
         super().__init__(records, tokenizer, image_processor, config, stage)

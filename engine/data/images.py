@@ -72,6 +72,8 @@ class ImageProcessor:
     def load(path: str | os.PathLike) -> Image.Image:
         """Open and fully decode an image file as RGB; a missing, corrupt or truncated file names itself."""
         path = Path(path)
+        if path.is_dir():
+            raise ImageError(f"image path {path} is a folder, not an image file")
         if not path.is_file():
             raise ImageError(f"image file not found: {path}")
         try:
@@ -96,11 +98,15 @@ class ImageProcessor:
 
     def __call__(self, image: Image.Image | str | os.PathLike) -> ProcessedImage:
         start = time.perf_counter()
+        if not isinstance(image, (Image.Image, str, os.PathLike)):
+            raise TypeError(f"ImageProcessor takes a PIL image or an image file path, got {type(image).__name__}")
         source = image if not isinstance(image, Image.Image) else None
         if source is not None:
             image = self.load(source)
         elif image.mode != "RGB":
             image = image.convert("RGB")
+        if min(image.size) < 1:
+            raise ImageError(f"{source or 'in-memory image'} is {image.size[0]}x{image.size[1]} pixels: nothing to tile")
         try:
             out = self.hf_processor(
                 images=[image],

@@ -366,6 +366,13 @@ def load_model(
     ``device="meta"`` builds a built-in spec without memory (sizes and structure only)."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # "bfloat16" as torch.bfloat16
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+    for name, value in (("max_tiles", max_tiles), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     attn_implementation = check_attention_backend(attn_implementation)
     spec_str = str(spec)
     if spec_str in BUILTIN_SPECS:
