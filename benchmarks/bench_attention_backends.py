@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import command_line, environment_info, markdown_table, resolve_device, time_fn, write_results
+from benchmarks.common import command_line, environment_info, markdown_table, output_dir, positive_int, resolve_device, time_fn, write_results
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH, "default": None}  # fmt: skip
@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--backends", default="cudnn,flash,efficient,default", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply batch and sequence by this (CPU checks: 0.05)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/results/attention_backends")
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--out", type=output_dir, default="benchmarks/results/attention_backends")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.backends or any(b not in BACKENDS for b in args.backends):

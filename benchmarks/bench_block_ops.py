@@ -27,6 +27,8 @@ from benchmarks.common import (
     dtype_name,
     environment_info,
     markdown_table,
+    output_dir,
+    positive_int,
     resolve_device,
     resolve_dtype,
     time_fn,
@@ -56,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-tokens", type=int, default=256)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/block_ops")
+    p.add_argument("--out", type=output_dir, default="benchmarks/results/block_ops")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]

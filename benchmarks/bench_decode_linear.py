@@ -34,6 +34,8 @@ from benchmarks.common import (
     environment_info,
     int_list,
     markdown_table,
+    output_dir,
+    positive_int,
     progress,
     time_fn,
     write_results,
@@ -221,12 +223,12 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The decode step's products: split-K kernel vs cuBLAS (module docstring).")
-    parser.add_argument("--out", required=True, help="directory for bench_decode_linear.json and .md")
+    parser.add_argument("--out", type=output_dir, required=True, help="directory for bench_decode_linear.json and .md")
     parser.add_argument("--geometry", choices=("1b", "2b", "8b"), default="1b")
     parser.add_argument("--batches", type=int_list, default=[1, 8, 64])
     parser.add_argument("--products", default="qkv,o,gate_up,down", help="comma list of qkv,o,gate_up,down")
     parser.add_argument("--no-sweep", action="store_true", help="the default settings only")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run at tiny sizes (Triton interpreter)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -42,11 +42,14 @@ from benchmarks.common import (
     environment_info,
     free_memory,
     guarded_time_fn,
-    int_list,
     limit_map,
     markdown_table,
     module_bytes,
+    natural_int_list,
+    output_dir,
     peak_memory_gib,
+    positive_int,
+    positive_int_list,
     progress,
     reset_peak_memory,
     resolve_device,
@@ -274,33 +277,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: the geometry on CUDA, tiny on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--stages", type=int_list, default=None, help="default 0,1,2,3")
-    p.add_argument("--c-thought", type=int_list, default=None, help="default 2")
-    p.add_argument("--batch-sizes", type=int_list, default=None, help="default 1,8,64 on CUDA, 1,4 on CPU")
+    p.add_argument("--stages", type=natural_int_list, default=None, help="default 0,1,2,3")
+    p.add_argument("--c-thought", type=positive_int_list, default=None, help="default 2")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=None, help="default 1,8,64 on CUDA, 1,4 on CPU")
     p.add_argument("--question-len", type=int, default=None, help="question tokens (default 24)")
     p.add_argument("--image-tokens", type=int, default=None, help="<IMG_CONTEXT> tokens per prompt (default 256)")
     p.add_argument("--cot-steps", type=int, default=None, help="reasoning steps of the textual CoT (default 3)")
     p.add_argument("--step-tokens", type=int, default=None, help="tokens per reasoning step (default 20)")
-    p.add_argument("--answer-tokens", type=int, default=None, help="tokens of the answer itself (default 8)")
+    p.add_argument("--answer-tokens", type=positive_int, default=None, help="tokens of the answer itself (default 8)")
     p.add_argument("--kv-cache", type=str_list, default=None,
                    help="caches for the latent scheme, generate's kv_cache option "
                    "(default dynamic,paged on CUDA; dynamic on CPU, where the paged kernels run interpreted)")
     p.add_argument("--methods", type=str_list, default=list(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--max-batch", action="append", metavar="METHOD=N",
                    help="run METHOD only for batch sizes <= N (repeatable), e.g. --max-batch cot=8")
-    p.add_argument("--naive-rows", type=int, default=None, help="prompts the batch-1 scheme runs (default 4 on "
+    p.add_argument("--naive-rows", type=positive_int, default=None, help="prompts the batch-1 scheme runs (default 4 on "
                    "CUDA, 2 on CPU)")
     p.add_argument("--naive-repeats", type=int, default=None, help="timed repeats of the naive scheme (default 3/1)")
     p.add_argument("--check-dtype", default="float32", help="dtype of the token check (on a copy when it differs)")
     p.add_argument("--check-rows", type=int, default=2, help="prompts the token check runs on")
-    p.add_argument("--check-tokens", type=int, default=8, help="new tokens the token check compares")
+    p.add_argument("--check-tokens", type=positive_int, default=8, help="new tokens the token check compares")
     p.add_argument("--warmup", type=int, default=None, help="default 2 on CUDA, 1 on CPU")
-    p.add_argument("--repeats", type=int, default=None, help="default 5 on CUDA, 3 on CPU")
+    p.add_argument("--repeats", type=positive_int, default=None, help="default 5 on CUDA, 3 on CPU")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new measurements after this many seconds (results so far are kept)")
-    p.add_argument("--out", default="bench_results/generate", help="output directory")
+    p.add_argument("--out", type=output_dir, default="bench_results/generate", help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, short answers, one repeat")
     args = p.parse_args(argv)

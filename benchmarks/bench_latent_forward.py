@@ -50,7 +50,11 @@ from benchmarks.common import (
     is_oom,
     limit_map,
     markdown_table,
+    natural_int_list,
+    output_dir,
     peak_memory_gib,
+    positive_int,
+    positive_int_list,
     progress,
     reset_peak_memory,
     resolve_device,
@@ -290,9 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--mode", choices=("train", "forward"), default="train",
                    help="train: loss forward + backward per step (default); forward: no-grad forward only")
-    p.add_argument("--stages", type=int_list, default=None, help="curriculum stages (default 0,1,2,3,4)")
-    p.add_argument("--c-thought", type=int_list, default=None, help="latents per stage (default 1,2)")
-    p.add_argument("--batch-sizes", type=int_list, default=None, help="default 1,8,32 on CUDA, 1,4 on CPU")
+    p.add_argument("--stages", type=natural_int_list, default=None, help="curriculum stages (default 0,1,2,3,4)")
+    p.add_argument("--c-thought", type=positive_int_list, default=None, help="latents per stage (default 1,2)")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=None, help="default 1,8,32 on CUDA, 1,4 on CPU")
     p.add_argument("--text-len", type=int_list, default=None,
                    help="text tokens per row: half question, half answer (+eos) (default 32,128)")
     p.add_argument("--image-tokens", type=int, default=None, help="<IMG_CONTEXT> tokens per row: a multiple of the "
@@ -304,12 +308,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of the correctness check, on a copy of the model when it differs (default float32)")
     p.add_argument("--check-rows", type=int, default=4, help="rows of each batch the correctness check runs on")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 5 on CPU)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed steps (default 10 on CUDA, 5 on CPU)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa | eager | flash_attention_2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
-    p.add_argument("--out", default="bench_results/latent_forward", help="output directory")
+    p.add_argument("--out", type=output_dir, default="bench_results/latent_forward", help="output directory")
     p.add_argument("--profile", choices=("none", "torch", "cuda-range"), default="none",
                    help="torch: Chrome trace of one engine step (last configuration); cuda-range: wrap that "
                    "step in cudaProfilerStart/Stop for `nsys --capture-range=cudaProfilerApi`")

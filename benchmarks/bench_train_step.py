@@ -55,7 +55,11 @@ from benchmarks.common import (
     int_list,
     is_oom,
     markdown_table,
+    natural_int_list,
+    output_dir,
     peak_memory_gib,
+    positive_int,
+    positive_int_list,
     progress,
     reset_peak_memory,
     resolve_device,
@@ -110,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="bfloat16 (DeepSpeed bf16, fp32 master weights; CUDA only) | "
                    "float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--zero-stages", type=int_list, default=None, help="DeepSpeed ZeRO stages to run (default 2)")
-    p.add_argument("--stages", type=int_list, default=None, help="curriculum stages (default 0,3)")
-    p.add_argument("--c-thought", type=int_list, default=None, help="latents per stage (default 2)")
+    p.add_argument("--stages", type=natural_int_list, default=None, help="curriculum stages (default 0,3)")
+    p.add_argument("--c-thought", type=positive_int_list, default=None, help="latents per stage (default 2)")
     p.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=int_list, default=None,
                    help="micro-batch per rank, comma-separated for several (default 8 on CUDA, 2 on CPU)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens per row: half question, half answer "
@@ -119,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-tokens", type=int, default=None, help="<IMG_CONTEXT> tokens per row, a multiple of the "
                    "model's tokens per tile (default: one tile: 256 for InternVL3's 448 px tile, 16 for tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help="peak dense bf16 TFLOP/s per GPU for MFU (default 989: H100 SXM)")
     p.add_argument("--matmul-size", type=int, default=8192,
@@ -176,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed steps per setting and round for --alternate, after one untimed step")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new configurations after this many seconds (results so far are kept)")
-    p.add_argument("--out", default="bench_results/train_step", help="output directory (written by rank 0)")
+    p.add_argument("--out", type=output_dir, default="bench_results/train_step", help="output directory (written by rank 0)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model, CPU, fp32, ZeRO-2 (unless --zero-stages), stages 0,1, 2 timed steps")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -1347,7 +1351,11 @@ def main(argv=None) -> int:
                             "steps that updated nothing)", cfg.label(), row["skipped_steps"])
             write_results(out_dir, RESULT_NAME, payload, report(payload), header=header(payload))
     bench.release()
-    rc = 1 if any(r["status"] == "error" or r.get("loss_finite") is False for r in payload["rows"]) else 0
+    # an error or a non-finite loss fails the run; so does a sweep in which nothing could be measured (every
+    # configuration invalid or out of memory: a mistyped setting, say), where single invalid combinations do not
+    nothing_measured = bool(payload["rows"]) and not any(r["status"] == "ok" for r in payload["rows"])
+    rc = 1 if nothing_measured or any(r["status"] == "error" or r.get("loss_finite") is False
+                                      for r in payload["rows"]) else 0  # fmt: skip
     if env.is_main:
         paths = write_results(out_dir, RESULT_NAME, payload, report(payload), header=header(payload))
         print(f"\n{FLOPS_FORMULA}\n\n{markdown_table(payload['rows'], columns_for(payload['rows'], STDOUT_COLUMNS))}\n", flush=True)
@@ -1355,8 +1363,8 @@ def main(argv=None) -> int:
         if payload["skipped_configs"]:
             log.warning("time budget reached: %d configuration(s) not run", len(payload["skipped_configs"]))
         if rc:
-            log.error("a configuration raised an error or gave a non-finite loss (see status/loss_finite in %s)",
-                      paths["json"])
+            log.error("no configuration could be measured, or one raised an error or gave a non-finite loss (see "
+                      "status/loss_finite in %s)", paths["json"])  # fmt: skip
     return rc
 
 

@@ -217,6 +217,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def output_dir(text: str) -> str:
+    """The type of a harness's ``--out``: a folder, made when results are written; an existing file is refused
+    when the arguments are read, not after the measurements."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
 def int_list(text: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32] (argparse type)."""
     try:
@@ -225,6 +233,37 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def _at_least(minimum: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type: repeats, steps, token counts)."""
+    return _at_least(1, text)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """'1,8,32', each >= 1 (argparse type: batch sizes, latents per stage)."""
+    values = int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def natural_int_list(text: str) -> list[int]:
+    """'0,1,2', each >= 0 (argparse type: curriculum stages)."""
+    values = int_list(text)
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"every value must be >= 0, got {text!r}")
     return values
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import output_dir  # noqa: E402
 from engine.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -343,11 +344,11 @@ def aggregate(part_paths: list[Path], out: Path) -> dict:
     return combined
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train every (method, seed) and aggregate")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", type=output_dir, required=True)
     r.add_argument("--work", default=None, help="data, runs and logs (default: <out>_work next to --out)")
     r.add_argument("--config", default="recipes/configs/synthetic_gpu.yaml")
     r.add_argument("--seeds", default="0,1,2")
@@ -359,15 +360,26 @@ def main(argv=None):
     r.add_argument("--smoke", action="store_true", help="a tiny CPU setting that exercises the whole script")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     a = sub.add_parser("aggregate", help="merge part files into science.json/.md/.png")
-    a.add_argument("--out", required=True)
+    a.add_argument("--out", type=output_dir, required=True)
     a.add_argument("parts", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.max_parallel < 1:
             parser.error(f"--max-parallel must be >= 1, got {args.max_parallel}")
-        return run(args)
-    return aggregate([Path(p) for p in args.parts], Path(args.out))
+        try:
+            _parse_list(args.seeds, int)
+        except ValueError:
+            parser.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+        part = run(args)
+        runs = json.loads(part.read_text())["runs"]
+        failed = [f"{r['method']}-s{r['seed']}: {r['status']}" for r in runs if r.get("status") != "ok"]
+        if failed:  # recorded in the part file; the exit status says so too
+            print(f"[science] {len(failed)} of {len(runs)} runs did not finish: {'; '.join(failed)}", flush=True)
+            return 1
+        return 0
+    aggregate([Path(p) for p in args.parts], Path(args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

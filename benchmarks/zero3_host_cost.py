@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from benchmarks.common import output_dir, positive_int
+
 PATHS = ("deepspeed", "engine", "engine_walks")  # engine_walks: the engine's path with DeepSpeed's parameter walks
 
 
@@ -57,11 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--blocks", type=int, default=100, help="blocks in the leaf module (4 tensors each)")
     p.add_argument("--width", type=int, default=16, help="features per block")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--paths", default="deepspeed,engine",
                    help=f"comma-separated, timed in this order: {', '.join(PATHS)}")
-    p.add_argument("--rounds", type=int, default=1, help="times through --paths, alternating (one row per path and round)")
-    p.add_argument("--out", default="bench_results/zero3_host")
+    p.add_argument("--rounds", type=positive_int, default=1, help="times through --paths, alternating (one row per path and round)")
+    p.add_argument("--out", type=output_dir, default="bench_results/zero3_host")
     args = p.parse_args(argv)
     args.paths = [x for x in args.paths.split(",") if x]
     unknown = sorted(set(args.paths) - set(PATHS))
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     import deepspeed
     import deepspeed.comm as dist
 
-    from benchmarks.common import markdown_table, write_results
+    from benchmarks.common import markdown_table, write_results, output_dir
     from engine.training.distributed import shutdown_distributed
 
     torch.set_num_threads(1)

@@ -212,3 +212,32 @@ def test_decode_linear_smoke(tmp_path, monkeypatch):
     assert bench_decode_linear.main(["--smoke", "--products", "o", "--out", str(tmp_path / "wrong")]) == 0
     wrong = json.loads((tmp_path / "wrong" / "bench_decode_linear.json").read_text())["rows"]
     assert [r for r in wrong if "error" in r and "relative error" in r["error"]], "a wrong product must be reported"
+
+
+@pytest.mark.parametrize(
+    "module, argv, needle",
+    [
+        ("bench_generate", ["--out", "{file}"], "is a file, not a folder"),
+        ("bench_generate", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+        ("bench_generate", ["--batch-sizes", "4,0"], "every value must be >= 1"),
+        ("bench_generate", ["--stages", "-1"], "every value must be >= 0"),
+        ("bench_generate", ["--answer-tokens", "0"], "--answer-tokens: must be >= 1"),
+        ("bench_latent_forward", ["--c-thought", "0"], "every value must be >= 1"),
+        ("bench_paged_kv", ["--smoke", "--sections", "numerics,stepz"], "--sections: unknown ['stepz']"),
+        ("bench_latent_inject", ["--smoke", "--sections", "bandwith"], "--sections: unknown ['bandwith']"),
+    ],
+)
+def test_harness_arguments_out_of_range_are_refused_when_read(tmp_path, capsys, module, argv, needle):
+    """Before any measurement: these ran a whole sweep and then failed, wrote rows that meant nothing (negative
+    latents), or ran nothing and exited 0."""
+    import importlib
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = [a.format(file=a_file) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").main(argv)
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

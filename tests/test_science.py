@@ -97,3 +97,20 @@ def test_cli_aggregate_and_bad_part(tmp_path, capsys):
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match="bad.json"):
         main(["aggregate", "--out", str(tmp_path / "out"), str(bad)])
+
+
+def test_run_exits_non_zero_when_a_run_fails(tmp_path, capsys, monkeypatch):
+    """A failed or stopped training run is recorded in the part file and makes the command exit 1 (it exited 0)."""
+    import benchmarks.science as science
+
+    def fake_run(args):
+        part = tmp_path / "science_part_s0.json"
+        runs = [_run("coconut", 0, 90.0, 3.0), _run("pause", 0, 50.0, 3.0, status="failed (exit 2)")]
+        return _part(part, [0], runs)
+
+    monkeypatch.setattr(science, "run", fake_run)
+    assert main(["run", "--out", str(tmp_path / "o"), "--seeds", "0"]) == 1
+    assert "1 of 2 runs did not finish: pause-s0: failed (exit 2)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--out", str(tmp_path / "o"), "--seeds", "a"])
+    assert "--seeds must be a comma list of integers" in capsys.readouterr().err
