@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import output_dir, positive_int, use_triton_interpreter_without_cuda
+from benchmarks.common import choice_list, output_dir, positive_int, use_triton_interpreter_without_cuda
 
 use_triton_interpreter_without_cuda()  # before any kernel module is imported
 
@@ -544,22 +544,16 @@ def run_gpu_report(out_dir, *, smoke: bool = False, repeats: int = 30, sections=
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fused latent injection GPU report (see the module docstring).")
     parser.add_argument("--out", type=output_dir, required=True, help="directory for bench_latent_inject.json and .md")
-    parser.add_argument("--sections", default="numerics,bandwidth,schedule", help="comma list of the sections")
+    parser.add_argument("--sections", type=choice_list("numerics", "bandwidth", "schedule"),
+                        default="numerics,bandwidth,schedule", help="comma list of the sections")  # fmt: skip
     parser.add_argument("--repeats", type=positive_int, default=30, help="timed repetitions (median, p10, p90)")
-    parser.add_argument("--inner", type=int, default=10, help="back-to-back calls per timed repetition")
+    parser.add_argument("--inner", type=positive_int, default=10, help="back-to-back calls per timed repetition")
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run of every path at tiny sizes")
     parser.add_argument("--device", default=None, help="with --smoke: run the tiny sizes on this device instead "
                         "(cuda: every kernel path at sizes compute-sanitizer's shadow memory can hold)")
     args = parser.parse_args(argv)
-    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = sorted(set(sections) - {"numerics", "bandwidth", "schedule"})
-    if unknown or not sections:
-        parser.error(f"--sections: unknown {unknown or 'none given'}; choose from numerics, bandwidth, schedule")
-    for name in ("repeats", "inner"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return run_gpu_report(args.out, smoke=args.smoke, repeats=args.repeats, inner=args.inner, sections=sections,
-                          device=args.device)  # fmt: skip
+    return run_gpu_report(args.out, smoke=args.smoke, repeats=args.repeats, inner=args.inner,
+                          sections=tuple(args.sections), device=args.device)  # fmt: skip
 
 
 if __name__ == "__main__":

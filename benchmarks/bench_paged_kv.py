@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import output_dir, positive_int, use_triton_interpreter_without_cuda
+from benchmarks.common import choice_list, output_dir, positive_int, use_triton_interpreter_without_cuda
 
 use_triton_interpreter_without_cuda()  # before any kernel module is imported
 
@@ -1066,7 +1066,8 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Paged KV cache GPU report (see the module docstring).")
     parser.add_argument("--out", type=output_dir, required=True, help="directory for bench_paged_kv.json and bench_paged_kv.md")
-    parser.add_argument("--sections", default="numerics,attention,step", help="comma list of numerics,attention,step")
+    parser.add_argument("--sections", type=choice_list("numerics", "attention", "step"), default="numerics,attention,step",
+                        help="comma list of numerics,attention,step")  # fmt: skip
     parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed through generate()")
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run of every path at tiny sizes")
@@ -1080,10 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the GPU report needs CUDA (--smoke runs a tiny CPU dry run)", file=sys.stderr)
         return 2
     repeats, new_tokens = (1, 2) if args.smoke else (args.repeats, args.new_tokens)
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sorted(sections - {"numerics", "attention", "step"})
-    if unknown or not sections:
-        parser.error(f"--sections: unknown {unknown or 'none given'}; choose from numerics, attention, step")
+    sections = set(args.sections)
     bandwidth = copy_bandwidth_gbs(geo.device)
     report = dict(environment=environment_info(geo.device), command=command_line(), copy_bandwidth_gbs=bandwidth,
                   smoke=args.smoke, errors={})

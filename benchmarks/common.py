@@ -251,24 +251,39 @@ def positive_int(text: str) -> int:
     return _at_least(1, text)
 
 
+def _all_at_least(minimum: int, text: str) -> list[int]:
+    values = int_list(text)
+    if min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+    return values
+
+
 def positive_int_list(text: str) -> list[int]:
     """'1,8,32', each >= 1 (argparse type: batch sizes, latents per stage)."""
-    values = int_list(text)
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
-    return values
+    return _all_at_least(1, text)
 
 
 def natural_int_list(text: str) -> list[int]:
     """'0,1,2', each >= 0 (argparse type: curriculum stages)."""
-    values = int_list(text)
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"every value must be >= 0, got {text!r}")
-    return values
+    return _all_at_least(0, text)
 
 
 def str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def choice_list(*choices: str) -> Callable[[str], list[str]]:
+    """The argparse type of a comma list drawn from ``choices`` (a report's sections): an unknown name or an empty
+    list is refused when the arguments are read (it would run nothing and exit 0)."""
+
+    def parse(text: str) -> list[str]:
+        values = str_list(text)
+        unknown = sorted(set(values) - set(choices))
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or 'none given'}; choose from {', '.join(choices)}")
+        return values
+
+    return parse
 
 
 def limit_map(pairs: list[str] | None, valid: tuple[str, ...], flag: str) -> dict[str, int]:

@@ -99,21 +99,33 @@ def validate_record(record: dict, where: str, *, need_answer: bool = True) -> No
     elif not isinstance(answer, str) or not answer.strip():
         raise DataError(f"{label}: 'answer' must be a non-empty string, got {answer!r}")
 
+    problem = answer_fields_problem(record)
+    if problem:
+        raise DataError(f"{label}: {problem}")
+
+
+def answer_fields_problem(record: dict, *, required: bool = False) -> str | None:
+    """What is wrong with a record's A-OKVQA answer fields (choices, correct_choice_idx, direct_answers,
+    difficult_direct_answer), None when nothing. Absent or null fields pass unless ``required`` (an annotation
+    file being scored, `engine.eval.aokvqa`): a string where a list belongs would be matched per character, a
+    string "false" would count as difficult."""
     choices = record.get("choices")
-    if choices is not None and (not _is_str_list(choices) or not choices):
-        raise DataError(f"{label}: 'choices' must be a non-empty list of strings, got {choices!r}")
+    if (choices is not None or required) and (not _is_str_list(choices) or not choices):
+        return f"choices must be a non-empty list of strings, got {choices!r}"
     idx = record.get("correct_choice_idx")
-    if idx is not None:
+    if idx is not None or required:
         if choices is None:
-            raise DataError(f"{label}: 'correct_choice_idx' is set but there are no 'choices'")
+            return "correct_choice_idx is set but there are no choices"
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(choices):
-            raise DataError(f"{label}: 'correct_choice_idx' must be an index into {len(choices)} choices, got {idx!r}")
+            return f"correct_choice_idx must be an index into its {len(choices)} choices, got {idx!r}"
     direct = record.get("direct_answers")
-    if direct is not None and not _is_str_list(direct):
-        raise DataError(f"{label}: 'direct_answers' must be a list of strings, got {direct!r}")
+    if (direct is not None or required) and not _is_str_list(direct):
+        return f"direct_answers must be a list of strings, got {direct!r}"
     difficult = record.get("difficult_direct_answer")
-    if difficult is not None and not isinstance(difficult, bool):
-        raise DataError(f"{label}: 'difficult_direct_answer' must be true, false or null, got {difficult!r}")
+    if (difficult is not None or required) and not isinstance(difficult, bool):
+        allowed = "true or false" if required else "true, false or null"
+        return f"difficult_direct_answer must be {allowed}, got {difficult!r}"
+    return None
 
 
 def load_records(

@@ -26,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.data.records import answer_fields_problem
 from engine.eval.metrics import direct_answer_accuracy, multiple_choice_accuracy, nearest_choice
 
 REQUIRED_FIELDS = ("question_id", "choices", "correct_choice_idx", "direct_answers", "difficult_direct_answer")
@@ -68,25 +69,12 @@ def load_annotations(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def _is_str_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 def _annotation_problem(rec: dict) -> str | None:
-    """What is wrong with the types of an annotation's scored fields (None when nothing): a string where a list
-    belongs would be matched character by character, a string "false" would count as difficult."""
+    """What is wrong with the types of an annotation's scored fields (None when nothing): its id, then the answer
+    fields as the record format checks them, every one required."""
     if not isinstance(rec["question_id"], (str, int)) or isinstance(rec["question_id"], bool):
         return f"question_id must be a string, got {type(rec['question_id']).__name__}"
-    choices, index = rec["choices"], rec["correct_choice_idx"]
-    if not _is_str_list(choices) or not choices:
-        return f"choices must be a non-empty list of strings, got {choices!r}"
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(choices):
-        return f"correct_choice_idx must be an index into its {len(choices)} choices, got {index!r}"
-    if not _is_str_list(rec["direct_answers"]):
-        return f"direct_answers must be a list of strings, got {rec['direct_answers']!r}"
-    if not isinstance(rec["difficult_direct_answer"], bool):
-        return f"difficult_direct_answer must be true or false, got {rec['difficult_direct_answer']!r}"
-    return None
+    return answer_fields_problem(rec, required=True)
 
 
 def load_predictions(path: str | Path) -> dict[str, dict]:

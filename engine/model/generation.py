@@ -85,7 +85,7 @@ def check_prompt_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.numel():
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one read of the device
         if low < 0 or high >= vocab_size:
             raise ValueError(f"input_ids hold ids in [{low}, {high}], outside the model's vocabulary of {vocab_size}")
 
@@ -146,9 +146,6 @@ def generate(
     check_prompt_ids(input_ids, model.base.get_input_embeddings().num_embeddings)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                         f"{tuple(input_ids.shape)}")  # fmt: skip
     check_left_padded(attention_mask)
     # several questions about one image (or n samples of one prompt) encode the image once, unless the paged
     # runner was asked not to share prefixes (the unshared baseline computes everything)

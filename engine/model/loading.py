@@ -28,7 +28,7 @@ from engine.data.images import ImageProcessor, load_hf_image_processor, make_hf_
 from engine.model.coconut import MultimodalCoconut, check_attention_backend
 from engine.model.tiny_tokenizer import build_tiny_tokenizer
 from engine.utils.io import atomic_directory
-from engine.utils.logging import get_logger
+from engine.utils.logging import first_line, get_logger
 from engine.vocab import IMAGE_CONTEXT_TOKEN, LATENT_TOKENS
 
 log = get_logger("model")
@@ -345,11 +345,6 @@ def _check_processor_tile(hf_processor, config, path: Path) -> None:
                               f"model's vision tower takes {want}x{want} (config.json); fix its size")  # fmt: skip
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
-
-
 def load_model(
     spec: str | os.PathLike = "tiny",
     *,
@@ -393,12 +388,12 @@ def load_model(
             )
         except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
             raise CheckpointError(f"{path}: the model cannot be loaded from its config.json and weights "
-                                  f"({type(e).__name__}: {_first_line(e)})") from e  # fmt: skip
+                                  f"({type(e).__name__}: {first_line(e)})") from e  # fmt: skip
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its tokenizer files "
-                                  f"({type(e).__name__}: {_first_line(e)})") from e  # fmt: skip
+                                  f"({type(e).__name__}: {first_line(e)})") from e  # fmt: skip
         hf_processor = load_hf_image_processor(path)
         config = base.config
         _check_processor_tile(hf_processor, config, path)

@@ -30,7 +30,7 @@ from pathlib import Path
 from engine.training.distributed import barrier
 from engine.utils.io import atomic_write_json, atomic_write_text, fsync_tree, replace_directory
 from engine.training.zero_step import settle_skipped_steps
-from engine.utils.logging import get_logger
+from engine.utils.logging import first_line, get_logger
 
 log = get_logger("checkpoint")
 
@@ -221,7 +221,7 @@ def load_checkpoint(engine, checkpoint_dir: str | Path, tag: str) -> dict:
             str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
     except Exception as e:  # torch.load and DeepSpeed raise many types for an unreadable file; name the checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
             raise CheckpointMismatchError(
                 f"checkpoint {where} was written for another model than the one configured: {first} ..."

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from engine.data.synthetic import SyntheticSettings
+from engine.utils.logging import first_line
 
 
 class ConfigError(ValueError):
@@ -474,7 +475,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         try:
             value = yaml.load(raw, Loader=_Loader) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote a "
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({first_line(e)}); quote a "
                               "string that starts with [ { or : as '\"...\"'") from e  # fmt: skip
         node = out
         parts = key.strip().split(".")

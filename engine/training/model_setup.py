@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from engine.model.loading import BUILTIN_SPECS, builtin_config, load_model
 from engine.model.loading import CheckpointError as ModelPathError
 from engine.training.config import ConfigError, TrainConfig
-from engine.utils.logging import get_logger
+from engine.utils.logging import first_line, get_logger
 
 log = get_logger("train")
 
@@ -85,7 +85,7 @@ def check_same_architecture(model, config: TrainConfig, path: Path) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"model_id {config.model_id!r} (the architecture load_model_path {path} is checked "
                               f"against) is neither a built-in spec {BUILTIN_SPECS} nor a local model folder with a "
-                              f"config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e  # fmt: skip
+                              f"config.json: {first_line(e)}") from e  # fmt: skip
     else:
         expected, _ = builtin_config(config.model_id, config.model_overrides or None)
     got = model.config

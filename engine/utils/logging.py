@@ -1,4 +1,4 @@
-"""One logger for the engine, with a fixed prefix, so users can filter it."""
+"""One logger for the engine, with a fixed prefix, so users can filter it; errors told in one line."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ def get_logger(name: str | None = None) -> logging.Logger:
         root.setLevel(logging.INFO)
         root.propagate = False
     return root if not name else root.getChild(name)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's can run to pages), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
