@@ -1,5 +1,6 @@
 """Curriculum sequences, labels and stage rules; image tiling and the image-token count."""
 
+import logging
 from collections import Counter
 
 import pytest
@@ -37,7 +38,8 @@ def image_file(tmp_path):
 
 
 def make_record(image, i=0, steps=STEPS, answer="green", question="Start at the top-left cell. Move right, down, left. What colour is the cell?"):
-    return {"id": f"r{i}", "image": image, "question": question, "steps": list(steps), "answer": answer}
+    return {"id": f"r{i}", "image": image, "question": question, "steps": None if steps is None else list(steps),
+            "answer": answer}
 
 
 def encode(tok, text):
@@ -241,6 +243,12 @@ def test_answerless_record_cannot_train(tiny, image_file):
         CurriculumDataset([make_record(image_file, answer=None)], tok, proc, CurriculumConfig(), 0)
 
 
+def test_record_with_unknown_steps_cannot_train(tiny, image_file):
+    _, tok, proc = tiny
+    with pytest.raises(DataError, match=r"record 'r0': 'steps' is null \(not known\) but this split trains on its steps"):
+        CurriculumDataset([make_record(image_file, steps=None)], tok, proc, CurriculumConfig(), 1)
+
+
 @pytest.mark.parametrize("dataset", ["CurriculumDataset", "QuestionDataset"])
 @pytest.mark.parametrize(
     "change, needle",
@@ -264,17 +272,35 @@ def test_records_handed_to_a_dataset_are_checked_as_a_file_is(tiny, image_file, 
         getattr(datasets, dataset)([bare], tok, proc, CurriculumConfig(), 1)
 
 
-def test_question_dataset(tiny, image_file):
+def test_question_dataset(tiny, image_file, caplog):
     model, tok, proc = tiny
-    records = [make_record(image_file, 0), make_record(image_file, 1, steps=STEPS[:1]), make_record(None, 2, steps=[], answer=None)]
+    records = [
+        make_record(image_file, 0),
+        make_record(image_file, 1, steps=STEPS[:1]),
+        make_record(None, 2, steps=None, answer=None),  # steps not known (a test split): the stage's usual thoughts
+        make_record(None, 3, steps=[]),  # no steps: no thoughts, as its training sequence has none
+    ]
     for config, stage, want in [
-        (CurriculumConfig(c_thought=2), 2, [4, 2, 4]),  # no steps (a test split): the stage's usual thoughts
-        (CurriculumConfig(c_thought=1), 5, [3, 1, 3]),
-        (CurriculumConfig(cot=True), 2, [0, 0, 0]),
-        (CurriculumConfig(no_cot=True), 2, [0, 0, 0]),
+        (CurriculumConfig(c_thought=2), 2, [4, 2, 4, 0]),
+        (CurriculumConfig(c_thought=1), 5, [3, 1, 3, 0]),
+        (CurriculumConfig(c_thought=2, pad_latent_to_max=True), 1, [2, 2, 2, 2]),
+        (CurriculumConfig(cot=True), 2, [0, 0, 0, 0]),
+        (CurriculumConfig(no_cot=True), 2, [0, 0, 0, 0]),
     ]:
         ds = QuestionDataset(records, tok, proc, config, stage)
         assert ds.num_latents == want
+        if not config.pad_latent_to_max and stage > 0 and config.use_markers:
+            train = CurriculumDataset([records[3]], tok, proc, config, stage)
+            assert train.num_latents == [want[3]]  # generation and training agree for the step-less record
+        engine_log = logging.getLogger("coconut")
+        engine_log.addHandler(caplog.handler)
+        try:
+            caplog.clear()
+            QuestionDataset(records, tok, proc, config, stage)
+        finally:
+            engine_log.removeHandler(caplog.handler)
+        said = "1 of 4 records have no steps ([]), so they get no thoughts" in caplog.text
+        assert said == (want[0] > 0 and want[3] == 0)  # said only where the step-less record loses thoughts
         for i, record in enumerate(records):
             sample = ds[i]
             assert sample["record"] is record and sample["num_latents"] == want[i]

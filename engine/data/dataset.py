@@ -422,9 +422,9 @@ class CurriculumDataset(_ImageTextDataset):
 class QuestionDataset(_ImageTextDataset):
     """Generation prompts of one stage: image span, question, `\\n` and the stage's thoughts.
 
-    The thoughts follow the training rules (`num_latents_for_stage`, no `uniform_prob`). A record without
-    steps (a test split has none) is taken to have `max_latent_stage` of them, so it gets the stage's usual
-    thoughts. `__getitem__(i)` returns `{"input_ids": (T,) long, "pixel_values": (tiles, 3, H, W) or None,
+    The thoughts follow the training rules (`num_latents_for_stage`, no `uniform_prob`). A record whose steps
+    are not known (`steps: null`, a test split without rationales) is taken to have `max_latent_stage` of them,
+    so it gets the stage's usual thoughts; one with no steps (`[]`) gets none, as in training. `__getitem__(i)` returns `{"input_ids": (T,) long, "pixel_values": (tiles, 3, H, W) or None,
     "num_latents": int, "record": dict, "index": int}`.
     """
 
@@ -436,13 +436,22 @@ class QuestionDataset(_ImageTextDataset):
         self._text: list[np.ndarray] = []
         self._tiles: list[int] = []
         self._latents: list[int] = []
+        stepless = 0
         for record, question in zip(self.records, questions):
-            num_steps = len(record.get("steps") or []) or config.max_latent_stage
+            steps = record["steps"]
+            num_steps = config.max_latent_stage if steps is None else len(steps)
             _, n_latents = num_latents_for_stage(self.stage, num_steps, config)
+            stepless += steps == [] and n_latents < num_latents_for_stage(self.stage, config.max_latent_stage, config)[1]
             before, after = self.markers(n_latents)
             self._text.append(np.asarray(question + before + after, dtype=np.int64))
             self._tiles.append(self.num_tiles(record))
             self._latents.append(n_latents)
+        if stepless:
+            log.warning(
+                "%d of %d records have no steps ([]), so they get no thoughts at stage %d; write steps: null for "
+                "records whose steps are not known (a test split) to give them the stage's thoughts",
+                stepless, len(self.records), self.stage,
+            )
 
     @property
     def num_latents(self) -> list[int]:

@@ -8,8 +8,8 @@ choices, correct_choice_idx, direct_answers, difficult_direct_answer, rationales
 `{coco_dir}/{split}2017/{image_id:012d}.jpg`.
 
 Output record: id = question_id, image = absolute image path, steps = the three rationales in order (or,
-with `--rationales first-sentences`, the first rationale cut into sentences), answer =
-`choices[correct_choice_idx]` (None for the test split, which has no answers), plus the multiple-choice and
+with `--rationales first-sentences`, the first rationale cut into sentences; None for the test split, which has
+no rationales), answer = `choices[correct_choice_idx]` (None for the test split, which has no answers), plus the multiple-choice and
 direct-answer fields for the official metrics.
 
 A missing image, a missing field or unreadable JSON raises an error that names the record id and the path;
@@ -104,14 +104,17 @@ def convert_entry(entry: dict, *, split: str, coco_dir: Path, source: Path, inde
         if not isinstance(correct, int) or not isinstance(choices, list) or not 0 <= correct < len(choices):
             raise DataError(f"{source}: record {qid!r}: correct_choice_idx {correct!r} is not an index into {choices!r}")
         answer = choices[correct]
-    raw_rationales = entry.get("rationales") or []
-    if not isinstance(raw_rationales, list) or not all(isinstance(r, str) for r in raw_rationales):
+    raw_rationales = entry.get("rationales")
+    if raw_rationales is not None and (
+        not isinstance(raw_rationales, list) or not all(isinstance(r, str) for r in raw_rationales)
+    ):
         raise DataError(f"{source}: record {qid!r}: rationales must be a list of strings, got {raw_rationales!r}")
     record = {
         "id": qid,
         "image": str(image.absolute()),
         "question": entry["question"],
-        "steps": rationale_steps(raw_rationales, rationales),
+        # the test split has no rationales: its steps are not known (null), which is not "no steps"
+        "steps": None if raw_rationales is None else rationale_steps(raw_rationales, rationales),
         "answer": answer,
         "choices": choices,
         "correct_choice_idx": correct,

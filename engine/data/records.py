@@ -8,7 +8,8 @@ One record per line:
 - `id`: a string or an integer, unique in its file.
 - `image`: a path (relative paths are resolved against the file's directory, or `image_root`); None makes a
   text-only sample.
-- `steps`: the reasoning steps as strings, in order (may be empty).
+- `steps`: the reasoning steps as strings, in order (may be empty); null where they are not known (A-OKVQA's
+  test split): generation then gives the record the stage's usual thoughts, and training refuses it.
 - `answer`: a string; None is allowed where no answer is needed (A-OKVQA's test split).
 - `choices`, `correct_choice_idx`, `direct_answers`, `difficult_direct_answer`: optional, A-OKVQA's
   multiple-choice and direct-answer fields, used by the metrics.
@@ -90,8 +91,13 @@ def validate_record(record: dict, where: str, *, need_answer: bool = True) -> No
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{label}: 'question' must be a non-empty string, got {question!r}")
-    if not _is_str_list(record["steps"]):
-        raise DataError(f"{label}: 'steps' must be a list of strings, got {record['steps']!r}")
+    steps = record["steps"]
+    if steps is None:
+        if need_answer:
+            raise DataError(f"{label}: 'steps' is null (not known) but this split trains on its steps; write [] for "
+                            "a record that has none")
+    elif not _is_str_list(steps):
+        raise DataError(f"{label}: 'steps' must be a list of strings, got {steps!r}")
     answer = record.get("answer")
     if answer is None:
         if need_answer:
