@@ -15,6 +15,7 @@ from engine.data.dataset import (
     max_steps,
     num_latents_for_stage,
     stage_for_epoch,
+    tokenize_texts,
 )
 from engine.data.images import ImageError
 from engine.data.records import DataError
@@ -270,6 +271,28 @@ def test_records_handed_to_a_dataset_are_checked_as_a_file_is(tiny, image_file, 
     del bare["question"]
     with pytest.raises(DataError, match=r"missing field\(s\) \['question'\]"):
         getattr(datasets, dataset)([bare], tok, proc, CurriculumConfig(), 1)
+
+
+def test_record_text_that_spells_a_special_token_stays_text(tiny, image_file):
+    """Parsed as tokens, these would be an image slot without an image, a thought nobody counted and an eos
+    inside the target."""
+    model, tok, proc = tiny
+    record = make_record(
+        image_file, question=f"What does {LATENT_TOKEN} mean?", steps=[f"a {IMAGE_CONTEXT_TOKEN} b", "c"],
+        answer=f"x{tok.eos_token} y",
+    )
+    special = {model.latent_id, model.image_token_id, tok.eos_token_id}
+    for stage in (0, 1, 2):
+        sample = CurriculumDataset([record], tok, proc, CurriculumConfig(c_thought=2, max_latent_stage=2), stage)[0]
+        ids = sample["input_ids"].tolist()
+        assert ids.count(model.image_token_id) == model.tokens_per_tile  # the image span's only
+        assert ids.count(model.latent_id) == sample["num_latents"] == 2 * stage
+        assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+        prompt = QuestionDataset([record], tok, proc, CurriculumConfig(c_thought=2, max_latent_stage=2), stage)[0]
+        assert prompt["input_ids"].tolist().count(model.latent_id) == prompt["num_latents"] == 2 * stage
+    text = tokenize_texts(tok, [record["question"], record["steps"][0], record["answer"]])
+    assert not special & {t for ids in text for t in ids}
+    assert tok.decode(text[0]) == record["question"]  # and it reads back as written
 
 
 def test_question_dataset(tiny, image_file, caplog):

@@ -234,10 +234,15 @@ class SpecialIds:
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added, in one batched tokenizer call."""
+    """Token ids of each text, no special tokens added, in one batched tokenizer call.
+
+    Text that spells a special token (`<IMG_CONTEXT>`, `<|latent|>`, `<|endoftext|>`) stays text: parsed as the
+    token, it would become an image slot without an image, a thought the data set does not count, or an eos
+    in the middle of a target.
+    """
     if not texts:
         return []
-    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 class _ImageTextDataset(Dataset):
