@@ -203,6 +203,10 @@ def test_train_config_switches_validate(values, message):
         config_from_dict(values)
     assert config_from_dict({"no_thoughts": True}).coconut is False
     assert config_from_dict({"pause_as_thought": True, "no_curriculum": True}).coconut is True
+    # the original's special-token run: its latent curriculum without the Coconut wrapper, i.e. pause as thought
+    assert config_from_dict({"coconut": False}).pause_as_thought is True
+    assert config_from_dict({"coconut": False, "cot": True}).pause_as_thought is False
+    assert config_from_dict({}).pause_as_thought is False
 
 
 def test_trainer_wires_the_switches(tmp_path):
@@ -222,6 +226,7 @@ def test_trainer_wires_the_switches(tmp_path):
     assert plain.model.thought_feedback is True and plain.final_stage == 2
     assert [plain.stage_for_epoch(e) for e in range(9)] == [0, 0, 1, 1, 2, 2, 2, 2, 2]
     assert trainer(pause_as_thought=True).model.thought_feedback is False
+    assert trainer(coconut=False).model.thought_feedback is False  # the original's key for the same run
     jump = trainer(no_curriculum=True)
     assert [jump.stage_for_epoch(e) for e in range(9)] == [0, 0, 2, 2, 2, 2, 2, 2, 2]
     bare = trainer(no_thoughts=True)

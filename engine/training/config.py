@@ -52,7 +52,7 @@ class TrainConfig:
     predictions_path: str | None = None  # only_eval: where to write official-format predictions
 
     # ---- method (original CoCoNuT names)
-    coconut: bool = True
+    coconut: bool = True  # false without cot / no_cot / no_thoughts: thoughts not fed back (sets pause_as_thought)
     cot: bool = False
     no_cot: bool = False
     # the paper's ablations (Table 1): w/o thought (the stages drop steps, no thoughts in their place; the
@@ -172,6 +172,8 @@ class TrainConfig:
             raise ConfigError("no_curriculum changes the latent stages; it does not apply to cot or no_cot")
         if modes:  # as in the original: no thoughts are fed back in these modes
             self.coconut = False
+        elif not self.coconut:  # the original's latent curriculum without its Coconut wrapper (its special-token
+            self.pause_as_thought = True  # run): <|latent|> an ordinary token, which is pause as thought
         positive = ("c_thought", "epochs_per_stage", "num_epochs", "batch_size_training", "gradient_accumulation_steps",
                     "max_length", "eval_batch_size", "max_tiles", "eval_every_epochs", "keep_checkpoints", "log_every_steps",
                     "latent_prefix_bucket", "latent_final_bucket")

@@ -129,7 +129,7 @@ class Trainer:
             for path, records in ((train_path, self.train_records), (val_path, self.val_records)):
                 if records:
                     data.check_record_images(path, records, self.env)
-        if self.train_records and cfg.coconut:
+        if self.train_records:
             check_stages(self.train_records, self.curriculum)
         # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do)
         self.final_stage = self.curriculum.final_stage(max_steps(self.train_records)) if self.train_records else None
