@@ -16,14 +16,26 @@ from engine.eval.metrics import (
 )
 
 
-def test_extract_answer_takes_text_after_last_hash():
-    assert extract_answer("step one\nstep two\n### 1,234") == "1234"
+def test_extract_answer_takes_text_after_last_marker():
+    assert extract_answer("step one\nstep two\n### 1,234") == "1,234"
     assert extract_answer("no marker at all") == "no marker at all"
     assert extract_answer("# a # b ### red ") == "red"
+    assert extract_answer("a step ### with a marker\n### C#") == "C#"  # a '#' of the answer stays
+    assert extract_answer("### salt, pepper") == "salt, pepper"
 
 
 def test_normalize_answer():
     assert normalize_answer("  Red   Car. ") == "red car"
+    assert normalize_answer("1,000") == normalize_answer("1000") == "1000"  # digit groups only
+    assert normalize_answer("Salt, Pepper") == "salt, pepper"
+
+
+@pytest.mark.parametrize("answer", ["1,000", "salt, pepper", "C#", "Yes.", "A-OK"])
+def test_a_generation_that_writes_its_target_scores_one(answer):
+    """What the model was trained to write, `... ### <answer>`, is a correct answer, whatever the answer holds."""
+    record = {"id": 1, "answer": answer, "direct_answers": [answer] * 10, "difficult_direct_answer": False}
+    scored = score_record(record, f"first step\nsecond step\n### {answer}")
+    assert scored["correct"] == 1.0 and scored["da_score"] == 1.0
 
 
 def test_nearest_choice_exact_then_similarity():
@@ -86,12 +98,16 @@ def test_cli_prints_official_accuracies_last_line_json(tmp_path, capsys):
         {"question_id": "b", "choices": ["u", "v"], "correct_choice_idx": 1, "direct_answers": ["v"] * 3 + ["u"] * 7, "difficult_direct_answer": False},
     ]
     preds = {"a": {"multiple_choice": "x", "direct_answer": "x"}, "b": {"multiple_choice": "uu", "direct_answer": "u"}}
+    annotations.append({"question_id": "c", "choices": ["p", "q"], "correct_choice_idx": 0, "direct_answers": ["p"] * 10,
+                        "difficult_direct_answer": True})
+    preds["c"] = {"multiple_choice": "p", "direct_answer": "zz"}
     rc = aokvqa.main(["--annotations", _write(tmp_path, "ann.json", annotations), "--predictions", _write(tmp_path, "p.json", preds)])
     assert rc == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads(last)
-    # b's "uu" is not one of its choices: it scores 0 (officially); DA: a=1, b: 7 matches of "u" -> 1
-    assert result == {"mc_accuracy": 50.0, "da_accuracy": 100.0}
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    # b's "uu" is not one of its choices: it scores 0 (officially); DA: a=1, b: 7 matches of "u" -> 1, c difficult
+    assert result == {"mc_accuracy": pytest.approx(200 / 3), "da_accuracy": 100.0}
+    assert lines[0].endswith("(3 questions)") and lines[1].endswith("(2 questions)")  # each setting's own count
 
 
 def test_cli_rejects_bad_predictions_and_test_split(tmp_path, capsys):

@@ -135,6 +135,7 @@ def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict:
         "mc_accuracy": multiple_choice_accuracy(mc_preds, annotations) if mc_preds else None,
         "da_accuracy": direct_answer_accuracy(da_preds, annotations) if da_preds else None,
         "num_questions": len(annotations),
+        "num_da_questions": sum(a.get("difficult_direct_answer") is False for a in annotations.values()),
         "num_missing_predictions": sum(q not in predictions for q in annotations),
         "num_extra_predictions": len(extra),
         "extra_prediction_ids": extra,
@@ -168,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         what = "mapped to the nearest choice" if args.map_to_choices else "scored 0; --map-to-choices maps them"
         print(f"warning: {result['num_mc_not_a_choice']} multiple_choice values are not one of their question's "
               f"choices ({what})", file=sys.stderr)
-    for label, key in (("Multiple-choice", "mc_accuracy"), ("Direct-answer", "da_accuracy")):
+    for label, key, count in (("Multiple-choice", "mc_accuracy", "num_questions"),
+                              ("Direct-answer", "da_accuracy", "num_da_questions")):  # difficult ones not scored
         value = result[key]
         shown = "not scored (no prediction has this field)" if value is None else f"{value:.2f}"
-        print(f"{label + ' accuracy:':<26}{shown}  ({result['num_questions']} questions)")
+        print(f"{label + ' accuracy:':<26}{shown}  ({result[count]} questions)")
     print(json.dumps({"mc_accuracy": result["mc_accuracy"], "da_accuracy": result["da_accuracy"]}))
     return 0
 

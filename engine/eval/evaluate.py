@@ -43,7 +43,8 @@ def score_record(record: dict, generation: str) -> dict:
         if record.get("correct_choice_idx") is not None:
             out["mc_score"] = multiple_choice_score(choice, choices, record["correct_choice_idx"])
     if record.get("direct_answers") and record.get("difficult_direct_answer") is False:
-        out["da_score"] = direct_answer_score(prediction, record["direct_answers"])
+        # normalised as the prediction is; A-OKVQA's already are, so its official score is unchanged
+        out["da_score"] = direct_answer_score(prediction, [normalize_answer(a) for a in record["direct_answers"]])
     return out
 
 

@@ -1,7 +1,9 @@
 """Answer extraction and the A-OKVQA metrics.
 
-- The model writes `... ### answer<eos>`; the answer is the text after the last `#`, as in the original
-  CoCoNuT (commas removed, whitespace stripped).
+- The model writes `... ### answer<eos>`; the answer is the text after the last `###` (the whole text when there
+  is none), whitespace stripped. The original CoCoNuT cut at the last `#` and removed every comma, which loses an
+  answer that has either ("C#", "salt, pepper"); here only the commas of digit groups go ("1,000" is "1000"),
+  in the normalisation both sides of a comparison get.
 - Multiple choice (official): a prediction scores 1 when it equals `choices[correct_choice_idx]`. In the
   official strict mode a prediction must be one of the choices, so a free-form answer is first mapped to the
   nearest choice (exact match after normalisation, else the highest string similarity).
@@ -17,16 +19,20 @@ import re
 from typing import Iterable, Sequence
 
 _SPACES = re.compile(r"\s+")
+_DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d)")
+ANSWER_MARKER = "###"  # what the training targets put before the answer: "### " + answer
 
 
 def extract_answer(text: str) -> str:
-    """The text after the last '#', commas removed, stripped (CoCoNuT's convention)."""
-    return text.split("#")[-1].replace(",", "").strip()
+    """The text after the last `###`, stripped (the whole text, stripped, when the marker is missing)."""
+    return text.rsplit(ANSWER_MARKER, 1)[-1].strip()
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, single spaces, no trailing punctuation: A-OKVQA's answers are written this way."""
+    """Lower-case, single spaces, no trailing punctuation, no commas inside numbers: A-OKVQA's answers are
+    written this way. Applied to both sides of every comparison."""
     text = _SPACES.sub(" ", text.strip().lower())
+    text = _DIGIT_GROUP_COMMA.sub("", text)
     return text.rstrip(".!?;:").strip()
 
 
