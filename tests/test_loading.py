@@ -82,6 +82,47 @@ def test_export_then_load_local_checkpoint(tiny, tmp_path):
     assert not list(tmp_path.glob(".export.*")), "no temporary directory may be left behind"
 
 
+def _processor_view(out):
+    """What transformers' InternVLProcessor reads from an export: its processor config and the tokenizer's named
+    image tokens."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((out / "processor_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(out))
+    names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
+    return config, tok, {name: getattr(tok, name) for name in names}
+
+
+def test_export_carries_what_transformers_processor_reads(tiny, tmp_path):
+    from engine.vocab import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, VIDEO_TOKEN
+
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    config, hf_tok, named = _processor_view(out)
+    assert config == {"processor_class": "InternVLProcessor", "image_seq_length": proc.tokens_per_tile}
+    assert named == {"start_image_token": IMAGE_START_TOKEN, "end_image_token": IMAGE_END_TOKEN,
+                     "context_image_token": IMAGE_CONTEXT_TOKEN, "video_token": VIDEO_TOKEN}
+    assert hf_tok.context_image_token_id == model.image_token_id
+    loaded, _, _ = load_model(out)  # and it still loads as before, processor config and all
+    assert loaded.image_token_id == model.image_token_id
+
+
+def test_export_loads_with_transformers_autoprocessor(tiny, tmp_path):
+    pytest.importorskip("torchvision")  # transformers' InternVL processor builds a video processor with it
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    processor = AutoProcessor.from_pretrained(str(out))
+    pixels = Image.new("RGB", (proc.tile_size, proc.tile_size), (10, 200, 30))
+    batch = processor(text=["<IMG_CONTEXT> what colour?"], images=[pixels], return_tensors="pt")
+    tiles = batch["pixel_values"].shape[0]
+    assert int((batch["input_ids"][0] == model.image_token_id).sum()) == proc.tokens_per_tile * tiles
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"].float()).logits
+    assert torch.isfinite(logits).all()  # the processor's sequence is one the model takes
+
+
 def test_bad_checkpoint_paths(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not exist"):
         load_model(tmp_path / "nope")

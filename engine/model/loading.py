@@ -317,7 +317,8 @@ def _check_checkpoint_dir(path: Path) -> None:
 
 def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProcessor, out_dir: str | os.PathLike) -> Path:
     """Write a transformers-format checkpoint (safetensors weights, config, tokenizer with the latent tokens,
-    image processor) that `load_model(out_dir)` and `load_model_path` accept.
+    image processor, and the processor config that transformers' `AutoProcessor` reads: InternVL's, with this
+    model's image tokens per tile) that `load_model(out_dir)` and `load_model_path` accept.
 
     Written into a temporary sibling directory and renamed into place (`engine.utils.io.atomic_directory`: fsynced,
     ordinary permissions), so an interrupted export never leaves a half-written checkpoint at `out_dir`; an
@@ -329,6 +330,9 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
         model.base.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         image_processor.save_pretrained(tmp)
+        # without it AutoProcessor would put 256 <IMG_CONTEXT> per tile, whatever the model's pixel shuffle gives
+        processor_config = {"processor_class": "InternVLProcessor", "image_seq_length": image_processor.tokens_per_tile}
+        (Path(tmp) / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
     return out_dir
 
 

@@ -56,6 +56,12 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return Qwen2Tokenizer(
         vocab=model["vocab"],
         merges=[tuple(m) for m in model["merges"]],
-        extra_special_tokens=[IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN, VIDEO_TOKEN],
+        # named as InternVL's own tokenizers name them: transformers' InternVLProcessor reads these attributes
+        extra_special_tokens={
+            "start_image_token": IMAGE_START_TOKEN,
+            "end_image_token": IMAGE_END_TOKEN,
+            "context_image_token": IMAGE_CONTEXT_TOKEN,
+            "video_token": VIDEO_TOKEN,
+        },
         model_max_length=32768,
     )
