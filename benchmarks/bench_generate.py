@@ -354,7 +354,6 @@ def main(argv=None) -> int:
     check_model = model if args.check_dtype == args.dtype else copy.deepcopy(model).to(dtype=args.check_dtype)
     args.bandwidth = copy_bandwidth_gbs(str(args.device))
 
-    notes = []
     caches: list[str] = list(args.kv_cache)
 
     payload = {
@@ -364,13 +363,12 @@ def main(argv=None) -> int:
         "settings": {k: (dtype_name(v) if isinstance(v, torch.dtype) else str(v) if isinstance(v, torch.device) else v)
                      for k, v in vars(args).items()},
         "copy_bandwidth_gbs": args.bandwidth,
-        "notes": notes,
         "rows": [],
         "skipped": [],
     }
     stages = [Stage(s, c) for c in args.c_thought for s in args.stages]
     stages = list(dict.fromkeys(Stage(0, args.c_thought[0]) if st.stage == 0 else st for st in stages))
-    header = "# Generation" + "".join(f"\n\n- {n}" for n in notes)
+    header = "# Generation"
 
     def flush():
         return write_results(out_dir, RESULT_NAME, payload, report(payload), header=header)

@@ -5,7 +5,8 @@
     deepspeed --num_gpus 2 recipes/train_coconut.py --config recipes/configs/aokvqa_coconut.yaml --set lr=5e-5
 
 Every key of `engine.training.config.TrainConfig` can be set in the YAML file or with `--set key=value`.
-The run (data, model, DeepSpeed engine, the epoch loop, validation, checkpoints) is `engine.training.Trainer`.
+The run (data, model, DeepSpeed engine, the epoch loop, validation, checkpoints) is
+`engine.training.trainer.Trainer`.
 
 A mistake in the config, the data, an image or a checkpoint ends the run with one message naming what and where,
 printed once (by rank 0; by another rank only when it fails alone), exit status 2; `--debug` (or COCONUT_DEBUG=1 in the environment) shows the traceback.

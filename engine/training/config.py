@@ -154,7 +154,9 @@ class TrainConfig:
     # under ZeRO-3 no allocator retries and ~12% faster steps), unless PYTORCH_ALLOC_CONF or
     # PYTORCH_CUDA_ALLOC_CONF is set (engine/training/distributed.py)
     cuda_expandable_segments: bool = True
-    eval_stage: int | None = None  # only_eval: the curriculum stage of the prompts (default: the last one)
+    # only_eval: the curriculum stage of the prompts (default: max_latent_stage, whose prompts every later stage's
+    # repeat; 0 with cot or no_cot)
+    eval_stage: int | None = None
     overlong: str = "drop"  # samples longer than max_length: drop (counted, with a warning) | error
     check_images: bool = True  # decode every image of the train and val files before training starts
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
