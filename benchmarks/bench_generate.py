@@ -5,7 +5,8 @@ answer and ms per decoding step of:
 
 - ``latent``: `MultimodalCoconut.generate`: the prompt's latent thoughts through the cached iterative forward,
               then batched KV-cached decoding of what the stage leaves to write (the remaining reasoning steps
-              and the answer), on each cache of ``--kv-cache dynamic,paged`` (generate's ``kv_cache`` option).
+              and the answer), on each cache of ``--kv-cache dynamic,paged`` (generate's ``kv_cache`` option;
+              the paged rows on one `PagedRunner` per row, whose pool and graphs the warm-up calls build).
 - ``naive``:  the original CoCoNuT scheme (`engine.model.reference.naive_generate`): one prompt at a time, the
               whole sequence, thoughts included, recomputed for every new token. Batch-size independent, so it
               runs on ``--naive-rows`` prompts once per stage.
@@ -25,6 +26,7 @@ Before timing, the latent scheme's tokens are checked against the naive referenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -101,7 +103,11 @@ def prompts(model, tok, args, batch_size: int, n_latents: int, *, markers: bool 
 
 
 # ---------------------------------------------------------------------- the schemes
-def latent_fn(model, b: SyntheticBatch, new_tokens: int, kv_cache: str):
+def latent_fn(model, b: SyntheticBatch, new_tokens: int, kv_cache: str, runner=None):
+    """One `generate` call; with ``runner`` (a `PagedRunner`) on its pool and graphs, as a server keeps them."""
+    if runner is not None:
+        return lambda: runner.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=new_tokens,
+                                       eos_token_id=NEVER)
     return lambda: model.generate(
         b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=new_tokens, eos_token_id=NEVER, kv_cache=kv_cache
     )
@@ -339,6 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine import load_model
+    from engine.model.paged.runner import PagedRunner
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +424,12 @@ def main(argv=None) -> int:
             new = latent_new_tokens(st.stage, args)
             row = dict(base, method="latent", kv_cache=cache, stage=st.stage, c_thought=st.c_thought,
                        n_latents=st.n_latents, matches_reference=checks.get((st, cache)))
-            row.update(run_decoding(model, b, new, args, lambda n, b=b, c=cache: latent_fn(model, b, n, c)))
+            # the paged cache on one runner per row: its pool and CUDA graphs are built in the warm-up calls, not in
+            # every timed one (model.generate(kv_cache="paged") builds and frees a runner per call)
+            with contextlib.ExitStack() as stack:
+                runner = stack.enter_context(PagedRunner(model)) if cache == "paged" else None
+                row.update(run_decoding(model, b, new, args,
+                                        lambda n, b=b, c=cache, r=runner: latent_fn(model, b, n, c, r)))
         payload["rows"].append(row)
         flush()
     if payload["skipped"]:
