@@ -135,3 +135,92 @@ def test_paged_runner_sizes_out_of_range_are_refused(tiny_model, option, value):
 
     with pytest.raises(ValueError, match=rf"{option} must be None or an integer >= 1"):
         PagedRunner(tiny_model, **{option: value})
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "paged"])
+def test_a_mask_of_other_values_than_0_and_1_is_refused(tiny_model, tiny_tok, kv_cache):
+    """Its values would count as positions (a mask of 2s puts the tokens at 1, 3, 5, ...) and the paged cache
+    would read slots nobody wrote."""
+    ids, mask, pv, _ = prompts(tiny_model, tiny_tok)
+    with pytest.raises(GenerationError, match=r"only 0 \(padding\) and 1 \(token\), got values in \[0.0, 2.0\]"):
+        tiny_model.generate(ids, mask * 2, pv, max_new_tokens=2, kv_cache=kv_cache)
+    as_float = tiny_model.generate(ids, mask.float(), pv, max_new_tokens=2, eos_token_id=-1, kv_cache=kv_cache)
+    assert torch.equal(as_float, tiny_model.generate(ids, mask, pv, max_new_tokens=2, eos_token_id=-1, kv_cache=kv_cache))
+
+
+def test_options_that_would_fail_mid_generation_are_refused_up_front():
+    from engine.model.generation import GenerationOptions
+
+    with pytest.raises(ValueError, match="temperature must be > 0 when sampling, got nan"):
+        GenerationOptions(do_sample=True, temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        GenerationOptions(top_k=2.0)
+    with pytest.raises(ValueError, match=r"eos_token_id must be one token id .*\(several end ids are not supported"):
+        GenerationOptions(eos_token_id=[3, 4])
+    with pytest.raises(ValueError, match="pad_token_id must be one token id"):
+        GenerationOptions(pad_token_id=torch.tensor([1, 2]))
+    assert GenerationOptions(eos_token_id=torch.tensor(7)).eos_token_id == 7  # one id as a tensor: read once
+
+
+def test_a_generated_special_token_is_fed_as_a_token_on_every_path(tiny_model, tiny_tok):
+    """The original CoCoNuT embeds every new token, a generated <|latent|> or <IMG_CONTEXT> too: thoughts come from
+    the prompt only. The reference recomputed the whole sequence and made such a token a thought (or an image slot)."""
+    from engine.model.paged.runner import PagedRunner
+
+    model = tiny_model
+    ids, mask, pv, tiles = prompts(model, tiny_tok)
+    row_ids, row_pv = ids[:1, mask[0].bool()], pv[: tiles[0]]
+    for forced in (model.latent_id, model.image_token_id):
+        calls = []
+
+        def first_token_is(module, args, out, forced=forced):
+            calls.append(1)
+            if len(calls) == 1:  # the first new token of each call
+                out = out.clone()
+                out[..., forced] = out.abs().amax() * 10 + 10
+            return out
+
+        handle = model.base.lm_head.register_forward_hook(first_token_is)
+        try:
+            got = {}
+            for name, run in (
+                ("dynamic", lambda: model.generate(row_ids, None, row_pv, max_new_tokens=5, eos_token_id=-1)),
+                ("paged", lambda: PagedRunner(model).generate(row_ids, None, row_pv, max_new_tokens=5, eos_token_id=-1)),
+                ("reference", lambda: naive_generate(model, row_ids, None, row_pv, max_new_tokens=5, eos_token_id=-1)),
+            ):
+                calls.clear()
+                got[name] = run()
+        finally:
+            handle.remove()
+        assert int(got["reference"][0, 0]) == forced
+        assert torch.equal(got["dynamic"], got["reference"]) and torch.equal(got["paged"], got["reference"]), got
+
+
+def test_reference_without_a_pad_id_pads_with_0_as_generate_does(tiny_model, tiny_tok):
+    ids, mask, pv, tiles = prompts(tiny_model, tiny_tok)
+    pad, eos = tiny_model.pad_token_id, tiny_model.eos_token_id
+    try:
+        tiny_model.pad_token_id = None
+        probe = tiny_model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1)
+        stop = int(probe[0, 1])  # row 0 ends at its second token, the others later or never
+        got = naive_generate(tiny_model, ids, mask, pv, max_new_tokens=4, eos_token_id=stop, tiles_per_row=tiles)
+        assert torch.equal(got, tiny_model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=stop))
+    finally:
+        tiny_model.pad_token_id, tiny_model.eos_token_id = pad, eos
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "paged"])
+def test_generation_runs_in_eval_mode_and_gives_the_mode_back(tiny_model, tiny_tok, kv_cache):
+    """A model left in train mode decoded with dropout on the dynamic cache (the paged runner's layers have none)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    for layer in model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ids, mask, pv, _ = prompts(model, tiny_tok)
+    want = model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1, kv_cache=kv_cache)
+    model.train()
+    model.base.model.vision_tower.eval()  # a part kept in eval mode stays so
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1, kv_cache=kv_cache), want)
+    assert model.training and model.language_model.layers[0].training and not model.base.model.vision_tower.training

@@ -620,3 +620,51 @@ def test_paged_attention_refuses_partial_sums_it_cannot_sum():
     partial = torch.zeros(3, 2, 2, 8)
     with pytest.raises(ValueError, match="does not sum them"):
         attention(0, partial, partial[:, :, :1], partial[:, :, :1], torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("static_buffers", [False, True])
+def test_a_runner_serves_calls_in_and_out_of_inference_mode(tiny, static_buffers):
+    """The pool, the step buffers and the merged weights outlive a call: made as inference tensors in a call under
+    torch.inference_mode, they could not be written by a later call outside it (the copy-on-write of a repeated
+    row, the buffers' reset)."""
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)  # rows 0 and 5 alike: a shared block copied on write
+    want = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+    runner = PagedRunner(model)
+    runner.static_buffers_without_graphs = static_buffers
+    with torch.inference_mode():
+        first = runner.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+    second = runner.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+    with torch.inference_mode():
+        third = runner.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+    for got in (first, second, third):
+        assert torch.equal(got, want)
+
+
+def test_a_fixed_pool_that_runs_out_names_a_size_that_serves_the_call(tiny):
+    """The shortfall of the request that failed would only move the failure to the next row."""
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok)
+    with pytest.raises(PoolExhaustedError, match=r"num_blocks >= (\d+)") as failure:
+        PagedRunner(model, block_size=4, num_blocks=3).generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
+    enough = failure.value.enough
+    got = PagedRunner(model, block_size=4, num_blocks=enough).generate(ids, mask, pixels, max_new_tokens=6,
+                                                                       eos_token_id=-1)
+    assert torch.equal(got, model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1))
+
+
+def test_both_caches_hold_a_prompt_to_the_last_position(tiny, monkeypatch):
+    """The last new token is returned, never fed: a row needs length + max_new_tokens - 1 positions, on either
+    cache (the paged one asked for one more; the dynamic one never checked)."""
+    model, tok, _ = tiny
+    ids, mask, pixels, _ = shared_image_batch(model, tok, SPECS[:2])
+    longest = int(mask.sum(1).max())
+    limit = longest + 3  # 4 new tokens fit exactly
+    monkeypatch.setattr(model.base.config.get_text_config(), "max_position_embeddings", limit)
+    runner = PagedRunner(model, max_model_len=limit)
+    fits = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1)
+    assert torch.equal(runner.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=-1), fits)
+    with pytest.raises(ValueError, match=rf"need more than max_model_len={limit}"):
+        runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
+    with pytest.raises(ValueError, match=rf"need {limit + 1} positions, more than the model's max_position_embeddings"):
+        model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)

@@ -14,7 +14,9 @@ prompt runs once through the same pass schedule as training (so the thoughts are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,14 +57,16 @@ class GenerationOptions:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
-        if self.do_sample and self.temperature <= 0:
+        if self.do_sample and not self.temperature > 0:  # NaN too
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_passes < 0:
-            raise ValueError(f"min_passes must be >= 0, got {self.min_passes}")
+        if not _is_int(self.min_passes) or self.min_passes < 0:
+            raise ValueError(f"min_passes must be an integer >= 0, got {self.min_passes!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            object.__setattr__(self, name, _one_token_id(name, getattr(self, name)))
 
     def for_model(self, model) -> "GenerationOptions":
         """These options with the model's eos and pad ids where none were given."""
@@ -75,6 +79,24 @@ class GenerationOptions:
     @property
     def pad(self) -> int:
         return self.pad_token_id if self.pad_token_id is not None else 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _one_token_id(name: str, value) -> int | None:
+    """None, or one token id as an int (a one-element integer tensor is read once, here; an id no token has, such
+    as -1, makes every row run to max_new_tokens)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        return int(value.item())
+    if _is_int(value):
+        return int(value)
+    raise ValueError(f"{name} must be one token id (an integer) or None, got {value!r}"
+                     + (" (several end ids are not supported: pick one)" if isinstance(value, (list, tuple)) else ""))
 
 
 def check_prompt_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -91,8 +113,20 @@ def check_prompt_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """A mask of 0s and 1s whose rows all end in a real token (one read of the device). Other values would count
+    as positions: a mask of 2s puts the tokens at positions 1, 3, 5, ... and the paged cache past its writes."""
+    if attention_mask.dtype.is_complex:
+        raise GenerationError(f"attention_mask must hold 0 and 1, got {attention_mask.dtype}")
+    if attention_mask.dim() != 2 or attention_mask.shape[1] == 0:
+        raise GenerationError(f"attention_mask must be (batch, tokens) with at least one token, got shape "
+                              f"{tuple(attention_mask.shape)}")
     last = attention_mask[:, -1].bool()
-    if not bool(last.all()):
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    ends_real, binary = torch.stack([last.all(), binary]).tolist() if attention_mask.numel() else (True, True)
+    if not binary:
+        low, high = torch.stack(torch.aminmax(attention_mask.float())).tolist()
+        raise GenerationError(f"attention_mask must hold only 0 (padding) and 1 (token), got values in [{low}, {high}]")
+    if not ends_real:
         rows = (~last).nonzero().flatten().tolist()
         raise GenerationError(
             f"generate needs left-padded prompts (every row's last column real); rows {rows} end in padding"
@@ -147,6 +181,35 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_left_padded(attention_mask)
+    with eval_mode(model):
+        return _generate(model, input_ids, attention_mask, pixel_values, options, runner)
+
+
+def check_position_room(batch, max_new_tokens: int, limit: int) -> None:
+    """Prompt and new tokens within the model's positions, as the paged cache checks them against its
+    max_model_len: the last new token is returned, never fed, so a row uses length + max_new_tokens - 1."""
+    longest = int(batch.attention_mask.sum(1).max())
+    if longest + max_new_tokens - 1 > limit:
+        raise GenerationError(
+            f"the longest prompt ({longest} tokens) and max_new_tokens={max_new_tokens} need {longest + max_new_tokens - 1} "
+            f"positions, more than the model's max_position_embeddings={limit}: shorten the prompt or generate fewer tokens"
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for a generation (no dropout: the paged runner's own layers have none, and a model
+    left in train mode would decode differently on the dynamic cache), its modules' modes restored after."""
+    training = [m for m in model.modules() if m.training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
+
+
+def _generate(model, input_ids, attention_mask, pixel_values, options: GenerationOptions, runner) -> torch.Tensor:
     # several questions about one image (or n samples of one prompt) encode the image once, unless the paged
     # runner was asked not to share prefixes (the unshared baseline computes everything)
     share = options.kv_cache == "dynamic" or runner is None or runner.enable_prefix_sharing
@@ -155,6 +218,7 @@ def generate(
     if options.max_new_tokens == 0 or input_ids.shape[0] == 0:
         return out
     if options.kv_cache == "dynamic":
+        check_position_room(batch, options.max_new_tokens, model.base.config.get_text_config().max_position_embeddings)
         return _generate_dynamic(model, batch, out, options)
     if runner is not None:
         return runner.generate_prepared(batch, pixel_values, out, options)

@@ -4,9 +4,10 @@
   the hidden state of the previous position, write it in as the thought; then one full pass. This is the
   specification the engine's iterative forward is tested against, and the "naive recompute" scheme of the
   latent-forward benchmark.
-- `naive_generate`: the original CoCoNuT's generation, one prompt at a time, the whole sequence recomputed
-  for every new token. The step-by-step reference for `MultimodalCoconut.generate` and the batch-1 baseline
-  of the generation benchmark.
+- `naive_generate`: the original CoCoNuT's generation, one prompt at a time: the prompt's thoughts as
+  `naive_forward` makes them, then the whole sequence recomputed for every new token, each new token fed as its
+  embedding (a generated `<|latent|>` or `<IMG_CONTEXT>` is a token like any other, as in the original). The
+  step-by-step reference for `MultimodalCoconut.generate` and the batch-1 baseline of the generation benchmark.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def naive_generate(
     pad_token_id: int | None = None,
     tiles_per_row: list[int] | None = None,
 ) -> torch.Tensor:
-    """Greedy generation one row at a time, recomputing the full (latent) forward for every new token."""
+    """Greedy generation one row at a time: the prompt's thoughts once, then the full forward over the prompt's
+    embeddings and the new tokens' recomputed for every new token."""
     eos = model.eos_token_id if eos_token_id is None else eos_token_id
     pad = model.pad_token_id if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else pad  # as generate's
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if tiles_per_row is None:
@@ -91,14 +94,21 @@ def naive_generate(
         pv = None
         if pixel_values is not None and tiles_per_row[b]:
             pv = pixel_values[tile_starts[b] : tile_starts[b + 1]]
+        prompt = model.prepare(ids, None, pv)
+        hidden, embeds, _ = naive_hidden_states(model, prompt)  # the prompt's input embeddings, thoughts in
+        positions = prompt.position_ids
         generated = []
-        for _ in range(max_new_tokens):
-            out = naive_forward(model, ids, None, pv)
-            token = select_next_token(out.logits[:, -1], do_sample=False)
+        for step in range(max_new_tokens):
+            if step:  # everything again, no cache
+                with safe_attention(embeds.shape[1], embeds.device):
+                    hidden = model.language_model(inputs_embeds=embeds, position_ids=positions,
+                                                  use_cache=False).last_hidden_state
+            token = select_next_token(model.base.lm_head(hidden[:, -1]), do_sample=False)
             generated.append(int(token))
             if eos is not None and int(token) == eos:
                 break
-            ids = torch.cat([ids, token[:, None]], dim=1)
+            embeds = torch.cat([embeds, model.base.get_input_embeddings()(token)[:, None].to(embeds.dtype)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         rows.append(generated)
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), pad, dtype=torch.long, device=input_ids.device)

@@ -32,11 +32,14 @@ import torch
 class PoolExhaustedError(RuntimeError):
     """The block pool has too few free blocks for a request; nothing was allocated."""
 
-    def __init__(self, needed: int, free: int, block_size: int, num_blocks: int):
+    def __init__(self, needed: int, free: int, block_size: int, num_blocks: int, enough: int | None = None):
+        """``enough``: a pool size that serves the whole call that failed (the runner's worst case), where the
+        default, this one request's shortfall, would only move the failure to the next request."""
         self.needed, self.free, self.block_size, self.num_blocks = needed, free, block_size, num_blocks
+        self.enough = num_blocks + needed - free if enough is None else enough
         super().__init__(
             f"paged KV pool exhausted: {needed} block(s) of {block_size} tokens needed, {free} free of {num_blocks}. "
-            f"Give the cache more blocks (num_blocks >= {num_blocks + needed - free}), lower the batch size or "
+            f"Give the cache more blocks (num_blocks >= {self.enough}), lower the batch size or "
             "max_new_tokens, or free finished sequences first."
         )
 

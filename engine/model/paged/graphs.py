@@ -45,7 +45,8 @@ class StepGraphs:
         size = 1 << max(0, (batch - 1).bit_length())
         buf = self.buckets.get(size)
         if buf is None:
-            buf = StepBuffers(size, self.hidden, self.table_width, dtype, device)
+            with torch.inference_mode(False):  # reused by later calls, in or out of inference mode
+                buf = StepBuffers(size, self.hidden, self.table_width, dtype, device)
             self.buckets[size] = buf
         return buf
 

@@ -83,7 +83,8 @@ def plan_prompt(
     rows, width = ids.shape
     lengths = mask.sum(1).tolist()
     pads = [width - n for n in lengths]
-    too_long = [b for b in range(rows) if lengths[b] + max_new_tokens > max_model_len]
+    # the last new token is returned, never fed: the cache holds the prompt and max_new_tokens - 1 of them
+    too_long = [b for b in range(rows) if lengths[b] + max_new_tokens - 1 > max_model_len]
     if too_long:
         raise ValueError(
             f"rows {too_long} need more than max_model_len={max_model_len} positions (prompt + "

@@ -26,7 +26,7 @@ from engine.model import fast_paths
 from engine.model.generation import GenerationOptions, decode_loop, generate
 from engine.model.layers import ReferenceOps, decoder_layers, layer_geometry, layer_stack_unsupported, run_layers
 from engine.model.paged.attention import PagedAttention
-from engine.model.paged.cache import PagedKVCache
+from engine.model.paged.cache import PagedKVCache, PoolExhaustedError
 from engine.model.paged.graphs import StepBuffers, StepGraphs
 from engine.model.paged.plan import PromptPlan, plan_prompt
 from engine.model.paged.rotary import RotaryTable
@@ -202,6 +202,7 @@ class PagedRunner:
             self.refresh_merged_projections()
         return self._ops
 
+    @torch.inference_mode(False)  # the merged weights and the padded head outlive the call, as the pool does
     def refresh_merged_projections(self) -> None:
         """Bring the merged q/k/v and gate/up weights and the padded lm_head up to date with the modules (in place:
         the CUDA graphs keep their addresses), building them on first use or when the modules changed device, dtype,
@@ -282,16 +283,17 @@ class PagedRunner:
             log.info("growing the paged KV pool from %d to %d blocks", self.cache.num_blocks, num_blocks)
         self.cache = None
         self.graphs.drop()  # the graphs hold the old pool's addresses
-        self.cache = PagedKVCache(
-            num_layers=self.geometry.num_layers,
-            num_blocks=num_blocks,
-            block_size=self.block_size,
-            num_kv_heads=self.geometry.kv_heads,
-            head_dim=self.geometry.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-            enable_prefix_sharing=self.enable_prefix_sharing,
-        )
+        with torch.inference_mode(False):  # it outlives the call: an inference tensor could not be written outside
+            self.cache = PagedKVCache(
+                num_layers=self.geometry.num_layers,
+                num_blocks=num_blocks,
+                block_size=self.block_size,
+                num_kv_heads=self.geometry.kv_heads,
+                head_dim=self.geometry.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+                enable_prefix_sharing=self.enable_prefix_sharing,
+            )
 
     # ------------------------------------------------------------------ the layers
     def forward_tokens(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
@@ -455,6 +457,8 @@ class PagedRunner:
             prev_last = self._prompt_passes(batch, plan, block_tables, buf)
             self.model.padding_passes(prev_last, options.min_passes - batch.schedule.num_passes)
             return self._decode(self.lm_head(prev_last), plan, block_tables, buf, out, options)
+        except PoolExhaustedError as e:  # only a fixed pool runs out: name the size that serves this whole call
+            raise PoolExhaustedError(e.needed, e.free, e.block_size, e.num_blocks, enough=worst_case) from None
         finally:
             self.cache.free_all()
 
