@@ -15,7 +15,9 @@ printed once (by rank 0; by another rank only when it fails alone), exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -24,11 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from engine.training.config import load_config  # noqa: E402
 from engine.training.distributed import shutdown_distributed  # noqa: E402
-from engine.training.errors import EXPECTED_ERRORS  # noqa: E402
+from engine.training.errors import EXPECTED_ERRORS, Terminated  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
 
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 # Rank 0 prints the errors every rank meets (a config, the data, a checkpoint: rank 0 checks and shares them), and
 # the launcher then stops the other ranks. A rank that fails alone prints after this grace period, since rank 0
 # may be waiting for it in a collective and never get to print.
@@ -54,11 +57,35 @@ def debug_requested(args: argparse.Namespace) -> bool:
     return args.debug or os.environ.get("COCONUT_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` while the run lasts (the handler before is put back after)."""
+    if not _in_main_thread():  # only the main thread may set a handler
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        return Trainer(config, local_rank=args.local_rank).run()
+        with sigterm_as_interrupt():
+            return Trainer(config, local_rank=args.local_rank).run()
     except EXPECTED_ERRORS as e:
         if debug_requested(args):
             raise
@@ -69,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(OTHER_RANK_GRACE_S)
             print(f"error (rank {rank}): {e}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
-    except KeyboardInterrupt:  # the trainer has said where it stopped and which checkpoint to resume from
+    except KeyboardInterrupt as e:  # the trainer has said where it stopped and which checkpoint to resume from
         if debug_requested(args):
             raise
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED) from None
 
 
 if __name__ == "__main__":

@@ -331,8 +331,9 @@ def check_wandb_settings(settings: dict) -> None:
 RESUME_GUARDED_KEYS = {
     "data": ("train_path", "val_path", "synthetic", "seed", "max_tiles"),
     "model": ("model_id", "model_overrides", "load_model_path"),
-    "curriculum": ("coconut", "cot", "no_cot", "c_thought", "epochs_per_stage", "max_latent_stage",
-                   "pad_latent_to_max", "uniform_prob", "uniform_prob_from_stage", "max_length", "overlong"),
+    "curriculum": ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "no_curriculum", "c_thought",
+                   "epochs_per_stage", "max_latent_stage", "pad_latent_to_max", "uniform_prob", "uniform_prob_from_stage",
+                   "max_length", "overlong"),
 }
 # Keys of earlier versions, by their current names (a config that still uses one gets an error naming the new one).
 RENAMED_KEYS = {"latent_block_ops": "layer_ops"}

@@ -101,11 +101,24 @@ def eval_loader(dataset, batch_size: int, collate, *, num_workers: int, env: Dis
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
+def micro_batches_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> int:
+    """Micro-batches per rank in an epoch of ``num_samples`` samples (the sampler pads the last shard)."""
+    return math.ceil(math.ceil(num_samples / world_size) / config.batch_size_training)
+
+
 def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> int:
     """Optimizer steps per epoch: micro-batches per rank, rounded down to whole accumulation cycles."""
-    per_rank = math.ceil(num_samples / world_size)
-    micro = math.ceil(per_rank / config.batch_size_training)
-    return max(1, micro // config.gradient_accumulation_steps)
+    return max(1, micro_batches_per_epoch(num_samples, config, world_size) // config.gradient_accumulation_steps)
+
+
+def check_accumulation(micro_batches: int, gas: int, where: str) -> None:
+    """An epoch must hold a whole accumulation cycle: with fewer micro-batches than gradient_accumulation_steps no
+    optimizer step ends in it, and its gradients would run into the next epoch (another stage) unsaved."""
+    if micro_batches < gas:
+        raise ConfigError(
+            f"{where} has {micro_batches} micro-batches per rank, fewer than gradient_accumulation_steps={gas}: no "
+            "optimizer step would end in it. Lower gradient_accumulation_steps or batch_size_training, or add data"
+        )
 
 
 def batch_to_device(batch: dict, device: torch.device, *, non_blocking: bool = False) -> dict:

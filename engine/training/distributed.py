@@ -142,6 +142,14 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / torch.distributed.get_world_size()).tolist()
 
 
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def all_gather_objects(obj):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
         return [obj]

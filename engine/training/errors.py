@@ -16,6 +16,11 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (an empty training set, a non-finite loss, a failed validation)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun, a job scheduler or `kill` sends) raised as the interrupt Ctrl-C gives: the run says
+    where it stopped and which checkpoint to resume from, and closes its logs, instead of vanishing."""
+
+
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DataError,

@@ -98,6 +98,32 @@ def lr_lambda_for(config: TrainConfig, total_steps: int) -> LRFactor:
     return LRFactor(config.lr_schedule, config.warmup_steps, total_steps, config.min_lr_ratio)
 
 
+def follow_launch_config(scheduler, config: TrainConfig, total_steps: int) -> dict[str, tuple]:
+    """After a resume: the learning rate, weight decay and schedule of this launch's config (a checkpoint brings
+    back the saved ones, and a resume with more epochs or another lr would silently keep them: a linear decay
+    already at 0 trains nothing). The step count and the warmup's restart point stay the checkpoint's; unchanged
+    settings give the checkpoint's rates exactly. Returns {setting: (saved, now)} for what changed."""
+    changed: dict[str, tuple] = {}
+    fresh = lr_lambda_for(config, max(1, total_steps))
+    groups = scheduler.optimizer.param_groups
+    for i, (group, factor) in enumerate(zip(groups, scheduler.lr_lambdas)):
+        if not isinstance(factor, LRFactor):
+            continue
+        for attr in ("schedule", "warmup_steps", "total_steps", "min_ratio"):
+            if getattr(factor, attr) != getattr(fresh, attr):
+                changed.setdefault(attr, (getattr(factor, attr), getattr(fresh, attr)))
+                setattr(factor, attr, getattr(fresh, attr))
+        if scheduler.base_lrs[i] != config.lr:
+            changed.setdefault("lr", (scheduler.base_lrs[i], config.lr))
+            scheduler.base_lrs[i] = config.lr
+        group["initial_lr"] = config.lr
+        group["lr"] = scheduler.base_lrs[i] * factor(scheduler.last_epoch)  # LambdaLR's own rule for this step
+    if len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] != config.weight_decay:
+        changed["weight_decay"] = (groups[0]["weight_decay"], config.weight_decay)  # param_groups' decaying group
+        groups[0]["weight_decay"] = config.weight_decay
+    return changed
+
+
 def reset_optimizer_state(engine) -> int:
     """Forget Adam's moments (the original CoCoNuT builds a new optimizer at each stage). Returns the number
     of parameter states cleared. Walks DeepSpeed's wrappers down to the torch optimizer that holds them."""

@@ -9,6 +9,7 @@ outcome (or its error).
     best/ final/ epoch_NNN/ exports that `load_model` and transformers load
     history.json summary.md training_curves.png   per-epoch results, the per-stage table and the plot
     data/                   the generated synthetic task (when no train_path is given)
+    .lock                   held by a training launch's rank 0 while it runs: one launch at a time
 
 A fresh run refuses a directory that holds checkpoints or exports of an earlier run (continue it with
 `resume=true`, choose another `name`, or delete it with `overwrite=true`, which deletes only once the new
@@ -25,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -78,6 +80,34 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise ConfigError(f"{what}: {path} is not writable")
 
 
+_LOCK = ".lock"
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> the descriptor of its lock, held by this process until it exits
+
+
+def lock_run_directory(path: Path) -> None:
+    """Take the run directory's lock (an exclusive `flock` on `<run>/.lock`, held until the process exits), or
+    ConfigError naming the launch that holds it: two launches in one directory would delete each other's
+    temporaries and mix their checkpoints, exports and metrics. A process that holds it already passes (a trainer
+    built again in the same process). Advisory, and local to one host on file systems without shared locks."""
+    import fcntl
+
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"run directory {path} is in use by another launch ({holder}): wait for it to end, or use "
+                          "another name (--set name=...)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
@@ -96,9 +126,10 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ start
     def check(self, config: TrainConfig) -> None:
-        """Whether this launch may use the directory (the refusals of `start`), writing and removing nothing: the
-        trainer checks first and starts only once its data and model have loaded, so that a launch that fails on
-        its inputs leaves an earlier run (which `overwrite=true` would delete) as it was."""
+        """Whether this launch may use the directory (the refusals of `start`; it takes the directory's lock),
+        changing nothing else: the trainer checks first and starts only once its data and model have loaded, so
+        that a launch that fails on its inputs leaves an earlier run (which `overwrite=true` would delete) as it
+        was."""
         run_on_main(lambda: self._start(config, write=False), self.env)
 
     def start(self, config: TrainConfig) -> RunInfo:
@@ -108,6 +139,8 @@ class RunDirectory:
 
     def _start(self, config: TrainConfig, write: bool = True) -> RunInfo | None:
         check_writable_folder(self.path, f"run directory {self.path} (save_path/name)")
+        if not config.only_eval:  # a training launch's rank 0, before it reads or changes anything here
+            lock_run_directory(self.path)
         if write:
             cleaned = self._clean_interrupted_writes()
             if cleaned:
@@ -191,6 +224,12 @@ class RunDirectory:
                 log.warning("resume: %s is missing: the check that data, model and curriculum keys are unchanged is "
                             "skipped", self.path / "config.json")  # fmt: skip
             saved = {}
+        if saved.get("zero_stage", config.zero_stage) != config.zero_stage:  # not allowed by allow_config_changes either
+            raise ConfigError(
+                f"resume: the checkpoints in {self.checkpoints} were written under zero_stage={saved['zero_stage']} "
+                f"(each ZeRO stage saves its own layout) and this launch has zero_stage={config.zero_stage}: resume with "
+                f"--set zero_stage={saved['zero_stage']}"
+            )
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:

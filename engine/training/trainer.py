@@ -39,7 +39,7 @@ from engine.training.errors import TrainingError
 from engine.training.model_setup import load_training_model, model_fingerprint
 from engine.training.pacing import HostPacer
 from engine.training.lr_schedule import restart_warmup
-from engine.training.optim import build_engine, reset_optimizer_state
+from engine.training.optim import build_engine, follow_launch_config, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
 from engine.training.run_dir import RunDirectory
 from engine.training.validation import Validator
@@ -160,12 +160,18 @@ class Trainer:
         cfg = self.config
         # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains
         epochs = cfg.num_epochs - (0 if isinstance(cfg.resume, bool) else cfg.resume)
+        data.check_accumulation(data.micro_batches_per_epoch(len(self.train_records), cfg, self.env.world_size),
+                                cfg.gradient_accumulation_steps, f"an epoch of the {len(self.train_records)} training records")
         total_steps = self.steps_per_epoch(len(self.train_records)) * epochs
         self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
         resumed_at = None
         if cfg.resume is True:
             self._resume()
             resumed_at = (self.global_step, self.start_epoch)
+            changed = follow_launch_config(self.engine.lr_scheduler, cfg, total_steps)
+            if changed and self.env.is_main:
+                log.info("the optimizer follows this launch's config: %s",
+                         "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
         elif cfg.resume:  # an epoch number, as in the original: skip the epochs before it
             self.start_epoch = int(cfg.resume)
             if self.env.is_main:
@@ -179,6 +185,9 @@ class Trainer:
         cfg = self.config
         self.prepare_training()
         epoch = self.start_epoch
+        if epoch >= cfg.num_epochs and self.env.is_main:
+            log.warning("the run has trained its num_epochs=%d already: nothing left to train (raise num_epochs to "
+                        "train on)", cfg.num_epochs)
         try:
             if self.history and "validation_error" in self.history[-1]:
                 self._validate_again(self.history[-1])
@@ -217,8 +226,22 @@ class Trainer:
             self.metrics.close()
         return self._finish()
 
+    def _check_resumed_world(self, state: dict) -> None:
+        """An exact resume needs the ranks and global batch of the checkpoint (ZeRO-1/2/3 checkpoints are
+        partitioned per rank and DeepSpeed refuses others; a ZeRO-0 one would load and go on with another data order
+        and batch)."""
+        saved = state.get("world_size")
+        if saved is not None and saved != self.env.world_size:
+            epoch = int(state["epoch"])
+            raise CheckpointMismatchError(
+                f"the checkpoint of epoch {epoch} was written by {saved} ranks and this launch has {self.env.world_size}: "
+                f"resume with {saved}, or start a new run from its export (--set load_model_path="
+                f"{self.run_dir / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>)"
+            )
+
     def _resume(self) -> None:
         tag, state = self.run_directory.load_latest(self.engine)
+        self._check_resumed_world(state)
         if state.get("model_fingerprint") not in (None, model_fingerprint(self.model)):
             raise CheckpointMismatchError(
                 f"checkpoint {self.run_directory.checkpoints / tag} was written for another model configuration"
@@ -251,7 +274,8 @@ class Trainer:
         loader = data.train_loader(self.train_records, self.tokenizer, self.image_processor, self.curriculum, stage,
                                    epoch, latent_id=self.model.latent_id, config=cfg, env=self.env)
         gas = cfg.gradient_accumulation_steps
-        micro_steps = (len(loader) // gas) * gas or len(loader)  # whole accumulation cycles only
+        data.check_accumulation(len(loader), gas, f"epoch {epoch + 1} (stage {stage})")
+        micro_steps = (len(loader) // gas) * gas  # whole accumulation cycles only
         bar = tqdm(total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {stage}", disable=not self.env.is_main, dynamic_ncols=True)
         losses = EpochLosses(epoch)
         samples, tokens = 0, 0
@@ -275,7 +299,9 @@ class Trainer:
             with profile_range("train/optimizer"):
                 engine.step()
             losses.add(loss, self.global_step)
-            if engine.is_gradient_accumulation_boundary() or (micro + 1) % gas == 0:
+            # an optimizer step ended here (DeepSpeed's is_gradient_accumulation_boundary, read after step(), is about
+            # the next micro-batch)
+            if (micro + 1) % gas == 0:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
                     mean = losses.collect()  # the one synchronisation of a log interval
@@ -339,6 +365,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "model_fingerprint": model_fingerprint(self.model),
             "run_id": self.run_info.run_id,
+            "world_size": self.env.world_size,
         }
         self.run_directory.save_checkpoint(self.engine, epoch + 1, state, keep=cfg.keep_checkpoints)
 

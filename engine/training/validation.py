@@ -17,8 +17,9 @@ from engine.eval.evaluate import generate_answers, summarize
 from engine.model import fast_paths
 from engine.training.config import TrainConfig
 from engine.training.data import batch_to_device, eval_loader, forward_batch
-from engine.training.distributed import DistEnv, Lockstep, all_gather_objects, all_reduce_mean
+from engine.training.distributed import DistEnv, Lockstep, all_gather_objects, all_reduce_sum
 from engine.utils.logging import get_logger
+from engine.vocab import IGNORE_INDEX
 
 log = get_logger("train")
 
@@ -63,15 +64,25 @@ class Validator:
         if len(dataset) == 0:
             return None
         loader = self._loader(dataset, MultimodalCollator(self.tokenizer.pad_token_id, model.latent_id))
-        total, count = 0.0, 0
+        # The mean over every labelled token of the set, whatever the batches and ranks. The sampler pads the last
+        # shard with repeats of the first samples (every rank runs as many batches: ZeRO-3's lockstep); rank r's k-th
+        # row is the padded order's k * world + r, a repeat from len(dataset) on: its labels are masked.
+        world, rank = self.env.world_size, self.env.rank
+        total, count, seen = 0.0, 0, 0
         for batch in tqdm(loader, desc="validation loss", disable=not self.env.is_main, leave=False):
+            n = int(batch["input_ids"].shape[0])
+            real = torch.tensor([(seen + j) * world + rank < len(dataset) for j in range(n)])
+            seen += n
+            if not bool(real.all()):
+                batch["labels"] = batch["labels"].masked_fill(~real[:, None], IGNORE_INDEX)
+            labelled = int((batch["labels"] != IGNORE_INDEX).sum())  # the host copy: no device wait
             batch = batch_to_device(batch, self.device)
             out = forward_batch(engine, batch, self.lockstep.min_passes(batch["input_ids"], model))
-            n = int(batch["input_ids"].shape[0])
-            total += float(out.loss) * n
-            count += n
-        (mean,) = all_reduce_mean([total / max(1, count)], self.device)
-        return mean
+            if labelled:
+                total += float(out.loss) * labelled
+                count += labelled
+        total, count = all_reduce_sum([total, float(count)], self.device)
+        return total / max(1.0, count)
 
     def _generate_answers(self, model, loader, kv_cache: str):
         # a paged cache's runner (pool, graphs, merged weights) lives for this call only, not through training
