@@ -668,3 +668,24 @@ def test_both_caches_hold_a_prompt_to_the_last_position(tiny, monkeypatch):
         runner.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
     with pytest.raises(ValueError, match=rf"need {limit + 1} positions, more than the model's max_position_embeddings"):
         model.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_runner_serves_calls_in_and_out_of_inference_mode(tiny):
+    """The same on the GPU, where the steps replay CUDA graphs whose buffers a call under inference mode made."""
+    import copy
+
+    model = copy.deepcopy(tiny[0]).cuda()
+    ids, mask, pixels, _ = shared_image_batch(model, tiny[1])
+    ids, mask, pixels = ids.cuda(), mask.cuda(), pixels.cuda()
+    want = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
+    with PagedRunner(model) as runner:
+        with torch.inference_mode():
+            first = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
+        second = runner.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=-1)
+        with torch.inference_mode():
+            third = runner.generate(ids[:3], mask[:3], pixels[:3], max_new_tokens=6, eos_token_id=-1)
+        assert runner.graphs.captures > 0  # the steps did replay graphs
+    for got in (first, second):
+        assert torch.equal(got, want)
+    assert torch.equal(third, model.generate(ids[:3], mask[:3], pixels[:3], max_new_tokens=6, eos_token_id=-1))
