@@ -224,3 +224,17 @@ def test_generation_runs_in_eval_mode_and_gives_the_mode_back(tiny_model, tiny_t
     for _ in range(2):
         assert torch.equal(model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1, kv_cache=kv_cache), want)
     assert model.training and model.language_model.layers[0].training and not model.base.model.vision_tower.training
+
+
+def test_ranks_in_lockstep_refuse_a_prompt_too_long_together(tiny_model, tiny_tok, monkeypatch):
+    """Under ZeRO-3 one rank raising alone would leave the others waiting in a collective."""
+    from engine.model.generation import GenerationOptions, generate
+
+    ids, mask, pv, _ = prompts(tiny_model, tiny_tok)
+    others_too_long = GenerationOptions(max_new_tokens=2, step_sync=lambda local_ok: False)
+    with pytest.raises(GenerationError, match="another rank's prompts need more positions"):
+        generate(tiny_model, ids, mask, pv, others_too_long)
+    asked = []
+    all_fit = GenerationOptions(max_new_tokens=2, eos_token_id=-1, step_sync=lambda flag: asked.append(flag) or flag)
+    assert generate(tiny_model, ids, mask, pv, all_fit).shape == (ids.shape[0], 2)
+    assert asked[0] is True  # this rank's prompts fit: it said so before decoding

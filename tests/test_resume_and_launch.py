@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from engine.training.checkpoint import CheckpointError
 from engine.training.config import ConfigError
@@ -69,13 +70,47 @@ def test_a_resume_may_not_flip_a_curriculum_switch(tmp_path, switch):
         Trainer(make_config(tmp_path, num_epochs=2, resume=True, **{switch: True}))
 
 
-def test_a_checkpoint_of_other_ranks_is_refused_with_the_way_on(tmp_path):
-    trainer = Trainer(make_config(tmp_path))
-    with pytest.raises(CheckpointError, match=r"written by 2 ranks and this launch has 1: resume with 2, or start a new "
-                                              r"run from its export \(--set load_model_path=.*epoch_001 --set resume=1"):
-        trainer._check_resumed_world({"world_size": 2, "epoch": 1})
-    trainer._check_resumed_world({"world_size": 1, "epoch": 1})
-    trainer._check_resumed_world({"epoch": 1})  # a checkpoint of an earlier version says nothing: not checked
+def test_a_checkpoint_of_other_ranks_is_refused_before_it_loads_with_the_way_on(tmp_path, monkeypatch):
+    """Under ZeRO-1/2/3 DeepSpeed's own refusal came first, wrapped as 'cannot load'; under ZeRO-0 the checkpoint
+    loaded and the run went on with another global batch and data order."""
+    first = Trainer(make_config(tmp_path, num_epochs=1))
+    first.run()
+    manifest_path = first.run_dir / "checkpoints" / "epoch_001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["world_size"] == 1
+    manifest_path.write_text(json.dumps({**manifest, "world_size": 2}))  # as two ranks would have written it
+    import engine.training.run_dir as run_dir
+
+    loads = []
+    monkeypatch.setattr(run_dir, "load_checkpoint", lambda *args: loads.append(args))
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks and this launch has 1: resume with 2, or start a "
+                                              r"new run from its export \(--set load_model_path=.*epoch_001 --set resume=1"):
+        Trainer(make_config(tmp_path, num_epochs=2, resume=True)).run()
+    assert not loads  # refused before DeepSpeed read anything
+
+
+def test_a_resumed_run_that_began_at_an_epoch_keeps_its_schedule(tmp_path):
+    """A run started with resume=N (the original's skip of the first stages) spans num_epochs - N epochs; resumed
+    with resume=true it was given a schedule over all num_epochs."""
+    settings = dict(lr_schedule="linear", warmup_steps=0, num_epochs=3, resume=1)
+    whole = Trainer(make_config(tmp_path / "a", **settings))
+    whole.run()
+    interrupted = Trainer(make_config(tmp_path / "b", **settings))
+    original = interrupted.train_epoch
+
+    def crash_in_third_epoch(epoch, stage):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return original(epoch, stage)
+
+    interrupted.train_epoch = crash_in_third_epoch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        interrupted.run()
+    resumed = Trainer(make_config(tmp_path / "b", **{**settings, "resume": True}))
+    resumed.run()
+    assert [r["lr"] for r in train_rows(resumed.run_dir)] == [r["lr"] for r in train_rows(whole.run_dir)]
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_one_launch_at_a_time_in_a_run_directory(tmp_path):
@@ -96,7 +131,13 @@ def test_one_launch_at_a_time_in_a_run_directory(tmp_path):
         holder.kill()
         holder.wait()
     Trainer(config)  # the lock went with its process
-    Trainer(config)  # and this process may build its trainer again
+    Trainer(config).run()  # this process may build its trainer again, and gives the lock back when the run ends
+    taker = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from engine.training.run_dir import lock_run_directory; lock_run_directory(Path(sys.argv[1]))", str(run_dir)],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert taker.returncode == 0, taker.stderr
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does():

@@ -185,15 +185,15 @@ def generate(
         return _generate(model, input_ids, attention_mask, pixel_values, options, runner)
 
 
-def check_position_room(batch, max_new_tokens: int, limit: int) -> None:
-    """Prompt and new tokens within the model's positions, as the paged cache checks them against its
-    max_model_len: the last new token is returned, never fed, so a row uses length + max_new_tokens - 1."""
+def position_room_problem(batch, max_new_tokens: int, limit: int) -> str | None:
+    """What is wrong when prompt and new tokens exceed the model's positions (None when they fit), as the paged cache
+    checks them against its max_model_len: the last new token is returned, never fed, so a row uses length +
+    max_new_tokens - 1 positions."""
     longest = int(batch.attention_mask.sum(1).max())
-    if longest + max_new_tokens - 1 > limit:
-        raise GenerationError(
-            f"the longest prompt ({longest} tokens) and max_new_tokens={max_new_tokens} need {longest + max_new_tokens - 1} "
-            f"positions, more than the model's max_position_embeddings={limit}: shorten the prompt or generate fewer tokens"
-        )
+    if longest + max_new_tokens - 1 <= limit:
+        return None
+    return (f"the longest prompt ({longest} tokens) and max_new_tokens={max_new_tokens} need {longest + max_new_tokens - 1} "
+            f"positions, more than the model's max_position_embeddings={limit}: shorten the prompt or generate fewer tokens")
 
 
 @contextlib.contextmanager
@@ -218,7 +218,13 @@ def _generate(model, input_ids, attention_mask, pixel_values, options: Generatio
     if options.max_new_tokens == 0 or input_ids.shape[0] == 0:
         return out
     if options.kv_cache == "dynamic":
-        check_position_room(batch, options.max_new_tokens, model.base.config.get_text_config().max_position_embeddings)
+        problem = position_room_problem(batch, options.max_new_tokens,
+                                        model.base.config.get_text_config().max_position_embeddings)
+        # ranks in lockstep (ZeRO-3) refuse together: one rank raising alone would leave the others in a collective
+        if options.step_sync is not None and not options.step_sync(problem is None):
+            problem = problem or "another rank's prompts need more positions than the model has"
+        if problem:
+            raise GenerationError(problem)
         return _generate_dynamic(model, batch, out, options)
     if runner is not None:
         return runner.generate_prepared(batch, pixel_values, out, options)

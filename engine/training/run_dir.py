@@ -37,10 +37,13 @@ from engine.training.checkpoint import (
     LATEST,
     TMP_PREFIX,
     CheckpointError,
+    CheckpointMismatchError,
+    checkpoint_epoch,
     checkpoint_tags,
     choose_resume_checkpoint,
     latest_tag,
     load_checkpoint,
+    read_manifest,
     save_checkpoint,
 )
 from engine.training.config import ConfigError, TrainConfig, guarded_config_changes
@@ -81,14 +84,15 @@ def check_writable_folder(path: Path, what: str) -> None:
 
 
 _LOCK = ".lock"
-_HELD_LOCKS: dict[str, int] = {}  # run directory -> the descriptor of its lock, held by this process until it exits
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> the descriptor of its lock, held by this process
 
 
 def lock_run_directory(path: Path) -> None:
-    """Take the run directory's lock (an exclusive `flock` on `<run>/.lock`, held until the process exits), or
-    ConfigError naming the launch that holds it: two launches in one directory would delete each other's
-    temporaries and mix their checkpoints, exports and metrics. A process that holds it already passes (a trainer
-    built again in the same process). Advisory, and local to one host on file systems without shared locks."""
+    """Take the run directory's lock (an exclusive `flock` on `<run>/.lock`, held until `unlock_run_directory` or
+    the process's exit), or ConfigError naming the launch that holds it: two launches in one directory would delete
+    each other's temporaries and mix their checkpoints, exports and metrics. A process that holds it already passes
+    (a trainer built again in the same process). Advisory, and local to one host on file systems without shared
+    locks."""
     import fcntl
 
     key = str(path.resolve())
@@ -106,6 +110,17 @@ def lock_run_directory(path: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
     _HELD_LOCKS[key] = fd
+
+
+def unlock_run_directory(path: Path) -> None:
+    """Give the run directory's lock back (a no-op when this process does not hold it): at the end of a run, so that
+    a process that trained (a notebook, a sweep) does not keep other launches out while it lives on."""
+    import fcntl
+
+    fd = _HELD_LOCKS.pop(str(path.resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def new_run_id() -> str:
@@ -297,7 +312,20 @@ class RunDirectory:
     def load_latest(self, engine) -> tuple[str, dict]:
         """Load the newest checkpoint that verifies into `engine` (rank 0 verifies, every rank loads the same one);
         returns (tag, the trainer state saved with it)."""
-        tag = run_on_main(lambda: choose_resume_checkpoint(self.checkpoints), self.env)
+        def choose() -> tuple[str, int | None]:
+            tag = choose_resume_checkpoint(self.checkpoints)
+            return tag, (read_manifest(self.checkpoints / tag) or {}).get("world_size")
+
+        tag, ranks = run_on_main(choose, self.env)
+        if ranks is not None and ranks != self.env.world_size:
+            # an exact resume needs the checkpoint's ranks: ZeRO-1/2/3 partition it per rank, and a ZeRO-0 one would
+            # load and go on with another global batch and data order
+            epoch = checkpoint_epoch(self.checkpoints / tag)
+            raise CheckpointMismatchError(
+                f"checkpoint {self.checkpoints / tag} was written by {ranks} ranks and this launch has "
+                f"{self.env.world_size}: resume with {ranks}, or start a new run from its export (--set load_model_path="
+                f"{self.path / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>)"
+            )
         state = load_checkpoint(engine, self.checkpoints, tag)
         self.last_checkpoint = self.checkpoints / tag
         return tag, state

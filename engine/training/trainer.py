@@ -41,7 +41,7 @@ from engine.training.pacing import HostPacer
 from engine.training.lr_schedule import restart_warmup
 from engine.training.optim import build_engine, follow_launch_config, reset_optimizer_state
 from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
-from engine.training.run_dir import RunDirectory
+from engine.training.run_dir import RunDirectory, unlock_run_directory
 from engine.training.validation import Validator
 from engine.training.zero_step import settle_skipped_steps
 from engine.utils.io import atomic_write_json
@@ -114,6 +114,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.global_step = 0
         self.start_epoch = 0
+        self.first_epoch = 0  # the epoch the run's learning-rate schedule starts at (resume=N)
 
     # ------------------------------------------------------------------ set-up
     def stage_for_epoch(self, epoch: int) -> int:
@@ -150,24 +151,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        self.setup()
-        if self.config.only_eval:
-            return self.evaluate_only()
-        return self.train()
+        try:
+            self.setup()
+            if self.config.only_eval:
+                return self.evaluate_only()
+            return self.train()
+        finally:
+            unlock_run_directory(self.run_dir)  # rank 0's lock (a no-op on the others)
 
     def prepare_training(self) -> None:
         """The DeepSpeed engine, the state of the checkpoint resumed from (`resume=true`), the metrics log."""
         cfg = self.config
-        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains
-        epochs = cfg.num_epochs - (0 if isinstance(cfg.resume, bool) else cfg.resume)
+        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains (resumed later,
+        # the run keeps that first epoch: its checkpoints say which)
+        self.first_epoch = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         data.check_accumulation(data.micro_batches_per_epoch(len(self.train_records), cfg, self.env.world_size),
                                 cfg.gradient_accumulation_steps, f"an epoch of the {len(self.train_records)} training records")
-        total_steps = self.steps_per_epoch(len(self.train_records)) * epochs
-        self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
+        steps_per_epoch = self.steps_per_epoch(len(self.train_records))
+        self.engine = build_engine(self.model, cfg, steps_per_epoch * (cfg.num_epochs - self.first_epoch), self.use_bf16)
         resumed_at = None
         if cfg.resume is True:
             self._resume()
             resumed_at = (self.global_step, self.start_epoch)
+            total_steps = steps_per_epoch * (cfg.num_epochs - self.first_epoch)
             changed = follow_launch_config(self.engine.lr_scheduler, cfg, total_steps)
             if changed and self.env.is_main:
                 log.info("the optimizer follows this launch's config: %s",
@@ -226,22 +232,8 @@ class Trainer:
             self.metrics.close()
         return self._finish()
 
-    def _check_resumed_world(self, state: dict) -> None:
-        """An exact resume needs the ranks and global batch of the checkpoint (ZeRO-1/2/3 checkpoints are
-        partitioned per rank and DeepSpeed refuses others; a ZeRO-0 one would load and go on with another data order
-        and batch)."""
-        saved = state.get("world_size")
-        if saved is not None and saved != self.env.world_size:
-            epoch = int(state["epoch"])
-            raise CheckpointMismatchError(
-                f"the checkpoint of epoch {epoch} was written by {saved} ranks and this launch has {self.env.world_size}: "
-                f"resume with {saved}, or start a new run from its export (--set load_model_path="
-                f"{self.run_dir / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>)"
-            )
-
     def _resume(self) -> None:
         tag, state = self.run_directory.load_latest(self.engine)
-        self._check_resumed_world(state)
         if state.get("model_fingerprint") not in (None, model_fingerprint(self.model)):
             raise CheckpointMismatchError(
                 f"checkpoint {self.run_directory.checkpoints / tag} was written for another model configuration"
@@ -249,6 +241,8 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
+        # the epoch the run's schedule starts at (resume=N): an earlier version's checkpoint has it in its history
+        self.first_epoch = int(state.get("first_epoch", self.history[0]["epoch"] - 1 if self.history else 0))
         self.best_metric = state.get("best_metric")
         self.best_epoch = state.get("best_epoch")
         if self.env.is_main:
@@ -365,7 +359,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "model_fingerprint": model_fingerprint(self.model),
             "run_id": self.run_info.run_id,
-            "world_size": self.env.world_size,
+            "first_epoch": self.first_epoch,
         }
         self.run_directory.save_checkpoint(self.engine, epoch + 1, state, keep=cfg.keep_checkpoints)
 

@@ -75,7 +75,7 @@ class Validator:
             seen += n
             if not bool(real.all()):
                 batch["labels"] = batch["labels"].masked_fill(~real[:, None], IGNORE_INDEX)
-            labelled = int((batch["labels"] != IGNORE_INDEX).sum())  # the host copy: no device wait
+            labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # what the loss averages (shifted), on the host
             batch = batch_to_device(batch, self.device)
             out = forward_batch(engine, batch, self.lockstep.min_passes(batch["input_ids"], model))
             if labelled:
