@@ -27,6 +27,7 @@ Methods (their config switches):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -75,24 +76,46 @@ def _load_config(args):
     return load_config(args.config, _overrides(args))
 
 
-def prepare_data(args, work: Path) -> tuple[Path, Path]:
-    """The synthetic data every run trains on, generated once (kept when it is already there)."""
-    from engine.data.synthetic import generate_synthetic
+def prepare_data(config, work: Path) -> tuple[Path, Path]:
+    """The synthetic data every run trains on, generated once. Data made with other settings is refused, not
+    reused: the runs already in the work folder trained on it."""
+    from engine.data.synthetic import SyntheticSettings, generate_synthetic, read_settings
 
     data = work / "data"
-    if not (data / "train.jsonl").is_file():
-        generate_synthetic(data, **dict(_load_config(args).synthetic or {}))
+    wanted = SyntheticSettings.from_dict(dict(config.synthetic or {}))
+    if (data / "train.jsonl").is_file():
+        recorded = read_settings(data)
+        if recorded != wanted:
+            raise SystemExit(f"error: {data} holds the synthetic task made with {recorded} and this command asks for "
+                             f"{wanted}: use another --work (or --out), or delete {work}")
+        return data / "train.jsonl", data / "val.jsonl"
+    generate_synthetic(data, **dataclasses.asdict(wanted))
     return data / "train.jsonl", data / "val.jsonl"
 
 
+def finished_run(run_dir: Path, num_epochs: int) -> bool:
+    """Whether an earlier launch already trained this run to its end (its history reaches num_epochs and its final
+    export is there)."""
+    try:
+        history = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(history) and history[-1].get("epoch") == num_epochs and (run_dir / "final").is_dir()
+
+
 def run_summary(method: str, seed: int, run_dir: Path, returncode: int | None, seconds: float, log_path: Path,
-                status: str) -> dict:
-    """What a finished (or stopped) run contributes: its per-epoch validation and the final epoch's numbers."""
+                status: str, *, since: float | None = None) -> dict:
+    """What a finished (or stopped) run contributes: its per-epoch validation and the final epoch's numbers.
+    ``since``: the launch's start (a wall-clock time); files not written since then are an earlier launch's and are
+    not this one's results."""
+    def current(path: Path) -> bool:
+        return path.is_file() and (since is None or path.stat().st_mtime >= since)
+
     history_path = run_dir / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    history = json.loads(history_path.read_text()) if current(history_path) else []
     if not history:  # a run stopped early: its epochs so far are in the metrics log
         metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
+        if current(metrics):
             history = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "epoch"' in line]
     keep = ("epoch", "stage", "val_accuracy", "tokens_per_answer", "train_loss", "val_loss", "train_samples_per_second",
             "train_seconds")
@@ -117,9 +140,14 @@ def run(args) -> Path:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    config = _load_config(args)  # fails here, once, on a bad config or override
+    from engine.training.config import ConfigError
+
+    try:
+        config = _load_config(args)  # fails here, once, on a bad config or override
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     start = time.perf_counter()
-    train, val = prepare_data(args, work)
+    train, val = prepare_data(config, work)
     data_seconds = time.perf_counter() - start
     workers = args.num_workers if args.num_workers is not None else max(0, (os.cpu_count() or 2) // args.max_parallel - 1)
     queue = [(m, s) for s in seeds for m in methods]
@@ -137,9 +165,20 @@ def run(args) -> Path:
         while queue and len(running) < args.max_parallel and (deadline is None or time.perf_counter() < deadline):
             method, seed = queue.pop(0)
             name = f"{method}-s{seed}"
+            run_dir = work / "runs" / name
             log_path = work / "logs" / f"{name}.log"
+            if finished_run(run_dir, config.num_epochs):  # an earlier command trained it: its results stand
+                summary = run_summary(method, seed, run_dir, 0, 0.0, log_path, "ok")
+                summary["reused"] = True
+                payload["runs"].append(summary)
+                atomic_write_json(part, payload)
+                print(f"[science] {name}: finished by an earlier command, reused (final accuracy "
+                      f"{summary.get('final_accuracy')})", flush=True)
+                continue
+            # a run an earlier command left unfinished goes on from its last checkpoint
+            resume = ["resume=true"] if (run_dir / "checkpoints" / "latest").is_file() else []
             command = [sys.executable, str(ROOT / "recipes" / "train_coconut.py"), "--config", args.config]
-            for item in _overrides(args) + METHODS[method][1] + [
+            for item in _overrides(args) + METHODS[method][1] + resume + [
                 f"seed={seed}", f"name={name}", f"save_path={work / 'runs'}", f"train_path={train}", f"val_path={val}",
                 "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
             ]:
@@ -149,7 +188,7 @@ def run(args) -> Path:
             port += 1
             with log_path.open("w") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running[process] = (method, seed, time.perf_counter(), log_path)
+            running[process] = (method, seed, time.perf_counter(), log_path, time.time())
             print(f"[science] started {name} ({len(running)} running, {len(queue)} queued)", flush=True)
         if not queue and not running:
             break
@@ -170,10 +209,10 @@ def run(args) -> Path:
             time.sleep(1.0)
             finished = {p: None for p in running if p.poll() is not None}
         for process, reason in finished.items():
-            method, seed, began, log_path = running.pop(process)
+            method, seed, began, log_path, launched = running.pop(process)
             status = reason or ("ok" if process.returncode == 0 else f"failed (exit {process.returncode})")
             summary = run_summary(method, seed, work / "runs" / f"{method}-s{seed}", process.returncode,
-                                  time.perf_counter() - began, log_path, status)
+                                  time.perf_counter() - began, log_path, status, since=launched - 1.0)
             payload["runs"].append(summary)
             print(f"[science] {method}-s{seed}: {status}, final accuracy {summary.get('final_accuracy')}, "
                   f"{summary['wall_seconds']} s", flush=True)
@@ -205,9 +244,38 @@ def _environment() -> dict:
 
 # ---------------------------------------------------------------------- aggregating
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std; the std is None for one value (no spread to speak of, not a spread of 0)."""
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+SETUP_KEYS = ("config", "overrides", "n_train")  # what every part of one table must share
+
+
+def check_parts(parts: list[dict], names: list[str]) -> None:
+    """SystemExit unless the parts are parts of one experiment: each a `run`'s part file, the same config,
+    overrides and data size, and no (method, seed) finished in two of them (which one would count?)."""
+    for part, name in zip(parts, names):
+        runs = part.get("runs") if isinstance(part, dict) else None
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and "method" in r and "seed" in r for r in runs):
+            raise SystemExit(f"error: {name} is not a part file of `science run` (no list of runs with method and seed)")
+    first = parts[0]
+    for part, name in zip(parts[1:], names[1:]):
+        differ = [k for k in SETUP_KEYS if part.get(k) != first.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: {first.get(k)!r} in {names[0]}, {part.get(k)!r} in {name}" for k in differ)
+            raise SystemExit(f"error: the parts were made with other settings ({shown}): aggregate parts of one setup")
+    seen: dict[tuple, str] = {}
+    for part, name in zip(parts, names):
+        for r in part["runs"]:
+            if r.get("status") != "ok":
+                continue
+            key = (r["method"], r["seed"])
+            if key in seen and seen[key] != name:
+                raise SystemExit(f"error: {r['method']} seed {r['seed']} finished in both {seen[key]} and {name}: "
+                                 "keep one of them")
+            seen[key] = name
 
 
 def combine(parts: list[dict]) -> dict:
@@ -217,7 +285,7 @@ def combine(parts: list[dict]) -> dict:
         for r in part["runs"]:
             key = (r["method"], r["seed"])
             if key not in runs or (r.get("status") == "ok" and runs[key].get("status") != "ok"):
-                runs[key] = r  # a seed run twice: the finished one counts
+                runs[key] = r  # a seed stopped in one part and finished in another: the finished one counts
     rows = {}
     for method in METHODS:
         done = [r for (m, _), r in sorted(runs.items()) if m == method and r.get("status") == "ok" and r.get("final_accuracy") is not None]
@@ -231,11 +299,13 @@ def combine(parts: list[dict]) -> dict:
             for e in r["epochs"]:
                 if e.get("val_accuracy") is not None:
                     curves.setdefault(e["epoch"], []).append(e["val_accuracy"])
+        epochs = sorted({r["num_epochs"] for r in done})
         rows[method] = {
             "label": METHODS[method][0], "seeds": [r["seed"] for r in done], "accuracies": [r["final_accuracy"] for r in done],
             "accuracy_mean": acc_mean, "accuracy_std": acc_std, "tokens_per_answer": tok_mean,
-            "num_epochs": done[0]["num_epochs"] if done else None,
-            "curve": {str(e): statistics.fmean(v) for e, v in sorted(curves.items())},
+            "num_epochs": (epochs[0] if len(epochs) == 1 else "-".join(map(str, (epochs[0], epochs[-1])))) if done else None,
+            # the mean of an epoch every seed validated (a mean of fewer seeds would jump where one is missing)
+            "curve": {str(e): statistics.fmean(v) for e, v in sorted(curves.items()) if len(v) == len(done)},
             "wall_seconds": [r.get("wall_seconds") for r in done],
             "incomplete": [{"seed": r["seed"], "status": r.get("status")} for r in other],
         }
@@ -256,9 +326,10 @@ def targets(rows: dict) -> list[dict]:
         row = rows.get(other)
         if coconut and row and coconut["accuracy_mean"] is not None and row["accuracy_mean"] is not None:
             gap = coconut["accuracy_mean"] - row["accuracy_mean"]
-            spread = max(coconut["accuracy_std"] or 0.0, row["accuracy_std"] or 0.0)
+            stds = (coconut["accuracy_std"], row["accuracy_std"])
+            spread = None if None in stds else max(stds)  # one seed has no spread: the check cannot be made
             out.append({"target": f"Coconut above {row['label'].lstrip('- ')} by more than the seed spread",
-                        "value": gap, "spread": spread, "met": gap > spread})
+                        "value": gap, "spread": spread, "met": None if spread is None else gap > spread})
     return out
 
 
@@ -270,7 +341,11 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
     rows = combined["methods"]
     lines = ["| method | accuracy (%) | # tokens | seeds | epochs |", "|---|---|---|---|---|"]
     for method, row in rows.items():
-        acc = f"{_fmt(row['accuracy_mean'])} ± {_fmt(row['accuracy_std'])}" if row["accuracy_mean"] is not None else "—"
+        acc = _fmt(row["accuracy_mean"])
+        if row["accuracy_std"] is not None:
+            acc += f" ± {_fmt(row['accuracy_std'])}"
+        elif row["accuracy_mean"] is not None:
+            acc += " (one seed)"
         note = f" ({len(row['incomplete'])} incomplete)" if row["incomplete"] else ""
         lines.append(f"| {row['label']} | {acc} | {_fmt(row['tokens_per_answer'])} | "
                      f"{','.join(map(str, row['seeds'])) or '—'}{note} | {row['num_epochs'] or '—'} |")
@@ -278,7 +353,8 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
     for t in combined["targets"]:
         value = _fmt(t["value"], ".3g")
         spread = f" (seed spread {_fmt(t['spread'], '.2f')})" if "spread" in t else ""
-        lines.append(f"- {t['target']}: {value}{spread}: **{'met' if t['met'] else 'not met'}**")
+        verdict = "not evaluable with one seed" if t["met"] is None else "met" if t["met"] else "not met"
+        lines.append(f"- {t['target']}: {value}{spread}: **{verdict}**")
     stamps = sorted({f"{p.get('date')} · {p.get('environment', {}).get('device')}" for p in parts})
     lines.append("")
     lines.append("Accuracy: validation answer accuracy at the last epoch (mean ± sample std over seeds); # tokens: "
@@ -308,7 +384,10 @@ def plot(combined: dict, path: Path) -> Path | None:
             continue
         ax_bar.bar(i, row["accuracy_mean"], yerr=row["accuracy_std"], capsize=4, color=plt.cm.tab10(i), alpha=0.7)
         ax_bar.scatter([i] * len(row["accuracies"]), row["accuracies"], color="black", s=12, zorder=3)
-        ax_bar.text(i, 2, f"{_fmt(row['tokens_per_answer'])} tok", ha="center", fontsize=7, rotation=90, color="white")
+        # above the bar when it is too short to hold the label
+        inside = row["accuracy_mean"] > 25
+        ax_bar.text(i, 2 if inside else row["accuracy_mean"] + 2, f"{_fmt(row['tokens_per_answer'])} tok", ha="center",
+                    va="bottom", fontsize=7, rotation=90, color="white" if inside else "black")
         curve = row["curve"]
         ax_curve.plot([int(e) for e in curve], list(curve.values()), "o-", color=plt.cm.tab10(i), label=row["label"], ms=3)
     ax_bar.set_xticks(range(len(names)), [rows[m]["label"] for m in names], rotation=20, fontsize=8)
@@ -333,6 +412,7 @@ def aggregate(part_paths: list[Path], out: Path) -> dict:
             parts.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"cannot read the part {path}: {e}") from e
+    check_parts(parts, [str(p) for p in part_paths])
     combined = combine(parts)
     combined["parts"] = [{k: p.get(k) for k in ("command", "date", "environment", "seeds", "methods", "max_parallel",
                                                  "num_workers", "wall_seconds", "overrides", "config")} for p in parts]
@@ -367,9 +447,15 @@ def main(argv=None) -> int:
         if args.max_parallel < 1:
             parser.error(f"--max-parallel must be >= 1, got {args.max_parallel}")
         try:
-            _parse_list(args.seeds, int)
+            seeds = _parse_list(args.seeds, int)
         except ValueError:
             parser.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+        for flag, values in (("--seeds", seeds), ("--methods", _parse_list(args.methods))):
+            if not values:
+                parser.error(f"{flag} names nothing")
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:  # two runs of one (method, seed) would share a run directory
+                parser.error(f"{flag} lists {', '.join(map(str, twice))} more than once")
         part = run(args)
         runs = json.loads(part.read_text())["runs"]
         failed = [f"{r['method']}-s{r['seed']}: {r['status']}" for r in runs if r.get("status") != "ok"]

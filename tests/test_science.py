@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from benchmarks.science import METHODS, aggregate, main, run_summary
+from benchmarks.science import METHODS, aggregate, finished_run, main, prepare_data, run_summary
 
 
 def _run(method, seed, accuracy, tokens, status="ok", epochs=3):
@@ -64,7 +64,7 @@ def test_missing_and_failed_runs_are_reported_not_averaged(tmp_path):
             _run("cot", 0, 100.0, 40.0)]
     combined = aggregate([_part(tmp_path / "p.json", [0, 1], runs)], tmp_path / "out")
     row = combined["methods"]["coconut"]
-    assert row["accuracies"] == [90.0] and row["accuracy_std"] == 0.0
+    assert row["accuracies"] == [90.0] and row["accuracy_std"] is None  # one seed: no spread, not a spread of 0
     assert row["incomplete"] == [{"seed": 1, "status": "stopped at the time limit"}]
     assert "(1 incomplete)" in (tmp_path / "out" / "science.md").read_text()
     assert "pause" not in combined["methods"]
@@ -92,7 +92,7 @@ def test_run_summary_reads_history_or_the_metrics_log(tmp_path):
 def test_cli_aggregate_and_bad_part(tmp_path, capsys):
     part = _part(tmp_path / "p.json", [0], [_run("coconut", 0, 90.0, 3.0)])
     main(["aggregate", "--out", str(tmp_path / "out"), str(part)])
-    assert "| Coconut | 90.0 ± 0.0 |" in capsys.readouterr().out
+    assert "| Coconut | 90.0 (one seed) |" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match="bad.json"):
@@ -114,3 +114,77 @@ def test_run_exits_non_zero_when_a_run_fails(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["run", "--out", str(tmp_path / "o"), "--seeds", "a"])
     assert "--seeds must be a comma list of integers" in capsys.readouterr().err
+
+
+def test_one_seed_leaves_the_spread_targets_unevaluated(tmp_path):
+    runs = [_run("coconut", 0, 60.0, 3.0), _run("pause", 0, 59.5, 3.0), _run("nocurriculum", 0, 59.9, 3.0)]
+    combined = aggregate([_part(tmp_path / "p.json", [0], runs)], tmp_path / "out")
+    spread = [t for t in combined["targets"] if "seed spread" in t["target"]]
+    assert len(spread) == 2 and all(t["met"] is None for t in spread)
+    table = (tmp_path / "out" / "science.md").read_text()
+    assert "| Coconut | 60.0 (one seed) |" in table and table.count("**not evaluable with one seed**") == 2
+
+
+def test_parts_of_other_setups_or_a_seed_finished_twice_are_refused(tmp_path):
+    a = _part(tmp_path / "a.json", [0], [_run("coconut", 0, 60.0, 3.0)])
+    other = json.loads(a.read_text())
+    other.update(overrides=["num_epochs=6"], runs=[_run("coconut", 1, 70.0, 3.0, epochs=6)])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"other settings \(overrides: None in .*a.json, \['num_epochs=6'\] in .*b.json"):
+        aggregate([a, b], tmp_path / "out")
+    twice = _part(tmp_path / "c.json", [0], [_run("coconut", 0, 84.0, 3.0)])
+    with pytest.raises(SystemExit, match=r"coconut seed 0 finished in both .*a.json and .*c.json"):
+        aggregate([a, twice], tmp_path / "out")
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"epoch": 1}]))
+    with pytest.raises(SystemExit, match="is not a part file of `science run`"):
+        aggregate([history], tmp_path / "out")
+
+
+def test_the_curve_averages_only_epochs_every_seed_has(tmp_path):
+    runs = [_run("coconut", 0, 90.0, 3.0, epochs=3), _run("coconut", 1, 80.0, 3.0, epochs=5)]
+    row = aggregate([_part(tmp_path / "p.json", [0, 1], runs)], tmp_path / "out")["methods"]["coconut"]
+    assert sorted(row["curve"]) == ["1", "2", "3"] and row["num_epochs"] == "3-5"
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--seeds", "0,0", "--seeds lists 0 more than once"),
+                                                 ("--seeds", ",", "--seeds names nothing"),
+                                                 ("--methods", "cot,cot", "--methods lists cot more than once")])
+def test_seeds_and_methods_twice_or_none_are_refused(tmp_path, capsys, flag, value, needle):
+    with pytest.raises(SystemExit):
+        main(["run", "--out", str(tmp_path / "o"), flag, value])
+    assert needle in capsys.readouterr().err
+
+
+def test_a_rerun_reuses_finished_runs_and_never_an_earlier_launchs_results(tmp_path):
+    """Run again into the same --out, a finished run failed against its own directory, and the failure was
+    recorded with the earlier launch's history."""
+    run = tmp_path / "coconut-s0"
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps([{"epoch": 1, "stage": 0, "val_accuracy": 50.0, "tokens_per_answer": 9.0},
+                                                  {"epoch": 2, "stage": 1, "val_accuracy": 70.0, "tokens_per_answer": 5.0}]))
+    assert not finished_run(run, 2)  # no final export yet
+    (run / "final").mkdir()
+    assert finished_run(run, 2) and not finished_run(run, 3)
+    log = tmp_path / "x.log"
+    log.write_text("error: run directory already holds a run\n")
+    import time
+
+    failed = run_summary("coconut", 0, run, 2, 1.0, log, "failed (exit 2)", since=time.time() + 10)
+    assert failed["epochs"] == [] and "final_accuracy" not in failed
+
+
+def test_data_made_with_other_settings_is_refused_not_reused(tmp_path):
+    from engine.training.config import config_from_dict
+
+    small = config_from_dict({"synthetic": {"n_train": 8, "n_val": 2, "hops": 2, "seed": 0}})
+    train, _ = prepare_data(small, tmp_path)
+    assert train.is_file() and prepare_data(small, tmp_path)[0] == train  # the same settings: kept
+    with pytest.raises(SystemExit, match=r"holds the synthetic task made with .*n_train=8.* asks for .*n_train=12"):
+        prepare_data(config_from_dict({"synthetic": {"n_train": 12, "n_val": 2, "hops": 2, "seed": 0}}), tmp_path)
+
+
+def test_a_bad_override_is_one_line_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: c_thought must be >= 1, got 0$"):
+        main(["run", "--out", str(tmp_path / "o"), "--smoke", "--seeds", "0", "--set", "c_thought=0"])
