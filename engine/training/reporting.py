@@ -127,6 +127,13 @@ class MetricsLogger:
             self._wandb = None
 
 
+def epoch_series(history: list[dict], key: str) -> tuple[list, list]:
+    """The epochs that have `key` and its values: with eval_every_epochs > 1 the validated epochs are joined, not
+    broken by the epochs in between."""
+    points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+    return [e for e, _ in points], [v for _, v in points]
+
+
 def plot_training_curves(history: list[dict], path: str | Path, title: str = "") -> Path | None:
     """history: one dict per epoch with epoch, stage, train_loss, val_loss, val_accuracy. Writes a PNG."""
     if not history:
@@ -136,21 +143,26 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
     matplotlib.use("Agg")  # before pyplot is imported: files only, no display (chosen only once a plot is made)
     import matplotlib.pyplot as plt
 
+    def series(key: str) -> tuple[list, list]:
+        return epoch_series(history, key)
+
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train loss")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)  # one epoch axis for both
+    ax_loss.plot(*series("train_loss"), "o-", label="train loss")
     if any(h.get("val_loss") is not None for h in history):
-        ax_loss.plot(epochs, [h.get("val_loss") for h in history], "s-", label="validation loss")
+        ax_loss.plot(*series("val_loss"), "s-", label="validation loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    ax_acc.plot(epochs, [h.get("val_accuracy") for h in history], "o-", color="tab:green", label="answer accuracy")
+    ax_acc.plot(*series("val_accuracy"), "o-", color="tab:green", label="answer accuracy")
     if any(h.get("mc_accuracy") is not None for h in history):
-        ax_acc.plot(epochs, [h.get("mc_accuracy") for h in history], "^--", color="tab:purple", label="MC accuracy")
+        ax_acc.plot(*series("mc_accuracy"), "^--", color="tab:purple", label="MC accuracy")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy (%)")
     ax_acc.set_ylim(0, 100)
     ax_acc.legend()
+    ax_acc.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax_acc.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
     # Stage boundaries: a dashed line where the stage changes, labelled with the new stage.
     for prev, cur in zip(history, history[1:]):
         if cur["stage"] != prev["stage"]:
@@ -168,13 +180,16 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "")
 
 
 def stage_summary(history: list[dict]) -> list[dict]:
-    """One row per stage: the stage's best-accuracy epoch with its generation statistics."""
+    """One row per stage trained: the stage's best-accuracy epoch with its generation statistics, or its last epoch
+    when none of its epochs was validated (eval_every_epochs > 1: its accuracy then shows as "-")."""
     rows: dict[int, dict] = {}
     for h in history:
-        if h.get("val_accuracy") is None:
-            continue
         best = rows.get(h["stage"])
-        if best is None or h["val_accuracy"] >= best["val_accuracy"]:
+        if h.get("val_accuracy") is None:
+            if best is None or best.get("val_accuracy") is None:
+                rows[h["stage"]] = h
+            continue
+        if best is None or best.get("val_accuracy") is None or h["val_accuracy"] >= best["val_accuracy"]:
             rows[h["stage"]] = h
     return [rows[s] for s in sorted(rows)]
 
