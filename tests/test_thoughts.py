@@ -187,3 +187,64 @@ def test_cli_names_a_bad_model_folder_or_data_file_without_a_traceback(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "best"), "--data", str(data), "--out", str(tmp_path / "a_file")])
     assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def _sample(maps, record=None):
+    from engine.eval.thoughts import SampleThoughts
+
+    return SampleThoughts(record=record or {"id": 0, "image": "x.png"}, thought_positions=list(range(len(maps))),
+                          norms=[1.0] * len(maps), top_tokens=[[]] * len(maps), attention={0: maps},
+                          attention_producer={0: maps}, image_mass={0: [1.0] * len(maps)}, tile=0)
+
+
+def test_aggregate_maps_each_thought_to_its_step_and_skips_samples_without_an_image():
+    """With c_thought 2, thoughts 1-2 stand for step 1 and 3-4 for step 2 (the own-step rate read the diagonal, as
+    if thought k were step k); a record without an image has no visual token to peak on, which is not a miss."""
+    from engine.eval.thoughts import aggregate
+
+    cells = [(0, 1), (1, 1)]
+    maps = [[0.0] * 16 for _ in range(4)]
+    for k, token in enumerate((1, 1, 5, 5)):  # thoughts 1-2 peak on cell (0, 1), thoughts 3-4 on (1, 1)
+        maps[k][token] = 1.0
+    with_image = _sample(maps)
+    no_image = _sample([[] for _ in range(4)], {"id": 1, "image": None})
+    result = aggregate([with_image, no_image], [cells, cells], grid=4, c_thought=2)
+    hits = result["peak_on_step_thought_position"]["0"]
+    assert hits["samples"] == 1
+    assert hits["peak_on_own_step"] == [1.0, 1.0, 1.0, 1.0]
+    assert hits["peak_on_step"] == [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+
+
+def test_the_stage_of_an_export_comes_from_its_runs_history(tmp_path):
+    from engine.eval.thoughts import _stage_of_export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    history = [{"epoch": 1, "stage": 0, "val_accuracy": 90.0}, {"epoch": 2, "stage": 1, "val_accuracy": 95.0},
+               {"epoch": 3, "stage": 2, "val_accuracy": 95.0}, {"epoch": 4, "stage": 3, "val_accuracy": 60.0}]
+    (run / "history.json").write_text(json.dumps(history))
+    assert _stage_of_export(run / "best") == 1  # the first of the best: what the trainer exported
+    assert _stage_of_export(run / "final") == 3 and _stage_of_export(run / "epoch_003") == 2
+    assert _stage_of_export(run / "epoch_009") is None and _stage_of_export(tmp_path / "elsewhere" / "best") is None
+
+
+def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path, tiny, capsys):
+    from engine.data.synthetic import generate_synthetic
+    from engine.eval.thoughts import main
+    from engine.model.loading import export_model
+
+    model, tok, proc = tiny
+    data = generate_synthetic(tmp_path / "data", n_train=0, n_val=2, hops=2, seed=4)
+    run = tmp_path / "run"
+    export_model(model, tok, proc, run / "final")
+    (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2, "no_thoughts": True}))
+    args = ["--model", str(run / "final"), "--data", str(data["val"]), "--n", "1", "--out", str(tmp_path / "out"),
+            "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit, match=r"trained without thoughts \(no_thoughts=true\)"):
+        main(args)
+    (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "0007_old.png").write_bytes(b"an earlier analysis")
+    (tmp_path / "out" / "notes.png").write_bytes(b"not ours")
+    main(args)
+    assert not (tmp_path / "out" / "0007_old.png").exists() and (tmp_path / "out" / "notes.png").exists()

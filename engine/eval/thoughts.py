@@ -1,6 +1,6 @@
 """What the continuous thoughts look at and what they say: attention over the image, lm_head decoding, norms.
 
-    python -m engine.eval.thoughts --model runs/synthetic-demo/best --data runs/synthetic-demo/data/val.jsonl \\
+    python -m engine.eval.thoughts --model runs/synthetic-demo/final --data runs/synthetic-demo/data/val.jsonl \\
         --n 16 --out runs/synthetic-demo/thoughts
 
 For every sample, one PNG: the image, then for each continuous thought a heatmap of the attention that the
@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +44,7 @@ from engine.utils.logging import get_logger
 log = get_logger("thoughts")
 
 HIDDEN_MATCH_TOL = 1e-3  # fp32: the two forwards agree to ~1e-6; a mismatch means the inputs differ
+_FIGURE = re.compile(r"^\d{4}_.*\.png$")  # a sample's figure: "<index>_<record id>.png"
 
 
 class ThoughtAnalysisError(RuntimeError):
@@ -295,7 +297,7 @@ def walk_cells_of(record: dict, grid: int | None) -> list[tuple[int, int]] | Non
 
 # ---------------------------------------------------------------------- the figure
 def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms: torch.Tensor, *, grid: int | None,
-                cells: list[tuple[int, int]] | None, path: Path) -> Path:
+                cells: list[tuple[int, int]] | None, path: Path, c_thought: int = 1) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,9 +307,11 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
 
     layers = sorted(sample.attention)
     k_count = len(sample.thought_positions)
-    columns = [(f"thought {k + 1}", {layer: sample.attention[layer][k] for layer in layers}, k) for k in range(k_count)]
+    # (label, maps, the thought's index, the step it stands for: thought k replaces step k // c_thought)
+    columns = [(f"thought {k + 1}", {layer: sample.attention[layer][k] for layer in layers}, k, k // c_thought)
+               for k in range(k_count)]
     if sample.answer_attention:
-        columns.append(("answer", sample.answer_attention, len(cells) - 1 if cells else None))
+        columns.append(("answer", sample.answer_attention, None, len(cells) - 1 if cells else None))
     cols = max(1, len(columns))
     fig = plt.figure(figsize=(2.6 * (cols + 1), 2.4 * (len(layers) + 1) + 0.6))
     spec = fig.add_gridspec(len(layers) + 1, cols + 1)
@@ -328,7 +332,7 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
     verdict = "" if sample.correct is None else (" (correct)" if sample.correct else " (wrong)")
     ax.set_title(f"answer {record.get('answer')!r}\npredicted {sample.prediction!r}{verdict}", fontsize=8)
     for li, layer in enumerate(layers):
-        for ci, (label, maps, step) in enumerate(columns):
+        for ci, (label, maps, thought, step) in enumerate(columns):
             ax = fig.add_subplot(spec[li, ci + 1])
             weights = maps[layer]
             if weights:
@@ -347,7 +351,7 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
                     ch = image.shape[0] / grid
                     ax.add_patch(matplotlib.patches.Rectangle((c * ch, r * ch), ch, ch, fill=False, ec="lime", lw=2))
             ax.set_axis_off()
-            mass = f"\nimage mass {sample.image_mass[layer][step]:.2f}" if label != "answer" else f"\nimage mass {sum(weights):.2f}"
+            mass = f"\nimage mass {sample.image_mass[layer][thought]:.2f}" if thought is not None else f"\nimage mass {sum(weights):.2f}"
             ax.set_title(f"{label}, layer {layer}{mass}", fontsize=7)
     # Bottom row: what each thought decodes to, and its norm against the token embeddings.
     ax = fig.add_subplot(spec[len(layers), 0])
@@ -383,6 +387,34 @@ def _run_settings(model_dir: Path) -> dict:
     return {}
 
 
+def _stage_of_export(model_dir: Path) -> int | None:
+    """The curriculum stage of the epoch an export holds (`epoch_NNN`, `final`: the last epoch, `best`: the best
+    validated one, by the trainer's rule), from its run's history.json; None when that cannot be told. `best` is
+    often an earlier stage's epoch than the last."""
+    try:
+        history = json.loads((model_dir.parent / "history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(history, list) or not history:
+        return None
+    name = model_dir.name
+    chosen = None
+    if name == "final":
+        chosen = history[-1]
+    elif name.startswith("epoch_") and name[6:].isdigit():
+        chosen = next((h for h in history if h.get("epoch") == int(name[6:])), None)
+    elif name == "best":
+        def metric(h):
+            if h.get("val_accuracy") is not None:
+                return h["val_accuracy"]
+            return -h["val_loss"] if h.get("val_loss") is not None else None
+
+        scored = [h for h in history if metric(h) is not None]
+        chosen = max(scored, key=metric, default=None)  # the first of equals, as the trainer keeps it
+    stage = chosen.get("stage") if isinstance(chosen, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
 def _grid_of(data_path: Path) -> int | None:
     from engine.data.synthetic import META_FILE
 
@@ -392,8 +424,9 @@ def _grid_of(data_path: Path) -> int | None:
     return None
 
 
-def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int | None) -> dict:
-    """Hit rates, norms and accuracy over the samples."""
+def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int | None, c_thought: int = 1) -> dict:
+    """Hit rates, norms and accuracy over the samples. The peak rates count the samples that show an image (one
+    without has no visual token to peak on: not a miss); thought k stands for step k // c_thought."""
     out: dict = {"num_samples": len(samples)}
     norms = [n for s in samples for n in s.norms]
     if norms:
@@ -410,7 +443,7 @@ def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int |
         for layer in sorted(samples[0].attention) if samples else []:
             totals, counts = None, None
             for sample, cells in zip(samples, cells_per_sample):
-                if not cells:
+                if not cells or not any(getattr(sample, attr)[layer]):
                     continue
                 hits = torch.tensor(peak_on_step(getattr(sample, attr)[layer], cells, grid), dtype=torch.float64)
                 if hits.numel() == 0:
@@ -426,14 +459,15 @@ def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int |
                 rates = (totals / counts.clamp(min=1)).tolist()
                 per_layer[str(layer)] = {
                     "peak_on_step": rates,
-                    "peak_on_own_step": [rates[k][k] for k in range(min(len(rates), len(rates[0])))],
+                    "peak_on_own_step": [rates[k][k // c_thought] for k in range(len(rates))
+                                         if k // c_thought < len(rates[0])],
                     "samples": int(counts[0, 0]),
                 }
         out[f"peak_on_step_{name}"] = per_layer
     answer = {}
     for layer in sorted(samples[0].attention) if samples else []:
         hits = [peak_on_step([s.answer_attention[layer]], cells, grid)[0]
-                for s, cells in zip(samples, cells_per_sample) if cells and s.answer_attention]
+                for s, cells in zip(samples, cells_per_sample) if cells and s.answer_attention and s.answer_attention[layer]]
         steps = {len(h) for h in hits}
         if hits and len(steps) == 1:
             answer[str(layer)] = {"peak_on_step": torch.tensor(hits, dtype=torch.float64).mean(0).tolist(), "samples": len(hits)}
@@ -460,9 +494,19 @@ def run(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         return value if value is not None else settings.get(name, default)
 
+    modes = [m for m in ("cot", "no_cot", "no_thoughts") if settings.get(m)]
+    if modes:
+        raise SystemExit(f"--model: the run that wrote {model_dir} trained without thoughts ({modes[0]}=true): there "
+                         "are no thoughts to analyse")
     c_thought, max_latent_stage = pick("c_thought", 1), pick("max_latent_stage", 3)
     pause = bool(pick("pause_as_thought", False))
-    stage = args.stage if args.stage is not None else max_latent_stage
+    stage = args.stage
+    if stage is None:
+        stage = _stage_of_export(model_dir)
+        if stage is None:
+            stage = max_latent_stage
+        else:
+            log.info("%s was exported at stage %d: its prompts are that stage's (--stage sets another)", model_dir, stage)
     curriculum = CurriculumConfig(
         c_thought=c_thought, max_latent_stage=max_latent_stage, pad_latent_to_max=bool(pick("pad_latent_to_max", False))
     )
@@ -493,10 +537,16 @@ def run(args: argparse.Namespace) -> dict:
         samples.extend(result)
     cells_per_sample = [walk_cells_of(s.record, grid) for s in samples]
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in out_dir.glob("*.png") if _FIGURE.match(p.name)]
+    for path in stale:  # an earlier analysis's figures would sit beside this one's summary
+        path.unlink()
+    if stale:
+        log.info("removed %d figures of an earlier analysis from %s", len(stale), out_dir)
     entries = []
     for i, (sample, cells) in enumerate(zip(samples, cells_per_sample)):
         name = f"{i:04d}_{sample.record['id']}.png"
-        plot_sample(sample, sample.record.get("image"), embedding_norms, grid=grid, cells=cells, path=out_dir / name)
+        plot_sample(sample, sample.record.get("image"), embedding_norms, grid=grid, cells=cells, path=out_dir / name,
+                    c_thought=c_thought)
         entry = {
             "id": sample.record["id"], "figure": name, "question": sample.record["question"],
             "answer": sample.record.get("answer"), "prediction": sample.prediction, "correct": sample.correct,
@@ -515,7 +565,7 @@ def run(args: argparse.Namespace) -> dict:
         "pause_as_thought": pause, "grid": grid, "layers": sorted(samples[0].attention) if samples else [],
         "embedding_norm": {"mean": float(embedding_norms.mean()), "p05": float(embedding_norms.quantile(0.05)),
                            "p50": float(embedding_norms.median()), "p95": float(embedding_norms.quantile(0.95))},
-        "aggregate": aggregate(samples, cells_per_sample, grid),
+        "aggregate": aggregate(samples, cells_per_sample, grid, c_thought),
         "samples": entries,
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -529,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="JSON-lines records (the trainer's format)")
     parser.add_argument("--out", required=True, help="folder for the figures and summary.json")
     parser.add_argument("--n", type=int, default=8, help="samples to analyse (the first N)")
-    parser.add_argument("--stage", type=int, default=None, help="curriculum stage of the prompts (default: max_latent_stage)")
+    parser.add_argument("--stage", type=int, default=None,
+                        help="curriculum stage of the prompts (default: the export's epoch's, else max_latent_stage)")
     parser.add_argument("--c-thought", dest="c_thought", type=int, default=None, help="default: the run's config.json, else 1")
     parser.add_argument("--max-latent-stage", dest="max_latent_stage", type=int, default=None,
                         help="default: the run's config.json, else 3")
