@@ -97,9 +97,11 @@ def test_stack_support_names_the_reason(tiny_model):
     assert "layer 1" in layer_stack_unsupported(lm) and "QK-norm" in layer_stack_unsupported(lm)
     del lm.layers[1].self_attn.q_norm
 
-    lm.rotary_emb.rope_type = "dynamic"
+    lm.rotary_emb.rope_type = "longrope"
     assert layer_stack_unsupported(lm) is None, "eager inference can run a host-dependent rope"
-    assert "dynamic" in layer_stack_unsupported(lm, graphs=True)
+    assert "longrope" in layer_stack_unsupported(lm, graphs=True)
+    lm.rotary_emb.rope_type = "dynamic"  # the default rope within its range, which its callers keep to
+    assert layer_stack_unsupported(lm, graphs=True) is None
     lm.rotary_emb.rope_type = "default"
 
     lm.config.hidden_act = "gelu"

@@ -30,14 +30,18 @@ from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
 from engine.model.compat import cache_kwargs, safe_attention
 from engine.model.generation import GenerationOptions, generate
+from engine.model.layers import rope_at_default, rope_default_limit
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.model.stack_pass import stack_pass
 from engine.model.vision_layers import fused_vision_layers
 from engine.model.patch_embedding import use_patch_products
 from engine.model.tiles import unique_tiles
 from engine.utils.device import host_copy, to_device
+from engine.utils.logging import get_logger
 from engine.utils.profiling import profile_range
 from engine.vocab import IGNORE_INDEX, tile_size_from_config, tokens_per_tile_from_config
+
+log = get_logger("model")
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 
@@ -312,12 +316,19 @@ class MultimodalCoconut(nn.Module):
         "" when none was called (the transformers passes, or no latents)."""
         return "; ".join(block.describe() for block in self._latent_blocks.values() if block.calls)
 
-    def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
-        """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
+    def _latent_block_runner(self, schedule: PassSchedule, device: torch.device, last_position: int):
+        """The LatentBlock for this forward (on inputs on `device`, positions up to ``last_position``), or None for
+        the transformers passes."""
         if schedule.one_position_passes == 0:
             return None
         mode = fast_paths.latent_passes(self, self._latent_passes_mode, device).choice
         if mode == "transformers":
+            return None
+        limit = rope_default_limit(self.language_model)
+        if limit is not None and (last_position >= limit or not rope_at_default(self.language_model.rotary_emb)):
+            # a dynamic rope past its default range rescales on the host: the transformers passes do that eagerly
+            log.warning("positions up to %d reach past the dynamic rope's default range (%d): this forward runs the "
+                        "transformers passes", last_position, limit)
             return None
         graphed = mode == "cuda_graph"
         # ZeRO-3 gathers the weights into fresh memory at every call: the graphs read staged copies of them
@@ -597,7 +608,9 @@ class MultimodalCoconut(nn.Module):
         schedule = batch.schedule
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
-        block = self._latent_block_runner(schedule, batch.input_ids.device)
+        host_positions = host_copy(batch.position_ids)  # the collator's: no device read
+        last_position = int(host_positions.max()) if host_positions is not None and host_positions.numel() else schedule.seq_len - 1
+        block = self._latent_block_runner(schedule, batch.input_ids.device, last_position)
         stack_ops = self._stack_pass_ops(batch.input_ids.device)
         chunks = schedule.chunks
         index = 0

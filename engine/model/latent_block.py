@@ -73,7 +73,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.layers import LayerGeometry, ReferenceOps, layer_geometry, masked_sdpa, run_layers
+from engine.model.layers import (
+    LayerGeometry,
+    ReferenceOps,
+    layer_geometry,
+    masked_sdpa,
+    rotary_cos_sin,
+    run_layers,
+)
 from engine.model.schedule import feed_thoughts
 from engine.utils.logging import get_logger
 
@@ -146,7 +153,7 @@ def latent_block(
     else:
         ops = ReferenceOps(lm)
     bucket = prefix_kv.shape[-2]
-    cos, sin = lm.rotary_emb(column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
+    cos, sin = rotary_cos_sin(lm, column_embeds, positions)  # (B, M + F, head_dim), in the embeddings' dtype
     # unbind, not indexing: the gradient of prefix_kv is then one stack of the pieces' gradients, where L * 2
     # indexed pieces each give a zero-filled gradient of the whole (L, 2, B, kv, P, D) tensor that autograd then
     # sums (302 MB each at the 1B geometry: ~15 ms of fills and adds per backward)

@@ -22,6 +22,7 @@ the paths is passed in:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -103,13 +104,45 @@ def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
     return list(language_model.layers[: language_model.config.num_hidden_layers])
 
 
-def rotary_host_dependent(language_model: nn.Module) -> str | None:
-    """Why the rotary embedding cannot be captured in a CUDA graph or tabulated by position (None when it can):
-    dynamic and longrope variants branch on the host on the position values."""
+def rope_default_limit(language_model: nn.Module) -> int | None:
+    """The positions below which a dynamic-NTK rotary embedding is its default one (transformers' dynamic rope
+    rescales its frequencies only for sequences past its original max_position_embeddings: 32,768 for InternVL3's
+    language models); None for a rope without such a limit."""
+    rotary = getattr(language_model, "rotary_emb", None)
+    if "dynamic" not in str(getattr(rotary, "rope_type", "default")):
+        return None
+    return int(getattr(rotary, "original_max_seq_len", None) or language_model.config.max_position_embeddings)
+
+
+def rotary_host_dependent(language_model: nn.Module, max_positions: int | None = None) -> str | None:
+    """Why the rotary embedding cannot be captured in a CUDA graph or tabulated by position for sequences of up to
+    ``max_positions`` positions (None when it can; None as ``max_positions``: within a dynamic rope's default range,
+    which its callers check per call): longrope branches on the host on the position values, and a dynamic rope
+    past its default range (`rope_default_limit`)."""
     rope_type = str(getattr(getattr(language_model, "rotary_emb", None), "rope_type", "default"))
-    if "dynamic" in rope_type or rope_type == "longrope":
+    if rope_type == "longrope":
         return f"rope type {rope_type!r} branches on the host on position values"
+    limit = rope_default_limit(language_model)
+    if limit is not None and max_positions is not None and max_positions > limit:
+        return f"rope type {rope_type!r} rescales its frequencies on the host past {limit} positions ({max_positions} asked for)"
     return None
+
+
+def rotary_cos_sin(language_model: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rotary cos and sin at ``positions`` (B, n), in x's dtype. A dynamic rope whose frequencies are
+    still its default ones runs transformers' own forward without its dynamic update: the update compares the
+    positions on the host, which a CUDA graph cannot hold, and changes nothing below `rope_default_limit` (callers
+    keep the positions there)."""
+    rotary = language_model.rotary_emb
+    if rope_default_limit(language_model) is not None and rope_at_default(rotary):
+        return inspect.unwrap(type(rotary).forward)(rotary, x, positions)
+    return rotary(x, positions)
+
+
+def rope_at_default(rotary: nn.Module) -> bool:
+    """A dynamic rope that has not grown its frequencies for a longer sequence (an eager call past its limit does;
+    its next call within the limit puts them back)."""
+    return int(getattr(rotary, "max_seq_len_cached", 0)) <= int(getattr(rotary, "original_max_seq_len", 0))
 
 
 def layer_stack_unsupported(

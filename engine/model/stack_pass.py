@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.layers import LayerGeometry, LayerOps, layer_geometry, masked_sdpa, run_layers
+from engine.model.layers import LayerGeometry, LayerOps, layer_geometry, masked_sdpa, rotary_cos_sin, run_layers
 
 
 class _CachePassAttention:
@@ -74,6 +74,6 @@ def stack_pass(
     (B, n); ``all_real``: whether the mask is all ones, when known on the host (`pass_mask`). Returns the last
     hidden states (B, n, H) after the final norm, as transformers' ``last_hidden_state``."""
     geometry = layer_geometry(language_model)
-    cos, sin = language_model.rotary_emb(inputs_embeds, position_ids)  # (B, n, head_dim)
+    cos, sin = rotary_cos_sin(language_model, inputs_embeds, position_ids)  # (B, n, head_dim)
     attention = _CachePassAttention(ops, geometry, cache, pass_mask(attention_mask, inputs_embeds.shape[1], all_real))
     return run_layers(language_model, inputs_embeds, cos, sin, attention, ops, geometry)

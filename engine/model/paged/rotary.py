@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.model.layers import rotary_host_dependent
+from engine.model.layers import rotary_cos_sin, rotary_host_dependent
 
 
 class RotaryTable:
@@ -22,7 +22,7 @@ class RotaryTable:
     def __init__(self, language_model: nn.Module, max_len: int, on_rebuild: Callable[[], None] | None = None):
         self.lm = language_model
         self.max_len = max_len
-        self.tabulated = rotary_host_dependent(language_model) is None
+        self.tabulated = rotary_host_dependent(language_model, max_positions=max_len) is None
         self.on_rebuild = on_rebuild
         self.table: torch.Tensor | None = None  # (2, max_len, head_dim)
         self._key: tuple | None = None
@@ -37,7 +37,7 @@ class RotaryTable:
             if self.table is not None and self.on_rebuild is not None:
                 self.on_rebuild()
             everywhere = torch.arange(self.max_len, device=x.device)
-            cos, sin = self.lm.rotary_emb(x, everywhere[None])
+            cos, sin = rotary_cos_sin(self.lm, x, everywhere[None])
             self.table, self._key = torch.stack([cos[0], sin[0]]), key
         both = self.table[:, positions]  # one gather
         return both[0], both[1]

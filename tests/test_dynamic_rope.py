@@ -1,0 +1,91 @@
+"""A dynamic-NTK rotary embedding (what InternVL3's published language-model configs carry) in the fast paths.
+
+Below its original max_position_embeddings it is the default rope, but transformers decides that on the host, at
+every call, from the positions: the fast paths (the latent block, the paged runner's table and CUDA graphs) were
+switched off for it. They now run it through `layers.rotary_cos_sin` while the positions stay in that range, and
+leave it to the transformers passes past it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engine.model.layers import rope_default_limit, rotary_cos_sin, rotary_host_dependent
+from tests.test_latent_block import aligned_batch, run
+
+LIMIT = 96  # the tiny model's max_position_embeddings here: the aligned batch fits, a long prompt does not
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def dynamic_model():
+    from engine import load_model
+
+    model, tok, _ = load_model("tiny", seed=0, model_overrides={"max_position_embeddings": LIMIT})
+    lm = model.language_model
+    config = copy.deepcopy(lm.config)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    lm.rotary_emb = type(lm.rotary_emb)(config=config)
+    model.eval()
+    return model, tok
+
+
+def test_a_dynamic_rope_is_its_default_one_within_its_range(dynamic_model):
+    model, _ = dynamic_model
+    lm, x = model.language_model, torch.zeros(1, 3, 8)
+    assert rope_default_limit(lm) == LIMIT and rotary_host_dependent(lm) is None
+    assert rotary_host_dependent(lm, max_positions=LIMIT) is None
+    assert "past 96 positions (97 asked for)" in rotary_host_dependent(lm, max_positions=LIMIT + 1)
+    inside = torch.arange(LIMIT)[None]
+    want = lm.rotary_emb(x, inside)
+    got = rotary_cos_sin(lm, x, inside)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    lm.rotary_emb(x, torch.arange(2 * LIMIT)[None])  # an eager call past the range grows the frequencies
+    shorter = inside[:, : LIMIT // 2]
+    try:
+        grown = rotary_cos_sin(lm, x, shorter)  # not the default any more: transformers' call, which puts them back
+        assert torch.equal(grown[0], want[0][:, : LIMIT // 2])
+    finally:
+        lm.rotary_emb(x, shorter)
+
+
+def test_the_latent_block_runs_a_dynamic_rope_as_the_transformers_passes_do(dynamic_model):
+    model, tok = dynamic_model
+    ids, mask, pv = aligned_batch(model, tok)
+    assert ids.shape[1] <= LIMIT
+    model._latent_blocks.clear()
+    ref, ref_grads = run(model, "transformers", ids, mask, pv)
+    out, grads = run(model, "static", ids, mask, pv, bucket=5, final_bucket=7)  # refused for this rope before
+    assert out.block_calls == 1
+    torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_positions_past_the_range_take_the_transformers_passes(dynamic_model):
+    model, tok = dynamic_model
+    ids, mask, pv = aligned_batch(model, tok)
+    pad = LIMIT + 8 - ids.shape[1]  # left padding and explicit positions past the range
+    long_ids = torch.cat([torch.full((ids.shape[0], pad), tok.pad_token_id), ids], 1)
+    long_mask = torch.cat([torch.ones(ids.shape[0], pad, dtype=mask.dtype), mask], 1)
+    model._latent_blocks.clear()
+    out, _ = run(model, "static", long_ids, long_mask, pv)
+    ref, _ = run(model, "transformers", long_ids, long_mask, pv)
+    assert out.block_calls == 0  # the block stood aside for this forward
+    torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+
+
+def test_the_paged_runner_tabulates_a_dynamic_rope_within_its_range(dynamic_model):
+    from engine.model.paged.runner import PagedRunner
+    from tests.test_generate import prompts
+
+    model, tok = dynamic_model
+    ids, mask, pv, _ = prompts(model, tok)
+    want = model.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1)
+    with PagedRunner(model) as runner:
+        assert runner.rotary.tabulated
+        assert torch.equal(runner.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1), want)
+    assert not PagedRunner(model, max_model_len=2 * LIMIT).rotary.tabulated
