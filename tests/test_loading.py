@@ -275,3 +275,41 @@ def test_the_image_processor_names_inputs_it_cannot_tile(tiny, tmp_path):
     with pytest.raises(ImageError, match="0x0 pixels: nothing to tile"):
         proc(Image.new("RGB", (0, 0)))
     assert proc(Image.new("L", (1, 1))).num_tiles == 1  # tiny, grey: converted and tiled
+
+
+def test_a_palette_image_keeps_its_opaque_colours(tiny, tmp_path):
+    """A palette PNG with a transparent index: converted to RGB it keeps that index's colour as a colour key, and
+    transformers' RGB conversion whitened every pixel of that colour, opaque ones too."""
+    from PIL import Image
+
+    _, _, proc = tiny
+    size = proc.tile_size
+    image = Image.new("P", (size, size), 2)
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 0] + [0] * 759)  # index 0 transparent black, index 2 opaque black
+    image.paste(0, (0, 0, size // 4, size))
+    path = tmp_path / "palette.png"
+    image.save(path, transparency=0)
+    for source in (path, Image.open(path)):
+        pixels = proc(source).pixel_values[0]
+        black = proc(Image.new("RGB", (size, size))).pixel_values[0]
+        assert torch.equal(pixels[:, :, size // 2], black[:, :, size // 2])  # the opaque black column stays black
+
+
+def test_an_image_past_the_decompression_limit_is_named(tiny, tmp_path):
+    import struct
+    import zlib
+
+    from engine.data.dataset import image_size
+    from engine.data.images import ImageError
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "huge.png"  # a header of 20000 x 20000 pixels
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    _, _, proc = tiny
+    with pytest.raises(ImageError, match=r"huge.png.*exceeds limit"):
+        proc(path)
+    with pytest.raises(ImageError, match=r"huge.png.*exceeds limit"):
+        image_size(str(path))

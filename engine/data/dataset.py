@@ -194,7 +194,7 @@ def image_size(path: str) -> tuple[int, int]:
             return img.size
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {path}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read the image header of {path}: {e}") from e
 
 

@@ -79,8 +79,8 @@ class ImageProcessor:
         try:
             with Image.open(path) as img:
                 img.load()  # decode now: truncated files fail here, not later in a worker
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                return plain_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageError(f"cannot decode image {path}: {e}") from e
 
     # ------------------------------------------------------------------ tiling
@@ -103,8 +103,8 @@ class ImageProcessor:
         source = image if not isinstance(image, Image.Image) else None
         if source is not None:
             image = self.load(source)
-        elif image.mode != "RGB":
-            image = image.convert("RGB")
+        else:
+            image = plain_rgb(image)
         if min(image.size) < 1:
             raise ImageError(f"{source or 'in-memory image'} is {image.size[0]}x{image.size[1]} pixels: nothing to tile")
         try:
@@ -137,6 +137,17 @@ class ImageProcessor:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.hf_processor.save_pretrained(str(path))
+
+
+def plain_rgb(image: Image.Image) -> Image.Image:
+    """The image as RGB pixels and nothing else, as InternVL's own loading gives them. A palette image with a
+    transparent index keeps that index's colour as a colour key once converted, and transformers' RGB conversion
+    then whitens every pixel of that colour, opaque ones included."""
+    rgb = image.convert("RGB") if image.mode != "RGB" else image
+    if "transparency" in rgb.info:
+        rgb = rgb.copy() if rgb is image else rgb  # the caller's image keeps its own info
+        rgb.info.pop("transparency")
+    return rgb
 
 
 def image_problem(path: str | os.PathLike) -> str | None:
