@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -313,3 +314,36 @@ def test_an_image_past_the_decompression_limit_is_named(tiny, tmp_path):
         proc(path)
     with pytest.raises(ImageError, match=r"huge.png.*exceeds limit"):
         image_size(str(path))
+
+
+def test_a_checkpoint_takes_no_model_overrides_and_its_image_token_must_be_the_tokenizers(tiny, tmp_path):
+    """Overrides were ignored for a checkpoint (a demo config's text_layers: 3 trained a 2-layer checkpoint without
+    a word); a config.json whose image_token_id is not the tokenizer's <IMG_CONTEXT> failed at the first batch,
+    blaming it."""
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    with pytest.raises(ValueError, match=r"model_overrides apply to the 'tiny' spec only; the checkpoint .* config.json"):
+        load_model(out, model_overrides={"text_layers": 3})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
+    with pytest.raises(CheckpointError, match=r"image_token_id is 5, but the tokenizer's <IMG_CONTEXT> is \d+"):
+        load_model(out)
+
+
+def test_latent_tokens_the_tokenizer_has_but_the_weights_do_not_get_their_rows(tiny):
+    """A tokenizer that already holds the latent tokens beside weights without their rows: the forward failed with
+    an index error."""
+    from engine.vocab import LATENT_TOKENS
+
+    model, tok, _ = tiny
+    base = copy.deepcopy(model.base)
+    tokenizer = copy.deepcopy(tok)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS]
+    base.resize_token_embeddings(min(ids))  # the weights end before the latent rows
+    assert add_latent_tokens(base, tokenizer) == tuple(ids)
+    weight = base.get_input_embeddings().weight
+    assert weight.shape[0] == len(tokenizer)
+    source = tokenizer.encode("<<", add_special_tokens=False)
+    source = source[0] if len(source) == 1 else tokenizer.eos_token_id
+    for i in ids:
+        assert torch.equal(weight[i], weight[source])

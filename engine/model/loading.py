@@ -260,10 +260,13 @@ def add_latent_tokens(base, tokenizer, init_token: str | None = "<<") -> tuple[i
     if missing:
         tokenizer.add_tokens(list(missing), special_tokens=True)
     ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
+    embeddings = base.get_input_embeddings()
+    # a tokenizer that has the tokens already, beside weights without their rows, gets the rows as new tokens do
+    uncovered = [t for t, i in zip(LATENT_TOKENS, ids) if i >= embeddings.num_embeddings and t not in missing]
+    missing += uncovered
     if not missing:
         return ids  # type: ignore[return-value]
 
-    embeddings = base.get_input_embeddings()
     if len(tokenizer) > embeddings.num_embeddings:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     source_id = None
@@ -385,6 +388,9 @@ def load_model(
         hf_processor = make_hf_image_processor(config.vision_config.image_size[0], max_tiles)
     else:
         path = Path(spec_str).expanduser()
+        if model_overrides:
+            raise ValueError(f"model_overrides apply to the 'tiny' spec only; the checkpoint {path} has its sizes in its "
+                             f"config.json (drop model_overrides, e.g. --set model_overrides={{}}); got {model_overrides}")
         _check_checkpoint_dir(path)
         try:  # a truncated weights file or weights of other sizes than config.json says: named, not a deep traceback
             base = InternVLForConditionalGeneration.from_pretrained(
@@ -401,6 +407,10 @@ def load_model(
         hf_processor = load_hf_image_processor(path)
         config = base.config
         _check_processor_tile(hf_processor, config, path)
+        image_token = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+        if getattr(config, "image_token_id", image_token) != image_token:  # the forward would find no image slots
+            raise CheckpointError(f"{path}: config.json's image_token_id is {config.image_token_id}, but the "
+                                  f"tokenizer's {IMAGE_CONTEXT_TOKEN} is {image_token}; make them agree")
 
     latent_ids = add_latent_tokens(base, tokenizer, init_token=init_token)
     if tokenizer.pad_token_id is None:
