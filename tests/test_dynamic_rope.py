@@ -89,3 +89,31 @@ def test_the_paged_runner_tabulates_a_dynamic_rope_within_its_range(dynamic_mode
         assert runner.rotary.tabulated
         assert torch.equal(runner.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1), want)
     assert not PagedRunner(model, max_model_len=2 * LIMIT).rotary.tabulated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_graphs_capture_a_dynamic_rope(dynamic_model):
+    """The captured latent block and the paged runner's captured steps with the dynamic rope give the transformers
+    passes' loss and gradients and the dynamic cache's tokens."""
+    from engine.model.paged.runner import PagedRunner
+    from tests.test_generate import prompts
+
+    model = copy.deepcopy(dynamic_model[0]).cuda().train()
+    tok = dynamic_model[1]
+    for seed in range(2):  # the first call captures, the second replays with new data
+        ids, mask, pv = aligned_batch(model, tok, seed=seed)
+        ids, mask, pv = ids.cuda(), mask.cuda(), pv.cuda()
+        ref, ref_grads = run(model, "transformers", ids, mask, pv)
+        out, grads = run(model, "cuda_graph", ids, mask, pv)
+        assert out.block_calls >= 1
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=0)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert sum(b.captures for (graphed, *_), b in model._latent_blocks.items() if graphed) == 1
+    model.eval()
+    ids, mask, pv, _ = prompts(model, tok)
+    ids, mask, pv = ids.cuda(), mask.cuda(), pv.cuda()
+    want = model.generate(ids, mask, pv, max_new_tokens=6, eos_token_id=-1)
+    with PagedRunner(model) as runner:
+        assert torch.equal(runner.generate(ids, mask, pv, max_new_tokens=6, eos_token_id=-1), want)
+        assert runner.graphs.captures > 0
