@@ -166,7 +166,8 @@ def internvl3_geometry_config(spec: str, tokenizer):
     """The InternVLConfig of a built-in geometry (`GEOMETRIES`); the image token id comes from our tokenizer.
 
     The published llm_configs also carry a dynamic-NTK rope scaling (factor 2) that only changes the rotary
-    frequencies beyond max_position_embeddings (32,768 positions): it is left out, as the latent block requires.
+    frequencies beyond max_position_embeddings (32,768 positions): it is left out, which changes nothing below that
+    (the fast paths run a checkpoint that has it as its default rope there: `layers.rotary_cos_sin`).
     """
     from transformers import InternVLConfig
 
