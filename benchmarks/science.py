@@ -93,6 +93,23 @@ def prepare_data(config, work: Path) -> tuple[Path, Path]:
     return data / "train.jsonl", data / "val.jsonl"
 
 
+def check_earlier_run(run_dir: Path, config_path: str, items: list[str]) -> None:
+    """SystemExit when the work folder holds this run trained with other settings than this command's: reusing its
+    results, or resuming it, would credit or mix another setup."""
+    from engine.training.config import guarded_config_changes, load_config
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # nothing trained there yet (or nothing readable: the trainer itself refuses an unreadable one)
+    changes = guarded_config_changes(saved, load_config(config_path, items).to_dict(), every_key=True)
+    changes.pop("num_workers", None)  # how many loader processes the run had, not what it trained
+    if changes:
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+        raise SystemExit(f"error: {run_dir} was trained with other settings than this command's ({shown}): use "
+                         "another --work (or --out), or delete that run")
+
+
 def finished_run(run_dir: Path, num_epochs: int) -> bool:
     """Whether an earlier launch already trained this run to its end (its history reaches num_epochs and its final
     export is there)."""
@@ -167,6 +184,11 @@ def run(args) -> Path:
             name = f"{method}-s{seed}"
             run_dir = work / "runs" / name
             log_path = work / "logs" / f"{name}.log"
+            items = _overrides(args) + METHODS[method][1] + [
+                f"seed={seed}", f"name={name}", f"save_path={work / 'runs'}", f"train_path={train}", f"val_path={val}",
+                "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
+            ]
+            check_earlier_run(run_dir, args.config, items)
             if finished_run(run_dir, config.num_epochs):  # an earlier command trained it: its results stand
                 summary = run_summary(method, seed, run_dir, 0, 0.0, log_path, "ok")
                 summary["reused"] = True
@@ -178,10 +200,7 @@ def run(args) -> Path:
             # a run an earlier command left unfinished goes on from its last checkpoint
             resume = ["resume=true"] if (run_dir / "checkpoints" / "latest").is_file() else []
             command = [sys.executable, str(ROOT / "recipes" / "train_coconut.py"), "--config", args.config]
-            for item in _overrides(args) + METHODS[method][1] + resume + [
-                f"seed={seed}", f"name={name}", f"save_path={work / 'runs'}", f"train_path={train}", f"val_path={val}",
-                "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
-            ]:
+            for item in items + resume:
                 command += ["--set", item]
             env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(port),
                        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -269,7 +288,7 @@ def check_parts(parts: list[dict], names: list[str]) -> None:
     seen: dict[tuple, str] = {}
     for part, name in zip(parts, names):
         for r in part["runs"]:
-            if r.get("status") != "ok":
+            if r.get("status") != "ok" or r.get("reused"):  # a run reused from an earlier part is that part's run
                 continue
             key = (r["method"], r["seed"])
             if key in seen and seen[key] != name:

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from engine.model.layers import rope_default_limit, rotary_cos_sin, rotary_host_dependent
+from engine.model.layers import rope_at_default, rope_default_limit, rotary_cos_sin, rotary_host_dependent
 from tests.test_latent_block import aligned_batch, run
 
 LIMIT = 96  # the tiny model's max_position_embeddings here: the aligned batch fits, a long prompt does not
@@ -65,17 +65,50 @@ def test_the_latent_block_runs_a_dynamic_rope_as_the_transformers_passes_do(dyna
         torch.testing.assert_close(grads[name], g, atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_positions_past_the_range_take_the_transformers_passes(dynamic_model):
-    model, tok = dynamic_model
+def long_batch(model, tok):
     ids, mask, pv = aligned_batch(model, tok)
-    pad = LIMIT + 8 - ids.shape[1]  # left padding and explicit positions past the range
+    pad = LIMIT + 8 - ids.shape[1]  # real tokens in front: positions past the range
     long_ids = torch.cat([torch.full((ids.shape[0], pad), tok.pad_token_id), ids], 1)
     long_mask = torch.cat([torch.ones(ids.shape[0], pad, dtype=mask.dtype), mask], 1)
+    return long_ids, long_mask, pv
+
+
+@pytest.mark.parametrize("layer_ops", ["reference", "fused"])
+def test_positions_past_the_range_take_the_transformers_passes(dynamic_model, layer_ops):
+    """The latent block and the stack passes (with the fused layer ops) both stand aside: computed without
+    transformers' update they would use the default frequencies where it rescales them."""
+    model, tok = dynamic_model
+    long_ids, long_mask, pv = long_batch(model, tok)
     model._latent_blocks.clear()
-    out, _ = run(model, "static", long_ids, long_mask, pv)
-    ref, _ = run(model, "transformers", long_ids, long_mask, pv)
+    ref, _ = run(model, "transformers", long_ids, long_mask, pv, layer_ops="reference")
+    out, _ = run(model, "static", long_ids, long_mask, pv, layer_ops=layer_ops)
     assert out.block_calls == 0  # the block stood aside for this forward
     torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+
+
+def test_a_forward_after_a_longer_one_gets_the_default_rope_back(dynamic_model):
+    """A forward past the range grows transformers' frequencies (another buffer). The next one within the range puts
+    them back before the block runs, and releases graphs captured over the old buffer."""
+    model, tok = dynamic_model
+    lm = model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config)  # fresh: its buffer is not yet the original's
+    ids, mask, pv = aligned_batch(model, tok)
+    ref, _ = run(model, "transformers", ids, mask, pv)
+    run(model, "static", ids, mask, pv)  # the block's first call
+    buffer = model.language_model.rotary_emb.inv_freq.data_ptr()  # what graphs captured now would read
+    run(model, "transformers", *long_batch(model, tok))  # grows the rope
+    assert not rope_at_default(model.language_model.rotary_emb)
+    released = []
+    original = type(model).release_latent_graphs
+    model.release_latent_graphs = lambda: (released.append(1), original(model))
+    try:
+        out, _ = run(model, "static", ids, mask, pv)
+    finally:
+        del model.release_latent_graphs
+    rotary = model.language_model.rotary_emb
+    assert rope_at_default(rotary) and out.block_calls >= 1
+    assert rotary.inv_freq.data_ptr() != buffer and released  # graphs over the old buffer are captured again
+    torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
 
 
 def test_the_paged_runner_tabulates_a_dynamic_rope_within_its_range(dynamic_model):
@@ -89,6 +122,10 @@ def test_the_paged_runner_tabulates_a_dynamic_rope_within_its_range(dynamic_mode
         assert runner.rotary.tabulated
         assert torch.equal(runner.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1), want)
     assert not PagedRunner(model, max_model_len=2 * LIMIT).rotary.tabulated
+    x = torch.zeros(1, 1, 8)
+    model.language_model.rotary_emb(x, torch.arange(2 * LIMIT)[None])  # grown by a longer eager call
+    with PagedRunner(model) as runner:  # its table is the default rope's all the same
+        assert torch.equal(runner.generate(ids, mask, pv, max_new_tokens=4, eos_token_id=-1), want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -188,3 +188,27 @@ def test_data_made_with_other_settings_is_refused_not_reused(tmp_path):
 def test_a_bad_override_is_one_line_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: c_thought must be >= 1, got 0$"):
         main(["run", "--out", str(tmp_path / "o"), "--smoke", "--seeds", "0", "--set", "c_thought=0"])
+
+
+def test_a_run_trained_with_other_settings_is_neither_reused_nor_resumed(tmp_path):
+    from benchmarks.science import check_earlier_run
+    from engine.training.config import load_config
+
+    run = tmp_path / "coconut-s0"
+    run.mkdir()
+    items = ["lr=0.001", "max_latent_stage=2", "num_workers=1"]
+    (run / "config.json").write_text(json.dumps(load_config("recipes/configs/synthetic_demo.yaml", items).to_dict()))
+    check_earlier_run(run, "recipes/configs/synthetic_demo.yaml", ["lr=0.001", "max_latent_stage=2", "num_workers=3"])
+    with pytest.raises(SystemExit, match=r"trained with other settings than this command's \(lr: 0.001 -> 0.002"):
+        check_earlier_run(run, "recipes/configs/synthetic_demo.yaml", ["lr=0.002", "max_latent_stage=2"])
+    check_earlier_run(tmp_path / "never-trained", "recipes/configs/synthetic_demo.yaml", items)
+
+
+def test_a_run_reused_in_a_later_part_counts_once(tmp_path):
+    """Seeds 0-2 cut short, then seed 2 again into the same --out: its finished runs are reused into the new part."""
+    first = _part(tmp_path / "science_part_s0-1-2.json", [0, 1, 2], [_run("coconut", s, 90.0 + s, 3.0) for s in (0, 1, 2)]
+                  + [_run("cot", 2, 0.0, 0.0, status="stopped at the time limit")])
+    again = _part(tmp_path / "science_part_s2.json", [2], [{**_run("coconut", 2, 92.0, 3.0), "reused": True},
+                                                          _run("cot", 2, 99.0, 40.0)])
+    combined = aggregate([first, again], tmp_path / "out")
+    assert combined["methods"]["coconut"]["seeds"] == [0, 1, 2] and combined["methods"]["cot"]["seeds"] == [2]

@@ -242,6 +242,11 @@ def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path,
             "--max-new-tokens", "2"]
     with pytest.raises(SystemExit, match=r"trained without thoughts \(no_thoughts=true\)"):
         main(args)
+    (run / "history.json").write_text(json.dumps([{"epoch": 1, "stage": 0, "val_accuracy": 50.0}]))
+    (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2}))
+    with pytest.raises(SystemExit, match=r"exported at stage 0 .* give --stage"):
+        main(args)
+    (run / "history.json").unlink()
     (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "0007_old.png").write_bytes(b"an earlier analysis")

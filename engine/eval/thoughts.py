@@ -505,6 +505,9 @@ def run(args: argparse.Namespace) -> dict:
         stage = _stage_of_export(model_dir)
         if stage is None:
             stage = max_latent_stage
+        elif stage == 0:
+            raise SystemExit(f"--model: {model_dir} was exported at stage 0 (a chain of thought: its prompts hold no "
+                             "thoughts); analyse a later epoch's export, or give --stage")
         else:
             log.info("%s was exported at stage %d: its prompts are that stage's (--stage sets another)", model_dir, stage)
     curriculum = CurriculumConfig(

@@ -30,7 +30,7 @@ from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
 from engine.model.compat import cache_kwargs, safe_attention
 from engine.model.generation import GenerationOptions, generate
-from engine.model.layers import rope_at_default, rope_default_limit
+from engine.model.layers import restore_default_rope, rope_default_limit
 from engine.model.schedule import PassSchedule, build_schedule, feed_thoughts, position_ids_from_mask
 from engine.model.stack_pass import stack_pass
 from engine.model.vision_layers import fused_vision_layers
@@ -316,19 +316,31 @@ class MultimodalCoconut(nn.Module):
         "" when none was called (the transformers passes, or no latents)."""
         return "; ".join(block.describe() for block in self._latent_blocks.values() if block.calls)
 
-    def _latent_block_runner(self, schedule: PassSchedule, device: torch.device, last_position: int):
-        """The LatentBlock for this forward (on inputs on `device`, positions up to ``last_position``), or None for
-        the transformers passes."""
+    def _rope_in_default_range(self, last_position: int, device: torch.device) -> bool:
+        """Whether this forward's positions (up to ``last_position``) keep a dynamic-NTK rope on its default
+        frequencies, where the fast paths (the latent block, the stack passes) compute it without transformers'
+        host-side update; True for other ropes. A rope an earlier, longer forward grew is put back first, and the
+        latent graphs, captured over its old frequency buffer, are released to be captured again."""
+        limit = rope_default_limit(self.language_model)
+        if limit is None:
+            return True
+        if last_position >= limit:  # transformers rescales past it, on the host: its passes do that eagerly
+            log.warning("positions up to %d reach past the dynamic rope's default range (%d): this forward runs the "
+                        "transformers passes", last_position, limit)
+            return False
+        rotary = self.language_model.rotary_emb
+        restore_default_rope(self.language_model, device, self.dtype)
+        if rotary.inv_freq.data_ptr() != getattr(self, "_rope_buffer", None):
+            self.release_latent_graphs()
+            self._rope_buffer = rotary.inv_freq.data_ptr()
+        return True
+
+    def _latent_block_runner(self, schedule: PassSchedule, device: torch.device):
+        """The LatentBlock for this forward (on inputs on `device`), or None for the transformers passes."""
         if schedule.one_position_passes == 0:
             return None
         mode = fast_paths.latent_passes(self, self._latent_passes_mode, device).choice
         if mode == "transformers":
-            return None
-        limit = rope_default_limit(self.language_model)
-        if limit is not None and (last_position >= limit or not rope_at_default(self.language_model.rotary_emb)):
-            # a dynamic rope past its default range rescales on the host: the transformers passes do that eagerly
-            log.warning("positions up to %d reach past the dynamic rope's default range (%d): this forward runs the "
-                        "transformers passes", last_position, limit)
             return None
         graphed = mode == "cuda_graph"
         # ZeRO-3 gathers the weights into fresh memory at every call: the graphs read staged copies of them
@@ -610,8 +622,9 @@ class MultimodalCoconut(nn.Module):
         prev_last = None  # (B, H): hidden state of the last position computed so far
         host_positions = host_copy(batch.position_ids)  # the collator's: no device read
         last_position = int(host_positions.max()) if host_positions is not None and host_positions.numel() else schedule.seq_len - 1
-        block = self._latent_block_runner(schedule, batch.input_ids.device, last_position)
-        stack_ops = self._stack_pass_ops(batch.input_ids.device)
+        fast = self._rope_in_default_range(last_position, batch.input_ids.device)
+        block = self._latent_block_runner(schedule, batch.input_ids.device) if fast else None
+        stack_ops = self._stack_pass_ops(batch.input_ids.device) if fast else None
         chunks = schedule.chunks
         index = 0
         while index < len(chunks):

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.model.layers import rotary_cos_sin, rotary_host_dependent
+from engine.model.layers import restore_default_rope, rotary_cos_sin, rotary_host_dependent
 
 
 class RotaryTable:
@@ -37,6 +37,7 @@ class RotaryTable:
             if self.table is not None and self.on_rebuild is not None:
                 self.on_rebuild()
             everywhere = torch.arange(self.max_len, device=x.device)
+            restore_default_rope(self.lm, x.device, x.dtype)  # a grown dynamic rope would tabulate its grown values
             cos, sin = rotary_cos_sin(self.lm, x, everywhere[None])
             self.table, self._key = torch.stack([cos[0], sin[0]]), key
         both = self.table[:, positions]  # one gather
