@@ -87,6 +87,8 @@ def test_a_checkpoint_of_other_ranks_is_refused_before_it_loads_with_the_way_on(
                                               r"new run from its export \(--set load_model_path=.*epoch_001 --set resume=1"):
         Trainer(make_config(tmp_path, num_epochs=2, resume=True)).run()
     assert not loads  # refused before DeepSpeed read anything
+    launches = json.loads((first.run_dir / "run.json").read_text())["launches"]
+    assert len(launches) == 1  # and before the refused launch was recorded
 
 
 def test_a_resumed_run_that_began_at_an_epoch_keeps_its_schedule(tmp_path):
@@ -189,3 +191,20 @@ def test_validation_loss_counts_every_sample_once_on_any_number_of_ranks(tmp_pat
         validator.loss(Engine(), 1)
     total, count = (sum(s[i] for s in sums) for i in range(2))
     assert total / count == pytest.approx(alone, rel=1e-6)
+
+
+def test_a_zero3_run_resumes_exactly(tmp_path):
+    """The model fingerprint saved with a ZeRO-3 checkpoint hashed the partitioned parameters' empty shapes, and
+    after the load (parameters gathered) it never matched: every ZeRO-3 resume was refused."""
+    whole = Trainer(make_config(tmp_path / "a", zero_stage=3, num_epochs=2))
+    whole.run()
+    Trainer(make_config(tmp_path / "b", zero_stage=3, num_epochs=1)).run()
+    resumed = Trainer(make_config(tmp_path / "b", zero_stage=3, num_epochs=2, resume=True))
+    resumed.run()
+    from safetensors.torch import load_file
+
+    want = load_file(str(whole.run_dir / "final" / "model.safetensors"))
+    got = load_file(str(resumed.run_dir / "final" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name

@@ -71,9 +71,17 @@ def configure_model(model, config: TrainConfig) -> None:
         raise ConfigError(f"liger_kernels={config.liger_kernels!r}: {e}") from e
 
 
-def model_fingerprint(model) -> str:
-    """Names and shapes of the parameters: what a checkpoint must match to be loadable."""
-    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+def model_fingerprint(model, *, partitioned_as_empty: bool = False) -> str:
+    """Names and shapes of the parameters: what a checkpoint must match to be loadable. A ZeRO-3 parameter's shape is
+    its whole one (`ds_shape`): its own is (0,) while partitioned and whole while gathered, so the fingerprint saved
+    with a checkpoint never matched the one after loading it. ``partitioned_as_empty``: that earlier fingerprint, which
+    checkpoints written under ZeRO-3 before still carry."""
+    def shape(p):
+        if partitioned_as_empty and hasattr(p, "ds_shape"):
+            return (0,)
+        return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+    text = ";".join(f"{n}:{shape(p)}" for n, p in model.named_parameters())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -245,6 +245,12 @@ class RunDirectory:
                 f"(each ZeRO stage saves its own layout) and this launch has zero_stage={config.zero_stage}: resume with "
                 f"--set zero_stage={saved['zero_stage']}"
             )
+        try:
+            latest = latest_tag(self.checkpoints)
+        except CheckpointError:
+            latest = None  # a `latest` naming a lost checkpoint: the load chooses another and checks it then
+        if latest is not None:  # before this launch is recorded: a refused one changes nothing here
+            self._check_ranks(latest, (read_manifest(self.checkpoints / latest) or {}).get("world_size"))
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:
@@ -317,18 +323,21 @@ class RunDirectory:
             return tag, (read_manifest(self.checkpoints / tag) or {}).get("world_size")
 
         tag, ranks = run_on_main(choose, self.env)
+        self._check_ranks(tag, ranks)
+        state = load_checkpoint(engine, self.checkpoints, tag)
+        self.last_checkpoint = self.checkpoints / tag
+        return tag, state
+
+    def _check_ranks(self, tag: str, ranks: int | None) -> None:
+        """An exact resume needs the checkpoint's ranks: ZeRO-1/2/3 partition it per rank, and a ZeRO-0 one would load
+        and go on with another global batch and data order (``ranks``: its manifest's; None before manifests had it)."""
         if ranks is not None and ranks != self.env.world_size:
-            # an exact resume needs the checkpoint's ranks: ZeRO-1/2/3 partition it per rank, and a ZeRO-0 one would
-            # load and go on with another global batch and data order
             epoch = checkpoint_epoch(self.checkpoints / tag)
             raise CheckpointMismatchError(
                 f"checkpoint {self.checkpoints / tag} was written by {ranks} ranks and this launch has "
                 f"{self.env.world_size}: resume with {ranks}, or start a new run from its export (--set load_model_path="
                 f"{self.path / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>)"
             )
-        state = load_checkpoint(engine, self.checkpoints, tag)
-        self.last_checkpoint = self.checkpoints / tag
-        return tag, state
 
     def last_good_checkpoint(self) -> Path | None:
         """For error messages: the checkpoint a resume would continue from."""

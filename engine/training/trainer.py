@@ -234,7 +234,8 @@ class Trainer:
 
     def _resume(self) -> None:
         tag, state = self.run_directory.load_latest(self.engine)
-        if state.get("model_fingerprint") not in (None, model_fingerprint(self.model)):
+        known = (None, model_fingerprint(self.model), model_fingerprint(self.model, partitioned_as_empty=True))
+        if state.get("model_fingerprint") not in known:
             raise CheckpointMismatchError(
                 f"checkpoint {self.run_directory.checkpoints / tag} was written for another model configuration"
             )
