@@ -18,7 +18,7 @@ import torch
 from engine.training.checkpoint import CheckpointError
 from engine.training.config import ConfigError
 from engine.training.trainer import Trainer
-from tests.test_trainer import make_config
+from tests.test_trainer import crash_in_epoch, make_config
 
 
 def train_rows(run_dir, attempt=None) -> list[dict]:
@@ -97,17 +97,7 @@ def test_a_resumed_run_that_began_at_an_epoch_keeps_its_schedule(tmp_path):
     settings = dict(lr_schedule="linear", warmup_steps=0, num_epochs=3, resume=1)
     whole = Trainer(make_config(tmp_path / "a", **settings))
     whole.run()
-    interrupted = Trainer(make_config(tmp_path / "b", **settings))
-    original = interrupted.train_epoch
-
-    def crash_in_third_epoch(epoch, stage):
-        if epoch == 2:
-            raise RuntimeError("simulated crash")
-        return original(epoch, stage)
-
-    interrupted.train_epoch = crash_in_third_epoch
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        interrupted.run()
+    crash_in_epoch(Trainer(make_config(tmp_path / "b", **settings)), 2)
     resumed = Trainer(make_config(tmp_path / "b", **{**settings, "resume": True}))
     resumed.run()
     assert [r["lr"] for r in train_rows(resumed.run_dir)] == [r["lr"] for r in train_rows(whole.run_dir)]

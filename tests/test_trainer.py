@@ -39,6 +39,20 @@ def make_config(tmp_path, **overrides):
     return config_from_dict(values)
 
 
+def crash_in_epoch(trainer, crashing: int) -> None:
+    """Run `trainer` until epoch ``crashing`` (0-based) raises at its start: a crash after the epochs before it."""
+    original = trainer.train_epoch
+
+    def train_epoch(epoch, stage):
+        if epoch == crashing:
+            raise RuntimeError("simulated crash")
+        return original(epoch, stage)
+
+    trainer.train_epoch = train_epoch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.run()
+
+
 def trained_parameters(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
@@ -90,17 +104,7 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     reference.run()
     expected = trained_parameters(reference)
 
-    interrupted = Trainer(make_config(tmp_path / "b", reset_optimizer=True))
-    original = interrupted.train_epoch
-
-    def crash_in_third_epoch(epoch, stage):
-        if epoch == 2:
-            raise RuntimeError("simulated crash")
-        return original(epoch, stage)
-
-    interrupted.train_epoch = crash_in_third_epoch
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        interrupted.run()
+    crash_in_epoch(Trainer(make_config(tmp_path / "b", reset_optimizer=True)), 2)
     ckpt = tmp_path / "b" / "runs" / "t" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "epoch_002"
 
