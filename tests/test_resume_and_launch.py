@@ -198,3 +198,22 @@ def test_a_zero3_run_resumes_exactly(tmp_path):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_a_file_system_without_locks_lets_the_run_go_on(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on some network file systems: that must not stop every launch."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    engine_log = logging.getLogger("coconut")
+    engine_log.addHandler(caplog.handler)
+    try:
+        Trainer(make_config(tmp_path, num_epochs=1)).run()
+    finally:
+        engine_log.removeHandler(caplog.handler)
+    assert "cannot lock run directory" in caplog.text and "No locks available" in caplog.text

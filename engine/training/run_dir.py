@@ -107,6 +107,10 @@ def lock_run_directory(path: Path) -> None:
         os.close(fd)
         raise ConfigError(f"run directory {path} is in use by another launch ({holder}): wait for it to end, or use "
                           "another name (--set name=...)") from None
+    except OSError as e:  # a file system without locks (some network ones): the run goes on, unguarded
+        os.close(fd)
+        log.warning("cannot lock run directory %s (%s): a second launch into it would not be stopped", path, e)
+        return
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
     _HELD_LOCKS[key] = fd
