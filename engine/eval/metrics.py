@@ -36,6 +36,14 @@ def normalize_answer(text: str) -> str:
     return text.rstrip(".!?;:").strip()
 
 
+def validation_score(record: dict) -> float | None:
+    """How an epoch's validation ranks for `<run>/best` (higher is better): its answer accuracy, else its loss
+    negated; None when it was not validated."""
+    if record.get("val_accuracy") is not None:
+        return record["val_accuracy"]
+    return -record["val_loss"] if record.get("val_loss") is not None else None
+
+
 def nearest_choice(prediction: str, choices: Sequence[str]) -> str:
     """Map a free-form answer to one of the choices (exact normalised match first, then string similarity)."""
     if not choices:

@@ -404,13 +404,10 @@ def _stage_of_export(model_dir: Path) -> int | None:
     elif name.startswith("epoch_") and name[6:].isdigit():
         chosen = next((h for h in history if h.get("epoch") == int(name[6:])), None)
     elif name == "best":
-        def metric(h):
-            if h.get("val_accuracy") is not None:
-                return h["val_accuracy"]
-            return -h["val_loss"] if h.get("val_loss") is not None else None
+        from engine.eval.metrics import validation_score
 
-        scored = [h for h in history if metric(h) is not None]
-        chosen = max(scored, key=metric, default=None)  # the first of equals, as the trainer keeps it
+        scored = [h for h in history if validation_score(h) is not None]
+        chosen = max(scored, key=validation_score, default=None)  # the first of equals, as the trainer keeps it
     stage = chosen.get("stage") if isinstance(chosen, dict) else None
     return stage if isinstance(stage, int) else None
 

@@ -185,15 +185,21 @@ def generate(
         return _generate(model, input_ids, attention_mask, pixel_values, options, runner)
 
 
+def positions_used(prompt_length: int, max_new_tokens: int) -> int:
+    """The positions a row's generation fills: its prompt and the new tokens but the last, which is returned, never
+    fed (both caches check this against their limit)."""
+    return prompt_length + max_new_tokens - 1
+
+
 def position_room_problem(batch, max_new_tokens: int, limit: int) -> str | None:
     """What is wrong when prompt and new tokens exceed the model's positions (None when they fit), as the paged cache
-    checks them against its max_model_len: the last new token is returned, never fed, so a row uses length +
-    max_new_tokens - 1 positions."""
+    checks them against its max_model_len."""
     longest = int(batch.attention_mask.sum(1).max())
-    if longest + max_new_tokens - 1 <= limit:
+    needed = positions_used(longest, max_new_tokens)
+    if needed <= limit:
         return None
-    return (f"the longest prompt ({longest} tokens) and max_new_tokens={max_new_tokens} need {longest + max_new_tokens - 1} "
-            f"positions, more than the model's max_position_embeddings={limit}: shorten the prompt or generate fewer tokens")
+    return (f"the longest prompt ({longest} tokens) and max_new_tokens={max_new_tokens} need {needed} positions, "
+            f"more than the model's max_position_embeddings={limit}: shorten the prompt or generate fewer tokens")
 
 
 @contextlib.contextmanager

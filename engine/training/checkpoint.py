@@ -171,7 +171,9 @@ def choose_resume_checkpoint(checkpoint_dir: str | Path) -> str:
 
 
 def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state: dict, *, is_main: bool, keep: int,
-                    run_id: str | None = None) -> Path:
+                    run_id: str | None = None, world_size: int = 1) -> Path:
+    """Save under a temporary tag, write the manifest (with ``world_size``, the ranks that wrote it: a resume needs
+    the same), then move it into place and point `latest` at it."""
     checkpoint_dir = Path(checkpoint_dir)
     tag = epoch_tag(epoch)
     tmp_tag = f"{TMP_PREFIX}{tag}"
@@ -185,7 +187,7 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state
     if is_main:
         tmp = checkpoint_dir / tmp_tag
         info = {"tag": tag, "run_id": run_id, "epoch": epoch, "global_step": client_state.get("global_step"),
-                "world_size": _world_size(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "world_size": world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_manifest(tmp, info)
         fsync_tree(tmp)
         replace_directory(tmp, checkpoint_dir / tag)
@@ -193,12 +195,6 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state
         prune_checkpoints(checkpoint_dir, keep, run_id)
     barrier()
     return checkpoint_dir / tag
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int, run_id: str | None) -> list[str]:

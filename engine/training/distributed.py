@@ -134,20 +134,17 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return (t / torch.distributed.get_world_size()).tolist()
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    return values if world == 1 else [v / world for v in all_reduce_sum(values, device)]
 
 
 def all_gather_objects(obj):

@@ -254,7 +254,7 @@ class RunDirectory:
         except CheckpointError:
             latest = None  # a `latest` naming a lost checkpoint: the load chooses another and checks it then
         if latest is not None:  # before this launch is recorded: a refused one changes nothing here
-            self._check_ranks(latest, (read_manifest(self.checkpoints / latest) or {}).get("world_size"))
+            self._check_ranks(latest, self._ranks_of(latest))
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:
@@ -316,7 +316,7 @@ class RunDirectory:
     def save_checkpoint(self, engine, epoch: int, state: dict, *, keep: int) -> Path:
         run_id = self.info.run_id if self.info else None
         self.last_checkpoint = save_checkpoint(engine, self.checkpoints, epoch, state, is_main=self.env.is_main,
-                                               keep=keep, run_id=run_id)
+                                               keep=keep, run_id=run_id, world_size=self.env.world_size)
         return self.last_checkpoint
 
     def load_latest(self, engine) -> tuple[str, dict]:
@@ -324,13 +324,17 @@ class RunDirectory:
         returns (tag, the trainer state saved with it)."""
         def choose() -> tuple[str, int | None]:
             tag = choose_resume_checkpoint(self.checkpoints)
-            return tag, (read_manifest(self.checkpoints / tag) or {}).get("world_size")
+            return tag, self._ranks_of(tag)
 
         tag, ranks = run_on_main(choose, self.env)
         self._check_ranks(tag, ranks)
         state = load_checkpoint(engine, self.checkpoints, tag)
         self.last_checkpoint = self.checkpoints / tag
         return tag, state
+
+    def _ranks_of(self, tag: str) -> int | None:
+        """The ranks that wrote checkpoint ``tag``, from its manifest (None before manifests had them)."""
+        return (read_manifest(self.checkpoints / tag) or {}).get("world_size")
 
     def _check_ranks(self, tag: str, ranks: int | None) -> None:
         """An exact resume needs the checkpoint's ranks: ZeRO-1/2/3 partition it per rank, and a ZeRO-0 one would load

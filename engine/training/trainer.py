@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from engine.data.dataset import check_stages, max_steps, stage_for_epoch
 from engine.data.records import load_records
 from engine.eval.evaluate import official_predictions
+from engine.eval.metrics import validation_score
 from engine.eval.thoughts import thought_norm_stats
 from engine.training import data
 from engine.training.checkpoint import CheckpointMismatchError
@@ -339,9 +340,7 @@ class Trainer:
 
     def _update_best(self, record: dict) -> None:
         """Export `<run>/best` when this epoch's validation (accuracy, else loss) is the best so far."""
-        metric = record.get("val_accuracy")
-        if metric is None and record.get("val_loss") is not None:
-            metric = -record["val_loss"]
+        metric = validation_score(record)
         if metric is not None and (self.best_metric is None or metric > self.best_metric):
             self.best_metric, self.best_epoch = metric, record["epoch"]
             self.export("best")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.model.generation import positions_used
 from engine.model.paged.cache import PagedKVCache, image_digest
 from engine.model.tiles import fingerprints
 from engine.utils.device import to_device
@@ -83,8 +84,7 @@ def plan_prompt(
     rows, width = ids.shape
     lengths = mask.sum(1).tolist()
     pads = [width - n for n in lengths]
-    # the last new token is returned, never fed: the cache holds the prompt and max_new_tokens - 1 of them
-    too_long = [b for b in range(rows) if lengths[b] + max_new_tokens - 1 > max_model_len]
+    too_long = [b for b in range(rows) if positions_used(lengths[b], max_new_tokens) > max_model_len]
     if too_long:
         raise ValueError(
             f"rows {too_long} need more than max_model_len={max_model_len} positions (prompt + "
