@@ -429,8 +429,9 @@ class QuestionDataset(_ImageTextDataset):
 
     The thoughts follow the training rules (`num_latents_for_stage`, no `uniform_prob`). A record whose steps
     are not known (`steps: null`, a test split without rationales) is taken to have `max_latent_stage` of them,
-    so it gets the stage's usual thoughts; one with no steps (`[]`) gets none, as in training. `__getitem__(i)` returns `{"input_ids": (T,) long, "pixel_values": (tiles, 3, H, W) or None,
-    "num_latents": int, "record": dict, "index": int}`.
+    so it gets the stage's usual thoughts; one with no steps (`[]`) gets none, as in training. `__getitem__(i)`
+    returns `{"input_ids": (T,) long, "pixel_values": (tiles, 3, H, W) or None, "num_latents": int, "record": dict,
+    "index": int}`.
     """
 
     needs_answer = False
@@ -442,11 +443,11 @@ class QuestionDataset(_ImageTextDataset):
         self._tiles: list[int] = []
         self._latents: list[int] = []
         stepless = 0
+        _, usual = num_latents_for_stage(self.stage, config.max_latent_stage, config)  # a record's with steps unknown
         for record, question in zip(self.records, questions):
             steps = record["steps"]
-            num_steps = config.max_latent_stage if steps is None else len(steps)
-            _, n_latents = num_latents_for_stage(self.stage, num_steps, config)
-            stepless += steps == [] and n_latents < num_latents_for_stage(self.stage, config.max_latent_stage, config)[1]
+            n_latents = usual if steps is None else num_latents_for_stage(self.stage, len(steps), config)[1]
+            stepless += steps == [] and n_latents < usual
             before, after = self.markers(n_latents)
             self._text.append(np.asarray(question + before + after, dtype=np.int64))
             self._tiles.append(self.num_tiles(record))

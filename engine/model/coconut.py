@@ -316,20 +316,23 @@ class MultimodalCoconut(nn.Module):
         "" when none was called (the transformers passes, or no latents)."""
         return "; ".join(block.describe() for block in self._latent_blocks.values() if block.calls)
 
-    def _rope_in_default_range(self, last_position: int, device: torch.device) -> bool:
-        """Whether this forward's positions (up to ``last_position``) keep a dynamic-NTK rope on its default
-        frequencies, where the fast paths (the latent block, the stack passes) compute it without transformers'
-        host-side update; True for other ropes. A rope an earlier, longer forward grew is put back first, and the
-        latent graphs, captured over its old frequency buffer, are released to be captured again."""
+    def _rope_in_default_range(self, batch) -> bool:
+        """Whether this forward's positions keep a dynamic-NTK rope on its default frequencies, where the fast paths
+        (the latent block, the stack passes) compute it without transformers' host-side update; True for other
+        ropes. A rope an earlier, longer forward grew is put back first, and the latent graphs, captured over its
+        old frequency buffer, are released to be captured again."""
         limit = rope_default_limit(self.language_model)
         if limit is None:
             return True
+        host_positions = host_copy(batch.position_ids)  # the collator's: no device read
+        has_host = host_positions is not None and host_positions.numel()
+        last_position = int(host_positions.max()) if has_host else batch.schedule.seq_len - 1
         if last_position >= limit:  # transformers rescales past it, on the host: its passes do that eagerly
             log.warning("positions up to %d reach past the dynamic rope's default range (%d): this forward runs the "
                         "transformers passes", last_position, limit)
             return False
         rotary = self.language_model.rotary_emb
-        restore_default_rope(self.language_model, device, self.dtype)
+        restore_default_rope(self.language_model, batch.input_ids.device, self.dtype)
         if rotary.inv_freq.data_ptr() != getattr(self, "_rope_buffer", None):
             self.release_latent_graphs()
             self._rope_buffer = rotary.inv_freq.data_ptr()
@@ -620,9 +623,7 @@ class MultimodalCoconut(nn.Module):
         schedule = batch.schedule
         hidden_chunks, input_chunks = [], []
         prev_last = None  # (B, H): hidden state of the last position computed so far
-        host_positions = host_copy(batch.position_ids)  # the collator's: no device read
-        last_position = int(host_positions.max()) if host_positions is not None and host_positions.numel() else schedule.seq_len - 1
-        fast = self._rope_in_default_range(last_position, batch.input_ids.device)
+        fast = self._rope_in_default_range(batch)
         block = self._latent_block_runner(schedule, batch.input_ids.device) if fast else None
         stack_ops = self._stack_pass_ops(batch.input_ids.device) if fast else None
         chunks = schedule.chunks

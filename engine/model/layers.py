@@ -139,16 +139,15 @@ def rotary_cos_sin(language_model: nn.Module, x: torch.Tensor, positions: torch.
     return rotary(x, positions)
 
 
-def restore_default_rope(language_model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+def restore_default_rope(language_model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Put a grown dynamic rope back on its default frequencies (eagerly: transformers' own update does it for a
-    call within its range) before positions within the range are computed from it. Returns whether it had grown:
-    its frequency buffer is then another tensor, which a CUDA graph captured before would read at a stale address."""
+    call within its range) before positions within the range are computed from it. Its frequency buffer may then
+    be another tensor, which a CUDA graph captured before would read at a stale address."""
     rotary = getattr(language_model, "rotary_emb", None)
     if rope_default_limit(language_model) is None or rope_at_default(rotary):
-        return False
+        return
     position = torch.zeros(1, 1, dtype=torch.long, device=device)
     rotary(torch.zeros(1, 1, 1, device=device, dtype=dtype), position)
-    return True
 
 
 def rope_at_default(rotary: nn.Module) -> bool:
