@@ -277,6 +277,7 @@ class Trainer:
         samples, tokens = 0, 0
         skipped_before = int(getattr(engine, "skipped_steps", 0))  # DeepSpeed's count of steps skipped on overflow
         start = time.perf_counter()
+        step_lr = engine.get_lr()[0]
         data_iter = iter(loader)
         for micro in range(micro_steps):
             with profile_range("train/data"):
@@ -292,18 +293,21 @@ class Trainer:
             with profile_range("train/backward"):
                 self.pacer.before_backward()
                 engine.backward(loss)
+            boundary = (micro + 1) % gas == 0
+            if boundary:
+                step_lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())
             with profile_range("train/optimizer"):
                 engine.step()
             losses.add(loss, self.global_step)
             # an optimizer step ended here (DeepSpeed's is_gradient_accumulation_boundary, read after step(), is about
             # the next micro-batch)
-            if (micro + 1) % gas == 0:
+            if boundary:
                 self.global_step += 1
                 if self.global_step % cfg.log_every_steps == 0:
                     mean = losses.collect()  # the one synchronisation of a log interval
                     settle_skipped_steps(engine)  # the device step's skips, read while the host waits anyway
                     thoughts = self._thought_stats(out.hidden_states, batch["input_ids"])
-                    self.metrics.log("train", self.global_step, loss=mean, lr=engine.get_lr()[0], stage=stage, **thoughts)
+                    self.metrics.log("train", self.global_step, loss=mean, lr=step_lr, stage=stage, **thoughts)
                     rate = samples * self.env.world_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{mean:.3f}", stage=stage, samples_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
@@ -324,7 +328,7 @@ class Trainer:
             "train_samples_per_second": samples * self.env.world_size / elapsed,
             "train_tokens_per_second": tokens * self.env.world_size / elapsed,
             "train_seconds": elapsed,
-            "lr": engine.get_lr()[0],
+            "lr": step_lr,  # the rate of the epoch's last step
         }
 
     def _thought_stats(self, hidden_states, input_ids) -> dict:
