@@ -178,25 +178,32 @@ def run(args) -> Path:
     running: dict = {}
     port = args.base_port
     deadline = start + args.time_limit_s if args.time_limit_s else None
+    def run_items(method: str, seed: int) -> list[str]:
+        return _overrides(args) + METHODS[method][1] + [
+            f"seed={seed}", f"name={method}-s{seed}", f"save_path={work / 'runs'}", f"train_path={train}",
+            f"val_path={val}", "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
+        ]
+
+    # runs an earlier command finished count first: reusing them costs no time, so the time limit never drops them
+    for method, seed in list(queue):
+        name = f"{method}-s{seed}"
+        run_dir = work / "runs" / name
+        check_earlier_run(run_dir, args.config, run_items(method, seed))
+        if finished_run(run_dir, config.num_epochs):  # an earlier command trained it: its results stand
+            queue.remove((method, seed))
+            summary = run_summary(method, seed, run_dir, 0, 0.0, work / "logs" / f"{name}.log", "ok")
+            summary["reused"] = True
+            payload["runs"].append(summary)
+            atomic_write_json(part, payload)
+            print(f"[science] {name}: finished by an earlier command, reused (final accuracy "
+                  f"{summary.get('final_accuracy')})", flush=True)
     while queue or running:
         while queue and len(running) < args.max_parallel and (deadline is None or time.perf_counter() < deadline):
             method, seed = queue.pop(0)
             name = f"{method}-s{seed}"
             run_dir = work / "runs" / name
             log_path = work / "logs" / f"{name}.log"
-            items = _overrides(args) + METHODS[method][1] + [
-                f"seed={seed}", f"name={name}", f"save_path={work / 'runs'}", f"train_path={train}", f"val_path={val}",
-                "save_only_improve=true", "keep_checkpoints=1", f"num_workers={workers}",
-            ]
-            check_earlier_run(run_dir, args.config, items)
-            if finished_run(run_dir, config.num_epochs):  # an earlier command trained it: its results stand
-                summary = run_summary(method, seed, run_dir, 0, 0.0, log_path, "ok")
-                summary["reused"] = True
-                payload["runs"].append(summary)
-                atomic_write_json(part, payload)
-                print(f"[science] {name}: finished by an earlier command, reused (final accuracy "
-                      f"{summary.get('final_accuracy')})", flush=True)
-                continue
+            items = run_items(method, seed)
             # a run an earlier command left unfinished goes on from its last checkpoint
             resume = ["resume=true"] if (run_dir / "checkpoints" / "latest").is_file() else []
             command = [sys.executable, str(ROOT / "recipes" / "train_coconut.py"), "--config", args.config]

@@ -212,3 +212,22 @@ def test_a_run_reused_in_a_later_part_counts_once(tmp_path):
                                                           _run("cot", 2, 99.0, 40.0)])
     combined = aggregate([first, again], tmp_path / "out")
     assert combined["methods"]["coconut"]["seeds"] == [0, 1, 2] and combined["methods"]["cot"]["seeds"] == [2]
+
+
+def test_finished_runs_are_reused_even_past_the_time_limit(tmp_path, capsys):
+    """Reusing costs no time: a run an earlier command finished counts even when the limit leaves no time to start
+    any run (it was reported 'not started' once the limit had passed before its turn in the queue)."""
+    from engine.training.config import load_config
+
+    out, work = tmp_path / "o", tmp_path / "w"
+    num_epochs = load_config("recipes/configs/synthetic_demo.yaml", []).num_epochs
+    done = work / "runs" / "cot-s0"
+    (done / "final").mkdir(parents=True)
+    (done / "history.json").write_text(json.dumps(
+        [{"epoch": e + 1, "stage": 0, "val_accuracy": 80.0 + e, "tokens_per_answer": 9.0} for e in range(num_epochs)]))
+    main(["run", "--out", str(out), "--work", str(work), "--config", "recipes/configs/synthetic_demo.yaml",
+          "--seeds", "0", "--methods", "coconut,cot", "--time-limit-s", "1e-9", "--set", "synthetic.n_train=8",
+          "--set", "synthetic.n_val=2"])
+    runs = {r["method"]: r for r in json.loads((out / "science_part_s0.json").read_text())["runs"]}
+    assert runs["cot"]["status"] == "ok" and runs["cot"]["reused"] and runs["cot"]["final_accuracy"] == 80.0 + num_epochs - 1
+    assert runs["coconut"]["status"] == "not started (time limit)"
