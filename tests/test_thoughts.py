@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +227,28 @@ def test_the_stage_of_an_export_comes_from_its_runs_history(tmp_path):
     assert _stage_of_export(run / "best") == 1  # the first of the best: what the trainer exported
     assert _stage_of_export(run / "final") == 3 and _stage_of_export(run / "epoch_003") == 2
     assert _stage_of_export(run / "epoch_009") is None and _stage_of_export(tmp_path / "elsewhere" / "best") is None
+
+
+def test_each_export_records_its_own_stage(tmp_path):
+    """A run stopped before its end has no history.json: the exports' own record tells their stage (the analysis
+    took max_latent_stage for them)."""
+    from engine.eval.thoughts import _stage_of_export
+    from engine.training.config import config_from_dict
+    from engine.training.trainer import Trainer
+
+    config = config_from_dict(dict(
+        name="r", save_path=str(tmp_path), model_id="tiny", device="cpu", zero_stage=0,
+        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+        synthetic={"n_train": 8, "n_val": 2, "hops": 2, "seed": 3}, max_latent_stage=2, epochs_per_stage=1,
+        num_epochs=3, batch_size_training=4, eval_batch_size=2, max_new_tokens=4, save_only_improve=False,
+    ))
+    run = Path(Trainer(config).run()["run_dir"])
+    history = json.loads((run / "history.json").read_text())
+    (run / "history.json").unlink()
+    assert [_stage_of_export(run / f"epoch_{h['epoch']:03d}") for h in history] == [h["stage"] for h in history] == [0, 1, 2]
+    assert _stage_of_export(run / "final") == 2
+    best = json.loads((run / "best" / "coconut_training_state.json").read_text())
+    assert _stage_of_export(run / "best") == history[best["epoch"] - 1]["stage"]
 
 
 def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path, tiny, capsys):

@@ -388,9 +388,21 @@ def _run_settings(model_dir: Path) -> dict:
 
 
 def _stage_of_export(model_dir: Path) -> int | None:
-    """The curriculum stage of the epoch an export holds (`epoch_NNN`, `final`: the last epoch, `best`: the best
-    validated one, by the trainer's rule), from its run's history.json; None when that cannot be told. `best` is
-    often an earlier stage's epoch than the last."""
+    """The curriculum stage of the epoch an export holds: what the export itself records (`EXPORT_STATE_FILE`),
+    else, for an export without it, from its run's history.json (`epoch_NNN`, `final`: the last epoch, `best`: the
+    best validated one, by the trainer's rule; a run stopped early has no history.json yet); None when that
+    cannot be told. `best` is often an earlier stage's epoch than the last."""
+    from engine.model.loading import EXPORT_STATE_FILE
+
+    try:
+        stage = json.loads((model_dir / EXPORT_STATE_FILE).read_text()).get("stage")
+        if isinstance(stage, int) and not isinstance(stage, bool):
+            return stage
+        log.warning("%s holds no integer stage; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
+    except OSError:
+        pass
+    except (ValueError, AttributeError):
+        log.warning("%s is not a JSON object; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
     try:
         history = json.loads((model_dir.parent / "history.json").read_text())
     except (OSError, ValueError):

@@ -319,10 +319,16 @@ def _check_checkpoint_dir(path: Path) -> None:
         raise CheckpointError(f"checkpoint directory {path} is missing: {'; '.join(missing)}")
 
 
-def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProcessor, out_dir: str | os.PathLike) -> Path:
+EXPORT_STATE_FILE = "coconut_training_state.json"
+
+
+def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProcessor, out_dir: str | os.PathLike,
+                 *, training_state: dict | None = None) -> Path:
     """Write a transformers-format checkpoint (safetensors weights, config, tokenizer with the latent tokens,
     image processor, and the processor config that transformers' `AutoProcessor` reads: InternVL's, with this
-    model's image tokens per tile) that `load_model(out_dir)` and `load_model_path` accept.
+    model's image tokens per tile) that `load_model(out_dir)` and `load_model_path` accept. `training_state` (the
+    trainer's epoch, curriculum stage and step of these weights) goes into `EXPORT_STATE_FILE`, so the export says
+    itself which stage's prompts it was trained on, whatever became of its run's other files.
 
     Written into a temporary sibling directory and renamed into place (`engine.utils.io.atomic_directory`: fsynced,
     ordinary permissions), so an interrupted export never leaves a half-written checkpoint at `out_dir`; an
@@ -337,6 +343,8 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
         # without it AutoProcessor would put 256 <IMG_CONTEXT> per tile, whatever the model's pixel shuffle gives
         processor_config = {"processor_class": "InternVLProcessor", "image_seq_length": image_processor.tokens_per_tile}
         (Path(tmp) / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+        if training_state is not None:
+            (Path(tmp) / EXPORT_STATE_FILE).write_text(json.dumps(training_state, indent=2) + "\n")
     return out_dir
 
 

@@ -358,8 +358,10 @@ class RunDirectory:
         return self.checkpoints / tag if tag else None
 
     # ------------------------------------------------------------------ exports
-    def export(self, model, tokenizer, image_processor, name: str, *, zero_stage: int) -> Path:
-        """Export the current weights in the transformers format (gathered from all ranks under ZeRO-3)."""
+    def export(self, model, tokenizer, image_processor, name: str, *, zero_stage: int,
+               training_state: dict | None = None) -> Path:
+        """Export the current weights in the transformers format (gathered from all ranks under ZeRO-3), with
+        `training_state` (epoch, stage, step) beside them."""
         out_dir = self.path / name
         gather = nullcontext()
         if zero_stage == 3:
@@ -368,7 +370,7 @@ class RunDirectory:
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         with gather:
             if self.env.is_main:
-                export_model(model, tokenizer, image_processor, out_dir)
+                export_model(model, tokenizer, image_processor, out_dir, training_state=training_state)
                 log.info("exported %s", out_dir)
         barrier()
         return out_dir

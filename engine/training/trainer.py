@@ -338,22 +338,27 @@ class Trainer:
         return thought_norm_stats(hidden_states, input_ids, self.model.latent_id, weight)
 
     # ------------------------------------------------------------------ checkpoints and exports
-    def export(self, name: str) -> Path:
+    def export(self, name: str, record: dict | None = None) -> Path:
+        """`record`: the history row of the epoch whose weights these are (none before the first epoch)."""
+        state = None
+        if record is not None:
+            state = {"run_id": self.run_info.run_id, "epoch": record["epoch"], "stage": record["stage"],
+                     "global_step": self.global_step}
         return self.run_directory.export(self.model, self.tokenizer, self.image_processor, name,
-                                         zero_stage=self.config.zero_stage)
+                                         zero_stage=self.config.zero_stage, training_state=state)
 
     def _update_best(self, record: dict) -> None:
         """Export `<run>/best` when this epoch's validation (accuracy, else loss) is the best so far."""
         metric = validation_score(record)
         if metric is not None and (self.best_metric is None or metric > self.best_metric):
             self.best_metric, self.best_epoch = metric, record["epoch"]
-            self.export("best")
+            self.export("best", record)
 
     def _after_epoch(self, epoch: int, record: dict) -> None:
         cfg = self.config
         self._update_best(record)
         if not cfg.save_only_improve:  # the original's per-epoch weights, as a loadable export
-            self.export(f"epoch_{epoch + 1:03d}")
+            self.export(f"epoch_{epoch + 1:03d}", record)
         state = {
             "epoch": epoch + 1,
             "stage": record["stage"],
@@ -368,7 +373,7 @@ class Trainer:
         self.run_directory.save_checkpoint(self.engine, epoch + 1, state, keep=cfg.keep_checkpoints)
 
     def _finish(self) -> dict:
-        self.export("final")
+        self.export("final", self.history[-1] if self.history else None)
         result = {"history": self.history, "best_epoch": self.best_epoch, "run_dir": str(self.run_dir)}
         if self.env.is_main:
             table, plot = self.run_directory.write_reports(self.history, self.config.name)
