@@ -347,3 +347,73 @@ def test_latent_tokens_the_tokenizer_has_but_the_weights_do_not_get_their_rows(t
     source = source[0] if len(source) == 1 else tokenizer.eos_token_id
     for i in ids:
         assert torch.equal(weight[i], weight[source])
+
+
+def _hf_checkpoint(path, *, tie: bool, vocab: int | None = None):
+    """A checkpoint as transformers' save_pretrained writes it (the -hf releases), not through the engine."""
+    from transformers import InternVLForConditionalGeneration
+
+    from engine.data.images import make_hf_image_processor
+    from engine.model.loading import TinyModelConfig, tiny_internvl_config
+
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    source = InternVLForConditionalGeneration(tiny_internvl_config(tok, TinyModelConfig(tie_word_embeddings=tie)))
+    if vocab is not None:
+        source.resize_token_embeddings(vocab)
+    source.save_pretrained(path)
+    tok.save_pretrained(path)
+    make_hf_image_processor(source.config.vision_config.image_size[0]).save_pretrained(path)
+    return source, tok
+
+
+def test_a_separate_lm_head_is_kept_where_config_json_says_nothing_of_the_tie(tmp_path):
+    """A config.json without the top-level tie flag (transformers then assumes a tie) beside a separate lm_head:
+    the load kept the head, then the latent tokens' resize tied it to the embeddings, dropping it."""
+    source, tok = _hf_checkpoint(tmp_path / "c", tie=False)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    model, _, _ = load_model(tmp_path / "c")
+    head, embed = model.base.get_output_embeddings().weight, model.base.get_input_embeddings().weight
+    rows = source.lm_head.weight.shape[0]
+    assert head is not embed and torch.equal(head[:rows], source.lm_head.weight)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        want = source(input_ids=ids).logits
+        got = model.base(input_ids=ids).logits[..., :rows]
+    torch.testing.assert_close(got, want)
+
+
+def test_weights_missing_from_the_files_or_a_tokenizer_past_the_vocabulary_are_refused(tmp_path):
+    """Both loaded without a word: missing tensors started at random (transformers only logs them), and tokens past
+    the embedding table got random rows when the latent tokens resized it."""
+    from safetensors.torch import load_file, save_file
+
+    _hf_checkpoint(tmp_path / "c", tie=False)
+    weights = tmp_path / "c" / "model.safetensors"
+    tensors = load_file(weights)
+    head = next(k for k in tensors if k.endswith("lm_head.weight"))
+    del tensors[head]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"c: the weights lack 1 tensor\(s\) .*\(lm_head.weight\)"):
+        load_model(tmp_path / "c")
+    _, tok = _hf_checkpoint(tmp_path / "v", tie=True, vocab=100)
+    with pytest.raises(CheckpointError, match=rf"the tokenizer has {len(tok)} tokens but the model's embedding table has 100 rows"):
+        load_model(tmp_path / "v")
+
+
+def test_config_json_of_the_original_layout_or_not_an_object_and_a_broken_processor_are_named(tiny, tmp_path):
+    empty = tmp_path / "c"
+    empty.mkdir()
+    (empty / "config.json").write_text("null")
+    with pytest.raises(CheckpointError, match=r"config.json is not a JSON object \(it holds a NoneType\)"):
+        load_model(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"]}))
+    with pytest.raises(CheckpointError, match=r"original InternVL layout .*-hf.*convert_internvl_weights_to_hf"):
+        load_model(empty)
+    model, tok, proc = tiny
+    out = export_model(model, tok, proc, tmp_path / "export")
+    (out / "preprocessor_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"export: the image processor cannot be loaded"):
+        load_model(out)

@@ -289,6 +289,31 @@ def add_latent_tokens(base, tokenizer, init_token: str | None = "<<") -> tuple[i
     return ids  # type: ignore[return-value]
 
 
+def _check_loaded_weights(base, info: dict, path: Path) -> None:
+    """Weights config.json names but the files lack would start random (transformers only logs them), and a
+    separate lm_head loaded beside a config that says "tied" would be replaced by the embeddings at the next
+    resize (`add_latent_tokens`): the first is refused, the second recorded as untied."""
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: the weights lack {len(missing)} tensor(s) the config.json model has ({shown}); "
+                              "a partial or other-architecture checkpoint would start those at random")
+    if head is not None and not tied:
+        for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+
+
+def _check_vocabulary(base, tokenizer, path: Path) -> None:
+    """Tokens past the embedding table would get random rows when the latent tokens resize it."""
+    known = len([t for t in tokenizer.get_vocab() if t not in LATENT_TOKENS])
+    rows = base.get_input_embeddings().num_embeddings
+    if known > rows:
+        raise CheckpointError(f"{path}: the tokenizer has {known} tokens but the model's embedding table has "
+                              f"{rows} rows (config.json's vocab_size): the tokenizer is not this checkpoint's")
+
+
 def _check_checkpoint_dir(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist (a spec must be one of {BUILTIN_SPECS} or a local directory)")
@@ -301,6 +326,14 @@ def _check_checkpoint_dir(path: Path) -> None:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object (it holds a {type(config).__name__})")
+    if config.get("model_type") == "internvl_chat":
+        raise CheckpointError(
+            f"{config_file} is the original InternVL layout (model_type 'internvl_chat', remote code); this engine "
+            "loads the transformers format: use the '-hf' release (e.g. OpenGVLab/InternVL3-1B-hf) or convert this "
+            "one with transformers' models/internvl/convert_internvl_weights_to_hf.py (in its source repository)"
+        )
     if config.get("model_type") != "internvl":
         raise CheckpointError(
             f"{config_file} has model_type {config.get('model_type')!r}; expected 'internvl' "
@@ -402,19 +435,26 @@ def load_model(
                              f"config.json (drop model_overrides, e.g. --set model_overrides={{}}); got {model_overrides}")
         _check_checkpoint_dir(path)
         try:  # a truncated weights file or weights of other sizes than config.json says: named, not a deep traceback
-            base = InternVLForConditionalGeneration.from_pretrained(
-                str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
+            base, info = InternVLForConditionalGeneration.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation,
+                output_loading_info=True,
             )
         except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
             raise CheckpointError(f"{path}: the model cannot be loaded from its config.json and weights "
                                   f"({type(e).__name__}: {first_line(e)})") from e  # fmt: skip
+        _check_loaded_weights(base, info, path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its tokenizer files "
                                   f"({type(e).__name__}: {first_line(e)})") from e  # fmt: skip
-        hf_processor = load_hf_image_processor(path)
+        try:
+            hf_processor = load_hf_image_processor(path)
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError or its own types here
+            raise CheckpointError(f"{path}: the image processor cannot be loaded from preprocessor_config.json / "
+                                  f"processor_config.json ({type(e).__name__}: {first_line(e)})") from e  # fmt: skip
         config = base.config
+        _check_vocabulary(base, tokenizer, path)
         _check_processor_tile(hf_processor, config, path)
         image_token = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
         if getattr(config, "image_token_id", image_token) != image_token:  # the forward would find no image slots
