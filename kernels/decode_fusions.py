@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kernels.paged_kv import (
     _check_cache,
+    index_tensor,
     decode_attention_launch,
     paged_decode_attention_reference,
     paged_kv_write_reference,
@@ -261,6 +262,10 @@ def rms_norm(
     n, hidden = x.shape[-2:]
     if weight.shape != (hidden,):
         raise ValueError(f"weight must be ({hidden},), got {tuple(weight.shape)}")
+    want = residual.dtype if partial_sums else x.dtype
+    if weight.dtype != want or weight.device != x.device:  # torch's RMSNorm would promote; this kernel writes x's dtype
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must have x's dtype and device ({want}, {x.device})")
+    weight = weight if weight.is_contiguous() else weight.contiguous()  # read by position
     if residual is not None:
         residual = _rows(residual, "residual")
         if residual.shape != x.shape[-2:] or (residual.dtype != x.dtype and not partial_sums):
@@ -378,9 +383,13 @@ def _check_partial_qkv(q, k, v) -> None:
 
 def _check_new_tokens(name, q, k, v, cos, sin, key_cache, value_cache, slots):
     """The checks of the kernels that rotate new tokens and store their K/V at ``slots``; returns q, k, v, cos, sin
-    as the kernels take them (last dimensions contiguous). 4-D q, k, v are split-K partial sums
-    (`_check_partial_qkv` passed): one split is checked as the tokens' values, whatever its dtype."""
+    as the kernels take them (last dimensions contiguous) and the slots contiguous. 4-D q, k, v are split-K partial
+    sums (`_check_partial_qkv` passed): one split is checked as the tokens' values, whatever its dtype."""
     _check_cache(key_cache, value_cache)
+    for arg, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if t.device != key_cache.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, the caches on {key_cache.device}")
+    slots = index_tensor(slots, "slots", 1, key_cache.device)
     partial = q.dim() == 4
     one_k, one_v = (k[0], v[0]) if partial else (k, v)
     if one_v.shape != one_k.shape or key_cache.shape[2:] != one_k.shape[1:] or slots.shape != (one_k.shape[0],):
@@ -393,9 +402,9 @@ def _check_new_tokens(name, q, k, v, cos, sin, key_cache, value_cache, slots):
     if partial:  # the rotary checks on one split; the kernel reads every split with the same strides
         _, _, cos, sin = _check_rotary(q[0], k[0], cos, sin)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return q, k, v, cos, sin
+        return q, k, v, cos, sin, slots
     q, k, cos, sin = _check_rotary(q, k, cos, sin)
-    return q, k, (v if v.stride(-1) == 1 else v.contiguous()), cos, sin
+    return q, k, (v if v.stride(-1) == 1 else v.contiguous()), cos, sin, slots
 
 
 def rotary_kv_write(
@@ -412,7 +421,7 @@ def rotary_kv_write(
     stored at ``slots`` (N,) of the paged caches ([num_blocks, block_size, kv_heads, D], slot -1 skipped), in
     place. Returns the rotated q (new, contiguous). Inputs may be strided views (the last dimension contiguous);
     k and v must have the cache's dtype (the cast would round differently in the interpreter)."""
-    q, k, v, cos, sin = _check_new_tokens("rotary_kv_write", q, k, v, cos, sin, key_cache, value_cache, slots)
+    q, k, v, cos, sin, slots = _check_new_tokens("rotary_kv_write", q, k, v, cos, sin, key_cache, value_cache, slots)
     n, q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if n:
@@ -481,8 +490,8 @@ def rotary_paged_decode_attention(
             raise ValueError(f"the caches must share a dtype, got {key_cache.dtype} and {value_cache.dtype}")
     elif q.dtype != key_cache.dtype:  # the kernel rounds the rotated q to the cache's dtype for its dots
         raise ValueError(f"q ({q.dtype}) must have the cache's dtype ({key_cache.dtype})")
-    q, k, v, cos, sin = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache, value_cache,
-                                          slots)  # fmt: skip
+    q, k, v, cos, sin, slots = _check_new_tokens("rotary_paged_decode_attention", q, k, v, cos, sin, key_cache,
+                                                 value_cache, slots)  # fmt: skip
     return decode_attention_launch(q, key_cache, value_cache, block_tables, context_lens, (k, v, cos, sin, slots),
                                    **attention_options)  # fmt: skip
 

@@ -85,9 +85,12 @@ def decode_linear_config(
     sweeps at the InternVL3-1B, -2B and -8B geometries on an H200 (`benchmarks.bench_decode_linear`,
     benchmarks/RESULTS.md): with the norm that sums the splits, 9% under cuBLAS + norm on average over the o and down
     products at batch 1-64, at worst 7% over it (fewer splits win some shapes, no simple rule wins more)."""
+    if min(rows, out_features, in_features) < 0 or sm_count < 1:
+        raise ValueError(f"decode_linear_config needs sizes >= 0 and sm_count >= 1, got rows={rows}, "
+                         f"out_features={out_features}, in_features={in_features}, sm_count={sm_count}")
     block_n, block_k = 64, 128
     tiles = triton.cdiv(out_features, block_n) * triton.cdiv(rows, MAX_BLOCK_M)
-    steps = triton.cdiv(in_features, block_k)
+    steps = max(triton.cdiv(in_features, block_k), 1)  # an empty reduction still has one (zero) step
     splits = max(1, min(sm_count // max(tiles, 1), steps))
     splits = triton.cdiv(steps, triton.cdiv(steps, splits))  # whole steps per split leave no split empty
     stage_bytes = (_block_m(rows) + block_n) * block_k * element_size  # an x tile and a weight tile per stage

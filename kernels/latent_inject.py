@@ -382,7 +382,9 @@ def _backward(ctx, grad):
             rows = image_index[:, start:end].clamp(min=0).reshape(-1).long()  # -1 -> row 0, with a zero gradient
             grad_image.index_add_(0, rows, torch.where(use_image[..., None], grad, zero).reshape(-1, grad.shape[-1]))
     if need[7] and has_latent:
-        grad_latent = torch.where(use_latent[..., None], grad, zero).sum(1, dtype=torch.float32).to(grad.dtype)
+        # summed in fp32 at least (bf16 sums of a chunk's rows would round at every add), in fp64 for fp64
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        grad_latent = torch.where(use_latent[..., None], grad, zero).sum(1, dtype=acc).to(grad.dtype)
     return None, grad_weight, None, None, None, grad_image, None, grad_latent, None
 
 

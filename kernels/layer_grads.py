@@ -568,6 +568,7 @@ def rms_norm_grad(
     weight must have the input's dtype, as the fused kernels round in it)."""
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match the input's {x.dtype}")
+    weight = weight if weight.is_contiguous() else weight.contiguous()  # both kernels read it by position
     shape = x.shape
     rows = _rows_view(x)
     if residual is None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_kv import LOG2E, _attend_reference, _check_queries, _dot_precision, gather_kv
+from kernels.paged_kv import LOG2E, _attend_reference, _check_queries, _dot_precision, gather_kv, index_tensor
 
 
 @triton.jit
@@ -119,11 +119,22 @@ def paged_chunk_attention(
     q: (N, q_heads, head_dim), sequence s owning rows ``query_start_loc[s] : query_start_loc[s + 1]`` (an empty
     chunk is allowed); block_tables: (S, max_blocks); visible_lens: (N,) int32, query i sees its sequence's
     positions ``0 .. visible_lens[i] - 1`` (causal inside the chunk when the chunk's K/V are written first and
-    ``visible = cached + i + 1``). ``max_query_len`` (host int) sizes the grid without a device sync.
+    ``visible = cached + i + 1``). ``max_query_len`` (host int) sizes the grid without a device sync: it must be
+    at least the longest chunk (checked where ``query_start_loc`` is on the host).
     """
     q, group = _check_queries(q, key_cache, value_cache)
     n, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    block_tables = index_tensor(block_tables, "block_tables", 2, key_cache.device)
+    query_start_loc = index_tensor(query_start_loc, "query_start_loc", 1, key_cache.device)
+    visible_lens = index_tensor(visible_lens, "visible_lens", 1, key_cache.device)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if query_start_loc.device.type == "cpu" and query_start_loc.numel() > 1:  # free to check here, a sync elsewhere
+        longest = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+        if longest > max_query_len:
+            raise ValueError(f"max_query_len={max_query_len} but a chunk holds {longest} queries: its rows past "
+                             "max_query_len would be left unwritten")
     num_seqs = query_start_loc.shape[0] - 1
     if block_tables.shape[0] != num_seqs or visible_lens.shape != (n,):
         raise ValueError(

@@ -387,10 +387,26 @@ def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         )
 
 
+def index_tensor(t: torch.Tensor, name: str, ndim: int, device: torch.device) -> torch.Tensor:
+    """An index argument (slots, block tables, lengths, offsets) as the kernels read it: integer, on the caches'
+    device, with unit stride along its last dimension (the kernels step through it by position, so a strided view
+    would read the wrong entries without a word). Returns it contiguous; a contiguous tensor is returned as is."""
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        got = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {ndim}-D integer tensor, got {got}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers (int32 or int64), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the caches on {device}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _check_queries(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Checks of the attention entry points: the caches, and q (rows, q_heads, head_dim) against them. Returns
     q with a contiguous last dimension and the GQA group size (query heads per KV head)."""
     _check_cache(key_cache, value_cache)
+    if q.device != key_cache.device:
+        raise ValueError(f"q is on {q.device}, the caches on {key_cache.device}")
     if q.dim() != 3 or q.shape[2] != key_cache.shape[3] or q.shape[1] % key_cache.shape[2]:
         raise ValueError(
             f"q {tuple(q.shape)} does not fit the cache {tuple(key_cache.shape)}: q must be (rows, q_heads, "
@@ -411,6 +427,12 @@ def paged_kv_write(
     Slot ``s`` is block ``s // block_size``, offset ``s % block_size``; slot -1 (a padding token) is skipped.
     """
     _check_cache(key_cache, value_cache)
+    if key.dim() != 3:
+        raise ValueError(f"key must be (N, kv_heads, head_dim), got {tuple(key.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.device != key_cache.device:
+            raise ValueError(f"{name} is on {t.device}, the caches on {key_cache.device}")
+    slot_mapping = index_tensor(slot_mapping, "slot_mapping", 1, key_cache.device)
     n, heads, head_dim = key.shape
     if value.shape != key.shape or key_cache.shape[2:] != (heads, head_dim) or slot_mapping.shape != (n,):
         raise ValueError(
@@ -419,8 +441,8 @@ def paged_kv_write(
         )
     if n == 0:
         return
-    if key.dtype != key_cache.dtype:  # rounded by PyTorch (the interpreter truncates fp32 -> bf16 casts)
-        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+    if key.dtype != key_cache.dtype or value.dtype != value_cache.dtype:  # rounded by PyTorch (the interpreter
+        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)  # truncates fp32 -> bf16 casts)
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
     block_t = min(_WRITE_TOKENS_PER_PROGRAM, triton.next_power_of_2(n))
@@ -603,6 +625,10 @@ def decode_attention_launch(
     for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1)):
         if value < least or value & (value - 1):  # tl.arange and tl.dot tiles: powers of two, dots >= 16
             raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
+    block_tables = index_tensor(block_tables, "block_tables", 2, key_cache.device)
+    context_lens = index_tensor(context_lens, "context_lens", 1, key_cache.device)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 (or None to choose), got {num_splits}")
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError(
             f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} must have "
