@@ -233,6 +233,32 @@ def test_trainer_wires_the_switches(tmp_path):
     assert bare.curriculum.no_thoughts and not bare.curriculum.use_markers
 
 
+def test_the_final_stage_counts_the_validation_records_steps(tmp_path):
+    """Training records of at most max_latent_stage steps capped the curriculum there, so a validation record with
+    more steps kept them as targets of its validation loss at every later epoch (the original removes them all)."""
+    import json
+
+    from engine.data.dataset import CurriculumDataset
+    from engine.training.trainer import Trainer
+
+    def record(i, steps):
+        return {"id": f"r{i}", "image": None, "question": f"q{i}?", "steps": [f"s{j}" for j in range(steps)], "answer": "a"}
+
+    for name, records in (("train", [record(i, 2) for i in range(4)]), ("val", [record(9, 4)])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    t = Trainer(config_from_dict(dict(
+        name="t", save_path=str(tmp_path / "runs"), model_id="tiny", device="cpu", zero_stage=0,
+        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+        train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"), max_latent_stage=2,
+        epochs_per_stage=1, num_epochs=5,
+    )))
+    t.setup()
+    assert [t.stage_for_epoch(e) for e in range(5)] == [0, 1, 2, 3, 3]
+    val = CurriculumDataset(t.val_records, t.tokenizer, t.image_processor, t.curriculum, t.stage_for_epoch(4))[0]
+    labelled = t.tokenizer.decode(val["input_ids"][val["labels"] != -100])
+    assert "s2" not in labelled and "s3" not in labelled
+
+
 def test_resume_at_an_epoch_schedules_the_lr_over_the_epochs_it_trains(tmp_path):
     """resume=N starts a fresh run at epoch N (the original's meaning): a decaying schedule ends at its last epoch."""
     from engine.training.trainer import Trainer

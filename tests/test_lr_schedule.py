@@ -72,3 +72,27 @@ def test_trainer_restarts_the_warmup_at_a_stage_switch(tmp_path):
     assert with_reset[1] == pytest.approx(1e-3 / 3) and with_reset[3] == pytest.approx(1e-3)
     assert with_reset[4] == pytest.approx(1e-3 / 3) and with_reset[5] == pytest.approx(2e-3 / 3)
     assert without[1] == pytest.approx(1e-3 / 3) and without[4] == pytest.approx(1e-3)
+
+
+def test_a_decay_spans_the_steps_the_epochs_run_when_samples_are_dropped(tmp_path):
+    """Samples over max_length are dropped, more at the early stages (their sequences keep more steps): the schedule
+    was sized from the record count, so a linear decay stopped a quarter of its range short of its end."""
+    from engine.training.trainer import Trainer
+
+    def record(i, long):
+        step = "a long reasoning step with many words in it" if long else "s"
+        return {"id": f"r{i}", "image": None, "question": f"q{i}?", "steps": [f"{step} {j}" for j in range(3)], "answer": "a"}
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(record(i, i % 2)) + "\n" for i in range(16)))
+    (tmp_path / "val.jsonl").write_text(json.dumps(record(99, False)) + "\n")
+    trainer = Trainer(config_from_dict(dict(
+        name="t", save_path=str(tmp_path / "runs"), model_id="tiny", device="cpu", zero_stage=0,
+        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+        train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"), max_latent_stage=3,
+        epochs_per_stage=1, num_epochs=4, max_length=40, lr_schedule="linear", lr=1e-3, batch_size_training=2,
+        log_every_steps=1,
+    )))
+    run = trainer.run()["run_dir"]
+    steps = [r["step"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r["kind"] == "train"]
+    assert steps[-1] < 4 * 16 // 2  # some epochs dropped samples
+    assert trainer.engine.lr_scheduler.lr_lambdas[0].total_steps == steps[-1]

@@ -52,7 +52,10 @@ class CurriculumConfig:
     - `c_thought`: thoughts per removed step.
     - `max_latent_stage`: the last stage that still removes one more step; later stages remove every step
       and keep `max_latent_stage * c_thought` thoughts.
-    - `pad_latent_to_max`: keep the scheduled number of thoughts even for samples with fewer steps.
+    - `pad_latent_to_max`: keep the scheduled number of thoughts even for samples with fewer steps. Without it a
+      sample with fewer steps than its stage gets one thought per step it has, in training as in generation
+      (`num_latents_for_stage`); the original's training set gave it the stage's count while its generation
+      gave it fewer, so its model met another number of thoughts at test time than it trained with.
     - `uniform_prob`: probability that a training sample uses a random stage instead of the scheduled one.
     - `uniform_prob_from_stage` (not in the original, which mixes from stage 0): the first scheduled stage whose
       samples are mixed; earlier stages train as scheduled. 1 keeps stage 0 a plain chain of thought, so that
@@ -245,6 +248,17 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
+def tokenize_records(tokenizer, records: Sequence[dict]) -> list[list[int]]:
+    """The token ids of every record's text pieces, in order: its question (with its newline), each step (with its
+    newline), then ``### answer``; what `CurriculumDataset` builds its sequences from."""
+    texts: list[str] = []
+    for record in records:
+        texts.append(record["question"] + "\n")
+        texts.extend(step + "\n" for step in record.get("steps") or [])
+        texts.append("### " + record["answer"])
+    return tokenize_texts(tokenizer, texts)
+
+
 class _ImageTextDataset(Dataset):
     """Shared by the two data sets: tile counts from image headers and lazy image loading."""
 
@@ -324,18 +338,20 @@ class CurriculumDataset(_ImageTextDataset):
         *,
         seed: int = 0,
         epoch: int = 0,
+        tokens: list[list[int]] | None = None,
+        warn_dropped: bool = True,
     ):
         super().__init__(records, tokenizer, image_processor, config, stage)
         self.seed = int(seed)
         self.epoch = int(epoch)
 
-        # One batched tokenizer call for every piece of text.
-        texts: list[str] = []
-        for record in self.records:
-            texts.append(record["question"] + "\n")
-            texts.extend(step + "\n" for step in record.get("steps") or [])
-            texts.append("### " + record["answer"])
-        pieces = iter(tokenize_texts(tokenizer, texts))
+        # The records' text as `tokenize_records` gives it: one batched tokenizer call, or the caller's (a trainer
+        # tokenises its records once for every epoch)
+        if tokens is None:
+            tokens = tokenize_records(tokenizer, self.records)
+        elif len(tokens) != sum(len(r.get("steps") or []) + 2 for r in self.records):
+            raise ValueError("tokens must be tokenize_records(tokenizer, records) of these records")
+        pieces = iter(tokens)
 
         self._text: list[np.ndarray] = []  # question .. eos, without the image span
         self._n_prompt: list[int] = []  # unlabelled text tokens: question, markers, thoughts
@@ -372,7 +388,7 @@ class CurriculumDataset(_ImageTextDataset):
             self._latents.append(n_latents)
             self._index.append(i)
             self.sample_stages.append(sample_stage)
-        if self.dropped_ids:
+        if self.dropped_ids and warn_dropped:
             log.warning(
                 "dropped %d of %d samples longer than max_length=%d at stage %d (longest %d tokens)",
                 len(self.dropped_ids), len(self.records), config.max_length, self.stage, longest_dropped,

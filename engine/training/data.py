@@ -75,9 +75,11 @@ def check_record_images(path: Path, records: list[dict], env: DistEnv) -> None:
 
 
 def train_loader(records, tokenizer, image_processor, curriculum, stage: int, epoch: int, *, latent_id: int,
-                 config: TrainConfig, env: DistEnv) -> DataLoader:
-    """The shuffled loader of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same."""
-    dataset = CurriculumDataset(records, tokenizer, image_processor, curriculum, stage, seed=config.seed, epoch=epoch)
+                 config: TrainConfig, env: DistEnv, tokens: list[list[int]] | None = None) -> DataLoader:
+    """The shuffled loader of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same.
+    ``tokens``: `tokenize_records` of ``records``, when the caller has them."""
+    dataset = CurriculumDataset(records, tokenizer, image_processor, curriculum, stage, seed=config.seed, epoch=epoch,
+                                tokens=tokens)
     if len(dataset) == 0:
         raise TrainingError(f"the training set is empty at stage {stage} (all samples dropped or none given)")
     sampler = DistributedSampler(
@@ -99,6 +101,23 @@ def eval_loader(dataset, batch_size: int, collate, *, num_workers: int, env: Dis
     """In order, sharded over the ranks (the sampler pads the last shard with repeats: callers deduplicate)."""
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def samples_per_epoch(records, tokenizer, image_processor, curriculum, stages: dict[int, int], *, seed: int,
+                      tokens: list[list[int]]) -> dict[int, int]:
+    """The samples each epoch of ``stages`` (epoch -> stage) trains on once samples over max_length are dropped:
+    what its optimizer steps, and so the learning-rate schedule's length, follow from. Counted from the
+    records' tokens (no image is decoded); without uniform_prob an epoch's count depends on its stage only."""
+    per_epoch = curriculum.uniform_prob > 0.0
+    counts: dict = {}
+    out = {}
+    for epoch, stage in stages.items():
+        key = (stage, epoch) if per_epoch else stage
+        if key not in counts:
+            counts[key] = len(CurriculumDataset(records, tokenizer, image_processor, curriculum, stage, seed=seed,
+                                                epoch=epoch, tokens=tokens, warn_dropped=False))  # fmt: skip
+        out[epoch] = counts[key]
+    return out
 
 
 def micro_batches_per_epoch(num_samples: int, config: TrainConfig, world_size: int) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.data.dataset import check_stages, max_steps, stage_for_epoch
+from engine.data.dataset import check_stages, max_steps, stage_for_epoch, tokenize_records
 from engine.data.records import load_records
 from engine.eval.evaluate import official_predictions
 from engine.eval.metrics import validation_score
@@ -116,6 +116,7 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.first_epoch = 0  # the epoch the run's learning-rate schedule starts at (resume=N)
+        self.train_tokens: list[list[int]] | None = None  # `tokenize_records` of the training records, made once
 
     # ------------------------------------------------------------------ set-up
     def stage_for_epoch(self, epoch: int) -> int:
@@ -133,8 +134,11 @@ class Trainer:
                     data.check_record_images(path, records, self.env)
         if self.train_records:
             check_stages(self.train_records, self.curriculum)
-        # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do)
-        self.final_stage = self.curriculum.final_stage(max_steps(self.train_records)) if self.train_records else None
+        # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do);
+        # the validation records count too: one with more steps than any training record still has steps to
+        # remove at max_latent_stage + 1, and its validation loss is measured without them there, as the original's
+        most = max(max_steps(self.train_records), max_steps(self.val_records))
+        self.final_stage = self.curriculum.final_stage(most) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
         # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
         self.run_info = self.run_directory.start(cfg)
@@ -149,6 +153,19 @@ class Trainer:
 
     def steps_per_epoch(self, num_samples: int) -> int:
         return data.steps_per_epoch(num_samples, self.config, self.env.world_size)
+
+    def scheduled_steps(self) -> int:
+        """Optimizer steps from the schedule's first epoch to the last: each epoch's, from the samples its stage
+        keeps (samples over max_length are dropped, more of them at the early stages' longer sequences), so that
+        a decaying learning rate ends its decay at the run's last step."""
+        cfg = self.config
+        epochs = range(self.first_epoch, cfg.num_epochs)
+        if self.train_tokens is None:
+            self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
+        counts = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor, self.curriculum,
+                                        {e: self.stage_for_epoch(e) for e in epochs}, seed=cfg.seed,
+                                        tokens=self.train_tokens)  # fmt: skip
+        return sum(self.steps_per_epoch(counts[e]) for e in epochs)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -168,13 +185,13 @@ class Trainer:
         self.first_epoch = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         data.check_accumulation(data.micro_batches_per_epoch(len(self.train_records), cfg, self.env.world_size),
                                 cfg.gradient_accumulation_steps, f"an epoch of the {len(self.train_records)} training records")
-        steps_per_epoch = self.steps_per_epoch(len(self.train_records))
-        self.engine = build_engine(self.model, cfg, steps_per_epoch * (cfg.num_epochs - self.first_epoch), self.use_bf16)
+        total_steps = self.scheduled_steps()
+        self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
         resumed_at = None
         if cfg.resume is True:
             self._resume()
             resumed_at = (self.global_step, self.start_epoch)
-            total_steps = steps_per_epoch * (cfg.num_epochs - self.first_epoch)
+            total_steps = self.scheduled_steps()  # the run's first epoch comes from its checkpoint
             changed = follow_launch_config(self.engine.lr_scheduler, cfg, total_steps)
             if changed and self.env.is_main:
                 log.info("the optimizer follows this launch's config: %s",
@@ -267,8 +284,11 @@ class Trainer:
         cfg = self.config
         engine = self.engine
         engine.train()
+        if self.train_tokens is None:
+            self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
         loader = data.train_loader(self.train_records, self.tokenizer, self.image_processor, self.curriculum, stage,
-                                   epoch, latent_id=self.model.latent_id, config=cfg, env=self.env)
+                                   epoch, latent_id=self.model.latent_id, config=cfg, env=self.env,
+                                   tokens=self.train_tokens)  # fmt: skip
         gas = cfg.gradient_accumulation_steps
         data.check_accumulation(len(loader), gas, f"epoch {epoch + 1} (stage {stage})")
         micro_steps = (len(loader) // gas) * gas  # whole accumulation cycles only
