@@ -113,5 +113,26 @@ def test_answer_may_be_missing_for_test_split(tmp_path):
 
 def test_duplicate_ids_are_an_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [record(0), record(1), record(0)])
-    with pytest.raises(DataError, match=r"d\.jsonl:3.*duplicate id.*line 1"):
+    with pytest.raises(DataError, match=r"d\.jsonl:3.*duplicate id.*first seen at .*d\.jsonl:1\)"):
+        load_records(path)
+
+
+def test_the_original_coconut_json_array_is_read_as_it_is(tmp_path):
+    """The original CoCoNuT's data files (GSM8k, ProntoQA, ProsQA: one JSON array, no ids, no images) were refused
+    as 'invalid JSON' on their first line; their records now get their position as id and no image."""
+    path = tmp_path / "gsm_train.json"
+    original = [{"question": "Tom has 3 apples and buys 4 more. How many?", "steps": ["<<3+4=7>>"], "answer": "7"},
+                {"question": "What is 2 times 5?", "steps": [], "answer": "10"}]
+    path.write_text(json.dumps(original, indent=2))  # pretty-printed, as the original's files are
+    records = load_records(path)
+    assert [(r["id"], r["image"], r["question"], r["steps"], r["answer"]) for r in records] == [
+        (0, None, original[0]["question"], ["<<3+4=7>>"], "7"), (1, None, original[1]["question"], [], "10")]
+    path.write_text(json.dumps([original[0], ["not", "a", "record"]]))
+    with pytest.raises(DataError, match=r"gsm_train\.json: entry 1: expected a JSON object, got list"):
+        load_records(path)
+    path.write_text(json.dumps([original[0], {**original[1], "steps": "one string"}]))
+    with pytest.raises(DataError, match=r"gsm_train\.json: entry 1: record 1: .steps' must be a list of strings"):
+        load_records(path)
+    path.write_text("[" + json.dumps(original[0]) + ",")
+    with pytest.raises(DataError, match=r"gsm_train\.json: invalid JSON \(.* at line 1, column"):
         load_records(path)

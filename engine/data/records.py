@@ -15,6 +15,10 @@ One record per line:
   multiple-choice and direct-answer fields, used by the metrics.
 
 Every error names the file, the line and the record id.
+
+The original CoCoNuT's data files (a JSON array of {"question", "steps", "answer"} objects: GSM8k, ProntoQA,
+ProsQA) are read as they are: a record's `id` defaults to its position in the array (the original's `idx`) and
+its `image` to null (text only); errors name the file and the entry (its position).
 """
 
 from __future__ import annotations
@@ -54,6 +58,40 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}")
             yield line_no, obj
+
+
+def _holds_json_array(path: Path) -> bool:
+    """Whether the file's first non-blank character opens a JSON array (the original CoCoNuT's format)."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            text = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")  # blanks and a byte-order mark
+            if text:
+                return text.startswith(b"[")
+    return False
+
+
+def iter_record_file(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield `(where, object)` for every record of a data file: JSON lines (`where` is `file:line`), or a JSON
+    array as the original CoCoNuT's files are (`where` is `file: entry N`; `id` defaults to N and `image` to null
+    there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if not _holds_json_array(path):
+        for line_no, obj in iter_jsonl(path):
+            yield f"{path}:{line_no}", obj
+        return
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    for index, obj in enumerate(items):
+        where = f"{path}: entry {index}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, {"id": index, "image": None, **obj}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -146,14 +184,13 @@ def load_records(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     records: list[dict] = []
-    seen: dict[str, int] = {}
-    for line_no, record in iter_jsonl(path):
-        where = f"{path}:{line_no}"
+    seen: dict[str, str] = {}
+    for where, record in iter_record_file(path):
         validate_record(record, where, need_answer=need_answer)
         key = str(record["id"])
         if key in seen:
-            raise DataError(f"{where}: record {record['id']!r}: duplicate id (first seen on line {seen[key]})")
-        seen[key] = line_no
+            raise DataError(f"{where}: record {record['id']!r}: duplicate id (first seen at {seen[key]})")
+        seen[key] = where
         record = dict(record)
         record.setdefault("answer", None)
         for name in OPTIONAL_FIELDS:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from engine.data.collator import MultimodalCollator
 from engine.data.dataset import CurriculumConfig, CurriculumDataset
 from engine.data.images import find_image_problems
-from engine.data.records import DataError, iter_jsonl
+from engine.data.records import DataError, iter_record_file
 from engine.data.synthetic import ensure_synthetic
 from engine.training.config import ConfigError, TrainConfig
 from engine.training.distributed import DistEnv, all_gather_objects, run_on_main
@@ -66,8 +66,8 @@ def check_record_images(path: Path, records: list[dict], env: DistEnv) -> None:
         problems.update(part)
     if not problems:
         return
-    lines = {str(record.get("id")): line for line, record in iter_jsonl(path)}
-    bad = [f"{path}:{lines.get(str(r['id']), '?')}: record {r['id']!r}: {problems[r['image']]}"
+    places = {str(record.get("id")): where for where, record in iter_record_file(path)}
+    bad = [f"{places.get(str(r['id']), path)}: record {r['id']!r}: {problems[r['image']]}"
            for r in records if r.get("image") in problems]
     listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
     head = "" if len(bad) == 1 else f"{len(bad)} records of {path} have images that cannot be used: "
