@@ -6,7 +6,7 @@ padding mask (64 rows of ~320 tokens, 14 heads). Each backend is timed where it 
 compared with the first backend's. TFLOP/s counts 4·B·H·Sq·Sk·D forward (halved when causal), 3.5× that for
 forward + backward.
 
-    python -m benchmarks.bench_attention_backends --device cuda --out benchmarks/results/attention_backends
+    python -m benchmarks.bench_attention_backends --device cuda --out bench_results/attention_backends
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default="cudnn,flash,efficient,default", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply batch and sequence by this (CPU checks: 0.05)")
     p.add_argument("--repeats", type=positive_int, default=10)
-    p.add_argument("--out", type=output_dir, default="benchmarks/results/attention_backends")
+    p.add_argument("--out", type=output_dir, default="bench_results/attention_backends")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.backends or any(b not in BACKENDS for b in args.backends):
@@ -106,4 +106,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.common import run_harness
+    sys.exit(run_harness(main))

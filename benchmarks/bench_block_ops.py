@@ -11,7 +11,7 @@ block runs eagerly ("static") and the fused ops in the Triton interpreter: a che
 measurement.
 
     python -m benchmarks.bench_block_ops --model internvl3-1b-geometry --device cuda --dtype bfloat16 \\
-        --batch-size 64 --latents 6 --out benchmarks/results/block_ops
+        --batch-size 64 --latents 6 --out bench_results/block_ops
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=output_dir, default="benchmarks/results/block_ops")
+    p.add_argument("--out", type=output_dir, default="bench_results/block_ops")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -177,4 +177,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.common import run_harness
+    sys.exit(run_harness(main))

@@ -112,3 +112,11 @@ def test_decode_fusions_cpu_tiny(benchmark, copy_bandwidth, op, impl):
 @pytest.mark.parametrize("op", list(OPS))
 def test_decode_fusions_gpu(benchmark, copy_bandwidth, op, impl):
     _bench(benchmark, op, impl, GPU, copy_bandwidth)
+
+
+if __name__ == "__main__":  # a pytest-benchmark suite: say how it runs instead of exiting silently
+    import sys
+
+    print("error: benchmarks/bench_decode_fusions.py is a pytest-benchmark suite, not a command; run it with\n"
+          "  python -m pytest benchmarks/bench_decode_fusions.py -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
+    sys.exit(2)

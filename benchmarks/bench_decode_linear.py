@@ -312,4 +312,5 @@ def test_decode_linear_gpu_down_projection(benchmark, impl):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.common import run_harness
+    sys.exit(run_harness(main))

@@ -449,5 +449,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import run_harness
     logging.captureWarnings(True)
-    sys.exit(main())
+    sys.exit(run_harness(main))

@@ -63,3 +63,11 @@ def test_one_query_attention_cpu_tiny(benchmark, impl):
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_one_query_attention_gpu(benchmark, impl):
     _bench(benchmark, impl, GPU)
+
+
+if __name__ == "__main__":  # a pytest-benchmark suite: say how it runs instead of exiting silently
+    import sys
+
+    print("error: benchmarks/bench_one_query_attention.py is a pytest-benchmark suite, not a command; run it with\n"
+          "  python -m pytest benchmarks/bench_one_query_attention.py -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
+    sys.exit(2)

@@ -1112,4 +1112,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks.common import run_harness
+    raise SystemExit(run_harness(main))

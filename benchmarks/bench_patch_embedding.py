@@ -57,3 +57,11 @@ def test_patch_embedding_cpu_tiny(benchmark, impl):
 @pytest.mark.parametrize("impl", ["patch_projection", "conv2d"])
 def test_patch_embedding_gpu(benchmark, impl):
     _bench(benchmark, impl, GPU)
+
+
+if __name__ == "__main__":  # a pytest-benchmark suite: say how it runs instead of exiting silently
+    import sys
+
+    print("error: benchmarks/bench_patch_embedding.py is a pytest-benchmark suite, not a command; run it with\n"
+          "  python -m pytest benchmarks/bench_patch_embedding.py -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
+    sys.exit(2)

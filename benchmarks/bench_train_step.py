@@ -1369,12 +1369,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import run_harness
     logging.captureWarnings(True)
     from engine.training.distributed import shutdown_distributed
 
     code = None
     try:
-        code = main()
+        code = run_harness(main)
     finally:  # a process group left to exit-time destruction can abort the process after a good run
         shutdown_distributed(wait_for_peers=code is not None)
     sys.exit(code)

@@ -190,6 +190,23 @@ def _git_revision() -> str | None:
 
 
 # ---------------------------------------------------------------------- harness helpers
+def run_harness(main: Callable[[], int | None]) -> int | None:
+    """A harness's `main` as a command: a mistake in its inputs (a model path or checkpoint, a config, data, a shape
+    the model cannot take) ends with one ``error:`` line and exit status 2, as the training recipe's does, instead
+    of a traceback; COCONUT_DEBUG=1 keeps the traceback."""
+    import os
+
+    from engine.training.errors import EXPECTED_ERRORS
+
+    try:
+        return main()
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("COCONUT_DEBUG", "").lower() not in ("", "0", "false", "no"):
+            raise
+        print(f"error: {e}\n(COCONUT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
 def resolve_device(name: str | None) -> torch.device:
     """'cuda' when available unless told otherwise; a clear error when CUDA is asked for but absent."""
     if name in (None, "", "auto"):
@@ -381,14 +398,15 @@ def write_results(out_dir: str | os.PathLike, name: str, payload: dict, table: s
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from engine.utils.io import atomic_write_text
+
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(paths["json"])
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=str))
     env = payload.get("environment", {})
     stamp = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
     command = payload.get("command", "")
-    paths["md"].write_text(f"{header}\n\n{stamp}\n\n`{command}`\n\n{table}\n" if header else f"{stamp}\n\n`{command}`\n\n{table}\n")
+    atomic_write_text(paths["md"], f"{header}\n\n{stamp}\n\n`{command}`\n\n{table}\n" if header
+                      else f"{stamp}\n\n`{command}`\n\n{table}\n")  # fmt: skip
     return paths
 
 

@@ -96,3 +96,11 @@ def device_timeline(events: list[dict], top: int = 25) -> dict:
         graph_kernels=len(in_graphs),
         gaps=sorted(gap_rows, key=lambda r: -r["ms"])[:top],
     )
+
+
+if __name__ == "__main__":  # a library module: say where it is used instead of exiting silently
+    import sys
+
+    print("error: benchmarks.device_timeline is a library, not a command; its tables come with\n"
+          "  python -m benchmarks.bench_train_step ... --profile-phase backward", file=sys.stderr)
+    sys.exit(2)

@@ -210,18 +210,29 @@ def main(argv=None) -> int:
                    "train_step.json files of runs on different GPU counts (one scaling plot of all of them)")
     p.add_argument("--out", default=None, help="output directory (default: next to the first JSON)")
     args = p.parse_args(argv)
-    payloads = [json.loads(Path(path).read_text()) for path in args.json]
+    payloads = []
+    for path in args.json:
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            p.error(f"cannot read {path} as a harness's JSON: {e}")
+        if not isinstance(payload, dict) or "benchmark" not in payload:
+            p.error(f"{path} is not a harness's results file (a JSON object with a 'benchmark' key)")
+        payloads.append(payload)
     out = Path(args.out or Path(args.json[0]).parent)
-    out.mkdir(parents=True, exist_ok=True)
     kinds = {pl.get("benchmark") for pl in payloads}
     if kinds == {"train_step"}:
-        paths = plot_train_scaling(payloads, out)
+        plot = lambda: plot_train_scaling(payloads, out)  # noqa: E731
     elif len(payloads) == 1 and kinds <= {"latent_forward", "generate"}:
-        plot = {"latent_forward": plot_latent_forward, "generate": plot_generate}[payloads[0]["benchmark"]]
-        paths = plot(payloads[0], out)
+        one = {"latent_forward": plot_latent_forward, "generate": plot_generate}[payloads[0]["benchmark"]]
+        plot = lambda: one(payloads[0], out)  # noqa: E731
     else:
-        raise SystemExit(f"{args.json}: expected one latent_forward.json or generate.json, or train_step.json files; "
-                         f"got benchmarks {sorted(map(str, kinds))}")
+        p.error(f"{args.json}: expected one latent_forward.json or generate.json, or train_step.json files; got "
+                f"benchmarks {sorted(map(str, kinds))}")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to plot
+    paths = plot()
     for path in paths:
         print(path)
     return 0

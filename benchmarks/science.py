@@ -453,21 +453,24 @@ def aggregate(part_paths: list[Path], out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train every (method, seed) and aggregate")
-    r.add_argument("--out", type=output_dir, required=True)
-    r.add_argument("--work", default=None, help="data, runs and logs (default: <out>_work next to --out)")
-    r.add_argument("--config", default="recipes/configs/synthetic_gpu.yaml")
-    r.add_argument("--seeds", default="0,1,2")
-    r.add_argument("--methods", default=",".join(METHODS))
-    r.add_argument("--max-parallel", type=int, default=6)
-    r.add_argument("--num-workers", type=int, default=None, help="data loader workers per run (default: cores / max-parallel - 1)")
+    r = sub.add_parser("run", help="train every (method, seed) and aggregate",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--out", type=output_dir, required=True,
+                   help="folder for this command's part file and the aggregate (science.json, .md, .png)")
+    r.add_argument("--work", default=None, help="data, runs and logs (None: <out>_work next to --out)")
+    r.add_argument("--config", default="recipes/configs/synthetic_gpu.yaml",
+                   help="the training config every run starts from (the GPU recipe; --smoke for a CPU setting)")
+    r.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    r.add_argument("--methods", default=",".join(METHODS), help="comma list of methods (Table 1's rows)")
+    r.add_argument("--max-parallel", type=int, default=6, help="training runs at once")
+    r.add_argument("--num-workers", type=int, default=None, help="data loader workers per run (None: cores / max-parallel - 1)")
     r.add_argument("--time-limit-s", type=float, default=540.0, help="stop runs still going after this (0: never)")
     r.add_argument("--base-port", type=int, default=29600, help="MASTER_PORT of the first run (one port per run)")
     r.add_argument("--smoke", action="store_true", help="a tiny CPU setting that exercises the whole script")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     a = sub.add_parser("aggregate", help="merge part files into science.json/.md/.png")
-    a.add_argument("--out", type=output_dir, required=True)
-    a.add_argument("parts", nargs="+")
+    a.add_argument("--out", type=output_dir, required=True, help="folder for science.json, .md and .png")
+    a.add_argument("parts", nargs="+", help="science_part_*.json files written by `run`")
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.max_parallel < 1:

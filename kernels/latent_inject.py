@@ -380,7 +380,7 @@ def _backward(ctx, grad):
         grad_image = grad.new_zeros((ctx.num_image_rows, grad.shape[-1]))
         if has_image:
             rows = image_index[:, start:end].clamp(min=0).reshape(-1).long()  # -1 -> row 0, with a zero gradient
-            grad_image.index_add_(0, rows, torch.where(use_image[..., None], grad, zero).reshape(-1, grad.shape[-1]))
+            grad_image.index_add_(0, rows, torch.where(use_image[..., None], grad, zero).flatten(0, -2))
     if need[7] and has_latent:
         # summed in fp32 at least (bf16 sums of a chunk's rows would round at every add), in fp64 for fp64
         acc = torch.promote_types(grad.dtype, torch.float32)

@@ -4,6 +4,7 @@ the pytest-benchmark suites run once, untimed, as CI runs them."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -241,3 +242,35 @@ def test_harness_arguments_out_of_range_are_refused_when_read(tmp_path, capsys, 
         importlib.import_module(f"benchmarks.{module}").main(argv)
     assert exit_info.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_harness_names_a_bad_model_or_shape_in_one_line(tmp_path, capsys):
+    """A model path that does not exist, or image tokens the model cannot tile, ended in a traceback."""
+    from benchmarks.common import run_harness
+
+    def harness(extra):
+        return lambda: bench_latent_forward.main(["--smoke", "--out", str(tmp_path), *extra])
+
+    assert run_harness(harness(["--model", str(tmp_path / "nope")])) == 2
+    assert re.search(r"^error: model path .*nope does not exist", capsys.readouterr().err)
+    assert run_harness(harness(["--image-tokens", "20"])) == 2
+    assert "error: image tokens must be a multiple of the model's" in capsys.readouterr().err
+
+
+def test_plot_results_names_inputs_it_cannot_plot_and_writes_nothing(tmp_path, capsys):
+    from benchmarks import plot_results
+
+    listed = tmp_path / "history.json"
+    listed.write_text("[1, 2]")
+    for path, needle in ((tmp_path / "nope.json", "cannot read"), (listed, "is not a harness's results file")):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_results.main([str(path), "--out", str(tmp_path / "plots")])
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("module", ["bench_patch_embedding", "bench_decode_fusions", "bench_one_query_attention"])
+def test_a_pytest_suite_run_as_a_command_says_how_to_run_it(module):
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2 and f"python -m pytest benchmarks/{module}.py -m benchmark" in proc.stderr

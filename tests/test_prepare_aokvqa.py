@@ -197,3 +197,7 @@ def test_cli_checks_limit_and_out_before_converting(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:  # a traceback after the conversion before
+        main([*base, "--out", str(tmp_path / "a_file" / "o.jsonl")])
+    assert exit_info.value.code == 2 and "--out: cannot create the folder" in capsys.readouterr().err

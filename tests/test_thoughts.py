@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -263,12 +264,18 @@ def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path,
     (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2, "no_thoughts": True}))
     args = ["--model", str(run / "final"), "--data", str(data["val"]), "--n", "1", "--out", str(tmp_path / "out"),
             "--max-new-tokens", "2"]
-    with pytest.raises(SystemExit, match=r"trained without thoughts \(no_thoughts=true\)"):
+    with pytest.raises(SystemExit) as exit_info:  # one "error:" line and status 2, as every input error here
         main(args)
+    assert exit_info.value.code == 2 and re.search(r"(?m)^error: .*trained without thoughts \(no_thoughts=true\)",
+                                                   capsys.readouterr().err)
     (run / "history.json").write_text(json.dumps([{"epoch": 1, "stage": 0, "val_accuracy": 50.0}]))
     (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2}))
-    with pytest.raises(SystemExit, match=r"exported at stage 0 .* give --stage"):
+    with pytest.raises(SystemExit) as exit_info:
         main(args)
+    assert exit_info.value.code == 2 and re.search(r"exported at stage 0 .* give --stage", capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:  # nor at an explicit stage 0
+        main([*args, "--stage", "0"])
+    assert exit_info.value.code == 2 and "--stage 0 is the chain of thought" in capsys.readouterr().err
     (run / "history.json").unlink()
     (run / "config.json").write_text(json.dumps({"c_thought": 1, "max_latent_stage": 2}))
     (tmp_path / "out").mkdir()

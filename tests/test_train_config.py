@@ -160,3 +160,13 @@ def test_deepspeed_overrides_the_trainer_leaves_open_pass():
     ok = {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}, "bf16": {"enabled": True},
           "flops_profiler": {"enabled": True}, "wall_clock_breakdown": True, "a_key_of_a_newer_deepspeed": 1}
     assert config_from_dict({"deepspeed": ok}).deepspeed == ok
+
+
+def test_an_empty_mapping_given_with_set_clears_the_configs_one():
+    """`--set model_overrides={}` (what the checkpoint error advises) merged into the YAML's sizes and changed
+    nothing, so a config with tiny-model sizes could not start from a checkpoint on the command line."""
+    path = "recipes/configs/synthetic_demo.yaml"
+    assert load_config(path, []).model_overrides  # the demo's tiny sizes
+    assert load_config(path, ["model_overrides={}"]).model_overrides == {}
+    kept = load_config(path, ["synthetic.hops=5"]).synthetic
+    assert kept["hops"] == 5 and kept["n_train"] == load_config(path, []).synthetic["n_train"]  # one key, others kept

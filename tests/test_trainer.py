@@ -552,7 +552,19 @@ def test_overwrite_deletes_nothing_when_the_inputs_fail_to_load(two_epoch_run, t
         Trainer(make_config(tmp_path, overwrite=True, train_path=str(bad))).run()
     with pytest.raises(Exception, match="no_such_model"):
         Trainer(make_config(tmp_path, overwrite=True, model_id=str(tmp_path / "no_such_model"))).run()
+    # a max_length that drops every sample of a stage: found before the directory changes, not at that epoch
+    with pytest.raises(DataError, match=r"longer than max_length=10 at stage\(s\) \[0"):
+        Trainer(make_config(tmp_path, overwrite=True, max_length=10)).run()
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_overwrite_removes_an_earlier_evaluations_outputs_too(two_epoch_run, tmp_path):
+    """Predictions of an earlier only_eval in the directory were left beside the new run's outputs."""
+    run = copy_run(two_epoch_run, tmp_path)
+    (run / "predictions.json").write_text("{}")
+    (run / "eval_summary.json").write_text("{}")
+    Trainer(make_config(tmp_path, num_epochs=1, overwrite=True)).run()
+    assert not (run / "predictions.json").exists() and not (run / "eval_summary.json").exists()
 
 
 def test_metrics_have_one_row_per_step_after_a_crash_and_resume(two_epoch_run, tmp_path):
@@ -751,3 +763,22 @@ def test_an_unusable_save_path_is_a_config_error_before_anything_is_written(tmp_
 def test_cuda_asked_for_without_a_gpu_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cuda was asked for but torch sees no CUDA device"):
         Trainer(make_config(tmp_path, device="cuda"))
+
+
+def test_a_synthetic_run_without_validation_records_trains(tmp_path):
+    """synthetic.n_val=0 passed the config check, then failed on the empty val.jsonl: it is a run without
+    validation, as one without val_path."""
+    result = Trainer(make_config(tmp_path, num_epochs=1, synthetic={"n_train": 8, "n_val": 0, "hops": 2, "seed": 3})).run()
+    assert len(result["history"]) == 1 and result["history"][0].get("val_accuracy") is None
+
+
+def test_an_image_missing_at_its_first_read_names_its_record(tmp_path):
+    """check_images=false: the missing file was named without its record."""
+    from engine.data.dataset import CurriculumConfig, CurriculumDataset
+    from engine.data.images import ImageError
+    from engine.model.loading import load_model
+
+    _, tokenizer, processor = load_model("tiny", model_overrides=dict(SMALL_MODEL), max_tiles=2)
+    record = {"id": "q7", "image": str(tmp_path / "gone.png"), "question": "q?", "steps": ["s"], "answer": "a"}
+    with pytest.raises(ImageError, match=r"record 'q7': image file not found: .*gone.png"):
+        CurriculumDataset([record], tokenizer, processor, CurriculumConfig(max_latent_stage=1), 0)

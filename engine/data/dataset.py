@@ -286,7 +286,10 @@ class _ImageTextDataset(Dataset):
             return 0
         if self.image_processor.max_tiles == 1:
             return 1
-        width, height = image_size(str(path))
+        try:
+            width, height = image_size(str(path))
+        except ImageError as e:  # check_images=false: the first read of the file names its record
+            raise ImageError(f"record {record['id']!r}: {e}") from e
         return self.image_processor.num_tiles_for_size(height, width)
 
     def image_span(self, tiles: int) -> list[int]:
@@ -303,7 +306,10 @@ class _ImageTextDataset(Dataset):
         path = record.get("image")
         if path is None:
             return None
-        processed = self.image_processor(path)
+        try:
+            processed = self.image_processor(path)
+        except ImageError as e:
+            raise ImageError(f"record {record['id']!r}: {e}") from e
         if processed.num_tiles != tiles:
             raise ImageError(
                 f"{path}: the image processor made {processed.num_tiles} tiles but its header size gave {tiles} "

@@ -12,6 +12,7 @@ CPU wheel next to the pinned CPU torch) and gives the same tiles as the fast bac
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from engine.vocab import tile_size_from_config, tokens_per_tile_from_config
 
@@ -167,15 +169,17 @@ def image_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def find_image_problems(paths: Iterable[str | os.PathLike], workers: int | None = None) -> dict[str, str]:
+def find_image_problems(paths: Iterable[str | os.PathLike], workers: int | None = None, *,
+                        progress: bool = True) -> dict[str, str]:
     """{path: problem} for every path that `image_problem` refuses, each distinct file checked once, on a pool of
-    threads (PIL decodes with the GIL released)."""
+    threads (PIL decodes with the GIL released); a progress bar where stderr is a terminal (``progress``)."""
     unique = sorted({str(p) for p in paths})
     if not unique:
         return {}
     workers = workers or min(32, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
-        problems = pool.map(image_problem, unique)
+        problems = tqdm(pool.map(image_problem, unique), total=len(unique), desc="checking images", unit="image",
+                        leave=False, disable=not progress or not sys.stderr.isatty())  # fmt: skip
         return {path: problem for path, problem in zip(unique, problems) if problem is not None}
 
 

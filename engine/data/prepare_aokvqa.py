@@ -208,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if Path(args.out).is_dir():  # checked before the conversion, not when the records are written
         parser.error(f"--out: {args.out} is a folder; give the .jsonl file to write")
+    folder = Path(args.out).absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create the folder {folder}: {e.strerror or e}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out: the folder {folder} is not writable")
     return prepare_aokvqa(
         args.aokvqa_dir,
         args.coco_dir,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.data.records import DataError
 from engine.vocab import IGNORE_INDEX, IMAGE_END_TOKEN, IMAGE_START_TOKEN, tile_size_from_config
 
 
@@ -84,7 +85,7 @@ def image_tiles_for(model, image_tokens: int) -> int:
     """Tiles per row for `image_tokens` <IMG_CONTEXT> tokens (a whole number of tiles, or an error)."""
     per_tile = model.tokens_per_tile
     if image_tokens < 0 or image_tokens % per_tile:
-        raise ValueError(f"image tokens must be a multiple of the model's {per_tile} tokens per tile, got {image_tokens}")
+        raise DataError(f"image tokens must be a multiple of the model's {per_tile} tokens per tile, got {image_tokens}")
     return image_tokens // per_tile
 
 

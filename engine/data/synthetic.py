@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from engine.data.records import DataError, write_jsonl
 from engine.utils.io import atomic_directory, atomic_write_json
@@ -302,8 +304,10 @@ def generate_synthetic(
     image_size: int = 224,
     num_colors: int = 4,
     random_start: bool = True,
+    progress: bool = True,
 ) -> dict:
-    """Write `train.jsonl`, `val.jsonl`, `images/*.png` and `synthetic.json` (the settings) under `out_dir`.
+    """Write `train.jsonl`, `val.jsonl`, `images/*.png` and `synthetic.json` (the settings) under `out_dir`, with a
+    progress bar (``progress``: where stderr is a terminal).
 
     Returns `{"train": path, "val": path, "image_dir": path, "meta": path, "n_train": ..., "n_val": ...,
     "seconds": ...}`. Validation samples never repeat a training sample (same board, start and walk).
@@ -319,6 +323,8 @@ def generate_synthetic(
     with atomic_directory(out) as tmp:
         (tmp / "images").mkdir()
         seen: set = set()
+        bar = tqdm(total=n_train + n_val, desc="synthetic task", unit="sample", leave=False,
+                   disable=not progress or not sys.stderr.isatty())
         for split, count in (("train", n_train), ("val", n_val)):
             rng = random.Random(f"synthetic:{seed}:{split}")
             records, attempts = [], 0
@@ -337,7 +343,9 @@ def generate_synthetic(
                 seen.add(key)
                 render_board(board, image_size).save(tmp / record["image"], format="PNG")
                 records.append(record)
+                bar.update(1)
             write_jsonl(tmp / f"{split}.jsonl", records)
+        bar.close()
         atomic_write_json(tmp / META_FILE, {"task": "grid-walk", **settings.to_dict()})
     seconds = time.perf_counter() - start_time
     log.info("synthetic task: %d train + %d val samples in %s (%.1f s)", n_train, n_val, out, seconds)

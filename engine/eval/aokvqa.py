@@ -145,7 +145,7 @@ def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, help="aokvqa_v1p0_{val,train}.json")
     parser.add_argument("--predictions", required=True, help="{question_id: {multiple_choice, direct_answer}}")
     parser.add_argument("--strict", action="store_true",

@@ -488,15 +488,16 @@ def aggregate(samples: list[SampleThoughts], cells_per_sample: list, grid: int |
 def run(args: argparse.Namespace) -> dict:
     from engine.data.collator import GenerationCollator
     from engine.data.dataset import CurriculumConfig, QuestionDataset
-    from engine.data.records import load_records
+    from engine.data.records import DataError, load_records
+    from engine.model.loading import CheckpointError
     from engine.eval.evaluate import answer_length, score_record
     from engine.model.loading import load_model
 
     model_dir, data_path, out_dir = Path(args.model), Path(args.data), Path(args.out)
     if not model_dir.is_dir():
-        raise SystemExit(f"--model: not a directory: {model_dir}")
+        raise CheckpointError(f"--model: not a directory: {model_dir}")
     if not data_path.is_file():
-        raise SystemExit(f"--data: file not found: {data_path}")
+        raise DataError(f"--data: file not found: {data_path}")
     settings = _run_settings(model_dir)
 
     def pick(name, default):
@@ -505,8 +506,8 @@ def run(args: argparse.Namespace) -> dict:
 
     modes = [m for m in ("cot", "no_cot", "no_thoughts") if settings.get(m)]
     if modes:
-        raise SystemExit(f"--model: the run that wrote {model_dir} trained without thoughts ({modes[0]}=true): there "
-                         "are no thoughts to analyse")
+        raise CheckpointError(f"--model: the run that wrote {model_dir} trained without thoughts ({modes[0]}=true): "
+                              "there are no thoughts to analyse")
     c_thought, max_latent_stage = pick("c_thought", 1), pick("max_latent_stage", 3)
     pause = bool(pick("pause_as_thought", False))
     stage = args.stage
@@ -515,8 +516,8 @@ def run(args: argparse.Namespace) -> dict:
         if stage is None:
             stage = max_latent_stage
         elif stage == 0:
-            raise SystemExit(f"--model: {model_dir} was exported at stage 0 (a chain of thought: its prompts hold no "
-                             "thoughts); analyse a later epoch's export, or give --stage")
+            raise CheckpointError(f"--model: {model_dir} was exported at stage 0 (a chain of thought: its prompts hold "
+                                  "no thoughts); analyse a later epoch's export, or give --stage")
         else:
             log.info("%s was exported at stage %d: its prompts are that stage's (--stage sets another)", model_dir, stage)
     curriculum = CurriculumConfig(
@@ -527,7 +528,7 @@ def run(args: argparse.Namespace) -> dict:
     model.eval()
     records = load_records(data_path, need_answer=False)[: args.n]
     if not records:
-        raise SystemExit(f"--data: {data_path} holds no records")
+        raise DataError(f"--data: {data_path} holds no records")
     grid = args.grid if args.grid is not None else _grid_of(data_path)
     dataset = QuestionDataset(records, tokenizer, processor, curriculum, stage)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=GenerationCollator(tokenizer.pad_token_id))
@@ -612,8 +613,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in ("stage", "max_latent_stage"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.stage == 0:
+        parser.error("--stage 0 is the chain of thought: its prompts hold no thoughts to analyse")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out: {args.out} is a file, not a folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
     from engine.data.images import ImageError
     from engine.data.records import DataError
     from engine.model.loading import CheckpointError

@@ -61,7 +61,8 @@ def _decide(path: str, choice: str, reason: str) -> Decision:
     key = (path, choice, reason)
     if key not in _logged:
         _logged.add(key)
-        log.info("fast path %s: %s (%s)", path, choice, reason)
+        if os.environ.get("RANK", "0") == "0":  # the ranks decide alike: one line per decision, not one per rank
+            log.info("fast path %s: %s (%s)", path, choice, reason)
     return Decision(path, choice, reason)
 
 

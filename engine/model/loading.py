@@ -430,10 +430,10 @@ def load_model(
         hf_processor = make_hf_image_processor(config.vision_config.image_size[0], max_tiles)
     else:
         path = Path(spec_str).expanduser()
+        _check_checkpoint_dir(path)
         if model_overrides:
             raise ValueError(f"model_overrides apply to the 'tiny' spec only; the checkpoint {path} has its sizes in its "
                              f"config.json (drop model_overrides, e.g. --set model_overrides={{}}); got {model_overrides}")
-        _check_checkpoint_dir(path)
         try:  # a truncated weights file or weights of other sizes than config.json says: named, not a deep traceback
             base, info = InternVLForConditionalGeneration.from_pretrained(
                 str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation,

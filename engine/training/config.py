@@ -494,9 +494,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`: a mapping merges into the mapping it overrides (``--set synthetic.hops=4`` keeps the
+    other synthetic keys), except an empty one, which clears it (``--set model_overrides={}``)."""
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

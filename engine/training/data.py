@@ -46,7 +46,9 @@ def data_paths(config: TrainConfig, run_dir: Path, env: DistEnv) -> tuple[Path |
     if config.train_path is None and not config.only_eval:
         data_dir = run_dir / "data"
         run_on_main(lambda: ensure_synthetic(data_dir, config.synthetic_settings), env)
-        return data_dir / "train.jsonl", data_dir / "val.jsonl"
+        # synthetic.n_val=0: a run without validation, as one without val_path
+        val = data_dir / "val.jsonl" if config.synthetic_settings.n_val else None
+        return data_dir / "train.jsonl", val
     if config.only_eval and config.val_path is None:
         raise ConfigError("only_eval needs val_path (the records to evaluate)")
     train = Path(config.train_path) if config.train_path else None
@@ -62,7 +64,7 @@ def check_record_images(path: Path, records: list[dict], env: DistEnv) -> None:
     pool of threads. DataError naming `file:line`, the record and the problem of each bad one."""
     images = sorted({r["image"] for r in records if r.get("image")})
     problems: dict[str, str] = {}
-    for part in all_gather_objects(find_image_problems(images[env.rank :: env.world_size])):
+    for part in all_gather_objects(find_image_problems(images[env.rank :: env.world_size], progress=env.is_main)):
         problems.update(part)
     if not problems:
         return

@@ -57,6 +57,9 @@ log = get_logger("train")
 # What a training run writes here (data/ is not listed: a synthetic set is reused when its settings match).
 TRAINING_OUTPUTS = ("checkpoints", "best", "final", "metrics.jsonl", "tensorboard", "wandb", "history.json",
                     "summary.md", "training_curves.png", "config.json", "configs", "run.json")
+# What only_eval writes here: removed by overwrite=true with the rest, kept by a fresh start over a directory
+# without checkpoints (predictions_path may put the predictions elsewhere; those are the user's)
+EVAL_OUTPUTS = ("predictions.json", "eval_records.json", "eval_summary.json")
 _EPOCH_EXPORT = re.compile(r"^epoch_\d+$")
 # temporaries of earlier versions: export folders from mkdtemp, the synthetic set's temporary folder
 _LEGACY_TEMPORARY = re.compile(r"^\.((best|final|epoch_\d+)\.([a-z0-9_]{8}|old)|data\.tmp[a-z0-9_]{8})$")
@@ -204,12 +207,13 @@ class RunDirectory:
                      if p.is_dir() and (p.name in ("best", "final") or _EPOCH_EXPORT.match(p.name))]
         return held
 
-    def _remove_training_outputs(self) -> list[str]:
+    def _remove_training_outputs(self, *, with_eval: bool) -> list[str]:
         removed = []
         if not self.path.is_dir():
             return removed
+        names = TRAINING_OUTPUTS + (EVAL_OUTPUTS if with_eval else ())
         for entry in sorted(self.path.iterdir()):
-            if entry.name in TRAINING_OUTPUTS or (entry.is_dir() and _EPOCH_EXPORT.match(entry.name)):
+            if entry.name in names or (entry.is_dir() and _EPOCH_EXPORT.match(entry.name)):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry.name)
         return removed
@@ -224,7 +228,7 @@ class RunDirectory:
             )
         if not write:
             return None
-        removed = self._remove_training_outputs()
+        removed = self._remove_training_outputs(with_eval=bool(config.overwrite))
         if removed:
             why = "overwrite=true" if held else "it held no checkpoint or export"
             log.warning("starting over in %s (%s): removed %s", self.path, why, ", ".join(removed))
@@ -344,7 +348,8 @@ class RunDirectory:
             raise CheckpointMismatchError(
                 f"checkpoint {self.checkpoints / tag} was written by {ranks} ranks and this launch has "
                 f"{self.env.world_size}: resume with {ranks}, or start a new run from its export (--set load_model_path="
-                f"{self.path / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>)"
+                f"{self.path / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>, with num_epochs "
+                f"above {epoch})"
             )
 
     def last_good_checkpoint(self) -> Path | None:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.data.dataset import check_stages, max_steps, stage_for_epoch, tokenize_records
-from engine.data.records import load_records
+from engine.data.records import DataError, load_records
 from engine.eval.evaluate import official_predictions
 from engine.eval.metrics import validation_score
 from engine.eval.thoughts import thought_norm_stats
@@ -117,6 +117,7 @@ class Trainer:
         self.start_epoch = 0
         self.first_epoch = 0  # the epoch the run's learning-rate schedule starts at (resume=N)
         self.train_tokens: list[list[int]] | None = None  # `tokenize_records` of the training records, made once
+        self.epoch_samples: dict[int, int] = {}  # epoch -> the samples it keeps (`_count_epoch_samples`)
 
     # ------------------------------------------------------------------ set-up
     def stage_for_epoch(self, epoch: int) -> int:
@@ -140,6 +141,8 @@ class Trainer:
         most = max(max_steps(self.train_records), max_steps(self.val_records))
         self.final_stage = self.curriculum.final_stage(most) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
+        if self.train_records:
+            self._count_epoch_samples()
         # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
         self.run_info = self.run_directory.start(cfg)
         self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records)
@@ -154,18 +157,27 @@ class Trainer:
     def steps_per_epoch(self, num_samples: int) -> int:
         return data.steps_per_epoch(num_samples, self.config, self.env.world_size)
 
+    def _count_epoch_samples(self) -> None:
+        """The samples each epoch this launch may train keeps once those over max_length are dropped (from the
+        records' tokens, made once here for every epoch's data set). An epoch left with none is refused now,
+        before the run directory changes, not when it comes."""
+        cfg = self.config
+        first = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
+        self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
+        stages = {e: self.stage_for_epoch(e) for e in range(first, cfg.num_epochs)}
+        self.epoch_samples = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor,
+                                                    self.curriculum, stages, seed=cfg.seed, tokens=self.train_tokens)
+        empty = sorted({stages[e] for e, n in self.epoch_samples.items() if n == 0})
+        if empty:
+            raise DataError(f"every one of the {len(self.train_records)} training records is longer than "
+                            f"max_length={cfg.max_length} at stage(s) {empty} (image tokens included): raise "
+                            "max_length, or shorten the records")  # fmt: skip
+
     def scheduled_steps(self) -> int:
         """Optimizer steps from the schedule's first epoch to the last: each epoch's, from the samples its stage
         keeps (samples over max_length are dropped, more of them at the early stages' longer sequences), so that
         a decaying learning rate ends its decay at the run's last step."""
-        cfg = self.config
-        epochs = range(self.first_epoch, cfg.num_epochs)
-        if self.train_tokens is None:
-            self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
-        counts = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor, self.curriculum,
-                                        {e: self.stage_for_epoch(e) for e in epochs}, seed=cfg.seed,
-                                        tokens=self.train_tokens)  # fmt: skip
-        return sum(self.steps_per_epoch(counts[e]) for e in epochs)
+        return sum(self.steps_per_epoch(self.epoch_samples[e]) for e in range(self.first_epoch, self.config.num_epochs))
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -284,8 +296,6 @@ class Trainer:
         cfg = self.config
         engine = self.engine
         engine.train()
-        if self.train_tokens is None:
-            self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
         loader = data.train_loader(self.train_records, self.tokenizer, self.image_processor, self.curriculum, stage,
                                    epoch, latent_id=self.model.latent_id, config=cfg, env=self.env,
                                    tokens=self.train_tokens)  # fmt: skip
