@@ -172,6 +172,11 @@ class Trainer:
             raise DataError(f"every one of the {len(self.train_records)} training records is longer than "
                             f"max_length={cfg.max_length} at stage(s) {empty} (image tokens included): raise "
                             "max_length, or shorten the records")  # fmt: skip
+        for epoch, n in self.epoch_samples.items():  # as train_epoch checks it, but before anything is trained
+            data.check_accumulation(data.micro_batches_per_epoch(n, cfg, self.env.world_size),
+                                    cfg.gradient_accumulation_steps,
+                                    f"epoch {epoch + 1} (stage {stages[epoch]}, {n} samples kept of "
+                                    f"{len(self.train_records)})")  # fmt: skip
 
     def scheduled_steps(self) -> int:
         """Optimizer steps from the schedule's first epoch to the last: each epoch's, from the samples its stage
