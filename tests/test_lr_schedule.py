@@ -74,25 +74,44 @@ def test_trainer_restarts_the_warmup_at_a_stage_switch(tmp_path):
     assert without[1] == pytest.approx(1e-3 / 3) and without[4] == pytest.approx(1e-3)
 
 
-def test_a_decay_spans_the_steps_the_epochs_run_when_samples_are_dropped(tmp_path):
-    """Samples over max_length are dropped, more at the early stages (their sequences keep more steps): the schedule
-    was sized from the record count, so a linear decay stopped a quarter of its range short of its end."""
-    from engine.training.trainer import Trainer
-
+def _dropping_run(tmp_path, **overrides):
+    """16 records, half of them too long for max_length at the stages that keep their long steps (0 and 1)."""
     def record(i, long):
         step = "a long reasoning step with many words in it" if long else "s"
         return {"id": f"r{i}", "image": None, "question": f"q{i}?", "steps": [f"{step} {j}" for j in range(3)], "answer": "a"}
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(record(i, i % 2)) + "\n" for i in range(16)))
     (tmp_path / "val.jsonl").write_text(json.dumps(record(99, False)) + "\n")
-    trainer = Trainer(config_from_dict(dict(
+    values = dict(
         name="t", save_path=str(tmp_path / "runs"), model_id="tiny", device="cpu", zero_stage=0,
         model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
         train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"), max_latent_stage=3,
         epochs_per_stage=1, num_epochs=4, max_length=40, lr_schedule="linear", lr=1e-3, batch_size_training=2,
         log_every_steps=1,
-    )))
+    )
+    return config_from_dict({**values, **overrides})
+
+
+def test_a_decay_spans_the_steps_the_epochs_run_when_samples_are_dropped(tmp_path):
+    """Samples over max_length are dropped, more at the early stages (their sequences keep more steps): the schedule
+    was sized from the record count, so a linear decay stopped a quarter of its range short of its end."""
+    from engine.training.trainer import Trainer
+
+    trainer = Trainer(_dropping_run(tmp_path))
     run = trainer.run()["run_dir"]
     steps = [r["step"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r["kind"] == "train"]
     assert steps[-1] < 4 * 16 // 2  # some epochs dropped samples
     assert trainer.engine.lr_scheduler.lr_lambdas[0].total_steps == steps[-1]
+
+
+def test_a_resume_checks_only_the_epochs_it_has_left(tmp_path):
+    """The epochs' accumulation check at set-up covered the epochs a resumed run had trained already: more
+    accumulation than an early (dropping) stage's micro-batches refused a resume that trains only later stages."""
+    from engine.training.config import ConfigError
+    from engine.training.trainer import Trainer
+
+    Trainer(_dropping_run(tmp_path, num_epochs=2)).run()  # stages 0 and 1 keep 8 of the 16 samples: 4 micro-batches
+    resumed = Trainer(_dropping_run(tmp_path, resume=True, gradient_accumulation_steps=6))
+    assert [h["epoch"] for h in resumed.run()["history"]] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match=r"epoch 1 \(stage 0, 8 samples kept of 16\) has 4 micro-batches"):
+        Trainer(_dropping_run(tmp_path, name="fresh", gradient_accumulation_steps=6)).run()  # a fresh run trains it

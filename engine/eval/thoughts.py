@@ -589,7 +589,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Attention, lm_head decoding and norms of the continuous thoughts.")
     parser.add_argument("--model", required=True, help="a transformers-format export (<run>/best or <run>/final)")
-    parser.add_argument("--data", required=True, help="JSON-lines records (the trainer's format)")
+    parser.add_argument("--data", required=True, help="records as the trainer reads them (JSON lines, or the original CoCoNuT's JSON array)")
     parser.add_argument("--out", required=True, help="folder for the figures and summary.json")
     parser.add_argument("--n", type=int, default=8, help="samples to analyse (the first N)")
     parser.add_argument("--stage", type=int, default=None,

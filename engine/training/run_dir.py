@@ -59,7 +59,7 @@ TRAINING_OUTPUTS = ("checkpoints", "best", "final", "metrics.jsonl", "tensorboar
                     "summary.md", "training_curves.png", "config.json", "configs", "run.json")
 # What only_eval writes here: removed by overwrite=true with the rest, kept by a fresh start over a directory
 # without checkpoints (predictions_path may put the predictions elsewhere; those are the user's)
-EVAL_OUTPUTS = ("predictions.json", "eval_records.json", "eval_summary.json")
+EVAL_OUTPUTS = ("predictions.json", "eval_records.json", "eval_summary.json", "eval_config.json")
 _EPOCH_EXPORT = re.compile(r"^epoch_\d+$")
 # temporaries of earlier versions: export folders from mkdtemp, the synthetic set's temporary folder
 _LEGACY_TEMPORARY = re.compile(r"^\.((best|final|epoch_\d+)\.([a-z0-9_]{8}|old)|data\.tmp[a-z0-9_]{8})$")

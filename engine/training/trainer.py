@@ -116,12 +116,18 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.first_epoch = 0  # the epoch the run's learning-rate schedule starts at (resume=N)
+        self.validation_final_stage: int | None = None  # `final_stage` counting the validation records' steps too
         self.train_tokens: list[list[int]] | None = None  # `tokenize_records` of the training records, made once
         self.epoch_samples: dict[int, int] = {}  # epoch -> the samples it keeps (`_count_epoch_samples`)
 
     # ------------------------------------------------------------------ set-up
     def stage_for_epoch(self, epoch: int) -> int:
         return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum, self.final_stage)
+
+    def validation_stage(self, epoch: int) -> int:
+        """The stage epoch's validation is built at: its training stage, except past the training records' last
+        distinct stage, where validation records with more steps still lose them (`validation_final_stage`)."""
+        return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum, self.validation_final_stage)
 
     def setup(self) -> None:
         cfg = self.config
@@ -135,11 +141,13 @@ class Trainer:
                     data.check_record_images(path, records, self.env)
         if self.train_records:
             check_stages(self.train_records, self.curriculum)
-        # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do);
-        # the validation records count too: one with more steps than any training record still has steps to
-        # remove at max_latent_stage + 1, and its validation loss is measured without them there, as the original's
+        # epochs past the curriculum's last distinct stage lengthen the final stage (as the original's recipes do).
+        # The validation's own cap counts its records too: one with more steps than any training record still has
+        # steps to remove at max_latent_stage + 1, and its loss is measured without them there, as the original's;
+        # the training stage (what reset_optimizer and the history follow) stays where its sequences stop changing
+        self.final_stage = self.curriculum.final_stage(max_steps(self.train_records)) if self.train_records else None
         most = max(max_steps(self.train_records), max_steps(self.val_records))
-        self.final_stage = self.curriculum.final_stage(most) if self.train_records else None
+        self.validation_final_stage = self.curriculum.final_stage(most) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
         if self.train_records:
             self._count_epoch_samples()
@@ -159,23 +167,32 @@ class Trainer:
 
     def _count_epoch_samples(self) -> None:
         """The samples each epoch this launch may train keeps once those over max_length are dropped (from the
-        records' tokens, made once here for every epoch's data set). An epoch left with none is refused now,
-        before the run directory changes, not when it comes."""
+        records' tokens, made once here for every epoch's data set). A fresh run's epochs are checked now, before
+        the run directory changes (overwrite=true), not when they come; a resumed run's once its checkpoint says
+        which epochs are left (`prepare_training`)."""
         cfg = self.config
         first = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
         stages = {e: self.stage_for_epoch(e) for e in range(first, cfg.num_epochs)}
         self.epoch_samples = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor,
                                                     self.curriculum, stages, seed=cfg.seed, tokens=self.train_tokens)
-        empty = sorted({stages[e] for e, n in self.epoch_samples.items() if n == 0})
+        if cfg.resume is not True:
+            self._check_epochs(range(first, cfg.num_epochs))
+
+    def _check_epochs(self, epochs: range) -> None:
+        """Each epoch to train keeps samples, and enough micro-batches for an optimizer step (as train_epoch checks
+        it, but before anything is trained)."""
+        cfg = self.config
+        empty = sorted({self.stage_for_epoch(e) for e in epochs if self.epoch_samples[e] == 0})
         if empty:
             raise DataError(f"every one of the {len(self.train_records)} training records is longer than "
                             f"max_length={cfg.max_length} at stage(s) {empty} (image tokens included): raise "
                             "max_length, or shorten the records")  # fmt: skip
-        for epoch, n in self.epoch_samples.items():  # as train_epoch checks it, but before anything is trained
+        for epoch in epochs:
+            n = self.epoch_samples[epoch]
             data.check_accumulation(data.micro_batches_per_epoch(n, cfg, self.env.world_size),
                                     cfg.gradient_accumulation_steps,
-                                    f"epoch {epoch + 1} (stage {stages[epoch]}, {n} samples kept of "
+                                    f"epoch {epoch + 1} (stage {self.stage_for_epoch(epoch)}, {n} samples kept of "
                                     f"{len(self.train_records)})")  # fmt: skip
 
     def scheduled_steps(self) -> int:
@@ -207,6 +224,7 @@ class Trainer:
         resumed_at = None
         if cfg.resume is True:
             self._resume()
+            self._check_epochs(range(self.start_epoch, cfg.num_epochs))  # the epochs the checkpoint leaves
             resumed_at = (self.global_step, self.start_epoch)
             total_steps = self.scheduled_steps()  # the run's first epoch comes from its checkpoint
             changed = follow_launch_config(self.engine.lr_scheduler, cfg, total_steps)
@@ -243,7 +261,7 @@ class Trainer:
                 failure = None
                 if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
                     try:
-                        record.update(self.validator.validate(self.engine, stage))
+                        record.update(self.validator.validate(self.engine, self.validation_stage(epoch)))
                     except Exception as e:  # the trained epoch is saved below before the run stops
                         failure = e
                         record["validation_error"] = f"{type(e).__name__}: {e}"
@@ -288,7 +306,7 @@ class Trainer:
         """The validation of the checkpoint's epoch failed before the run stopped: run it now, on the same weights."""
         if self.env.is_main:
             log.info("validating epoch %d again (%s stopped the run before)", record["epoch"], record["validation_error"])
-        result = self.validator.validate(self.engine, record["stage"])
+        result = self.validator.validate(self.engine, self.validation_stage(record["epoch"] - 1))
         del record["validation_error"]
         record.update(result)
         self.metrics.log("validation", self.global_step, **record)
