@@ -459,6 +459,24 @@ def test_paged_matches_dynamic_sampled(tiny):
     assert len(set(out["dynamic"][0].tolist())) > 1, "sampling should vary the tokens of a row"
 
 
+def test_a_seeded_generator_goes_on_alike_on_both_caches_after_the_rows_end(tiny):
+    """The paged runner checks for the end every few steps; sampling past it drew from the caller's generator, so
+    the next sampled call with that generator gave other tokens than the dynamic cache's."""
+    model, tok, _ = tiny
+    ids = torch.tensor([tok("Move down, then left.\n").input_ids])
+    options = dict(do_sample=True, temperature=2.0)
+    first = model.generate(ids, None, None, max_new_tokens=1, eos_token_id=-1, generator=torch.Generator().manual_seed(0),
+                           **options)  # fmt: skip
+    eos = int(first[0, 0])  # the row ends at its first token: the runner would have stepped on
+    calls = {}
+    for kv_cache in ("dynamic", "paged"):
+        g = torch.Generator().manual_seed(0)
+        calls[kv_cache] = [model.generate(ids, None, None, max_new_tokens=8, eos_token_id=eos, generator=g,
+                                          kv_cache=kv_cache, **options).tolist() for _ in range(3)]  # fmt: skip
+    assert calls["paged"] == calls["dynamic"]
+    assert calls["dynamic"][0] == [[eos]] and calls["dynamic"][1] != calls["dynamic"][0]
+
+
 def test_sharing_on_and_off_give_the_same_tokens_with_fewer_blocks(tiny):
     model, tok, _ = tiny
     ids, mask, pixels, _ = shared_image_batch(model, tok)

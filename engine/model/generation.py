@@ -278,11 +278,14 @@ def decode_loop(
 
     Rows that ended (eos) get the pad id. Whether every row ended is checked on the host every
     `sync_interval` steps (each check waits for the GPU) and the output is then cut where the last row ended,
-    so the result does not depend on the interval. `options.step_sync(local_done) -> all_done` (ZeRO-3) replaces
-    the check: every rank steps until all are done.
+    so the result does not depend on the interval. Sampling checks every step: a step past the end would draw
+    from the random generator, whose state a caller's next call starts from. `options.step_sync(local_done) ->
+    all_done` (ZeRO-3) replaces the check: every rank steps until all are done.
     """
     rows, max_new_tokens = out.shape
     eos, pad, step_sync = options.eos_token_id, options.pad, options.step_sync
+    if options.do_sample:
+        sync_interval = 1
     finished = torch.zeros(rows, dtype=torch.bool, device=out.device)
     steps = 0
     for step in range(max_new_tokens):
