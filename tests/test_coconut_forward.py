@@ -459,3 +459,29 @@ def test_batch_to_device_keeps_host_copies_where_the_device_differs():
         moved = batch_to_device(batch, torch.device(device), non_blocking=True)
         for key in ("input_ids", "labels"):
             assert moved[key].device.type == device and host_copy(moved[key]) is batch[key]
+
+
+def test_a_batch_without_images_can_run_the_vision_path_at_weight_zero(tiny):
+    """ZeRO over ranks whose batches mix image and text-only records: a rank whose batch had no image skipped the
+    vision tower, so its gradient buckets (ZeRO-2) or parameter gathers (ZeRO-3) did not pair up with the others'.
+    With vision_every_batch the loss is unchanged and every vision parameter gets a (zero) gradient."""
+    import copy
+
+    model, tok, _ = tiny
+    model = copy.deepcopy(model)
+    ids = torch.tensor([tok("a text-only question\nits answer").input_ids])
+    vision = [p for n, p in model.named_parameters() if "vision" in n or "multi_modal_projector" in n]
+    assert vision
+    losses = {}
+    for every_batch in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.vision_every_batch = every_batch
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[every_batch] = loss.item()
+        grads = [p.grad for p in vision]
+        if every_batch:
+            assert all(g is not None and not g.any() for g in grads)
+        else:
+            assert all(g is None for g in grads)
+    assert losses[True] == losses[False]

@@ -431,3 +431,28 @@ def test_cuda_allocator_gets_expandable_segments_unless_told_otherwise(monkeypat
     assert "PYTORCH_ALLOC_CONF=garbage_collection_threshold:0.6" in said and "environment" in said
     monkeypatch.undo()  # what the test set is gone again: the later tests run with the environment they had
     assert {name: os.environ.get(name) for name in distributed.ALLOCATOR_ENV} == before
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_train_on_records_with_and_without_images(tmp_path, zero_stage):
+    """A rank whose batch held no image skipped the vision tower while the other ran it: under ZeRO-2 the gradient
+    buckets' sizes differed (gloo aborted), under ZeRO-3 the parameter gathers never paired up (a hang)."""
+    from engine.data.records import read_jsonl, write_jsonl
+    from engine.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(tmp_path / "data", n_train=12, n_val=4, hops=2, seed=5, image_size=112, progress=False)
+    for split in ("train", "val"):
+        records = read_jsonl(data[split])
+        write_jsonl(data[split], [{**r, "image": None} if i % 3 == 0 else r for i, r in enumerate(records)])
+    settings = [
+        f"save_path={tmp_path}", "name=mixed", "model_id=tiny", "device=cpu", f"zero_stage={zero_stage}",
+        "model_overrides={text_hidden_size: 32, text_layers: 1, text_intermediate_size: 64, image_size: 112, "
+        "patch_size: 14}", f"train_path={data['train']}", f"val_path={data['val']}", "num_epochs=1",
+        "max_latent_stage=2", "batch_size_training=2", "eval_batch_size=2", "max_new_tokens=4", "check_images=false",
+    ]
+    args = [str(RECIPE)]
+    for s in settings:
+        args += ["--set", s]
+    history = tmp_path / "mixed" / "history.json"
+    _torchrun(args, tmp_path, cpu=True, finished=history.is_file)
+    assert json.loads(history.read_text())[0]["num_answers"] == 4

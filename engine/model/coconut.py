@@ -133,6 +133,9 @@ class PreparedBatch:
     # (B, T) int32: the row of image_features for each <IMG_CONTEXT> position, -1 elsewhere. Only the fused
     # injection reads it (set in prepare when that path is active, else on its first use).
     image_index: torch.Tensor | None = None
+    # A zero that depends on the vision path's parameters (`vision_every_batch` with no image in the batch): added
+    # to the loss, it gives them zero gradients where they would have had none.
+    image_anchor: torch.Tensor | None = None
 
 
 def _labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +194,11 @@ class MultimodalCoconut(nn.Module):
         # False: `<|latent|>` is an ordinary token whose own learned embedding fills every thought position (the
         # paper's "pause as thought" ablation); `prepare` then schedules no feedback, for training and generation.
         self.thought_feedback = True
+        # True: a batch without images still runs the vision tower and projector, on one blank tile whose features
+        # join the loss at weight zero (`PreparedBatch.image_anchor`). Ranks whose batches mix image and text-only
+        # records then run the same modules in every batch, as DeepSpeed's ZeRO collectives need (the gradient
+        # buckets of ZeRO-2, the parameter gathers of ZeRO-3); the trainer sets it for such runs on several ranks.
+        self.vision_every_batch = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -468,6 +476,7 @@ class MultimodalCoconut(nn.Module):
             )
         image_features = None
         image_index = None
+        image_anchor = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.encode_images(pixel_values, dedupe=dedupe_images)
             if self._injection_hook() is not None:
@@ -475,6 +484,10 @@ class MultimodalCoconut(nn.Module):
 
                 # Once per batch: each pass's fused op gathers its image rows through it (no masked_scatter).
                 image_index = image_index_from_ids(input_ids, self.image_token_id)
+        elif self.vision_every_batch:
+            tile = tile_size_from_config(self.base.config)
+            blank = torch.zeros(1, 3, tile, tile, dtype=self.dtype, device=input_ids.device)
+            image_anchor = self.encode_images(blank).float().sum() * 0.0
         return PreparedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),
@@ -484,6 +497,7 @@ class MultimodalCoconut(nn.Module):
             schedule=schedule,
             tiles_per_row=tiles_per_row,
             image_index=image_index,
+            image_anchor=image_anchor,
         )
 
     def base_embeddings(self, batch: PreparedBatch) -> torch.Tensor:
@@ -704,6 +718,8 @@ class MultimodalCoconut(nn.Module):
             loss = self.lm_loss(hidden, labels, logits=logits)
             if padding is not None:
                 loss = loss + padding
+            if batch.image_anchor is not None:
+                loss = loss + batch.image_anchor
         return CoconutOutput(
             loss=loss,
             logits=logits,

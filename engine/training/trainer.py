@@ -149,6 +149,15 @@ class Trainer:
         most = max(max_steps(self.train_records), max_steps(self.val_records))
         self.validation_final_stage = self.curriculum.final_stage(most) if self.train_records else None
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
+        records = self.train_records + self.val_records
+        with_image = sum(r.get("image") is not None for r in records)
+        if self.env.world_size > 1 and 0 < with_image < len(records):
+            # a rank whose batch has no image would skip the vision tower while another runs it: ZeRO's
+            # collectives would no longer pair up (a size mismatch under ZeRO-2, a hang under ZeRO-3)
+            self.model.vision_every_batch = True
+            if self.env.is_main:
+                log.info("%d of %d records have no image: batches without one run the vision tower on a blank tile "
+                         "at weight zero, so that the ranks' collectives pair up", len(records) - with_image, len(records))
         if self.train_records:
             self._count_epoch_samples()
         # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
