@@ -485,3 +485,7 @@ def test_a_batch_without_images_can_run_the_vision_path_at_weight_zero(tiny):
         else:
             assert all(g is None for g in grads)
     assert losses[True] == losses[False]
+    with torch.no_grad():  # nothing to pair without gradients (ZeRO-3's gathers aside): no blank tile
+        assert model.prepare(ids).image_anchor is None
+        model.base.model.multi_modal_projector.linear_2.bias[0] = float("inf")  # a broken tower: still a zero
+    assert model.prepare(ids).image_anchor.item() == 0.0

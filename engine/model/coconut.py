@@ -484,10 +484,14 @@ class MultimodalCoconut(nn.Module):
 
                 # Once per batch: each pass's fused op gathers its image rows through it (no masked_scatter).
                 image_index = image_index_from_ids(input_ids, self.image_token_id)
-        elif self.vision_every_batch:
+        elif self.vision_every_batch and (torch.is_grad_enabled()
+                                          or fast_paths.is_partitioned(self.base.model.vision_tower)):
+            # needed where gradients are reduced (ZeRO-2) or parameters gathered (ZeRO-3, generation included)
             tile = tile_size_from_config(self.base.config)
             blank = torch.zeros(1, 3, tile, tile, dtype=self.dtype, device=input_ids.device)
-            image_anchor = self.encode_images(blank).float().sum() * 0.0
+            total = self.encode_images(blank).float().sum()
+            # a zero even where a broken tower gives inf or NaN (its gradient is zero either way)
+            image_anchor = torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
         return PreparedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),

@@ -68,7 +68,8 @@ class PagedRunner:
     num_warps, num_stages, dot_in_cache_dtype, programmatic_launch; unset: the kernel's defaults;
     lengths_before_wait, unset: True, since a step computes its context lengths before its layers). max_graph_batch:
     the largest batch bucket that gets graphs.
-    sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly).
+    sync_interval: decode steps between host checks for "every row has ended" (the output is trimmed exactly);
+    sampled decoding checks every step, so that it never draws past the end from the caller's generator.
     """
 
     def __init__(
