@@ -296,6 +296,31 @@ def test_a_palette_image_keeps_its_opaque_colours(tiny, tmp_path):
         assert torch.equal(pixels[:, :, size // 2], black[:, :, size // 2])  # the opaque black column stays black
 
 
+def test_wide_grayscale_images_keep_their_greys_and_a_folder_is_not_called_missing(tiny, tmp_path):
+    """A 16-bit grayscale PNG (a scan, a medical image) came out white: Pillow's RGB conversion clips such values at
+    255 instead of scaling them. 32-bit integer and float images likewise. The image check called a folder named like
+    an image "not found"."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.data.images import find_image_problems
+
+    _, _, proc = tiny
+    size = proc.tile_size
+    grey = proc(Image.fromarray(np.full((size, size), 128, np.uint8))).pixel_values
+    for name, image in (("16-bit", Image.fromarray(np.full((size, size), 128 * 257, np.uint16))),
+                        ("32-bit", Image.fromarray(np.full((size, size), 128 * 257, np.int32))),
+                        ("float", Image.fromarray(np.full((size, size), 128 / 255, np.float32)))):
+        torch.testing.assert_close(proc(image).pixel_values, grey, msg=name)
+    path = tmp_path / "scan.png"
+    Image.fromarray(np.full((size, size), 128 * 257, np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    torch.testing.assert_close(proc(path).pixel_values, grey)
+    folder = tmp_path / "photo.jpg"
+    folder.mkdir()
+    assert find_image_problems([folder], progress=False) == {str(folder): f"image path {folder} is a folder, not an image file"}
+
+
 def test_an_image_past_the_decompression_limit_is_named(tiny, tmp_path):
     import struct
     import zlib

@@ -141,10 +141,29 @@ class ImageProcessor:
         self.hf_processor.save_pretrained(str(path))
 
 
+def _eight_bit_gray(image: Image.Image) -> Image.Image | None:
+    """16-bit and 32-bit grayscale (modes I;16*, I, F) on an 8-bit scale, or None for other modes. Pillow's RGB
+    conversion clips these values to 255 instead of scaling them, so a 16-bit scan came out white: 16-bit values
+    are scaled down, integers no larger than 255 and floats above 1 kept, floats within [0, 1] scaled up."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return None
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and top > 255):
+        values = values / 257.0  # 65535 -> 255
+    elif image.mode == "F" and top <= 1.0:
+        values = values * 255.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 def plain_rgb(image: Image.Image) -> Image.Image:
-    """The image as RGB pixels and nothing else, as InternVL's own loading gives them. A palette image with a
-    transparent index keeps that index's colour as a colour key once converted, and transformers' RGB conversion
-    then whitens every pixel of that colour, opaque ones included."""
+    """The image as RGB pixels and nothing else, as InternVL's own loading gives them, except that 16- and 32-bit
+    grayscale is put on the 8-bit scale first (`_eight_bit_gray`; InternVL's conversion saturates it). A palette
+    image with a transparent index keeps that index's colour as a colour key once converted, and transformers' RGB
+    conversion then whitens every pixel of that colour, opaque ones included."""
+    gray = _eight_bit_gray(image)
+    if gray is not None:
+        return gray.convert("RGB")
     rgb = image.convert("RGB") if image.mode != "RGB" else image
     if "transparency" in rgb.info:
         rgb = rgb.copy() if rgb is image else rgb  # the caller's image keeps its own info
@@ -156,6 +175,8 @@ def image_problem(path: str | os.PathLike) -> str | None:
     """None when the file is an image that decodes completely, else what is wrong with it. Reads the header
     (format, size) and decodes every pixel: a truncated or corrupt file fails here, not in a training epoch."""
     path = Path(path)
+    if path.is_dir():
+        return f"image path {path} is a folder, not an image file"
     if not path.is_file():
         return f"image file not found: {path}"
     try:
