@@ -442,3 +442,23 @@ def test_config_json_of_the_original_layout_or_not_an_object_and_a_broken_proces
     (out / "preprocessor_config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match=r"export: the image processor cannot be loaded"):
         load_model(out)
+
+
+def test_an_export_never_replaces_a_file_or_a_folder_of_other_files(tiny, tmp_path):
+    """export_model replaced whatever stood at its path: a user's folder was deleted, and a file was moved aside
+    before the call failed halfway."""
+    model, tok, proc = tiny
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds files but no earlier export"):
+        export_model(model, tok, proc, folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    with pytest.raises(ValueError, match=r"a_file is a file, not a folder"):
+        export_model(model, tok, proc, a_file)
+    assert a_file.read_text() == "keep me too" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine"]
+    export_model(model, tok, proc, tmp_path / "export")
+    export_model(model, tok, proc, tmp_path / "export")  # an earlier export is replaced
+    assert load_model(tmp_path / "export")[0].latent_id == model.latent_id

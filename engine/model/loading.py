@@ -365,9 +365,15 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
 
     Written into a temporary sibling directory and renamed into place (`engine.utils.io.atomic_directory`: fsynced,
     ordinary permissions), so an interrupted export never leaves a half-written checkpoint at `out_dir`; an
-    existing export there is replaced only once the new one is complete.
+    existing export there is replaced only once the new one is complete. A file at `out_dir`, or a folder with
+    other files than an earlier export's (no config.json), is refused: the export replaces the whole folder.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"export_model: {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise ValueError(f"export_model: {out_dir} holds files but no earlier export (no config.json); an export "
+                         "replaces the whole folder, so give a new or empty folder (or an earlier export's)")
     with atomic_directory(out_dir) as tmp:
         # Tied embeddings: save_pretrained stores the shared tensor once and records the tie in config.json.
         model.base.save_pretrained(str(tmp), safe_serialization=True)

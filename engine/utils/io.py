@@ -127,8 +127,11 @@ def replace_directory(src: Path, dst: Path) -> None:
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """`with atomic_directory(out) as tmp:` write into `tmp`; on success it is fsynced and becomes `out`, on any
-    error (or interrupt) it is removed and `out` is untouched."""
+    error (or interrupt) it is removed and `out` is untouched. A file at `out` is refused before anything is written
+    (only a folder is replaced)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder: refusing to replace it with one")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, TMP_SUFFIX)
     os.mkdir(tmp, 0o777)  # the umask applies, as for mkdir
