@@ -782,3 +782,38 @@ def test_an_image_missing_at_its_first_read_names_its_record(tmp_path):
     record = {"id": "q7", "image": str(tmp_path / "gone.png"), "question": "q?", "steps": ["s"], "answer": "a"}
     with pytest.raises(ImageError, match=r"record 'q7': image file not found: .*gone.png"):
         CurriculumDataset([record], tokenizer, processor, CurriculumConfig(max_latent_stage=1), 0)
+
+
+def test_settings_that_would_fail_at_the_first_validation_are_refused_at_set_up(tmp_path, monkeypatch):
+    """A max_new_tokens past the model's positions, or eval_kv_cache=paged without CUDA (or the interpreter), failed
+    only after an epoch of training; a negative max_grad_norm turned clipping off without a word."""
+    with pytest.raises(ConfigError, match=r"max_new_tokens=100000 leaves no room for a prompt in the model's "
+                                          r"max_position_embeddings=\d+"):
+        Trainer(make_config(tmp_path, max_new_tokens=100000)).setup()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"eval_kv_cache=paged needs CUDA .* the model is on cpu"):
+        Trainer(make_config(tmp_path, eval_kv_cache="paged")).setup()
+    assert not (tmp_path / "runs" / "t" / "run.json").exists()  # refused before the run directory was started
+    with pytest.raises(ConfigError, match=r"max_grad_norm must be >= 0 \(0: no clipping\)"):
+        make_config(tmp_path, max_grad_norm=-1.0)
+    with pytest.raises(ConfigError, match=r"seed must be < 2\*\*63"):
+        make_config(tmp_path, seed=2**64)
+
+
+def test_micro_batches_past_the_last_accumulation_cycle_are_named(tmp_path, caplog):
+    """12 samples in micro-batches of 2 under gradient_accumulation_steps=4: 6 micro-batches, one cycle, 2 left out
+    each epoch without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        Trainer(make_config(tmp_path, batch_size_training=2, gradient_accumulation_steps=4)).setup()
+    assert "fill no whole accumulation cycle are left out (2 of 6 per rank, gradient_accumulation_steps=4)" in caplog.text
+
+
+def test_wandb_disabled_needs_no_package(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    Trainer(make_config(tmp_path, wandb={"mode": "disabled"}, num_epochs=1)).run()
+    with pytest.raises(ConfigError, match=r"wandb package is not installed"):
+        Trainer(make_config(tmp_path, name="w", wandb={"project": "p"}))

@@ -89,7 +89,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear LR warmup at the start, and after every optimizer reset
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     # auto (adamw_fused on CUDA, adamw_foreach elsewhere) | adamw_fused | adamw_foreach | adamw (torch's per-tensor
     # loop) | deepspeed_fused_adam (DeepSpeed's CUDA extension, built with nvcc on first use)
     optimizer: str = "auto"
@@ -256,6 +256,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.seed >= 2**63:
+            raise ConfigError(f"seed must be < 2**63, got {self.seed}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for key in ("warmup_steps", "num_workers", "seed"):

@@ -18,6 +18,11 @@ from engine.utils.logging import get_logger
 log = get_logger("report")
 
 
+def wandb_wanted(settings: dict | None) -> bool:
+    """Whether the `wandb` settings ask for logging: given, and not `mode: disabled` (which needs no package)."""
+    return settings is not None and settings.get("mode") != "disabled"
+
+
 def check_wandb_installed() -> None:
     """Weights & Biases is optional: a config that asks for it needs the package (checked before a run starts)."""
     if "wandb" in sys.modules:  # imported already (or blocked: None)
@@ -80,7 +85,7 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except Exception:  # tensorboard is optional
                 self._tb = None
-        if wandb is not None:
+        if wandb_wanted(wandb):
             self._wandb = start_wandb(wandb, Path(run_dir), run_id=run_id, default_name=name, config=config)
 
     def _rewind(self, step: int, epoch: int) -> None:

@@ -41,7 +41,13 @@ from engine.training.model_setup import load_training_model, model_fingerprint
 from engine.training.pacing import HostPacer
 from engine.training.lr_schedule import restart_warmup
 from engine.training.optim import build_engine, follow_launch_config, reset_optimizer_state
-from engine.training.reporting import MetricsLogger, check_wandb_installed, format_summary_table, stage_summary
+from engine.training.reporting import (
+    MetricsLogger,
+    check_wandb_installed,
+    format_summary_table,
+    stage_summary,
+    wandb_wanted,
+)
 from engine.training.run_dir import RunDirectory, unlock_run_directory
 from engine.training.validation import Validator
 from engine.training.zero_step import settle_skipped_steps
@@ -91,7 +97,7 @@ class EpochLosses:
 class Trainer:
     def __init__(self, config: TrainConfig, *, local_rank: int | None = None):
         self.config = config
-        if config.wandb is not None:
+        if wandb_wanted(config.wandb):
             check_wandb_installed()
         self.env: DistEnv = init_distributed(config.device, local_rank,
                                              expandable_segments=config.cuda_expandable_segments)
@@ -160,9 +166,9 @@ class Trainer:
                          "at weight zero, so that the ranks' collectives pair up", len(records) - with_image, len(records))
         if self.train_records:
             self._count_epoch_samples()
+        self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records, self.model)
         # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
         self.run_info = self.run_directory.start(cfg)
-        self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records)
         if self.env.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info(
@@ -197,12 +203,20 @@ class Trainer:
             raise DataError(f"every one of the {len(self.train_records)} training records is longer than "
                             f"max_length={cfg.max_length} at stage(s) {empty} (image tokens included): raise "
                             "max_length, or shorten the records")  # fmt: skip
+        left_out = set()
         for epoch in epochs:
             n = self.epoch_samples[epoch]
-            data.check_accumulation(data.micro_batches_per_epoch(n, cfg, self.env.world_size),
-                                    cfg.gradient_accumulation_steps,
+            micro = data.micro_batches_per_epoch(n, cfg, self.env.world_size)
+            data.check_accumulation(micro, cfg.gradient_accumulation_steps,
                                     f"epoch {epoch + 1} (stage {self.stage_for_epoch(epoch)}, {n} samples kept of "
                                     f"{len(self.train_records)})")  # fmt: skip
+            if micro % cfg.gradient_accumulation_steps:
+                left_out.add((micro % cfg.gradient_accumulation_steps, micro))
+        if left_out and self.env.is_main:  # train_epoch runs whole accumulation cycles only
+            shown = ", ".join(f"{k} of {m}" for k, m in sorted(left_out))
+            log.warning("the last micro-batches of an epoch that fill no whole accumulation cycle are left out (%s per "
+                        "rank, gradient_accumulation_steps=%d): batch_size_training or gradient_accumulation_steps "
+                        "that divide the epoch use every sample", shown, cfg.gradient_accumulation_steps)
 
     def scheduled_steps(self) -> int:
         """Optimizer steps from the schedule's first epoch to the last: each epoch's, from the samples its stage

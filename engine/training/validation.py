@@ -8,6 +8,8 @@ default must not end a training run. An explicitly chosen cache raises.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tqdm.auto import tqdm
 
@@ -15,7 +17,7 @@ from engine.data.collator import GenerationCollator, MultimodalCollator
 from engine.data.dataset import CurriculumConfig, CurriculumDataset, QuestionDataset
 from engine.eval.evaluate import generate_answers, summarize
 from engine.model import fast_paths
-from engine.training.config import TrainConfig
+from engine.training.config import ConfigError, TrainConfig
 from engine.training.data import batch_to_device, eval_loader, forward_batch
 from engine.training.distributed import DistEnv, Lockstep, all_gather_objects, all_reduce_sum
 from engine.utils.logging import get_logger
@@ -37,8 +39,21 @@ class Validator:
         self.records: list[dict] = []
         self.tokenizer = self.image_processor = self.curriculum = None
 
-    def setup(self, tokenizer, image_processor, curriculum: CurriculumConfig, records: list[dict]) -> None:
+    def setup(self, tokenizer, image_processor, curriculum: CurriculumConfig, records: list[dict],
+              model=None) -> None:
+        """With `model`: the settings that would fail only at the first validation, after an epoch of training,
+        are checked now."""
         self.tokenizer, self.image_processor, self.curriculum, self.records = tokenizer, image_processor, curriculum, records
+        if model is None or not records:
+            return
+        cfg = self.config
+        limit = getattr(model.language_model.config, "max_position_embeddings", None)
+        if limit is not None and cfg.max_new_tokens >= limit:
+            raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"max_position_embeddings={limit}")
+        if cfg.eval_kv_cache == "paged" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"eval_kv_cache=paged needs CUDA (its Triton kernels), the model is on {self.device}: use "
+                              "eval_kv_cache=auto or dynamic, or TRITON_INTERPRET=1 to run the kernels interpreted")
 
     def eval_records(self) -> list[dict]:
         cap = self.config.eval_max_samples
