@@ -66,6 +66,11 @@ def _decide(path: str, choice: str, reason: str) -> Decision:
     return Decision(path, choice, reason)
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run on `device`: CUDA, or the CPU under the interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def is_partitioned(module: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions the module's parameters (they carry ``ds_id``). Iterates, never
     indexes: under ZeRO-3 reading ``module.weight`` gathers the parameter, a collective only this rank would issue."""
@@ -94,8 +99,7 @@ def injection_unsupported(model, *, allow_interpreter: bool = False) -> str | No
     if weight.dim() != 2:
         return "the embedding weight is not 2-D"
     if weight.device.type != "cuda":
-        interpreted = allow_interpreter and weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-        if not interpreted:
+        if not (allow_interpreter and triton_runs_on(weight.device)):
             return (
                 f"the model is on {weight.device}: the Triton kernel needs CUDA, or TRITON_INTERPRET=1 (set before "
                 "kernels.latent_inject is imported) to run interpreted on CPU"
@@ -188,7 +192,7 @@ def layer_ops_unsupported(model, device: torch.device) -> str | None:
         model._layer_ops_reason = layer_stack_unsupported(model.language_model, fused_ops=True)
     if model._layer_ops_reason is not None:
         return model._layer_ops_reason
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_runs_on(device):
         return f"the layers run on {device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU"
     return None
 
@@ -403,6 +407,9 @@ def eval_kv_cache(mode: str, device: torch.device, zero_stage: int, paged_failed
     """The KV cache of validation generation ("auto": paged on GPU under ZeRO 0-2, unless it failed in this run)."""
     if mode not in EVAL_KV_CACHES:
         raise ValueError(f"eval_kv_cache must be one of {EVAL_KV_CACHES}, got {mode!r}")
+    if mode == "paged" and not triton_runs_on(device):
+        raise ValueError(f"eval_kv_cache=paged needs CUDA (its Triton kernels), the model is on {device}: use "
+                         "eval_kv_cache=auto or dynamic, or TRITON_INTERPRET=1 to run the kernels interpreted")
     if mode != "auto":
         return _decide("eval_kv_cache", mode, "asked for")
     if device.type != "cuda":

@@ -186,13 +186,15 @@ class Trainer:
         the run directory changes (overwrite=true), not when they come; a resumed run's once its checkpoint says
         which epochs are left (`prepare_training`)."""
         cfg = self.config
-        first = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
+        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains (resumed later,
+        # the run keeps that first epoch: its checkpoints say which, `_resume`)
+        self.first_epoch = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
-        stages = {e: self.stage_for_epoch(e) for e in range(first, cfg.num_epochs)}
+        stages = {e: self.stage_for_epoch(e) for e in range(self.first_epoch, cfg.num_epochs)}
         self.epoch_samples = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor,
                                                     self.curriculum, stages, seed=cfg.seed, tokens=self.train_tokens)
         if cfg.resume is not True:
-            self._check_epochs(range(first, cfg.num_epochs))
+            self._check_epochs(range(self.first_epoch, cfg.num_epochs))
 
     def _check_epochs(self, epochs: range) -> None:
         """Each epoch to train keeps samples, and enough micro-batches for an optimizer step (as train_epoch checks
@@ -237,9 +239,6 @@ class Trainer:
     def prepare_training(self) -> None:
         """The DeepSpeed engine, the state of the checkpoint resumed from (`resume=true`), the metrics log."""
         cfg = self.config
-        # resume=N (an epoch) starts a fresh run at epoch N: its schedule spans the epochs it trains (resumed later,
-        # the run keeps that first epoch: its checkpoints say which)
-        self.first_epoch = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         data.check_accumulation(data.micro_batches_per_epoch(len(self.train_records), cfg, self.env.world_size),
                                 cfg.gradient_accumulation_steps, f"an epoch of the {len(self.train_records)} training records")
         total_steps = self.scheduled_steps()

@@ -8,8 +8,6 @@ default must not end a training run. An explicitly chosen cache raises.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from tqdm.auto import tqdm
 
@@ -51,9 +49,10 @@ class Validator:
         if limit is not None and cfg.max_new_tokens >= limit:
             raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
                               f"max_position_embeddings={limit}")
-        if cfg.eval_kv_cache == "paged" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"eval_kv_cache=paged needs CUDA (its Triton kernels), the model is on {self.device}: use "
-                              "eval_kv_cache=auto or dynamic, or TRITON_INTERPRET=1 to run the kernels interpreted")
+        try:  # the cache's decision, which refuses one that cannot run here
+            fast_paths.eval_kv_cache(cfg.eval_kv_cache, self.device, cfg.zero_stage)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def eval_records(self) -> list[dict]:
         cap = self.config.eval_max_samples
