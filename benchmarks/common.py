@@ -194,14 +194,12 @@ def run_harness(main: Callable[[], int | None]) -> int | None:
     """A harness's `main` as a command: a mistake in its inputs (a model path or checkpoint, a config, data, a shape
     the model cannot take) ends with one ``error:`` line and exit status 2, as the training recipe's does, instead
     of a traceback; COCONUT_DEBUG=1 keeps the traceback."""
-    import os
-
-    from engine.training.errors import EXPECTED_ERRORS
+    from engine.training.errors import EXPECTED_ERRORS, traceback_requested
 
     try:
         return main()
     except EXPECTED_ERRORS as e:
-        if os.environ.get("COCONUT_DEBUG", "").lower() not in ("", "0", "false", "no"):
+        if traceback_requested():
             raise
         print(f"error: {e}\n(COCONUT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from engine.training.config import load_config  # noqa: E402
 from engine.training.distributed import shutdown_distributed  # noqa: E402
-from engine.training.errors import EXPECTED_ERRORS, Terminated  # noqa: E402
+from engine.training.errors import EXPECTED_ERRORS, Terminated, traceback_requested  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
 
 EXIT_ERROR = 2
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def debug_requested(args: argparse.Namespace) -> bool:
-    return args.debug or os.environ.get("COCONUT_DEBUG", "").lower() not in ("", "0", "false", "no")
+    return args.debug or traceback_requested()
 
 
 @contextlib.contextmanager

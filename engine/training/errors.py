@@ -4,6 +4,8 @@ alone, once, instead of a traceback per rank (`--debug` or COCONUT_DEBUG=1 keeps
 
 from __future__ import annotations
 
+import os
+
 from engine.data.images import ImageError
 from engine.data.records import DataError
 from engine.model.loading import CheckpointError as ModelPathError
@@ -30,3 +32,8 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     ModelPathError,
     TrainingError,
 )
+
+
+def traceback_requested() -> bool:
+    """COCONUT_DEBUG set (to anything but 0, false or no): the commands show an expected error's traceback too."""
+    return os.environ.get("COCONUT_DEBUG", "").lower() not in ("", "0", "false", "no")
