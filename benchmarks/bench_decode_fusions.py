@@ -115,8 +115,6 @@ def test_decode_fusions_gpu(benchmark, copy_bandwidth, op, impl):
 
 
 if __name__ == "__main__":  # a pytest-benchmark suite: say how it runs instead of exiting silently
-    import sys
+    from benchmarks.common import pytest_suite_main
 
-    print("error: benchmarks/bench_decode_fusions.py is a pytest-benchmark suite, not a command; run it with\n"
-          "  python -m pytest benchmarks/bench_decode_fusions.py -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
-    sys.exit(2)
+    pytest_suite_main(__file__)

@@ -60,8 +60,6 @@ def test_patch_embedding_gpu(benchmark, impl):
 
 
 if __name__ == "__main__":  # a pytest-benchmark suite: say how it runs instead of exiting silently
-    import sys
+    from benchmarks.common import pytest_suite_main
 
-    print("error: benchmarks/bench_patch_embedding.py is a pytest-benchmark suite, not a command; run it with\n"
-          "  python -m pytest benchmarks/bench_patch_embedding.py -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
-    sys.exit(2)
+    pytest_suite_main(__file__)

@@ -205,6 +205,14 @@ def run_harness(main: Callable[[], int | None]) -> int | None:
         return 2
 
 
+def pytest_suite_main(file: str) -> None:
+    """What a pytest-benchmark suite run as a command does: say how it runs (exit status 2), not exit silently."""
+    name = f"benchmarks/{Path(file).name}"
+    print(f"error: {name} is a pytest-benchmark suite, not a command; run it with\n"
+          f"  python -m pytest {name} -m benchmark [-k gpu] [--benchmark-json out.json]", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def resolve_device(name: str | None) -> torch.device:
     """'cuda' when available unless told otherwise; a clear error when CUDA is asked for but absent."""
     if name in (None, "", "auto"):
