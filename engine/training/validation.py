@@ -15,6 +15,7 @@ from engine.data.collator import GenerationCollator, MultimodalCollator
 from engine.data.dataset import CurriculumConfig, CurriculumDataset, QuestionDataset
 from engine.eval.evaluate import generate_answers, summarize
 from engine.model import fast_paths
+from engine.model.generation import positions_used
 from engine.training.config import ConfigError, TrainConfig
 from engine.training.data import batch_to_device, eval_loader, forward_batch
 from engine.training.distributed import DistEnv, Lockstep, all_gather_objects, all_reduce_sum
@@ -46,7 +47,7 @@ class Validator:
             return
         cfg = self.config
         limit = getattr(model.language_model.config, "max_position_embeddings", None)
-        if limit is not None and cfg.max_new_tokens >= limit:
+        if limit is not None and positions_used(1, cfg.max_new_tokens) > limit:  # even a one-token prompt
             raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
                               f"max_position_embeddings={limit}")
         try:  # the cache's decision, which refuses one that cannot run here
