@@ -68,15 +68,39 @@ def test_accuracies_skip_difficult_and_count_missing_as_wrong():
 def test_score_record_and_summary():
     record = {"id": "7", "answer": "blue", "choices": ["red", "blue", "green", "white"], "correct_choice_idx": 1,
               "direct_answers": ["blue"] * 10, "difficult_direct_answer": False}
-    good = score_record(record, "right: blue\n### Blue")
+    good = score_record(record, "right: blue\n### blue")
     bad = score_record(record, "### redd")
     assert good["correct"] == 1.0 and good["mc_score"] == 1.0 and good["da_score"] == 1.0
+    capital = score_record(record, "### Blue.")  # a match after normalisation, not the official exact one
+    assert capital["correct"] == 1.0 and capital["multiple_choice"] == "blue" and capital["da_score"] == 0.0
     assert bad["correct"] == 0.0 and bad["multiple_choice"] == "red" and bad["mc_score"] == 0.0
     good["num_tokens"], bad["num_tokens"] = 4, 6
     summary = summarize([good, bad], seconds=2.0)
     assert summary["val_accuracy"] == 50.0 and summary["tokens_per_answer"] == 5.0 and summary["answers_per_second"] == 1.0
     preds = official_predictions([good, bad])
     assert preds == {"7": {"multiple_choice": "red", "direct_answer": "redd"}}
+
+
+def test_in_run_direct_answer_score_is_the_official_score_of_the_written_predictions():
+    """The in-run DA normalised the direct answers as well as the prediction, and predictions.json held the
+    normalised prediction: "1,000" scored 1 in the run and 0 in the official evaluator on the written file."""
+    records = [
+        {"id": "a", "answer": "1,000", "choices": ["1,000", "2", "3", "4"], "correct_choice_idx": 0,
+         "direct_answers": ["1,000"] * 4 + ["many"] * 6, "difficult_direct_answer": False},
+        {"id": "b", "answer": "red", "choices": ["red", "blue", "green", "white"], "correct_choice_idx": 0,
+         "direct_answers": ["Red"] * 5 + ["red"] * 2 + ["crimson"] * 3, "difficult_direct_answer": False},
+        {"id": "c", "answer": "many", "choices": ["many", "few", "none", "one"], "correct_choice_idx": 0,
+         "direct_answers": ["many"] * 10, "difficult_direct_answer": False},
+    ]
+    scored = [score_record(r, f"### {g}") for r, g in zip(records, ["1,000", "Red.", "Many"])]
+    for s in scored:
+        s["num_tokens"] = 1
+    annotations = {r["id"]: {"question_id": r["id"], **{k: r[k] for k in aokvqa.REQUIRED_FIELDS[1:]}} for r in records}
+    official = aokvqa.score(annotations, official_predictions(scored), strict=True)
+    assert [s["da_score"] for s in scored] == pytest.approx([1.0, 0.0, 0.0])  # exact strings, as officially
+    assert official_predictions(scored)["a"]["direct_answer"] == "1,000"
+    assert summarize(scored, 1.0)["da_accuracy"] == pytest.approx(official["da_accuracy"]) == pytest.approx(100 / 3)
+    assert summarize(scored, 1.0)["val_accuracy"] == 100.0  # the answer match stays normalised on both sides
 
 
 def test_answer_length_counts_up_to_first_eos():
@@ -155,6 +179,22 @@ def test_multiple_choice_values_that_are_not_choices_score_zero_as_officially(tm
     assert mapped == {"mc_accuracy": 75.0, "da_accuracy": None}  # Tennis. -> tennis, catt -> cat
     rc, _, err = _score(tmp_path, capsys, preds, "--strict")
     assert rc == 2 and "is not one of" in err
+    # mapped first, then checked: the official remapping runs before the strict evaluation
+    rc, mapped_strict, _ = _score(tmp_path, capsys, preds, "--strict", "--map-to-choices")
+    assert rc == 0 and mapped_strict == mapped
+
+
+def test_a_file_without_a_scored_field_is_an_error_and_unknown_keys_are_named(tmp_path, capsys):
+    """A typo in the field names left every setting unscored and passed --strict with exit status 0."""
+    for flags in ((), ("--strict",)):
+        rc, _, err = _score(tmp_path, capsys, {"q1": {"mc": "tennis", "da": "tennis"}, "q2": {}}, *flags)
+        assert rc == 2 and "none of the 2 predictions has a multiple_choice or direct_answer field" in err
+        assert "'da', 'mc'" in err
+    rc, result, err = _score(tmp_path, capsys, {q: {"multiple_choice": c, "multiple_choice_answer": c}
+                                                for q, c in (("q1", "tennis"), ("q2", "green"))})
+    assert rc == 0 and result["mc_accuracy"] == 50.0 and "not scored: ['multiple_choice_answer']" in err
+    rc, _, err = _score(tmp_path, capsys, {})
+    assert rc == 2 and "holds no prediction" in err
 
 
 def test_either_field_may_be_omitted_and_missing_questions_score_zero(tmp_path, capsys):
@@ -164,7 +204,9 @@ def test_either_field_may_be_omitted_and_missing_questions_score_zero(tmp_path, 
     # DA over q1, q2, q4 (q3 is difficult): 1 + 2/3 + 0; MC over all 4 questions: only q2 has one, correct
     assert rc == 0 and result["da_accuracy"] == pytest.approx(100 * (1 + 2 / 3) / 3)
     assert result["mc_accuracy"] == 25.0
-    assert "1 of 4 questions have no prediction" in err
+    # each setting counts its own questions: MC lacks q1, q3, q4 of 4; every DA question (q1, q2, q4) has one
+    assert "3 of the 4 questions scored for multiple_choice have no multiple_choice prediction" in err
+    assert "direct_answer have no" not in err
     rc, _, err = _score(tmp_path, capsys, preds, "--strict")  # strict: every question needs each given field
     assert rc == 2 and "no multiple_choice prediction" in err
 

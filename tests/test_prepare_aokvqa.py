@@ -176,6 +176,11 @@ def test_duplicate_question_ids_name_both_entries(tmp_path):
     (aokvqa / "aokvqa_v1p0_train.json").write_text(json.dumps(entries))
     with pytest.raises(DataError, match=r"question_id 'trainq1' appears twice: entry 1 and entry 3"):
         prepare_aokvqa(aokvqa, coco, "train", tmp_path / "train.jsonl", progress=False)
+    # the first copy skipped (its image missing) under --skip-bad: the second one was written without a word
+    entries[1]["image_id"] = 999_999
+    (aokvqa / "aokvqa_v1p0_train.json").write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=r"question_id 'trainq1' appears twice: entry 1 and entry 3"):
+        prepare_aokvqa(aokvqa, coco, "train", tmp_path / "train.jsonl", skip_bad=True, progress=False)
 
 
 @pytest.mark.parametrize("image_id", [1000.7, True, -3, "12a"])

@@ -218,22 +218,22 @@ def test_aggregate_maps_each_thought_to_its_step_and_skips_samples_without_an_im
 
 
 def test_the_stage_of_an_export_comes_from_its_runs_history(tmp_path):
-    from engine.eval.thoughts import _stage_of_export
+    from engine.model.loading import export_stage
 
     run = tmp_path / "run"
     run.mkdir()
     history = [{"epoch": 1, "stage": 0, "val_accuracy": 90.0}, {"epoch": 2, "stage": 1, "val_accuracy": 95.0},
                {"epoch": 3, "stage": 2, "val_accuracy": 95.0}, {"epoch": 4, "stage": 3, "val_accuracy": 60.0}]
     (run / "history.json").write_text(json.dumps(history))
-    assert _stage_of_export(run / "best") == 1  # the first of the best: what the trainer exported
-    assert _stage_of_export(run / "final") == 3 and _stage_of_export(run / "epoch_003") == 2
-    assert _stage_of_export(run / "epoch_009") is None and _stage_of_export(tmp_path / "elsewhere" / "best") is None
+    assert export_stage(run / "best") == 1  # the first of the best: what the trainer exported
+    assert export_stage(run / "final") == 3 and export_stage(run / "epoch_003") == 2
+    assert export_stage(run / "epoch_009") is None and export_stage(tmp_path / "elsewhere" / "best") is None
 
 
 def test_each_export_records_its_own_stage(tmp_path):
     """A run stopped before its end has no history.json: the exports' own record tells their stage (the analysis
     took max_latent_stage for them)."""
-    from engine.eval.thoughts import _stage_of_export
+    from engine.model.loading import export_stage
     from engine.training.config import config_from_dict
     from engine.training.trainer import Trainer
 
@@ -246,10 +246,10 @@ def test_each_export_records_its_own_stage(tmp_path):
     run = Path(Trainer(config).run()["run_dir"])
     history = json.loads((run / "history.json").read_text())
     (run / "history.json").unlink()
-    assert [_stage_of_export(run / f"epoch_{h['epoch']:03d}") for h in history] == [h["stage"] for h in history] == [0, 1, 2]
-    assert _stage_of_export(run / "final") == 2
+    assert [export_stage(run / f"epoch_{h['epoch']:03d}") for h in history] == [h["stage"] for h in history] == [0, 1, 2]
+    assert export_stage(run / "final") == 2
     best = json.loads((run / "best" / "coconut_training_state.json").read_text())
-    assert _stage_of_export(run / "best") == history[best["epoch"] - 1]["stage"]
+    assert export_stage(run / "best") == history[best["epoch"] - 1]["stage"]
 
 
 def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path, tiny, capsys):

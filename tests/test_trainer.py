@@ -189,6 +189,27 @@ def test_only_eval_writes_official_predictions(finished_run, tmp_path):
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(annotations))
     assert aokvqa.main(["--annotations", str(ann), "--predictions", str(preds)]) == 0
+    # the in-run accuracies are the official scorer's on the written file
+    official = aokvqa.score(aokvqa.load_annotations(ann), aokvqa.load_predictions(preds))
+    assert summary["da_accuracy"] == pytest.approx(official["da_accuracy"])
+    assert summary["mc_accuracy"] == pytest.approx(official["mc_accuracy"])
+
+
+def test_only_eval_prompts_at_the_stage_the_export_was_trained_at(finished_run, tmp_path, caplog):
+    """An export of an earlier epoch (`best` often is one) was evaluated at max_latent_stage, with more thoughts
+    in its prompts than it was ever trained with."""
+    _, result = finished_run
+    run = Path(result["run_dir"])
+    common = dict(only_eval=True, train_path=None, val_path=str(run / "data" / "val.jsonl"))
+    stages = [h["stage"] for h in result["history"]]
+    assert stages[1] != make_config(tmp_path).max_latent_stage
+    summary = Trainer(make_config(tmp_path, load_model_path=str(run / "epoch_002"), **common)).run()
+    assert summary["stage"] == stages[1]
+    with caplog.at_level("WARNING"):
+        summary = Trainer(make_config(tmp_path, load_model_path=str(run / "epoch_002"), eval_stage=2, **common)).run()
+    assert summary["stage"] == 2 and "was trained at stage 1" in caplog.text
+    summary = Trainer(make_config(tmp_path, load_model_path=str(run / "final"), **common)).run()
+    assert summary["stage"] == stages[-1]
 
 
 def test_only_eval_checks_its_predictions_path_before_generating(finished_run, tmp_path):

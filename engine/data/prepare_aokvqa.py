@@ -157,6 +157,12 @@ def prepare_aokvqa(
     records, skipped, first_error = [], 0, None
     first_entry: dict[str, int] = {}
     for index, entry in enumerate(tqdm(entries, desc=f"A-OKVQA {split}", disable=not progress, leave=False)):
+        qid = entry.get("question_id") if isinstance(entry, dict) else None
+        if qid is not None:  # checked before the entry's own checks: a skipped first copy is still a copy
+            key = str(qid)
+            if key in first_entry:  # evaluation keys predictions by question id: a duplicate would be scored once
+                raise DataError(f"{source}: question_id {qid!r} appears twice: entry {first_entry[key]} and entry {index}")
+            first_entry[key] = index
         try:
             record = convert_entry(entry, split=split, coco_dir=Path(coco_dir), source=source, index=index,
                                    rationales=rationales)
@@ -166,10 +172,6 @@ def prepare_aokvqa(
             skipped += 1
             first_error = first_error or str(e)
             continue
-        key = str(record["id"])
-        if key in first_entry:  # evaluation keys predictions by question id: a duplicate would be scored once
-            raise DataError(f"{source}: question_id {record['id']!r} appears twice: entry {first_entry[key]} and entry {index}")
-        first_entry[key] = index
         records.append(record)
     if verify_images:
         problems = find_image_problems(r["image"] for r in records)

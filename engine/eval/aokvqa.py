@@ -12,10 +12,12 @@ non-strict ones:
 - direct answer, over the questions whose `difficult_direct_answer` is false:
   `min(1, #direct_answers equal to the prediction / 3)`; no prediction scores 0.
 
-`--strict` is the official strict mode: every scored question needs a prediction and a multiple-choice value
-must be one of the choices (else an error). `--map-to-choices` maps a multiple-choice value that is not one of
-the choices to the nearest choice before scoring (not official; for free-text answers). Predictions for ids
-that are not annotated are ignored and reported; predictions that match no annotated id are an error.
+`--strict` is the official strict mode: every question a setting scores needs a prediction in that setting and a
+multiple-choice value must be one of the choices (else an error). `--map-to-choices` maps a multiple-choice value
+that is not one of the choices to the nearest choice first (not official, nor the official GloVe remapping; for
+free-text answers), so the strict check sees the mapped values. Predictions for ids that are not annotated are
+ignored and reported, as are keys other than the two fields; a file in which no prediction matches an annotated
+id, or none has either field, is an error.
 The last line printed is a JSON object `{"mc_accuracy": ..., "da_accuracy": ...}` (percentages, or null).
 """
 
@@ -42,7 +44,7 @@ def load_annotations(path: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, list) or not data:
@@ -83,7 +85,7 @@ def load_predictions(path: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise PredictionError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -107,6 +109,14 @@ def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict:
           map_to_choices: bool = False) -> dict:
     """Accuracies (%) as the official evaluator computes them (None for a setting with no prediction), and counts:
     questions, questions without a prediction, predictions for ids not annotated, MC values not among the choices."""
+    if not predictions:
+        raise PredictionError("the predictions file holds no prediction (an empty object)")
+    unknown = sorted({k for p in predictions.values() for k in p if k not in PREDICTION_FIELDS})
+    if not any(f in p for p in predictions.values() for f in PREDICTION_FIELDS):
+        raise PredictionError(
+            f"none of the {len(predictions)} predictions has a {' or '.join(PREDICTION_FIELDS)} field"
+            + (f" (their keys: {unknown[:5]})" if unknown else "")
+        )
     extra = sorted(q for q in predictions if q not in annotations)
     if len(extra) == len(predictions):
         raise PredictionError(
@@ -116,27 +126,33 @@ def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict:
     mc_preds = {q: p["multiple_choice"] for q, p in predictions.items() if "multiple_choice" in p}
     da_preds = {q: p["direct_answer"] for q, p in predictions.items() if "direct_answer" in p}
     not_a_choice = [q for q, mc in mc_preds.items() if q in annotations and mc not in annotations[q]["choices"]]
+    if map_to_choices:  # before the strict check, as the official remapping runs before its evaluation
+        for q in not_a_choice:
+            mc_preds[q] = nearest_choice(mc_preds[q], annotations[q]["choices"])
+    da_questions = [q for q, a in annotations.items() if a.get("difficult_direct_answer") is False]
+    # each setting's questions without a prediction, for a setting that has predictions (one without is not scored)
+    lacking = {
+        name: [q for q in needed if q not in preds] if preds else []
+        for name, preds, needed in (("multiple_choice", mc_preds, annotations), ("direct_answer", da_preds, da_questions))
+    }
     if strict:
-        da_questions = [q for q, a in annotations.items() if a.get("difficult_direct_answer") is False]
-        for name, preds, needed in (("multiple_choice", mc_preds, annotations), ("direct_answer", da_preds, da_questions)):
-            lacking = [q for q in needed if q not in preds]
-            if preds and lacking:
-                raise PredictionError(f"strict: {len(lacking)} questions have no {name} prediction (e.g. {lacking[:3]})")
-        if not_a_choice:
+        for name, missing in lacking.items():
+            if missing:
+                raise PredictionError(f"strict: {len(missing)} questions have no {name} prediction (e.g. {missing[:3]})")
+        if not_a_choice and not map_to_choices:
             q = not_a_choice[0]
             raise PredictionError(
                 f"strict: question {q}: multiple_choice {mc_preds[q]!r} is not one of {annotations[q]['choices']}"
                 + (f" ({len(not_a_choice) - 1} more)" if len(not_a_choice) > 1 else "")
             )
-    if map_to_choices:
-        for q in not_a_choice:
-            mc_preds[q] = nearest_choice(mc_preds[q], annotations[q]["choices"])
     return {
         "mc_accuracy": multiple_choice_accuracy(mc_preds, annotations) if mc_preds else None,
         "da_accuracy": direct_answer_accuracy(da_preds, annotations) if da_preds else None,
         "num_questions": len(annotations),
         "num_da_questions": sum(a.get("difficult_direct_answer") is False for a in annotations.values()),
-        "num_missing_predictions": sum(q not in predictions for q in annotations),
+        "num_missing_mc_predictions": len(lacking["multiple_choice"]),
+        "num_missing_da_predictions": len(lacking["direct_answer"]),
+        "unknown_prediction_keys": unknown,
         "num_extra_predictions": len(extra),
         "extra_prediction_ids": extra,
         "num_mc_not_a_choice": len(not_a_choice),
@@ -146,7 +162,7 @@ def score(annotations: dict[str, dict], predictions: dict[str, dict], *, strict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", required=True, help="aokvqa_v1p0_{val,train}.json")
+    parser.add_argument("--annotations", required=True, help="aokvqa_v1p0_{val,train}.json (UTF-8)")
     parser.add_argument("--predictions", required=True, help="{question_id: {multiple_choice, direct_answer}}")
     parser.add_argument("--strict", action="store_true",
                         help="the official strict mode: every question needs a prediction, MC values must be choices")
@@ -159,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result["num_missing_predictions"]:
-        print(f"warning: {result['num_missing_predictions']} of {result['num_questions']} questions have no prediction "
-              "(scored 0)", file=sys.stderr)
+    for name, key, count in (("multiple_choice", "num_missing_mc_predictions", "num_questions"),
+                             ("direct_answer", "num_missing_da_predictions", "num_da_questions")):
+        if result[key]:
+            print(f"warning: {result[key]} of the {result[count]} questions scored for {name} have no {name} "
+                  "prediction (scored 0)", file=sys.stderr)
+    if result["unknown_prediction_keys"]:
+        print(f"warning: predictions carry keys that are not scored: {result['unknown_prediction_keys'][:5]} (the "
+              f"scored ones: {list(PREDICTION_FIELDS)})", file=sys.stderr)
     if result["num_extra_predictions"]:
         print(f"warning: {result['num_extra_predictions']} predictions are for question ids not in the annotations "
               f"(ignored), e.g. {result['extra_prediction_ids'][:3]}", file=sys.stderr)

@@ -29,9 +29,14 @@ def answer_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
 
 
 def score_record(record: dict, generation: str) -> dict:
-    """Per-record scores: exact answer match, A-OKVQA MC and DA (when the record has what they need)."""
-    prediction = normalize_answer(extract_answer(generation))
-    out = {"id": record["id"], "prediction": prediction, "generation": generation}
+    """Per-record scores: exact answer match, A-OKVQA MC and DA (when the record has what they need).
+    ``prediction`` is the normalised answer (`normalize_answer`), matched with the record's answer and its choices;
+    ``direct_answer`` is the answer as the model wrote it (stripped), which `official_predictions` writes and the
+    DA score compares with the direct answers as they are: the official evaluator's exact match, so the in-run DA
+    accuracy is what `python -m engine.eval.aokvqa` gives on the written predictions."""
+    written = extract_answer(generation)
+    prediction = normalize_answer(written)
+    out = {"id": record["id"], "prediction": prediction, "direct_answer": written, "generation": generation}
     answer = record.get("answer")
     if answer is not None:
         out["answer"] = answer
@@ -43,8 +48,8 @@ def score_record(record: dict, generation: str) -> dict:
         if record.get("correct_choice_idx") is not None:
             out["mc_score"] = multiple_choice_score(choice, choices, record["correct_choice_idx"])
     if record.get("direct_answers") and record.get("difficult_direct_answer") is False:
-        # normalised as the prediction is; A-OKVQA's already are, so its official score is unchanged
-        out["da_score"] = direct_answer_score(prediction, [normalize_answer(a) for a in record["direct_answers"]])
+        # the written answer against the direct answers as they are: how the official script scores predictions.json
+        out["da_score"] = direct_answer_score(written, record["direct_answers"])
     return out
 
 
@@ -118,7 +123,8 @@ def _generate_batches(model, batches, tokenizer, device, options, runner, min_pa
 def official_predictions(scored: list[dict]) -> dict:
     """A-OKVQA's format: {question_id: {"multiple_choice": ..., "direct_answer": ...}}."""
     return {
-        str(s["id"]): {"multiple_choice": s.get("multiple_choice", s["prediction"]), "direct_answer": s["prediction"]}
+        str(s["id"]): {"multiple_choice": s.get("multiple_choice", s["prediction"]),
+                       "direct_answer": s.get("direct_answer", s["prediction"])}
         for s in scored
     }
 

@@ -4,11 +4,14 @@
   is none), whitespace stripped. The original CoCoNuT cut at the last `#` and removed every comma, which loses an
   answer that has either ("C#", "salt, pepper"); here only the commas of digit groups go ("1,000" is "1000"),
   in the normalisation both sides of a comparison get.
-- Multiple choice (official): a prediction scores 1 when it equals `choices[correct_choice_idx]`. In the
-  official strict mode a prediction must be one of the choices, so a free-form answer is first mapped to the
-  nearest choice (exact match after normalisation, else the highest string similarity).
+- Multiple choice (official): a prediction scores 1 when it equals `choices[correct_choice_idx]`. A free-form
+  answer is first mapped to the nearest choice (exact match after normalisation, else the highest string
+  similarity; not the official GloVe mapping), so that the official strict mode, where a prediction must be one
+  of the choices, accepts it.
 - Direct answer (official): over questions whose `difficult_direct_answer` is False,
-  `min(1, #direct_answers equal to the prediction / 3)`.
+  `min(1, #direct_answers equal to the prediction / 3)`, by the official evaluator's exact string match: the
+  answer as the model wrote it against the direct answers as they are (the model learns to write the data's
+  answers; a normalised prediction would miss "C#" or "1,000").
 Both are averaged and reported as percentages.
 """
 
@@ -30,7 +33,8 @@ def extract_answer(text: str) -> str:
 
 def normalize_answer(text: str) -> str:
     """Lower-case, single spaces, no trailing punctuation, no commas inside numbers: A-OKVQA's answers are
-    written this way. Applied to both sides of every comparison."""
+    written this way. Applied to both sides of the answer match and of the mapping to a choice; the direct answer
+    is scored as written, as the official evaluator does."""
     text = _SPACES.sub(" ", text.strip().lower())
     text = _DIGIT_GROUP_COMMA.sub("", text)
     return text.rstrip(".!?;:").strip()

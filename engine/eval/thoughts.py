@@ -387,43 +387,6 @@ def _run_settings(model_dir: Path) -> dict:
     return {}
 
 
-def _stage_of_export(model_dir: Path) -> int | None:
-    """The curriculum stage of the epoch an export holds: what the export itself records (`EXPORT_STATE_FILE`),
-    else, for an export without it, from its run's history.json (`epoch_NNN`, `final`: the last epoch, `best`: the
-    best validated one, by the trainer's rule; a run stopped early has no history.json yet); None when that
-    cannot be told. `best` is often an earlier stage's epoch than the last."""
-    from engine.model.loading import EXPORT_STATE_FILE
-
-    try:
-        stage = json.loads((model_dir / EXPORT_STATE_FILE).read_text()).get("stage")
-        if isinstance(stage, int) and not isinstance(stage, bool):
-            return stage
-        log.warning("%s holds no integer stage; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
-    except OSError:
-        pass
-    except (ValueError, AttributeError):
-        log.warning("%s is not a JSON object; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
-    try:
-        history = json.loads((model_dir.parent / "history.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(history, list) or not history:
-        return None
-    name = model_dir.name
-    chosen = None
-    if name == "final":
-        chosen = history[-1]
-    elif name.startswith("epoch_") and name[6:].isdigit():
-        chosen = next((h for h in history if h.get("epoch") == int(name[6:])), None)
-    elif name == "best":
-        from engine.eval.metrics import validation_score
-
-        scored = [h for h in history if validation_score(h) is not None]
-        chosen = max(scored, key=validation_score, default=None)  # the first of equals, as the trainer keeps it
-    stage = chosen.get("stage") if isinstance(chosen, dict) else None
-    return stage if isinstance(stage, int) else None
-
-
 def _grid_of(data_path: Path) -> int | None:
     from engine.data.synthetic import META_FILE
 
@@ -489,9 +452,8 @@ def run(args: argparse.Namespace) -> dict:
     from engine.data.collator import GenerationCollator
     from engine.data.dataset import CurriculumConfig, QuestionDataset
     from engine.data.records import DataError, load_records
-    from engine.model.loading import CheckpointError
     from engine.eval.evaluate import answer_length, score_record
-    from engine.model.loading import load_model
+    from engine.model.loading import CheckpointError, export_stage, load_model
 
     model_dir, data_path, out_dir = Path(args.model), Path(args.data), Path(args.out)
     if not model_dir.is_dir():
@@ -512,7 +474,7 @@ def run(args: argparse.Namespace) -> dict:
     pause = bool(pick("pause_as_thought", False))
     stage = args.stage
     if stage is None:
-        stage = _stage_of_export(model_dir)
+        stage = export_stage(model_dir)
         if stage is None:
             stage = max_latent_stage
         elif stage == 0:
@@ -523,7 +485,8 @@ def run(args: argparse.Namespace) -> dict:
     curriculum = CurriculumConfig(
         c_thought=c_thought, max_latent_stage=max_latent_stage, pad_latent_to_max=bool(pick("pad_latent_to_max", False))
     )
-    model, tokenizer, processor = load_model(model_dir, device=args.device, attn_implementation="eager", max_tiles=args.max_tiles)
+    model, tokenizer, processor = load_model(model_dir, device=args.device, attn_implementation="eager",
+                                             max_tiles=pick("max_tiles", None))
     model.thought_feedback = not pause
     model.eval()
     records = load_records(data_path, need_answer=False)[: args.n]
@@ -604,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-tiles", type=int, default=1)
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="default: the run's config.json, else the export's image processor")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     for name in ("n", "top_k", "batch_size", "max_new_tokens", "max_tiles", "grid", "c_thought"):

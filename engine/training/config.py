@@ -154,7 +154,8 @@ class TrainConfig:
     # under ZeRO-3 no allocator retries and ~12% faster steps), unless PYTORCH_ALLOC_CONF or
     # PYTORCH_CUDA_ALLOC_CONF is set (engine/training/distributed.py)
     cuda_expandable_segments: bool = True
-    # only_eval: the curriculum stage of the prompts (default: max_latent_stage, whose prompts every later stage's
+    # only_eval: the curriculum stage of the prompts (default: the stage the loaded export was trained at, from its
+    # coconut_training_state.json or its run's history; else max_latent_stage, whose prompts every later stage's
     # repeat; 0 with cot or no_cot)
     eval_stage: int | None = None
     overlong: str = "drop"  # samples longer than max_length: drop (counted, with a warning) | error

@@ -457,9 +457,31 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ only_eval
+    def _eval_stage(self) -> int:
+        """The stage `only_eval` prompts at: `eval_stage`; else 0 for a run without thoughts (cot, no_cot); else the
+        stage the loaded export was trained at (`export_stage`: `<run>/best` is often an earlier stage's epoch than
+        the last, and its weights never saw the later stages' thoughts); else `max_latent_stage`."""
+        from engine.model.loading import export_stage
+
+        cfg = self.config
+        trained = export_stage(cfg.load_model_path) if cfg.load_model_path else None
+        if cfg.eval_stage is not None:
+            if trained is not None and trained != cfg.eval_stage and not (cfg.cot or cfg.no_cot):
+                log.warning("only_eval: eval_stage=%d, but %s was trained at stage %d: its prompts differ from the "
+                            "ones it was trained on (leave eval_stage unset to use that stage)", cfg.eval_stage,
+                            cfg.load_model_path, trained)
+            return cfg.eval_stage
+        if cfg.cot or cfg.no_cot:
+            return 0
+        if trained is not None:
+            log.info("only_eval: %s was trained at stage %d; evaluating at that stage (eval_stage sets another)",
+                     cfg.load_model_path, trained)
+            return trained
+        return cfg.max_latent_stage
+
     def evaluate_only(self) -> dict:
         cfg = self.config
-        stage = cfg.eval_stage if cfg.eval_stage is not None else (0 if (cfg.cot or cfg.no_cot) else cfg.max_latent_stage)
+        stage = self._eval_stage()
         if not self.val_records:
             raise ConfigError("only_eval: val_path holds no records to evaluate")
         self.model.to(torch.bfloat16 if self.use_bf16 else torch.float32)
