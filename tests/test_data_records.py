@@ -93,12 +93,21 @@ def test_missing_field_names_id_and_line(tmp_path):
         ({"difficult_direct_answer": "no"}, "difficult_direct_answer"),
         ({"id": None}, "id"),
         ({"image": 5}, "image"),
+        ({"image": "   "}, "'image' must be a path string"),
+        ({"image": "http://example.com/a.png"}, "is a URL"),
+        ({"image": "s3://bucket/a.png"}, "is a URL"),
+        ({"image": "data:image/png;base64,AAAA"}, "is a URL"),
     ],
 )
 def test_validate_record_rejects(overrides, message):
     with pytest.raises(DataError, match=message) as info:
         validate_record(record(3, **overrides), "file.jsonl:9")
     assert "file.jsonl:9" in str(info.value)
+
+
+def test_windows_drive_paths_are_paths_not_urls():
+    for image in ("C:/images/a.png", "C:\\images\\a.png", "img:1.png"):
+        validate_record(record(3, image=image), "file.jsonl:9")
 
 
 def test_answer_may_be_missing_for_test_split(tmp_path):

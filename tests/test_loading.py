@@ -125,6 +125,37 @@ def test_export_loads_with_transformers_autoprocessor(tiny, tmp_path):
     assert torch.isfinite(logits).all()  # the processor's sequence is one the model takes
 
 
+def test_an_export_tiles_as_it_was_trained_in_load_model_and_in_transformers(tmp_path, caplog):
+    """load_model(path) cut every image into one tile whatever the export's image processor said, and an export
+    of a model loaded from a checkpoint kept that checkpoint's max_patches instead of the tiling it trained with."""
+    model, tok, proc = load_model("tiny", max_tiles=6)
+    out = export_model(model, tok, proc, tmp_path / "six")
+    _, _, loaded = load_model(out)
+    assert loaded.max_tiles == 6 and loaded.num_tiles_for_size(224, 448) == proc.num_tiles_for_size(224, 448) > 1
+    (out / "coconut_training_state.json").write_text(json.dumps({"stage": 1}))  # an export of a training run
+    with caplog.at_level("WARNING"):
+        _, _, two = load_model(out, max_tiles=2)
+    assert two.max_tiles == 2 and "what it was trained with" in caplog.text
+    # loaded from the six-tile export, used at two tiles, exported again: the new export says two
+    again = export_model(model, tok, two, tmp_path / "two")
+    assert json.loads((again / "preprocessor_config.json").read_text())["max_patches"] == 2
+    assert load_model(again)[2].max_tiles == 2
+    assert load_model("tiny")[2].max_tiles == 1  # a built-in spec: one tile unless asked
+
+
+def test_the_image_processor_pickles_for_spawned_workers(tiny):
+    """Its lock did not pickle, so DataLoader workers started by spawn or forkserver failed at their start."""
+    import pickle
+
+    from PIL import Image
+
+    _, _, proc = tiny
+    clone = pickle.loads(pickle.dumps(proc))
+    image = Image.new("RGB", (40, 30), (200, 10, 90))
+    assert torch.equal(clone(image).pixel_values, proc(image).pixel_values)
+    assert clone.stats()["images"] == 1  # its own count, with its own lock
+
+
 def test_bad_checkpoint_paths(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not exist"):
         load_model(tmp_path / "nope")
@@ -276,6 +307,8 @@ def test_the_image_processor_names_inputs_it_cannot_tile(tiny, tmp_path):
     with pytest.raises(ImageError, match="0x0 pixels: nothing to tile"):
         proc(Image.new("RGB", (0, 0)))
     assert proc(Image.new("L", (1, 1))).num_tiles == 1  # tiny, grey: converted and tiled
+    with pytest.raises(ImageError, match="mode 'La' cannot be converted to RGB"):
+        proc(Image.new("La", (4, 4)))
 
 
 def test_a_palette_image_keeps_its_opaque_colours(tiny, tmp_path):

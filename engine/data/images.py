@@ -45,8 +45,8 @@ class ProcessedImage:
 class ImageProcessor:
     """Turns an image (path or PIL image) into InternVL tiles and says how many image tokens they need.
 
-    Thread- and process-safe: data loader workers each call it on their own images; `stats()` reports the
-    time spent per image in this process.
+    Thread- and process-safe: data loader workers each call it on their own images (it pickles, for workers
+    started by spawn or forkserver); `stats()` reports the time spent per image in this process.
     """
 
     def __init__(self, hf_processor, tokens_per_tile: int, tile_size: int, max_tiles: int = 1):
@@ -61,6 +61,15 @@ class ImageProcessor:
         self._lock = threading.Lock()
         self._count = 0
         self._seconds = 0.0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock does not pickle; each process counts its own images
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def for_model_config(cls, config, max_tiles: int = 1, hf_processor=None) -> "ImageProcessor":
@@ -106,7 +115,10 @@ class ImageProcessor:
         if source is not None:
             image = self.load(source)
         else:
-            image = plain_rgb(image)
+            try:
+                image = plain_rgb(image)
+            except (OSError, ValueError) as e:  # a mode Pillow cannot convert, e.g. "La"
+                raise ImageError(f"in-memory image of mode {image.mode!r} cannot be converted to RGB: {e}") from e
         if min(image.size) < 1:
             raise ImageError(f"{source or 'in-memory image'} is {image.size[0]}x{image.size[1]} pixels: nothing to tile")
         try:
@@ -138,7 +150,14 @@ class ImageProcessor:
         return {"images": n, "seconds": s, "ms_per_image": 1000.0 * s / n if n else float("nan")}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        self.hf_processor.save_pretrained(str(path))
+        """The image processor config with this processor's tiling (`max_patches` = `max_tiles`), so that
+        `load_model` and transformers' InternVLProcessor (which always crops to patches) tile as it does, whatever
+        the checkpoint it was loaded from said."""
+        import copy
+
+        hf = copy.copy(self.hf_processor)
+        hf.crop_to_patches, hf.max_patches, hf.min_patches = self.max_tiles > 1, self.max_tiles, 1
+        hf.save_pretrained(str(path))
 
 
 def _eight_bit_gray(image: Image.Image) -> Image.Image | None:
@@ -216,6 +235,13 @@ def make_hf_image_processor(tile_size: int, max_tiles: int = 1):
         max_patches=max_tiles,
         min_patches=1,
     )
+
+
+def checkpoint_max_tiles(hf_processor) -> int:
+    """The most tiles a checkpoint's image processor cuts an image into: its `max_patches`, as transformers'
+    InternVLProcessor uses it (that processor always crops to patches, whatever `crop_to_patches` says)."""
+    value = getattr(hf_processor, "max_patches", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
 def load_hf_image_processor(path: str | os.PathLike):

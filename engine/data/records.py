@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +33,7 @@ from engine.utils.io import atomic_write_text
 
 REQUIRED_FIELDS = ("id", "image", "question", "steps", "answer")
 OPTIONAL_FIELDS = ("choices", "correct_choice_idx", "direct_answers", "difficult_direct_answer")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+://|data:)")  # http://, s3://, file://, data:; not C:\ nor C:/
 
 
 class DataError(ValueError):
@@ -124,8 +126,11 @@ def validate_record(record: dict, where: str, *, need_answer: bool = True) -> No
         raise DataError(f"{label}: missing field(s) {missing}")
 
     image = record["image"]
-    if image is not None and (not isinstance(image, str) or not image):
+    if image is not None and (not isinstance(image, str) or not image.strip()):
         raise DataError(f"{label}: 'image' must be a path string or null, got {image!r}")
+    if image is not None and _URL.match(image):  # made a local path, it became "<dir>/http:/host/..."
+        raise DataError(f"{label}: 'image' is a URL ({image[:80]!r}); images are read from local files only: "
+                        "download them and give their paths")
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{label}: 'question' must be a non-empty string, got {question!r}")
@@ -182,7 +187,7 @@ def load_records(
     Duplicate ids are an error (evaluation keys its results by id).
     """
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    root = Path(image_root).expanduser() if image_root is not None else path.parent
     records: list[dict] = []
     seen: dict[str, str] = {}
     for where, record in iter_record_file(path):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.data.images import ImageProcessor, load_hf_image_processor, make_hf_image_processor
+from engine.data.images import ImageProcessor, checkpoint_max_tiles, load_hf_image_processor, make_hf_image_processor
 from engine.model.coconut import MultimodalCoconut, check_attention_backend
 from engine.model.tiny_tokenizer import build_tiny_tokenizer
 from engine.utils.io import atomic_directory
@@ -387,6 +387,58 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
     return out_dir
 
 
+def export_stage(model_dir: str | os.PathLike) -> int | None:
+    """The curriculum stage of the epoch an export holds: what the export itself records (`EXPORT_STATE_FILE`),
+    else, for an export without it, from its run's history.json (`epoch_NNN`, `final`: the last epoch, `best`: the
+    best validated one, by the trainer's rule; a run stopped early has no history.json yet); None when that
+    cannot be told. `best` is often an earlier stage's epoch than the last."""
+    model_dir = Path(model_dir)
+    try:
+        stage = json.loads((model_dir / EXPORT_STATE_FILE).read_text()).get("stage")
+        if isinstance(stage, int) and not isinstance(stage, bool):
+            return stage
+        log.warning("%s holds no integer stage; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
+    except OSError:
+        pass
+    except (ValueError, AttributeError):
+        log.warning("%s is not a JSON object; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
+    try:
+        history = json.loads((model_dir.parent / "history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(history, list) or not history:
+        return None
+    name = model_dir.name
+    chosen = None
+    if name == "final":
+        chosen = history[-1]
+    elif name.startswith("epoch_") and name[6:].isdigit():
+        chosen = next((h for h in history if h.get("epoch") == int(name[6:])), None)
+    elif name == "best":
+        from engine.eval.metrics import validation_score
+
+        scored = [h for h in history if validation_score(h) is not None]
+        chosen = max(scored, key=validation_score, default=None)  # the first of equals, as the trainer keeps it
+    stage = chosen.get("stage") if isinstance(chosen, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
+def _tiling(max_tiles: int | None, hf_processor, path: Path) -> int:
+    """``max_tiles``, or the checkpoint's own when None; a value other than the one an export of this engine was
+    trained with is warned about (its prompts hold other image tokens than in training), one other than a
+    published checkpoint's processor default is only noted (tiling is a choice made per run there)."""
+    own = checkpoint_max_tiles(hf_processor)
+    if max_tiles is None:
+        return own
+    if max_tiles != own:
+        trained_here = (path / EXPORT_STATE_FILE).is_file()
+        (log.warning if trained_here else log.info)(
+            "%s: images cut into at most %d tiles; its image processor says %d%s", path, max_tiles, own,
+            " (what it was trained with: leave max_tiles unset to use that)" if trained_here else "",
+        )
+    return max_tiles
+
+
 def _check_processor_tile(hf_processor, config, path: Path) -> None:
     """The image processor's tile must be the vision tower's input size: a preprocessor_config.json without its
     size (transformers then assumes 384) would otherwise fail at the first image, blaming the image."""
@@ -407,20 +459,22 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str = "sdpa",
-    max_tiles: int = 1,
+    max_tiles: int | None = None,
     model_overrides: dict[str, Any] | None = None,
     init_token: str | None = "<<",
 ) -> tuple[MultimodalCoconut, Any, ImageProcessor]:
     """Build or load a model. Returns ``(MultimodalCoconut, tokenizer, ImageProcessor)``.
 
-    ``device="meta"`` builds a built-in spec without memory (sizes and structure only)."""
+    ``device="meta"`` builds a built-in spec without memory (sizes and structure only). ``max_tiles``: the most
+    tiles an image is cut into; None takes a checkpoint's own (its image processor's `max_patches`, which
+    transformers' InternVLProcessor tiles up to, and which an export records), 1 for a built-in spec."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)  # "bfloat16" as torch.bfloat16
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
-    for name, value in (("max_tiles", max_tiles), ("seed", seed)):
+    for name, value in (("max_tiles", 1 if max_tiles is None else max_tiles), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     attn_implementation = check_attention_backend(attn_implementation)
@@ -433,6 +487,7 @@ def load_model(
         # The geometries are materialised on the target device (an 8B model is 32 GB in fp32); the tiny model is
         # built on the host as always (its values per seed are what the recorded demo runs used).
         base = build_random_base(config, device=device, seed=seed, on_meta_first=spec_str in GEOMETRIES)
+        max_tiles = 1 if max_tiles is None else max_tiles
         hf_processor = make_hf_image_processor(config.vision_config.image_size[0], max_tiles)
     else:
         path = Path(spec_str).expanduser()
@@ -462,6 +517,7 @@ def load_model(
         config = base.config
         _check_vocabulary(base, tokenizer, path)
         _check_processor_tile(hf_processor, config, path)
+        max_tiles = _tiling(max_tiles, hf_processor, path)
         image_token = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
         if getattr(config, "image_token_id", image_token) != image_token:  # the forward would find no image slots
             raise CheckpointError(f"{path}: config.json's image_token_id is {config.image_token_id}, but the "
