@@ -94,6 +94,41 @@ def test_sequence_and_labels_per_stage(tiny, image_file, stage, c_thought):
     assert target == "".join(s + "\n" for s in STEPS[removed:]) + "### green" + tok.eos_token
 
 
+class _BosTokenizer:
+    """The tiny tokenizer as a Llama-style one, which starts every text it encodes with its bos token."""
+
+    def __init__(self, tok, bos: int):
+        self._tok, self.bos_token_id = tok, bos
+
+    def __call__(self, texts, add_special_tokens=True, **kwargs):
+        out = self._tok(texts, add_special_tokens=False, **kwargs)
+        if add_special_tokens:
+            ids = out["input_ids"]
+            out["input_ids"] = [self.bos_token_id] + ids if ids and isinstance(ids[0], int) else [[self.bos_token_id] + i for i in ids]
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_a_tokenizer_that_writes_a_bos_token_starts_every_sequence_with_it(tiny, image_file):
+    """The original encodes its questions with the tokenizer's special tokens; the sequences here had no bos
+    with a Llama-style tokenizer (Qwen2's writes none, so InternVL3's sequences are unchanged)."""
+    model, tok, proc = tiny
+    bos = tok.convert_tokens_to_ids("<<")  # any ordinary id stands for the bos token
+    records = [make_record(image_file, 0), make_record(None, 1)]
+    config = CurriculumConfig(c_thought=1, max_latent_stage=3)
+    plain = CurriculumDataset(records, tok, proc, config, 1)
+    with_bos = CurriculumDataset(records, _BosTokenizer(tok, bos), proc, config, 1)
+    for a, b in zip(plain, with_bos):
+        assert b["input_ids"].tolist() == [bos] + a["input_ids"].tolist()
+        assert b["labels"].tolist() == [-100] + a["labels"].tolist()
+    assert with_bos[0]["input_ids"][1] == tok.convert_tokens_to_ids(IMAGE_START_TOKEN)  # before the image
+    prompts = QuestionDataset(records, _BosTokenizer(tok, bos), proc, config, 1)
+    assert [p["input_ids"][0].item() for p in prompts] == [bos, bos]
+    assert [p["input_ids"][0].item() for p in QuestionDataset(records, tok, proc, config, 1)] != [bos, bos]
+
+
 def test_markers_surround_zero_latents_at_stage_0(tiny, image_file):
     model, tok, proc = tiny
     ids = CurriculumDataset([make_record(image_file)], tok, proc, CurriculumConfig(), 0)[0]["input_ids"].tolist()

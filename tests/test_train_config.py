@@ -15,6 +15,26 @@ def test_unknown_key_names_key_and_valid_keys():
     assert "c_thougt" in str(e.value) and "c_thought" in str(e.value)
 
 
+def test_the_original_coconuts_config_files_load_as_they_are(tmp_path, caplog):
+    """Its files (args/*.yaml) carry keys with no meaning here (project, local, local_path, special_token, debug)
+    and spell "no model to load" as the string None: they were refused as unknown keys."""
+    original = tmp_path / "prosqa_coconut.yaml"
+    original.write_text(
+        "project: coconut\nsave_path: runs\nname: prosqa-coconut\nlocal: True\nlocal_path: /models/gpt2\n"
+        "only_eval: False\ncoconut: True\nspecial_token: False\ncot: False\nno_thoughts: False\nno_cot: False\n"
+        "c_thought: 1\nepochs_per_stage: 5\nmax_latent_stage: 6\npad_latent_to_max: True\nsave_only_improve: False\n"
+        "uniform_prob: 0.0\nmodel_id: tiny\nload_model_path: None\nseed: 0\nresume: 0\nbf16: False\n"
+        "reset_optimizer: True\nbatch_size_training: 32\ndebug: False\ngradient_accumulation_steps: 1\n"
+        "num_epochs: 50\nlr: !!float \"1e-4\"\nweight_decay: 0.01\n"
+    )
+    with caplog.at_level("WARNING"):
+        config = load_config(original)
+    assert config.load_model_path is None and config.epochs_per_stage == 5 and config.lr == 1e-4
+    assert "'project', 'local', 'local_path', 'special_token', 'debug'" in caplog.text
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict({"projekt": "x"})  # other unknown keys stay errors
+
+
 def test_wrong_type_names_key_and_type():
     with pytest.raises(ConfigError, match="'num_epochs' expects int"):
         config_from_dict({"num_epochs": "three"})

@@ -210,6 +210,11 @@ def test_only_eval_prompts_at_the_stage_the_export_was_trained_at(finished_run, 
     assert summary["stage"] == 2 and "was trained at stage 1" in caplog.text
     summary = Trainer(make_config(tmp_path, load_model_path=str(run / "final"), **common)).run()
     assert summary["stage"] == stages[-1]
+    # the original CoCoNuT's eval configs give the stage as resume: N (epoch N's stage); it was ignored
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = Trainer(make_config(tmp_path, load_model_path=str(run / "epoch_002"), resume=2, **common)).run()
+    assert summary["stage"] == 2 and "resume=2 (epoch 2's stage) gives stage 2" in caplog.text
 
 
 def test_only_eval_checks_its_predictions_path_before_generating(finished_run, tmp_path):

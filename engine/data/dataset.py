@@ -56,7 +56,8 @@ class CurriculumConfig:
       sample with fewer steps than its stage gets one thought per step it has, in training as in generation
       (`num_latents_for_stage`); the original's training set gave it the stage's count while its generation
       gave it fewer, so its model met another number of thoughts at test time than it trained with.
-    - `uniform_prob`: probability that a training sample uses a random stage instead of the scheduled one.
+    - `uniform_prob`: probability that a training sample uses a random stage instead of the scheduled one
+      (not with `cot` or `no_cot`, whose sequences have no stage; the original's would drop steps there too).
     - `uniform_prob_from_stage` (not in the original, which mixes from stage 0): the first scheduled stage whose
       samples are mixed; earlier stages train as scheduled. 1 keeps stage 0 a plain chain of thought, so that
       the model learns the task's steps before any sample asks for thoughts (measured: benchmarks/RESULTS.md,
@@ -236,6 +237,17 @@ class SpecialIds:
         )
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` for a tokenizer that starts every text it encodes with its bos token (Llama's), else ``[]``
+    (Qwen2's, InternVL3's language models, write none): the original CoCoNuT encodes its questions with the
+    tokenizer's own special tokens. The sequence starts with it, before the image."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added, in one batched tokenizer call.
 
@@ -278,6 +290,7 @@ class _ImageTextDataset(Dataset):
         self.config = config
         self.stage = int(stage)
         self.ids = SpecialIds.from_tokenizer(tokenizer)
+        self.bos = bos_prefix(tokenizer)
 
     def num_tiles(self, record: dict) -> int:
         """Tiles the image of `record` will be cut into (0 for a text-only record), from its header."""
@@ -293,13 +306,15 @@ class _ImageTextDataset(Dataset):
         return self.image_processor.num_tiles_for_size(height, width)
 
     def image_span(self, tiles: int) -> list[int]:
+        """What comes before the question: the bos token where the tokenizer writes one (`bos_prefix`), then the
+        image's ``<img> <IMG_CONTEXT>*n </img>`` (nothing for a text-only record)."""
         if tiles == 0:
-            return []
+            return list(self.bos)
         n = self.image_processor.num_image_tokens(tiles)
-        return [self.ids.image_start] + [self.ids.image_context] * n + [self.ids.image_end]
+        return self.bos + [self.ids.image_start] + [self.ids.image_context] * n + [self.ids.image_end]
 
     def span_length(self, tiles: int) -> int:
-        return self.image_processor.num_image_tokens(tiles) + 2 if tiles else 0
+        return len(self.bos) + (self.image_processor.num_image_tokens(tiles) + 2 if tiles else 0)
 
     def load_pixels(self, record: dict, tiles: int) -> torch.Tensor | None:
         """Decode and tile the record's image: (tiles, 3, H, W); ImageError names a bad file."""
@@ -382,7 +397,8 @@ class CurriculumDataset(_ImageTextDataset):
                 if config.overlong == "error":
                     raise DataError(
                         f"record {record['id']!r}: its sequence at stage {sample_stage} has {length} tokens "
-                        f"({self.span_length(tiles)} of them image tokens), more than max_length={config.max_length}; "
+                        f"({self.span_length(tiles) - len(self.bos)} of them image tokens), more than "
+                        f"max_length={config.max_length}; "
                         "raise max_length or set overlong='drop'"
                     )
                 self.dropped_ids.append(record["id"])

@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 
 from engine.data.synthetic import SyntheticSettings
-from engine.utils.logging import first_line
+from engine.utils.logging import first_line, get_logger
+
+log = get_logger("config")
 
 
 class ConfigError(ValueError):
@@ -79,7 +81,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    reset_optimizer: bool = False  # a fresh AdamW state at every stage switch, with warmup_steps of warmup again
+    # a fresh AdamW state at every stage switch, with warmup_steps of warmup again (the original's README says at
+    # each stage switch; its code builds a new optimizer every epoch, which epochs_per_stage=1 reproduces)
+    reset_optimizer: bool = False
     save_only_improve: bool = False
     bf16: bool = False  # used on GPU; CPU runs train in fp32
     seed: int = 0
@@ -342,6 +346,15 @@ RESUME_GUARDED_KEYS = {
 }
 # Keys of earlier versions, by their current names (a config that still uses one gets an error naming the new one).
 RENAMED_KEYS = {"latent_block_ops": "layer_ops"}
+# Keys of the original CoCoNuT's config files that mean nothing here: accepted, so that its files load as they are,
+# and dropped with a warning that says why.
+ORIGINAL_ONLY_KEYS = {
+    "project": "its W&B project (W&B logging here: wandb: {project: ...})",
+    "local": "a local copy of model_id (model_id and load_model_path are local paths here)",
+    "local_path": "a local copy of model_id (model_id and load_model_path are local paths here)",
+    "special_token": "not read by the original's training code",
+    "debug": "the original's small-subset debug mode (not built here: cut the data files instead)",
+}
 # Keys that steer a launch rather than describe the run.
 _LAUNCH_KEYS = ("resume", "overwrite", "allow_config_changes")
 
@@ -461,6 +474,13 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
     hints = typing.get_type_hints(TrainConfig)
     valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    dropped = [k for k in data if k in ORIGINAL_ONLY_KEYS]
+    if dropped:
+        log.warning("%s: the original CoCoNuT's key(s) %s ignored: %s", where, dropped,
+                    "; ".join(f"{k}: {ORIGINAL_ONLY_KEYS[k]}" for k in dropped))
+        data = {k: v for k, v in data.items() if k not in ORIGINAL_ONLY_KEYS}
+    if data.get("load_model_path") == "None":  # the original's spelling of "no model to load"
+        data = {**data, "load_model_path": None}
     unknown = [k for k in data if k not in hints]
     renamed = {old: new for old, new in RENAMED_KEYS.items() if old in unknown}
     if renamed:

@@ -458,19 +458,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ only_eval
     def _eval_stage(self) -> int:
-        """The stage `only_eval` prompts at: `eval_stage`; else 0 for a run without thoughts (cot, no_cot); else the
-        stage the loaded export was trained at (`export_stage`: `<run>/best` is often an earlier stage's epoch than
-        the last, and its weights never saw the later stages' thoughts); else `max_latent_stage`."""
+        """The stage `only_eval` prompts at: `eval_stage`; else 0 for a run without thoughts (cot, no_cot); else,
+        with `resume: N`, epoch N's stage (the original CoCoNuT's eval configs pick their stage so); else the stage
+        the loaded export was trained at (`export_stage`: `<run>/best` is often an earlier stage's epoch than the
+        last, and its weights never saw the later stages' thoughts); else `max_latent_stage`."""
         from engine.model.loading import export_stage
 
         cfg = self.config
         trained = export_stage(cfg.load_model_path) if cfg.load_model_path else None
-        if cfg.eval_stage is not None:
-            if trained is not None and trained != cfg.eval_stage and not (cfg.cot or cfg.no_cot):
-                log.warning("only_eval: eval_stage=%d, but %s was trained at stage %d: its prompts differ from the "
-                            "ones it was trained on (leave eval_stage unset to use that stage)", cfg.eval_stage,
-                            cfg.load_model_path, trained)
-            return cfg.eval_stage
+        chosen, source = cfg.eval_stage, "eval_stage"
+        if chosen is None and not (cfg.cot or cfg.no_cot) and not isinstance(cfg.resume, bool) and cfg.resume > 0:
+            final = self.curriculum.final_stage(max_steps(self.val_records))
+            chosen = stage_for_epoch(cfg.resume, cfg.epochs_per_stage, self.curriculum, final)
+            source = f"resume={cfg.resume} (epoch {cfg.resume}'s stage)"
+        if chosen is not None:
+            if trained is not None and trained != chosen and not (cfg.cot or cfg.no_cot):
+                log.warning("only_eval: %s gives stage %d, but %s was trained at stage %d: its prompts differ from "
+                            "the ones it was trained on (leave %s unset to use that stage)", source, chosen,
+                            cfg.load_model_path, trained, source.split("=")[0])
+            return chosen
         if cfg.cot or cfg.no_cot:
             return 0
         if trained is not None:
