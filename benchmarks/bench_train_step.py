@@ -670,7 +670,7 @@ class Bench:
         from engine import load_model
         from engine.training.config import TrainConfig
         from engine.training.model_setup import configure_model
-        from engine.training.optim import build_engine, deepspeed_config, resolve_optimizer
+        from engine.training.optim import build_engine, deepspeed_config, offloads_optimizer, resolve_optimizer
         from engine.training.zero_step import device_step_active, multi_tensor_active
 
         self.release()
@@ -711,7 +711,7 @@ class Bench:
         self.engine.train()
         self.model, self.tok, self.zero_stage, self.key = model, tok, cfg.zero_stage, cfg.engine_key
         self.variant = dict(
-            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device),
+            optimizer_resolved=resolve_optimizer(cfg.optimizer, self.device, offloads_optimizer(train_cfg)),
             grad_checks=("device" if device_step_active(self.engine.optimizer)
                          else "multi_tensor" if multi_tensor_active(self.engine.optimizer) else "deepspeed"),
             zero_optimization=deepspeed_config(train_cfg, self.use_bf16)["zero_optimization"],

@@ -11,7 +11,14 @@ from engine.training import checkpoint as ckpt
 
 
 class FakeEngine:
-    """Writes what DeepSpeed writes for one rank: a model-states file holding the client state, an optimizer file."""
+    """Writes what DeepSpeed writes for one rank of an fp32 ZeRO engine: a model-states file holding the client
+    state, an optimizer file."""
+
+    def bfloat16_enabled(self):
+        return False
+
+    def fp16_enabled(self):
+        return False
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         folder = Path(save_dir) / tag

@@ -58,7 +58,7 @@ def test_static_block_matches_transformers_passes(tiny_model, tiny_tok, bucket, 
     out, grads = run(tiny_model, "static", ids, mask, pv, bucket=bucket, final_bucket=final_bucket, use_cache=use_cache)
     assert out.block_calls == 1, "the aligned batch did not take the block"
     if use_cache:
-        for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers):
+        for a, b in zip(out.cache.layers, ref.cache.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=TOL, rtol=0)
             torch.testing.assert_close(a.values, b.values, atol=TOL, rtol=0)
     real = mask.bool()
@@ -103,7 +103,7 @@ def test_static_block_with_fused_ops_matches_transformers_passes(tiny_model, tin
     assert calls == {"rotary_qk_grad": passes * layers, "silu_mul_grad": passes * layers,
                      "rms_norm_grad": passes * (2 * layers + 1), "one_query_attention": one_position * layers}, calls
     if use_cache:
-        for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers):
+        for a, b in zip(out.cache.layers, ref.cache.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=TOL, rtol=0)
             torch.testing.assert_close(a.values, b.values, atol=TOL, rtol=0)
     real = mask.bool()

@@ -91,6 +91,43 @@ def test_a_checkpoint_of_other_ranks_is_refused_before_it_loads_with_the_way_on(
     assert len(launches) == 1  # and before the refused launch was recorded
 
 
+def test_a_checkpoint_of_another_precision_is_refused_before_it_loads(tmp_path):
+    """A bf16 engine's ZeRO states are other files: the load failed with "file not found", read as damage."""
+    first = Trainer(make_config(tmp_path, num_epochs=1))
+    first.run()
+    checkpoint = first.run_dir / "checkpoints" / "epoch_001"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32"
+    (checkpoint / "manifest.json").write_text(json.dumps({**manifest, "precision": "bf16"}))
+    with pytest.raises(CheckpointError, match=r"written in bf16 and this launch trains in fp32"):
+        Trainer(make_config(tmp_path, num_epochs=2, resume=True))
+    del manifest["precision"]  # a manifest from before the precision was recorded: read from the files' names
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    for state in checkpoint.glob("zero_pp_rank_*"):
+        state.rename(state.with_name("bf16_" + state.name))
+    with pytest.raises(CheckpointError, match=r"written in bf16"):
+        Trainer(make_config(tmp_path, num_epochs=2, resume=True))
+
+
+def test_a_setting_deepspeed_refuses_leaves_an_earlier_run_in_place(tmp_path):
+    """It was found by deepspeed.initialize, after overwrite=true had removed the earlier run's checkpoints."""
+    first = Trainer(make_config(tmp_path, num_epochs=1))
+    first.run()
+    bad = {"zero_optimization": {"overlap_comm": "maybe"}}
+    with pytest.raises(ConfigError, match=r"DeepSpeed refuses the run's config .*overlap_comm"):
+        Trainer(make_config(tmp_path, num_epochs=1, overwrite=True, deepspeed=bad)).run()
+    assert (first.run_dir / "checkpoints" / "epoch_001").is_dir() and (first.run_dir / "final").is_dir()
+
+
+def test_deepspeeds_wall_clock_breakdown_trains(tmp_path):
+    """DeepSpeed starts its backward timers (and ZeRO's accumulation boundary) from hooks on the forward's output
+    tensors, found in a dict, list or tuple only: a plain dataclass output skipped them and the first step failed
+    on 'timer is not started'."""
+    trainer = Trainer(make_config(tmp_path, num_epochs=1, deepspeed={"wall_clock_breakdown": True}))
+    trainer.run()
+    assert trainer.global_step > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows(trainer.run_dir))
+
+
 def test_a_resumed_run_that_began_at_an_epoch_keeps_its_schedule(tmp_path):
     """A run started with resume=N (the original's skip of the first stages) spans num_epochs - N epochs; resumed
     with resume=true it was given a schedule over all num_epochs."""

@@ -175,6 +175,49 @@ def test_deepspeed_overrides_that_would_be_ignored_or_fight_the_trainer_are_name
         config_from_dict({"deepspeed": overrides})
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    ({"bf16": True}, "deepspeed.bf16 must be a mapping"),
+    ({"zero_optimization": None}, "deepspeed.zero_optimization must be a mapping"),
+    ({"activation_checkpointing": {"partition_activations": True}}, "set activation_checkpointing: true"),
+    ({"steps_per_print": "abc"}, "steps_per_print must be an integer"),
+    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "apply to ZeRO-3 only"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": 10}}, "apply to ZeRO-3 only"),
+])
+def test_deepspeed_overrides_that_would_do_nothing_or_fail_late_are_named(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"deepspeed": overrides, "zero_stage": 2})
+
+
+def test_the_whole_deepspeed_config_is_read_as_deepspeed_reads_it():
+    """Wrong values inside a section were found by deepspeed.initialize, as a traceback from the engine's build."""
+    pytest.importorskip("deepspeed")
+    from engine.training.optim import check_deepspeed_config, deepspeed_config
+
+    for overrides, needle in (
+        ({"zero_optimization": {"overlap_comm": "maybe"}}, "overlap_comm"),
+        ({"zero_optimization": {"offload_optimizer": {"devic": "cpu"}}}, "devic"),
+        ({"communication_data_type": "int7"}, "communication_data_type"),
+        ({"bf16": {"enabled": True}}, "runs on cpu train in fp32"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            check_deepspeed_config(config_from_dict({"deepspeed": overrides}), False, "cpu", 1)
+    config = config_from_dict({"deepspeed": {"csv_monitor": {"enabled": True}}, "name": "r", "save_path": "/runs"})
+    check_deepspeed_config(config, False, "cpu", 1)
+    # DeepSpeed's monitors wrote into ./DeepSpeedJobName of the working folder
+    assert deepspeed_config(config, False, 1)["csv_monitor"] == {"enabled": True, "output_path": "/runs/r/deepspeed/",
+                                                                 "job_name": "r"}
+
+
+def test_offloaded_optimizer_states_take_deepspeeds_cpu_adam():
+    """DeepSpeed refuses torch's AdamW over offloaded states and names an optimizer the trainer refused."""
+    from engine.training.optim import offloads_optimizer, resolve_optimizer
+
+    offload = config_from_dict({"deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}})
+    assert offloads_optimizer(offload) and not offloads_optimizer(config_from_dict({}))
+    assert resolve_optimizer("auto", "cuda", offloads_optimizer(offload)) == "deepspeed_cpu_adam"
+    assert resolve_optimizer("auto", "cuda") == "adamw_fused"
+
+
 def test_deepspeed_overrides_the_trainer_leaves_open_pass():
     pytest.importorskip("deepspeed")
     ok = {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}, "bf16": {"enabled": True},

@@ -217,6 +217,27 @@ def test_only_eval_prompts_at_the_stage_the_export_was_trained_at(finished_run, 
     assert summary["stage"] == 2 and "resume=2 (epoch 2's stage) gives stage 2" in caplog.text
 
 
+def test_offloaded_optimizer_states_with_accumulation_keep_the_vision_gradients(tmp_path):
+    """With the optimizer states on the host, DeepSpeed dropped the accumulated gradients of parameters the last
+    micro-batch of a cycle left unused: behind an image-less micro-batch the vision tower was not updated at all."""
+    from engine.data.records import read_jsonl, write_jsonl
+    from engine.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(tmp_path / "data", n_train=12, n_val=4, hops=2, seed=5, progress=False)
+    for split in ("train", "val"):
+        records = read_jsonl(data[split])
+        write_jsonl(data[split], [{**r, "image": None} if i % 2 else r for i, r in enumerate(records)])
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}
+    common = dict(synthetic=None, train_path=str(data["train"]), val_path=str(data["val"]), num_epochs=1, optimizer="adamw",
+                  batch_size_training=2, gradient_accumulation_steps=2, check_images=False)
+    trainer = Trainer(make_config(tmp_path, name="offload", deepspeed=offload, **common))
+    trainer.run()
+    assert trainer.model.vision_every_batch and trainer.global_step == 3
+    plain = Trainer(make_config(tmp_path, name="plain", **common))
+    plain.setup()
+    assert not plain.model.vision_every_batch  # one rank, no offload: image-less batches skip the tower
+
+
 def test_only_eval_checks_its_predictions_path_before_generating(finished_run, tmp_path):
     _, result = finished_run
     run = Path(result["run_dir"])

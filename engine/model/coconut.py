@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
 
 from engine.model import fast_paths
 from engine.model.checkpointing import checkpointed_layers
@@ -110,13 +111,17 @@ def _ce_sum_padded(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int, 
 
 
 @dataclass
-class CoconutOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None  # (B, T, V), None when only the loss was asked for
-    hidden_states: torch.Tensor  # (B, T, H) last-layer hidden states, post-norm
-    inputs_embeds: torch.Tensor | None  # (B, T, H) the inputs actually fed: thoughts at latent positions
-    num_passes: int
-    past_key_values: object | None = None
+class CoconutOutput(ModelOutput):
+    """The forward's outputs. A transformers `ModelOutput` (a dict as well as a dataclass): DeepSpeed's engine
+    finds the tensors it hooks its backward set-up onto (timers, ZeRO's accumulation boundary) in a dict, a list or
+    a tuple only, and skipped that set-up for a plain dataclass."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V), None when only the loss was asked for
+    hidden_states: torch.Tensor | None = None  # (B, T, H) last-layer hidden states, post-norm
+    inputs_embeds: torch.Tensor | None = None  # (B, T, H) the inputs actually fed: thoughts at latent positions
+    num_passes: int | None = None
+    cache: object | None = None  # the KV cache with use_cache=True (transformers' name from 5.24 on)
 
 
 @dataclass
@@ -730,7 +735,7 @@ class MultimodalCoconut(nn.Module):
             hidden_states=hidden,
             inputs_embeds=inputs,
             num_passes=batch.schedule.num_passes + max(0, min_passes - batch.schedule.num_passes),
-            past_key_values=cache if use_cache else None,
+            cache=cache if use_cache else None,
         )
 
     def padding_passes(self, last_hidden: torch.Tensor, count: int) -> torch.Tensor | None:

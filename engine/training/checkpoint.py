@@ -170,6 +170,26 @@ def choose_resume_checkpoint(checkpoint_dir: str | Path) -> str:
     raise CheckpointError(f"no checkpoint in {checkpoint_dir} verifies: " + "; ".join(problems))
 
 
+def engine_precision(engine) -> str:
+    """"bf16", "fp16" or "fp32": the precision a DeepSpeed engine trains in, which decides its checkpoint's files
+    (a bf16 engine's ZeRO states are `bf16_zero_pp_rank_*`)."""
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
+def saved_precision(path: Path) -> str | None:
+    """The precision checkpoint ``path`` was written in: its manifest's, else "bf16" or "not bf16" read from its
+    ZeRO state files' names (manifests before the precision was recorded); None for a checkpoint without ZeRO
+    state files (ZeRO-0), whose files do not depend on it."""
+    recorded = (read_manifest(path) or {}).get("precision")
+    if isinstance(recorded, str):
+        return recorded
+    if any(path.glob("bf16_zero_pp_rank_*")):
+        return "bf16"
+    return "not bf16" if any(path.glob("zero_pp_rank_*")) else None
+
+
 def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state: dict, *, is_main: bool, keep: int,
                     run_id: str | None = None, world_size: int = 1) -> Path:
     """Save under a temporary tag, write the manifest (with ``world_size``, the ranks that wrote it: a resume needs
@@ -187,7 +207,8 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, epoch: int, client_state
     if is_main:
         tmp = checkpoint_dir / tmp_tag
         info = {"tag": tag, "run_id": run_id, "epoch": epoch, "global_step": client_state.get("global_step"),
-                "world_size": world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "world_size": world_size, "precision": engine_precision(engine),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_manifest(tmp, info)
         fsync_tree(tmp)
         replace_directory(tmp, checkpoint_dir / tag)

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 
 # `optimizer`: see engine/training/optim.py (auto: adamw_fused on CUDA, adamw_foreach elsewhere)
-OPTIMIZERS = ("auto", "adamw_fused", "adamw_foreach", "adamw", "deepspeed_fused_adam")
+OPTIMIZERS = ("auto", "adamw_fused", "adamw_foreach", "adamw", "deepspeed_fused_adam", "deepspeed_cpu_adam")
 
 
 @dataclass
@@ -234,7 +234,7 @@ class TrainConfig:
             raise ConfigError("compile_vision_layers needs zero_stage <= 2: ZeRO-3 fetches and releases each module's "
                               "weights around its call, which a compiled region cannot trace through")
         if self.deepspeed:
-            check_deepspeed_overrides(self.deepspeed)
+            check_deepspeed_overrides(self.deepspeed, self.zero_stage)
         if self.zero_grad_checks not in ("auto", "multi_tensor", "deepspeed"):
             raise ConfigError(f"zero_grad_checks must be auto, multi_tensor or deepspeed, got {self.zero_grad_checks!r}")
         pieces = self.liger_pieces
@@ -388,21 +388,38 @@ DEEPSPEED_SECTIONS = ("zero_optimization", "activation_checkpointing", "flops_pr
                       "compile", "torch_autocast", "tensor_parallel", "weight_quantization", "hybrid_engine")  # fmt: skip
 
 
-def check_deepspeed_overrides(overrides: dict) -> None:
-    """ConfigError for a `deepspeed` override that the trainer sets from its own keys (naming that key), a
-    `zero_optimization` that DeepSpeed's own schema refuses, or a top-level key that is a near miss of a DeepSpeed
-    key (a misspelt key is otherwise ignored by DeepSpeed without a word). Keys this check does not know are
-    passed through."""
+def check_deepspeed_overrides(overrides: dict, zero_stage: int = 2) -> None:
+    """ConfigError for a `deepspeed` override that the trainer sets from its own keys (naming that key), one that
+    would do nothing here (DeepSpeed's activation checkpointing, which the model does not call; ZeRO-3's settings
+    under another stage), a section that is not a mapping, a `zero_optimization` that DeepSpeed's own schema
+    refuses, or a top-level key that is a near miss of a DeepSpeed key (a misspelt key is otherwise ignored by
+    DeepSpeed without a word). Keys this check does not know are passed through; `optim.check_deepspeed_config`
+    then reads the whole config as DeepSpeed will."""
     import difflib
 
     for key, ours in DEEPSPEED_KEYS_OF_THE_TRAINER.items():
         if key in overrides:
             raise ConfigError(f"deepspeed.{key} is set by the trainer from {ours}; set that instead")
+    for key in (*DEEPSPEED_SECTIONS, "bf16", "fp16"):
+        if key in overrides and not isinstance(overrides[key], dict):
+            raise ConfigError(f"deepspeed.{key} must be a mapping of its settings (--set deepspeed.{key}.<setting>="
+                              f"<value>), got {overrides[key]!r}")
+    if "activation_checkpointing" in overrides:
+        raise ConfigError("deepspeed.activation_checkpointing: the model does not call DeepSpeed's activation "
+                          "checkpointing, so these settings would do nothing; set activation_checkpointing: true (the "
+                          "trainer's own, per decoder layer, through the cached multi-pass forward)")
+    steps = overrides.get("steps_per_print")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ConfigError(f"deepspeed.steps_per_print must be an integer >= 1, got {steps!r}")
     zero = overrides.get("zero_optimization")
-    if zero is not None and not isinstance(zero, dict):
-        raise ConfigError(f"deepspeed.zero_optimization must be a mapping of ZeRO settings, got {zero!r}")
     if zero and "stage" in zero:
         raise ConfigError("deepspeed.zero_optimization.stage is set by the trainer from zero_stage; set that instead")
+    if zero and zero_stage < 3:
+        only_three = sorted(k for k in zero if k.startswith("stage3_") or k in ("offload_param", "zero_hpz_partition_size",
+                                                                                "zero_quantized_weights"))
+        if only_three:
+            raise ConfigError(f"deepspeed.zero_optimization: {only_three} apply to ZeRO-3 only and would do nothing "
+                              f"at zero_stage={zero_stage}; drop them, or set zero_stage=3")
     try:
         import deepspeed.runtime.constants as constants
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig

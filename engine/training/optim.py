@@ -13,6 +13,7 @@ without host waits (`grad_checks`).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -53,11 +54,22 @@ ZERO_DEFAULTS: dict[int, dict] = {
 }
 
 
-def resolve_optimizer(name: str, device: torch.device | str) -> str:
-    """The optimizer `name` stands for on `device` ("auto": fused AdamW on CUDA, the multi-tensor one elsewhere)."""
+def offloads_optimizer(config: TrainConfig) -> bool:
+    """Whether the run's `deepspeed` overrides put the optimizer states on the host (or NVMe)."""
+    zero = config.deepspeed.get("zero_optimization") or {}
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    return isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def resolve_optimizer(name: str, device: torch.device | str, offload: bool = False) -> str:
+    """The optimizer `name` stands for on `device` ("auto": DeepSpeed's CPU Adam when the optimizer states are
+    offloaded (`offload`), which DeepSpeed requires there; else fused AdamW on CUDA, the multi-tensor one
+    elsewhere)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if name == "auto":
+        if offload:
+            return "deepspeed_cpu_adam"
         return "adamw_fused" if torch.device(device).type == "cuda" else "adamw_foreach"
     return name
 
@@ -75,9 +87,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer of `config.optimizer` over `model`'s trainable parameters, on the device they are on."""
     device = next(model.parameters()).device
-    name = resolve_optimizer(config.optimizer, device)
+    name = resolve_optimizer(config.optimizer, device, offloads_optimizer(config))
     groups = param_groups(model, config.weight_decay)
     hyper = dict(lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    if name == "deepspeed_cpu_adam":  # the host's Adam for offloaded states (a C++ extension, built on first use)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        try:
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
+        except Exception as e:  # noqa: BLE001 - the extension's build raises compiler and loader errors
+            raise ConfigError(f"optimizer=deepspeed_cpu_adam: DeepSpeed's CPU Adam extension does not build here "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})") from e
     if name == "deepspeed_fused_adam":
         if device.type != "cuda":
             raise ConfigError(f"optimizer=deepspeed_fused_adam needs CUDA (a CUDA extension), the model is on {device}; "
@@ -171,7 +191,49 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None
             ds[key] = {**ds[key], **value}
         else:
             ds[key] = value
+    for monitor in ("tensorboard", "csv_monitor"):  # DeepSpeed's default is ./DeepSpeedJobName in the working folder
+        section = ds.get(monitor)
+        if isinstance(section, dict) and section.get("enabled"):
+            ds[monitor] = {"output_path": str(config.run_dir / "deepspeed") + os.sep, "job_name": config.name, **section}
     return ds
+
+
+def run_precision(config: TrainConfig, device_type: str, world_size: int | None = None) -> str:
+    """"bf16", "fp16" or "fp32": what a run of `config` trains in on a device of `device_type` (`bf16` on CUDA,
+    or the `deepspeed` overrides' bf16 / fp16 sections), as its engine's `checkpoint.engine_precision` will say."""
+    ds = deepspeed_config(config, bool(config.bf16 and device_type == "cuda"), world_size)
+    if (ds.get("bf16") or {}).get("enabled"):
+        return "bf16"
+    return "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
+
+
+def check_deepspeed_config(config: TrainConfig, use_bf16: bool, device_type: str, world_size: int | None = None) -> None:
+    """Read the run's DeepSpeed config as `deepspeed.initialize` will (its schema and its consistency rules), so
+    that a bad override is a ConfigError before a run directory is started or an earlier run removed, not a
+    traceback from inside the engine's build. Also refused: fp16 or bf16 switched on by an override where the
+    trainer trains in fp32 (`bf16` on the CPU), and a monitor whose package is missing."""
+    ds = deepspeed_config(config, use_bf16, world_size)
+    if device_type != "cuda":
+        for section in ("bf16", "fp16"):
+            if (ds.get(section) or {}).get("enabled"):
+                raise ConfigError(f"deepspeed.{section}.enabled: runs on {device_type} train in fp32 (the model is "
+                                  f"fp32 there); drop the override, or run on a GPU")
+    if (ds.get("tensorboard") or {}).get("enabled"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("deepspeed.tensorboard.enabled needs the tensorboard package (pip install "
+                              "tensorboard)") from e
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except Exception:  # noqa: BLE001 - DeepSpeed missing or broken: the engine's build reports it
+        return
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds))
+    except Exception as e:  # noqa: BLE001 - pydantic, assertions, type and value errors: each a refused setting
+        detail = " ".join(str(e).split()).split(" For further information")[0][:400] or type(e).__name__
+        raise ConfigError(f"deepspeed: DeepSpeed refuses the run's config ({type(e).__name__}: {detail}); the "
+                          f"overrides given: {config.deepspeed}") from e
 
 
 def build_engine(model, config: TrainConfig, total_steps: int, use_bf16: bool):

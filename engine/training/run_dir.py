@@ -41,10 +41,12 @@ from engine.training.checkpoint import (
     checkpoint_epoch,
     checkpoint_tags,
     choose_resume_checkpoint,
+    engine_precision,
     latest_tag,
     load_checkpoint,
     read_manifest,
     save_checkpoint,
+    saved_precision,
 )
 from engine.training.config import ConfigError, TrainConfig, guarded_config_changes
 from engine.training.distributed import DistEnv, barrier, run_on_main
@@ -259,6 +261,7 @@ class RunDirectory:
             latest = None  # a `latest` naming a lost checkpoint: the load chooses another and checks it then
         if latest is not None:  # before this launch is recorded: a refused one changes nothing here
             self._check_ranks(latest, self._ranks_of(latest))
+            self._check_precision(latest, saved_precision(self.checkpoints / latest), config)
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:
@@ -326,12 +329,13 @@ class RunDirectory:
     def load_latest(self, engine) -> tuple[str, dict]:
         """Load the newest checkpoint that verifies into `engine` (rank 0 verifies, every rank loads the same one);
         returns (tag, the trainer state saved with it)."""
-        def choose() -> tuple[str, int | None]:
+        def choose() -> tuple[str, int | None, str | None]:
             tag = choose_resume_checkpoint(self.checkpoints)
-            return tag, self._ranks_of(tag)
+            return tag, self._ranks_of(tag), saved_precision(self.checkpoints / tag)
 
-        tag, ranks = run_on_main(choose, self.env)
+        tag, ranks, precision = run_on_main(choose, self.env)
         self._check_ranks(tag, ranks)
+        self._check_precision(tag, precision, engine_precision(engine))
         state = load_checkpoint(engine, self.checkpoints, tag)
         self.last_checkpoint = self.checkpoints / tag
         return tag, state
@@ -351,6 +355,22 @@ class RunDirectory:
                 f"{self.path / f'epoch_{epoch:03d}'} --set resume={epoch} --set name=<another name>, with num_epochs "
                 f"above {epoch})"
             )
+
+    def _check_precision(self, tag: str, saved: str | None, launch: TrainConfig | str) -> None:
+        """A checkpoint loads into an engine of its own precision only: DeepSpeed names a bf16 engine's ZeRO states
+        `bf16_zero_pp_rank_*`, and another engine looked for files that are not there. ``launch``: the engine's
+        precision, or the launch's config (its precision as `deepspeed_config` sets it on this device)."""
+        if isinstance(launch, TrainConfig):
+            from engine.training.optim import run_precision
+
+            launch = run_precision(launch, self.env.device.type, self.env.world_size)
+        if saved is None or saved == launch or (saved == "not bf16" and launch != "bf16"):
+            return
+        raise CheckpointMismatchError(
+            f"checkpoint {self.checkpoints / tag} was written in {saved} and this launch trains in {launch} (each "
+            "precision saves its own optimizer-state files): resume with the precision it was written in (bf16, and "
+            "the deepspeed.bf16 / deepspeed.fp16 overrides, as before), or start a new run from its export"
+        )
 
     def last_good_checkpoint(self) -> Path | None:
         """For error messages: the checkpoint a resume would continue from."""

@@ -40,7 +40,13 @@ from engine.training.errors import TrainingError
 from engine.training.model_setup import load_training_model, model_fingerprint
 from engine.training.pacing import HostPacer
 from engine.training.lr_schedule import restart_warmup
-from engine.training.optim import build_engine, follow_launch_config, reset_optimizer_state
+from engine.training.optim import (
+    build_engine,
+    check_deepspeed_config,
+    follow_launch_config,
+    offloads_optimizer,
+    reset_optimizer_state,
+)
 from engine.training.reporting import (
     MetricsLogger,
     check_wandb_installed,
@@ -108,6 +114,8 @@ class Trainer:
         self.use_bf16 = bool(config.bf16 and self.device.type == "cuda")
         if config.bf16 and not self.use_bf16 and self.env.is_main:
             log.info("bf16 asked for but running on CPU: training in fp32")
+        if not config.only_eval:  # before the run directory changes: a refused setting leaves an earlier run intact
+            check_deepspeed_config(config, self.use_bf16, self.device.type, self.env.world_size)
         seed_everything(config.seed)
         self.run_directory = RunDirectory(self.run_dir, self.env)
         self.run_directory.check(config)  # refusals now; the directory is changed once the inputs have loaded
@@ -157,13 +165,18 @@ class Trainer:
         self.model, self.tokenizer, self.image_processor = load_training_model(cfg, self.device)
         records = self.train_records + self.val_records
         with_image = sum(r.get("image") is not None for r in records)
-        if self.env.world_size > 1 and 0 < with_image < len(records):
+        offload_accumulation = offloads_optimizer(cfg) and cfg.gradient_accumulation_steps > 1 and cfg.zero_stage > 0
+        if (self.env.world_size > 1 or offload_accumulation) and 0 < with_image < len(records):
             # a rank whose batch has no image would skip the vision tower while another runs it: ZeRO's
-            # collectives would no longer pair up (a size mismatch under ZeRO-2, a hang under ZeRO-3)
+            # collectives would no longer pair up (a size mismatch under ZeRO-2, a hang under ZeRO-3); and with the
+            # optimizer states offloaded, DeepSpeed (0.19) drops the accumulated gradients of parameters that the
+            # last micro-batch of a cycle leaves unused (measured: the vision tower not updated at all)
             self.model.vision_every_batch = True
             if self.env.is_main:
+                why = "the ranks' collectives pair up" if self.env.world_size > 1 else (
+                    "the offloaded optimizer keeps every micro-batch's vision gradients")
                 log.info("%d of %d records have no image: batches without one run the vision tower on a blank tile "
-                         "at weight zero, so that the ranks' collectives pair up", len(records) - with_image, len(records))
+                         "at weight zero, so that %s", len(records) - with_image, len(records), why)
         if self.train_records:
             self._count_epoch_samples()
         self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records, self.model)
@@ -243,6 +256,8 @@ class Trainer:
                                 cfg.gradient_accumulation_steps, f"an epoch of the {len(self.train_records)} training records")
         total_steps = self.scheduled_steps()
         self.engine = build_engine(self.model, cfg, total_steps, self.use_bf16)
+        if self.env.is_main:  # what DeepSpeed was given: the stage's defaults with the run's overrides
+            atomic_write_json(self.run_dir / "deepspeed_config.json", self.engine.config)
         resumed_at = None
         if cfg.resume is True:
             self._resume()
