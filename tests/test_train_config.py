@@ -206,6 +206,9 @@ def test_the_whole_deepspeed_config_is_read_as_deepspeed_reads_it():
     # DeepSpeed's monitors wrote into ./DeepSpeedJobName of the working folder
     assert deepspeed_config(config, False, 1)["csv_monitor"] == {"enabled": True, "output_path": "/runs/r/deepspeed/",
                                                                  "job_name": "r"}
+    # merged at every depth: a nested override kept its siblings only one level down
+    nested = config_from_dict({"deepspeed": {"timers": {"throughput": {"synchronized": True}}}})
+    assert deepspeed_config(nested, False, 1)["timers"] == {"throughput": {"enabled": True, "synchronized": True}}
 
 
 def test_offloaded_optimizer_states_take_deepspeeds_cpu_adam():

@@ -160,6 +160,15 @@ def reset_optimizer_state(engine) -> int:
     raise TrainingError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__} to reset")
 
 
+def _overlay(base: dict, overrides: dict) -> dict:
+    """``overrides`` over ``base``, a mapping merged into the mapping it overrides at every depth
+    (``timers.throughput.synchronized`` keeps ``timers.throughput.enabled``)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _overlay(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None = None) -> dict:
     """The DeepSpeed config of a run: the stage's `ZERO_DEFAULTS`, then the user's `deepspeed` overrides.
     ``world_size`` (None: the process group's, else $WORLD_SIZE, else 1): on one rank ZeRO-2 has no reduction to
@@ -186,11 +195,7 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None
         # its host clock is enough for the samples/s it reports (the trainer times steps itself)
         "timers": {"throughput": {"enabled": True, "synchronized": False}},
     }
-    for key, value in config.deepspeed.items():  # user overrides win
-        if isinstance(value, dict) and isinstance(ds.get(key), dict):
-            ds[key] = {**ds[key], **value}
-        else:
-            ds[key] = value
+    ds = _overlay(ds, config.deepspeed)  # user overrides win, key by key at every depth
     for monitor in ("tensorboard", "csv_monitor"):  # DeepSpeed's default is ./DeepSpeedJobName in the working folder
         section = ds.get(monitor)
         if isinstance(section, dict) and section.get("enabled"):
