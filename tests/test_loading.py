@@ -151,9 +151,10 @@ def test_the_image_processor_pickles_for_spawned_workers(tiny):
 
     _, _, proc = tiny
     clone = pickle.loads(pickle.dumps(proc))
+    counted = proc.stats()["images"]
     image = Image.new("RGB", (40, 30), (200, 10, 90))
     assert torch.equal(clone(image).pixel_values, proc(image).pixel_values)
-    assert clone.stats()["images"] == 1  # its own count, with its own lock
+    assert clone.stats()["images"] == proc.stats()["images"] == counted + 1  # each its own count, with its own lock
 
 
 def test_bad_checkpoint_paths(tmp_path):
