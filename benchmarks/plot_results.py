@@ -56,9 +56,12 @@ def plot_latent_forward(payload: dict, out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[tuple, list[str]] = defaultdict(list)  # configurations without a time, named on their panel
     for r in payload["rows"]:
         if r.get("median_ms") is not None:
             groups[(r["batch_size"], r["text_len"])][r["method"]].append(r)
+        elif r.get("status") not in (None, "ok"):
+            failed[(r["batch_size"], r["text_len"])].append(f"{r['method']} at {r.get('n_latents')}: {r['status']}")
     if not groups:
         return []
     keys = sorted(groups)
@@ -74,8 +77,11 @@ def plot_latent_forward(payload: dict, out_dir: str | Path) -> list[Path]:
                     y = [r["median_ms"] for r in rows]
                     err = [[r["median_ms"] - r["p10_ms"] for r in rows], [r["p90_ms"] - r["median_ms"] for r in rows]]
                     ax.errorbar(x, y, yerr=err, label=method, capsize=2, **METHOD_STYLE.get(method, {}))
-                elif method != "plain" and all(r.get("x_floor") for r in rows):
-                    ax.plot(x, [r["x_floor"] for r in rows], label=method, **METHOD_STYLE.get(method, {}))
+                elif method != "plain":  # the points that have a floor (a failed plain pass leaves some without)
+                    kept = [r for r in rows if r.get("x_floor")]
+                    if kept:
+                        ax.plot([r["n_latents"] for r in kept], [r["x_floor"] for r in kept], label=method,
+                                **METHOD_STYLE.get(method, {}))
             if kind == "ms":
                 ax.set_yscale("log")
                 ax.set_ylabel(f"ms per {'fwd+bwd' if mode == 'train' else 'forward'} step")
@@ -87,9 +93,12 @@ def plot_latent_forward(payload: dict, out_dir: str | Path) -> list[Path]:
             ax.set_xlabel("latents (stage × c_thought)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"batch {key[0]}, text {key[1]} tokens", fontsize=10)
+            if failed.get(key):
+                ax.text(0.01, 0.01, "not measured: " + "; ".join(failed[key][:4]) + (" ..." if len(failed[key]) > 4 else ""),
+                        transform=ax.transAxes, fontsize=6, va="bottom", wrap=True)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(_title(payload), fontsize=10)
+        fig.suptitle(_title(payload), fontsize=9, wrap=True)
         fig.tight_layout()
         path = out_dir / ("latent_forward_ms.png" if kind == "ms" else "latent_forward_x_floor.png")
         fig.savefig(path, dpi=110)
@@ -138,7 +147,7 @@ def plot_generate(payload: dict, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(_title(payload), fontsize=10)
+    fig.suptitle(_title(payload), fontsize=9, wrap=True)
     fig.tight_layout()
     path = out_dir / "generate.png"
     fig.savefig(path, dpi=110)
@@ -154,22 +163,30 @@ def scaling_series(payloads: list[dict]) -> dict[tuple, list[tuple[int, float, d
     best: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for payload in payloads:
         model = payload.get("settings", {}).get("model")
+        # runs of another dtype, device kind or sequence are another series, not a point of this one
+        setup = (payload.get("settings", {}).get("dtype"), _device_kind(payload.get("environment", {}).get("device")))
         for r in payload["rows"]:
             if r.get("samples_per_s") is None:
                 continue
             key = (model, r["zero_stage"], r["n_latents"], r["batch_size"], r.get("optimizer", "auto"),
-                   r.get("zero_settings", "default"), r.get("liger", "none"))
+                   r.get("zero_settings", "default"), r.get("liger", "none"),
+                   (*setup, r.get("text_len"), r.get("image_tokens")))
             world = int(r["world_size"])
             if world not in best[key] or r["samples_per_s"] > best[key][world]["samples_per_s"]:
                 best[key][world] = r
     return {k: sorted((w, r["samples_per_s"], r) for w, r in v.items()) for k, v in best.items()}
 
 
+def _device_kind(device) -> str | None:
+    """"2 x NVIDIA H200" -> "NVIDIA H200": the kind of device, whatever the count (the count is the x axis)."""
+    text = str(device) if device is not None else None
+    return text.split(" x ", 1)[1] if text and " x " in text and text.split(" x ", 1)[0].isdigit() else text
+
+
 def plot_train_scaling(payloads: list[dict], out_dir: str | Path) -> list[Path]:
     """Global samples/s against GPU count, one panel per model, a line per (ZeRO stage, latents, batch per rank) and
     its linear-scaling reference (dotted, from the line's smallest GPU count)."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     series = scaling_series(payloads)
     if not series:
@@ -177,11 +194,15 @@ def plot_train_scaling(payloads: list[dict], out_dir: str | Path) -> list[Path]:
     models = sorted({k[0] for k in series}, key=str)
     fig, axes = _grid(plt, len(models), width=5.5, height=4.0)
     colors = {2: "tab:blue", 3: "tab:red", 1: "tab:green", 0: "tab:gray"}
+    setups = {k[-1] for k in series}
     for ax, model in zip(axes, models):
-        for key, points in sorted(((k, v) for k, v in series.items() if k[0] == model), key=lambda kv: kv[0][1:4]):
-            _, zero, latents, batch, optimizer, settings, liger = key
+        for key, points in sorted(((k, v) for k, v in series.items() if k[0] == model), key=lambda kv: str(kv[0][1:])):
+            _, zero, latents, batch, optimizer, settings, liger, setup = key
             worlds, rates = [p[0] for p in points], [p[1] for p in points]
             variant = "".join(f", {v}" for v, d in ((optimizer, "auto"), (settings, "default"), (liger, "none")) if v != d)
+            if len(setups) > 1:  # name what tells the series apart
+                dtype, device, text, image = setup
+                variant += f", {dtype}, {device}, text {text} + {image} image tokens"
             style = dict(color=colors.get(zero, "black"), marker="o" if latents else "s",
                          linestyle="-" if latents else "--")
             ax.plot(worlds, rates, label=f"ZeRO-{zero}, {latents} latents, batch {batch}/GPU{variant}", **style)
@@ -190,13 +211,19 @@ def plot_train_scaling(payloads: list[dict], out_dir: str | Path) -> list[Path]:
                         linewidth=0.8)
         ax.set_xlabel("GPUs")
         ax.set_ylabel("samples / s (global)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        worlds = sorted({p[0] for k, v in series.items() if k[0] == model for p in v})
+        ax.set_xticks(worlds)  # the GPU counts measured (one count alone got fractional ticks)
+        if len(worlds) == 1:
+            ax.set_xlim(worlds[0] - 1, worlds[0] + 1)
         ax.set_title(f"{model} (dotted: linear scaling)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    env = payloads[0].get("environment", {})
-    fig.suptitle(f"training step · {payloads[0].get('settings', {}).get('dtype')} · {env.get('device')} · "
-                 f"{env.get('date')}", fontsize=10)
+    def listed(values) -> str:
+        return ", ".join(sorted({str(v) for v in values}))
+
+    fig.suptitle(f"training step · {listed(p.get('settings', {}).get('dtype') for p in payloads)} · "
+                 f"{listed(_device_kind(p.get('environment', {}).get('device')) for p in payloads)} · "
+                 f"{listed(p.get('environment', {}).get('date') for p in payloads)}", fontsize=9, wrap=True)
     fig.tight_layout()
     path = Path(out_dir) / "train_step_scaling.png"
     fig.savefig(path, dpi=110)

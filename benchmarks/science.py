@@ -12,8 +12,8 @@ run, rewritten after every run that ends, so a run cut short keeps what finished
 part found in `--out`. A run still going at `--time-limit-s` is stopped and recorded as such.
 
 `aggregate` merges parts (from separate commands, e.g. `--seeds 0` and `--seeds 1,2`) into `science.json`,
-`science.md` (the table: final-stage accuracy mean ± std over seeds and generated tokens per answer, plus the
-issue's targets) and `science.png` (accuracy per method with every seed, and validation accuracy per epoch).
+`science.md` (the table: final-stage accuracy mean ± std over seeds and tokens per answer, its continuous thoughts
+counted as the paper counts them, plus the issue's targets) and `science.png` (accuracy per method with every seed, and validation accuracy per epoch).
 
 Methods (their config switches):
     coconut        the curriculum with continuous thoughts (the recipe as it is)
@@ -134,15 +134,16 @@ def run_summary(method: str, seed: int, run_dir: Path, returncode: int | None, s
         metrics = run_dir / "metrics.jsonl"
         if current(metrics):
             history = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "epoch"' in line]
-    keep = ("epoch", "stage", "val_accuracy", "tokens_per_answer", "train_loss", "val_loss", "train_samples_per_second",
-            "train_seconds")
+    keep = ("epoch", "stage", "val_accuracy", "tokens_per_answer", "thoughts_per_answer", "train_loss", "val_loss",
+            "train_samples_per_second", "train_seconds")
     epochs = [{k: h.get(k) for k in keep} for h in history]
     out = {"method": method, "seed": seed, "status": status, "returncode": returncode, "wall_seconds": round(seconds, 1),
            "epochs": epochs}
     if epochs:
         last = epochs[-1]
         out.update(final_accuracy=last["val_accuracy"], final_tokens_per_answer=last["tokens_per_answer"],
-                   final_stage=last["stage"], num_epochs=last["epoch"])
+                   final_thoughts_per_answer=last.get("thoughts_per_answer"), final_stage=last["stage"],
+                   num_epochs=last["epoch"])
     if status != "ok" and log_path.is_file():
         out["log_tail"] = log_path.read_text(errors="replace").splitlines()[-25:]
     return out
@@ -168,12 +169,14 @@ def run(args) -> Path:
     data_seconds = time.perf_counter() - start
     workers = args.num_workers if args.num_workers is not None else max(0, (os.cpu_count() or 2) // args.max_parallel - 1)
     queue = [(m, s) for s in seeds for m in methods]
-    part = out / f"{PART_PREFIX}s{'-'.join(map(str, seeds))}.json"
+    # one file per (seeds, methods): a later command with other methods for the same seeds adds a part, not replaces
+    part = out / f"{PART_PREFIX}s{'-'.join(map(str, seeds))}_{'-'.join(methods)}.json"
     payload = {
         "config": args.config, "overrides": _overrides(args), "seeds": seeds, "methods": methods,
         "max_parallel": args.max_parallel, "num_workers": workers, "command": " ".join(sys.argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "environment": _environment(),
-        "data_seconds": round(data_seconds, 1), "n_train": (config.synthetic or {}).get("n_train"), "runs": [],
+        "data_seconds": round(data_seconds, 1), "n_train": (config.synthetic or {}).get("n_train"),
+        "resolved_config": _resolved(config), "code": _code_version(), "runs": [],
     }
     running: dict = {}
     port = args.base_port
@@ -251,6 +254,27 @@ def run(args) -> Path:
     return part
 
 
+def _resolved(config) -> dict:
+    """The config every run of a part shares, as the trainer reads it (the YAML file's contents, not its path),
+    without what each run sets itself."""
+    settings = config.to_dict()
+    for key in ("seed", "name", "save_path", "train_path", "val_path", "num_workers", "resume", "overwrite"):
+        settings.pop(key, None)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _code_version() -> str | None:
+    """The commit the part was made with (with "+changes" for a working tree that differs), None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if dirty else "")
+
+
 def _environment() -> dict:
     import platform
 
@@ -292,6 +316,11 @@ def check_parts(parts: list[dict], names: list[str]) -> None:
         if differ:
             shown = "; ".join(f"{k}: {first.get(k)!r} in {names[0]}, {part.get(k)!r} in {name}" for k in differ)
             raise SystemExit(f"error: the parts were made with other settings ({shown}): aggregate parts of one setup")
+        mine, theirs = first.get("resolved_config"), part.get("resolved_config")
+        if mine is not None and theirs is not None and mine != theirs:  # the same config file, edited in between
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            shown = "; ".join(f"{k}: {mine.get(k)!r} in {names[0]}, {theirs.get(k)!r} in {name}" for k in keys[:5])
+            raise SystemExit(f"error: the parts' configs differ ({shown}): aggregate parts of one setup")
     seen: dict[tuple, str] = {}
     for part, name in zip(parts, names):
         for r in part["runs"]:
@@ -320,6 +349,8 @@ def combine(parts: list[dict]) -> dict:
             continue
         acc_mean, acc_std = _mean_std([r["final_accuracy"] for r in done])
         tok_mean, _ = _mean_std([r["final_tokens_per_answer"] for r in done])
+        thoughts = [r.get("final_thoughts_per_answer") for r in done]
+        thought_mean = _mean_std(thoughts)[0] if done and None not in thoughts else None
         curves = {}
         for r in done:
             for e in r["epochs"]:
@@ -329,6 +360,10 @@ def combine(parts: list[dict]) -> dict:
         rows[method] = {
             "label": METHODS[method][0], "seeds": [r["seed"] for r in done], "accuracies": [r["final_accuracy"] for r in done],
             "accuracy_mean": acc_mean, "accuracy_std": acc_std, "tokens_per_answer": tok_mean,
+            "thoughts_per_answer": thought_mean,
+            # the paper's "# tokens": the continuous thoughts and the generated tokens of an answer
+            "tokens_with_thoughts": None if tok_mean is None else tok_mean + (thought_mean or 0.0),
+            "final_stages": sorted({r.get("final_stage") for r in done if r.get("final_stage") is not None}),
             "num_epochs": (epochs[0] if len(epochs) == 1 else "-".join(map(str, (epochs[0], epochs[-1])))) if done else None,
             # the mean of an epoch every seed validated (a mean of fewer seeds would jump where one is missing)
             "curve": {str(e): statistics.fmean(v) for e, v in sorted(curves.items()) if len(v) == len(done)},
@@ -345,9 +380,13 @@ def targets(rows: dict) -> list[dict]:
     coconut, cot = rows.get("coconut"), rows.get("cot")
     if coconut and cot and coconut["accuracy_mean"] is not None and cot["accuracy_mean"] is not None:
         ratio = coconut["accuracy_mean"] / cot["accuracy_mean"] if cot["accuracy_mean"] else None
-        fewer = cot["tokens_per_answer"] / coconut["tokens_per_answer"] if coconut["tokens_per_answer"] else None
-        out.append({"target": "Coconut accuracy >= 0.95 x CoT", "value": ratio, "met": ratio is not None and ratio >= 0.95})
-        out.append({"target": "Coconut generates >= 10x fewer tokens than CoT", "value": fewer, "met": fewer is not None and fewer >= 10})
+        mine, theirs = coconut.get("tokens_with_thoughts", coconut["tokens_per_answer"]), cot["tokens_per_answer"]
+        fewer = theirs / mine if mine and theirs is not None else None
+        # a ratio that cannot be computed (CoT at 0%) is not evaluable, not failed
+        out.append({"target": "Coconut accuracy >= 0.95 x CoT", "value": ratio,
+                    "met": None if ratio is None else ratio >= 0.95})
+        out.append({"target": "Coconut uses >= 10x fewer tokens than CoT (its thoughts counted)", "value": fewer,
+                    "met": None if fewer is None else fewer >= 10})
     for other in ("pause", "nocurriculum"):
         row = rows.get(other)
         if coconut and row and coconut["accuracy_mean"] is not None and row["accuracy_mean"] is not None:
@@ -365,7 +404,11 @@ def _fmt(value, spec=".1f") -> str:
 
 def table_markdown(combined: dict, parts: list[dict]) -> str:
     rows = combined["methods"]
-    lines = ["| method | accuracy (%) | # tokens | seeds | epochs |", "|---|---|---|---|---|"]
+    lines = ["| method | accuracy (%) | # tokens | thoughts + generated | final stage | seeds | epochs |",
+             "|---|---|---|---|---|---|---|"]
+    # the stage the latent methods' curricula end at: a run that stopped before it is marked
+    latent = [st for m, row in rows.items() if m not in ("cot", "nocot") for st in row.get("final_stages", [])]
+    last_stage = max(latent, default=None)
     for method, row in rows.items():
         acc = _fmt(row["accuracy_mean"])
         if row["accuracy_std"] is not None:
@@ -373,18 +416,31 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
         elif row["accuracy_mean"] is not None:
             acc += " (one seed)"
         note = f" ({len(row['incomplete'])} incomplete)" if row["incomplete"] else ""
-        lines.append(f"| {row['label']} | {acc} | {_fmt(row['tokens_per_answer'])} | "
-                     f"{','.join(map(str, row['seeds'])) or '—'}{note} | {row['num_epochs'] or '—'} |")
+        stages = row.get("final_stages") or []
+        stage = ",".join(map(str, stages)) or "—"
+        if method not in ("cot", "nocot") and last_stage is not None and stages and min(stages) < last_stage:
+            stage += f" (not {last_stage}: an earlier stage's accuracy)"
+        split = ("—" if row.get("thoughts_per_answer") is None
+                 else f"{_fmt(row['thoughts_per_answer'])} + {_fmt(row['tokens_per_answer'])}")
+        lines.append(f"| {row['label']} | {acc} | {_fmt(row.get('tokens_with_thoughts', row['tokens_per_answer']))} | "
+                     f"{split} | {stage} | {','.join(map(str, row['seeds'])) or '—'}{note} | {row['num_epochs'] or '—'} |")
     lines.append("")
     for t in combined["targets"]:
         value = _fmt(t["value"], ".3g")
         spread = f" (seed spread {_fmt(t['spread'], '.2f')})" if "spread" in t else ""
-        verdict = "not evaluable with one seed" if t["met"] is None else "met" if t["met"] else "not met"
+        verdict = ("not evaluable" + (" with one seed" if "spread" in t else "") if t["met"] is None
+                   else "met" if t["met"] else "not met")
         lines.append(f"- {t['target']}: {value}{spread}: **{verdict}**")
     stamps = sorted({f"{p.get('date')} · {p.get('environment', {}).get('device')}" for p in parts})
     lines.append("")
+    codes = sorted({str(p.get("code")) for p in parts if p.get("code")})
     lines.append("Accuracy: validation answer accuracy at the last epoch (mean ± sample std over seeds); # tokens: "
-                 "generated tokens per answer at the last epoch. Parts: " + "; ".join(stamps))
+                 "per answer at the last epoch, the continuous thoughts of its prompt and the tokens it generated, as "
+                 "the paper counts them; final stage: the curriculum stage of that epoch. Parts: " + "; ".join(stamps)
+                 + (f". Code: {', '.join(codes)}" if codes else ""))
+    if len(codes) > 1:
+        lines.append("")
+        lines.append(f"**The parts were made with different code ({', '.join(codes)}).**")
     return "\n".join(lines) + "\n"
 
 

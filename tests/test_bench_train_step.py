@@ -273,7 +273,7 @@ def test_scaling_plot_from_runs_on_several_gpu_counts(tmp_path):
 
     def row(world, zero, rate, latents=6):
         return dict(world_size=world, zero_stage=zero, n_latents=latents, batch_size=8, samples_per_s=rate,
-                    optimizer="auto", zero_settings="default", liger="none")
+                    optimizer="auto", zero_settings="default", liger="none", text_len=64, image_tokens=256)
 
     paths = []
     for world, rows in ((1, [row(1, 2, 10.0)]), (2, [row(2, 2, 19.0), row(2, 3, 15.0), row(2, 3, 16.0)]),
@@ -282,12 +282,18 @@ def test_scaling_plot_from_runs_on_several_gpu_counts(tmp_path):
         path.write_text(json.dumps(payload(world, rows)))
         paths.append(str(path))
     series = plot_results.scaling_series([json.loads(Path(p).read_text()) for p in paths])
-    zero2 = series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none")]
-    zero3 = series[("internvl3-8b-geometry", 3, 6, 8, "auto", "default", "none")]
+    setup = ("bfloat16", "test", 64, 256)
+    zero2 = series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none", setup)]
+    zero3 = series[("internvl3-8b-geometry", 3, 6, 8, "auto", "default", "none", setup)]
     assert [(w, r) for w, r, _ in zero2] == [(1, 10.0), (2, 19.0), (4, 36.0)]
     assert [(w, r) for w, r, _ in zero3] == [(2, 16.0), (4, 30.0)]  # the faster of two, the OOM row left out
     assert plot_results.main([*paths, "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "train_step_scaling.png").stat().st_size > 0
+    # a run of another sequence length (or dtype, or device) is a series of its own, not a point dropped as slower
+    other = payload(1, [dict(row(1, 2, 4.0), text_len=4096)])
+    series = plot_results.scaling_series([json.loads(Path(p).read_text()) for p in paths] + [other])
+    assert [(w, r) for w, r, _ in series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none", setup)]][0] == (1, 10.0)
+    assert series[("internvl3-8b-geometry", 2, 6, 8, "auto", "default", "none", ("bfloat16", "test", 4096, 256))]
 
 
 def test_profiled_phase_holds_only_that_phase(tmp_path):

@@ -74,7 +74,7 @@ def test_out_of_memory_is_recorded_not_raised(monkeypatch):
     assert is_oom(RuntimeError("CUDA error: out of memory")) and not is_oom(RuntimeError("shape mismatch"))
 
 
-def test_latent_forward_smoke(tmp_path):
+def test_latent_forward_smoke(tmp_path, monkeypatch):
     rc = bench_latent_forward.main(["--smoke", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "latent_forward.json").read_text())
     assert rc == 0
@@ -99,6 +99,27 @@ def test_latent_forward_smoke(tmp_path):
     table = (tmp_path / "latent_forward.md").read_text()
     assert "| 2 | 1x2 |" in table and "fullpass" in table
 
+    # one point without a floor (its plain pass out of memory) left a method's whole line out of the plot
+    from benchmarks import plot_results
+
+    for r in payload["rows"]:
+        if r["n_latents"] == 2:
+            r["x_floor"] = None
+            if r["method"] == "plain":
+                r.update(median_ms=None, status="oom")
+    drawn = {}
+    original = plot_results._grid
+
+    def recording_grid(plt, n, **kwargs):
+        fig, axes = original(plt, n, **kwargs)
+        drawn.setdefault("axes", []).append(axes)
+        return fig, axes
+
+    monkeypatch.setattr(plot_results, "_grid", recording_grid)
+    plot_results.plot_latent_forward(payload, tmp_path)
+    floor_axes = drawn["axes"][1][0]
+    assert {line.get_label() for line in floor_axes.get_lines()} >= {"engine", "naive"}  # the n=0 points stay
+    assert any("plain at 2: oom" in t.get_text() for t in drawn["axes"][0][0].texts)  # the failure is named
 
 def test_generate_smoke(tmp_path, tiny_model):
     rc = bench_generate.main(["--smoke", "--stages", "1", "--out", str(tmp_path)])

@@ -210,6 +210,8 @@ def test_uniform_prob_mixes_from_its_first_stage(tiny, image_file):
     assert stages(1) == {0, 1, 2, 3}
     assert stages(0, uniform_prob_from_stage=0) == {0, 1, 2, 3}
     assert stages(1, uniform_prob_from_stage=2) == {1} and len(stages(2, uniform_prob_from_stage=2)) == 4
+    # the w/o curriculum ablation: mixing would train it on intermediate stages after all
+    assert stages(3, no_curriculum=True) == {3}
     with pytest.raises(ValueError, match="uniform_prob_from_stage must be an integer >= 0"):
         CurriculumConfig(uniform_prob_from_stage=-1)
 

@@ -132,15 +132,19 @@ def test_an_export_tiles_as_it_was_trained_in_load_model_and_in_transformers(tmp
     out = export_model(model, tok, proc, tmp_path / "six")
     _, _, loaded = load_model(out)
     assert loaded.max_tiles == 6 and loaded.num_tiles_for_size(224, 448) == proc.num_tiles_for_size(224, 448) > 1
-    (out / "coconut_training_state.json").write_text(json.dumps({"stage": 1}))  # an export of a training run
+    (out / "coconut_training_state.json").write_text(json.dumps({"stage": 1, "max_tiles": 6}))  # a training run's
     with caplog.at_level("WARNING"):
         _, _, two = load_model(out, max_tiles=2)
-    assert two.max_tiles == 2 and "what it was trained with" in caplog.text
+    assert two.max_tiles == 2 and "it was trained with 6 (max_tiles=6 to match)" in caplog.text
     # loaded from the six-tile export, used at two tiles, exported again: the new export says two
     again = export_model(model, tok, two, tmp_path / "two")
     assert json.loads((again / "preprocessor_config.json").read_text())["max_patches"] == 2
     assert load_model(again)[2].max_tiles == 2
     assert load_model("tiny")[2].max_tiles == 1  # a built-in spec: one tile unless asked
+    # an export written before the state file recorded the tiling: its run's config.json says what it trained with
+    (out / "coconut_training_state.json").write_text(json.dumps({"stage": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({"max_tiles": 3}))
+    assert load_model(out)[2].max_tiles == 3
 
 
 def test_the_image_processor_pickles_for_spawned_workers(tiny):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_cells_tokens_and_peaks():
     assert layer_choice(24) == [0, 12, 23] and layer_choice(2) == [0, 1] and layer_choice(1) == [0]
 
 
-def test_cli_writes_figures_and_summary(tmp_path, tiny):
+def test_cli_writes_figures_and_summary(tmp_path, tiny, capsys):
     from engine.data.synthetic import generate_synthetic
     from engine.eval.thoughts import main
     from engine.model.loading import export_model
@@ -124,6 +125,11 @@ def test_cli_writes_figures_and_summary(tmp_path, tiny):
     assert len(hits["peak_on_step"]) == 2 and len(hits["peak_on_step"][0]) == 2 and hits["samples"] == 2
     assert saved["aggregate"]["chance"] == pytest.approx(1 / 16)
     assert summary["aggregate"]["num_samples"] == 2
+    # a board size other than the data's scored every thought a miss on cells off the board
+    with pytest.raises(SystemExit):
+        main(["--model", str(run / "best"), "--data", str(data["val"]), "--n", "2", "--out", str(tmp_path / "out"),
+              "--batch-size", "2", "--max-new-tokens", "4", "--grid", "3"])
+    assert re.search(r"--grid 3: .* generated on a 4x4 board", capsys.readouterr().err)
 
 
 def test_answer_position_attention(tiny_model, tiny_tok):
@@ -250,6 +256,13 @@ def test_each_export_records_its_own_stage(tmp_path):
     assert export_stage(run / "final") == 2
     best = json.loads((run / "best" / "coconut_training_state.json").read_text())
     assert export_stage(run / "best") == history[best["epoch"] - 1]["stage"]
+    # and the settings its prompts need, for an export copied away from its run's config.json
+    from engine.eval.thoughts import _run_settings
+
+    assert best["c_thought"] == 1 and best["max_latent_stage"] == 2 and best["pause_as_thought"] is False
+    copied = tmp_path / "copied" / "final"
+    shutil.copytree(run / "final", copied)
+    assert {k: _run_settings(copied)[k] for k in ("c_thought", "max_latent_stage")} == {"c_thought": 1, "max_latent_stage": 2}
 
 
 def test_cli_refuses_a_run_without_thoughts_and_clears_earlier_figures(tmp_path, tiny, capsys):

@@ -219,6 +219,16 @@ def test_offloaded_optimizer_states_take_deepspeeds_cpu_adam():
     assert offloads_optimizer(offload) and not offloads_optimizer(config_from_dict({}))
     assert resolve_optimizer("auto", "cuda", offloads_optimizer(offload)) == "deepspeed_cpu_adam"
     assert resolve_optimizer("auto", "cuda") == "adamw_fused"
+    with pytest.raises(ConfigError, match="offloading needs ZeRO"):  # DeepSpeed ignores it at stage 0
+        config_from_dict({"zero_stage": 0, "deepspeed": offload.deepspeed})
+    pytest.importorskip("deepspeed")
+    from engine.training.optim import check_deepspeed_config
+
+    torch_adam = config_from_dict({"optimizer": "adamw", "deepspeed": offload.deepspeed})
+    with pytest.raises(ConfigError, match="DeepSpeed takes only its CPU Adam over offloaded optimizer states"):
+        check_deepspeed_config(torch_adam, False, "cpu", 1)  # it failed inside deepspeed.initialize
+    forced_off = {**offload.deepspeed, "zero_force_ds_cpu_optimizer": False}
+    check_deepspeed_config(config_from_dict({"optimizer": "adamw", "deepspeed": forced_off}), False, "cpu", 1)
 
 
 def test_deepspeed_overrides_the_trainer_leaves_open_pass():

@@ -215,6 +215,9 @@ def test_only_eval_prompts_at_the_stage_the_export_was_trained_at(finished_run, 
     with caplog.at_level("WARNING"):
         summary = Trainer(make_config(tmp_path, load_model_path=str(run / "epoch_002"), resume=2, **common)).run()
     assert summary["stage"] == 2 and "resume=2 (epoch 2's stage) gives stage 2" in caplog.text
+    # an export given as model_id, without load_model_path: its stage too
+    summary = Trainer(make_config(tmp_path, model_id=str(run / "epoch_002"), model_overrides={}, **common)).run()
+    assert summary["stage"] == stages[1]
 
 
 def test_offloaded_optimizer_states_with_accumulation_keep_the_vision_gradients(tmp_path):
@@ -234,8 +237,11 @@ def test_offloaded_optimizer_states_with_accumulation_keep_the_vision_gradients(
     trainer.run()
     assert trainer.model.vision_every_batch and trainer.global_step == 3
     plain = Trainer(make_config(tmp_path, name="plain", **common))
-    plain.setup()
+    plain.run()
     assert not plain.model.vision_every_batch  # one rank, no offload: image-less batches skip the tower
+    got, want = dict(trainer.model.named_parameters()), dict(plain.model.named_parameters())
+    worst = {n: (got[n] - p).abs().max().item() for n, p in want.items()}
+    assert max(worst.values()) < 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:3]  # the same updates
 
 
 def test_only_eval_checks_its_predictions_path_before_generating(finished_run, tmp_path):

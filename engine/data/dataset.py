@@ -66,7 +66,7 @@ class CurriculumConfig:
     - `no_thoughts` (the paper's "w/o thought" ablation): the stages remove steps as usual but insert no
       thoughts and no markers in their place.
     - `no_curriculum` (the paper's "w/o curriculum" ablation): after stage 0 every epoch trains at the final
-      stage (`stage_for_epoch`).
+      stage (`stage_for_epoch`), and `uniform_prob` mixes in no other stage (that mixing is a curriculum too).
     - `coconut`: the model feeds thoughts back (does not change the sequences).
     - `max_length`: longest sequence (image tokens included); `overlong`: "drop" (counted, warned) or "error".
     """
@@ -419,9 +419,11 @@ class CurriculumDataset(_ImageTextDataset):
     def stage_of(self, index: int, num_steps: int) -> int:
         """The stage sample `index` trains at: the scheduled one, or with probability `uniform_prob` one drawn
         uniformly from 0..num_steps (as the original CoCoNuT) once the scheduled stage is at least
-        `uniform_prob_from_stage`, seeded by (seed, epoch, index) only."""
+        `uniform_prob_from_stage`, seeded by (seed, epoch, index) only. Never with `no_curriculum`: its ablation
+        trains on no intermediate stage."""
         config = self.config
-        if config.cot or config.no_cot or config.uniform_prob <= 0.0 or self.stage < config.uniform_prob_from_stage:
+        if (config.cot or config.no_cot or config.no_curriculum or config.uniform_prob <= 0.0
+                or self.stage < config.uniform_prob_from_stage):
             return self.stage
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         if rng.random() < config.uniform_prob:

@@ -59,11 +59,14 @@ def summarize(scored: list[dict], seconds: float) -> dict:
         return 100.0 * sum(values) / len(values) if values else None
 
     lengths = [s["num_tokens"] for s in scored]
+    thoughts = [s["num_thoughts"] for s in scored if "num_thoughts" in s]
     return {
         "val_accuracy": mean("correct"),
         "mc_accuracy": mean("mc_score"),
         "da_accuracy": mean("da_score"),
         "tokens_per_answer": sum(lengths) / len(lengths) if lengths else None,
+        # the continuous thoughts of each prompt: the paper's "# tokens" counts them with the generated tokens
+        "thoughts_per_answer": sum(thoughts) / len(thoughts) if thoughts else None,
         "answers_per_second": len(scored) / seconds if seconds > 0 else None,
         "num_answers": len(scored),
     }
@@ -116,6 +119,8 @@ def _generate_batches(model, batches, tokenizer, device, options, runner, min_pa
             text = tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True)
             result = score_record(record, text)
             result["num_tokens"] = n
+            if "num_latents" in batch:
+                result["num_thoughts"] = int(batch["num_latents"][row])
             scored.append(result)
     return scored, elapsed
 

@@ -377,14 +377,27 @@ def plot_sample(sample: SampleThoughts, image_path: str | None, embedding_norms:
 
 # ---------------------------------------------------------------------- the command
 def _run_settings(model_dir: Path) -> dict:
-    """The training config of the run that wrote `model_dir` (`<run>/best`, `<run>/final`), when present."""
-    path = model_dir.parent / "config.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; using the command-line settings", path)
-    return {}
+    """The training settings of `model_dir`: those its export records (`EXPORT_STATE_FILE`: the curriculum keys it
+    was trained with) over the config of the run that wrote it (`<run>/best`, `<run>/final`), when present. With
+    neither (an export copied away from its run, written before exports recorded them), the defaults and the
+    command line's, with a warning."""
+    from engine.model.loading import EXPORT_STATE_FILE
+
+    settings: dict = {}
+    for path in (model_dir.parent / "config.json", model_dir / EXPORT_STATE_FILE):
+        if path.is_file():
+            try:
+                found = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("%s is not valid JSON; not read", path)
+                continue
+            if isinstance(found, dict):
+                settings.update(found)
+    if "c_thought" not in settings:
+        log.warning("%s records no training settings (no %s with them, no run config.json beside it): c_thought, "
+                    "max_latent_stage and the thought mode are the command line's or the defaults", model_dir,
+                    EXPORT_STATE_FILE)
+    return settings
 
 
 def _grid_of(data_path: Path) -> int | None:
@@ -492,7 +505,11 @@ def run(args: argparse.Namespace) -> dict:
     records = load_records(data_path, need_answer=False)[: args.n]
     if not records:
         raise DataError(f"--data: {data_path} holds no records")
-    grid = args.grid if args.grid is not None else _grid_of(data_path)
+    written = _grid_of(data_path)
+    if args.grid is not None and written is not None and args.grid != written:
+        raise DataError(f"--grid {args.grid}: {data_path}'s task was generated on a {written}x{written} board "
+                        "(its synthetic.json); leave --grid out")
+    grid = args.grid if args.grid is not None else written
     dataset = QuestionDataset(records, tokenizer, processor, curriculum, stage)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=GenerationCollator(tokenizer.pad_token_id))
     embedding_norms = model.base.get_input_embeddings().weight.detach().float().norm(dim=-1).cpu()

@@ -123,6 +123,11 @@ class CoconutOutput(ModelOutput):
     num_passes: int | None = None
     cache: object | None = None  # the KV cache with use_cache=True (transformers' name from 5.24 on)
 
+    @property
+    def past_key_values(self):
+        """`cache` under its name before transformers 5.24 (and this output's before it was a ModelOutput)."""
+        return self.cache
+
 
 @dataclass
 class PreparedBatch:

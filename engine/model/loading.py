@@ -423,18 +423,36 @@ def export_stage(model_dir: str | os.PathLike) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
+def _trained_tiles(path: Path) -> int | None:
+    """The `max_tiles` an export of this engine was trained with: its `EXPORT_STATE_FILE`'s, else (an export
+    written before the state file recorded it) its run's config.json's; None for other checkpoints."""
+    sources = (path / EXPORT_STATE_FILE, path.parent / "config.json")
+    if not sources[0].is_file():
+        return None
+    for source in sources:
+        try:
+            value = json.loads(source.read_text()).get("max_tiles")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return None
+
+
 def _tiling(max_tiles: int | None, hf_processor, path: Path) -> int:
-    """``max_tiles``, or the checkpoint's own when None; a value other than the one an export of this engine was
-    trained with is warned about (its prompts hold other image tokens than in training), one other than a
-    published checkpoint's processor default is only noted (tiling is a choice made per run there)."""
-    own = checkpoint_max_tiles(hf_processor)
+    """``max_tiles``, or the checkpoint's own when None: what an export of this engine was trained with
+    (`_trained_tiles`), else its image processor's `max_patches`. A value other than the one an export was trained
+    with is warned about (its prompts hold other image tokens than in training); one other than a published
+    checkpoint's processor default is only noted (tiling is a choice made per run there)."""
+    trained = _trained_tiles(path)
+    own = trained if trained is not None else checkpoint_max_tiles(hf_processor)
     if max_tiles is None:
         return own
     if max_tiles != own:
-        trained_here = (path / EXPORT_STATE_FILE).is_file()
-        (log.warning if trained_here else log.info)(
-            "%s: images cut into at most %d tiles; its image processor says %d%s", path, max_tiles, own,
-            " (what it was trained with: leave max_tiles unset to use that)" if trained_here else "",
+        (log.warning if trained is not None else log.info)(
+            "%s: images cut into at most %d tiles; %s %d%s", path, max_tiles,
+            "it was trained with" if trained is not None else "its image processor says", own,
+            f" (max_tiles={own} to match)" if trained is not None else "",
         )
     return max_tiles
 

@@ -30,7 +30,8 @@ class ConfigError(ValueError):
     pass
 
 
-# `optimizer`: see engine/training/optim.py (auto: adamw_fused on CUDA, adamw_foreach elsewhere)
+# `optimizer`: see engine/training/optim.py (auto: deepspeed_cpu_adam when the optimizer states are offloaded,
+# else adamw_fused on CUDA, adamw_foreach elsewhere)
 OPTIMIZERS = ("auto", "adamw_fused", "adamw_foreach", "adamw", "deepspeed_fused_adam", "deepspeed_cpu_adam")
 
 
@@ -414,6 +415,9 @@ def check_deepspeed_overrides(overrides: dict, zero_stage: int = 2) -> None:
     zero = overrides.get("zero_optimization")
     if zero and "stage" in zero:
         raise ConfigError("deepspeed.zero_optimization.stage is set by the trainer from zero_stage; set that instead")
+    if zero and zero_stage == 0 and ("offload_optimizer" in zero or "offload_param" in zero):
+        raise ConfigError("deepspeed.zero_optimization: offloading needs ZeRO (zero_stage 1, 2 or 3); at zero_stage=0 "
+                          "DeepSpeed ignores it")
     if zero and zero_stage < 3:
         only_three = sorted(k for k in zero if k.startswith("stage3_") or k in ("offload_param", "zero_hpz_partition_size",
                                                                                 "zero_quantized_weights"))

@@ -55,10 +55,11 @@ ZERO_DEFAULTS: dict[int, dict] = {
 
 
 def offloads_optimizer(config: TrainConfig) -> bool:
-    """Whether the run's `deepspeed` overrides put the optimizer states on the host (or NVMe)."""
+    """Whether the run's `deepspeed` overrides put the optimizer states on the host (or NVMe): ZeRO 1-3 only."""
     zero = config.deepspeed.get("zero_optimization") or {}
     offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
-    return isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+    return (config.zero_stage > 0 and isinstance(offload, dict)
+            and str(offload.get("device", "none")).lower() in ("cpu", "nvme"))
 
 
 def resolve_optimizer(name: str, device: torch.device | str, offload: bool = False) -> str:
@@ -223,6 +224,12 @@ def check_deepspeed_config(config: TrainConfig, use_bf16: bool, device_type: str
             if (ds.get(section) or {}).get("enabled"):
                 raise ConfigError(f"deepspeed.{section}.enabled: runs on {device_type} train in fp32 (the model is "
                                   f"fp32 there); drop the override, or run on a GPU")
+    if offloads_optimizer(config) and ds.get("zero_force_ds_cpu_optimizer", True):
+        name = resolve_optimizer(config.optimizer, device_type, offload=True)
+        if name != "deepspeed_cpu_adam":
+            raise ConfigError(f"optimizer={config.optimizer}: DeepSpeed takes only its CPU Adam over offloaded "
+                              "optimizer states; set optimizer: auto (or deepspeed_cpu_adam), or --set "
+                              "deepspeed.zero_force_ds_cpu_optimizer=false to step torch's optimizer on the host")
     if (ds.get("tensorboard") or {}).get("enabled"):
         try:
             import tensorboard  # noqa: F401

@@ -364,12 +364,12 @@ class RunDirectory:
             from engine.training.optim import run_precision
 
             launch = run_precision(launch, self.env.device.type, self.env.world_size)
-        if saved is None or saved == launch or (saved == "not bf16" and launch != "bf16"):
+        if saved is None or (saved == "bf16") == (launch == "bf16"):  # fp16 and fp32 write the same files
             return
         raise CheckpointMismatchError(
-            f"checkpoint {self.checkpoints / tag} was written in {saved} and this launch trains in {launch} (each "
-            "precision saves its own optimizer-state files): resume with the precision it was written in (bf16, and "
-            "the deepspeed.bf16 / deepspeed.fp16 overrides, as before), or start a new run from its export"
+            f"checkpoint {self.checkpoints / tag} was written in {saved} and this launch trains in {launch} (a bf16 "
+            "engine saves its optimizer states in other files): resume with the precision it was written in (bf16, "
+            "and the deepspeed.bf16 / deepspeed.fp16 overrides, as before), or start a new run from its export"
         )
 
     def last_good_checkpoint(self) -> Path | None:

@@ -100,6 +100,11 @@ class EpochLosses:
         return self.total / max(1, self.count)
 
 
+# the curriculum settings an export records beside its stage (`coconut_training_state.json`)
+EXPORT_SETTINGS = ("c_thought", "max_latent_stage", "pad_latent_to_max", "pause_as_thought", "cot", "no_cot",
+                   "no_thoughts")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, *, local_rank: int | None = None):
         self.config = config
@@ -432,8 +437,11 @@ class Trainer:
         """`record`: the history row of the epoch whose weights these are (none before the first epoch)."""
         state = None
         if record is not None:
+            cfg = self.config
+            # what prompting these weights needs, kept with them: a copied export has no run config beside it
             state = {"run_id": self.run_info.run_id, "epoch": record["epoch"], "stage": record["stage"],
-                     "global_step": self.global_step}
+                     "global_step": self.global_step, "max_tiles": self.image_processor.max_tiles,
+                     **{k: getattr(cfg, k) for k in EXPORT_SETTINGS}}
         return self.run_directory.export(self.model, self.tokenizer, self.image_processor, name,
                                          zero_stage=self.config.zero_stage, training_state=state)
 
@@ -480,7 +488,8 @@ class Trainer:
         from engine.model.loading import export_stage
 
         cfg = self.config
-        trained = export_stage(cfg.load_model_path) if cfg.load_model_path else None
+        loaded = cfg.load_model_path or cfg.model_id  # model_id may be an export too
+        trained = export_stage(loaded) if Path(loaded).is_dir() else None
         chosen, source = cfg.eval_stage, "eval_stage"
         if chosen is None and not (cfg.cot or cfg.no_cot) and not isinstance(cfg.resume, bool) and cfg.resume > 0:
             final = self.curriculum.final_stage(max_steps(self.val_records))
@@ -490,13 +499,13 @@ class Trainer:
             if trained is not None and trained != chosen and not (cfg.cot or cfg.no_cot):
                 log.warning("only_eval: %s gives stage %d, but %s was trained at stage %d: its prompts differ from "
                             "the ones it was trained on (leave %s unset to use that stage)", source, chosen,
-                            cfg.load_model_path, trained, source.split("=")[0])
+                            loaded, trained, source.split("=")[0])
             return chosen
         if cfg.cot or cfg.no_cot:
             return 0
         if trained is not None:
             log.info("only_eval: %s was trained at stage %d; evaluating at that stage (eval_stage sets another)",
-                     cfg.load_model_path, trained)
+                     loaded, trained)
             return trained
         return cfg.max_latent_stage
 
