@@ -196,13 +196,15 @@ def plot_train_scaling(payloads: list[dict], out_dir: str | Path) -> list[Path]:
     colors = {2: "tab:blue", 3: "tab:red", 1: "tab:green", 0: "tab:gray"}
     setups = {k[-1] for k in series}
     for ax, model in zip(axes, models):
-        for key, points in sorted(((k, v) for k, v in series.items() if k[0] == model), key=lambda kv: str(kv[0][1:])):
+        for key, points in sorted(((k, v) for k, v in series.items() if k[0] == model), key=lambda kv: (*kv[0][1:4], str(kv[0][4:]))):
             _, zero, latents, batch, optimizer, settings, liger, setup = key
             worlds, rates = [p[0] for p in points], [p[1] for p in points]
             variant = "".join(f", {v}" for v, d in ((optimizer, "auto"), (settings, "default"), (liger, "none")) if v != d)
-            if len(setups) > 1:  # name what tells the series apart
+            if len(setups) > 1:  # name what tells the series apart (a file of older code may lack a part)
                 dtype, device, text, image = setup
-                variant += f", {dtype}, {device}, text {text} + {image} image tokens"
+                variant += "".join(f", {v}" for v in (dtype, device) if v is not None)
+                if text is not None:
+                    variant += f", text {text} + {image} image tokens"
             style = dict(color=colors.get(zero, "black"), marker="o" if latents else "s",
                          linestyle="-" if latents else "--")
             ax.plot(worlds, rates, label=f"ZeRO-{zero}, {latents} latents, batch {batch}/GPU{variant}", **style)

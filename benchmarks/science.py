@@ -7,7 +7,7 @@
 `run` trains every (method, seed) pair with `recipes/train_coconut.py`, several processes at once on the
 same device(s) (`--max-parallel`), all on one copy of the synthetic data (generated once from the config's
 data seed; the seeds vary the model's initialisation and the data order). Bulky outputs (data, checkpoints,
-exports, logs) go to `--work`; `--out` receives only `science_part_<seeds>.json` (one compact summary per
+exports, logs) go to `--work`; `--out` receives only `science_part_s<seeds>_<methods>.json` (one compact summary per
 run, rewritten after every run that ends, so a run cut short keeps what finished) and the aggregate of every
 part found in `--out`. A run still going at `--time-limit-s` is stopped and recorded as such.
 
@@ -320,7 +320,8 @@ def check_parts(parts: list[dict], names: list[str]) -> None:
         if mine is not None and theirs is not None and mine != theirs:  # the same config file, edited in between
             keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             shown = "; ".join(f"{k}: {mine.get(k)!r} in {names[0]}, {theirs.get(k)!r} in {name}" for k in keys[:5])
-            raise SystemExit(f"error: the parts' configs differ ({shown}): aggregate parts of one setup")
+            raise SystemExit(f"error: the parts' configs differ ({shown}; a key missing from one part is a setting its "
+                             "code did not have): aggregate parts of one setup")
     seen: dict[tuple, str] = {}
     for part, name in zip(parts, names):
         for r in part["runs"]:
@@ -331,6 +332,18 @@ def check_parts(parts: list[dict], names: list[str]) -> None:
                 raise SystemExit(f"error: {r['method']} seed {r['seed']} finished in both {seen[key]} and {name}: "
                                  "keep one of them")
             seen[key] = name
+
+
+THOUGHT_METHODS = ("coconut", "pause", "nocurriculum")  # prompts with thought positions (pause: one embedding)
+
+
+def final_stage_of(parts: list[dict], rows: dict) -> int | None:
+    """The stage the curriculum ends at: the highest a thought method's run reached, and at least the parts'
+    `max_latent_stage` (so that runs all stopped short are still seen as short)."""
+    reached = [st for m, row in rows.items() if m not in ("cot", "nocot") for st in row.get("final_stages", [])]
+    configured = [p["resolved_config"].get("max_latent_stage") for p in parts
+                  if isinstance(p.get("resolved_config"), dict) and isinstance(p["resolved_config"].get("max_latent_stage"), int)]
+    return max(reached + configured, default=None)
 
 
 def combine(parts: list[dict]) -> dict:
@@ -362,7 +375,9 @@ def combine(parts: list[dict]) -> dict:
             "accuracy_mean": acc_mean, "accuracy_std": acc_std, "tokens_per_answer": tok_mean,
             "thoughts_per_answer": thought_mean,
             # the paper's "# tokens": the continuous thoughts and the generated tokens of an answer
-            "tokens_with_thoughts": None if tok_mean is None else tok_mean + (thought_mean or 0.0),
+            # (unknown for a thought method whose runs did not record their thoughts: parts of earlier code)
+            "tokens_with_thoughts": (None if tok_mean is None or (thought_mean is None and method in THOUGHT_METHODS)
+                                     else tok_mean + (thought_mean or 0.0)),
             "final_stages": sorted({r.get("final_stage") for r in done if r.get("final_stage") is not None}),
             "num_epochs": (epochs[0] if len(epochs) == 1 else "-".join(map(str, (epochs[0], epochs[-1])))) if done else None,
             # the mean of an epoch every seed validated (a mean of fewer seeds would jump where one is missing)
@@ -370,23 +385,26 @@ def combine(parts: list[dict]) -> dict:
             "wall_seconds": [r.get("wall_seconds") for r in done],
             "incomplete": [{"seed": r["seed"], "status": r.get("status")} for r in other],
         }
-    return {"methods": rows, "targets": targets(rows), "runs": [runs[k] for k in sorted(runs)]}
+    final = final_stage_of(parts, rows)
+    return {"methods": rows, "targets": targets(rows, final), "runs": [runs[k] for k in sorted(runs)], "final_stage": final}
 
 
-def targets(rows: dict) -> list[dict]:
+def targets(rows: dict, final_stage: int | None = None) -> list[dict]:
     """The issue's checks: CoCoNuT >= 0.95 x CoT with >= 10x fewer tokens; above pause and w/o curriculum by
-    more than their seed spread."""
+    more than their seed spread. Not evaluable (None) when Coconut's runs stopped before `final_stage`."""
     out = []
     coconut, cot = rows.get("coconut"), rows.get("cot")
+    short = bool(coconut and final_stage is not None and coconut.get("final_stages")
+                 and min(coconut["final_stages"]) < final_stage)
     if coconut and cot and coconut["accuracy_mean"] is not None and cot["accuracy_mean"] is not None:
         ratio = coconut["accuracy_mean"] / cot["accuracy_mean"] if cot["accuracy_mean"] else None
         mine, theirs = coconut.get("tokens_with_thoughts", coconut["tokens_per_answer"]), cot["tokens_per_answer"]
         fewer = theirs / mine if mine and theirs is not None else None
         # a ratio that cannot be computed (CoT at 0%) is not evaluable, not failed
         out.append({"target": "Coconut accuracy >= 0.95 x CoT", "value": ratio,
-                    "met": None if ratio is None else ratio >= 0.95})
+                    "met": None if ratio is None or short else ratio >= 0.95})
         out.append({"target": "Coconut uses >= 10x fewer tokens than CoT (its thoughts counted)", "value": fewer,
-                    "met": None if fewer is None else fewer >= 10})
+                    "met": None if fewer is None or short else fewer >= 10})
     for other in ("pause", "nocurriculum"):
         row = rows.get(other)
         if coconut and row and coconut["accuracy_mean"] is not None and row["accuracy_mean"] is not None:
@@ -394,7 +412,7 @@ def targets(rows: dict) -> list[dict]:
             stds = (coconut["accuracy_std"], row["accuracy_std"])
             spread = None if None in stds else max(stds)  # one seed has no spread: the check cannot be made
             out.append({"target": f"Coconut above {row['label'].lstrip('- ')} by more than the seed spread",
-                        "value": gap, "spread": spread, "met": None if spread is None else gap > spread})
+                        "value": gap, "spread": spread, "met": None if spread is None or short else gap > spread})
     return out
 
 
@@ -407,8 +425,7 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
     lines = ["| method | accuracy (%) | # tokens | thoughts + generated | final stage | seeds | epochs |",
              "|---|---|---|---|---|---|---|"]
     # the stage the latent methods' curricula end at: a run that stopped before it is marked
-    latent = [st for m, row in rows.items() if m not in ("cot", "nocot") for st in row.get("final_stages", [])]
-    last_stage = max(latent, default=None)
+    last_stage = combined.get("final_stage")
     for method, row in rows.items():
         acc = _fmt(row["accuracy_mean"])
         if row["accuracy_std"] is not None:
@@ -428,7 +445,7 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
     for t in combined["targets"]:
         value = _fmt(t["value"], ".3g")
         spread = f" (seed spread {_fmt(t['spread'], '.2f')})" if "spread" in t else ""
-        verdict = ("not evaluable" + (" with one seed" if "spread" in t else "") if t["met"] is None
+        verdict = ("not evaluable" + (" with one seed" if t.get("spread", 0) is None else "") if t["met"] is None
                    else "met" if t["met"] else "not met")
         lines.append(f"- {t['target']}: {value}{spread}: **{verdict}**")
     stamps = sorted({f"{p.get('date')} · {p.get('environment', {}).get('device')}" for p in parts})
@@ -438,6 +455,12 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
                  "per answer at the last epoch, the continuous thoughts of its prompt and the tokens it generated, as "
                  "the paper counts them; final stage: the curriculum stage of that epoch. Parts: " + "; ".join(stamps)
                  + (f". Code: {', '.join(codes)}" if codes else ""))
+    reused = [r for r in combined.get("runs", []) if r.get("reused") and r.get("status") == "ok"]
+    if reused:
+        lines.append("")
+        lines.append(f"{len(reused)} run(s) were reused from an earlier command ("
+                     + ", ".join(f"{r['method']} seed {r['seed']}" for r in reused[:6])
+                     + "): they were trained by that command's code, which their part does not record.")
     if len(codes) > 1:
         lines.append("")
         lines.append(f"**The parts were made with different code ({', '.join(codes)}).**")
@@ -468,7 +491,7 @@ def plot(combined: dict, path: Path) -> Path | None:
         ax_bar.scatter([i] * len(row["accuracies"]), row["accuracies"], color="black", s=12, zorder=3)
         # above the bar when it is too short to hold the label
         inside = row["accuracy_mean"] > 25
-        ax_bar.text(i, 2 if inside else row["accuracy_mean"] + 2, f"{_fmt(row['tokens_per_answer'])} tok", ha="center",
+        ax_bar.text(i, 2 if inside else row["accuracy_mean"] + 2, f"{_fmt(row.get('tokens_with_thoughts'))} tok", ha="center",
                     va="bottom", fontsize=7, rotation=90, color="white" if inside else "black")
         curve = row["curve"]
         ax_curve.plot([int(e) for e in curve], list(curve.values()), "o-", color=plt.cm.tab10(i), label=row["label"], ms=3)

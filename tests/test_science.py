@@ -243,6 +243,7 @@ def test_finished_runs_are_reused_even_past_the_time_limit(tmp_path, capsys):
           "--set", "synthetic.n_val=2"])
     assert (out / "science_part_s0_coconut-cot.json").is_file() and (out / "science_part_s0_nocot.json").is_file()
     assert "| CoT |" in (out / "science.md").read_text()
+    assert "1 run(s) were reused from an earlier command (cot seed 0)" in (out / "science.md").read_text()
 
 
 def test_a_method_short_of_the_final_stage_is_marked_and_an_uncomputable_target_is_not_failed(tmp_path):
@@ -263,5 +264,23 @@ def test_parts_of_the_same_config_file_edited_in_between_are_refused(tmp_path):
     for payload, lr, name in ((first, 1e-3, "a.json"), (second, 5e-2, "b.json")):
         payload.update(config="cfg.yaml", overrides=[], resolved_config={"lr": lr, "uniform_prob": 0.3})
         (tmp_path / name).write_text(json.dumps(payload))
-    with pytest.raises(SystemExit, match=r"the parts' configs differ \(lr: 0.001 in \S*a.json, 0.05 in \S*b.json\)"):
+    with pytest.raises(SystemExit, match=r"the parts' configs differ \(lr: 0.001 in \S*a.json, 0.05 in \S*b.json;"):
         aggregate([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "out")
+
+
+def test_runs_without_thought_counts_or_all_short_are_not_judged(tmp_path):
+    """Parts of earlier code recorded no thoughts: the "thoughts counted" target passed on generated tokens alone.
+    Runs that all stopped before max_latent_stage were not seen as short."""
+    old = [_run("coconut", s, 97.0 + s, 3.0) for s in (0, 1)] + [_run("cot", s, 99.0, 40.5) for s in (0, 1)]
+    for r in old:
+        r.pop("final_thoughts_per_answer")
+    combined = aggregate([_part(tmp_path / "old.json", [0, 1], old)], tmp_path / "a")
+    fewer = {t["target"]: t for t in combined["targets"]}["Coconut uses >= 10x fewer tokens than CoT (its thoughts counted)"]
+    assert fewer["value"] is None and fewer["met"] is None
+    short = json.loads(_part(tmp_path / "short.json", [0, 1], [_run("coconut", s, 97.0, 3.0, final_stage=1) for s in (0, 1)]
+                             + [_run("cot", s, 99.0, 40.5, final_stage=0) for s in (0, 1)]).read_text())
+    short["resolved_config"] = {"max_latent_stage": 3}
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    combined = aggregate([tmp_path / "short.json"], tmp_path / "b")
+    assert "(not 3: an earlier stage's accuracy)" in (tmp_path / "b" / "science.md").read_text()
+    assert all(t["met"] is None for t in combined["targets"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Table 1 on the built-in task, on one GPU: CoCoNuT, CoT, no-CoT, pause as thought, w/o curriculum and
 # w/o thought, several training processes at once on the one device (benchmarks/science.py). OUT receives one
-# part file per command (science_part_<seeds>_<methods>.json), science.json/.md/.png of every part in OUT, and science.log;
+# part file per command (science_part_s<seeds>_<methods>.json), science.json/.md/.png of every part in OUT, and science.log;
 # data, checkpoints and per-run logs stay in OUT_work next to it. Split the seeds over commands and merge on CPU:
 #   benchmarks/gpu/science.sh OUT --seeds 0 --max-parallel 6
 #   benchmarks/gpu/science.sh OUT --seeds 1,2 --max-parallel 12
