@@ -335,12 +335,13 @@ def check_parts(parts: list[dict], names: list[str]) -> None:
 
 
 THOUGHT_METHODS = ("coconut", "pause", "nocurriculum")  # prompts with thought positions (pause: one embedding)
+STAGELESS_METHODS = ("cot", "nocot")  # every epoch at stage 0: no curriculum stage to reach
 
 
 def final_stage_of(parts: list[dict], rows: dict) -> int | None:
     """The stage the curriculum ends at: the highest a thought method's run reached, and at least the parts'
     `max_latent_stage` (so that runs all stopped short are still seen as short)."""
-    reached = [st for m, row in rows.items() if m not in ("cot", "nocot") for st in row.get("final_stages", [])]
+    reached = [st for m, row in rows.items() if m not in STAGELESS_METHODS for st in row.get("final_stages", [])]
     configured = [p["resolved_config"].get("max_latent_stage") for p in parts
                   if isinstance(p.get("resolved_config"), dict) and isinstance(p["resolved_config"].get("max_latent_stage"), int)]
     return max(reached + configured, default=None)
@@ -398,7 +399,7 @@ def targets(rows: dict, final_stage: int | None = None) -> list[dict]:
                  and min(coconut["final_stages"]) < final_stage)
     if coconut and cot and coconut["accuracy_mean"] is not None and cot["accuracy_mean"] is not None:
         ratio = coconut["accuracy_mean"] / cot["accuracy_mean"] if cot["accuracy_mean"] else None
-        mine, theirs = coconut.get("tokens_with_thoughts", coconut["tokens_per_answer"]), cot["tokens_per_answer"]
+        mine, theirs = coconut["tokens_with_thoughts"], cot["tokens_per_answer"]
         fewer = theirs / mine if mine and theirs is not None else None
         # a ratio that cannot be computed (CoT at 0%) is not evaluable, not failed
         out.append({"target": "Coconut accuracy >= 0.95 x CoT", "value": ratio,
@@ -435,11 +436,11 @@ def table_markdown(combined: dict, parts: list[dict]) -> str:
         note = f" ({len(row['incomplete'])} incomplete)" if row["incomplete"] else ""
         stages = row.get("final_stages") or []
         stage = ",".join(map(str, stages)) or "—"
-        if method not in ("cot", "nocot") and last_stage is not None and stages and min(stages) < last_stage:
+        if method not in STAGELESS_METHODS and last_stage is not None and stages and min(stages) < last_stage:
             stage += f" (not {last_stage}: an earlier stage's accuracy)"
         split = ("—" if row.get("thoughts_per_answer") is None
                  else f"{_fmt(row['thoughts_per_answer'])} + {_fmt(row['tokens_per_answer'])}")
-        lines.append(f"| {row['label']} | {acc} | {_fmt(row.get('tokens_with_thoughts', row['tokens_per_answer']))} | "
+        lines.append(f"| {row['label']} | {acc} | {_fmt(row['tokens_with_thoughts'])} | "
                      f"{split} | {stage} | {','.join(map(str, row['seeds'])) or '—'}{note} | {row['num_epochs'] or '—'} |")
     lines.append("")
     for t in combined["targets"]:
@@ -491,7 +492,7 @@ def plot(combined: dict, path: Path) -> Path | None:
         ax_bar.scatter([i] * len(row["accuracies"]), row["accuracies"], color="black", s=12, zorder=3)
         # above the bar when it is too short to hold the label
         inside = row["accuracy_mean"] > 25
-        ax_bar.text(i, 2 if inside else row["accuracy_mean"] + 2, f"{_fmt(row.get('tokens_with_thoughts'))} tok", ha="center",
+        ax_bar.text(i, 2 if inside else row["accuracy_mean"] + 2, f"{_fmt(row['tokens_with_thoughts'])} tok", ha="center",
                     va="bottom", fontsize=7, rotation=90, color="white" if inside else "black")
         curve = row["curve"]
         ax_curve.plot([int(e) for e in curve], list(curve.values()), "o-", color=plt.cm.tab10(i), label=row["label"], ms=3)

@@ -381,18 +381,19 @@ def _run_settings(model_dir: Path) -> dict:
     was trained with) over the config of the run that wrote it (`<run>/best`, `<run>/final`), when present. With
     neither (an export copied away from its run, written before exports recorded them), the defaults and the
     command line's, with a warning."""
-    from engine.model.loading import EXPORT_STATE_FILE
+    from engine.model.loading import EXPORT_STATE_FILE, read_export_state
 
     settings: dict = {}
-    for path in (model_dir.parent / "config.json", model_dir / EXPORT_STATE_FILE):
-        if path.is_file():
-            try:
-                found = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                log.warning("%s is not valid JSON; not read", path)
-                continue
-            if isinstance(found, dict):
-                settings.update(found)
+    path = model_dir.parent / "config.json"
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; not read", path)
+            found = None
+        if isinstance(found, dict):
+            settings.update(found)
+    settings.update(read_export_state(model_dir) or {})
     if "c_thought" not in settings:
         log.warning("%s records no training settings (no %s with them, no run config.json beside it): c_thought, "
                     "max_latent_stage and the thought mode are the command line's or the defaults", model_dir,

@@ -207,7 +207,9 @@ class MultimodalCoconut(nn.Module):
         # True: a batch without images still runs the vision tower and projector, on one blank tile whose features
         # join the loss at weight zero (`PreparedBatch.image_anchor`). Ranks whose batches mix image and text-only
         # records then run the same modules in every batch, as DeepSpeed's ZeRO collectives need (the gradient
-        # buckets of ZeRO-2, the parameter gathers of ZeRO-3); the trainer sets it for such runs on several ranks.
+        # buckets of ZeRO-2, the parameter gathers of ZeRO-3); the trainer sets it for such runs on several ranks, and
+        # on one rank with offloaded optimizer states under gradient accumulation (DeepSpeed drops the accumulated
+        # gradients of parameters a cycle's last micro-batch leaves unused).
         self.vision_every_batch = False
 
     # ------------------------------------------------------------------ properties

@@ -387,21 +387,35 @@ def export_model(model: MultimodalCoconut, tokenizer, image_processor: ImageProc
     return out_dir
 
 
+def read_export_state(model_dir: str | os.PathLike) -> dict | None:
+    """What an export of this engine records about its training (`EXPORT_STATE_FILE`: epoch, stage, tiling,
+    curriculum settings); None for a checkpoint without the file, and, with a warning, for one whose file is not a
+    JSON object."""
+    path = Path(model_dir) / EXPORT_STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except OSError:
+        return None
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        log.warning("%s is not a JSON object; not read", path)
+        return None
+    return state
+
+
 def export_stage(model_dir: str | os.PathLike) -> int | None:
     """The curriculum stage of the epoch an export holds: what the export itself records (`EXPORT_STATE_FILE`),
     else, for an export without it, from its run's history.json (`epoch_NNN`, `final`: the last epoch, `best`: the
     best validated one, by the trainer's rule; a run stopped early has no history.json yet); None when that
     cannot be told. `best` is often an earlier stage's epoch than the last."""
     model_dir = Path(model_dir)
-    try:
-        stage = json.loads((model_dir / EXPORT_STATE_FILE).read_text()).get("stage")
+    state = read_export_state(model_dir)
+    if state is not None:
+        stage = state.get("stage")
         if isinstance(stage, int) and not isinstance(stage, bool):
             return stage
         log.warning("%s holds no integer stage; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
-    except OSError:
-        pass
-    except (ValueError, AttributeError):
-        log.warning("%s is not a JSON object; reading the run's history.json", model_dir / EXPORT_STATE_FILE)
     try:
         history = json.loads((model_dir.parent / "history.json").read_text())
     except (OSError, ValueError):
@@ -426,14 +440,14 @@ def export_stage(model_dir: str | os.PathLike) -> int | None:
 def _trained_tiles(path: Path) -> int | None:
     """The `max_tiles` an export of this engine was trained with: its `EXPORT_STATE_FILE`'s, else (an export
     written before the state file recorded it) its run's config.json's; None for other checkpoints."""
-    sources = (path / EXPORT_STATE_FILE, path.parent / "config.json")
-    if not sources[0].is_file():
+    if not (path / EXPORT_STATE_FILE).is_file():
         return None
-    for source in sources:
-        try:
-            value = json.loads(source.read_text()).get("max_tiles")
-        except (OSError, ValueError, AttributeError):
-            continue
+    try:
+        run_config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        run_config = None
+    for settings in (read_export_state(path), run_config):
+        value = settings.get("max_tiles") if isinstance(settings, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
     return None

@@ -204,10 +204,15 @@ def deepspeed_config(config: TrainConfig, use_bf16: bool, world_size: int | None
     return ds
 
 
+def trains_in_bf16(config: TrainConfig, device_type: str) -> bool:
+    """`bf16` is used on CUDA; CPU runs train in fp32."""
+    return bool(config.bf16 and device_type == "cuda")
+
+
 def run_precision(config: TrainConfig, device_type: str, world_size: int | None = None) -> str:
     """"bf16", "fp16" or "fp32": what a run of `config` trains in on a device of `device_type` (`bf16` on CUDA,
     or the `deepspeed` overrides' bf16 / fp16 sections), as its engine's `checkpoint.engine_precision` will say."""
-    ds = deepspeed_config(config, bool(config.bf16 and device_type == "cuda"), world_size)
+    ds = deepspeed_config(config, trains_in_bf16(config, device_type), world_size)
     if (ds.get("bf16") or {}).get("enabled"):
         return "bf16"
     return "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"

@@ -50,6 +50,7 @@ from engine.training.checkpoint import (
 )
 from engine.training.config import ConfigError, TrainConfig, guarded_config_changes
 from engine.training.distributed import DistEnv, barrier, run_on_main
+from engine.training.optim import run_precision
 from engine.training.reporting import plot_training_curves, write_summary
 from engine.utils.io import atomic_write_json, remove_stale_temporaries
 from engine.utils.logging import get_logger
@@ -261,7 +262,8 @@ class RunDirectory:
             latest = None  # a `latest` naming a lost checkpoint: the load chooses another and checks it then
         if latest is not None:  # before this launch is recorded: a refused one changes nothing here
             self._check_ranks(latest, self._ranks_of(latest))
-            self._check_precision(latest, saved_precision(self.checkpoints / latest), config)
+            launch = run_precision(config, self.env.device.type, self.env.world_size)
+            self._check_precision(latest, saved_precision(self.checkpoints / latest), launch)
         changes = guarded_config_changes(saved, config.to_dict())
         blocked = {k: v for k, v in changes.items() if k not in config.allow_config_changes}
         if blocked:
@@ -356,14 +358,10 @@ class RunDirectory:
                 f"above {epoch})"
             )
 
-    def _check_precision(self, tag: str, saved: str | None, launch: TrainConfig | str) -> None:
+    def _check_precision(self, tag: str, saved: str | None, launch: str) -> None:
         """A checkpoint loads into an engine of its own precision only: DeepSpeed names a bf16 engine's ZeRO states
-        `bf16_zero_pp_rank_*`, and another engine looked for files that are not there. ``launch``: the engine's
-        precision, or the launch's config (its precision as `deepspeed_config` sets it on this device)."""
-        if isinstance(launch, TrainConfig):
-            from engine.training.optim import run_precision
-
-            launch = run_precision(launch, self.env.device.type, self.env.world_size)
+        `bf16_zero_pp_rank_*`, and another engine looked for files that are not there. ``launch``: the precision of
+        the engine (or of the launch's config, `optim.run_precision`)."""
         if saved is None or (saved == "bf16") == (launch == "bf16"):  # fp16 and fp32 write the same files
             return
         raise CheckpointMismatchError(

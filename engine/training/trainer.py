@@ -46,6 +46,7 @@ from engine.training.optim import (
     follow_launch_config,
     offloads_optimizer,
     reset_optimizer_state,
+    trains_in_bf16,
 )
 from engine.training.reporting import (
     MetricsLogger,
@@ -116,7 +117,7 @@ class Trainer:
         if self.device.type == "cuda" and self.env.is_main:
             log.info("CUDA allocator: %s", self.env.cuda_allocator)
         self.run_dir = config.run_dir
-        self.use_bf16 = bool(config.bf16 and self.device.type == "cuda")
+        self.use_bf16 = trains_in_bf16(config, self.device.type)
         if config.bf16 and not self.use_bf16 and self.env.is_main:
             log.info("bf16 asked for but running on CPU: training in fp32")
         if not config.only_eval:  # before the run directory changes: a refused setting leaves an earlier run intact
@@ -490,16 +491,16 @@ class Trainer:
         cfg = self.config
         loaded = cfg.load_model_path or cfg.model_id  # model_id may be an export too
         trained = export_stage(loaded) if Path(loaded).is_dir() else None
-        chosen, source = cfg.eval_stage, "eval_stage"
+        chosen, key, source = cfg.eval_stage, "eval_stage", "eval_stage"
         if chosen is None and not (cfg.cot or cfg.no_cot) and not isinstance(cfg.resume, bool) and cfg.resume > 0:
             final = self.curriculum.final_stage(max_steps(self.val_records))
             chosen = stage_for_epoch(cfg.resume, cfg.epochs_per_stage, self.curriculum, final)
-            source = f"resume={cfg.resume} (epoch {cfg.resume}'s stage)"
+            key, source = "resume", f"resume={cfg.resume} (epoch {cfg.resume}'s stage)"
         if chosen is not None:
             if trained is not None and trained != chosen and not (cfg.cot or cfg.no_cot):
                 log.warning("only_eval: %s gives stage %d, but %s was trained at stage %d: its prompts differ from "
                             "the ones it was trained on (leave %s unset to use that stage)", source, chosen,
-                            loaded, trained, source.split("=")[0])
+                            loaded, trained, key)
             return chosen
         if cfg.cot or cfg.no_cot:
             return 0
