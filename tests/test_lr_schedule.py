@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 
-from engine.training.config import config_from_dict
+from engine.training.config import ConfigError, config_from_dict
 from engine.training.lr_schedule import LRFactor, restart_warmup
 
 
@@ -52,26 +53,41 @@ def test_restart_applies_now_and_survives_a_state_dict_round_trip():
 
 
 def test_trainer_restarts_the_warmup_at_a_stage_switch(tmp_path):
-    from engine.training.trainer import Trainer
-
-    def lrs(reset):
-        config = config_from_dict(dict(
-            name=f"reset{reset}", save_path=str(tmp_path / "runs"), model_id="tiny",
-            model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
-            synthetic={"n_train": 12, "n_val": 2, "hops": 2, "seed": 3}, max_latent_stage=2, epochs_per_stage=1,
-            num_epochs=2, batch_size_training=4, eval_batch_size=2, max_new_tokens=4, lr=1e-3, warmup_steps=3,
-            reset_optimizer=reset, device="cpu", zero_stage=0, log_every_steps=1,
-        ))
-        run = Trainer(config).run()["run_dir"]
-        records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
-        return {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
-
-    with_reset, without = lrs(True), lrs(False)
+    with_reset, without = _lrs_of_a_run(tmp_path, True), _lrs_of_a_run(tmp_path, False)
     # 3 steps per epoch; each row logs the rate its step applied. The warmup's first step runs at a third of the
     # peak, at step 1 and again at step 4 (the first of stage 1) with the restart.
     assert with_reset[1] == pytest.approx(1e-3 / 3) and with_reset[3] == pytest.approx(1e-3)
     assert with_reset[4] == pytest.approx(1e-3 / 3) and with_reset[5] == pytest.approx(2e-3 / 3)
     assert without[1] == pytest.approx(1e-3 / 3) and without[4] == pytest.approx(1e-3)
+
+
+def _lrs_of_a_run(tmp_path, reset, epochs_per_stage=1, log=None):
+    """The learning rate each logged step applied, in a 2-epoch run of 3 steps per epoch."""
+    from engine.training.trainer import Trainer
+
+    config = config_from_dict(dict(
+        name=f"reset{reset}{epochs_per_stage}", save_path=str(tmp_path / "runs"), model_id="tiny",
+        model_overrides={"text_hidden_size": 32, "text_layers": 1, "text_intermediate_size": 64},
+        synthetic={"n_train": 12, "n_val": 2, "hops": 2, "seed": 3}, max_latent_stage=2,
+        epochs_per_stage=epochs_per_stage, num_epochs=2, batch_size_training=4, eval_batch_size=2, max_new_tokens=4,
+        lr=1e-3, warmup_steps=3, reset_optimizer=reset, device="cpu", zero_stage=0, log_every_steps=1,
+    ))
+    run = Trainer(config).run()["run_dir"]
+    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    return {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+
+
+def test_reset_optimizer_every_epoch_resets_inside_a_stage_too(tmp_path, caplog):
+    """The original's code builds a new optimizer in every epoch: `every_epoch` does so, `true` only where the
+    stage changes (both epochs here are stage 0)."""
+    with caplog.at_level(logging.INFO, logger="engine.training.trainer"):
+        every = _lrs_of_a_run(tmp_path, "every_epoch", epochs_per_stage=2)
+    at_stages = _lrs_of_a_run(tmp_path, True, epochs_per_stage=2)
+    assert every[4] == pytest.approx(1e-3 / 3) and every[6] == pytest.approx(1e-3)
+    assert at_stages[4] == pytest.approx(1e-3)
+    assert any("epoch 2 begins: optimizer state reset" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="reset_optimizer must be true .* or every_epoch, got 'stage'"):
+        config_from_dict({"reset_optimizer": "stage"})
 
 
 def _dropping_run(tmp_path, **overrides):

@@ -82,9 +82,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    # a fresh AdamW state at every stage switch, with warmup_steps of warmup again (the original's README says at
-    # each stage switch; its code builds a new optimizer every epoch, which epochs_per_stage=1 reproduces)
-    reset_optimizer: bool = False
+    # a fresh AdamW state, with warmup_steps of warmup again: true at every stage switch (the original's README);
+    # every_epoch at the start of every epoch after the first (the original's code, which builds a new optimizer
+    # in each epoch)
+    reset_optimizer: bool | str = False
     save_only_improve: bool = False
     bf16: bool = False  # used on GPU; CPU runs train in fp32
     seed: int = 0
@@ -251,6 +252,9 @@ class TrainConfig:
                 "eval_kv_cache=paged needs zero_stage <= 2 (the paged runner reads the layers' weights directly, "
                 "ZeRO-3 only gathers them inside module calls); use auto or dynamic"
             )
+        if isinstance(self.reset_optimizer, str) and self.reset_optimizer != "every_epoch":
+            raise ConfigError(f"reset_optimizer must be true (at every stage switch), false or every_epoch, "
+                              f"got {self.reset_optimizer!r}")
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.eval_stage is not None and self.eval_stage < 0:

@@ -147,7 +147,7 @@ def follow_launch_config(scheduler, config: TrainConfig, total_steps: int) -> di
 
 def reset_optimizer_state(engine) -> int:
     """Forget Adam's moments (the original CoCoNuT's code builds a new optimizer every epoch, its README says at
-    each stage switch; the trainer calls this at a stage switch, `reset_optimizer`). Returns the number
+    each stage switch; the trainer calls this where `reset_optimizer` says). Returns the number
     of parameter states cleared. Walks DeepSpeed's wrappers down to the torch optimizer that holds them."""
     opt = engine.optimizer
     seen = set()

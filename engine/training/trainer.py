@@ -144,6 +144,14 @@ class Trainer:
     def stage_for_epoch(self, epoch: int) -> int:
         return stage_for_epoch(epoch, self.config.epochs_per_stage, self.curriculum, self.final_stage)
 
+    def resets_optimizer_before(self, epoch: int) -> bool:
+        """Whether `reset_optimizer` clears Adam's state before ``epoch``: never before the first epoch; before
+        every later one with every_epoch; with true, where the training stage changes."""
+        mode = self.config.reset_optimizer
+        if epoch == 0 or not mode:
+            return False
+        return mode == "every_epoch" or self.stage_for_epoch(epoch) != self.stage_for_epoch(epoch - 1)
+
     def validation_stage(self, epoch: int) -> int:
         """The stage epoch's validation is built at: its training stage, except past the training records' last
         distinct stage, where validation records with more steps still lose them (`validation_final_stage`)."""
@@ -295,10 +303,12 @@ class Trainer:
                 self._validate_again(self.history[-1])
             for epoch in range(self.start_epoch, cfg.num_epochs):
                 stage = self.stage_for_epoch(epoch)
-                if epoch > 0 and cfg.reset_optimizer and stage != self.stage_for_epoch(epoch - 1):
+                if self.resets_optimizer_before(epoch):
                     cleared = reset_optimizer_state(self.engine)
                     restart_warmup(self.engine.lr_scheduler)  # a fresh Adam gets its warmup again
-                    log.info("stage %d begins: optimizer state reset (%d parameter states cleared)", stage, cleared)
+                    log.info("%s %d begins: optimizer state reset (%d parameter states cleared)",
+                             *(("epoch", epoch + 1) if cfg.reset_optimizer == "every_epoch" else ("stage", stage)),
+                             cleared)
                 train_stats = self.train_epoch(epoch, stage)
                 record = {"epoch": epoch + 1, "stage": stage, **train_stats}
                 failure = None
