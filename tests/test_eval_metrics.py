@@ -1,12 +1,14 @@
 """Answer extraction, the official A-OKVQA formulas, and the scoring CLI."""
 
 import json
+import unicodedata
 
 import pytest
 
 from engine.eval import aokvqa
 from engine.eval.evaluate import answer_length, official_predictions, score_record, summarize
 from engine.eval.metrics import (
+    answer_matches,
     direct_answer_accuracy,
     direct_answer_score,
     extract_answer,
@@ -36,6 +38,37 @@ def test_a_generation_that_writes_its_target_scores_one(answer):
     record = {"id": 1, "answer": answer, "direct_answers": [answer] * 10, "difficult_direct_answer": False}
     scored = score_record(record, f"first step\nsecond step\n### {answer}")
     assert scored["correct"] == 1.0 and scored["da_score"] == 1.0
+
+
+def test_answers_match_in_composed_unicode_and_punctuation_alone_is_an_answer():
+    """Qwen2's tokenizer writes what it reads in composed form (NFC): a target written decomposed decodes composed
+    and must still match. An answer that is only punctuation must not be matched by an empty one."""
+    for decomposed in ("Jose\u0301", "Nguye\u0302\u0303n", "\u1100\u1161\u11a8"):
+        composed = unicodedata.normalize("NFC", decomposed)
+        assert composed != decomposed
+        for mode in ("normalized", "original"):
+            assert answer_matches(f"### {composed}", decomposed, mode)
+            assert score_record({"id": 1, "answer": decomposed}, f"### {composed}", mode)["correct"] == 1.0
+    assert normalize_answer("?") == "?" and normalize_answer("...") == "..."
+    assert not answer_matches("### ", "?") and answer_matches("### ?", "?")
+
+
+@pytest.mark.parametrize("generation, answer, normalized, original", [
+    ("a step\n### true", "True", True, False),  # case
+    ("### Tom is a wumpus", "Tom is a wumpus.", True, False),  # trailing punctuation
+    ("### 1,000", "1000", True, True),  # the original removes every comma, both sides
+    ("### salt, pepper", "salt pepper", False, True),
+    ("### C#", "C#", True, False),  # the original cuts its generation at the last '#'
+    ("### 5", " 5 ", True, True),
+])
+def test_answer_match_modes(generation, answer, normalized, original):
+    """`normalized` (the default) against the original CoCoNuT's own check (`original`), whose figures are the
+    paper's."""
+    assert answer_matches(generation, answer, "normalized") is normalized
+    assert answer_matches(generation, answer, "original") is original
+    assert score_record({"id": 1, "answer": answer}, generation, "original")["correct"] == float(original)
+    with pytest.raises(ValueError, match="answer match must be one of normalized, original"):
+        answer_matches(generation, answer, "exact")
 
 
 def test_nearest_choice_exact_then_similarity():

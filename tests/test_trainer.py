@@ -853,6 +853,33 @@ def test_settings_that_would_fail_at_the_first_validation_are_refused_at_set_up(
         make_config(tmp_path, seed=2**64)
 
 
+def test_a_validation_record_that_would_fail_at_the_first_validation_is_named_at_set_up(tmp_path):
+    """A validation prompt past the model's positions (with max_new_tokens), or with overlong=error a validation
+    sequence over max_length, failed only after an epoch of training, naming neither the record nor the file."""
+    from engine.data.records import DataError
+
+    def record(rid, words, steps=2):
+        return {"id": rid, "image": None, "question": " ".join(["word"] * words) + "?",
+                "steps": [f"step {j}" for j in range(steps)], "answer": "a"}
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(record(f"t{i}", 3)) + "\n" for i in range(8)))
+    val.write_text(json.dumps(record("v0", 3)) + "\n" + json.dumps(record("v1", 5000)) + "\n")
+    paths = dict(synthetic=None, train_path=str(train), val_path=str(val))
+    with pytest.raises(DataError, match=r"val.jsonl: record 'v1': its prompt at stage 2 has \d+ tokens; with "
+                                        r"max_new_tokens=12 its generation needs \d+ positions, more than the "
+                                        r"model's max_position_embeddings=4096"):
+        Trainer(make_config(tmp_path, **paths)).setup()
+    val.write_text(json.dumps(record("v0", 3)) + "\n" + json.dumps(record("v1", 60)) + "\n")
+    with pytest.raises(DataError, match=r"val.jsonl: record 'v1': its sequence at stage 0 has \d+ tokens .* more "
+                                        r"than max_length=50"):
+        Trainer(make_config(tmp_path, max_length=50, overlong="error", **paths)).setup()
+    assert not (tmp_path / "runs" / "t" / "run.json").exists()  # both before the run directory was started
+    train.write_text(json.dumps(record("t9", 60)) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl: record 't9': its sequence at stage 0"):
+        Trainer(make_config(tmp_path, max_length=50, overlong="error", **paths)).setup()
+
+
 def test_micro_batches_past_the_last_accumulation_cycle_are_named(tmp_path, caplog):
     """12 samples in micro-batches of 2 under gradient_accumulation_steps=4: 6 micro-batches, one cycle, 2 left out
     each epoch without a word."""

@@ -503,6 +503,11 @@ class QuestionDataset(_ImageTextDataset):
     def num_latents(self) -> list[int]:
         return list(self._latents)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Prompt length of every record (image tokens included)."""
+        return [self.span_length(t) + len(x) for t, x in zip(self._tiles, self._text)]
+
     def __len__(self) -> int:
         return len(self._text)
 

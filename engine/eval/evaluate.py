@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.eval.metrics import (
+    answer_matches,
     direct_answer_score,
     extract_answer,
     multiple_choice_score,
@@ -28,9 +29,10 @@ def answer_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
     return int(hits[0]) + 1 if len(hits) else int(tokens.numel())
 
 
-def score_record(record: dict, generation: str) -> dict:
-    """Per-record scores: exact answer match, A-OKVQA MC and DA (when the record has what they need).
-    ``prediction`` is the normalised answer (`normalize_answer`), matched with the record's answer and its choices;
+def score_record(record: dict, generation: str, answer_match: str = "normalized") -> dict:
+    """Per-record scores: the answer match (`metrics.answer_matches` in ``answer_match``'s mode), A-OKVQA MC and DA
+    (when the record has what they need).
+    ``prediction`` is the normalised answer (`normalize_answer`), mapped to the record's choices;
     ``direct_answer`` is the answer as the model wrote it (stripped), which `official_predictions` writes and the
     DA score compares with the direct answers as they are: the official evaluator's exact match, so the in-run DA
     accuracy is what `python -m engine.eval.aokvqa` gives on the written predictions."""
@@ -40,7 +42,7 @@ def score_record(record: dict, generation: str) -> dict:
     answer = record.get("answer")
     if answer is not None:
         out["answer"] = answer
-        out["correct"] = float(prediction == normalize_answer(answer))
+        out["correct"] = float(answer_matches(generation, answer, answer_match))
     choices = record.get("choices")
     if choices:
         choice = nearest_choice(prediction, choices)
@@ -85,9 +87,11 @@ def generate_answers(
     step_sync: Callable[[bool], bool] | None = None,
     progress: bool = True,
     kv_cache: str = "dynamic",
+    answer_match: str = "normalized",
 ) -> tuple[list[dict], float]:
-    """Generate for every batch (from GenerationCollator) and score each record. Returns (scored, seconds).
-    ``kv_cache``: "dynamic" or "paged" (one `PagedRunner` serves every batch and is released at the end)."""
+    """Generate for every batch (from GenerationCollator) and score each record (`score_record`, ``answer_match``).
+    Returns (scored, seconds). ``kv_cache``: "dynamic" or "paged" (one `PagedRunner` serves every batch and is
+    released at the end)."""
     options = GenerationOptions(max_new_tokens=max_new_tokens, step_sync=step_sync, kv_cache=kv_cache)
     with contextlib.ExitStack() as stack:
         runner = None
@@ -95,10 +99,12 @@ def generate_answers(
             from engine.model.paged.runner import PagedRunner  # Triton kernels: imported only when used
 
             runner = stack.enter_context(PagedRunner(model))
-        return _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress)
+        return _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress,
+                                 answer_match)
 
 
-def _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress):
+def _generate_batches(model, batches, tokenizer, device, options, runner, min_passes_fn, total, progress,
+                      answer_match):
     scored: list[dict] = []
     elapsed = 0.0
     for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
@@ -117,7 +123,7 @@ def _generate_batches(model, batches, tokenizer, device, options, runner, min_pa
         for row, record in enumerate(batch["records"]):
             n = answer_length(tokens[row], model.eos_token_id)
             text = tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True)
-            result = score_record(record, text)
+            result = score_record(record, text, answer_match)
             result["num_tokens"] = n
             if "num_latents" in batch:
                 result["num_thoughts"] = int(batch["num_latents"][row])

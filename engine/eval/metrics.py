@@ -3,7 +3,11 @@
 - The model writes `... ### answer<eos>`; the answer is the text after the last `###` (the whole text when there
   is none), whitespace stripped. The original CoCoNuT cut at the last `#` and removed every comma, which loses an
   answer that has either ("C#", "salt, pepper"); here only the commas of digit groups go ("1,000" is "1000"),
-  in the normalisation both sides of a comparison get.
+  in the normalisation both sides of a comparison get (`answer_match: normalized`, the default: also case,
+  runs of spaces and trailing punctuation). `answer_match: original` scores as the original's code does, for
+  figures to set beside the paper's.
+- Both sides of every comparison are in Unicode's composed form (NFC), as Qwen2's tokenizer writes what it
+  reads: a target written decomposed ("Jose\u0301") decodes composed, and must still match.
 - Multiple choice (official): a prediction scores 1 when it equals `choices[correct_choice_idx]`. A free-form
   answer is first mapped to the nearest choice (exact match after normalisation, else the highest string
   similarity; not the official GloVe mapping), so that the official strict mode, where a prediction must be one
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from typing import Iterable, Sequence
 
 _SPACES = re.compile(r"\s+")
@@ -31,13 +36,33 @@ def extract_answer(text: str) -> str:
     return text.rsplit(ANSWER_MARKER, 1)[-1].strip()
 
 
+ANSWER_MATCHES = ("normalized", "original")
+
+
 def normalize_answer(text: str) -> str:
-    """Lower-case, single spaces, no trailing punctuation, no commas inside numbers: A-OKVQA's answers are
-    written this way. Applied to both sides of the answer match and of the mapping to a choice; the direct answer
-    is scored as written, as the official evaluator does."""
-    text = _SPACES.sub(" ", text.strip().lower())
+    """Composed Unicode, lower-case, single spaces, no trailing punctuation (unless the answer is nothing else),
+    no commas inside numbers: A-OKVQA's answers are written this way. Applied to both sides of the answer match and
+    of the mapping to a choice; the direct answer is scored as written, as the official evaluator does."""
+    text = _SPACES.sub(" ", unicodedata.normalize("NFC", text).strip().lower())
     text = _DIGIT_GROUP_COMMA.sub("", text)
-    return text.rstrip(".!?;:").strip()
+    return text.rstrip(".!?;:").strip() or text  # "?" stays "?": an empty answer must not match it
+
+
+def _original_form(text: str) -> str:
+    """The original CoCoNuT's form of an answer: every comma removed, stripped (composed Unicode, as the tokenizer
+    writes)."""
+    return unicodedata.normalize("NFC", text).replace(",", "").strip()
+
+
+def answer_matches(generation: str, answer: str, mode: str = "normalized") -> bool:
+    """Whether ``generation`` (the decoded text after the prompt) answers ``answer``: `normalize_answer` of its
+    text after the last `###` against the answer's (``normalized``), or the original's exact match after its own
+    cut at `#` and comma removal (``original``)."""
+    if mode == "original":  # its generation cut at the last '#'; its answers as the data file writes them
+        return _original_form(generation.split("#")[-1]) == _original_form(answer)
+    if mode != "normalized":
+        raise ValueError(f"answer match must be one of {', '.join(ANSWER_MATCHES)}, got {mode!r}")
+    return normalize_answer(extract_answer(generation)) == normalize_answer(answer)
 
 
 def validation_score(record: dict) -> float | None:

@@ -524,7 +524,8 @@ def run(args: argparse.Namespace) -> dict:
         answers = answer_attention(model, tokenizer, batch, tokens, sorted(result[0].attention)) if result else []
         for row, sample in enumerate(result):
             n = answer_length(tokens[row], model.eos_token_id)
-            scored = score_record(sample.record, tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True))
+            scored = score_record(sample.record, tokenizer.decode(tokens[row, :n].tolist(), skip_special_tokens=True),
+                                  settings.get("answer_match", "normalized"))
             sample.prediction = scored["prediction"]
             sample.correct = bool(scored["correct"]) if "correct" in scored else None
             sample.answer_attention = answers[row]

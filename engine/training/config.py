@@ -152,6 +152,9 @@ class TrainConfig:
     eval_kv_cache: str = "auto"
     max_new_tokens: int = 64
     eval_max_samples: int | None = None  # cap validation generation (None: the whole set)
+    # how val_accuracy matches an answer: normalized (case, spaces, trailing punctuation, commas in numbers) |
+    # original (the original CoCoNuT's exact match after its cut at the last '#' and removal of every comma)
+    answer_match: str = "normalized"
     eval_every_epochs: int = 1
     keep_checkpoints: int = 2  # DeepSpeed checkpoints kept on disk (latest first)
     log_every_steps: int = 10
@@ -255,6 +258,8 @@ class TrainConfig:
         if isinstance(self.reset_optimizer, str) and self.reset_optimizer != "every_epoch":
             raise ConfigError(f"reset_optimizer must be true (at every stage switch), false or every_epoch, "
                               f"got {self.reset_optimizer!r}")
+        if self.answer_match not in ("normalized", "original"):
+            raise ConfigError(f"answer_match must be normalized or original, got {self.answer_match!r}")
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.eval_stage is not None and self.eval_stage < 0:

@@ -161,6 +161,7 @@ class Trainer:
         cfg = self.config
         self.curriculum = data.curriculum_from_config(cfg)
         train_path, val_path = data.data_paths(cfg, self.run_dir, self.env)
+        self.train_path = train_path
         self.train_records = load_records(train_path) if train_path and not cfg.only_eval else []
         self.val_records = load_records(val_path, need_answer=not cfg.only_eval) if val_path else []
         if cfg.check_images:  # a bad image fails now, naming its record, not in an epoch or a validation
@@ -193,7 +194,14 @@ class Trainer:
                          "at weight zero, so that %s", len(records) - with_image, len(records), why)
         if self.train_records:
             self._count_epoch_samples()
-        self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records, self.model)
+        if cfg.only_eval:
+            self.only_eval_stage = self._eval_stage()
+            stages = [self.only_eval_stage]
+        else:  # every stage a validation of this launch may prompt at (resume=true: from the first epoch on)
+            first = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
+            stages = sorted({self.validation_stage(e) for e in range(first, cfg.num_epochs)}) if self.train_records else []
+        self.validator.setup(self.tokenizer, self.image_processor, self.curriculum, self.val_records, self.model,
+                             stages=stages, source=str(val_path))
         # only now, with the data and the model loaded: a bad input leaves an earlier run (overwrite=true) intact
         self.run_info = self.run_directory.start(cfg)
         if self.env.is_main:
@@ -218,8 +226,11 @@ class Trainer:
         self.first_epoch = 0 if isinstance(cfg.resume, bool) else int(cfg.resume)
         self.train_tokens = tokenize_records(self.tokenizer, self.train_records)
         stages = {e: self.stage_for_epoch(e) for e in range(self.first_epoch, cfg.num_epochs)}
-        self.epoch_samples = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor,
-                                                    self.curriculum, stages, seed=cfg.seed, tokens=self.train_tokens)
+        try:
+            self.epoch_samples = data.samples_per_epoch(self.train_records, self.tokenizer, self.image_processor,
+                                                        self.curriculum, stages, seed=cfg.seed, tokens=self.train_tokens)
+        except DataError as e:  # overlong=error: the record, named in the file that holds it
+            raise DataError(f"{self.train_path}: {e}") from None
         if cfg.resume is not True:
             self._check_epochs(range(self.first_epoch, cfg.num_epochs))
 
@@ -522,7 +533,7 @@ class Trainer:
 
     def evaluate_only(self) -> dict:
         cfg = self.config
-        stage = self._eval_stage()
+        stage = self.only_eval_stage  # chosen (and logged) in setup, whose checks ran at it
         if not self.val_records:
             raise ConfigError("only_eval: val_path holds no records to evaluate")
         self.model.to(torch.bfloat16 if self.use_bf16 else torch.float32)

@@ -8,11 +8,14 @@ default must not end a training run. An explicitly chosen cache raises.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
 from engine.data.collator import GenerationCollator, MultimodalCollator
-from engine.data.dataset import CurriculumConfig, CurriculumDataset, QuestionDataset
+from engine.data.dataset import CurriculumConfig, CurriculumDataset, QuestionDataset, tokenize_records
+from engine.data.records import DataError
 from engine.eval.evaluate import generate_answers, summarize
 from engine.model import fast_paths
 from engine.model.generation import positions_used
@@ -39,9 +42,11 @@ class Validator:
         self.tokenizer = self.image_processor = self.curriculum = None
 
     def setup(self, tokenizer, image_processor, curriculum: CurriculumConfig, records: list[dict],
-              model=None) -> None:
-        """With `model`: the settings that would fail only at the first validation, after an epoch of training,
-        are checked now."""
+              model=None, stages: Sequence[int] = (), source: str = "the validation records") -> None:
+        """With `model`: what would fail only at a validation, after an epoch of training, is checked now, at
+        every stage in ``stages`` that validation will prompt at: the settings, every prompt's room for
+        max_new_tokens in the model's positions and, with `overlong: error`, every sequence's length. Records are
+        named in ``source``, the file they come from."""
         self.tokenizer, self.image_processor, self.curriculum, self.records = tokenizer, image_processor, curriculum, records
         if model is None or not records:
             return
@@ -54,6 +59,28 @@ class Validator:
             fast_paths.eval_kv_cache(cfg.eval_kv_cache, self.device, cfg.zero_stage)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if not stages:
+            return
+        if limit is not None:  # a stage's prompts are as long as the earlier ones' or longer (more thoughts)
+            top = max(stages)
+            prompts = QuestionDataset(self.eval_records(), tokenizer, image_processor, curriculum, top)
+            lengths = prompts.lengths
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if positions_used(lengths[longest], cfg.max_new_tokens) > limit:
+                record = prompts.records[longest]
+                raise DataError(f"{source}: record {record['id']!r}: its prompt at stage {top} has {lengths[longest]} "
+                                f"tokens; with max_new_tokens={cfg.max_new_tokens} its generation needs "
+                                f"{positions_used(lengths[longest], cfg.max_new_tokens)} positions, more than the "
+                                f"model's max_position_embeddings={limit}: shorten or drop the record, or lower "
+                                "max_new_tokens")
+        if cfg.overlong == "error":  # the validation loss's sequences, built as each validation will build them
+            tokens = tokenize_records(tokenizer, self.eval_records())
+            for stage in stages:
+                try:
+                    CurriculumDataset(self.eval_records(), tokenizer, image_processor, curriculum, stage,
+                                      seed=cfg.seed, epoch=0, tokens=tokens)
+                except DataError as e:
+                    raise DataError(f"{source}: {e}") from None
 
     def eval_records(self) -> list[dict]:
         cap = self.config.eval_max_samples
@@ -113,6 +140,7 @@ class Validator:
             step_sync=sync,
             progress=self.env.is_main,
             kv_cache=kv_cache,
+            answer_match=self.config.answer_match,
         )
 
     @torch.no_grad()
