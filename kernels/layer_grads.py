@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_fusions import _launch_per_token, rms_norm, rotary_qk, silu_mul
-from kernels.paged_kv import round_to
+from kernels.paged_kv import _sm_count, round_to
 
 __all__ = [
     "layer_grads_self_check",
@@ -54,11 +54,18 @@ __all__ = [
     "silu_mul_grad",
 ]
 
-_NORM_PROGRAMS = 512  # at most this many programs (and fp32 partial weight gradients) per RMSNorm backward
-# The layer norm's launch shape, from a sweep on an H200 (bf16, 65,600 rows x 1,024; triton 3.6): 4 warps at
-# H = 1,024 and 4 rows per backward step were the fastest backward at 512-4,096 programs (within 3%: 512 keeps the
-# partial sums small); 8 warps were slower, and the forward was faster with 4 warps than with 8.
-_LAYER_NORM_PROGRAMS = 512  # at most this many backward programs (and fp32 partial sums): rows are many here
+# The norm backwards' launch shapes, from sweeps on an H200 (bf16, triton 3.6; benchmarks/RESULTS.md, 2026-12-01):
+# at most 8 programs per SM (1,056 on 132 SMs; each program leaves fp32 partial sums of the weights' gradients).
+# With at most 512, the last wave ran part-empty: the vision layers' LayerNorm backward (65,600 x 1,024, 4 rows per
+# step) took 429 us in 483 programs against 260 in 1,025, and a stack pass's RMSNorm backward (20,480 x 896) 149 us
+# in 512 programs against 71 in 1,024 of one row per step (89-160 us with 2-8 rows). 4 warps at H = 1,024.
+_PROGRAMS_PER_SM = 8
+_HOPPER_SMS = 132  # off the GPU (the interpreter) the H100/H200's count, so that CPU tests sum as the GPU does
+
+
+def _norm_programs(device: torch.device) -> int:
+    """The most programs (and partial-sum rows) of a norm backward on ``device``."""
+    return _PROGRAMS_PER_SM * (_sm_count(device) if device.type == "cuda" else _HOPPER_SMS)
 
 
 def _norm_warps(hidden: int) -> int:
@@ -102,7 +109,7 @@ def _rms_norm_backward_kernel(
     cols = tl.arange(0, BLOCK_H)[None, :]
     keep = cols < hidden
     w = tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)  # the weight's sum over this program's rows
     first = pid.to(tl.int64) * rows_per_program
     for start in range(0, rows_per_program, BLOCK_R):
         row = first + start + tl.arange(0, BLOCK_R)[:, None]  # (BLOCK_R, 1)
@@ -112,7 +119,7 @@ def _rms_norm_backward_kernel(
         rstd = tl.math.rsqrt((tl.sum(sf * sf, axis=1)[:, None] / hidden + eps).to(tl.float32))
         normed = round_to(sf * rstd, s.dtype)  # the forward's rounding before the weight
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-        dw += tl.where(mask, round_to(g * normed, s.dtype), 0.0)  # g * normed, rounded as autograd's
+        dw += tl.sum(tl.where(mask, round_to(g * normed, s.dtype), 0.0), axis=0)  # g * normed rounded as autograd's
         dn = round_to(g * w, s.dtype)  # the gradient of the rounded normed value
         dot = tl.sum(dn * sf, axis=1)[:, None]
         dx = round_to(rstd * dn - rstd * rstd * rstd * sf * (dot / hidden), s.dtype)
@@ -123,7 +130,7 @@ def _rms_norm_backward_kernel(
         if HAS_RESIDUAL:  # the same values, in the residual's own tensor (two leaves must not share a .grad)
             tl.store(d_residual_ptr + row * stride_dr + cols, dx.to(s.dtype), mask=mask)
     out = pid * hidden + tl.arange(0, BLOCK_H)
-    tl.store(dw_partial_ptr + out, tl.sum(dw, axis=0), mask=tl.arange(0, BLOCK_H) < hidden)
+    tl.store(dw_partial_ptr + out, dw, mask=tl.arange(0, BLOCK_H) < hidden)
 
 
 @triton.jit
@@ -220,9 +227,11 @@ def _layer_norm_backward_kernel(
         w = tl.load(weight_ptr + cols, mask=keep, other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + cols, mask=keep, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-    db = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-    dscale = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    # the weight, bias and scale sums over this program's rows, one row block added at a time: (BLOCK_H,) each,
+    # where (BLOCK_R, BLOCK_H) accumulators took three tiles of registers beside the row block's own
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    db = tl.zeros([BLOCK_H], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK_H], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     for start in range(0, rows_per_program, BLOCK_R):  # a runtime bound: one compiled kernel for every row count
         row = first + start + tl.arange(0, BLOCK_R)[:, None]  # (BLOCK_R, 1)
@@ -234,9 +243,9 @@ def _layer_norm_backward_kernel(
         normed = tl.where(mask, (s.to(tl.float32) - mean) * rstd, 0.0)
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         if DW:
-            dw += g * normed  # fp32 throughout, as the native layer-norm backward sums its weight gradient
+            dw += tl.sum(g * normed, axis=0)  # fp32 throughout, as the native layer-norm backward sums it
         if DB:
-            db += g
+            db += tl.sum(g, axis=0)
         dn = g
         if HAS_WEIGHT:
             dn = g * w
@@ -252,7 +261,7 @@ def _layer_norm_backward_kernel(
             dsf = ds
             if DSCALE:  # ds * x rounded per element, then summed: autograd's broadcast-product gradient
                 xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dscale += tl.where(mask, round_to(dsf * xf, s.dtype), 0.0)
+                dscale += tl.sum(tl.where(mask, round_to(dsf * xf, s.dtype), 0.0), axis=0)
             if STORE_DX:
                 tl.store(dx_ptr + row * stride_dx + cols, (dsf * sc).to(s.dtype), mask=mask)
         else:
@@ -261,11 +270,11 @@ def _layer_norm_backward_kernel(
     out = pid * hidden + tl.arange(0, BLOCK_H)
     in_cols = tl.arange(0, BLOCK_H) < hidden
     if DW:
-        tl.store(dw_partial_ptr + out, tl.sum(dw, axis=0), mask=in_cols)
+        tl.store(dw_partial_ptr + out, dw, mask=in_cols)
     if DB:
-        tl.store(db_partial_ptr + out, tl.sum(db, axis=0), mask=in_cols)
+        tl.store(db_partial_ptr + out, db, mask=in_cols)
     if DSCALE:
-        tl.store(dscale_partial_ptr + out, tl.sum(dscale, axis=0), mask=in_cols)
+        tl.store(dscale_partial_ptr + out, dscale, mask=in_cols)
 
 
 @triton.jit
@@ -379,9 +388,8 @@ class _RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(summed)
         d_residual = torch.empty_like(summed) if ctx.has_residual else dx
         block_h = triton.next_power_of_2(hidden)
-        # the latent block's few rows: one per program (more programs); a prefix pass's many: blocks of rows
-        block_r = 1 if rows <= _NORM_PROGRAMS else _norm_block_rows(block_h)
-        per_program = triton.cdiv(triton.cdiv(max(rows, 1), _NORM_PROGRAMS), block_r) * block_r
+        block_r = 1  # one row per step: the fastest at a prefix pass's rows (the latent block's: one per program)
+        per_program = triton.cdiv(max(rows, 1), _norm_programs(summed.device))
         programs = triton.cdiv(rows, per_program)
         partial = torch.empty(programs, hidden, dtype=torch.float32, device=summed.device)
         if rows:
@@ -473,7 +481,7 @@ class _LayerNormFunction(torch.autograd.Function):
         d_residual = torch.empty_like(summed) if store_dr else None
         block_h = triton.next_power_of_2(hidden)
         block_r = _norm_block_rows(block_h)
-        per_program = triton.cdiv(triton.cdiv(max(rows, 1), _LAYER_NORM_PROGRAMS), block_r) * block_r
+        per_program = triton.cdiv(triton.cdiv(max(rows, 1), _norm_programs(summed.device)), block_r) * block_r
         programs = triton.cdiv(rows, per_program)
         dw, db, dscale = need_weight and weight is not None, need_bias and ctx.has_bias, need_scale and has_scale
         partials = torch.empty(3, programs, hidden, dtype=torch.float32, device=summed.device)
